@@ -1,0 +1,146 @@
+"""What every loader produces, and the Lightning data module around it.
+
+A loader turns its format into a ``SceneData`` per split: images, masks,
+OpenGL camera-to-world matrices and per-image intrinsics, all on the CPU.
+The system samples rays from it (``train_rays``, ``image_rays``); the data
+loaders only hand out image indices, as in instant-nsr-pl.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from datasets.rays import get_rays, image_directions, pixel_directions
+
+
+class DatasetError(ValueError):
+    """Bad or missing input data; the message says what is wrong and what to do."""
+
+
+@dataclass
+class SceneData:
+    """One split of a scene.
+
+    images: (N, H, W, 3) uint8; masks: (N, H, W) uint8 (255 = foreground);
+    c2w: (N, 3, 4) float32 OpenGL; intrinsics: (N, 4) (fx, fy, cx, cy).
+    ``world_from_scene`` (4, 4) maps the normalised frame the model works in
+    back to the dataset's own world frame (identity when none was applied).
+    """
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    c2w: torch.Tensor
+    intrinsics: torch.Tensor
+    has_mask: bool
+    names: List[str]
+    world_from_scene: np.ndarray = field(default_factory=lambda: np.eye(4))
+    has_gt: bool = True  # False for a camera trajectory without images (video only, no metrics)
+
+    @property
+    def n_images(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def height(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.images.shape[2]
+
+    def train_rays(self, n_rays: int, batch_image_sampling: bool, generator: Optional[torch.Generator] = None
+                   ) -> Dict[str, torch.Tensor]:
+        """Random rays: (n_rays, 3) origins and unit directions, rgb (n_rays, 3), fg_mask (n_rays,)."""
+        n_idx = n_rays if batch_image_sampling else 1
+        index = torch.randint(0, self.n_images, (n_idx,), generator=generator).expand(n_rays)
+        x = torch.randint(0, self.width, (n_rays,), generator=generator)
+        y = torch.randint(0, self.height, (n_rays,), generator=generator)
+        return self._rays_at(index, x, y)
+
+    def image_rays(self, index: int) -> Dict[str, torch.Tensor]:
+        """All rays of image ``index``, row-major: (H*W, 3) origins/directions, rgb, fg_mask."""
+        dirs = image_directions(self.width, self.height, self.intrinsics[index])
+        rays_o, rays_d = get_rays(dirs, self.c2w[index])
+        return {
+            "rays_o": rays_o, "rays_d": rays_d,
+            "rgb": self.images[index].reshape(-1, 3).float() / 255.0,
+            "fg_mask": self.masks[index].reshape(-1).float() / 255.0,
+        }
+
+    def _rays_at(self, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        dirs = pixel_directions(x, y, self.intrinsics[index])
+        rays_o, rays_d = get_rays(dirs, self.c2w[index])
+        return {
+            "rays_o": rays_o, "rays_d": rays_d,
+            "rgb": self.images[index, y, x].float() / 255.0,
+            "fg_mask": self.masks[index, y, x].float() / 255.0,
+        }
+
+
+class _TrainIndices(IterableDataset):
+    """Endless stream of empty batches: the system samples the rays itself."""
+
+    def __iter__(self):
+        while True:
+            yield {}
+
+
+class _EvalIndices(Dataset):
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        return {"index": i}
+
+
+class SceneDataModule(pl.LightningDataModule):
+    """Data module over a ``load_split(config, split) -> SceneData`` function.
+
+    Splits come from ``train_split``/``val_split``/``test_split`` in the config
+    (defaults train/val/test); ``predict`` renders the test split.
+    """
+
+    load_split: Callable[[Any, str], SceneData]
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+        self.splits: Dict[str, SceneData] = {}
+
+    def split(self, stage: str) -> SceneData:
+        name = {"train": self.config.get("train_split", "train"), "val": self.config.get("val_split", "val"),
+                "test": self.config.get("test_split", "test")}[stage]
+        if name not in self.splits:
+            self.splits[name] = type(self).load_split(self.config, name)
+        return self.splits[name]
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if stage in (None, "fit"):
+            self.train_data, self.val_data = self.split("train"), self.split("val")
+        if stage == "validate":
+            self.val_data = self.split("val")
+        if stage in (None, "test", "predict"):
+            self.test_data = self.split("test")
+
+    def world_from_scene(self) -> np.ndarray:
+        return next(iter(self.splits.values())).world_from_scene if self.splits else np.eye(4)
+
+    def train_dataloader(self):
+        return DataLoader(_TrainIndices(), batch_size=None, num_workers=0)
+
+    def val_dataloader(self):
+        return DataLoader(_EvalIndices(self.val_data.n_images), batch_size=1, num_workers=0)
+
+    def test_dataloader(self):
+        return DataLoader(_EvalIndices(self.test_data.n_images), batch_size=1, num_workers=0)
+
+    def predict_dataloader(self):
+        return self.test_dataloader()

@@ -1,0 +1,56 @@
+"""Camera conventions and rays: the one place where axes are flipped.
+
+Internally every camera-to-world matrix is OpenGL/Blender (x right, y up, the
+camera looks down -z) and pixel centres sit at (x + 0.5, y + 0.5). Loaders of
+OpenCV-convention data (DTU, COLMAP) call ``opencv_to_opengl`` once at load.
+"""
+from __future__ import annotations
+
+import torch
+
+_CV_TO_GL = torch.tensor([1.0, -1.0, -1.0])
+
+
+def opencv_to_opengl(c2w: torch.Tensor) -> torch.Tensor:
+    """Flip the camera y and z axes: (..., 3, 4|4) OpenCV c2w -> OpenGL c2w (same camera centre)."""
+    out = c2w.clone()
+    out[..., :3, :3] = out[..., :3, :3] * _CV_TO_GL.to(c2w)
+    return out
+
+
+def opengl_to_opencv(c2w: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``opencv_to_opengl`` (the flip is its own inverse)."""
+    return opencv_to_opengl(c2w)
+
+
+def pixel_directions(x: torch.Tensor, y: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
+    """Camera-space ray directions through pixel centres, OpenGL convention (z = -1).
+
+    x, y: (M,) pixel column/row (integer or float); intrinsics: (M, 4) or (4,)
+    as (fx, fy, cx, cy). Returns (M, 3), not normalised.
+    """
+    fx, fy, cx, cy = intrinsics.unbind(-1)
+    dx = (x.float() + 0.5 - cx) / fx
+    dy = -(y.float() + 0.5 - cy) / fy
+    return torch.stack([dx, dy, -torch.ones_like(dx)], dim=-1)
+
+
+def image_directions(width: int, height: int, intrinsics: torch.Tensor) -> torch.Tensor:
+    """(H * W, 3) directions for every pixel of an image, row-major. intrinsics: (4,)."""
+    y, x = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    return pixel_directions(x.reshape(-1), y.reshape(-1), intrinsics)
+
+
+def get_rays(directions: torch.Tensor, c2w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """World rays from camera-space directions.
+
+    directions: (M, 3); c2w: (M, 3, 4) or (3, 4). Returns (origins (M, 3),
+    unit directions (M, 3)).
+    """
+    if c2w.dim() == 2:
+        rays_d = directions @ c2w[:, :3].T
+        rays_o = c2w[:, 3].expand_as(rays_d)
+    else:
+        rays_d = (c2w[:, :3, :3] @ directions[..., None])[..., 0]
+        rays_o = c2w[:, :3, 3]
+    return rays_o.contiguous(), torch.nn.functional.normalize(rays_d, dim=-1)

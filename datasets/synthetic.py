@@ -1,0 +1,250 @@
+"""The project's own ground truth: an analytic scene, its cameras, and renders of it.
+
+``DemoScene`` is a few solid primitives (rounded slab, sphere, torus,
+capsule) with procedural colour and a known signed distance. It is rendered
+by sphere tracing in PyTorch, with 2x2 supersampling for anti-aliased alpha,
+and written in the formats the loaders read (Blender/NeRF-synthetic here).
+Cameras are made and used in the OpenCV convention (K, x right, y down, z
+forward), independently of the loaders' code, so a loader test that matches
+these rays checks the loader's conventions for real.
+
+The scene lives in the ball of radius 0.85 about the origin, z up.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+
+from utils.io import to_uint8, write_image
+
+SCENE_VERSION = 1  # bump when the scene or its renders change: cached renders are then redone
+
+
+@dataclass
+class Camera:
+    """Pinhole camera, OpenCV convention. K: (3, 3); c2w: (4, 4)."""
+
+    K: np.ndarray
+    c2w: np.ndarray
+    width: int
+    height: int
+
+    def rays(self, supersample: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H*s * W*s, 3) origins and unit directions through sub-pixel centres, row-major."""
+        s = supersample
+        v, u = np.meshgrid((np.arange(self.height * s) + 0.5) / s, (np.arange(self.width * s) + 0.5) / s, indexing="ij")
+        pix = np.stack([u.ravel(), v.ravel(), np.ones(u.size)], axis=-1)
+        d_cam = pix @ np.linalg.inv(self.K).T
+        d = d_cam @ self.c2w[:3, :3].T
+        d /= np.linalg.norm(d, axis=-1, keepdims=True)
+        o = np.broadcast_to(self.c2w[:3, 3], d.shape)
+        return torch.from_numpy(o.copy()).float(), torch.from_numpy(d).float()
+
+
+def look_at(eye: np.ndarray, target: np.ndarray, up=(0.0, 0.0, 1.0)) -> np.ndarray:
+    """OpenCV c2w (4, 4) of a camera at ``eye`` looking at ``target`` with z-up world."""
+    forward = target - eye
+    forward = forward / np.linalg.norm(forward)
+    right = np.cross(forward, np.asarray(up, dtype=np.float64))
+    right /= np.linalg.norm(right)
+    down = np.cross(forward, right)
+    c2w = np.eye(4)
+    c2w[:3, 0], c2w[:3, 1], c2w[:3, 2], c2w[:3, 3] = right, down, forward, eye
+    return c2w
+
+
+def orbit_cameras(n: int, distance: float, elevations_deg: Sequence[float], width: int, height: int,
+                  fov_x_deg: float = 40.0, azimuth_offset_deg: float = 0.0) -> List[Camera]:
+    """``n`` cameras evenly spaced in azimuth, cycling through ``elevations_deg``, looking at the origin."""
+    fx = 0.5 * width / math.tan(math.radians(fov_x_deg) / 2)
+    K = np.array([[fx, 0, width / 2], [0, fx, height / 2], [0, 0, 1]])
+    cams = []
+    for i in range(n):
+        az = math.radians(azimuth_offset_deg + 360.0 * i / n)
+        el = math.radians(elevations_deg[i % len(elevations_deg)])
+        eye = distance * np.array([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
+        cams.append(Camera(K=K.copy(), c2w=look_at(eye, np.zeros(3)), width=width, height=height))
+    return cams
+
+
+def _sd_round_box(p, center, half, r):
+    q = (p - center).abs() - (half - r)
+    return q.clamp(min=0).norm(dim=-1) + q.amax(dim=-1).clamp(max=0) - r
+
+
+def _sd_sphere(p, center, r):
+    return (p - center).norm(dim=-1) - r
+
+
+def _sd_torus(p, center, major, minor):
+    q = p - center
+    ring = torch.stack([q[:, :2].norm(dim=-1) - major, q[:, 2]], dim=-1)
+    return ring.norm(dim=-1) - minor
+
+
+def _sd_capsule(p, a, b, r):
+    pa, ba = p - a, b - a
+    h = ((pa @ ba) / (ba @ ba)).clamp(0, 1)
+    return (pa - h[:, None] * ba).norm(dim=-1) - r
+
+
+class DemoScene:
+    """Analytic demo scene. All methods take (N, 3) float32 world points."""
+
+    def __init__(self):
+        t = lambda *v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+        self.slab = (t(0.0, 0.0, -0.32), t(0.5, 0.5, 0.1), 0.04)
+        self.sphere = (t(-0.18, -0.16, 0.04), 0.26)
+        self.torus = (t(0.24, 0.22, -0.14), 0.2, 0.07)
+        self.capsule = (t(0.26, -0.26, -0.2), t(0.26, -0.26, 0.3), 0.09)
+        self.light = torch.nn.functional.normalize(t(0.4, -0.5, 0.8), dim=0)
+
+    def _parts(self, p: torch.Tensor) -> torch.Tensor:
+        """(N, 4) signed distance to each primitive."""
+        return torch.stack([
+            _sd_round_box(p, *self.slab),
+            _sd_sphere(p, *self.sphere),
+            _sd_torus(p, *self.torus),
+            _sd_capsule(p, *self.capsule),
+        ], dim=-1)
+
+    def sdf(self, p: torch.Tensor) -> torch.Tensor:
+        """(N,) signed distance (negative inside) of the union."""
+        return self._parts(p).amin(dim=-1)
+
+    def normal(self, p: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+        offsets = torch.eye(3) * eps
+        grad = torch.stack([self.sdf(p + o) - self.sdf(p - o) for o in offsets], dim=-1)
+        return torch.nn.functional.normalize(grad, dim=-1)
+
+    def albedo(self, p: torch.Tensor) -> torch.Tensor:
+        """(N, 3) procedural colour in [0, 1]: checker slab, striped sphere, hue-wheel torus, ringed capsule."""
+        part = self._parts(p).argmin(dim=-1)
+        x, y, z = p.unbind(-1)
+        checker = ((torch.floor(x * 5) + torch.floor(y * 5)) % 2)[:, None]
+        slab = checker * torch.tensor([0.9, 0.85, 0.7]) + (1 - checker) * torch.tensor([0.25, 0.35, 0.55])
+        stripes = (0.5 + 0.5 * torch.sin(z * 30.0))[:, None]
+        sphere = stripes * torch.tensor([0.9, 0.3, 0.2]) + (1 - stripes) * torch.tensor([0.95, 0.9, 0.3])
+        angle = torch.atan2(y - self.torus[0][1], x - self.torus[0][0])
+        torus = 0.5 + 0.45 * torch.stack([torch.cos(angle), torch.cos(angle - 2.1), torch.cos(angle + 2.1)], dim=-1)
+        rings = (torch.sin(z * 25.0) > 0).float()[:, None]
+        capsule = rings * torch.tensor([0.2, 0.7, 0.35]) + (1 - rings) * torch.tensor([0.9, 0.9, 0.9])
+        colours = torch.stack([slab, sphere, torus, capsule], dim=1)  # (N, 4, 3)
+        return colours[torch.arange(len(p)), part]
+
+    def shade(self, p: torch.Tensor) -> torch.Tensor:
+        """(N, 3) view-independent radiance: albedo under ambient + one directional light."""
+        lambert = (self.normal(p) @ self.light).clamp(min=0)
+        return (self.albedo(p) * (0.35 + 0.65 * lambert[:, None])).clamp(0, 1)
+
+
+@torch.no_grad()
+def sphere_trace(scene: DemoScene, rays_o: torch.Tensor, rays_d: torch.Tensor, t_max: float = 10.0,
+                 iterations: int = 128, eps: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """First hit of each ray. rays: (N, 3). Returns (hit (N,) bool, t (N,))."""
+    # start at the bounding sphere (radius 1) to save iterations
+    b = (rays_o * rays_d).sum(-1)
+    c = (rays_o * rays_o).sum(-1) - 1.0
+    disc = b * b - c
+    t = torch.where(disc > 0, (-b - disc.clamp(min=0).sqrt()).clamp(min=0), torch.full_like(b, t_max))
+    active = disc > 0
+    for _ in range(iterations):
+        if not bool(active.any()):
+            break
+        idx = torch.nonzero(active)[:, 0]
+        d = scene.sdf(rays_o[idx] + t[idx, None] * rays_d[idx])
+        t[idx] = t[idx] + d
+        active[idx] = (d > eps) & (t[idx] < t_max)
+    p = rays_o + t[:, None] * rays_d
+    hit = (scene.sdf(p).abs() < 1e-3) & (t < t_max)
+    return hit, t
+
+
+@torch.no_grad()
+def render(scene: DemoScene, cam: Camera, supersample: int = 2) -> Dict[str, np.ndarray]:
+    """Render RGBA (H, W, 4) float in [0, 1] (colour not premultiplied) and depth (H, W) (z-depth, 0 = miss)."""
+    s = supersample
+    rays_o, rays_d = cam.rays(s)
+    hit, t = sphere_trace(scene, rays_o, rays_d)
+    rgb = torch.zeros_like(rays_o)
+    rgb[hit] = scene.shade(rays_o[hit] + t[hit, None] * rays_d[hit])
+    forward = torch.from_numpy(cam.c2w[:3, 2]).float()
+    z = torch.where(hit, t * (rays_d @ forward), torch.zeros_like(t))
+
+    def pool(x):  # (H*s*W*s, C) -> (H, W, C) box filter
+        x = x.view(cam.height, s, cam.width, s, -1)
+        return x.mean(dim=(1, 3))
+
+    alpha = pool(hit.float()[:, None])
+    colour = pool(rgb) / alpha.clamp(min=1e-6)
+    depth = pool(z[:, None]) / alpha.clamp(min=1e-6)
+    return {"rgba": torch.cat([colour.clamp(0, 1), alpha], -1).numpy(), "depth": depth[..., 0].numpy()}
+
+
+def opencv_c2w_to_blender(c2w: np.ndarray) -> np.ndarray:
+    """OpenCV c2w (4, 4) -> Blender/OpenGL ``transform_matrix`` (flip camera y and z)."""
+    return c2w @ np.diag([1.0, -1.0, -1.0, 1.0])
+
+
+def write_blender(root: str, scene: DemoScene, splits: Dict[str, List[Camera]], supersample: int = 2) -> None:
+    """Write a NeRF-synthetic scene: ``transforms_{split}.json`` and RGBA PNGs under ``{split}/r_{i}.png``.
+
+    Also writes ``depth_{split}/r_{i}.npy`` (z-depth, 0 where nothing is hit) as extra ground truth.
+    """
+    for split, cams in splits.items():
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        os.makedirs(os.path.join(root, f"depth_{split}"), exist_ok=True)
+        frames = []
+        for i, cam in enumerate(cams):
+            out = render(scene, cam, supersample)
+            write_image(os.path.join(root, split, f"r_{i}.png"), to_uint8(out["rgba"]))
+            np.save(os.path.join(root, f"depth_{split}", f"r_{i}.npy"), out["depth"].astype(np.float32))
+            frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": opencv_c2w_to_blender(cam.c2w).tolist()})
+        fov_x = 2 * math.atan(0.5 * cams[0].width / cams[0].K[0, 0])
+        with open(os.path.join(root, f"transforms_{split}.json"), "w") as f:
+            json.dump({"camera_angle_x": fov_x, "frames": frames}, f, indent=2)
+
+
+def demo_cameras(resolution: int = 128, n_train: int = 40, n_val: int = 4, n_test: int = 24) -> Dict[str, List[Camera]]:
+    """Cameras of the demo scene: a train spiral, val views and a held-out test orbit (the video trajectory)."""
+    return {
+        "train": orbit_cameras(n_train, 2.6, [15, 30, 45, 60, 75, 35, 50, 20], resolution, resolution),
+        "val": orbit_cameras(n_val, 2.6, [25, 55], resolution, resolution, azimuth_offset_deg=17.0),
+        "test": orbit_cameras(n_test, 2.6, [30], resolution, resolution, azimuth_offset_deg=7.5),
+    }
+
+
+def ensure_demo_scene(root: str, resolution: int = 128) -> str:
+    """Render the demo scene in Blender format into ``root`` unless a current render is there.
+
+    Renders into a temporary folder beside ``root`` and renames it into place,
+    so an interrupted render never leaves a half-filled scene.
+    """
+    marker = os.path.join(root, "demo_scene.json")
+    expected = {"version": SCENE_VERSION, "resolution": resolution}
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f) == expected:
+                return root
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".demo-", dir=parent)
+    try:
+        write_blender(tmp, DemoScene(), demo_cameras(resolution))
+        with open(os.path.join(tmp, "demo_scene.json"), "w") as f:
+            json.dump(expected, f)
+        if os.path.isdir(root):
+            shutil.rmtree(root)
+        os.replace(tmp, root)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    return root

@@ -1,0 +1,208 @@
+"""Train, test and export neural surface / radiance-field models (instant-nsr-pl command line).
+
+    python launch.py --config configs/nerf-demo.yaml --train
+    python launch.py --config configs/nerf-blender.yaml --gpu 0 --train dataset.scene=lego tag=example
+    python launch.py --config exp/<name>/<trial>/config/parsed.yaml --resume exp/<name>/<trial>/ckpt/<file>.ckpt --test
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from datetime import datetime
+
+log = logging.getLogger("nsr")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="path to a YAML config")
+    parser.add_argument("--gpu", default=None, help="CUDA devices, e.g. 0 or 0,1 (default: 0 when CUDA is present)")
+    parser.add_argument("--resume", default=None, help="checkpoint to resume training from, or to test/export")
+    parser.add_argument("--resume_weights_only", action="store_true",
+                        help="with --train --resume: load the weights only, start a fresh optimiser and step count")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--train", action="store_true", help="train, then test and export")
+    group.add_argument("--validate", action="store_true", help="render the validation views of a checkpoint")
+    group.add_argument("--test", action="store_true", help="metrics, test images, video and mesh of a checkpoint")
+    group.add_argument("--predict", action="store_true", help="same as --export")
+    group.add_argument("--export", action="store_true", help="video and mesh of a checkpoint, no metrics")
+    parser.add_argument("--skip_test", action="store_true", help="with --train: do not test/export afterwards")
+    parser.add_argument("--exp_dir", default="./exp")
+    parser.add_argument("--runs_dir", default="./runs")
+    parser.add_argument("--verbose", action="store_true")
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [o for o in overrides if o.startswith("--")]
+    if unknown:
+        parser.error(f"unknown option {unknown[0]}; config overrides are written key=value, without dashes")
+    return args, overrides
+
+
+def setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[nsr] %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+    if not verbose:
+        import warnings
+
+        for pattern in (".*does not have many workers.*", ".*LightningModule.*log.*", ".*sync_dist.*",
+                        ".*TensorBoard support.*", ".*You called `self.log.*"):
+            warnings.filterwarnings("ignore", message=pattern)
+
+
+def choose_devices(gpu: str | None):
+    """(accelerator, devices, precision note). CUDA_VISIBLE_DEVICES must be set before torch touches CUDA."""
+    if gpu is not None:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", gpu)
+    import torch
+
+    if torch.cuda.is_available():
+        n = len(gpu.split(",")) if gpu else 1
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(min(n, torch.cuda.device_count())))
+        log.info(f"Device: {n} CUDA GPU(s) ({names}), mixed precision where the config asks for it")
+        return "gpu", n
+    if gpu is not None:
+        log.warning(f"--gpu {gpu} was given but no CUDA device is available: running on the CPU instead (fp32).")
+    else:
+        log.info("Device: CPU (no CUDA device found), fp32")
+    return "cpu", 1
+
+
+def trial_paths(config, args) -> None:
+    """instant-nsr-pl's trial layout; a parsed.yaml that already names its trial keeps it."""
+    if not config.get("trial_name"):
+        # DDP child processes re-run this script: they inherit the timestamp through the environment
+        stamp = os.environ.setdefault("NSR_TRIAL_STAMP", datetime.now().strftime("@%Y%m%d-%H%M%S"))
+        config.trial_name = str(config.get("tag") or "") + stamp
+    config.exp_dir = config.get("exp_dir") or os.path.join(args.exp_dir, config.name)
+    trial = os.path.join(config.exp_dir, config.trial_name)
+    for key in ("save", "ckpt", "code", "config"):
+        config[f"{key}_dir"] = config.get(f"{key}_dir") or os.path.join(trial, key)
+
+
+def load_weights(system, path: str) -> dict:
+    """Load a checkpoint's weights into ``system`` with clear errors. Returns the checkpoint."""
+    import torch
+
+    if not os.path.isfile(path):
+        raise UserError(f"Checkpoint '{path}' does not exist; the trial's checkpoints are in exp/<name>/<trial>/ckpt/.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UserError(f"Checkpoint '{path}' cannot be read ({type(err).__name__}); is it a file this project "
+                        "wrote, and complete?") from None
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if state is None:
+        raise UserError(f"Checkpoint '{path}' has no state_dict; it was not written by this project.")
+    own = system.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"shape of {mismatched[0]} is {tuple(state[mismatched[0]].shape)}, config gives "
+                       f"{tuple(own[mismatched[0]].shape)}")
+        raise UserError(f"Checkpoint '{path}' does not match this config ({detail}); use the config/parsed.yaml "
+                        "of the trial that wrote it.")
+    system.load_state_dict(state)
+    return ckpt
+
+
+class UserError(RuntimeError):
+    """A problem with the user's input; printed as one sentence, no traceback."""
+
+
+def main(argv=None) -> int:
+    args, overrides = parse_args(argv)
+    setup_logging(args.verbose)
+    accelerator, n_devices = choose_devices(args.gpu)
+
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    import datasets
+    import systems
+    from datasets.base import DatasetError
+    from systems.base import NonFiniteLossError
+    from utils.callbacks import AtomicCheckpointIO, TrialSnapshot
+    from utils.config import ConfigError, load_config, to_primitive
+    from utils.mesh import MeshError
+
+    mode = "train" if args.train else "validate" if args.validate else "test" if args.test else "export"
+    try:
+        raw_config = load_config(args.config, overrides, resolve=False)
+        config = load_config(args.config, overrides)
+        trial_paths(config, args)
+        if mode != "train" and not args.resume:
+            raise UserError(f"--{mode} needs a checkpoint: add --resume exp/<name>/<trial>/ckpt/<file>.ckpt.")
+        pl.seed_everything(int(config.get("seed", 42)), workers=True, verbose=False)
+        dm = datasets.make(config.dataset.name, config.dataset)
+        dm.setup({"train": "fit", "validate": "validate"}.get(mode, "test"))
+        system = systems.make(config.system.name, config, mode=mode)
+        if args.resume:  # a full --train --resume checks the checkpoint here, then Lightning restores all of it
+            ckpt = load_weights(system, args.resume)
+            log.info(f"Loaded weights from {args.resume} (step {ckpt.get('global_step', '?')})")
+
+        trainer_cfg = dict(to_primitive(config.get("trainer", {})) or {})
+        if accelerator == "cpu":
+            trainer_cfg["precision"] = "32-true"
+        elif str(trainer_cfg.get("precision", "32")) in ("16", "16-mixed"):
+            trainer_cfg["precision"] = "16-mixed"
+        callbacks = []
+        if mode == "train":
+            callbacks = [ModelCheckpoint(dirpath=config.ckpt_dir, **dict(to_primitive(config.get("checkpoint", {})) or {})),
+                         LearningRateMonitor(logging_interval="step"),
+                         TrialSnapshot(config, raw_config, config.config_dir, config.code_dir)]
+        loggers = [TensorBoardLogger(args.runs_dir, name=config.name, version=config.trial_name),
+                   CSVLogger(config.exp_dir, name=config.trial_name, version="csv_logs")]
+        strategy = "auto"
+        if n_devices > 1:
+            from pytorch_lightning.strategies import DDPStrategy
+
+            strategy = DDPStrategy(find_unused_parameters=False)
+        trainer = pl.Trainer(accelerator=accelerator, devices=n_devices, strategy=strategy, callbacks=callbacks,
+                             logger=loggers, plugins=[AtomicCheckpointIO()], **trainer_cfg)
+        log.info(f"Trial folder: {os.path.join(config.exp_dir, config.trial_name)}")
+
+        if mode == "train":
+            ckpt_path = args.resume if args.resume and not args.resume_weights_only else None
+            try:
+                trainer.fit(system, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+            except NonFiniteLossError as err:
+                return report_non_finite(err, trainer, system, config.ckpt_dir)
+            if not args.skip_test:
+                trainer.test(system, datamodule=dm, verbose=True)
+        elif mode == "validate":
+            trainer.validate(system, datamodule=dm)
+        else:
+            trainer.test(system, datamodule=dm, verbose=mode == "test")
+    except (UserError, ConfigError, DatasetError, MeshError) as err:
+        log.error(str(err))
+        return 2
+    return 0
+
+
+def report_non_finite(err, trainer, system, ckpt_dir: str) -> int:
+    import torch
+
+    params_ok = all(torch.isfinite(p).all() for p in system.parameters())
+    message = f"Stopped: {err}"
+    if params_ok:
+        path = os.path.join(ckpt_dir, f"last-good-step{err.step}.ckpt")
+        trainer.save_checkpoint(path)
+        message += f" The weights from before that step are saved in {path}."
+    existing = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".ckpt")) if os.path.isdir(ckpt_dir) else []
+    if existing and not params_ok:
+        message += f" Earlier checkpoints are untouched in {ckpt_dir}."
+    message += " Lower the learning rate or check the data, then --resume."
+    log.error(message)
+    return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Shared model plumbing: step updates and chunked evaluation."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict
+
+import torch
+import torch.nn as nn
+
+
+def update_module_step(module: nn.Module, epoch: int, global_step: int) -> None:
+    """Call ``update_step(epoch, global_step)`` on every submodule that has one (outermost first)."""
+    for m in module.modules():
+        if m is not module and hasattr(m, "update_step"):
+            m.update_step(epoch, global_step)
+
+
+def chunk_batch(fn: Callable[..., Dict[str, Any]], chunk: int, *tensors: torch.Tensor) -> Dict[str, Any]:
+    """Run ``fn`` over row chunks of ``tensors`` and concatenate tensor outputs (sums for scalars)."""
+    n = tensors[0].shape[0]
+    parts: Dict[str, list] = {}
+    for i in range(0, n, chunk):
+        out = fn(*(t[i:i + chunk] for t in tensors))
+        for k, v in out.items():
+            parts.setdefault(k, []).append(v)
+    merged: Dict[str, Any] = {}
+    for k, vs in parts.items():
+        if torch.is_tensor(vs[0]) and vs[0].dim() > 0:
+            merged[k] = torch.cat(vs, dim=0)
+        else:
+            merged[k] = sum(vs)
+    return merged
+
+
+class BaseModel(nn.Module):
+    """A radiance-field model: ``forward(rays_o, rays_d) -> dict``, ``export() -> mesh``."""
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+        self.setup()
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def update_step(self, epoch: int, global_step: int) -> None:
+        pass
+
+    def regularizations(self, out: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        return {}

@@ -1,0 +1,331 @@
+"""Input encodings: multiresolution hash grid, spherical harmonics, frequency.
+
+Every encoding follows tiny-cuda-nn's definition (input domain, output order,
+hash grid parametrisation), so a config written for tcnn means the same thing
+here and hash-grid parameters are interchangeable between backends: the
+table is one flat ``params`` vector laid out level by level, entry-major,
+``n_features_per_level`` floats per entry, exactly as tcnn stores it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import backends
+from utils.config import to_primitive
+
+# tcnn's coherent prime hash (first dimension is not multiplied).
+HASH_PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737)
+
+
+def hash_grid_levels(n_input_dims: int, n_levels: int, log2_hashmap_size: int, base_resolution: float,
+                     per_level_scale: float) -> Dict[str, np.ndarray]:
+    """Per-level constants of a tcnn hash grid.
+
+    Returns arrays of length L: ``scale`` (float32: position = x * scale + 0.5),
+    ``resolution`` (vertices per side), ``size`` (table entries), ``offset``
+    (first entry of the level), ``hashed`` (True where resolution^D > size).
+    """
+    log2_pls = np.float32(math.log2(per_level_scale))
+    scale, resolution, size, offset = [], [], [], []
+    total = 0
+    for level in range(n_levels):
+        s = np.float32(np.exp2(np.float32(level) * log2_pls) * np.float32(base_resolution) - np.float32(1.0))
+        res = int(math.ceil(s)) + 1
+        dense = min(res ** n_input_dims, 2 ** 31 - 1)
+        params = min(-(-dense // 8) * 8, 2 ** log2_hashmap_size)
+        scale.append(s)
+        resolution.append(res)
+        size.append(params)
+        offset.append(total)
+        total += params
+    resolution = np.array(resolution, dtype=np.int64)
+    size = np.array(size, dtype=np.int64)
+    return {
+        "scale": np.array(scale, dtype=np.float32),
+        "resolution": resolution,
+        "size": size,
+        "offset": np.array(offset, dtype=np.int64),
+        "hashed": resolution.astype(np.float64) ** n_input_dims > size,
+        "total": total,
+    }
+
+
+def hash_grid_indices(pos_grid: torch.Tensor, resolution: torch.Tensor, size: torch.Tensor,
+                      hashed: torch.Tensor) -> torch.Tensor:
+    """Table index within each level, as tcnn's ``grid_index`` (reference form, one point per row).
+
+    pos_grid: (..., L, D) int64 integer vertex coordinates.
+    resolution, size: (L,) int64; hashed: (L,) bool.
+    Returns (..., L) int64 in [0, size).
+    """
+    dense = torch.zeros(pos_grid.shape[:-1], dtype=torch.int64, device=pos_grid.device)
+    hashed_idx = torch.zeros_like(dense)
+    stride = torch.ones_like(resolution)
+    for dim in range(pos_grid.shape[-1]):
+        coord = pos_grid[..., dim]
+        dense = dense + coord * stride
+        stride = stride * resolution
+        hashed_idx = hashed_idx ^ ((coord * HASH_PRIMES[dim]) & 0xFFFFFFFF)
+    return torch.remainder(torch.where(hashed, hashed_idx, dense), size)
+
+
+class HashGrid(nn.Module):
+    """Multiresolution hash encoding (tcnn ``HashGrid``), inputs in [0, 1]^D.
+
+    forward: (N, D) -> (N, L * F) float32. Linear interpolation. The PyTorch
+    path is vectorised over points, levels and corners; autograd gives the
+    gradients to the table, to the inputs and the second-order terms.
+    """
+
+    def __init__(self, n_input_dims: int, config: Dict[str, Any], backend: str = "auto"):
+        super().__init__()
+        self.n_input_dims = n_input_dims
+        self.n_levels = int(config.get("n_levels", 16))
+        self.n_features_per_level = int(config.get("n_features_per_level", 2))
+        self.log2_hashmap_size = int(config.get("log2_hashmap_size", 19))
+        self.base_resolution = float(config.get("base_resolution", 16))
+        self.per_level_scale = float(config.get("per_level_scale", 2.0))
+        if config.get("interpolation", "Linear") != "Linear":
+            raise ValueError("HashGrid: only Linear interpolation is implemented.")
+        self.n_output_dims = self.n_levels * self.n_features_per_level
+        lv = hash_grid_levels(n_input_dims, self.n_levels, self.log2_hashmap_size, self.base_resolution,
+                              self.per_level_scale)
+        self.n_params = int(lv["total"]) * self.n_features_per_level
+        self.register_buffer("scale", torch.from_numpy(lv["scale"]), persistent=False)
+        self.register_buffer("resolution", torch.from_numpy(lv["resolution"]), persistent=False)
+        self.register_buffer("size", torch.from_numpy(lv["size"]), persistent=False)
+        self.register_buffer("offset", torch.from_numpy(lv["offset"]), persistent=False)
+        self.register_buffer("hashed", torch.from_numpy(lv["hashed"]), persistent=False)
+        size = torch.from_numpy(lv["size"])
+        res = torch.from_numpy(lv["resolution"])
+        self.n_dense_levels = int((~self.hashed).sum())
+        if self.hashed[:self.n_dense_levels].any():
+            raise AssertionError("hash grid levels must be dense first, then hashed")
+        self.register_buffer("hash_mask", size - 1, persistent=False)  # hashed levels have 2^k entries
+        self.register_buffer("dense_stride", torch.stack([res ** k for k in range(n_input_dims)], dim=-1),
+                             persistent=False)  # (L, D)
+        self.register_buffer("size_i32", size.int(), persistent=False)
+        self.register_buffer("offset_i32", torch.from_numpy(lv["offset"]).int(), persistent=False)
+        # tcnn initialises the table uniformly in [-1e-4, 1e-4].
+        self.params = nn.Parameter(torch.empty(self.n_params).uniform_(-1e-4, 1e-4))
+        self.backend = backends.resolve("encoding", backend, "tcnn")
+        self._tcnn_config = {"otype": "HashGrid", "n_levels": self.n_levels,
+                             "n_features_per_level": self.n_features_per_level,
+                             "log2_hashmap_size": self.log2_hashmap_size,
+                             "base_resolution": self.base_resolution, "per_level_scale": self.per_level_scale}
+
+    def table(self) -> torch.Tensor:
+        """(entries, F) view of the flat parameter vector."""
+        return self.params.view(-1, self.n_features_per_level)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend == "tcnn" and x.is_cuda:
+            return self._forward_tcnn(x)
+        return self._forward_torch(x)
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        """Corner indices and weights are built per dimension on small (N, L, 2) tensors and
+        combined by broadcasting into (N, L, 2, ..., 2); dense and hashed levels (dense ones come
+        first) take their own path, and all levels share one gather and one batched matmul."""
+        x = x.float()
+        n = x.shape[0]
+        pos = x[:, None, :] * self.scale[None, :, None] + 0.5  # (N, L, D)
+        pos_floor = torch.floor(pos)
+        frac = pos - pos_floor
+        grid = pos_floor.long()
+        pair = torch.stack([grid, grid + 1], dim=-1)  # (N, L, D, 2): the two vertex coordinates per dim
+        w_pair = torch.stack([1.0 - frac, frac], dim=-1)  # (N, L, D, 2)
+        k = self.n_dense_levels
+        parts = []
+        if k > 0:  # index = sum_d coord_d * res^d, wrapped modulo the level size as tcnn does
+            terms = (pair[:, :k] * self.dense_stride[:k, :, None]).to(torch.int32)
+            idx = self._combine(terms, torch.add)
+            parts.append(torch.remainder(idx, self.size_i32[:k, None]) + self.offset_i32[:k, None])
+        if k < self.n_levels:  # index = xor_d (coord_d * prime_d mod 2^32), modulo the power-of-two size
+            primes = torch.tensor(HASH_PRIMES[:self.n_input_dims], device=x.device)
+            terms = ((pair[:, k:] * primes[:, None]) & self.hash_mask[k:, None, None]).to(torch.int32)
+            parts.append(self._combine(terms, torch.bitwise_xor) + self.offset_i32[k:, None])
+        index = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (N, L, C)
+        weights = self._combine(w_pair, torch.mul)[:, :, None, :]  # (N, L, 1, C)
+        feats = F.embedding(index, self.table())  # (N, L, C, F)
+        return torch.matmul(weights, feats).reshape(n, self.n_output_dims)
+
+    def _combine(self, per_dim: torch.Tensor, op) -> torch.Tensor:
+        """(N, L, D, 2) per-dimension corner terms -> (N, L, 2^D) by ``op`` over dims.
+
+        Corner c has bit (D - 1 - d) for dimension d (dimension 0 is the slowest)."""
+        n, l, d, _ = per_dim.shape
+        out = None
+        for dim in range(d):
+            shape = [n, l] + [1] * d
+            shape[2 + dim] = 2
+            term = per_dim[:, :, dim].reshape(shape)
+            out = term if out is None else op(out, term)
+        return out.reshape(n, l, 2 ** d)
+
+    def _forward_tcnn(self, x: torch.Tensor) -> torch.Tensor:
+        if "_tcnn" not in self.__dict__:
+            import tinycudann as tcnn
+
+            module = tcnn.Encoding(self.n_input_dims, self._tcnn_config, dtype=torch.float32)
+            module.params = self.params  # share our table: the state dict stays backend-independent
+            self.__dict__["_tcnn"] = module  # not a registered child: no second copy in state_dict
+        return self.__dict__["_tcnn"](x).float()
+
+
+class ProgressiveBandHashGrid(HashGrid):
+    """Hash grid whose finer levels are switched on over training (Neuralangelo-style).
+
+    ``current_level`` is a buffer, so the active band survives checkpoints.
+    """
+
+    def __init__(self, n_input_dims: int, config: Dict[str, Any], backend: str = "auto"):
+        super().__init__(n_input_dims, config, backend)
+        self.start_level = int(config.get("start_level", 4))
+        self.start_step = int(config.get("start_step", 0))
+        self.update_steps = max(int(config.get("update_steps", 1000)), 1)
+        self.register_buffer("current_level", torch.tensor(self.start_level, dtype=torch.long))
+
+    def update_step(self, epoch: int, global_step: int) -> None:
+        level = self.start_level + max(global_step - self.start_step, 0) // self.update_steps
+        self.current_level.fill_(min(level, self.n_levels))
+
+    def level_mask(self) -> torch.Tensor:
+        """(L * F,) float mask, 1 for active levels."""
+        level_of_feature = torch.arange(self.n_output_dims, device=self.params.device) // self.n_features_per_level
+        return (level_of_feature < self.current_level).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.level_mask()
+
+
+def _real_sh_basis(xyz: torch.Tensor, degree: int) -> torch.Tensor:
+    """Real spherical harmonics (with Condon-Shortley phase, tcnn's signs and order).
+
+    xyz: (N, 3) unit vectors. Returns (N, degree^2), bands l = 0..degree-1,
+    m = -l..l within a band. Uses the associated-Legendre recurrence in
+    Cartesian form, so every degree up to 8 comes from the same code.
+    """
+    x, y, z = xyz.unbind(-1)
+    # C_m + i S_m = (x + i y)^m  (equals sin^m(theta) e^{i m phi} on the sphere)
+    cos_m, sin_m = [torch.ones_like(x)], [torch.zeros_like(x)]
+    for _ in range(1, degree):
+        c, s = cos_m[-1], sin_m[-1]
+        cos_m.append(c * x - s * y)
+        sin_m.append(c * y + s * x)
+    # Q[l][m]: associated Legendre P_l^m(z) divided by sin^m(theta).
+    q = [[None] * degree for _ in range(degree)]
+    for m in range(degree):
+        q[m][m] = torch.full_like(z, float((-1) ** m * np.prod(np.arange(1, 2 * m, 2)) if m > 0 else 1.0))
+        if m + 1 < degree:
+            q[m + 1][m] = (2 * m + 1) * z * q[m][m]
+        for l in range(m + 2, degree):
+            q[l][m] = ((2 * l - 1) * z * q[l - 1][m] - (l + m - 1) * q[l - 2][m]) / (l - m)
+    out = []
+    for l in range(degree):
+        for m in range(-l, l + 1):
+            am = abs(m)
+            k = math.sqrt((2 * l + 1) / (4 * math.pi) * math.factorial(l - am) / math.factorial(l + am))
+            if m == 0:
+                out.append(k * q[l][0])
+            elif m > 0:
+                out.append(math.sqrt(2.0) * k * q[l][am] * cos_m[am])
+            else:
+                out.append(math.sqrt(2.0) * k * q[l][am] * sin_m[am])
+    return torch.stack(out, dim=-1)
+
+
+class SphericalHarmonics(nn.Module):
+    """tcnn ``SphericalHarmonics``: inputs in [0, 1]^3 (direction * 0.5 + 0.5), degree 1-8.
+
+    forward: (N, 3) -> (N, degree^2).
+    """
+
+    def __init__(self, n_input_dims: int, config: Dict[str, Any]):
+        super().__init__()
+        self.degree = int(config.get("degree", 4))
+        if n_input_dims != 3 or not 1 <= self.degree <= 8:
+            raise ValueError("SphericalHarmonics takes 3D directions and a degree from 1 to 8.")
+        self.n_output_dims = self.degree ** 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _real_sh_basis(x.float() * 2.0 - 1.0, self.degree)
+
+
+class Frequency(nn.Module):
+    """tcnn ``Frequency``: per input dim d and frequency k, [sin(2^k pi x_d), cos(2^k pi x_d)].
+
+    forward: (N, D) -> (N, D * 2 * n_frequencies), ordered dim-major as tcnn.
+    """
+
+    def __init__(self, n_input_dims: int, config: Dict[str, Any]):
+        super().__init__()
+        self.n_frequencies = int(config.get("n_frequencies", 12))
+        self.n_output_dims = n_input_dims * 2 * self.n_frequencies
+        self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(self.n_frequencies).float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        arg = x.float()[..., None] * self.freqs  # (N, D, K)
+        out = torch.stack([torch.sin(arg), torch.cos(arg)], dim=-1)  # (N, D, K, 2)
+        return out.reshape(x.shape[0], -1)
+
+
+class VanillaFrequency(nn.Module):
+    """instant-nsr-pl ``VanillaFrequency``: [sin(2^k x), cos(2^k x)] for k < n_frequencies, frequency-major."""
+
+    def __init__(self, n_input_dims: int, config: Dict[str, Any]):
+        super().__init__()
+        self.n_frequencies = int(config.get("n_frequencies", 6))
+        self.n_output_dims = n_input_dims * 2 * self.n_frequencies
+        self.register_buffer("freqs", 2.0 ** torch.arange(self.n_frequencies).float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        arg = x.float()[:, None, :] * self.freqs[None, :, None]  # (N, K, D)
+        return torch.cat([torch.sin(arg), torch.cos(arg)], dim=-1).reshape(x.shape[0], -1)
+
+
+class CompositeEncoding(nn.Module):
+    """An encoding with, optionally, the raw input (mapped [0,1] -> [-1,1]) in front."""
+
+    def __init__(self, encoding: nn.Module, n_input_dims: int, include_xyz: bool):
+        super().__init__()
+        self.encoding = encoding
+        self.include_xyz = include_xyz
+        self.n_output_dims = encoding.n_output_dims + (n_input_dims if include_xyz else 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.encoding(x)
+        return torch.cat([x * 2.0 - 1.0, enc], dim=-1) if self.include_xyz else enc
+
+    def update_step(self, epoch: int, global_step: int) -> None:
+        if hasattr(self.encoding, "update_step"):
+            self.encoding.update_step(epoch, global_step)
+
+
+ENCODINGS = {
+    "HashGrid": HashGrid,
+    "ProgressiveBandHashGrid": ProgressiveBandHashGrid,
+    "SphericalHarmonics": SphericalHarmonics,
+    "Frequency": Frequency,
+    "VanillaFrequency": VanillaFrequency,
+}
+
+
+def get_encoding(n_input_dims: int, config: Any) -> CompositeEncoding:
+    """Build the encoding a config names (``otype``), with the ``include_xyz`` option."""
+    config = dict(to_primitive(config))
+    otype = config.get("otype")
+    if otype not in ENCODINGS:
+        raise ValueError(f"Unknown encoding otype '{otype}'; known: {', '.join(ENCODINGS)}.")
+    cls = ENCODINGS[otype]
+    if cls in (HashGrid, ProgressiveBandHashGrid):
+        encoding = cls(n_input_dims, config, backend=config.get("backend", "auto"))
+    else:
+        encoding = cls(n_input_dims, config)
+    return CompositeEncoding(encoding, n_input_dims, bool(config.get("include_xyz", False)))

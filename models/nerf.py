@@ -1,0 +1,124 @@
+"""NeRF on a hash grid with occupancy-grid ray marching (instant-nsr-pl ``nerf``)."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict
+
+import numpy as np
+import torch
+import trimesh
+
+import models
+from models import backends
+from models.base import BaseModel, chunk_batch
+from models.occupancy import OccupancyGrid
+from models.rendering import accumulate_along_rays, render_weight_from_density
+from utils.mesh import marching_cubes
+
+
+@models.register("nerf")
+class NeRFModel(BaseModel):
+    """forward(rays_o (N, 3), rays_d (N, 3) unit) -> comp_rgb (N, 3), opacity (N, 1), depth (N, 1), ...
+
+    Bounded scenes march the AABB [-radius, radius]^3 with a uniform step of
+    ``sqrt(3) * 2 * radius / num_samples_per_ray``. With
+    ``learned_background`` the field covers all of space (contracted) and
+    marching uses a multi-level grid with cone stepping out to ``far_plane``.
+    ``background_color`` (3,) is set by the system for each stage.
+    """
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.geometry = models.make(cfg.geometry.name, cfg.geometry)
+        self.texture = models.make(cfg.texture.name, cfg.texture)
+        self.radius = float(cfg.radius)
+        self.learned_background = bool(cfg.get("learned_background", False))
+        self.geometry.unbounded = self.learned_background
+        r = self.radius
+        aabb = [-r, -r, -r, r, r, r]
+        self.register_buffer("scene_aabb", torch.tensor(aabb, dtype=torch.float32), persistent=False)
+        if self.learned_background:
+            self.near_plane = float(cfg.get("near_plane", 0.2))
+            self.far_plane = float(cfg.get("far_plane", 1e4))
+            self.cone_angle = 10 ** (math.log10(self.far_plane) / cfg.num_samples_per_ray) - 1.0
+            self.render_step_size = float(cfg.get("render_step_size", 0.01))
+            levels = int(cfg.get("grid_levels", 4))
+        else:
+            self.near_plane = float(cfg.get("near_plane", 0.0))
+            self.far_plane = float(cfg.get("far_plane", 1e10))
+            self.cone_angle = 0.0
+            self.render_step_size = 1.732 * 2 * r / cfg.num_samples_per_ray
+            levels = 1
+        self.grid_prune = bool(cfg.get("grid_prune", True))
+        self.occupancy_grid = OccupancyGrid(aabb, resolution=int(cfg.get("grid_resolution", 128)), levels=levels,
+                                            update_every_n_steps=int(cfg.get("grid_update_every", 16)),
+                                            warmup_steps=int(cfg.get("grid_warmup_steps", 256)))
+        self.early_stop_eps = float(cfg.get("early_stop_eps", 1e-4))
+        self.randomized = bool(cfg.get("randomized", True))
+        self.ray_chunk = int(cfg.get("ray_chunk", 65536))
+        self.backend = backends.resolve("rendering", cfg.get("rendering_backend", "auto"), "nerfacc")
+        self.register_buffer("background_color", torch.ones(3), persistent=False)
+
+    # --------------------------------------------------------------- training
+    def update_step(self, epoch: int, global_step: int) -> None:
+        if self.grid_prune:
+            self.occupancy_grid.update(global_step, lambda x: self.geometry.density(x) * self.render_step_size)
+
+    # -------------------------------------------------------------- rendering
+    def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, Any]:
+        if self.training:
+            return self._render(rays_o, rays_d)
+        return chunk_batch(self._render, self.ray_chunk, rays_o, rays_d)
+
+    def _render(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, Any]:
+        n_rays = rays_o.shape[0]
+
+        def sigma_fn(t_starts, t_ends, ray_indices):
+            mid = 0.5 * (t_starts + t_ends)
+            return self.geometry.density(rays_o[ray_indices] + rays_d[ray_indices] * mid[:, None])
+
+        ray_indices, t_starts, t_ends = self.occupancy_grid.march(
+            rays_o, rays_d, self.near_plane, self.far_plane, self.render_step_size, self.cone_angle,
+            stratified=self.training and self.randomized, sigma_fn=sigma_fn if self.early_stop_eps > 0 else None,
+            early_stop_eps=self.early_stop_eps, use_grid=self.grid_prune, backend=self.backend)
+        ray_indices = ray_indices.long()
+        mid = 0.5 * (t_starts + t_ends)
+        dirs = rays_d[ray_indices]
+        positions = rays_o[ray_indices] + dirs * mid[:, None]
+        density, feature = self.geometry(positions)
+        rgb = self.texture(feature, dirs)
+        weights, _, _ = render_weight_from_density(t_starts, t_ends, density, ray_indices, n_rays, self.backend)
+        opacity = accumulate_along_rays(weights, None, ray_indices, n_rays)
+        depth = accumulate_along_rays(weights, mid[:, None], ray_indices, n_rays)
+        comp_rgb = accumulate_along_rays(weights, rgb, ray_indices, n_rays)
+        comp_rgb = comp_rgb + self.background_color * (1.0 - opacity)
+        out = {"comp_rgb": comp_rgb, "opacity": opacity, "depth": depth, "rays_valid": opacity > 0,
+               "num_samples": torch.tensor(len(t_starts), device=rays_o.device)}
+        if self.training:
+            out.update({"weights": weights, "t_starts": t_starts, "t_ends": t_ends, "ray_indices": ray_indices})
+        return out
+
+    # ----------------------------------------------------------------- export
+    @torch.no_grad()
+    def export(self, config: Any) -> Dict[str, np.ndarray]:
+        """Marching-cubes mesh of the density field with vertex colours, in the model's frame.
+
+        Returns v_pos (V, 3), t_pos_idx (F, 3), v_rgb (V, 3). Raises MeshError when there is no surface.
+        """
+        iso = self.config.geometry.isosurface
+        r = self.radius
+        device = self.scene_aabb.device
+        verts, faces = marching_cubes(self.geometry.density, np.array([[-r] * 3, [r] * 3]), int(iso.resolution),
+                                      float(iso.threshold), inside_is_greater=True,
+                                      chunk=int(iso.get("chunk", 2 ** 21)), device=device)
+        out = {"v_pos": verts, "t_pos_idx": faces}
+        if config.get("export_vertex_color", True):
+            normals = trimesh.Trimesh(verts, faces, process=False).vertex_normals
+            v = torch.from_numpy(verts).float().to(device)
+            n = torch.from_numpy(np.ascontiguousarray(normals)).float().to(device)
+            colours = []
+            for i in range(0, len(v), self.ray_chunk):
+                _, feature = self.geometry(v[i:i + self.ray_chunk])
+                colours.append(self.texture(feature, -n[i:i + self.ray_chunk]).clamp(0, 1))
+            out["v_rgb"] = torch.cat(colours).cpu().numpy()
+        return out

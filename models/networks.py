@@ -1,0 +1,140 @@
+"""Small MLPs and the activations configs name.
+
+``VanillaMLP`` is the PyTorch network (with NeuS sphere initialisation and
+weight norm); ``FullyFusedMLP``/``CutlassMLP`` configs run on tiny-cuda-nn when
+it is usable and fall back to the same architecture in PyTorch otherwise.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import backends
+from utils.config import to_primitive
+
+
+class _TruncExp(torch.autograd.Function):
+    """exp(x) with the gradient clamped at x = 15 (instant-ngp's density activation)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.exp(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * torch.exp(x.clamp(max=15.0))
+
+
+def trunc_exp(x: torch.Tensor) -> torch.Tensor:
+    return _TruncExp.apply(x)
+
+
+def get_activation(name: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Activation by config name (case-insensitive); None/'none' is the identity."""
+    if name is None:
+        return lambda x: x
+    key = str(name).lower()
+    table = {
+        "none": lambda x: x,
+        "identity": lambda x: x,
+        "relu": F.relu,
+        "sigmoid": torch.sigmoid,
+        "tanh": torch.tanh,
+        "exp": torch.exp,
+        "exponential": torch.exp,
+        "trunc_exp": trunc_exp,
+        "softplus": F.softplus,
+        "shifted_softplus": lambda x: F.softplus(x - 1.0),
+        "scale_-11_01": lambda x: x * 0.5 + 0.5,
+    }
+    if key not in table:
+        raise ValueError(f"Unknown activation '{name}'; known: {', '.join(sorted(table))}.")
+    return table[key]
+
+
+class VanillaMLP(nn.Module):
+    """Fully connected network: (N, dim_in) -> (N, dim_out).
+
+    ``n_hidden_layers`` hidden layers of ``n_neurons`` with ReLU (Softplus(100)
+    when ``sphere_init``), then ``output_activation``.
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, config: Dict[str, Any]):
+        super().__init__()
+        self.n_neurons = int(config.get("n_neurons", 64))
+        self.n_hidden_layers = int(config.get("n_hidden_layers", 1))
+        self.sphere_init = bool(config.get("sphere_init", False))
+        self.sphere_init_radius = float(config.get("sphere_init_radius", 0.5))
+        self.inside_out = bool(config.get("inside_out", False))
+        self.weight_norm = bool(config.get("weight_norm", False))
+        dims = [dim_in] + [self.n_neurons] * self.n_hidden_layers + [dim_out]
+        layers = []
+        for i in range(len(dims) - 1):
+            layers.append(self._make_linear(dims[i], dims[i + 1], is_first=i == 0, is_last=i == len(dims) - 2))
+            if i < len(dims) - 2:
+                layers.append(nn.Softplus(beta=100) if self.sphere_init else nn.ReLU(inplace=True))
+        self.layers = nn.Sequential(*layers)
+        self.output_activation = get_activation(config.get("output_activation", None))
+
+    def _make_linear(self, dim_in: int, dim_out: int, is_first: bool, is_last: bool) -> nn.Module:
+        layer = nn.Linear(dim_in, dim_out, bias=True)
+        if self.sphere_init:  # geometric initialisation (SAL / IDR): SDF of a sphere at start
+            if is_last:
+                sign = -1.0 if self.inside_out else 1.0
+                nn.init.normal_(layer.weight, mean=sign * math.sqrt(math.pi) / math.sqrt(dim_in), std=1e-4)
+                nn.init.constant_(layer.bias, -sign * self.sphere_init_radius)
+            elif is_first:
+                nn.init.constant_(layer.bias, 0.0)
+                nn.init.constant_(layer.weight[:, 3:], 0.0)
+                nn.init.normal_(layer.weight[:, :3], 0.0, math.sqrt(2) / math.sqrt(dim_out))
+            else:
+                nn.init.constant_(layer.bias, 0.0)
+                nn.init.normal_(layer.weight, 0.0, math.sqrt(2) / math.sqrt(dim_out))
+        if self.weight_norm:
+            layer = nn.utils.parametrizations.weight_norm(layer)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_activation(self.layers(x.float()))
+
+
+class TCNNMLP(nn.Module):
+    """tiny-cuda-nn fully fused network with the same architecture; output in float32."""
+
+    def __init__(self, dim_in: int, dim_out: int, config: Dict[str, Any]):
+        super().__init__()
+        import tinycudann as tcnn
+
+        tcnn_config = {
+            "otype": config.get("otype", "FullyFusedMLP"),
+            "activation": config.get("activation", "ReLU"),
+            "output_activation": "None",
+            "n_neurons": int(config.get("n_neurons", 64)),
+            "n_hidden_layers": int(config.get("n_hidden_layers", 1)),
+        }
+        self.network = tcnn.Network(dim_in, dim_out, tcnn_config)
+        self.output_activation = get_activation(config.get("output_activation", None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_activation(self.network(x).float())
+
+
+def get_mlp(dim_in: int, dim_out: int, config: Any) -> nn.Module:
+    """Build the network a config names (``otype``)."""
+    config = dict(to_primitive(config))
+    otype = config.get("otype", "VanillaMLP")
+    if otype == "VanillaMLP":
+        return VanillaMLP(dim_in, dim_out, config)
+    if otype in ("FullyFusedMLP", "CutlassMLP"):
+        needs_torch = config.get("sphere_init") or config.get("weight_norm")
+        requested = "torch" if needs_torch else config.get("backend", "auto")
+        if backends.resolve("network", requested, "tcnn") == "tcnn":
+            return TCNNMLP(dim_in, dim_out, config)
+        return VanillaMLP(dim_in, dim_out, config)
+    raise ValueError(f"Unknown network otype '{otype}'; known: VanillaMLP, FullyFusedMLP, CutlassMLP.")

@@ -1,0 +1,172 @@
+"""Occupancy grid and ray marching over it (nerfacc 0.5 ``OccGridEstimator`` semantics).
+
+The grid has ``levels`` nested cubes, level l covering the base AABB scaled
+by 2^l about its centre (one level for a bounded object, several for an
+unbounded scene). Each cell keeps an occupancy value updated as instant-ngp
+does: every ``update_every_n_steps`` steps, cells (all of them during warm-up,
+then a quarter: half uniformly, half among occupied ones) are evaluated at a
+random point inside, ``occ = max(occ * ema_decay, new)``, and a cell is
+occupied when ``occ > min(occ_thre, mean(occ))``. The buffers are saved in
+checkpoints, so a resumed model marches exactly the same grid.
+
+Marching emits intervals of length ``max(t * cone_angle, render_step_size)``
+along each ray and keeps those whose midpoint lies in an occupied cell.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from models.rendering import ray_aabb_intersect, visibility_from_density
+
+SigmaFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class OccupancyGrid(nn.Module):
+    def __init__(self, aabb, resolution: int = 128, levels: int = 1, ema_decay: float = 0.95,
+                 occ_thre: float = 0.01, warmup_steps: int = 256, update_every_n_steps: int = 16):
+        super().__init__()
+        aabb = torch.as_tensor(aabb, dtype=torch.float32)
+        center, half = (aabb[:3] + aabb[3:]) / 2, (aabb[3:] - aabb[:3]) / 2
+        aabbs = torch.stack([torch.cat([center - half * 2 ** l, center + half * 2 ** l]) for l in range(levels)])
+        self.resolution, self.levels = int(resolution), int(levels)
+        self.ema_decay, self.occ_thre = ema_decay, occ_thre
+        self.warmup_steps, self.update_every_n_steps = warmup_steps, update_every_n_steps
+        self.cells_per_level = self.resolution ** 3
+        self.register_buffer("aabbs", aabbs)  # (levels, 6)
+        self.register_buffer("occs", torch.zeros(levels * self.cells_per_level))
+        self.register_buffer("binaries", torch.ones(levels, resolution, resolution, resolution, dtype=torch.bool))
+        r = torch.arange(resolution)
+        coords = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), dim=-1).reshape(-1, 3)
+        self.register_buffer("grid_coords", coords, persistent=False)  # (R^3, 3), cell index = x*R^2 + y*R + z
+
+    # ----------------------------------------------------------------- update
+    @torch.no_grad()
+    def update(self, step: int, occ_eval_fn: Callable[[torch.Tensor], torch.Tensor], chunk: int = 2 ** 18) -> bool:
+        """Refresh the grid when ``step`` is due. occ_eval_fn: (M, 3) world points -> (M,) opacity."""
+        if step % self.update_every_n_steps != 0:
+            return False
+        for level in range(self.levels):
+            cells = self._cells_to_update(level, step)
+            x = (self.grid_coords[cells] + torch.rand(len(cells), 3, device=cells.device)) / self.resolution
+            lo, hi = self.aabbs[level, :3], self.aabbs[level, 3:]
+            x = lo + x * (hi - lo)
+            occ = torch.cat([occ_eval_fn(x[i:i + chunk]).reshape(-1).float() for i in range(0, len(x), chunk)])
+            ids = level * self.cells_per_level + cells
+            self.occs[ids] = torch.maximum(self.occs[ids] * self.ema_decay, occ)
+        threshold = torch.clamp(self.occs[self.occs >= 0].mean(), max=self.occ_thre)
+        self.binaries.copy_((self.occs > threshold).view(self.binaries.shape))
+        return True
+
+    def _cells_to_update(self, level: int, step: int) -> torch.Tensor:
+        device = self.occs.device
+        if step < self.warmup_steps:
+            return torch.arange(self.cells_per_level, device=device)
+        n = self.cells_per_level // 4
+        uniform = torch.randint(self.cells_per_level, (n,), device=device)
+        occupied = torch.nonzero(self.binaries[level].reshape(-1))[:, 0]
+        if n < len(occupied):
+            occupied = occupied[torch.randint(len(occupied), (n,), device=device)]
+        return torch.cat([uniform, occupied])
+
+    # ---------------------------------------------------------------- queries
+    def occupied_at(self, x: torch.Tensor) -> torch.Tensor:
+        """(M, 3) world points -> (M,) bool: inside the grid and in an occupied cell of the finest level holding it."""
+        base = self.aabbs[0]
+        center, half = (base[:3] + base[3:]) / 2, (base[3:] - base[:3]) / 2
+        extent = ((x - center).abs() / half).amax(dim=-1)  # <= 1 inside level 0
+        level = torch.ceil(torch.log2(extent.clamp(min=1e-12))).clamp(min=0).long()
+        inside = level < self.levels
+        level = level.clamp(max=self.levels - 1)
+        lo = self.aabbs[level, :3]
+        hi = self.aabbs[level, 3:]
+        cell = ((x - lo) / (hi - lo) * self.resolution).floor().long().clamp(0, self.resolution - 1)
+        occupied = self.binaries[level, cell[:, 0], cell[:, 1], cell[:, 2]]
+        return occupied & inside
+
+    def outer_aabb(self) -> torch.Tensor:
+        return self.aabbs[-1]
+
+    # ---------------------------------------------------------------- marching
+    @torch.no_grad()
+    def march(self, rays_o: torch.Tensor, rays_d: torch.Tensor, near_plane: float, far_plane: float,
+              render_step_size: float, cone_angle: float = 0.0, stratified: bool = False,
+              sigma_fn: Optional[SigmaFn] = None, early_stop_eps: float = 1e-4, alpha_thre: float = 0.0,
+              use_grid: bool = True, backend: str = "torch", max_candidates: int = 2 ** 22
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Sample rays where the grid is occupied.
+
+        rays_o, rays_d: (N, 3), unit directions. Returns packed
+        (ray_indices (S,) int64, t_starts (S,), t_ends (S,)), sorted by ray then t.
+        ``sigma_fn(t_starts, t_ends, ray_indices) -> (S,)`` optionally drops
+        samples behind opaque matter (transmittance < early_stop_eps).
+        """
+        if backend == "nerfacc":
+            return self._march_nerfacc(rays_o, rays_d, near_plane, far_plane, render_step_size, cone_angle,
+                                       stratified, sigma_fn, early_stop_eps, alpha_thre, use_grid)
+        n_rays = rays_o.shape[0]
+        t_near, t_far = ray_aabb_intersect(rays_o, rays_d, self.outer_aabb())
+        t_near = t_near.clamp(min=near_plane)
+        t_far = t_far.clamp(max=far_plane)
+        hit = t_far > t_near
+        empty = torch.zeros(0, dtype=torch.long, device=rays_o.device)
+        if not bool(hit.any()):
+            return empty, empty.float(), empty.float()
+        t_min, t_max = float(t_near[hit].min()), float(t_far[hit].max())
+        t_seq = self._step_sequence(t_min, t_max, render_step_size, cone_angle, rays_o.device)  # (K+1,)
+        jitter = torch.rand(n_rays, 1, device=rays_o.device) if stratified else torch.zeros(n_rays, 1, device=rays_o.device)
+        steps = t_seq[1:] - t_seq[:-1]
+        chunk = max(1, max_candidates // max(len(steps), 1))
+        out_idx, out_ts, out_te = [], [], []
+        for start in range(0, n_rays, chunk):
+            sl = slice(start, start + chunk)
+            ts = t_seq[None, :-1] + jitter[sl] * steps[None]  # (n, K)
+            te = t_seq[None, 1:] + jitter[sl] * torch.cat([steps[1:], steps[-1:]])[None]
+            mid = 0.5 * (ts + te)
+            keep = (mid >= t_near[sl, None]) & (mid < t_far[sl, None]) & hit[sl, None]
+            if use_grid:
+                rows, cols = torch.nonzero(keep, as_tuple=True)
+                pts = rays_o[sl][rows] + rays_d[sl][rows] * mid[rows, cols, None]
+                occupied = self.occupied_at(pts)
+                rows, cols = rows[occupied], cols[occupied]
+            else:
+                rows, cols = torch.nonzero(keep, as_tuple=True)
+            out_idx.append(rows + start)
+            out_ts.append(ts[rows, cols])
+            out_te.append(te[rows, cols])
+        ray_indices, t_starts, t_ends = torch.cat(out_idx), torch.cat(out_ts), torch.cat(out_te)
+        if sigma_fn is not None and (early_stop_eps > 0 or alpha_thre > 0) and len(t_starts) > 0:
+            sigmas = sigma_fn(t_starts, t_ends, ray_indices)
+            visible = visibility_from_density(t_starts, t_ends, sigmas, ray_indices, n_rays, early_stop_eps,
+                                              min(alpha_thre, float(self.occs.mean())))
+            ray_indices, t_starts, t_ends = ray_indices[visible], t_starts[visible], t_ends[visible]
+        return ray_indices, t_starts, t_ends
+
+    @staticmethod
+    def _step_sequence(t_min: float, t_max: float, step: float, cone_angle: float, device) -> torch.Tensor:
+        """Interval boundaries t_0 = t_min, t_{k+1} = t_k + max(t_k * cone_angle, step), up to t_max."""
+        if cone_angle <= 0:
+            n = int((t_max - t_min) / step) + 2
+            return t_min + step * torch.arange(n + 1, device=device, dtype=torch.float32)
+        ts = [t_min]
+        while ts[-1] < t_max:
+            ts.append(ts[-1] + max(ts[-1] * cone_angle, step))
+        ts.append(ts[-1] + max(ts[-1] * cone_angle, step))
+        return torch.tensor(ts, device=device, dtype=torch.float32)
+
+    def _march_nerfacc(self, rays_o, rays_d, near_plane, far_plane, render_step_size, cone_angle, stratified,
+                       sigma_fn, early_stop_eps, alpha_thre, use_grid):
+        import nerfacc
+
+        if "_estimator" not in self.__dict__:
+            est = nerfacc.OccGridEstimator(roi_aabb=self.aabbs[0].tolist(), resolution=self.resolution,
+                                           levels=self.levels).to(rays_o.device)
+            self.__dict__["_estimator"] = est
+        est = self.__dict__["_estimator"]
+        est.binaries.copy_(self.binaries if use_grid else torch.ones_like(self.binaries))
+        est.occs.copy_(self.occs)
+        return est.sampling(rays_o, rays_d, sigma_fn=sigma_fn, near_plane=near_plane, far_plane=far_plane,
+                            render_step_size=render_step_size, stratified=stratified, cone_angle=cone_angle,
+                            alpha_thre=alpha_thre, early_stop_eps=early_stop_eps)

@@ -1,0 +1,173 @@
+"""The LightningModule every system builds on: steps, outputs, test stage and export.
+
+Step-dependent state (occupancy grid, progressive levels, annealing) lives in
+module buffers and is saved with the weights; ``update_step`` runs only while
+training, so a test after ``--resume`` sees exactly the state the test after
+training saw.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+import models
+from datasets.base import SceneData
+from models.base import update_module_step
+from systems.optim import make_optimizer, make_scheduler
+from utils.config import scheduled
+from utils.io import colorize_depth, image_grid, to_uint8, write_image, write_json, write_video
+from utils.mesh import MeshError, write_mesh
+from utils.metrics import ImageMetrics
+
+log = logging.getLogger("nsr")
+
+
+class NonFiniteLossError(RuntimeError):
+    def __init__(self, step: int, losses: Dict[str, float]):
+        self.step = step
+        bad = ", ".join(f"{k}={v}" for k, v in losses.items())
+        super().__init__(f"The training loss is not finite at step {step} ({bad}).")
+
+
+class BaseSystem(pl.LightningModule):
+    """mode: 'train' (fit then test), 'test' (metrics + video + mesh) or 'export' (video + mesh only)."""
+
+    def __init__(self, config: Any, mode: str = "train"):
+        super().__init__()
+        self.config = config
+        self.mode = mode
+        self.model = models.make(config.model.name, config.model)
+        self.metrics = ImageMetrics()
+        self.register_buffer("trained_steps", torch.tensor(0, dtype=torch.long))
+        self._test_frames: Dict[int, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def save_dir(self) -> str:
+        return self.config.save_dir
+
+    @property
+    def step(self) -> int:
+        """Optimisation steps behind the current weights (restored from checkpoints)."""
+        return int(self.trained_steps)
+
+    def C(self, value: Any) -> float:
+        return scheduled(value, self.global_step)
+
+    def data(self, stage: str) -> SceneData:
+        return getattr(self.trainer.datamodule, f"{stage}_data")
+
+    def configure_optimizers(self):
+        optimizer = make_optimizer(self.config.system.optimizer, self.model)
+        if self.config.system.get("scheduler") is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": make_scheduler(self.config.system.scheduler, optimizer)}
+
+    def on_train_batch_start(self, batch, batch_idx):
+        update_module_step(self.model, self.current_epoch, self.global_step)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.trained_steps.fill_(self.global_step)
+
+    def check_finite(self, loss: torch.Tensor, terms: Dict[str, torch.Tensor]) -> None:
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(self.global_step, {k: float(v) for k, v in terms.items()})
+
+    # ------------------------------------------------------------------ outputs
+    def save_path(self, name: str) -> str:
+        return os.path.join(self.save_dir, name)
+
+    def eval_panels(self, out: Dict[str, torch.Tensor], data: SceneData, with_gt: bool, gt: torch.Tensor | None
+                    ) -> List[np.ndarray]:
+        """uint8 panels of one image: [ground truth,] render, depth (jet), opacity."""
+        h, w = data.height, data.width
+        rgb = to_uint8(out["comp_rgb"].view(h, w, 3).cpu().numpy())
+        opacity = out["opacity"].view(h, w).cpu().numpy()
+        depth = colorize_depth(out["depth"].view(h, w).cpu().numpy(), opacity)
+        panels = [rgb, depth, to_uint8(opacity)]
+        if with_gt and gt is not None:
+            panels.insert(0, to_uint8(gt.view(h, w, 3).cpu().numpy()))
+        return panels
+
+    def render_image(self, stage: str, index: int) -> tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """Render image ``index`` of a split on a white background; returns (model output, rays/gt batch)."""
+        data = self.data(stage)
+        batch = {k: v.to(self.device) for k, v in data.image_rays(index).items()}
+        self.model.background_color = torch.ones(3, device=self.device)
+        if data.has_mask:
+            m = batch["fg_mask"][:, None]
+            batch["rgb"] = batch["rgb"] * m + (1.0 - m)
+        return self.model(batch["rays_o"], batch["rays_d"]), batch
+
+    def validation_step(self, batch, batch_idx):
+        index = int(batch["index"][0])
+        out, rays = self.render_image("val", index)
+        data = self.data("val")
+        psnr = self.metrics.update(out["comp_rgb"].view(data.height, data.width, 3),
+                                   rays["rgb"].view(data.height, data.width, 3))
+        write_image(self.save_path(f"it{self.global_step}-{index}.png"),
+                    image_grid(self.eval_panels(out, data, True, rays["rgb"])))
+        return psnr
+
+    def on_validation_epoch_end(self):
+        scores = self.metrics.compute()
+        self.metrics.reset()
+        self.log("val/psnr", scores["psnr"], prog_bar=True, sync_dist=True)
+
+    def test_step(self, batch, batch_idx):
+        index = int(batch["index"][0])
+        data = self.data("test")
+        out, rays = self.render_image("test", index)
+        with_gt = self.mode != "export" and data.has_gt
+        if with_gt:
+            h, w = data.height, data.width
+            self.metrics.update(out["comp_rgb"].view(h, w, 3), rays["rgb"].view(h, w, 3))
+        panels = self.eval_panels(out, data, with_gt, rays["rgb"])
+        write_image(self.save_path(f"it{self.step}-test/{index}.png"), image_grid(panels))
+        self._test_frames[index] = image_grid(panels[1:3] if with_gt else panels[0:2])
+
+    def on_test_epoch_end(self):
+        if self.mode != "export" and self.data("test").has_gt:
+            scores = self.metrics.compute()
+            self.metrics.reset()
+            self.log("test/psnr", scores["psnr"], prog_bar=True, sync_dist=True)
+            self.log("test/ssim", scores["ssim"], prog_bar=True, sync_dist=True)
+        self.trainer.strategy.barrier()
+        if self.trainer.is_global_zero:
+            self.write_test_video()
+            self.export_mesh()
+
+    def write_test_video(self) -> None:
+        folder = self.save_path(f"it{self.step}-test")
+        frames = [self._test_frames[i] for i in sorted(self._test_frames)]
+        if self.trainer.world_size > 1:  # other ranks rendered other frames: read them all back
+            import imageio.v2 as imageio
+            names = sorted((f for f in os.listdir(folder) if f.endswith(".png")), key=lambda f: int(f[:-4]))
+            frames = [imageio.imread(os.path.join(folder, f)) for f in names]
+        if frames:
+            path = self.save_path(f"it{self.step}-test.mp4")
+            write_video(path, frames, fps=int(self.config.get("export", {}).get("video_fps", 30)))
+            log.info(f"Test video: {path} ({len(frames)} frames)")
+
+    def export_mesh(self) -> None:
+        export_cfg = self.config.get("export", {})
+        res = int(self.config.model.geometry.isosurface.resolution)
+        try:
+            mesh = self.model.export(export_cfg)
+        except MeshError as err:
+            log.error(f"Mesh export skipped: {err}")
+            return
+        world = self.trainer.datamodule.world_from_scene()
+        verts = mesh["v_pos"] @ world[:3, :3].T + world[:3, 3]
+        path = self.save_path(f"it{self.step}-mc{res}.obj")
+        write_mesh(path, verts, mesh["t_pos_idx"], mesh.get("v_rgb"))
+        write_json(self.save_path("normalization.json"), {
+            "world_from_scene": np.asarray(world).tolist(),
+            "note": "meshes are in the dataset's world frame; the model works in the normalised frame "
+                    "x_scene = inverse(world_from_scene) @ x_world"})
+        log.info(f"Mesh: {path} ({len(verts)} vertices, {len(mesh['t_pos_idx'])} faces)")

@@ -1,0 +1,67 @@
+"""NeRF system: dynamic ray sampling, background handling and the instant-nsr-pl NeRF losses."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import systems
+from models.rendering import distortion_loss
+from systems.base import BaseSystem
+
+
+@systems.register("nerf-system")
+class NeRFSystem(BaseSystem):
+    def __init__(self, config, mode: str = "train"):
+        super().__init__(config, mode)
+        m = config.model
+        self.train_num_rays = int(m.train_num_rays)
+        self.train_num_samples = int(m.train_num_rays) * int(m.num_samples_per_ray)
+
+    def background(self) -> torch.Tensor:
+        """Training background: 'white', 'black' or 'random' (a new colour every step)."""
+        kind = str(self.config.model.get("background_color", "random")).lower()
+        if kind == "white":
+            return torch.ones(3, device=self.device)
+        if kind == "black":
+            return torch.zeros(3, device=self.device)
+        if kind == "random":
+            return torch.rand(3, device=self.device)
+        raise ValueError(f"model.background_color must be white, black or random, not '{kind}'.")
+
+    def training_step(self, batch, batch_idx):
+        data = self.data("train")
+        rays = {k: v.to(self.device) for k, v in
+                data.train_rays(self.train_num_rays, bool(self.config.model.get("batch_image_sampling", True))).items()}
+        bg = self.background()
+        self.model.background_color = bg
+        rgb = rays["rgb"]
+        if data.has_mask:
+            m = rays["fg_mask"][:, None]
+            rgb = rgb * m + bg * (1.0 - m)
+        out = self.model(rays["rays_o"], rays["rays_d"])
+
+        n_samples = int(out["num_samples"])
+        if self.config.model.get("dynamic_ray_sampling", True):
+            wanted = int(self.train_num_rays * self.train_num_samples / max(n_samples, 1))
+            self.train_num_rays = max(1, min(int(self.train_num_rays * 0.9 + wanted * 0.1),
+                                             int(self.config.model.max_train_num_rays)))
+
+        valid = out["rays_valid"][:, 0]
+        terms = {"rgb": F.smooth_l1_loss(out["comp_rgb"][valid], rgb[valid]) if bool(valid.any())
+                 else out["comp_rgb"].sum() * 0.0}
+        loss_cfg = self.config.system.loss
+        loss = terms["rgb"] * self.C(loss_cfg.lambda_rgb)
+        if self.C(loss_cfg.get("lambda_distortion", 0.0)) > 0:
+            terms["distortion"] = distortion_loss(out["weights"], out["t_starts"], out["t_ends"], out["ray_indices"],
+                                                  len(rgb))
+            loss = loss + terms["distortion"] * self.C(loss_cfg.lambda_distortion)
+        self.check_finite(loss, terms)
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value)
+        for name, value in loss_cfg.items():
+            if name.startswith("lambda"):
+                self.log(f"train_params/{name}", self.C(value))
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/num_rays", float(self.train_num_rays), prog_bar=True)
+        self.log("train/num_samples", float(n_samples))
+        return loss

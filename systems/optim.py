@@ -1,0 +1,55 @@
+"""Optimiser and scheduler from config, as instant-nsr-pl writes them.
+
+``optimizer.params`` gives per-module settings (``geometry: {lr: 0.01}``);
+modules it does not name are not optimised. Schedulers are any
+``torch.optim.lr_scheduler`` class by name, plus ``SequentialLR`` and
+``ChainedScheduler`` built from a ``schedulers`` list.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+import torch.nn as nn
+
+from utils.config import ConfigError, to_primitive
+
+
+def _module(model: nn.Module, path: str) -> nn.Module:
+    obj: Any = model
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise ConfigError(f"system.optimizer.params names '{path}', which the model does not have.")
+        obj = getattr(obj, part)
+    return obj
+
+
+def make_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
+    name = config.name
+    if not hasattr(torch.optim, name):
+        raise ConfigError(f"Unknown optimizer '{name}' (system.optimizer.name); use a torch.optim class name.")
+    args = dict(to_primitive(config.get("args", {})) or {})
+    if config.get("params") is not None:
+        groups = [{"params": list(_module(model, key).parameters()), "name": key, **dict(to_primitive(value) or {})}
+                  for key, value in config.params.items()]
+    else:
+        groups = [{"params": list(model.parameters()), "name": "all"}]
+    return getattr(torch.optim, name)(groups, **args)
+
+
+def _scheduler(config: Any, optimizer: torch.optim.Optimizer):
+    name = config.name
+    sched = torch.optim.lr_scheduler
+    if name in ("SequentialLR", "ChainedScheduler"):
+        subs = [_scheduler(c, optimizer) for c in config.schedulers]
+        if name == "SequentialLR":
+            return sched.SequentialLR(optimizer, subs, milestones=list(config.milestones))
+        return sched.ChainedScheduler(subs)
+    if not hasattr(sched, name):
+        raise ConfigError(f"Unknown scheduler '{name}' (system.scheduler); use a torch.optim.lr_scheduler class name.")
+    return getattr(sched, name)(optimizer, **dict(to_primitive(config.get("args", {})) or {}))
+
+
+def make_scheduler(config: Any, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
+    """Lightning's lr_scheduler dict: scheduler plus interval ('step' or 'epoch')."""
+    return {"scheduler": _scheduler(config, optimizer), "interval": config.get("interval", "step")}

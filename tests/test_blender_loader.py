@@ -1,0 +1,85 @@
+"""Blender / transforms.json loader against the renderer's own cameras, and its bad-input errors."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from datasets.base import DatasetError
+from datasets.blender import load_blender_split
+from datasets.synthetic import DemoScene, orbit_cameras, write_blender
+
+
+@pytest.fixture(scope="module")
+def scene_dir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("blender"))
+    cams = orbit_cameras(3, 2.6, [20, 50], 40, 30, fov_x_deg=45)
+    write_blender(root, DemoScene(), {"train": cams, "val": cams[:1], "test": cams[:1]}, supersample=1)
+    return root, cams
+
+
+def cfg(root, **kw):
+    return OmegaConf.create({"root_dir": root, **kw})
+
+
+def test_rays_match_renderer_cameras(scene_dir):
+    root, cams = scene_dir
+    data = load_blender_split(cfg(root), "train")
+    assert (data.width, data.height) == (40, 30) and data.n_images == 3 and data.has_mask
+    for i, cam in enumerate(cams):
+        ref_o, ref_d = cam.rays()
+        rays = data.image_rays(i)
+        torch.testing.assert_close(rays["rays_o"], ref_o, atol=1e-5, rtol=0)
+        angle = torch.rad2deg(torch.acos((rays["rays_d"] * ref_d).sum(-1).clamp(max=1)))
+        assert angle.max() < 0.01, f"max ray angle error {angle.max():.4f} deg"
+
+
+def test_alpha_is_mask_and_background_is_empty(scene_dir):
+    root, _ = scene_dir
+    data = load_blender_split(cfg(root), "train")
+    from datasets.synthetic import render
+    out = render(DemoScene(), orbit_cameras(3, 2.6, [20, 50], 40, 30, fov_x_deg=45)[0], supersample=1)
+    np.testing.assert_array_equal(data.masks[0].numpy() > 127, out["rgba"][..., 3] > 0.5)
+
+
+def test_downscale_scales_intrinsics(scene_dir):
+    root, cams = scene_dir
+    data = load_blender_split(cfg(root, img_wh=[20, 15]), "train")
+    assert (data.width, data.height) == (20, 15)
+    torch.testing.assert_close(data.intrinsics[0, 0], torch.tensor(cams[0].K[0, 0] / 2).float())
+
+
+def test_instant_ngp_single_transforms_file(scene_dir, tmp_path):
+    root, cams = scene_dir
+    frames = json.load(open(os.path.join(root, "transforms_train.json")))["frames"]
+    shutil.copytree(os.path.join(root, "train"), tmp_path / "images")
+    k = cams[0].K
+    meta = {"fl_x": k[0, 0], "fl_y": k[1, 1], "cx": k[0, 2], "cy": k[1, 2], "w": 40, "h": 30,
+            "frames": [{"file_path": f"images/r_{i}.png", "transform_matrix": fr["transform_matrix"]}
+                       for i, fr in enumerate(frames)]}
+    json.dump(meta, open(tmp_path / "transforms.json", "w"))
+    train = load_blender_split(cfg(str(tmp_path), holdout_every=3), "train")
+    test = load_blender_split(cfg(str(tmp_path), holdout_every=3), "test")
+    assert train.n_images == 2 and test.n_images == 1
+    ref_o, ref_d = cams[0].rays()
+    torch.testing.assert_close(test.image_rays(0)["rays_d"], ref_d, atol=1e-5, rtol=0)
+
+
+def test_bad_inputs_are_one_clear_sentence(scene_dir, tmp_path):
+    root, _ = scene_dir
+    with pytest.raises(DatasetError, match="does not exist.*demo"):
+        load_blender_split(cfg(str(tmp_path / "nope")), "train")
+    with pytest.raises(DatasetError, match="aspect"):
+        load_blender_split(cfg(root, img_wh=[40, 40]), "train")
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    os.remove(bad / "train" / "r_1.png")
+    with pytest.raises(DatasetError, match="1 of 3 images .* missing, the first being .*r_1.png"):
+        load_blender_split(cfg(str(bad)), "train")
+    import imageio.v2 as imageio
+    imageio.imwrite(bad / "train" / "r_1.png", np.zeros((10, 10, 4), np.uint8))
+    with pytest.raises(DatasetError, match="mixed sizes"):
+        load_blender_split(cfg(str(bad)), "train")

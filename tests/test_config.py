@@ -1,0 +1,59 @@
+"""Config loading: strict overrides with suggestions, +new keys, resolvers, scheduled scalars."""
+import pytest
+
+from utils.config import ConfigError, load_config, scheduled
+
+YAML = """
+name: demo-${dataset.scene}
+dataset:
+  scene: lego
+  root: ./load/${dataset.scene}
+system:
+  loss:
+    lambda_rgb: 1.0
+    lambda_mask: [0, 0.0, 1.0, 100]
+trainer:
+  max_steps: 2000
+  warmup: 500
+derived:
+  half: ${idiv:${trainer.max_steps},2}
+  rate: ${calc_exp_lr_decay_rate:0.1,${sub:${trainer.max_steps},${trainer.warmup}}}
+  base: ${basename:${dataset.root}}
+"""
+
+
+@pytest.fixture
+def path(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(YAML)
+    return str(p)
+
+
+def test_resolvers_and_overrides(path):
+    cfg = load_config(path, ["dataset.scene=chair", "trainer.max_steps=1000"])
+    assert cfg.name == "demo-chair" and cfg.derived.half == 500 and cfg.derived.base == "chair"
+    assert abs(cfg.derived.rate ** 500 - 0.1) < 1e-9
+
+
+def test_misspelled_override_names_the_closest_key(path):
+    with pytest.raises(ConfigError, match="did you mean system.loss.lambda_rgb"):
+        load_config(path, ["system.loss.lamda_rgb=2"])
+
+
+def test_plus_adds_a_new_key(path):
+    cfg = load_config(path, ["+system.loss.lambda_new=0.5"])
+    assert cfg.system.loss.lambda_new == 0.5
+
+
+def test_missing_file_and_bad_override(path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(path + ".missing")
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(path, ["trainer.max_steps"])
+
+
+def test_scheduled_scalars():
+    assert scheduled(0.3, 10) == 0.3
+    assert scheduled([0, 0.0, 1.0, 100], 50) == pytest.approx(0.5)
+    assert scheduled([10, 1.0, 3.0, 20], 5) == 1.0 and scheduled([10, 1.0, 3.0, 20], 30) == 3.0
+    assert scheduled([1.0, 3.0, 10], 5) == pytest.approx(2.0)

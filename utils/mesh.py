@@ -1,0 +1,104 @@
+"""Marching-cubes mesh extraction from a field, and mesh writers.
+
+Extraction evaluates the field on a grid in two passes (a coarse grid finds
+the box that holds the surface, the fine grid covers only that box), in
+chunks of points, so a 512^3 grid fits on a 24 GiB CPU machine.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Tuple
+
+import mcubes
+import numpy as np
+import torch
+import trimesh
+
+from utils.io import atomic_path
+
+log = logging.getLogger("nsr")
+
+FieldFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class MeshError(RuntimeError):
+    """The field has no extractable surface; the message says why."""
+
+
+def evaluate_grid(field: FieldFn, lo: np.ndarray, hi: np.ndarray, resolution: int, chunk: int,
+                  device: torch.device) -> np.ndarray:
+    """Field values on a resolution^3 grid spanning [lo, hi] (inclusive). Returns (R, R, R) float32, [x, y, z]."""
+    axes = [torch.linspace(float(lo[d]), float(hi[d]), resolution, device=device) for d in range(3)]
+    volume = np.empty((resolution,) * 3, dtype=np.float32)
+    plane = resolution * resolution
+    slabs = max(1, chunk // plane)
+    yy, zz = torch.meshgrid(axes[1], axes[2], indexing="ij")
+    yz = torch.stack([yy.reshape(-1), zz.reshape(-1)], dim=-1)
+    with torch.no_grad():
+        for i in range(0, resolution, slabs):
+            xs = axes[0][i:i + slabs]
+            pts = torch.cat([xs.repeat_interleave(plane)[:, None], yz.repeat(len(xs), 1)], dim=-1)
+            vals = torch.cat([field(pts[j:j + chunk]).reshape(-1).float() for j in range(0, len(pts), chunk)])
+            volume[i:i + len(xs)] = vals.view(len(xs), resolution, resolution).cpu().numpy()
+    return volume
+
+
+def marching_cubes(field: FieldFn, bounds: np.ndarray, resolution: int, threshold: float,
+                   inside_is_greater: bool, chunk: int = 2 ** 21, device: torch.device | str = "cpu",
+                   coarse_resolution: int = 64) -> Tuple[np.ndarray, np.ndarray]:
+    """Surface ``field == threshold`` inside ``bounds`` (2, 3).
+
+    inside_is_greater: True for densities (inside where field > threshold),
+    False for signed distances. Returns (vertices (V, 3) float32, faces (F, 3)
+    int64), faces wound so normals point out of the solid. Raises MeshError on
+    an empty or non-finite field.
+    """
+    device = torch.device(device)
+    sign = 1.0 if inside_is_greater else -1.0
+    lo, hi = np.asarray(bounds[0], np.float64), np.asarray(bounds[1], np.float64)
+
+    def inside_volume(lo_, hi_, res):
+        vol = evaluate_grid(field, lo_, hi_, res, chunk, device)
+        bad = ~np.isfinite(vol)
+        if bad.any():
+            raise MeshError(f"The field is not finite at {int(bad.sum())} of {vol.size} grid points "
+                            "(the model has diverged); no mesh was written.")
+        return sign * (vol - threshold)
+
+    coarse_res = min(coarse_resolution, resolution)
+    coarse = inside_volume(lo, hi, coarse_res)
+    occupied = np.argwhere(coarse > 0)
+    if len(occupied) == 0:
+        raise MeshError(f"The field has no surface at threshold {threshold} inside the box "
+                        f"{lo.round(3).tolist()} - {hi.round(3).tolist()} (field range "
+                        f"{float(sign * coarse.min() + threshold):.4g} to {float(sign * coarse.max() + threshold):.4g}); "
+                        "train longer or change isosurface.threshold.")
+    cell = (hi - lo) / (coarse_res - 1)
+    tight_lo = np.maximum(lo, lo + (occupied.min(0) - 2) * cell)
+    tight_hi = np.minimum(hi, lo + (occupied.max(0) + 2) * cell)
+    fine = inside_volume(tight_lo, tight_hi, resolution)
+    if not (fine > 0).any() or not (fine <= 0).any():
+        raise MeshError(f"The field has no surface at threshold {threshold}: it is "
+                        f"{'everywhere inside' if (fine > 0).all() else 'nowhere inside'} the box; no mesh was written.")
+    verts, faces = mcubes.marching_cubes(fine, 0.0)
+    verts = tight_lo + verts / (resolution - 1) * (tight_hi - tight_lo)
+    faces = faces.astype(np.int64)  # PyMCubes winds them outward from the positive (inside) region
+    return verts.astype(np.float32), faces
+
+
+def write_mesh(path: str, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None) -> None:
+    """Write OBJ/PLY (by extension) with optional per-vertex colours in [0, 1], atomically."""
+    visual = None
+    if colors is not None:
+        rgba = np.concatenate([np.clip(colors, 0, 1), np.ones((len(colors), 1))], axis=1)
+        visual = trimesh.visual.ColorVisuals(vertex_colors=(rgba * 255).round().astype(np.uint8))
+    mesh = trimesh.Trimesh(vertices=vertices, faces=faces, visual=visual, process=False)
+    ext = path.rsplit(".", 1)[-1].lower()
+    with atomic_path(path) as tmp:
+        if ext == "obj":
+            text = trimesh.exchange.obj.export_obj(mesh, include_color=colors is not None, include_normals=False,
+                                                   include_texture=False)
+            with open(tmp, "w") as f:
+                f.write(text)
+        else:
+            mesh.export(tmp, file_type=ext)
