@@ -8,9 +8,9 @@ import torch.nn as nn
 
 
 def update_module_step(module: nn.Module, epoch: int, global_step: int) -> None:
-    """Call ``update_step(epoch, global_step)`` on every submodule that has one (outermost first)."""
+    """Call ``update_step(epoch, global_step)`` on ``module`` and every submodule that has one (outermost first)."""
     for m in module.modules():
-        if m is not module and hasattr(m, "update_step"):
+        if hasattr(m, "update_step"):
             m.update_step(epoch, global_step)
 
 

@@ -303,10 +303,6 @@ class CompositeEncoding(nn.Module):
         enc = self.encoding(x)
         return torch.cat([x * 2.0 - 1.0, enc], dim=-1) if self.include_xyz else enc
 
-    def update_step(self, epoch: int, global_step: int) -> None:
-        if hasattr(self.encoding, "update_step"):
-            self.encoding.update_step(epoch, global_step)
-
 
 ENCODINGS = {
     "HashGrid": HashGrid,

@@ -143,7 +143,8 @@ def scheduled(value: Any, global_step: int) -> float:
     value = to_primitive(value)
     if isinstance(value, (int, float)):
         return float(value)
-    if not isinstance(value, (list, tuple)) or len(value) not in (3, 4):
+    if (not isinstance(value, (list, tuple)) or len(value) not in (3, 4)
+            or not all(isinstance(v, (int, float)) for v in value)):
         raise ConfigError(
             f"Scheduled value {value!r} must be a number or [start_step, start_value, end_value, end_step]."
         )

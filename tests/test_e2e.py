@@ -1,0 +1,126 @@
+"""End-to-end through launch.py on the demo scene, as a user runs it (CPU, small sizes)."""
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SMALL = ["dataset.render_resolution=64", "dataset.img_wh=[64,64]", "trainer.max_steps=400",
+         "trainer.val_check_interval=400", "model.geometry.isosurface.resolution=64", "trainer.limit_val_batches=1"]
+
+
+def launch(tmp, *args, expect=0):
+    cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--exp_dir", str(tmp / "exp"), "--runs_dir",
+           str(tmp / "runs"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == expect, out[-3000:]
+    return out
+
+
+def metrics_from_csv(trial):
+    import csv
+    rows = list(csv.DictReader(open(os.path.join(trial, "csv_logs", "metrics.csv"))))
+    psnr = [float(r["test/psnr"]) for r in rows if r.get("test/psnr")]
+    return psnr[-1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    data = str(tmp / "demo64")
+    out = launch(tmp, "--config", "configs/nerf-demo.yaml", "--train", f"dataset.root_dir={data}", "tag=e2e", *SMALL)
+    trials = glob.glob(str(tmp / "exp" / "nerf-demo" / "e2e@*"))
+    assert len(trials) == 1, out[-2000:]
+    return tmp, data, trials[0], out
+
+
+@pytest.mark.slow
+def test_train_writes_the_instant_nsr_pl_tree(trained):
+    tmp, _, trial, out = trained
+    for sub in ("ckpt", "save", "code", "csv_logs", "config/parsed.yaml", "config/raw.yaml"):
+        assert os.path.exists(os.path.join(trial, sub)), sub
+    assert glob.glob(str(tmp / "runs" / "nerf-demo" / os.path.basename(trial) / "events.out.tfevents*"))
+    save = os.path.join(trial, "save")
+    assert os.path.isfile(os.path.join(save, "it400-0.png"))
+    assert len(glob.glob(os.path.join(save, "it400-test", "*.png"))) == 24
+    assert "Device: CPU" in out
+
+
+@pytest.mark.slow
+def test_quality_beats_constant_colour_and_outputs_open(trained):
+    tmp, data, trial, _ = trained
+    psnr = metrics_from_csv(trial)
+    # best constant colour for the held-out images (white background composited)
+    imgs = [imageio.imread(p).astype(np.float32) / 255 for p in sorted(glob.glob(os.path.join(data, "test", "*.png")))]
+    rgb = np.stack([i[..., :3] * i[..., 3:] + (1 - i[..., 3:]) for i in imgs])
+    baseline = -10 * np.log10(((rgb - rgb.mean(axis=(0, 1, 2))) ** 2).mean())
+    assert psnr > baseline + 8, f"test PSNR {psnr:.2f} vs constant-colour {baseline:.2f}"
+    mesh = trimesh.load(os.path.join(trial, "save", "it400-mc64.obj"), process=False)
+    assert len(mesh.faces) > 1000 and mesh.visual.kind == "vertex"
+    # the mesh sits where the known scene is: most vertices within 0.05 of the true surface
+    from datasets.synthetic import DemoScene
+    dist = DemoScene().sdf(torch.from_numpy(np.asarray(mesh.vertices)).float()).abs()
+    assert float((dist < 0.05).float().mean()) > 0.8
+    reader = imageio.get_reader(os.path.join(trial, "save", "it400-test.mp4"))
+    frames = list(reader)
+    assert len(frames) == 24 and frames[0].shape[0] % 16 == 0 and frames[0].shape[1] % 16 == 0
+
+
+@pytest.mark.slow
+def test_resume_then_test_equals_test_after_training(trained):
+    tmp, data, trial, _ = trained
+    save = os.path.join(trial, "save")
+    before_mesh = trimesh.load(os.path.join(save, "it400-mc64.obj"), process=False)
+    before_img = imageio.imread(os.path.join(save, "it400-test", "3.png"))
+    before_psnr = metrics_from_csv(trial)
+    ckpt = glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))[0]
+    launch(tmp, "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, "--test")
+    after_mesh = trimesh.load(os.path.join(save, "it400-mc64.obj"), process=False)
+    assert len(after_mesh.vertices) == len(before_mesh.vertices)
+    np.testing.assert_allclose(after_mesh.vertices, before_mesh.vertices, atol=1e-5)
+    after_img = imageio.imread(os.path.join(save, "it400-test", "3.png"))
+    assert np.abs(after_img.astype(int) - before_img.astype(int)).max() <= 1
+    assert abs(metrics_from_csv(trial) - before_psnr) < 1e-3
+
+
+@pytest.mark.slow
+def test_export_writes_video_and_mesh_without_metrics(trained, tmp_path):
+    tmp, data, trial, _ = trained
+    ckpt = glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))[0]
+    out = launch(tmp, "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, "--export",
+                 f"save_dir={tmp_path}")
+    assert os.path.isfile(tmp_path / "it400-test.mp4") and os.path.isfile(tmp_path / "it400-mc64.obj")
+    assert "test/psnr" not in out
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_and_keeps_the_good_weights(tmp_path):
+    data = str(tmp_path / "demo64")
+    out = launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--train", f"dataset.root_dir={data}",
+                 *SMALL[:2], "trainer.max_steps=50", "system.loss.lambda_rgb=[3,1.0,.nan,4]", expect=3)
+    assert "not finite at step" in out and "Traceback" not in out
+    good = glob.glob(str(tmp_path / "exp" / "nerf-demo" / "*" / "ckpt" / "last-good-step*.ckpt"))
+    assert good
+    state = torch.load(good[0], weights_only=True)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_bad_command_lines_are_one_sentence(tmp_path):
+    out = launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--train", "system.loss.lamda_rgb=2", expect=2)
+    assert "did you mean system.loss.lambda_rgb?" in out and "Traceback" not in out
+    out = launch(tmp_path, "--config", "configs/missing.yaml", "--train", expect=2)
+    assert "does not exist" in out and "Traceback" not in out
+    out = launch(tmp_path, "--config", "configs/nerf-blender.yaml", "--train", "dataset.scene=nothere", expect=2)
+    assert "load/nerf_synthetic/nothere" in out and "nerf-demo" in out and "Traceback" not in out
+    out = launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--test", "--resume", str(tmp_path / "no.ckpt"),
+                 expect=2)
+    assert "no.ckpt' does not exist" in out and "Traceback" not in out
