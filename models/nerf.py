@@ -115,7 +115,7 @@ class NeRFModel(BaseModel):
         if config.get("export_vertex_color", True):
             normals = trimesh.Trimesh(verts, faces, process=False).vertex_normals
             v = torch.from_numpy(verts).float().to(device)
-            n = torch.from_numpy(np.ascontiguousarray(normals)).float().to(device)
+            n = torch.from_numpy(np.array(normals, dtype=np.float32)).to(device)
             colours = []
             for i in range(0, len(v), self.ray_chunk):
                 _, feature = self.geometry(v[i:i + self.ray_chunk])

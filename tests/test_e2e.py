@@ -124,3 +124,15 @@ def test_bad_command_lines_are_one_sentence(tmp_path):
     out = launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--test", "--resume", str(tmp_path / "no.ckpt"),
                  expect=2)
     assert "no.ckpt' does not exist" in out and "Traceback" not in out
+    out = launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--gpu", "0", "--train", "trainer.max_stepz=1",
+                 expect=2)
+    assert "running on the CPU instead" in out and "did you mean trainer.max_steps?" in out
+
+
+@pytest.mark.slow
+def test_incompatible_checkpoint_is_refused(trained):
+    tmp, data, trial, _ = trained
+    ckpt = glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))[0]
+    out = launch(tmp, "--config", "configs/nerf-demo.yaml", "--test", "--resume", ckpt, f"dataset.root_dir={data}",
+                 "model.geometry.xyz_encoding_config.n_levels=4", expect=2)
+    assert "does not match this config" in out and "Traceback" not in out

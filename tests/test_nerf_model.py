@@ -27,3 +27,36 @@ def test_render_shapes_and_background():
     assert out["comp_rgb"].shape == (2, 3) and out["opacity"].shape == (2, 1) and out["depth"].shape == (2, 1)
     assert float(out["opacity"][1]) == 0 and torch.equal(out["comp_rgb"][1], torch.tensor([0.0, 1.0, 0.0]))
     assert model.backend == "torch"  # no CUDA here: the PyTorch renderer
+
+
+def test_learned_background_marches_beyond_the_box():
+    cfg = load_config("configs/nerf-demo.yaml", ["model.learned_background=true", "model.grid_resolution=16"])
+    model = models.make(cfg.model.name, cfg.model).eval()
+    assert model.occupancy_grid.levels == 4 and model.geometry.unbounded
+    rays_o = torch.tensor([[0.0, 0.0, 0.5]])
+    rays_d = torch.tensor([[1.0, 0.0, 0.0]])
+    idx, ts, te = model.occupancy_grid.march(rays_o, rays_d, model.near_plane, model.far_plane,
+                                             model.render_step_size, model.cone_angle)
+    assert float(te.max()) > 7.0  # out to the outermost level (radius 1 * 2^3)
+    out = model(rays_o, rays_d)
+    assert torch.isfinite(out["comp_rgb"]).all()
+
+
+def test_optimizer_groups_and_sequential_scheduler():
+    from omegaconf import OmegaConf
+
+    from systems.optim import make_optimizer, make_scheduler
+    model = small_model()
+    opt_cfg = OmegaConf.create({"name": "Adam", "args": {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-15},
+                                "params": {"geometry": {"lr": 0.02}, "texture": {"lr": 0.005}}})
+    opt = make_optimizer(opt_cfg, model)
+    assert [g["lr"] for g in opt.param_groups] == [0.02, 0.005]
+    sched_cfg = OmegaConf.create({"name": "SequentialLR", "interval": "step", "milestones": [10], "schedulers": [
+        {"name": "LinearLR", "args": {"start_factor": 0.01, "end_factor": 1.0, "total_iters": 10}},
+        {"name": "ExponentialLR", "args": {"gamma": 0.5}}]})
+    sched = make_scheduler(sched_cfg, opt)
+    assert sched["interval"] == "step"
+    for _ in range(12):
+        opt.step()
+        sched["scheduler"].step()
+    assert abs(opt.param_groups[0]["lr"] - 0.02 * 0.25) < 1e-9
