@@ -175,6 +175,9 @@ def main(argv=None) -> int:
                 trainer.fit(system, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
             except NonFiniteLossError as err:
                 return report_non_finite(err, trainer, system, config.ckpt_dir)
+            final = os.path.join(config.ckpt_dir, f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt")
+            if not os.path.exists(final):  # e.g. a resumed run whose parsed.yaml fixed the checkpoint interval
+                trainer.save_checkpoint(final)
             if not args.skip_test:
                 trainer.test(system, datamodule=dm, verbose=True)
         elif mode == "validate":

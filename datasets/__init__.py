@@ -1,23 +1,8 @@
-"""Dataset registry: ``datasets.make(config.dataset.name, config.dataset)``."""
-from __future__ import annotations
+"""Dataset registry: `datasets.make(name, ...)` builds the class a config names."""
+from utils.registry import Registry
 
-from typing import Any, Callable, Dict
-
-_REGISTRY: Dict[str, Callable[..., Any]] = {}
-
-
-def register(name: str):
-    def wrap(cls):
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
-
-
-def make(name: str, config: Any):
-    if name not in _REGISTRY:
-        raise ValueError(f"Unknown dataset '{name}'; known: {', '.join(sorted(_REGISTRY))}.")
-    return _REGISTRY[name](config)
-
+_registry = Registry("dataset")
+register = _registry.register
+make = _registry.make
 
 from datasets import blender, demo  # noqa: E402,F401  (registration)

@@ -68,11 +68,19 @@ class BaseSystem(pl.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": make_scheduler(self.config.system.scheduler, optimizer)}
 
+    def on_fit_start(self):
+        # rays are drawn on the CPU from this generator; one stream per DDP rank, so ranks see different rays
+        self.ray_generator = torch.Generator().manual_seed(int(self.config.get("seed", 42)) + self.global_rank)
+
     def on_train_batch_start(self, batch, batch_idx):
         update_module_step(self.model, self.current_epoch, self.global_step)
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.trained_steps.fill_(self.global_step)
+
+    def on_save_checkpoint(self, checkpoint):
+        # callbacks save before this module's on_train_batch_end: record the step the weights are at
+        checkpoint["state_dict"]["trained_steps"] = torch.tensor(checkpoint.get("global_step", self.global_step))
 
     def check_finite(self, loss: torch.Tensor, terms: Dict[str, torch.Tensor]) -> None:
         if not torch.isfinite(loss):
@@ -110,7 +118,7 @@ class BaseSystem(pl.LightningModule):
         data = self.data("val")
         psnr = self.metrics.update(out["comp_rgb"].view(data.height, data.width, 3),
                                    rays["rgb"].view(data.height, data.width, 3))
-        write_image(self.save_path(f"it{self.global_step}-{index}.png"),
+        write_image(self.save_path(f"it{self.step}-{index}.png"),
                     image_grid(self.eval_panels(out, data, True, rays["rgb"])))
         return psnr
 

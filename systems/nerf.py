@@ -31,7 +31,8 @@ class NeRFSystem(BaseSystem):
     def training_step(self, batch, batch_idx):
         data = self.data("train")
         rays = {k: v.to(self.device) for k, v in
-                data.train_rays(self.train_num_rays, bool(self.config.model.get("batch_image_sampling", True))).items()}
+                data.train_rays(self.train_num_rays, bool(self.config.model.get("batch_image_sampling", True)),
+                                self.ray_generator).items()}
         bg = self.background()
         self.model.background_color = bg
         rgb = rays["rgb"]
