@@ -121,7 +121,6 @@ def main(argv=None) -> int:
     accelerator, n_devices = choose_devices(args.gpu)
 
     import pytorch_lightning as pl
-    import torch
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
@@ -165,8 +164,11 @@ def main(argv=None) -> int:
             from pytorch_lightning.strategies import DDPStrategy
 
             strategy = DDPStrategy(find_unused_parameters=False)
-        trainer = pl.Trainer(accelerator=accelerator, devices=n_devices, strategy=strategy, callbacks=callbacks,
-                             logger=loggers, plugins=[AtomicCheckpointIO()], **trainer_cfg)
+        try:
+            trainer = pl.Trainer(accelerator=accelerator, devices=n_devices, strategy=strategy, callbacks=callbacks,
+                                 logger=loggers, plugins=[AtomicCheckpointIO()], **trainer_cfg)
+        except TypeError as err:
+            raise UserError(f"The config's trainer section has an option Lightning's Trainer does not take ({err}).") from None
         log.info(f"Trial folder: {os.path.join(config.exp_dir, config.trial_name)}")
 
         if mode == "train":

@@ -13,6 +13,7 @@ The scene lives in the ball of radius 0.85 about the origin, z up.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -22,8 +23,11 @@ from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from utils.io import to_uint8, write_image
+
+log = logging.getLogger("nsr")
 
 SCENE_VERSION = 1  # bump when the scene or its renders change: cached renders are then redone
 
@@ -194,7 +198,8 @@ def opencv_c2w_to_blender(c2w: np.ndarray) -> np.ndarray:
     return c2w @ np.diag([1.0, -1.0, -1.0, 1.0])
 
 
-def write_blender(root: str, scene: DemoScene, splits: Dict[str, List[Camera]], supersample: int = 2) -> None:
+def write_blender(root: str, scene: DemoScene, splits: Dict[str, List[Camera]], supersample: int = 2,
+                  progress: bool = False) -> None:
     """Write a NeRF-synthetic scene: ``transforms_{split}.json`` and RGBA PNGs under ``{split}/r_{i}.png``.
 
     Also writes ``depth_{split}/r_{i}.npy`` (z-depth, 0 where nothing is hit) as extra ground truth.
@@ -203,7 +208,7 @@ def write_blender(root: str, scene: DemoScene, splits: Dict[str, List[Camera]], 
         os.makedirs(os.path.join(root, split), exist_ok=True)
         os.makedirs(os.path.join(root, f"depth_{split}"), exist_ok=True)
         frames = []
-        for i, cam in enumerate(cams):
+        for i, cam in enumerate(tqdm(cams, desc=f"rendering {split} views", leave=False, disable=not progress)):
             out = render(scene, cam, supersample)
             write_image(os.path.join(root, split, f"r_{i}.png"), to_uint8(out["rgba"]))
             np.save(os.path.join(root, f"depth_{split}", f"r_{i}.npy"), out["depth"].astype(np.float32))
@@ -238,7 +243,8 @@ def ensure_demo_scene(root: str, resolution: int = 128) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".demo-", dir=parent)
     try:
-        write_blender(tmp, DemoScene(), demo_cameras(resolution))
+        log.info(f"Rendering the demo scene into {root} (first use only)")
+        write_blender(tmp, DemoScene(), demo_cameras(resolution), progress=True)
         with open(os.path.join(tmp, "demo_scene.json"), "w") as f:
             json.dump(expected, f)
         if os.path.isdir(root):

@@ -13,6 +13,8 @@ import logging
 
 import torch
 
+from utils.config import ConfigError
+
 log = logging.getLogger("nsr")
 
 _announced: set = set()
@@ -64,7 +66,7 @@ def resolve(piece: str, requested: str, fast: str) -> str:
     """
     requested = (requested or "auto").lower()
     if requested not in ("auto", "torch", fast):
-        raise ValueError(f"Unknown backend '{requested}' for {piece}; choose auto, torch or {fast}.")
+        raise ConfigError(f"Unknown backend '{requested}' for {piece}; choose auto, torch or {fast}.")
     if requested == "torch":
         _announce(piece, f"{piece}: PyTorch backend (asked for)")
         return "torch"
@@ -73,6 +75,6 @@ def resolve(piece: str, requested: str, fast: str) -> str:
         _announce(piece, f"{piece}: {fast} backend ({reason})")
         return fast
     if requested == fast:
-        raise RuntimeError(f"Backend '{fast}' was asked for {piece} but is not usable: {reason}; use backend=auto or torch.")
+        raise ConfigError(f"Backend '{fast}' was asked for {piece} but is not usable: {reason}; use backend=auto or torch.")
     _announce(piece, f"{piece}: PyTorch backend ({fast} unavailable: {reason})")
     return "torch"

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import backends
-from utils.config import to_primitive
+from utils.config import ConfigError, to_primitive
 
 # tcnn's coherent prime hash (first dimension is not multiplied).
 HASH_PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737)
@@ -111,7 +111,7 @@ class HashGrid(nn.Module):
         self.base_resolution = float(config.get("base_resolution", 16))
         self.per_level_scale = float(config.get("per_level_scale", 2.0))
         if config.get("interpolation", "Linear") != "Linear":
-            raise ValueError("HashGrid: only Linear interpolation is implemented.")
+            raise ConfigError("HashGrid: only Linear interpolation is implemented.")
         self.n_output_dims = self.n_levels * self.n_features_per_level
         lv = hash_grid_levels(n_input_dims, self.n_levels, self.log2_hashmap_size, self.base_resolution,
                               self.per_level_scale)
@@ -270,7 +270,7 @@ class SphericalHarmonics(nn.Module):
         super().__init__()
         self.degree = int(config.get("degree", 4))
         if n_input_dims != 3 or not 1 <= self.degree <= 8:
-            raise ValueError("SphericalHarmonics takes 3D directions and a degree from 1 to 8.")
+            raise ConfigError("SphericalHarmonics takes 3D directions and a degree from 1 to 8.")
         self.n_output_dims = self.degree ** 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -337,7 +337,7 @@ def get_encoding(n_input_dims: int, config: Any) -> CompositeEncoding:
     config = dict(to_primitive(config))
     otype = config.get("otype")
     if otype not in ENCODINGS:
-        raise ValueError(f"Unknown encoding otype '{otype}'; known: {', '.join(ENCODINGS)}.")
+        raise ConfigError(f"Unknown encoding otype '{otype}'; known: {', '.join(ENCODINGS)}.")
     cls = ENCODINGS[otype]
     if cls in (HashGrid, ProgressiveBandHashGrid):
         encoding = cls(n_input_dims, config, backend=config.get("backend", "auto"))

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import backends
-from utils.config import to_primitive
+from utils.config import ConfigError, to_primitive
 
 
 class _TruncExp(torch.autograd.Function):
@@ -54,7 +54,7 @@ def get_activation(name: Any) -> Callable[[torch.Tensor], torch.Tensor]:
         "scale_-11_01": lambda x: x * 0.5 + 0.5,
     }
     if key not in table:
-        raise ValueError(f"Unknown activation '{name}'; known: {', '.join(sorted(table))}.")
+        raise ConfigError(f"Unknown activation '{name}'; known: {', '.join(sorted(table))}.")
     return table[key]
 
 
@@ -137,4 +137,4 @@ def get_mlp(dim_in: int, dim_out: int, config: Any) -> nn.Module:
         if backends.resolve("network", requested, "tcnn") == "tcnn":
             return TCNNMLP(dim_in, dim_out, config)
         return VanillaMLP(dim_in, dim_out, config)
-    raise ValueError(f"Unknown network otype '{otype}'; known: VanillaMLP, FullyFusedMLP, CutlassMLP.")
+    raise ConfigError(f"Unknown network otype '{otype}'; known: VanillaMLP, FullyFusedMLP, CutlassMLP.")

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import systems
 from models.rendering import distortion_loss
 from systems.base import BaseSystem
+from utils.config import ConfigError
 
 
 @systems.register("nerf-system")
@@ -26,7 +27,7 @@ class NeRFSystem(BaseSystem):
             return torch.zeros(3, device=self.device)
         if kind == "random":
             return torch.rand(3, device=self.device)
-        raise ValueError(f"model.background_color must be white, black or random, not '{kind}'.")
+        raise ConfigError(f"model.background_color must be white, black or random, not '{kind}'.")
 
     def training_step(self, batch, batch_idx):
         data = self.data("train")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict
 
+from utils.config import ConfigError
+
 
 class Registry:
     def __init__(self, kind: str):
@@ -18,5 +20,5 @@ class Registry:
 
     def make(self, name: str, *args, **kwargs):
         if name not in self.classes:
-            raise ValueError(f"Unknown {self.kind} '{name}'; known: {', '.join(sorted(self.classes))}.")
+            raise ConfigError(f"Unknown {self.kind} '{name}'; known: {', '.join(sorted(self.classes))}.")
         return self.classes[name](*args, **kwargs)
