@@ -108,6 +108,8 @@ def load_weights(system, path: str) -> dict:
         raise UserError(f"Checkpoint '{path}' does not match this config ({detail}); use the config/parsed.yaml "
                         "of the trial that wrote it.")
     system.load_state_dict(state)
+    if "global_step" in ckpt:  # the step the weights are at names the outputs (it{step}-...)
+        system.trained_steps.fill_(int(ckpt["global_step"]))
     return ckpt
 
 

@@ -13,6 +13,7 @@ import mcubes
 import numpy as np
 import torch
 import trimesh
+from tqdm import tqdm
 
 from utils.io import atomic_path
 
@@ -35,7 +36,8 @@ def evaluate_grid(field: FieldFn, lo: np.ndarray, hi: np.ndarray, resolution: in
     yy, zz = torch.meshgrid(axes[1], axes[2], indexing="ij")
     yz = torch.stack([yy.reshape(-1), zz.reshape(-1)], dim=-1)
     with torch.no_grad():
-        for i in range(0, resolution, slabs):
+        for i in tqdm(range(0, resolution, slabs), desc=f"marching cubes {resolution}^3", leave=False,
+                      disable=resolution < 256):
             xs = axes[0][i:i + slabs]
             pts = torch.cat([xs.repeat_interleave(plane)[:, None], yz.repeat(len(xs), 1)], dim=-1)
             vals = torch.cat([field(pts[j:j + chunk]).reshape(-1).float() for j in range(0, len(pts), chunk)])
