@@ -18,11 +18,6 @@ def opencv_to_opengl(c2w: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def opengl_to_opencv(c2w: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``opencv_to_opengl`` (the flip is its own inverse)."""
-    return opencv_to_opengl(c2w)
-
-
 def pixel_directions(x: torch.Tensor, y: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
     """Camera-space ray directions through pixel centres, OpenGL convention (z = -1).
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from datasets.rays import opencv_to_opengl
 from utils.io import to_uint8, write_image
 
 log = logging.getLogger("nsr")
@@ -193,11 +194,6 @@ def render(scene: DemoScene, cam: Camera, supersample: int = 2) -> Dict[str, np.
     return {"rgba": torch.cat([colour.clamp(0, 1), alpha], -1).numpy(), "depth": depth[..., 0].numpy()}
 
 
-def opencv_c2w_to_blender(c2w: np.ndarray) -> np.ndarray:
-    """OpenCV c2w (4, 4) -> Blender/OpenGL ``transform_matrix`` (flip camera y and z)."""
-    return c2w @ np.diag([1.0, -1.0, -1.0, 1.0])
-
-
 def write_blender(root: str, scene: DemoScene, splits: Dict[str, List[Camera]], supersample: int = 2,
                   progress: bool = False) -> None:
     """Write a NeRF-synthetic scene: ``transforms_{split}.json`` and RGBA PNGs under ``{split}/r_{i}.png``.
@@ -212,7 +208,8 @@ def write_blender(root: str, scene: DemoScene, splits: Dict[str, List[Camera]], 
             out = render(scene, cam, supersample)
             write_image(os.path.join(root, split, f"r_{i}.png"), to_uint8(out["rgba"]))
             np.save(os.path.join(root, f"depth_{split}", f"r_{i}.npy"), out["depth"].astype(np.float32))
-            frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": opencv_c2w_to_blender(cam.c2w).tolist()})
+            c2w_gl = opencv_to_opengl(torch.from_numpy(cam.c2w)).numpy()
+            frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": c2w_gl.tolist()})
         fov_x = 2 * math.atan(0.5 * cams[0].width / cams[0].K[0, 0])
         with open(os.path.join(root, f"transforms_{split}.json"), "w") as f:
             json.dump({"camera_angle_x": fov_x, "frames": frames}, f, indent=2)

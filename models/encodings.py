@@ -75,25 +75,6 @@ def hash_grid_levels(n_input_dims: int, n_levels: int, log2_hashmap_size: int, b
     }
 
 
-def hash_grid_indices(pos_grid: torch.Tensor, resolution: torch.Tensor, size: torch.Tensor,
-                      hashed: torch.Tensor) -> torch.Tensor:
-    """Table index within each level, as tcnn's ``grid_index`` (reference form, one point per row).
-
-    pos_grid: (..., L, D) int64 integer vertex coordinates.
-    resolution, size: (L,) int64; hashed: (L,) bool.
-    Returns (..., L) int64 in [0, size).
-    """
-    dense = torch.zeros(pos_grid.shape[:-1], dtype=torch.int64, device=pos_grid.device)
-    hashed_idx = torch.zeros_like(dense)
-    stride = torch.ones_like(resolution)
-    for dim in range(pos_grid.shape[-1]):
-        coord = pos_grid[..., dim]
-        dense = dense + coord * stride
-        stride = stride * resolution
-        hashed_idx = hashed_idx ^ ((coord * HASH_PRIMES[dim]) & 0xFFFFFFFF)
-    return torch.remainder(torch.where(hashed, hashed_idx, dense), size)
-
-
 class HashGrid(nn.Module):
     """Multiresolution hash encoding (tcnn ``HashGrid``), inputs in [0, 1]^D.
 

@@ -11,6 +11,7 @@ import logging
 import os
 from typing import Any, Dict, List
 
+import imageio.v2 as imageio
 import numpy as np
 import pytorch_lightning as pl
 import torch
@@ -44,7 +45,6 @@ class BaseSystem(pl.LightningModule):
         self.model = models.make(config.model.name, config.model)
         self.metrics = ImageMetrics()
         self.register_buffer("trained_steps", torch.tensor(0, dtype=torch.long))
-        self._test_frames: Dict[int, np.ndarray] = {}
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -135,9 +135,8 @@ class BaseSystem(pl.LightningModule):
         if with_gt:
             h, w = data.height, data.width
             self.metrics.update(out["comp_rgb"].view(h, w, 3), rays["rgb"].view(h, w, 3))
-        panels = self.eval_panels(out, data, with_gt, rays["rgb"])
-        write_image(self.save_path(f"it{self.step}-test/{index}.png"), image_grid(panels))
-        self._test_frames[index] = image_grid(panels[1:3] if with_gt else panels[0:2])
+        write_image(self.save_path(f"it{self.step}-test/{index}.png"),
+                    image_grid(self.eval_panels(out, data, with_gt, rays["rgb"])))
 
     def on_test_epoch_end(self):
         if self.mode != "export" and self.data("test").has_gt:
@@ -151,12 +150,11 @@ class BaseSystem(pl.LightningModule):
             self.export_mesh()
 
     def write_test_video(self) -> None:
+        """The test grids, in trajectory order, as an MP4 (read back from disk: under DDP each rank wrote some)."""
         folder = self.save_path(f"it{self.step}-test")
-        frames = [self._test_frames[i] for i in sorted(self._test_frames)]
-        if self.trainer.world_size > 1:  # other ranks rendered other frames: read them all back
-            import imageio.v2 as imageio
-            names = sorted((f for f in os.listdir(folder) if f.endswith(".png")), key=lambda f: int(f[:-4]))
-            frames = [imageio.imread(os.path.join(folder, f)) for f in names]
+        names = sorted((f for f in os.listdir(folder) if f[:-4].isdigit() and f.endswith(".png")),
+                       key=lambda f: int(f[:-4]))
+        frames = [imageio.imread(os.path.join(folder, f)) for f in names]
         if frames:
             path = self.save_path(f"it{self.step}-test.mp4")
             write_video(path, frames, fps=int(self.config.get("export", {}).get("video_fps", 30)))
