@@ -24,9 +24,12 @@ from datasets.base import DatasetError, SceneData, SceneDataModule
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
 
 
-def missing_root_message(root: str) -> str:
-    return (f"Dataset folder '{root}' does not exist. Put the scene there (NeRF-synthetic: unpack nerf_synthetic.zip "
-            f"into load/ so that load/nerf_synthetic/<scene>/transforms_train.json exists) or set dataset.root_dir=..., "
+BLENDER_LAYOUT = ("NeRF-synthetic: unpack nerf_synthetic.zip into load/ so that "
+                  "load/nerf_synthetic/<scene>/transforms_train.json exists")
+
+
+def missing_root_message(root: str, layout: str = BLENDER_LAYOUT) -> str:
+    return (f"Dataset folder '{root}' does not exist. Put the scene there ({layout}) or set dataset.root_dir=..., "
             "or try the embedded demo: python launch.py --config configs/nerf-demo.yaml --train")
 
 

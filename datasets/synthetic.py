@@ -215,6 +215,37 @@ def write_blender(root: str, scene: DemoScene, splits: Dict[str, List[Camera]], 
             json.dump({"camera_angle_x": fov_x, "frames": frames}, f, indent=2)
 
 
+def write_dtu(root: str, scene: DemoScene, cams: List[Camera], world_from_scene: np.ndarray,
+              image_padding: int = 6, mask_padding: int = 3, background=(0.0, 0.0, 0.0), supersample: int = 2,
+              with_masks: bool = True) -> None:
+    """Write a NeuS/IDR-format scene: ``cameras_sphere.npz``, ``image/`` and ``mask/``.
+
+    The scene's own frame is the normalised one; ``world_from_scene`` (4, 4,
+    a similarity) places it in the "world" the cameras are written in, and is
+    stored as every ``scale_mat_i``. DTU pads images to 6 digits and masks to
+    3 (the defaults); BlendedMVS uses 3 for both.
+    """
+    os.makedirs(os.path.join(root, "image"), exist_ok=True)
+    if with_masks:
+        os.makedirs(os.path.join(root, "mask"), exist_ok=True)
+    entries = {}
+    for i, cam in enumerate(cams):
+        out = render(scene, cam, supersample)
+        alpha = out["rgba"][..., 3:]
+        rgb = out["rgba"][..., :3] * alpha + np.asarray(background) * (1 - alpha)
+        write_image(os.path.join(root, "image", f"{i:0{image_padding}d}.png"), to_uint8(rgb))
+        if with_masks:
+            write_image(os.path.join(root, "mask", f"{i:0{mask_padding}d}.png"),
+                        to_uint8(np.repeat((alpha > 0.5).astype(np.float32), 3, axis=-1)))
+        c2w_world = world_from_scene @ cam.c2w
+        c2w_world[:3, :3] /= np.cbrt(np.linalg.det(c2w_world[:3, :3]))  # keep a rotation (drop the scale)
+        K = np.eye(4)
+        K[:3, :3] = cam.K
+        entries[f"world_mat_{i}"] = K @ np.linalg.inv(c2w_world)
+        entries[f"scale_mat_{i}"] = world_from_scene
+    np.savez(os.path.join(root, "cameras_sphere.npz"), **entries)
+
+
 def demo_cameras(resolution: int = 128, n_train: int = 40, n_val: int = 4, n_test: int = 24) -> Dict[str, List[Camera]]:
     """Cameras of the demo scene: a train spiral, val views and a held-out test orbit (the video trajectory)."""
     return {

@@ -114,18 +114,19 @@ class BaseSystem(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         index = int(batch["index"][0])
-        out, rays = self.render_image("val", index)
         data = self.data("val")
-        psnr = self.metrics.update(out["comp_rgb"].view(data.height, data.width, 3),
-                                   rays["rgb"].view(data.height, data.width, 3))
+        out, rays = self.render_image("val", index)
+        if data.has_gt:
+            self.metrics.update(out["comp_rgb"].view(data.height, data.width, 3),
+                                rays["rgb"].view(data.height, data.width, 3))
         write_image(self.save_path(f"it{self.step}-{index}.png"),
-                    image_grid(self.eval_panels(out, data, True, rays["rgb"])))
-        return psnr
+                    image_grid(self.eval_panels(out, data, data.has_gt, rays["rgb"])))
 
     def on_validation_epoch_end(self):
-        scores = self.metrics.compute()
+        if self.data("val").has_gt:  # no held-out views: no metric against blank images
+            scores = self.metrics.compute()
+            self.log("val/psnr", scores["psnr"], prog_bar=True, sync_dist=True)
         self.metrics.reset()
-        self.log("val/psnr", scores["psnr"], prog_bar=True, sync_dist=True)
 
     def test_step(self, batch, batch_idx):
         index = int(batch["index"][0])

@@ -1,0 +1,182 @@
+"""DTU, BlendedMVS and any NeuS/IDR-format capture.
+
+Layout: ``<root>/cameras_sphere.npz`` (or ``dataset.cameras_file``) with
+``world_mat_i`` (the 4x4 projection K [R | t], world -> pixels, OpenCV) and
+``scale_mat_i`` (normalised sphere -> world), ``<root>/image/*`` and,
+optionally, ``<root>/mask/*``. Image and mask files are matched to camera
+``i`` by the number in their name, whatever its padding (DTU ``000000.png`` +
+``000.png``, BlendedMVS ``000.png``), unless ``image_pattern`` /
+``mask_pattern`` (e.g. ``"{:06d}.png"``) say otherwise.
+
+The model works in the normalised frame (P = world_mat @ scale_mat, object
+inside the unit sphere); ``world_from_scene`` is ``scale_mat``, so meshes go
+back to the DTU world frame. ``holdout_every: k`` holds out every k-th view
+for val/test metrics; otherwise the test split is an orbit fitted to the
+cameras (video only, no metrics).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any, Dict, List, Optional
+
+import cv2
+import numpy as np
+import torch
+
+import datasets
+from datasets.base import DatasetError, SceneData, SceneDataModule
+from datasets.blender import load_images, missing_root_message, target_size
+from datasets.rays import opencv_to_opengl
+
+log = logging.getLogger("nsr")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
+
+
+def decompose_projection(P: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(3, 4) projection -> (K (3, 3) with K[2, 2] = 1, c2w (4, 4) OpenCV)."""
+    K, R, t = cv2.decomposeProjectionMatrix(P)[:3]
+    K = K / K[2, 2]
+    c2w = np.eye(4)
+    c2w[:3, :3] = R.T
+    c2w[:3, 3] = (t[:3] / t[3])[:, 0]
+    return K, c2w
+
+
+def numbered_files(folder: str, pattern: Optional[str], indices: List[int]) -> Dict[int, str]:
+    """Map camera index -> file in ``folder``: by ``pattern.format(i)``, or by the number in each file name."""
+    if pattern:
+        return {i: os.path.join(folder, pattern.format(i)) for i in indices if
+                os.path.isfile(os.path.join(folder, pattern.format(i)))}
+    found: Dict[int, str] = {}
+    for name in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(name)
+        if ext in IMAGE_SUFFIXES and re.fullmatch(r"\d+", stem):
+            found.setdefault(int(stem), os.path.join(folder, name))
+    return found
+
+
+def read_cameras(path: str) -> tuple[List[int], Dict[str, np.ndarray]]:
+    if not os.path.isfile(path):
+        raise DatasetError(f"Cameras file {path} does not exist; set dataset.cameras_file (cameras_sphere.npz for "
+                           "NeuS data, cameras.npz for IDR data).")
+    cams = dict(np.load(path))
+    indices = sorted(int(k[len("world_mat_"):]) for k in cams if re.fullmatch(r"world_mat_\d+", k))
+    if not indices:
+        raise DatasetError(f"{path} has no world_mat_<i> entries; it is not a NeuS/IDR cameras file.")
+    missing = [f"scale_mat_{i}" for i in indices if f"scale_mat_{i}" not in cams]
+    if missing:
+        raise DatasetError(f"{path} has world_mat entries without scale_mat, the first being {missing[0]}.")
+    return indices, cams
+
+
+def orbit_trajectory(c2w_cv: np.ndarray, n_frames: int) -> np.ndarray:
+    """(n, 4, 4) OpenCV c2w on a circle fitted to the camera centres, looking at the origin.
+
+    The circle lies in the plane through the centres (normal oriented along the
+    cameras' mean up vector), at their mean distance from the plane's axis.
+    """
+    centres = c2w_cv[:, :3, 3]
+    mean = centres.mean(0)
+    normal = np.linalg.svd(centres - mean)[2][-1]
+    up = -c2w_cv[:, :3, 1].mean(0)  # OpenCV y points down
+    if normal @ up < 0:
+        normal = -normal
+    height = mean @ normal
+    in_plane = centres - np.outer(centres @ normal, normal)
+    radius = np.linalg.norm(in_plane, axis=1).mean()
+    e1 = in_plane[0] / np.linalg.norm(in_plane[0])
+    e2 = np.cross(normal, e1)
+    poses = []
+    for k in range(n_frames):
+        a = 2 * np.pi * k / n_frames
+        eye = height * normal + radius * (np.cos(a) * e1 + np.sin(a) * e2)
+        forward = -eye / np.linalg.norm(eye)
+        right = np.cross(forward, normal)
+        right /= np.linalg.norm(right)
+        down = np.cross(forward, right)
+        pose = np.eye(4)
+        pose[:3, 0], pose[:3, 1], pose[:3, 2], pose[:3, 3] = right, down, forward, eye
+        poses.append(pose)
+    return np.stack(poses)
+
+
+def load_dtu_split(config: Any, split: str) -> SceneData:
+    root = config.root_dir
+    if not os.path.isdir(root):
+        raise DatasetError(missing_root_message(root, "NeuS/IDR format: <root>/cameras_sphere.npz, image/, mask/"))
+    indices, cams = read_cameras(os.path.join(root, config.get("cameras_file", "cameras_sphere.npz")))
+    image_dir = os.path.join(root, "image")
+    if not os.path.isdir(image_dir):
+        raise DatasetError(f"{image_dir} does not exist; NeuS-format data keeps its images in image/.")
+    images = numbered_files(image_dir, config.get("image_pattern"), indices)
+    absent = [i for i in indices if i not in images]
+    if absent:
+        pattern = config.get("image_pattern") or "<number>.png"
+        raise DatasetError(f"{len(absent)} of {len(indices)} cameras have no image, the first being camera "
+                           f"{absent[0]} ({os.path.join(image_dir, pattern.format(absent[0]) if '{' in pattern else pattern)}); "
+                           "set dataset.image_pattern if the files are named differently.")
+    mask_dir = os.path.join(root, "mask")
+    masks: Dict[int, str] = {}
+    if os.path.isdir(mask_dir):
+        masks = numbered_files(mask_dir, config.get("mask_pattern"), indices)
+        absent = [i for i in indices if i not in masks]
+        if absent:
+            raise DatasetError(f"{len(absent)} of {len(indices)} cameras have no mask in {mask_dir}, the first being "
+                               f"camera {absent[0]}; give every image a mask or remove mask/.")
+
+    holdout = int(config.get("holdout_every", 0) or 0)
+    if split == "train":
+        chosen = [i for n, i in enumerate(indices) if holdout <= 0 or n % holdout != 0]
+    elif holdout > 0:
+        chosen = [i for n, i in enumerate(indices) if n % holdout == 0]
+    else:
+        chosen = []  # no held-out views: the test/val split is an orbit without ground truth
+
+    scale_mat = cams[f"scale_mat_{indices[0]}"].astype(np.float64)
+    Ks, c2ws = [], []
+    for i in indices:
+        P = (cams[f"world_mat_{i}"].astype(np.float64) @ cams[f"scale_mat_{i}"].astype(np.float64))[:3, :4]
+        K, c2w = decompose_projection(P)
+        Ks.append(K)
+        c2ws.append(c2w)
+    first = load_images([images[indices[0]]])[0]
+    height, width = first.shape[:2]
+    w, h = target_size(config, width, height)
+    sx, sy = w / width, h / height
+
+    if chosen:
+        raw = load_images([images[i] for i in chosen])
+        rgb, alpha = [], []
+        raw_masks = load_images([masks[i] for i in chosen]) if masks else None
+        for k, img in enumerate(raw):
+            rgb.append(cv2.resize(img[..., :3], (w, h), interpolation=cv2.INTER_AREA) if (w, h) != (width, height)
+                       else img[..., :3])
+            if raw_masks is not None:
+                m = raw_masks[k][..., 0]
+                alpha.append(cv2.resize(m, (w, h), interpolation=cv2.INTER_AREA) if (w, h) != (width, height) else m)
+            else:
+                alpha.append(np.full((h, w), 255, np.uint8))
+        pos = [indices.index(i) for i in chosen]
+        intr = np.stack([[Ks[p][0, 0] * sx, Ks[p][1, 1] * sy, Ks[p][0, 2] * sx, Ks[p][1, 2] * sy] for p in pos])
+        c2w_cv = np.stack([c2ws[p] for p in pos])
+        images_t, masks_t, has_gt = torch.from_numpy(np.stack(rgb)), torch.from_numpy(np.stack(alpha)), True
+        names = [os.path.relpath(images[i], root) for i in chosen]
+    else:
+        n = int(config.get("n_test_traj_steps", 60))
+        c2w_cv = orbit_trajectory(np.stack(c2ws), n)
+        K = Ks[0]
+        intr = np.tile([K[0, 0] * sx, K[1, 1] * sy, K[0, 2] * sx, K[1, 2] * sy], (n, 1))
+        images_t = torch.full((n, h, w, 3), 255, dtype=torch.uint8)
+        masks_t = torch.full((n, h, w), 255, dtype=torch.uint8)
+        has_gt, names = False, [f"orbit_{k}" for k in range(n)]
+    c2w = opencv_to_opengl(torch.from_numpy(c2w_cv[:, :3, :4]).float())
+    return SceneData(images=images_t, masks=masks_t, c2w=c2w, intrinsics=torch.from_numpy(intr).float(),
+                     has_mask=bool(masks), names=names, world_from_scene=scale_mat, has_gt=has_gt)
+
+
+@datasets.register("dtu")
+class DTUDataModule(SceneDataModule):
+    load_split = staticmethod(load_dtu_split)

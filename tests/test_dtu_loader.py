@@ -1,0 +1,86 @@
+"""NeuS/IDR (DTU, BlendedMVS) loader against the renderer's cameras, with a non-identity scale_mat."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from datasets.base import DatasetError
+from datasets.dtu import load_dtu_split, orbit_trajectory
+from datasets.synthetic import DemoScene, orbit_cameras, write_dtu
+
+WORLD_FROM_SCENE = np.array([[1.7, 0, 0, 0.3], [0, 1.7, 0, -0.2], [0, 0, 1.7, 0.5], [0, 0, 0, 1.0]])
+
+
+def cameras():
+    cams = orbit_cameras(5, 2.6, [20, 50], 40, 32, fov_x_deg=45)
+    cams[1].K[0, 2] += 2.5  # per-image intrinsics: an off-centre principal point
+    return cams
+
+
+@pytest.fixture(scope="module", params=[(6, 3), (3, 3)], ids=["dtu-padding", "blendedmvs-padding"])
+def scene_dir(request, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("dtu"))
+    write_dtu(root, DemoScene(), cameras(), WORLD_FROM_SCENE, image_padding=request.param[0],
+              mask_padding=request.param[1], supersample=1)
+    return root
+
+
+def cfg(root, **kw):
+    return OmegaConf.create({"root_dir": root, **kw})
+
+
+def test_rays_match_renderer_cameras_in_the_normalised_frame(scene_dir):
+    data = load_dtu_split(cfg(scene_dir), "train")
+    assert data.n_images == 5 and data.has_mask and (data.width, data.height) == (40, 32)
+    np.testing.assert_allclose(data.world_from_scene, WORLD_FROM_SCENE)
+    for i, cam in enumerate(cameras()):
+        ref_o, ref_d = cam.rays()
+        rays = data.image_rays(i)
+        torch.testing.assert_close(rays["rays_o"], ref_o, atol=1e-4, rtol=0)
+        d = rays["rays_d"].double()
+        angle = torch.rad2deg(torch.atan2(torch.cross(d, ref_d.double(), dim=-1).norm(dim=-1), (d * ref_d).sum(-1)))
+        assert angle.max() < 1e-3, f"camera {i}: max ray angle error {angle.max():.5f} deg"
+
+
+def test_holdout_and_orbit_splits(scene_dir):
+    held = load_dtu_split(cfg(scene_dir, holdout_every=2), "test")
+    train = load_dtu_split(cfg(scene_dir, holdout_every=2), "train")
+    assert held.n_images == 3 and train.n_images == 2 and held.has_gt
+    orbit = load_dtu_split(cfg(scene_dir, n_test_traj_steps=12), "test")
+    assert orbit.n_images == 12 and not orbit.has_gt
+    centres = orbit.c2w[:, :, 3]
+    assert float(centres.norm(dim=-1).std()) < 1e-4, "a circle about an axis through the origin"
+    flat = torch.linalg.svdvals(centres - centres.mean(0))
+    assert float(flat[-1]) < 1e-4 * float(flat[0]), "the orbit is planar"
+    # every orbit camera looks at the origin (OpenGL: -z forward)
+    forward = -orbit.c2w[:, :, 2]
+    cos = (forward * -centres).sum(-1) / centres.norm(dim=-1)
+    assert float(cos.min()) > 0.9999
+
+
+def test_mismatched_counts_name_the_first_missing_file(scene_dir, tmp_path):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(scene_dir, bad)
+    first_mask = sorted(os.listdir(bad / "mask"))[2]
+    os.remove(bad / "mask" / first_mask)
+    with pytest.raises(DatasetError, match="1 of 5 cameras have no mask .* camera 2"):
+        load_dtu_split(cfg(str(bad)), "train")
+    shutil.rmtree(bad / "mask")
+    assert not load_dtu_split(cfg(str(bad)), "train").has_mask  # no mask/ folder: masks off
+    os.remove(bad / "image" / sorted(os.listdir(bad / "image"))[4])
+    with pytest.raises(DatasetError, match="1 of 5 cameras have no image, the first being camera 4"):
+        load_dtu_split(cfg(str(bad)), "train")
+    with pytest.raises(DatasetError, match="no world_mat"):
+        np.savez(bad / "empty.npz", foo=np.eye(4))
+        load_dtu_split(cfg(str(bad), cameras_file="empty.npz"), "train")
+
+
+def test_orbit_trajectory_up_follows_the_cameras():
+    cams = orbit_cameras(8, 3.0, [40], 10, 10)
+    poses = orbit_trajectory(np.stack([c.c2w for c in cams]), 16)
+    heights = poses[:, 2, 3]
+    np.testing.assert_allclose(heights, 3.0 * np.sin(np.radians(40)), atol=1e-6)
+    assert (poses[:, 2, 1] < 0).all(), "camera 'down' axis points down in a z-up world"
