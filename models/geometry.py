@@ -1,7 +1,8 @@
 """Geometry fields: position -> (density or SDF, feature)."""
 from __future__ import annotations
 
-from typing import Any, Tuple
+import contextlib
+from typing import Any, Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -10,6 +11,7 @@ import models
 from models.encodings import get_encoding
 from models.networks import get_activation, get_mlp
 from models.rendering import contract_to_unisphere
+from utils.config import ConfigError
 
 
 @models.register("volume-density")
@@ -43,3 +45,79 @@ class VolumeDensity(nn.Module):
 
     def density(self, points: torch.Tensor) -> torch.Tensor:
         return self.forward(points)[0]
+
+
+@models.register("volume-sdf")
+class VolumeSDF(nn.Module):
+    """Signed distance field on a hash grid (instant-nsr-pl / NeuS ``volume-sdf``).
+
+    forward(points (N, 3), with_grad, with_laplace) -> dict with ``sdf`` (N,),
+    ``feature`` (N, feature_dim) and, when asked, ``grad`` (N, 3) (``analytic``:
+    autograd, differentiable again for the eikonal loss; ``finite_difference``:
+    central differences of step ``eps``) and ``laplace`` (N,) (finite differences
+    only). ``finite_difference_eps: progressive`` sets eps to the cell size of the
+    finest active level of a ProgressiveBandHashGrid, as Neuralangelo.
+    """
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+        self.radius = float(config.radius)
+        self.unbounded = False
+        self.n_output_dims = int(config.feature_dim)
+        self.encoding = get_encoding(3, config.xyz_encoding_config)
+        self.network = get_mlp(self.encoding.n_output_dims, self.n_output_dims, config.mlp_network_config)
+        self.grad_type = str(config.get("grad_type", "analytic"))
+        if self.grad_type not in ("analytic", "finite_difference"):
+            raise ConfigError(f"model.geometry.grad_type must be analytic or finite_difference, not '{self.grad_type}'.")
+        eps = config.get("finite_difference_eps", 1e-3)
+        self.progressive_eps = eps == "progressive"
+        if self.progressive_eps and not hasattr(self.encoding.encoding, "current_level"):
+            raise ConfigError("finite_difference_eps: progressive needs xyz_encoding_config.otype: ProgressiveBandHashGrid.")
+        self.fixed_eps = None if self.progressive_eps else float(eps)
+        self.sdf_activation = get_activation(config.get("sdf_activation", None))
+        self.sdf_bias = float(config.get("sdf_bias", 0.0))
+        self.feature_activation = get_activation(config.get("feature_activation", None))
+
+    @property
+    def finite_difference_eps(self) -> float:
+        """Step of the central differences, in world units."""
+        if not self.progressive_eps:
+            return self.fixed_eps
+        grid = self.encoding.encoding
+        level = max(int(grid.current_level), 1)
+        cell = 1.0 / (grid.base_resolution * grid.per_level_scale ** (level - 1))  # in [0, 1] input units
+        return 2.0 * self.radius * cell
+
+    def _network(self, points: torch.Tensor) -> torch.Tensor:
+        x = contract_to_unisphere(points, self.radius, self.unbounded)
+        return self.network(self.encoding(x)).float()
+
+    def sdf(self, points: torch.Tensor) -> torch.Tensor:
+        """(N, 3) -> (N,) signed distance only (no gradients): for marching cubes and grid updates."""
+        return self.sdf_activation(self._network(points.reshape(-1, 3))[:, 0] + self.sdf_bias)
+
+    def forward(self, points: torch.Tensor, with_grad: bool = True, with_laplace: bool = False) -> Dict[str, torch.Tensor]:
+        points = points.reshape(-1, 3)
+        analytic = with_grad and self.grad_type == "analytic"
+        with torch.enable_grad() if analytic else contextlib.nullcontext():
+            if analytic and not points.requires_grad:
+                points = points.detach().requires_grad_(True)
+            out = self._network(points)
+            sdf = self.sdf_activation(out[:, 0] + self.sdf_bias)
+            result = {"sdf": sdf, "feature": self.feature_activation(out)}
+            if analytic:
+                (result["grad"],) = torch.autograd.grad(sdf, points, torch.ones_like(sdf), create_graph=True)
+            elif with_grad:
+                eps = self.finite_difference_eps
+                offsets = torch.eye(3, device=points.device, dtype=points.dtype) * eps
+                offsets = torch.stack([offsets, -offsets], dim=1).reshape(6, 3)  # +x, -x, +y, -y, +z, -z
+                shifted = (points[:, None, :] + offsets).reshape(-1, 3)
+                if not self.unbounded:  # stay inside the grid's box, as instant-nsr-pl does
+                    shifted = shifted.clamp(-self.radius, self.radius)
+                around = self.sdf_activation(self._network(shifted)[:, 0] + self.sdf_bias).view(-1, 3, 2)
+                result["grad"] = (around[..., 0] - around[..., 1]) / (2 * eps)
+                if with_laplace:
+                    result["laplace"] = (around.sum(-1) - 2 * sdf[:, None]).sum(-1) / eps ** 2
+        return result
+
