@@ -150,6 +150,7 @@ def main(argv=None) -> int:
             log.info(f"Loaded weights from {args.resume} (step {ckpt.get('global_step', '?')})")
 
         trainer_cfg = dict(to_primitive(config.get("trainer", {})) or {})
+        trainer_cfg.setdefault("inference_mode", False)  # SDF normals need autograd while testing
         if accelerator == "cpu":
             trainer_cfg["precision"] = "32-true"
         elif str(trainer_cfg.get("precision", "32")) in ("16", "16-mixed"):

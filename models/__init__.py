@@ -5,4 +5,4 @@ _registry = Registry("model")
 register = _registry.register
 make = _registry.make
 
-from models import geometry, nerf, texture  # noqa: E402,F401  (registration)
+from models import geometry, nerf, neus, texture  # noqa: E402,F401  (registration)

@@ -5,4 +5,4 @@ _registry = Registry("system")
 register = _registry.register
 make = _registry.make
 
-from systems import nerf  # noqa: E402,F401  (registration)
+from systems import nerf, neus  # noqa: E402,F401  (registration)

@@ -38,6 +38,8 @@ class NonFiniteLossError(RuntimeError):
 class BaseSystem(pl.LightningModule):
     """mode: 'train' (fit then test), 'test' (metrics + video + mesh) or 'export' (video + mesh only)."""
 
+    rgb_key = "comp_rgb"  # the model output compared with the images
+
     def __init__(self, config: Any, mode: str = "train"):
         super().__init__()
         self.config = config
@@ -94,7 +96,7 @@ class BaseSystem(pl.LightningModule):
                     ) -> List[np.ndarray]:
         """uint8 panels of one image: [ground truth,] render, depth (jet), opacity."""
         h, w = data.height, data.width
-        rgb = to_uint8(out["comp_rgb"].view(h, w, 3).cpu().numpy())
+        rgb = to_uint8(out[self.rgb_key].view(h, w, 3).cpu().numpy())
         opacity = out["opacity"].view(h, w).cpu().numpy()
         depth = colorize_depth(out["depth"].view(h, w).cpu().numpy(), opacity)
         panels = [rgb, depth, to_uint8(opacity)]
@@ -107,7 +109,7 @@ class BaseSystem(pl.LightningModule):
         data = self.data(stage)
         batch = {k: v.to(self.device) for k, v in data.image_rays(index).items()}
         self.model.background_color = torch.ones(3, device=self.device)
-        if data.has_mask:
+        if data.has_mask and self.config.dataset.get("apply_mask", True):
             m = batch["fg_mask"][:, None]
             batch["rgb"] = batch["rgb"] * m + (1.0 - m)
         return self.model(batch["rays_o"], batch["rays_d"]), batch
@@ -117,7 +119,7 @@ class BaseSystem(pl.LightningModule):
         data = self.data("val")
         out, rays = self.render_image("val", index)
         if data.has_gt:
-            self.metrics.update(out["comp_rgb"].view(data.height, data.width, 3),
+            self.metrics.update(out[self.rgb_key].view(data.height, data.width, 3),
                                 rays["rgb"].view(data.height, data.width, 3))
         write_image(self.save_path(f"it{self.step}-{index}.png"),
                     image_grid(self.eval_panels(out, data, data.has_gt, rays["rgb"])))
@@ -135,7 +137,7 @@ class BaseSystem(pl.LightningModule):
         with_gt = self.mode != "export" and data.has_gt
         if with_gt:
             h, w = data.height, data.width
-            self.metrics.update(out["comp_rgb"].view(h, w, 3), rays["rgb"].view(h, w, 3))
+            self.metrics.update(out[self.rgb_key].view(h, w, 3), rays["rgb"].view(h, w, 3))
         write_image(self.save_path(f"it{self.step}-test/{index}.png"),
                     image_grid(self.eval_panels(out, data, with_gt, rays["rgb"])))
 

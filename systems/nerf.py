@@ -29,6 +29,19 @@ class NeRFSystem(BaseSystem):
             return torch.rand(3, device=self.device)
         raise ConfigError(f"model.background_color must be white, black or random, not '{kind}'.")
 
+    def losses(self, out, rays, rgb):
+        """(total loss, {name: term}) of one step: smooth-L1 colour on rays that hit something, distortion."""
+        loss_cfg = self.config.system.loss
+        valid = out["rays_valid"][:, 0]
+        terms = {"rgb": F.smooth_l1_loss(out["comp_rgb"][valid], rgb[valid]) if bool(valid.any())
+                 else out["comp_rgb"].sum() * 0.0}
+        loss = terms["rgb"] * self.C(loss_cfg.lambda_rgb)
+        if self.C(loss_cfg.get("lambda_distortion", 0.0)) > 0:
+            terms["distortion"] = distortion_loss(out["weights"], out["t_starts"], out["t_ends"], out["ray_indices"],
+                                                  len(rgb))
+            loss = loss + terms["distortion"] * self.C(loss_cfg.lambda_distortion)
+        return loss, terms
+
     def training_step(self, batch, batch_idx):
         data = self.data("train")
         rays = {k: v.to(self.device) for k, v in
@@ -37,27 +50,20 @@ class NeRFSystem(BaseSystem):
         bg = self.background()
         self.model.background_color = bg
         rgb = rays["rgb"]
-        if data.has_mask:
+        if data.has_mask and self.config.dataset.get("apply_mask", True):
             m = rays["fg_mask"][:, None]
             rgb = rgb * m + bg * (1.0 - m)
         out = self.model(rays["rays_o"], rays["rays_d"])
 
-        n_samples = int(out["num_samples"])
+        n_samples = int(out["num_samples"]) + int(out.get("num_samples_bg", 0))
         if self.config.model.get("dynamic_ray_sampling", True):
             wanted = int(self.train_num_rays * self.train_num_samples / max(n_samples, 1))
             self.train_num_rays = max(1, min(int(self.train_num_rays * 0.9 + wanted * 0.1),
                                              int(self.config.model.max_train_num_rays)))
 
-        valid = out["rays_valid"][:, 0]
-        terms = {"rgb": F.smooth_l1_loss(out["comp_rgb"][valid], rgb[valid]) if bool(valid.any())
-                 else out["comp_rgb"].sum() * 0.0}
-        loss_cfg = self.config.system.loss
-        loss = terms["rgb"] * self.C(loss_cfg.lambda_rgb)
-        if self.C(loss_cfg.get("lambda_distortion", 0.0)) > 0:
-            terms["distortion"] = distortion_loss(out["weights"], out["t_starts"], out["t_ends"], out["ray_indices"],
-                                                  len(rgb))
-            loss = loss + terms["distortion"] * self.C(loss_cfg.lambda_distortion)
+        loss, terms = self.losses(out, rays, rgb)
         self.check_finite(loss, terms)
+        loss_cfg = self.config.system.loss
         for name, value in terms.items():
             self.log(f"train/loss_{name}", value)
         for name, value in loss_cfg.items():

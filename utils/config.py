@@ -27,7 +27,7 @@ def _register_resolvers() -> None:
         "div": lambda a, b: a / b,
         "idiv": lambda a, b: a // b,
         "basename": lambda p: os.path.basename(p),
-        "calc_exp_lr_decay_rate": lambda factor, n: factor ** (1.0 / n),
+        "calc_exp_lr_decay_rate": lambda factor, n: factor ** (1.0 / n) if n > 0 else 1.0,
     }
     with warnings.catch_warnings():  # omegaconf 2.4 renamed the call; both spellings behave the same here
         warnings.simplefilter("ignore", UserWarning)

@@ -1,0 +1,190 @@
+"""NeuS: SDF surface rendering on a hash grid, with an optional NeRF++-style background."""
+from __future__ import annotations
+
+import math
+from typing import Any, Dict
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import models
+from models import backends
+from models.base import BaseModel, chunk_batch
+from models.nerf import NeRFModel
+from models.occupancy import OccupancyGrid
+from models.rendering import accumulate_along_rays, render_weight_from_alpha
+from utils.mesh import marching_cubes
+
+
+class VarianceNetwork(nn.Module):
+    """NeuS's learned sharpness: inv_s = exp(10 * variance), optionally ramped up to ``max_inv_s``."""
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.variance = nn.Parameter(torch.tensor(float(config.get("init_val", 0.3))))
+        self.modulate = bool(config.get("modulate", False))
+        if self.modulate:
+            self.mod_start_steps = int(config.mod_start_steps)
+            self.reach_max_steps = int(config.reach_max_steps)
+            self.max_inv_s = float(config.max_inv_s)
+        self.register_buffer("mod_val", torch.tensor(float("inf")))  # inv_s ceiling, saved with the weights
+        self.register_buffer("prev_inv_s", torch.tensor(0.0))
+
+    @property
+    def inv_s(self) -> torch.Tensor:
+        return torch.exp(self.variance * 10.0).clamp(max=self.mod_val)
+
+    def update_step(self, epoch: int, global_step: int) -> None:
+        if not self.modulate:
+            return
+        if global_step <= self.mod_start_steps:
+            self.prev_inv_s.fill_(float(torch.exp(self.variance.detach() * 10.0)))
+            self.mod_val.fill_(float("inf"))
+        else:
+            ramp = global_step / self.reach_max_steps * (self.max_inv_s - float(self.prev_inv_s)) + float(self.prev_inv_s)
+            self.mod_val.fill_(min(ramp, self.max_inv_s))
+
+
+def neus_alpha(sdf: torch.Tensor, cos: torch.Tensor, dists: torch.Tensor, inv_s: torch.Tensor,
+               cos_anneal_ratio: float) -> torch.Tensor:
+    """NeuS opacity of each interval from the SDF at its midpoint.
+
+    sdf, cos (direction . normal), dists: (S,). The SDF at the interval ends is
+    estimated along the (annealed) cosine; alpha = (Phi(prev) - Phi(next)) / Phi(prev)
+    with Phi the logistic CDF of sharpness inv_s. Returns (S,) in [0, 1].
+    """
+    iter_cos = -(F.relu(-cos * 0.5 + 0.5) * (1.0 - cos_anneal_ratio) + F.relu(-cos) * cos_anneal_ratio)
+    prev_cdf = torch.sigmoid((sdf - iter_cos * dists * 0.5) * inv_s)
+    next_cdf = torch.sigmoid((sdf + iter_cos * dists * 0.5) * inv_s)
+    return ((prev_cdf - next_cdf + 1e-5) / (prev_cdf + 1e-5)).clamp(0.0, 1.0)
+
+
+@models.register("neus")
+class NeuSModel(BaseModel):
+    """forward(rays_o, rays_d) -> comp_rgb_full (N, 3) (surface over background), comp_rgb, opacity,
+    depth, comp_normal, and in training the per-sample sdf / grad / laplace for the losses."""
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.geometry = models.make(cfg.geometry.name, cfg.geometry)
+        self.texture = models.make(cfg.texture.name, cfg.texture)
+        self.variance = VarianceNetwork(cfg.get("variance", {}))
+        self.radius = float(cfg.radius)
+        r = self.radius
+        self.render_step_size = 1.732 * 2 * r / cfg.num_samples_per_ray
+        self.grid_prune = bool(cfg.get("grid_prune", True))
+        self.occupancy_grid = OccupancyGrid([-r, -r, -r, r, r, r], resolution=int(cfg.get("grid_resolution", 128)),
+                                            occ_thre=float(cfg.get("grid_prune_occ_thre", 0.001)),
+                                            update_every_n_steps=int(cfg.get("grid_update_every", 16)),
+                                            warmup_steps=int(cfg.get("grid_warmup_steps", 256)))
+        self.randomized = bool(cfg.get("randomized", True))
+        self.ray_chunk = int(cfg.get("ray_chunk", 2048))
+        self.cos_anneal_end = int(cfg.get("cos_anneal_end", 0))
+        self.register_buffer("cos_anneal_ratio", torch.tensor(1.0 if self.cos_anneal_end == 0 else 0.0))
+        self.backend = backends.resolve("rendering", cfg.get("rendering_backend", "auto"), "nerfacc")
+        self.learned_background = bool(cfg.get("learned_background", False))
+        if self.learned_background:
+            self.background = NeRFModel(_background_config(cfg))
+        self.register_buffer("background_color", torch.ones(3), persistent=False)
+
+    # --------------------------------------------------------------- training
+    def update_step(self, epoch: int, global_step: int) -> None:
+        if self.cos_anneal_end > 0:
+            self.cos_anneal_ratio.fill_(min(1.0, global_step / self.cos_anneal_end))
+        if self.grid_prune:
+            self.occupancy_grid.update(global_step, self._occupancy)
+
+    def _occupancy(self, x: torch.Tensor) -> torch.Tensor:
+        """Opacity of a step centred at x, as if the ray crossed the surface head-on."""
+        sdf = self.geometry.sdf(x)
+        inv_s = self.variance.inv_s.clamp(1e-6, 1e6)
+        prev_cdf = torch.sigmoid((sdf + self.render_step_size * 0.5) * inv_s)
+        next_cdf = torch.sigmoid((sdf - self.render_step_size * 0.5) * inv_s)
+        return ((prev_cdf - next_cdf + 1e-5) / (prev_cdf + 1e-5)).clamp(0.0, 1.0)
+
+    def regularizations(self, out: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        return {"inv_s": self.variance.inv_s.detach()}
+
+    # -------------------------------------------------------------- rendering
+    def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, Any]:
+        if self.training:
+            return self._render(rays_o, rays_d)
+        return chunk_batch(self._render, self.ray_chunk, rays_o, rays_d)
+
+    def _render(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, Any]:
+        n_rays = rays_o.shape[0]
+        ray_indices, t_starts, t_ends = self.occupancy_grid.march(
+            rays_o, rays_d, 0.0, 1e10, self.render_step_size, 0.0, stratified=self.training and self.randomized,
+            use_grid=self.grid_prune, backend=self.backend)
+        mid = 0.5 * (t_starts + t_ends)
+        dirs = rays_d[ray_indices]
+        positions = rays_o[ray_indices] + dirs * mid[:, None]
+        with_laplace = self.training and bool(self.config.get("with_laplace", False))
+        geo = self.geometry(positions, with_grad=True, with_laplace=with_laplace)
+        normal = F.normalize(geo["grad"], dim=-1)
+        alpha = neus_alpha(geo["sdf"], (dirs * normal).sum(-1), t_ends - t_starts,
+                           self.variance.inv_s.clamp(1e-6, 1e6), float(self.cos_anneal_ratio))
+        rgb = self.texture(geo["feature"], dirs, normal)
+        weights, _ = render_weight_from_alpha(alpha, ray_indices, n_rays, self.backend)
+        opacity = accumulate_along_rays(weights, None, ray_indices, n_rays)
+        out = {
+            "comp_rgb": accumulate_along_rays(weights, rgb, ray_indices, n_rays),
+            "opacity": opacity,
+            "depth": accumulate_along_rays(weights, mid[:, None], ray_indices, n_rays),
+            "comp_normal": F.normalize(accumulate_along_rays(weights, normal, ray_indices, n_rays), dim=-1),
+            "num_samples": torch.tensor(len(t_starts), device=rays_o.device),
+        }
+        if self.learned_background:
+            self.background.background_color = self.background_color
+            bg = self.background._render(rays_o, rays_d)
+            bg_rgb = bg["comp_rgb"]
+            out["num_samples_bg"] = bg["num_samples"]
+        else:
+            bg_rgb = self.background_color.expand(n_rays, 3)
+        out["comp_rgb_full"] = out["comp_rgb"] + bg_rgb * (1.0 - opacity)
+        out["rays_valid_full"] = (opacity > 0) | torch.tensor(self.learned_background, device=opacity.device)
+        if self.training:
+            out.update({"sdf_samples": geo["sdf"], "sdf_grad_samples": geo["grad"], "weights": weights,
+                        "t_starts": t_starts, "t_ends": t_ends, "ray_indices": ray_indices})
+            if with_laplace:
+                out["sdf_laplace_samples"] = geo["laplace"]
+            if self.learned_background:
+                out.update({f"{k}_bg": bg[k] for k in ("weights", "t_starts", "t_ends", "ray_indices")})
+        return out
+
+    # ----------------------------------------------------------------- export
+    def export(self, config: Any) -> Dict[str, np.ndarray]:
+        """Marching-cubes mesh of the zero level set with colours seen along the normal (model frame)."""
+        iso = self.config.geometry.isosurface
+        r = self.radius
+        device = self.variance.variance.device
+        verts, faces = marching_cubes(self.geometry.sdf, np.array([[-r] * 3, [r] * 3]), int(iso.resolution),
+                                      float(iso.get("threshold", 0.0)), inside_is_greater=False,
+                                      chunk=int(iso.get("chunk", 2 ** 20)), device=device)
+        out = {"v_pos": verts, "t_pos_idx": faces}
+        if config.get("export_vertex_color", True):
+            colours = []
+            v = torch.from_numpy(verts).float().to(device)
+            for i in range(0, len(v), self.ray_chunk):
+                geo = self.geometry(v[i:i + self.ray_chunk], with_grad=True)
+                normal = F.normalize(geo["grad"], dim=-1)
+                colours.append(self.texture(geo["feature"], -normal, normal).detach().clamp(0, 1))
+            out["v_rgb"] = torch.cat(colours).cpu().numpy()
+        return out
+
+
+def _background_config(cfg: Any):
+    """The NeRF config of the background: unbounded field from geometry_bg / texture_bg."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({
+        "radius": cfg.radius, "num_samples_per_ray": cfg.get("num_samples_per_ray_bg", 256),
+        "learned_background": True, "near_plane": 0.1, "far_plane": 1e3, "grid_prune": cfg.get("grid_prune", True),
+        "grid_resolution": cfg.get("grid_resolution_bg", 64), "grid_levels": 4, "early_stop_eps": 0.0,
+        "randomized": cfg.get("randomized", True), "ray_chunk": cfg.get("ray_chunk", 2048),
+        "rendering_backend": cfg.get("rendering_backend", "auto"),
+        "grid_update_every": cfg.get("grid_update_every", 16), "grid_warmup_steps": cfg.get("grid_warmup_steps", 256),
+        "geometry": cfg.geometry_bg, "texture": cfg.texture_bg,
+    })

@@ -1,0 +1,59 @@
+"""NeuS system: the instant-nsr-pl NeuS losses, each computed only when its weight is non-zero."""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+import systems
+from models.rendering import distortion_loss
+from systems.nerf import NeRFSystem
+
+log = logging.getLogger("nsr")
+
+
+@systems.register("neus-system")
+class NeuSSystem(NeRFSystem):
+    """Rays, background and dynamic ray count as the NeRF system; the losses are NeuS's."""
+
+    rgb_key = "comp_rgb_full"
+
+    def on_fit_start(self):
+        super().on_fit_start()
+        data = self.data("train")
+        if self.C(self.config.system.loss.get("lambda_mask", 0.0)) > 0 and not data.has_mask:
+            log.warning("system.loss.lambda_mask is set but the dataset has no masks: the mask loss is off.")
+
+    def losses(self, out, rays, rgb):
+        loss_cfg = self.config.system.loss
+        n_rays = len(rgb)
+        valid = out["rays_valid_full"][:, 0]
+        terms, weights = {}, {}
+
+        def add(name, weight_key, fn):
+            w = self.C(loss_cfg.get(weight_key, 0.0))
+            if w > 0:
+                terms[name], weights[name] = fn(), w
+
+        add("rgb_mse", "lambda_rgb_mse", lambda: F.mse_loss(out[self.rgb_key][valid], rgb[valid]))
+        add("rgb_l1", "lambda_rgb_l1", lambda: F.l1_loss(out[self.rgb_key][valid], rgb[valid]))
+        add("eikonal", "lambda_eikonal",
+            lambda: ((out["sdf_grad_samples"].norm(dim=-1) - 1.0) ** 2).mean())
+        opacity = out["opacity"][:, 0].clamp(1e-3, 1.0 - 1e-3)
+        if self.data("train").has_mask:
+            add("mask", "lambda_mask", lambda: F.binary_cross_entropy(opacity, rays["fg_mask"]))
+        add("opaque", "lambda_opaque", lambda: F.binary_cross_entropy(opacity, opacity))
+        add("sparsity", "lambda_sparsity",
+            lambda: torch.exp(-float(loss_cfg.get("sparsity_scale", 1.0)) * out["sdf_samples"].abs()).mean())
+        if "sdf_laplace_samples" in out:
+            add("curvature", "lambda_curvature", lambda: out["sdf_laplace_samples"].abs().mean())
+        add("distortion", "lambda_distortion",
+            lambda: distortion_loss(out["weights"], out["t_starts"], out["t_ends"], out["ray_indices"], n_rays))
+        if "weights_bg" in out:
+            add("distortion_bg", "lambda_distortion_bg",
+                lambda: distortion_loss(out["weights_bg"], out["t_starts_bg"], out["t_ends_bg"],
+                                        out["ray_indices_bg"], n_rays))
+        loss = sum(terms[k] * weights[k] for k in terms)
+        self.log("train/inv_s", float(self.model.variance.inv_s), prog_bar=True)
+        return loss, terms
