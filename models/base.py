@@ -44,6 +44,3 @@ class BaseModel(nn.Module):
 
     def update_step(self, epoch: int, global_step: int) -> None:
         pass
-
-    def regularizations(self, out: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        return {}

@@ -1,7 +1,6 @@
 """NeuS: SDF surface rendering on a hash grid, with an optional NeRF++-style background."""
 from __future__ import annotations
 
-import math
 from typing import Any, Dict
 
 import numpy as np
@@ -103,9 +102,6 @@ class NeuSModel(BaseModel):
         prev_cdf = torch.sigmoid((sdf + self.render_step_size * 0.5) * inv_s)
         next_cdf = torch.sigmoid((sdf - self.render_step_size * 0.5) * inv_s)
         return ((prev_cdf - next_cdf + 1e-5) / (prev_cdf + 1e-5)).clamp(0.0, 1.0)
-
-    def regularizations(self, out: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-        return {"inv_s": self.variance.inv_s.detach()}
 
     # -------------------------------------------------------------- rendering
     def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, Any]:

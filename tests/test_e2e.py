@@ -1,6 +1,5 @@
 """End-to-end through launch.py on the demo scene, as a user runs it (CPU, small sizes)."""
 import glob
-import json
 import os
 import subprocess
 import sys
