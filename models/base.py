@@ -32,7 +32,11 @@ def chunk_batch(fn: Callable[..., Dict[str, Any]], chunk: int, *tensors: torch.T
 
 
 class BaseModel(nn.Module):
-    """A radiance-field model: ``forward(rays_o, rays_d) -> dict``, ``export() -> mesh``."""
+    """A radiance-field model: ``forward(rays_o, rays_d) -> dict``, ``export() -> mesh``.
+
+    Subclasses implement ``_render`` for one batch of rays; evaluation renders in
+    chunks of ``self.ray_chunk`` rays.
+    """
 
     def __init__(self, config: Any):
         super().__init__()
@@ -44,3 +48,11 @@ class BaseModel(nn.Module):
 
     def update_step(self, epoch: int, global_step: int) -> None:
         pass
+
+    def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, Any]:
+        if self.training:
+            return self._render(rays_o, rays_d)
+        return chunk_batch(self._render, self.ray_chunk, rays_o, rays_d)
+
+    def _render(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, Any]:
+        raise NotImplementedError

@@ -10,7 +10,7 @@ import trimesh
 
 import models
 from models import backends
-from models.base import BaseModel, chunk_batch
+from models.base import BaseModel
 from models.occupancy import OccupancyGrid
 from models.rendering import accumulate_along_rays, render_weight_from_density
 from utils.mesh import marching_cubes
@@ -65,11 +65,6 @@ class NeRFModel(BaseModel):
             self.occupancy_grid.update(global_step, lambda x: self.geometry.density(x) * self.render_step_size)
 
     # -------------------------------------------------------------- rendering
-    def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, Any]:
-        if self.training:
-            return self._render(rays_o, rays_d)
-        return chunk_batch(self._render, self.ray_chunk, rays_o, rays_d)
-
     def _render(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, Any]:
         n_rays = rays_o.shape[0]
 

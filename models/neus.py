@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import models
 from models import backends
-from models.base import BaseModel, chunk_batch
+from models.base import BaseModel
 from models.nerf import NeRFModel
 from models.occupancy import OccupancyGrid
 from models.rendering import accumulate_along_rays, render_weight_from_alpha
@@ -104,11 +104,6 @@ class NeuSModel(BaseModel):
         return ((prev_cdf - next_cdf + 1e-5) / (prev_cdf + 1e-5)).clamp(0.0, 1.0)
 
     # -------------------------------------------------------------- rendering
-    def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, Any]:
-        if self.training:
-            return self._render(rays_o, rays_d)
-        return chunk_batch(self._render, self.ray_chunk, rays_o, rays_d)
-
     def _render(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, Any]:
         n_rays = rays_o.shape[0]
         ray_indices, t_starts, t_ends = self.occupancy_grid.march(

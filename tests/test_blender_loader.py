@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from datasets.base import DatasetError
 from datasets.blender import load_blender_split
 from datasets.synthetic import DemoScene, orbit_cameras, write_blender
+from helpers import max_ray_angle_deg
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +34,8 @@ def test_rays_match_renderer_cameras(scene_dir):
         ref_o, ref_d = cam.rays()
         rays = data.image_rays(i)
         torch.testing.assert_close(rays["rays_o"], ref_o, atol=1e-5, rtol=0)
-        d = rays["rays_d"].double()
-        angle = torch.rad2deg(torch.atan2(torch.cross(d, ref_d.double(), dim=-1).norm(dim=-1), (d * ref_d).sum(-1)))
-        assert angle.max() < 1e-3, f"max ray angle error {angle.max():.5f} deg"
+        angle = max_ray_angle_deg(rays["rays_d"], ref_d)
+        assert angle < 1e-3, f"max ray angle error {angle:.5f} deg"
 
 
 def test_alpha_is_mask_and_background_is_empty(scene_dir):

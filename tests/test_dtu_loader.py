@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from datasets.base import DatasetError
 from datasets.dtu import load_dtu_split, orbit_trajectory
 from datasets.synthetic import DemoScene, orbit_cameras, write_dtu
+from helpers import max_ray_angle_deg
 
 WORLD_FROM_SCENE = np.array([[1.7, 0, 0, 0.3], [0, 1.7, 0, -0.2], [0, 0, 1.7, 0.5], [0, 0, 0, 1.0]])
 
@@ -39,9 +40,8 @@ def test_rays_match_renderer_cameras_in_the_normalised_frame(scene_dir):
         ref_o, ref_d = cam.rays()
         rays = data.image_rays(i)
         torch.testing.assert_close(rays["rays_o"], ref_o, atol=1e-4, rtol=0)
-        d = rays["rays_d"].double()
-        angle = torch.rad2deg(torch.atan2(torch.cross(d, ref_d.double(), dim=-1).norm(dim=-1), (d * ref_d).sum(-1)))
-        assert angle.max() < 1e-3, f"camera {i}: max ray angle error {angle.max():.5f} deg"
+        angle = max_ray_angle_deg(rays["rays_d"], ref_d)
+        assert angle < 1e-3, f"camera {i}: max ray angle error {angle:.5f} deg"
 
 
 def test_holdout_and_orbit_splits(scene_dir):
