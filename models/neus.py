@@ -88,6 +88,15 @@ class NeuSModel(BaseModel):
             self.background = NeRFModel(_background_config(cfg))
         self.register_buffer("background_color", torch.ones(3), persistent=False)
 
+    # instant-nsr-pl configs name the background's parts in optimizer.params
+    @property
+    def geometry_bg(self) -> nn.Module:
+        return self.background.geometry
+
+    @property
+    def texture_bg(self) -> nn.Module:
+        return self.background.texture
+
     # --------------------------------------------------------------- training
     def update_step(self, epoch: int, global_step: int) -> None:
         if self.cos_anneal_end > 0:
