@@ -93,9 +93,13 @@ class VolumeSDF(nn.Module):
         x = contract_to_unisphere(points, self.radius, self.unbounded)
         return self.network(self.encoding(x)).float()
 
+    def _sdf_of(self, out: torch.Tensor) -> torch.Tensor:
+        """Network output (N, C) -> (N,) signed distance (channel 0, bias, activation)."""
+        return self.sdf_activation(out[:, 0] + self.sdf_bias)
+
     def sdf(self, points: torch.Tensor) -> torch.Tensor:
         """(N, 3) -> (N,) signed distance only (no gradients): for marching cubes and grid updates."""
-        return self.sdf_activation(self._network(points.reshape(-1, 3))[:, 0] + self.sdf_bias)
+        return self._sdf_of(self._network(points.reshape(-1, 3)))
 
     def forward(self, points: torch.Tensor, with_grad: bool = True, with_laplace: bool = False) -> Dict[str, torch.Tensor]:
         points = points.reshape(-1, 3)
@@ -104,7 +108,7 @@ class VolumeSDF(nn.Module):
             if analytic and not points.requires_grad:
                 points = points.detach().requires_grad_(True)
             out = self._network(points)
-            sdf = self.sdf_activation(out[:, 0] + self.sdf_bias)
+            sdf = self._sdf_of(out)
             result = {"sdf": sdf, "feature": self.feature_activation(out)}
             if analytic:
                 (result["grad"],) = torch.autograd.grad(sdf, points, torch.ones_like(sdf), create_graph=True)
@@ -115,7 +119,7 @@ class VolumeSDF(nn.Module):
                 shifted = (points[:, None, :] + offsets).reshape(-1, 3)
                 if not self.unbounded:  # stay inside the grid's box, as instant-nsr-pl does
                     shifted = shifted.clamp(-self.radius, self.radius)
-                around = self.sdf_activation(self._network(shifted)[:, 0] + self.sdf_bias).view(-1, 3, 2)
+                around = self._sdf_of(self._network(shifted)).view(-1, 3, 2)
                 result["grad"] = (around[..., 0] - around[..., 1]) / (2 * eps)
                 if with_laplace:
                     result["laplace"] = (around.sum(-1) - 2 * sdf[:, None]).sum(-1) / eps ** 2

@@ -47,12 +47,13 @@ class VarianceNetwork(nn.Module):
 
 
 def neus_alpha(sdf: torch.Tensor, cos: torch.Tensor, dists: torch.Tensor, inv_s: torch.Tensor,
-               cos_anneal_ratio: float) -> torch.Tensor:
+               cos_anneal_ratio) -> torch.Tensor:
     """NeuS opacity of each interval from the SDF at its midpoint.
 
     sdf, cos (direction . normal), dists: (S,). The SDF at the interval ends is
     estimated along the (annealed) cosine; alpha = (Phi(prev) - Phi(next)) / Phi(prev)
-    with Phi the logistic CDF of sharpness inv_s. Returns (S,) in [0, 1].
+    with Phi the logistic CDF of sharpness inv_s. cos_anneal_ratio: float or 0-d tensor
+    (a tensor avoids a host sync per step). Returns (S,) in [0, 1].
     """
     iter_cos = -(F.relu(-cos * 0.5 + 0.5) * (1.0 - cos_anneal_ratio) + F.relu(-cos) * cos_anneal_ratio)
     prev_cdf = torch.sigmoid((sdf - iter_cos * dists * 0.5) * inv_s)
@@ -107,10 +108,8 @@ class NeuSModel(BaseModel):
     def _occupancy(self, x: torch.Tensor) -> torch.Tensor:
         """Opacity of a step centred at x, as if the ray crossed the surface head-on."""
         sdf = self.geometry.sdf(x)
-        inv_s = self.variance.inv_s.clamp(1e-6, 1e6)
-        prev_cdf = torch.sigmoid((sdf + self.render_step_size * 0.5) * inv_s)
-        next_cdf = torch.sigmoid((sdf - self.render_step_size * 0.5) * inv_s)
-        return ((prev_cdf - next_cdf + 1e-5) / (prev_cdf + 1e-5)).clamp(0.0, 1.0)
+        return neus_alpha(sdf, -torch.ones_like(sdf), torch.full_like(sdf, self.render_step_size),
+                          self.variance.inv_s.clamp(1e-6, 1e6), 1.0)
 
     # -------------------------------------------------------------- rendering
     def _render(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, Any]:
@@ -125,7 +124,7 @@ class NeuSModel(BaseModel):
         geo = self.geometry(positions, with_grad=True, with_laplace=with_laplace)
         normal = F.normalize(geo["grad"], dim=-1)
         alpha = neus_alpha(geo["sdf"], (dirs * normal).sum(-1), t_ends - t_starts,
-                           self.variance.inv_s.clamp(1e-6, 1e6), float(self.cos_anneal_ratio))
+                           self.variance.inv_s.clamp(1e-6, 1e6), self.cos_anneal_ratio)
         rgb = self.texture(geo["feature"], dirs, normal)
         weights, _ = render_weight_from_alpha(alpha, ray_indices, n_rays, self.backend)
         opacity = accumulate_along_rays(weights, None, ray_indices, n_rays)

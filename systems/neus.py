@@ -55,5 +55,5 @@ class NeuSSystem(NeRFSystem):
                 lambda: distortion_loss(out["weights_bg"], out["t_starts_bg"], out["t_ends_bg"],
                                         out["ray_indices_bg"], n_rays))
         loss = sum(terms[k] * weights[k] for k in terms)
-        self.log("train/inv_s", float(self.model.variance.inv_s), prog_bar=True)
+        self.log("train/inv_s", self.model.variance.inv_s.detach(), prog_bar=True)
         return loss, terms
