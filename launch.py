@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import os
 import sys
@@ -81,6 +82,14 @@ def trial_paths(config, args) -> None:
     trial = os.path.join(config.exp_dir, config.trial_name)
     for key in ("save", "ckpt", "code", "config"):
         config[f"{key}_dir"] = config.get(f"{key}_dir") or os.path.join(trial, key)
+
+
+def csv_log_version(config, mode: str) -> str:
+    """``csv_logs`` for a trial's first run; a later run in the same trial (resumed training, --test) gets
+    ``csv_logs/<mode>@<time>``, because Lightning's CSV logger deletes the metrics.csv it finds."""
+    if not os.path.isfile(os.path.join(config.exp_dir, config.trial_name, "csv_logs", "metrics.csv")):
+        return "csv_logs"
+    return os.path.join("csv_logs", mode + datetime.now().strftime("@%Y%m%d-%H%M%S"))
 
 
 def load_weights(system, path: str) -> dict:
@@ -161,7 +170,7 @@ def main(argv=None) -> int:
                          LearningRateMonitor(logging_interval="step"),
                          TrialSnapshot(config, raw_config, config.config_dir, config.code_dir)]
         loggers = [TensorBoardLogger(args.runs_dir, name=config.name, version=config.trial_name),
-                   CSVLogger(config.exp_dir, name=config.trial_name, version="csv_logs")]
+                   CSVLogger(config.exp_dir, name=config.trial_name, version=csv_log_version(config, mode))]
         strategy = "auto"
         if n_devices > 1:
             from pytorch_lightning.strategies import DDPStrategy
@@ -180,9 +189,12 @@ def main(argv=None) -> int:
                 trainer.fit(system, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
             except NonFiniteLossError as err:
                 return report_non_finite(err, trainer, system, config.ckpt_dir)
-            final = os.path.join(config.ckpt_dir, f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt")
-            if not os.path.exists(final):  # e.g. a resumed run whose parsed.yaml fixed the checkpoint interval
-                trainer.save_checkpoint(final)
+            step = trainer.global_step
+            saved = glob.glob(os.path.join(glob.escape(config.ckpt_dir), f"*step={step}.ckpt"))
+            if not saved:  # e.g. a resumed run whose parsed.yaml fixed the checkpoint interval
+                epoch = max(trainer.current_epoch - 1, 0)  # fit's end has already counted the epoch as done
+                trainer.save_checkpoint(os.path.join(config.ckpt_dir, f"epoch={epoch}-step={step}.ckpt"),
+                                        weights_only=False)
             if not args.skip_test:
                 trainer.test(system, datamodule=dm, verbose=True)
         elif mode == "validate":

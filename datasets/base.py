@@ -117,7 +117,7 @@ class SceneDataModule(pl.LightningDataModule):
 
     def split(self, stage: str) -> SceneData:
         name = {"train": self.config.get("train_split", "train"), "val": self.config.get("val_split", "val"),
-                "test": self.config.get("test_split", "test")}[stage]
+                "test": self.config.get("test_split", "test"), "trajectory": "trajectory"}[stage]
         if name not in self.splits:
             self.splits[name] = type(self).load_split(self.config, name)
         return self.splits[name]
@@ -129,6 +129,10 @@ class SceneDataModule(pl.LightningDataModule):
             self.val_data = self.split("val")
         if stage in (None, "test", "predict"):
             self.test_data = self.split("test")
+
+    def trajectory(self) -> Optional[SceneData]:
+        """Camera path for the test video when the test split is not one (held-out views); None otherwise."""
+        return None
 
     def world_from_scene(self) -> np.ndarray:
         return next(iter(self.splits.values())).world_from_scene if self.splits else np.eye(4)

@@ -12,7 +12,8 @@ The model works in the normalised frame (P = world_mat @ scale_mat, object
 inside the unit sphere); ``world_from_scene`` is ``scale_mat``, so meshes go
 back to the DTU world frame. ``holdout_every: k`` holds out every k-th view
 for val/test metrics; otherwise the test split is an orbit fitted to the
-cameras (video only, no metrics).
+cameras (video only, no metrics). The test video follows that orbit
+(``n_test_traj_steps`` frames) in both cases (split ``trajectory``).
 """
 from __future__ import annotations
 
@@ -130,10 +131,10 @@ def load_dtu_split(config: Any, split: str) -> SceneData:
     holdout = int(config.get("holdout_every", 0) or 0)
     if split == "train":
         chosen = [i for n, i in enumerate(indices) if holdout <= 0 or n % holdout != 0]
-    elif holdout > 0:
+    elif holdout > 0 and split != "trajectory":
         chosen = [i for n, i in enumerate(indices) if n % holdout == 0]
     else:
-        chosen = []  # no held-out views: the test/val split is an orbit without ground truth
+        chosen = []  # the video trajectory, and the test/val split when no views are held out: no ground truth
 
     scale_mat = cams[f"scale_mat_{indices[0]}"].astype(np.float64)
     Ks, c2ws = [], []
@@ -180,3 +181,6 @@ def load_dtu_split(config: Any, split: str) -> SceneData:
 @datasets.register("dtu")
 class DTUDataModule(SceneDataModule):
     load_split = staticmethod(load_dtu_split)
+
+    def trajectory(self) -> Optional[SceneData]:
+        return self.split("trajectory") if int(self.config.get("holdout_every", 0) or 0) > 0 else None

@@ -145,6 +145,21 @@ class DemoScene:
         colours = torch.stack([slab, sphere, torus, capsule], dim=1)  # (N, 4, 3)
         return colours[torch.arange(len(p)), part]
 
+    def environment(self, d: torch.Tensor) -> torch.Tensor:
+        """(N, 3) colour of the infinitely far surroundings seen along unit directions d (N, 3).
+
+        A soft sky-to-ground gradient with a coarse checker in azimuth/elevation:
+        multi-view consistent texture, like the walls and table of a DTU capture,
+        that a learned background has to explain (a flat colour would let any
+        dark shell explain it too).
+        """
+        azimuth = torch.atan2(d[:, 1], d[:, 0])
+        elevation = torch.asin(d[:, 2].clamp(-1, 1))
+        checker = ((torch.floor(azimuth * 6 / math.pi) + torch.floor(elevation * 6 / math.pi)) % 2)[:, None]
+        sky = (0.5 + 0.5 * torch.sin(elevation))[:, None]
+        base = sky * torch.tensor([0.55, 0.65, 0.8]) + (1 - sky) * torch.tensor([0.45, 0.35, 0.25])
+        return (base * (0.75 + 0.25 * checker)).clamp(0, 1)
+
     def shade(self, p: torch.Tensor) -> torch.Tensor:
         """(N, 3) view-independent radiance: albedo under ambient + one directional light."""
         lambert = (self.normal(p) @ self.light).clamp(min=0)
@@ -175,7 +190,12 @@ def sphere_trace(scene: DemoScene, rays_o: torch.Tensor, rays_d: torch.Tensor, t
 
 @torch.no_grad()
 def render(scene: DemoScene, cam: Camera, supersample: int = 2) -> Dict[str, np.ndarray]:
-    """Render RGBA (H, W, 4) float in [0, 1] (colour not premultiplied) and depth (H, W) (z-depth, 0 = miss)."""
+    """Render the scene seen by ``cam``, anti-aliased by ``supersample``^2 rays per pixel.
+
+    Returns "rgba" (H, W, 4) in [0, 1] (colour not premultiplied), "rgb_env"
+    (H, W, 3) the scene over its environment (``DemoScene.environment``) and
+    "depth" (H, W) z-depth (0 where nothing is hit).
+    """
     s = supersample
     rays_o, rays_d = cam.rays(s)
     hit, t = sphere_trace(scene, rays_o, rays_d)
@@ -191,7 +211,9 @@ def render(scene: DemoScene, cam: Camera, supersample: int = 2) -> Dict[str, np.
     alpha = pool(hit.float()[:, None])
     colour = pool(rgb) / alpha.clamp(min=1e-6)
     depth = pool(z[:, None]) / alpha.clamp(min=1e-6)
-    return {"rgba": torch.cat([colour.clamp(0, 1), alpha], -1).numpy(), "depth": depth[..., 0].numpy()}
+    over_env = pool(torch.where(hit[:, None], rgb, scene.environment(rays_d)))
+    return {"rgba": torch.cat([colour.clamp(0, 1), alpha], -1).numpy(), "rgb_env": over_env.clamp(0, 1).numpy(),
+            "depth": depth[..., 0].numpy()}
 
 
 def write_blender(root: str, scene: DemoScene, splits: Dict[str, List[Camera]], supersample: int = 2,
@@ -216,23 +238,28 @@ def write_blender(root: str, scene: DemoScene, splits: Dict[str, List[Camera]], 
 
 
 def write_dtu(root: str, scene: DemoScene, cams: List[Camera], world_from_scene: np.ndarray,
-              image_padding: int = 6, mask_padding: int = 3, background=(0.0, 0.0, 0.0), supersample: int = 2,
-              with_masks: bool = True) -> None:
+              image_padding: int = 6, mask_padding: int = 3, background="environment", supersample: int = 2,
+              with_masks: bool = True, progress: bool = False) -> None:
     """Write a NeuS/IDR-format scene: ``cameras_sphere.npz``, ``image/`` and ``mask/``.
 
     The scene's own frame is the normalised one; ``world_from_scene`` (4, 4,
     a similarity) places it in the "world" the cameras are written in, and is
     stored as every ``scale_mat_i``. DTU pads images to 6 digits and masks to
-    3 (the defaults); BlendedMVS uses 3 for both.
+    3 (the defaults); BlendedMVS uses 3 for both. ``background``:
+    "environment" (the scene's textured surroundings, as in a real capture)
+    or an RGB triple in [0, 1].
     """
     os.makedirs(os.path.join(root, "image"), exist_ok=True)
     if with_masks:
         os.makedirs(os.path.join(root, "mask"), exist_ok=True)
     entries = {}
-    for i, cam in enumerate(cams):
+    for i, cam in enumerate(tqdm(cams, desc="rendering views", leave=False, disable=not progress)):
         out = render(scene, cam, supersample)
         alpha = out["rgba"][..., 3:]
-        rgb = out["rgba"][..., :3] * alpha + np.asarray(background) * (1 - alpha)
+        if isinstance(background, str):
+            rgb = out["rgb_env"]
+        else:
+            rgb = out["rgba"][..., :3] * alpha + np.asarray(background) * (1 - alpha)
         write_image(os.path.join(root, "image", f"{i:0{image_padding}d}.png"), to_uint8(rgb))
         if with_masks:
             write_image(os.path.join(root, "mask", f"{i:0{mask_padding}d}.png"),
@@ -246,6 +273,10 @@ def write_dtu(root: str, scene: DemoScene, cams: List[Camera], world_from_scene:
     np.savez(os.path.join(root, "cameras_sphere.npz"), **entries)
 
 
+# Where the DTU-format demo puts the scene: millimetres, off the origin, as a DTU scale_mat does.
+DEMO_WORLD_FROM_SCENE = np.array([[200.0, 0, 0, 12.0], [0, 200.0, 0, -35.0], [0, 0, 200.0, 610.0], [0, 0, 0, 1]])
+
+
 def demo_cameras(resolution: int = 128, n_train: int = 40, n_val: int = 4, n_test: int = 24) -> Dict[str, List[Camera]]:
     """Cameras of the demo scene: a train spiral, val views and a held-out test orbit (the video trajectory)."""
     return {
@@ -255,14 +286,25 @@ def demo_cameras(resolution: int = 128, n_train: int = 40, n_val: int = 4, n_tes
     }
 
 
-def ensure_demo_scene(root: str, resolution: int = 128) -> str:
-    """Render the demo scene in Blender format into ``root`` unless a current render is there.
+def demo_dtu_cameras(resolution: int = 128, n_views: int = 48) -> List[Camera]:
+    """One spiral of views, DTU-style (the loader holds out every k-th); 7 elevations so held-out views vary."""
+    return orbit_cameras(n_views, 2.6, [15, 30, 45, 60, 75, 35, 50], resolution, resolution)
 
-    Renders into a temporary folder beside ``root`` and renames it into place,
-    so an interrupted render never leaves a half-filled scene.
+
+def ensure_demo_scene(root: str, resolution: int = 128, layout: str = "blender") -> str:
+    """Render the demo scene into ``root`` unless a current render is there.
+
+    layout: "blender" (NeRF-synthetic: RGBA on transparent background, train/
+    val/test splits) or "dtu" (NeuS format: images over the textured
+    environment, masks, cameras in a millimetre world frame given by
+    ``DEMO_WORLD_FROM_SCENE``). Renders into a temporary folder beside
+    ``root`` and renames it into place, so an interrupted render never leaves
+    a half-filled scene.
     """
+    if layout not in ("blender", "dtu"):
+        raise ValueError(f"unknown demo layout {layout!r}")
     marker = os.path.join(root, "demo_scene.json")
-    expected = {"version": SCENE_VERSION, "resolution": resolution}
+    expected = {"version": SCENE_VERSION, "resolution": resolution, "layout": layout}
     if os.path.isfile(marker):
         with open(marker) as f:
             if json.load(f) == expected:
@@ -271,8 +313,11 @@ def ensure_demo_scene(root: str, resolution: int = 128) -> str:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".demo-", dir=parent)
     try:
-        log.info(f"Rendering the demo scene into {root} (first use only)")
-        write_blender(tmp, DemoScene(), demo_cameras(resolution), progress=True)
+        log.info(f"Rendering the demo scene ({layout} layout) into {root} (first use only)")
+        if layout == "blender":
+            write_blender(tmp, DemoScene(), demo_cameras(resolution), progress=True)
+        else:
+            write_dtu(tmp, DemoScene(), demo_dtu_cameras(resolution), DEMO_WORLD_FROM_SCENE, progress=True)
         with open(os.path.join(tmp, "demo_scene.json"), "w") as f:
             json.dump(expected, f)
         if os.path.isdir(root):
@@ -282,3 +327,14 @@ def ensure_demo_scene(root: str, resolution: int = 128) -> str:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
     return root
+
+
+def demo_surface(resolution: int = 256, world_from_scene: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The demo scene's true surface as a mesh (vertices (V, 3), faces (F, 3)), optionally in a world frame."""
+    from utils.mesh import marching_cubes
+
+    verts, faces = marching_cubes(DemoScene().sdf, np.array([[-1.0] * 3, [1.0] * 3]), resolution, 0.0,
+                                  inside_is_greater=False)
+    if world_from_scene is not None:
+        verts = verts @ world_from_scene[:3, :3].T + world_from_scene[:3, 3]
+    return verts, faces

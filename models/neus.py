@@ -89,14 +89,14 @@ class NeuSModel(BaseModel):
             self.background = NeRFModel(_background_config(cfg))
         self.register_buffer("background_color", torch.ones(3), persistent=False)
 
-    # instant-nsr-pl configs name the background's parts in optimizer.params
+    # instant-nsr-pl configs name the background's parts in optimizer.params (None: no learned background)
     @property
-    def geometry_bg(self) -> nn.Module:
-        return self.background.geometry
+    def geometry_bg(self) -> nn.Module | None:
+        return self.background.geometry if self.learned_background else None
 
     @property
-    def texture_bg(self) -> nn.Module:
-        return self.background.texture
+    def texture_bg(self) -> nn.Module | None:
+        return self.background.texture if self.learned_background else None
 
     # --------------------------------------------------------------- training
     def update_step(self, epoch: int, global_step: int) -> None:
@@ -120,7 +120,7 @@ class NeuSModel(BaseModel):
         mid = 0.5 * (t_starts + t_ends)
         dirs = rays_d[ray_indices]
         positions = rays_o[ray_indices] + dirs * mid[:, None]
-        with_laplace = self.training and bool(self.config.get("with_laplace", False))
+        with_laplace = self.training and self.geometry.grad_type == "finite_difference"  # free with the differences
         geo = self.geometry(positions, with_grad=True, with_laplace=with_laplace)
         normal = F.normalize(geo["grad"], dim=-1)
         alpha = neus_alpha(geo["sdf"], (dirs * normal).sum(-1), t_ends - t_starts,

@@ -15,14 +15,15 @@ import imageio.v2 as imageio
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from tqdm import tqdm
 
 import models
 from datasets.base import SceneData
 from models.base import update_module_step
 from systems.optim import make_optimizer, make_scheduler
-from utils.config import scheduled
+from utils.config import peak, scheduled, to_primitive
 from utils.io import colorize_depth, image_grid, to_uint8, write_image, write_json, write_video
-from utils.mesh import MeshError, write_mesh
+from utils.mesh import MeshError, largest_component, write_mesh
 from utils.metrics import ImageMetrics
 
 log = logging.getLogger("nsr")
@@ -39,6 +40,7 @@ class BaseSystem(pl.LightningModule):
     """mode: 'train' (fit then test), 'test' (metrics + video + mesh) or 'export' (video + mesh only)."""
 
     rgb_key = "comp_rgb"  # the model output compared with the images
+    loss_weights: tuple = ()  # the system.loss.lambda_* keys this system implements
 
     def __init__(self, config: Any, mode: str = "train"):
         super().__init__()
@@ -47,6 +49,16 @@ class BaseSystem(pl.LightningModule):
         self.model = models.make(config.model.name, config.model)
         self.metrics = ImageMetrics()
         self.register_buffer("trained_steps", torch.tensor(0, dtype=torch.long))
+        if mode == "train":
+            self.check_loss_weights(config.system.get("loss", {}))
+
+    def check_loss_weights(self, loss_cfg: Any) -> None:
+        """Warn once about non-zero weights of losses this system does not have (an instant-nsr-pl
+        YAML may carry some), rather than silently training without them."""
+        for key, value in loss_cfg.items():
+            if key.startswith("lambda_") and key not in self.loss_weights and peak(value) > 0:
+                log.warning(f"system.loss.{key} = {to_primitive(value)} is not a loss of {type(self).__name__}; "
+                            f"it is ignored (known: {', '.join(self.loss_weights)}).")
 
     # ------------------------------------------------------------------ plumbing
     @property
@@ -104,9 +116,10 @@ class BaseSystem(pl.LightningModule):
             panels.insert(0, to_uint8(gt.view(h, w, 3).cpu().numpy()))
         return panels
 
-    def render_image(self, stage: str, index: int) -> tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
-        """Render image ``index`` of a split on a white background; returns (model output, rays/gt batch)."""
-        data = self.data(stage)
+    def render_image(self, stage: str | SceneData, index: int) -> tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """Render image ``index`` of a split (a stage name or the data) on a white background;
+        returns (model output, rays/gt batch)."""
+        data = self.data(stage) if isinstance(stage, str) else stage
         batch = {k: v.to(self.device) for k, v in data.image_rays(index).items()}
         self.model.background_color = torch.ones(3, device=self.device)
         if data.has_mask and self.config.dataset.get("apply_mask", True):
@@ -149,21 +162,37 @@ class BaseSystem(pl.LightningModule):
             self.log("test/ssim", scores["ssim"], prog_bar=True, sync_dist=True)
         self.trainer.strategy.barrier()
         if self.trainer.is_global_zero:
-            self.write_test_video()
+            trajectory = self.trainer.datamodule.trajectory()
+            if trajectory is not None:
+                self.render_trajectory(trajectory)
+            self.write_test_video("test-orbit" if trajectory is not None else "test")
             self.export_mesh()
 
-    def write_test_video(self) -> None:
-        """The test grids, in trajectory order, as an MP4 (read back from disk: under DDP each rank wrote some)."""
-        folder = self.save_path(f"it{self.step}-test")
+    @torch.no_grad()
+    def render_trajectory(self, data: SceneData) -> None:
+        """Frames along the video trajectory when the test split is held-out views rather than an orbit."""
+        for index in tqdm(range(data.n_images), desc="rendering the video trajectory", leave=False):
+            out, _ = self.render_image(data, index)
+            write_image(self.save_path(f"it{self.step}-test-orbit/{index}.png"),
+                        image_grid(self.eval_panels(out, data, False, None)))
+
+    def write_test_video(self, kind: str) -> None:
+        """The frames in it{step}-{kind}/, in order, as it{step}-{kind}.mp4 (read back from disk: under DDP
+        each rank wrote some)."""
+        folder = self.save_path(f"it{self.step}-{kind}")
         names = sorted((f for f in os.listdir(folder) if f[:-4].isdigit() and f.endswith(".png")),
                        key=lambda f: int(f[:-4]))
         frames = [imageio.imread(os.path.join(folder, f)) for f in names]
         if frames:
-            path = self.save_path(f"it{self.step}-test.mp4")
+            path = self.save_path(f"it{self.step}-{kind}.mp4")
             write_video(path, frames, fps=int(self.config.get("export", {}).get("video_fps", 30)))
             log.info(f"Test video: {path} ({len(frames)} frames)")
 
     def export_mesh(self) -> None:
+        """Marching-cubes mesh in the dataset's world frame (and, with export.save_normalized, the model's frame).
+
+        export.largest_component_only keeps the biggest connected piece (drops floaters).
+        """
         export_cfg = self.config.get("export", {})
         res = int(self.config.model.geometry.isosurface.resolution)
         try:
@@ -171,12 +200,18 @@ class BaseSystem(pl.LightningModule):
         except MeshError as err:
             log.error(f"Mesh export skipped: {err}")
             return
+        verts, faces, colours = mesh["v_pos"], mesh["t_pos_idx"], mesh.get("v_rgb")
+        if export_cfg.get("largest_component_only", False):
+            n_before = len(faces)
+            verts, faces, colours = largest_component(verts, faces, colours)
+            log.info(f"Kept the largest connected component: {len(faces)} of {n_before} faces")
         world = self.trainer.datamodule.world_from_scene()
-        verts = mesh["v_pos"] @ world[:3, :3].T + world[:3, 3]
         path = self.save_path(f"it{self.step}-mc{res}.obj")
-        write_mesh(path, verts, mesh["t_pos_idx"], mesh.get("v_rgb"))
+        write_mesh(path, verts @ world[:3, :3].T + world[:3, 3], faces, colours)
+        if export_cfg.get("save_normalized", False):
+            write_mesh(self.save_path(f"it{self.step}-mc{res}-normalized.obj"), verts, faces, colours)
         write_json(self.save_path("normalization.json"), {
             "world_from_scene": np.asarray(world).tolist(),
-            "note": "meshes are in the dataset's world frame; the model works in the normalised frame "
+            "note": "meshes are in the dataset's world frame (*-normalized.obj: the model's frame); "
                     "x_scene = inverse(world_from_scene) @ x_world"})
-        log.info(f"Mesh: {path} ({len(verts)} vertices, {len(mesh['t_pos_idx'])} faces)")
+        log.info(f"Mesh: {path} ({len(verts)} vertices, {len(faces)} faces)")

@@ -12,6 +12,8 @@ from utils.config import ConfigError
 
 @systems.register("nerf-system")
 class NeRFSystem(BaseSystem):
+    loss_weights = ("lambda_rgb", "lambda_distortion")
+
     def __init__(self, config, mode: str = "train"):
         super().__init__(config, mode)
         m = config.model

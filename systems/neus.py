@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import systems
 from models.rendering import distortion_loss
 from systems.nerf import NeRFSystem
+from utils.config import ConfigError, peak
 
 log = logging.getLogger("nsr")
 
@@ -18,6 +19,14 @@ class NeuSSystem(NeRFSystem):
     """Rays, background and dynamic ray count as the NeRF system; the losses are NeuS's."""
 
     rgb_key = "comp_rgb_full"
+    loss_weights = ("lambda_rgb_mse", "lambda_rgb_l1", "lambda_eikonal", "lambda_mask", "lambda_opaque",
+                    "lambda_sparsity", "lambda_curvature", "lambda_distortion", "lambda_distortion_bg")
+
+    def check_loss_weights(self, loss_cfg):
+        super().check_loss_weights(loss_cfg)
+        if peak(loss_cfg.get("lambda_curvature", 0.0)) > 0 and self.model.geometry.grad_type != "finite_difference":
+            raise ConfigError("system.loss.lambda_curvature needs model.geometry.grad_type=finite_difference "
+                              "(the Laplacian comes from the finite differences).")
 
     def on_fit_start(self):
         super().on_fit_start()
@@ -46,8 +55,7 @@ class NeuSSystem(NeRFSystem):
         add("opaque", "lambda_opaque", lambda: F.binary_cross_entropy(opacity, opacity))
         add("sparsity", "lambda_sparsity",
             lambda: torch.exp(-float(loss_cfg.get("sparsity_scale", 1.0)) * out["sdf_samples"].abs()).mean())
-        if "sdf_laplace_samples" in out:
-            add("curvature", "lambda_curvature", lambda: out["sdf_laplace_samples"].abs().mean())
+        add("curvature", "lambda_curvature", lambda: out["sdf_laplace_samples"].abs().mean())
         add("distortion", "lambda_distortion",
             lambda: distortion_loss(out["weights"], out["t_starts"], out["t_ends"], out["ray_indices"], n_rays))
         if "weights_bg" in out:

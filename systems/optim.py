@@ -1,7 +1,9 @@
 """Optimiser and scheduler from config, as instant-nsr-pl writes them.
 
 ``optimizer.params`` gives per-module settings (``geometry: {lr: 0.01}``);
-modules it does not name are not optimised. Schedulers are any
+modules it does not name are not optimised; a part the model has switched
+off (``geometry_bg`` without a learned background: the model returns None)
+is skipped. Schedulers are any
 ``torch.optim.lr_scheduler`` class by name, plus ``SequentialLR`` and
 ``ChainedScheduler`` built from a ``schedulers`` list.
 """
@@ -30,8 +32,8 @@ def make_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
         raise ConfigError(f"Unknown optimizer '{name}' (system.optimizer.name); use a torch.optim class name.")
     args = dict(to_primitive(config.get("args", {})) or {})
     if config.get("params") is not None:
-        groups = [{"params": list(_module(model, key).parameters()), "name": key, **dict(to_primitive(value) or {})}
-                  for key, value in config.params.items()]
+        groups = [{"params": list(module.parameters()), "name": key, **dict(to_primitive(value) or {})}
+                  for key, value in config.params.items() if (module := _module(model, key)) is not None]
     else:
         groups = [{"params": list(model.parameters()), "name": "all"}]
     return getattr(torch.optim, name)(groups, **args)

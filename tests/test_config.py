@@ -43,6 +43,8 @@ def test_misspelled_override_names_the_closest_key(path):
 def test_plus_adds_a_new_key(path):
     cfg = load_config(path, ["+system.loss.lambda_new=0.5"])
     assert cfg.system.loss.lambda_new == 0.5
+    with pytest.raises(ConfigError, match=r"use \+dataset.unheard_of=\.\.\. to add"):
+        load_config(path, ["dataset.unheard_of=3"])
 
 
 def test_missing_file_and_bad_override(path):

@@ -50,6 +50,10 @@ def test_holdout_and_orbit_splits(scene_dir):
     assert held.n_images == 3 and train.n_images == 2 and held.has_gt
     orbit = load_dtu_split(cfg(scene_dir, n_test_traj_steps=12), "test")
     assert orbit.n_images == 12 and not orbit.has_gt
+    # with views held out, the video still follows the orbit
+    trajectory = load_dtu_split(cfg(scene_dir, holdout_every=2, n_test_traj_steps=12), "trajectory")
+    assert not trajectory.has_gt
+    torch.testing.assert_close(trajectory.c2w, orbit.c2w)
     centres = orbit.c2w[:, :, 3]
     assert float(centres.norm(dim=-1).std()) < 1e-4, "a circle about an axis through the origin"
     flat = torch.linalg.svdvals(centres - centres.mean(0))
@@ -84,3 +88,13 @@ def test_orbit_trajectory_up_follows_the_cameras():
     heights = poses[:, 2, 3]
     np.testing.assert_allclose(heights, 3.0 * np.sin(np.radians(40)), atol=1e-6)
     assert (poses[:, 2, 1] < 0).all(), "camera 'down' axis points down in a z-up world"
+
+
+def test_images_show_the_textured_surroundings_outside_the_mask(scene_dir):
+    data = load_dtu_split(cfg(scene_dir), "train")
+    rgb = data.images.float() / 255
+    outside = data.masks == 0
+    assert 0.1 < float(outside.float().mean()) < 0.9
+    background = rgb[outside]
+    assert float(background.std(0).min()) > 0.03, "the surroundings are textured, not a flat colour"
+    assert float(background.mean()) > 0.2

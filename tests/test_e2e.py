@@ -26,8 +26,11 @@ def launch(tmp, *args, expect=0):
 
 
 def metrics_from_csv(trial):
+    """Test PSNR of the latest run in a trial (a later run logs under csv_logs/<mode>@<time>/)."""
     import csv
-    rows = list(csv.DictReader(open(os.path.join(trial, "csv_logs", "metrics.csv"))))
+    files = sorted(glob.glob(os.path.join(trial, "csv_logs", "**", "metrics.csv"), recursive=True),
+                   key=os.path.getmtime)
+    rows = list(csv.DictReader(open(files[-1])))
     psnr = [float(r["test/psnr"]) for r in rows if r.get("test/psnr")]
     return psnr[-1]
 
@@ -52,6 +55,7 @@ def test_train_writes_the_instant_nsr_pl_tree(trained):
     assert os.path.isfile(os.path.join(save, "it400-0.png"))
     assert len(glob.glob(os.path.join(save, "it400-test", "*.png"))) == 24
     assert "Device: CPU" in out
+    assert [os.path.basename(p) for p in glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))] == ["epoch=0-step=400.ckpt"]
 
 
 @pytest.mark.slow
@@ -94,6 +98,7 @@ def test_resume_then_test_equals_test_after_training(trained):
         os.remove(os.path.join(save, name))
     launch(tmp, "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, "--test")
     assert os.path.isfile(os.path.join(save, "it400-test.mp4"))
+    assert os.path.isfile(os.path.join(trial, "csv_logs", "metrics.csv")), "the training run's log is kept"
     after_mesh = trimesh.load(os.path.join(save, "it400-mc64.obj"), process=False)
     assert len(after_mesh.vertices) == len(before_mesh.vertices)
     np.testing.assert_allclose(after_mesh.vertices, before_mesh.vertices, atol=1e-5)

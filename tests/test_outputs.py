@@ -6,7 +6,7 @@ import torch
 import trimesh
 
 from utils.io import write_video
-from utils.mesh import MeshError, marching_cubes, write_mesh
+from utils.mesh import MeshError, largest_component, marching_cubes, write_mesh
 
 
 def sphere_density(x):
@@ -54,3 +54,16 @@ def test_video_of_odd_size_plays(tmp_path):
     got = [frame for frame in reader]
     assert len(got) == 10 and got[0].shape == (48, 64, 3)
     assert abs(float(got[5][:37, :50].mean()) - 100) < 3
+
+
+def test_largest_component_drops_the_smaller_piece_and_keeps_colours():
+    big = trimesh.creation.icosphere(subdivisions=3)
+    small = trimesh.creation.icosphere(subdivisions=1, radius=0.2)
+    small.vertices += [3.0, 0, 0]
+    both = trimesh.util.concatenate([small, big])  # the small piece first: order must not matter
+    colours = np.concatenate([np.zeros((len(small.vertices), 3)), np.ones((len(big.vertices), 3))])
+    v, f, c = largest_component(np.asarray(both.vertices), np.asarray(both.faces), colours)
+    assert len(f) == len(big.faces) and len(v) == len(big.vertices)
+    assert np.all(c == 1.0) and np.linalg.norm(v, axis=1).max() < 1.01
+    kept = trimesh.Trimesh(v, f, process=False)
+    assert kept.is_watertight and abs(kept.area - big.area) < 1e-9

@@ -95,7 +95,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             continue
         if not _key_exists(cfg, key):
             hint = closest_key(cfg, key)
-            suggestion = f"; did you mean {hint}?" if hint else "; use +{key}=... to add a new key."
+            suggestion = f"; did you mean {hint}?" if hint else f"; use +{key}=... to add a new key."
             raise ConfigError(f"Override key '{key}' does not exist in the config{suggestion}")
         checked.append(item)
     if not checked:
@@ -155,3 +155,11 @@ def scheduled(value: Any, global_step: int) -> float:
         return float(end_value if global_step >= end_step else start_value)
     t = min(max((global_step - start_step) / (end_step - start_step), 0.0), 1.0)
     return float(start_value + (end_value - start_value) * t)
+
+
+def peak(value: Any) -> float:
+    """Largest value a possibly scheduled scalar takes (0 for a weight that is never on)."""
+    value = to_primitive(value)
+    if isinstance(value, (list, tuple)) and len(value) in (3, 4):
+        return float(max(value[-3], value[-2])) if len(value) == 4 else float(max(value[0], value[1]))
+    return scheduled(value, 0)

@@ -88,6 +88,22 @@ def marching_cubes(field: FieldFn, bounds: np.ndarray, resolution: int, threshol
     return verts.astype(np.float32), faces
 
 
+def largest_component(vertices: np.ndarray, faces: np.ndarray,
+                      colors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Keep the connected component with the most faces (edge-connected); unused vertices dropped.
+
+    vertices (V, 3), faces (F, 3), colors (V, C) or None -> the same, smaller.
+    """
+    mesh = trimesh.Trimesh(vertices, faces, process=False)
+    labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(faces))
+    keep = labels == np.bincount(labels).argmax()
+    kept_faces = faces[keep]
+    used = np.unique(kept_faces)
+    remap = np.full(len(vertices), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    return vertices[used], remap[kept_faces], None if colors is None else colors[used]
+
+
 def write_mesh(path: str, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None) -> None:
     """Write OBJ/PLY (by extension) with optional per-vertex colours in [0, 1], atomically."""
     visual = None

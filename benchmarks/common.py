@@ -1,0 +1,61 @@
+"""Shared pieces of the benchmarks: device sync and a timed training loop without Lightning."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def describe_device(device: torch.device) -> str:
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    return f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+
+
+def bench_train_steps(config_path: str, overrides: list, steps: int, device: torch.device,
+                      loss_fn: Callable[[dict, dict], torch.Tensor]) -> tuple[float, float, float]:
+    """Steady-state (after the occupancy grid's warm-up) steps/s, samples/s and samples/step of a model.
+
+    loss_fn(model output, rays batch on device) -> scalar loss. The ray count adapts as in training.
+    """
+    import datasets
+    import models
+    from models.base import update_module_step
+    from systems.optim import make_optimizer
+    from utils.config import load_config
+
+    cfg = load_config(config_path, overrides)
+    dm = datasets.make(cfg.dataset.name, cfg.dataset)
+    dm.setup("fit")
+    data = dm.train_data
+    model = models.make(cfg.model.name, cfg.model).to(device).train()
+    opt = make_optimizer(cfg.system.optimizer, model)
+    n_rays, target = int(cfg.model.train_num_rays), int(cfg.model.train_num_rays) * int(cfg.model.num_samples_per_ray)
+    warmup = int(cfg.model.get("grid_warmup_steps", 256)) + 50
+    samples, t0 = 0, None
+    for step in range(warmup + steps):
+        if step == warmup:
+            sync(device)
+            t0, samples = time.perf_counter(), 0
+        update_module_step(model, 0, step)
+        rays = {k: v.to(device) for k, v in data.train_rays(n_rays, True).items()}
+        out = model(rays["rays_o"], rays["rays_d"])
+        loss = loss_fn(out, rays)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        n = int(out["num_samples"]) + int(out.get("num_samples_bg", 0))
+        samples += n
+        n_rays = min(int(n_rays * 0.9 + 0.1 * n_rays * target / max(n, 1)), int(cfg.model.max_train_num_rays))
+    sync(device)
+    dt = time.perf_counter() - t0
+    return steps / dt, samples / dt, samples / steps

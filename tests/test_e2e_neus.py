@@ -1,0 +1,102 @@
+"""NeuS end to end on the DTU-format demo scene, as a user runs it: surface accuracy in the world frame,
+and `--test --resume` reproducing the export (also with the Neuralangelo progressive grid)."""
+import glob
+import json
+import os
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import trimesh
+
+from datasets.synthetic import DEMO_WORLD_FROM_SCENE, demo_surface
+from test_e2e import launch, metrics_from_csv
+from utils.mesh_metrics import bbox_diagonal, sample_surface, surface_distances
+
+
+def chamfer_to_demo_surface(mesh_path):
+    """(Chamfer distance, bbox diagonal) of a world-frame mesh against the demo scene's true surface."""
+    gt_v, gt_f = demo_surface(256, DEMO_WORLD_FROM_SCENE)
+    mesh = trimesh.load(mesh_path, process=False)
+    d = surface_distances(sample_surface(mesh.vertices, mesh.faces, 100000),
+                          sample_surface(gt_v, gt_f, 100000, seed=1))
+    return d["chamfer"], bbox_diagonal(gt_v)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("neus-data") / "demo-dtu")
+
+
+@pytest.fixture(scope="module")
+def neus_demo(tmp_path_factory, data_root):
+    """The README's main command (neus-demo, masks on), full length."""
+    tmp = tmp_path_factory.mktemp("neus")
+    out = launch(tmp, "--config", "configs/neus-demo.yaml", "--train", f"dataset.root_dir={data_root}", "tag=e2e")
+    trials = glob.glob(str(tmp / "exp" / "neus-demo" / "e2e@*"))
+    assert len(trials) == 1, out[-2000:]
+    return tmp, trials[0]
+
+
+@pytest.mark.slow
+def test_neus_demo_mesh_is_within_one_percent_of_the_true_surface(neus_demo):
+    tmp, trial = neus_demo
+    save = os.path.join(trial, "save")
+    chamfer, diag = chamfer_to_demo_surface(os.path.join(save, "it1500-mc128.obj"))
+    assert chamfer < 0.01 * diag, f"Chamfer {chamfer:.3f} = {100 * chamfer / diag:.2f}% of the diagonal {diag:.1f}"
+    world = np.array(json.load(open(os.path.join(save, "normalization.json")))["world_from_scene"])
+    np.testing.assert_allclose(world, DEMO_WORLD_FROM_SCENE)
+    assert metrics_from_csv(trial) > 24.0  # held-out views (every 8th of 48)
+    assert len(glob.glob(os.path.join(save, "it1500-test", "*.png"))) == 6
+    frames = [f for f in imageio.get_reader(os.path.join(save, "it1500-test-orbit.mp4"))]
+    assert len(frames) == 24  # the video follows the fitted orbit, not the 6 held-out views
+
+
+@pytest.mark.slow
+def test_neus_resume_then_test_reproduces_the_export(neus_demo):
+    tmp, trial = neus_demo
+    save = os.path.join(trial, "save")
+    before = trimesh.load(os.path.join(save, "it1500-mc128.obj"), process=False)
+    os.remove(os.path.join(save, "it1500-mc128.obj"))
+    ckpt = glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))[0]
+    launch(tmp, "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, "--test")
+    after = trimesh.load(os.path.join(save, "it1500-mc128.obj"), process=False)
+    assert len(after.vertices) == len(before.vertices)
+    np.testing.assert_allclose(after.vertices, before.vertices, atol=1e-4)  # world frame: millimetres
+
+
+NEURALANGELO_ON_DEMO = [  # instant-nsr-pl's config, pointed at the demo and sized for a CPU test
+    "dataset.name=demo", "+dataset.layout=dtu", "+dataset.holdout_every=8", "dataset.n_test_traj_steps=4",
+    "model.num_samples_per_ray=128", "model.train_num_rays=128", "model.max_train_num_rays=1024",
+    "model.grid_resolution=64", "model.geometry.isosurface.resolution=64",
+    "model.geometry.xyz_encoding_config.n_levels=8", "model.geometry.xyz_encoding_config.log2_hashmap_size=16",
+    "model.geometry.xyz_encoding_config.base_resolution=16", "model.geometry.xyz_encoding_config.start_level=2",
+    "model.geometry.xyz_encoding_config.update_steps=50", "system.loss.lambda_curvature=[0,0.0,1.e-4,100]",
+    "trainer.max_steps=300", "trainer.val_check_interval=300", "system.warmup_steps=100",
+    "+export.save_normalized=true", "+export.largest_component_only=true", "tag=e2e",
+]
+
+
+@pytest.mark.slow
+def test_neuralangelo_progressive_grid_resumes_to_the_same_export(tmp_path, data_root):
+    out = launch(tmp_path, "--config", "configs/neuralangelo-dtu-wmask.yaml", "--train",
+                 f"dataset.root_dir={data_root}", *NEURALANGELO_ON_DEMO)
+    assert "Kept the largest connected component" in out
+    trial = glob.glob(str(tmp_path / "exp" / "neuralangelo-dtu-wmask-demo-dtu" / "e2e@*"))[0]
+    save = os.path.join(trial, "save")
+    world_mesh = trimesh.load(os.path.join(save, "it300-mc64.obj"), process=False)
+    normalised = trimesh.load(os.path.join(save, "it300-mc64-normalized.obj"), process=False)
+    np.testing.assert_allclose(normalised.vertices * 200.0 + DEMO_WORLD_FROM_SCENE[:3, 3], world_mesh.vertices,
+                               atol=1e-3)
+    assert np.abs(normalised.vertices).max() < 1.0
+    components = trimesh.graph.connected_components(world_mesh.face_adjacency, nodes=np.arange(len(world_mesh.faces)))
+    assert len(components) == 1
+    chamfer, diag = chamfer_to_demo_surface(os.path.join(save, "it300-mc64.obj"))
+    assert chamfer < 0.05 * diag, f"Chamfer {100 * chamfer / diag:.2f}% of the diagonal after 300 steps"
+
+    os.remove(os.path.join(save, "it300-mc64.obj"))
+    ckpt = glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))[0]
+    launch(tmp_path, "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, "--test")
+    again = trimesh.load(os.path.join(save, "it300-mc64.obj"), process=False)
+    assert len(again.vertices) == len(world_mesh.vertices)
+    np.testing.assert_allclose(again.vertices, world_mesh.vertices, atol=1e-4)
