@@ -134,6 +134,10 @@ class SceneDataModule(pl.LightningDataModule):
         """Camera path for the test video when the test split is not one (held-out views); None otherwise."""
         return None
 
+    def ground_truth_surface(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """The true surface in the world frame (vertices (V, 3), faces (F, 3)) when the data knows it."""
+        return None
+
     def world_from_scene(self) -> np.ndarray:
         return next(iter(self.splits.values())).world_from_scene if self.splits else np.eye(4)
 

@@ -30,7 +30,8 @@ from utils.io import to_uint8, write_image
 
 log = logging.getLogger("nsr")
 
-SCENE_VERSION = 1  # bump when the scene or its renders change: cached renders are then redone
+SCENE_VERSION = 2  # bump when the scene or its renders change: cached renders are then redone
+ENVIRONMENT_RADIUS = 5.0  # the surroundings in the DTU-layout renders: a sphere about the scene
 
 
 @dataclass
@@ -145,20 +146,25 @@ class DemoScene:
         colours = torch.stack([slab, sphere, torus, capsule], dim=1)  # (N, 4, 3)
         return colours[torch.arange(len(p)), part]
 
-    def environment(self, d: torch.Tensor) -> torch.Tensor:
-        """(N, 3) colour of the infinitely far surroundings seen along unit directions d (N, 3).
+    def environment(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> torch.Tensor:
+        """(N, 3) colour of the surroundings seen along rays (N, 3; unit directions, origins inside them).
 
-        A soft sky-to-ground gradient with a coarse checker in azimuth/elevation:
-        multi-view consistent texture, like the walls and table of a DTU capture,
-        that a learned background has to explain (a flat colour would let any
-        dark shell explain it too).
+        The surroundings are a sphere of radius ``ENVIRONMENT_RADIUS`` (a room
+        about the object, like the walls and floor of a DTU capture) painted
+        with a sky-to-ground gradient and a coarse checker. At a finite
+        distance they show parallax between views, so only a background
+        model, not colour painted onto the foreground, explains them.
         """
-        azimuth = torch.atan2(d[:, 1], d[:, 0])
-        elevation = torch.asin(d[:, 2].clamp(-1, 1))
-        checker = ((torch.floor(azimuth * 6 / math.pi) + torch.floor(elevation * 6 / math.pi)) % 2)[:, None]
+        b = (rays_o * rays_d).sum(-1)
+        c = (rays_o * rays_o).sum(-1) - ENVIRONMENT_RADIUS ** 2
+        t = -b + (b * b - c).clamp(min=0).sqrt()
+        p = torch.nn.functional.normalize(rays_o + t[:, None] * rays_d, dim=-1)
+        azimuth = torch.atan2(p[:, 1], p[:, 0])
+        elevation = torch.asin(p[:, 2].clamp(-1, 1))
+        checker = ((torch.floor(azimuth * 8 / math.pi) + torch.floor(elevation * 8 / math.pi)) % 2)[:, None]
         sky = (0.5 + 0.5 * torch.sin(elevation))[:, None]
         base = sky * torch.tensor([0.55, 0.65, 0.8]) + (1 - sky) * torch.tensor([0.45, 0.35, 0.25])
-        return (base * (0.75 + 0.25 * checker)).clamp(0, 1)
+        return (base * (0.7 + 0.3 * checker)).clamp(0, 1)
 
     def shade(self, p: torch.Tensor) -> torch.Tensor:
         """(N, 3) view-independent radiance: albedo under ambient + one directional light."""
@@ -211,7 +217,7 @@ def render(scene: DemoScene, cam: Camera, supersample: int = 2) -> Dict[str, np.
     alpha = pool(hit.float()[:, None])
     colour = pool(rgb) / alpha.clamp(min=1e-6)
     depth = pool(z[:, None]) / alpha.clamp(min=1e-6)
-    over_env = pool(torch.where(hit[:, None], rgb, scene.environment(rays_d)))
+    over_env = pool(torch.where(hit[:, None], rgb, scene.environment(rays_o, rays_d)))
     return {"rgba": torch.cat([colour.clamp(0, 1), alpha], -1).numpy(), "rgb_env": over_env.clamp(0, 1).numpy(),
             "depth": depth[..., 0].numpy()}
 

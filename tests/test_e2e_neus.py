@@ -44,6 +44,8 @@ def test_neus_demo_mesh_is_within_one_percent_of_the_true_surface(neus_demo):
     save = os.path.join(trial, "save")
     chamfer, diag = chamfer_to_demo_surface(os.path.join(save, "it1500-mc128.obj"))
     assert chamfer < 0.01 * diag, f"Chamfer {chamfer:.3f} = {100 * chamfer / diag:.2f}% of the diagonal {diag:.1f}"
+    reported = json.load(open(os.path.join(save, "it1500-mesh-metrics.json")))  # the test stage's own figure
+    assert reported["chamfer"] == pytest.approx(chamfer, rel=0.1) and reported["fscore"] > 0.5
     world = np.array(json.load(open(os.path.join(save, "normalization.json")))["world_from_scene"])
     np.testing.assert_allclose(world, DEMO_WORLD_FROM_SCENE)
     assert metrics_from_csv(trial) > 24.0  # held-out views (every 8th of 48)
@@ -68,7 +70,7 @@ def test_neus_resume_then_test_reproduces_the_export(neus_demo):
 NEURALANGELO_ON_DEMO = [  # instant-nsr-pl's config, pointed at the demo and sized for a CPU test
     "dataset.name=demo", "+dataset.layout=dtu", "+dataset.holdout_every=8", "dataset.n_test_traj_steps=4",
     "model.num_samples_per_ray=128", "model.train_num_rays=128", "model.max_train_num_rays=1024",
-    "model.grid_resolution=64", "model.geometry.isosurface.resolution=64",
+    "+model.grid_resolution=64", "model.geometry.isosurface.resolution=64",
     "model.geometry.xyz_encoding_config.n_levels=8", "model.geometry.xyz_encoding_config.log2_hashmap_size=16",
     "model.geometry.xyz_encoding_config.base_resolution=16", "model.geometry.xyz_encoding_config.start_level=2",
     "model.geometry.xyz_encoding_config.update_steps=50", "system.loss.lambda_curvature=[0,0.0,1.e-4,100]",

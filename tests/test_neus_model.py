@@ -39,14 +39,13 @@ def test_render_without_and_with_learned_background():
     expected = out["comp_rgb"] + torch.tensor([0.0, 0.0, 1.0]) * (1 - out["opacity"])
     torch.testing.assert_close(out["comp_rgb_full"], expected)
     cfg = load_config("configs/neus-demo.yaml", ["model.grid_resolution=16", "model.learned_background=true"])
-    nerf = load_config("configs/nerf-demo.yaml")
-    cfg.model.geometry_bg, cfg.model.texture_bg = nerf.model.geometry, nerf.model.texture
     bg_model = models.make(cfg.model.name, cfg.model)
     assert bg_model.background.geometry.unbounded
     bg_model.train()
     update_module_step(bg_model, 0, 0)
     out = bg_model(rays_o, rays_d)
     assert "num_samples_bg" in out and torch.isfinite(out["comp_rgb_full"]).all()
+    assert set(out["ray_indices_bg"].tolist()) == {0, 1}
 
 
 def test_variance_modulation_ramps_and_is_saved():
