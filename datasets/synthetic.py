@@ -30,7 +30,7 @@ from utils.io import to_uint8, write_image
 
 log = logging.getLogger("nsr")
 
-SCENE_VERSION = 2  # bump when the scene or its renders change: cached renders are then redone
+SCENE_VERSION = 3  # bump when the scene or its renders change: cached renders are then redone
 ENVIRONMENT_RADIUS = 5.0  # the surroundings in the DTU-layout renders: a sphere about the scene
 
 
@@ -293,8 +293,9 @@ def demo_cameras(resolution: int = 128, n_train: int = 40, n_val: int = 4, n_tes
 
 
 def demo_dtu_cameras(resolution: int = 128, n_views: int = 48) -> List[Camera]:
-    """One spiral of views, DTU-style (the loader holds out every k-th); 7 elevations so held-out views vary."""
-    return orbit_cameras(n_views, 2.6, [15, 30, 45, 60, 75, 35, 50], resolution, resolution)
+    """One spiral of views all around the object, two of its seven elevations from below (so the underside
+    is observed too); the loader holds out every k-th view, and 7 elevations make the held-out views vary."""
+    return orbit_cameras(n_views, 2.6, [15, 45, -20, 60, 30, -35, 75], resolution, resolution)
 
 
 def ensure_demo_scene(root: str, resolution: int = 128, layout: str = "blender") -> str:
