@@ -1,0 +1,124 @@
+"""Score a reconstructed mesh against ground truth with the protocols papers quote.
+
+    python scripts/eval_mesh.py MESH --protocol dtu --dtu-dir DIR --scan N
+    python scripts/eval_mesh.py MESH --protocol scene --gt GT_MESH [--threshold 0.05] [--crop-margin 0.1]
+
+dtu: the DTU MVS object evaluation. DIR is the DTU evaluation data
+(``Points/stl/stl{scan:03d}_total.ply``, ``ObsMask/ObsMask{scan}_10.mat``,
+``ObsMask/Plane{scan}.mat``); the mesh must be in the DTU world frame (this
+project's meshes are). The mesh is sampled at ``--density`` (0.2 mm), points
+outside the observation mask are not scored for accuracy, ground-truth points
+below the table not for completeness, distances of ``--max-dist`` (20 mm) or
+more are left out as outliers. Units: millimetres.
+
+scene: mesh to mesh (NeuralRecon / TransformerFusion style): both surfaces
+sampled uniformly by area, accuracy / completeness / Chamfer, and precision /
+recall / F-score at ``--threshold`` (scene units, default 0.05 = 5 cm).
+``--crop-margin m`` first drops predicted points farther than m outside the
+ground truth's bounding box (e.g. the walls of an unbounded reconstruction).
+
+Prints a table, then one JSON object as the last line (``--json FILE`` also
+writes it, atomically).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from utils.mesh_metrics import dtu_protocol, sample_surface, surface_distances, uniform_surface_points  # noqa: E402
+
+
+class EvalError(RuntimeError):
+    """Bad input, said in one sentence."""
+
+
+def load_mesh(path: str):
+    import trimesh
+
+    if not os.path.isfile(path):
+        raise EvalError(f"Mesh {path} does not exist.")
+    mesh = trimesh.load(path, process=False, force="mesh")
+    if len(mesh.faces) == 0:
+        raise EvalError(f"{path} has no faces; give a triangle mesh (OBJ/PLY/OFF).")
+    return np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces)
+
+
+def load_dtu(dtu_dir: str, scan: int):
+    import trimesh
+    from scipy.io import loadmat
+
+    paths = {"stl": os.path.join(dtu_dir, "Points", "stl", f"stl{scan:03d}_total.ply"),
+             "obs": os.path.join(dtu_dir, "ObsMask", f"ObsMask{scan}_10.mat"),
+             "plane": os.path.join(dtu_dir, "ObsMask", f"Plane{scan}.mat")}
+    for kind, path in paths.items():
+        if not os.path.isfile(path):
+            raise EvalError(f"{path} is missing; --dtu-dir must hold the DTU evaluation data "
+                            "(Points/stl/stl{scan:03d}_total.ply and ObsMask/ObsMask{scan}_10.mat, Plane{scan}.mat).")
+    gt = np.asarray(trimesh.load(paths["stl"], process=False).vertices, dtype=np.float64)
+    obs = loadmat(paths["obs"])
+    plane = loadmat(paths["plane"])["P"].astype(np.float64).reshape(4)
+    return gt, obs["ObsMask"].astype(bool), obs["BB"].astype(np.float64), float(np.asarray(obs["Res"]).ravel()[0]), plane
+
+
+def evaluate(args) -> dict:
+    verts, faces = load_mesh(args.mesh)
+    if args.protocol == "dtu":
+        if args.dtu_dir is None or args.scan is None:
+            raise EvalError("--protocol dtu needs --dtu-dir and --scan.")
+        gt, obs_mask, bounds, res, plane = load_dtu(args.dtu_dir, args.scan)
+        pred = uniform_surface_points(verts, faces, args.density)
+        try:
+            return dtu_protocol(pred, gt, obs_mask, bounds, res, plane, args.max_dist)
+        except ValueError as err:
+            raise EvalError(str(err)) from None
+    if args.gt is None:
+        raise EvalError("--protocol scene needs --gt GT_MESH.")
+    gt_v, gt_f = load_mesh(args.gt)
+    pred = sample_surface(verts, faces, args.samples, seed=0)
+    gt = sample_surface(gt_v, gt_f, args.samples, seed=1)
+    if args.crop_margin is not None:
+        lo, hi = gt_v.min(0) - args.crop_margin, gt_v.max(0) + args.crop_margin
+        pred = pred[np.all((pred >= lo) & (pred <= hi), axis=1)]
+        if len(pred) == 0:
+            raise EvalError("No predicted point lies within --crop-margin of the ground truth's bounding box.")
+    return surface_distances(pred, gt, threshold=args.threshold)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mesh")
+    parser.add_argument("--protocol", choices=["dtu", "scene"], required=True)
+    parser.add_argument("--dtu-dir")
+    parser.add_argument("--scan", type=int)
+    parser.add_argument("--density", type=float, default=0.2, help="dtu: sampling distance (mm)")
+    parser.add_argument("--max-dist", type=float, default=20.0, help="dtu: outlier distance (mm)")
+    parser.add_argument("--gt", help="scene: ground-truth mesh")
+    parser.add_argument("--threshold", type=float, default=0.05, help="scene: F-score distance")
+    parser.add_argument("--samples", type=int, default=200_000, help="scene: points sampled on each mesh")
+    parser.add_argument("--crop-margin", type=float, help="scene: drop predicted points this far outside the GT box")
+    parser.add_argument("--json", help="also write the result to this file")
+    args = parser.parse_args(argv)
+    try:
+        result = evaluate(args)
+    except EvalError as err:
+        print(f"eval_mesh: {err}", file=sys.stderr)
+        return 2
+    result = {"protocol": args.protocol, "mesh": args.mesh, **result}
+    for key, value in result.items():
+        print(f"{key:>18s}  {value:.5g}" if isinstance(value, float) else f"{key:>18s}  {value}")
+    if args.json:
+        from utils.io import write_json
+
+        write_json(args.json, result)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

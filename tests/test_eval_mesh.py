@@ -1,0 +1,107 @@
+"""scripts/eval_mesh.py on synthetic data in the DTU evaluation layout and mesh-to-mesh, with known answers."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import trimesh
+from scipy.io import savemat
+
+from utils.mesh_metrics import dtu_protocol
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CENTRE = np.array([3.0, -2.0, 650.0])  # millimetres, as DTU
+
+
+def run(*args, expect=0):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "eval_mesh.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == expect, proc.stdout + proc.stderr
+    return proc
+
+
+def sphere(radius, centre=CENTRE, subdivisions=5):
+    mesh = trimesh.creation.icosphere(subdivisions=subdivisions, radius=radius)
+    mesh.vertices += centre
+    return mesh
+
+
+@pytest.fixture(scope="module")
+def dtu_dir(tmp_path_factory):
+    """Scan 1: a 20 mm sphere; observed only where x < CENTRE.x + 10; the table at z = 640."""
+    root = tmp_path_factory.mktemp("dtu_eval")
+    os.makedirs(root / "Points" / "stl")
+    os.makedirs(root / "ObsMask")
+    points, _ = trimesh.sample.sample_surface(sphere(20.0), 300_000, seed=3)
+    trimesh.PointCloud(points).export(root / "Points" / "stl" / "stl001_total.ply")
+    bounds = np.stack([CENTRE - 30, CENTRE + 30])
+    res = 1.0
+    axis = [np.arange(bounds[0, k], bounds[1, k] + res / 2, res) for k in range(3)]
+    x = np.meshgrid(*axis, indexing="ij")[0]
+    savemat(root / "ObsMask" / "ObsMask1_10.mat", {"ObsMask": (x < CENTRE[0] + 10).astype(np.uint8),
+                                                  "BB": bounds, "Res": np.array([[res]])})
+    savemat(root / "ObsMask" / "Plane1.mat", {"P": np.array([[0.0], [0.0], [1.0], [-640.0]])})
+    return root
+
+
+def test_dtu_protocol_measures_a_known_offset_and_ignores_what_it_should(dtu_dir, tmp_path):
+    offset = sphere(20.5)
+    offset.export(tmp_path / "offset.obj")
+    result = json.loads(run(tmp_path / "offset.obj", "--protocol", "dtu", "--dtu-dir", dtu_dir, "--scan", 1)
+                        .stdout.strip().splitlines()[-1])
+    assert result["accuracy"] == pytest.approx(0.5, abs=0.03)
+    assert result["completeness"] == pytest.approx(0.5, abs=0.03)
+    assert result["chamfer"] == pytest.approx(0.5, abs=0.03)
+    # a floater where nothing was observed, one more than 20 mm from the object (an outlier), and the
+    # bottom cut away below the table: none of them changes the figures
+    unobserved = sphere(2.0, CENTRE + [25.0, 0, 0], 2)
+    outlier = sphere(2.0, CENTRE + [-25.0, -25.0, 25.0], 2)
+    keep = offset.triangles_center[:, 2] > CENTRE[2] - 12.0
+    cut = trimesh.Trimesh(offset.vertices, offset.faces[keep], process=False)
+    trimesh.util.concatenate([cut, unobserved, outlier]).export(tmp_path / "messy.obj")
+    messy = json.loads(run(tmp_path / "messy.obj", "--protocol", "dtu", "--dtu-dir", dtu_dir, "--scan", 1,
+                           "--json", tmp_path / "r.json").stdout.strip().splitlines()[-1])
+    assert messy["accuracy"] == pytest.approx(result["accuracy"], abs=0.02)
+    assert messy["completeness"] == pytest.approx(result["completeness"], abs=0.02)
+    assert json.load(open(tmp_path / "r.json"))["chamfer"] == messy["chamfer"]
+
+
+def test_dtu_protocol_counts_observed_points_within_the_outlier_distance():
+    gt = np.array([[0.0, 0, 0], [1.0, 0, 0]])
+    pred = np.array([[0.0, 0, 0.5], [1.0, 0, 0.5], [0.0, 0, 5.0], [0.0, 0, 30.0]])  # 0.5, 0.5, 5, (30: outlier)
+    mask = np.ones((41, 41, 41), dtype=bool)
+    d = dtu_protocol(pred, gt, mask, np.array([[-20.0] * 3, [20.0] * 3]), 1.0, np.array([0, 0, 1.0, 1.0]))
+    assert d["accuracy"] == pytest.approx((0.5 + 0.5 + 5.0) / 3)
+    assert d["completeness"] == pytest.approx(0.5)
+
+
+def test_scene_protocol_fscore_and_cropping(tmp_path):
+    sphere(1.0, np.zeros(3)).export(tmp_path / "gt.obj")
+    sphere(1.02, np.zeros(3)).export(tmp_path / "pred.obj")
+    last = run(tmp_path / "pred.obj", "--protocol", "scene", "--gt", tmp_path / "gt.obj").stdout.strip().splitlines()
+    result = json.loads(last[-1])
+    assert result["chamfer"] == pytest.approx(0.02, abs=0.003) and result["fscore"] == 1.0
+    assert any(line.strip().startswith("fscore") for line in last[:-1])  # the readable table
+    tight = json.loads(run(tmp_path / "pred.obj", "--protocol", "scene", "--gt", tmp_path / "gt.obj",
+                           "--threshold", 0.01).stdout.strip().splitlines()[-1])
+    assert tight["fscore"] == 0.0
+    wall = trimesh.creation.box(extents=[0.1, 6.0, 6.0])
+    wall.vertices += [4.0, 0, 0]
+    trimesh.util.concatenate([sphere(1.02, np.zeros(3)), wall]).export(tmp_path / "walled.obj")
+    walled = json.loads(run(tmp_path / "walled.obj", "--protocol", "scene", "--gt", tmp_path / "gt.obj")
+                        .stdout.strip().splitlines()[-1])
+    cropped = json.loads(run(tmp_path / "walled.obj", "--protocol", "scene", "--gt", tmp_path / "gt.obj",
+                             "--crop-margin", 0.2).stdout.strip().splitlines()[-1])
+    assert walled["precision"] < 0.5 and cropped["precision"] == 1.0 and cropped["recall"] == 1.0
+
+
+def test_bad_input_is_one_sentence(tmp_path, dtu_dir):
+    out = run(tmp_path / "none.obj", "--protocol", "scene", "--gt", tmp_path / "gt.obj", expect=2)
+    assert "does not exist" in out.stderr and "Traceback" not in out.stderr
+    sphere(1.0, np.zeros(3)).export(tmp_path / "m.obj")
+    out = run(tmp_path / "m.obj", "--protocol", "dtu", "--dtu-dir", dtu_dir, "--scan", 7, expect=2)
+    assert "stl007_total.ply is missing" in out.stderr and "Traceback" not in out.stderr
+    out = run(tmp_path / "m.obj", "--protocol", "dtu", "--dtu-dir", dtu_dir, "--scan", 1, expect=2)
+    assert "DTU world frame" in out.stderr  # a mesh at the origin is nowhere near the observed volume
