@@ -134,8 +134,8 @@ class SceneDataModule(pl.LightningDataModule):
         """Camera path for the test video when the test split is not one (held-out views); None otherwise."""
         return None
 
-    def ground_truth_surface(self) -> Optional[tuple[np.ndarray, np.ndarray]]:
-        """The true surface in the world frame (vertices (V, 3), faces (F, 3)) when the data knows it."""
+    def score_mesh(self, vertices: np.ndarray, faces: np.ndarray) -> Optional[Dict[str, float]]:
+        """Geometry metrics of a world-frame mesh (V, 3) / (F, 3) when the data has ground truth; else None."""
         return None
 
     def world_from_scene(self) -> np.ndarray:

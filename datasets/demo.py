@@ -16,6 +16,7 @@ from datasets.base import DatasetError, SceneData, SceneDataModule
 from datasets.blender import load_blender_split
 from datasets.dtu import load_dtu_split
 from datasets.synthetic import demo_surface, ensure_demo_scene
+from utils.mesh_metrics import score_against_surface
 
 
 def load_demo_split(config: Any, split: str) -> SceneData:
@@ -38,6 +39,6 @@ class DemoDataModule(SceneDataModule):
         """The DTU layout holds out views for metrics; its video follows an orbit (the Blender test split is one)."""
         return self.split("trajectory") if str(self.config.get("layout", "blender")) == "dtu" else None
 
-    def ground_truth_surface(self):
-        """The analytic scene's surface (marching cubes at 256^3 of its exact SDF), in the world frame."""
-        return demo_surface(256, self.world_from_scene())
+    def score_mesh(self, vertices, faces):
+        """Against the analytic scene's surface (marching cubes at 256^3 of its exact SDF), in the world frame."""
+        return score_against_surface(vertices, faces, *demo_surface(256, self.world_from_scene()))

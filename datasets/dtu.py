@@ -30,6 +30,7 @@ import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule
 from datasets.blender import load_images, missing_root_message, target_size
 from datasets.rays import opencv_to_opengl
+from utils.mesh_metrics import dtu_protocol, load_dtu_evaluation, uniform_surface_points
 
 log = logging.getLogger("nsr")
 
@@ -184,3 +185,23 @@ class DTUDataModule(SceneDataModule):
 
     def trajectory(self) -> Optional[SceneData]:
         return self.split("trajectory") if int(self.config.get("holdout_every", 0) or 0) > 0 else None
+
+    def score_mesh(self, vertices, faces):
+        """The DTU protocol when ``dataset.eval_dir`` points at the DTU evaluation data; the scan number is
+        ``dataset.eval_scan`` or the number ending the scene folder's name (dtu_scan24 -> 24)."""
+        eval_dir = self.config.get("eval_dir")
+        if not eval_dir:
+            return None
+        scan = self.config.get("eval_scan")
+        if scan is None:
+            digits = re.search(r"(\d+)$", os.path.basename(os.path.normpath(self.config.root_dir)))
+            if digits is None:
+                log.warning("dataset.eval_dir is set but the scan number is unknown: set dataset.eval_scan.")
+                return None
+            scan = int(digits.group(1))
+        try:
+            truth = load_dtu_evaluation(eval_dir, int(scan))
+        except FileNotFoundError as err:
+            log.warning(f"DTU evaluation skipped: {err}")
+            return None
+        return dtu_protocol(uniform_surface_points(vertices, faces, 0.2), *truth)

@@ -31,7 +31,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.mesh_metrics import dtu_protocol, sample_surface, surface_distances, uniform_surface_points  # noqa: E402
+from utils.mesh_metrics import (dtu_protocol, load_dtu_evaluation, sample_surface, surface_distances,  # noqa: E402
+                                uniform_surface_points)
 
 
 class EvalError(RuntimeError):
@@ -49,29 +50,15 @@ def load_mesh(path: str):
     return np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces)
 
 
-def load_dtu(dtu_dir: str, scan: int):
-    import trimesh
-    from scipy.io import loadmat
-
-    paths = {"stl": os.path.join(dtu_dir, "Points", "stl", f"stl{scan:03d}_total.ply"),
-             "obs": os.path.join(dtu_dir, "ObsMask", f"ObsMask{scan}_10.mat"),
-             "plane": os.path.join(dtu_dir, "ObsMask", f"Plane{scan}.mat")}
-    for kind, path in paths.items():
-        if not os.path.isfile(path):
-            raise EvalError(f"{path} is missing; --dtu-dir must hold the DTU evaluation data "
-                            "(Points/stl/stl{scan:03d}_total.ply and ObsMask/ObsMask{scan}_10.mat, Plane{scan}.mat).")
-    gt = np.asarray(trimesh.load(paths["stl"], process=False).vertices, dtype=np.float64)
-    obs = loadmat(paths["obs"])
-    plane = loadmat(paths["plane"])["P"].astype(np.float64).reshape(4)
-    return gt, obs["ObsMask"].astype(bool), obs["BB"].astype(np.float64), float(np.asarray(obs["Res"]).ravel()[0]), plane
-
-
 def evaluate(args) -> dict:
     verts, faces = load_mesh(args.mesh)
     if args.protocol == "dtu":
         if args.dtu_dir is None or args.scan is None:
             raise EvalError("--protocol dtu needs --dtu-dir and --scan.")
-        gt, obs_mask, bounds, res, plane = load_dtu(args.dtu_dir, args.scan)
+        try:
+            gt, obs_mask, bounds, res, plane = load_dtu_evaluation(args.dtu_dir, args.scan)
+        except FileNotFoundError as err:
+            raise EvalError(str(err)) from None
         pred = uniform_surface_points(verts, faces, args.density)
         try:
             return dtu_protocol(pred, gt, obs_mask, bounds, res, plane, args.max_dist)

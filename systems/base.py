@@ -24,7 +24,6 @@ from systems.optim import make_optimizer, make_scheduler
 from utils.config import peak, scheduled, to_primitive
 from utils.io import colorize_depth, image_grid, to_uint8, write_image, write_json, write_video
 from utils.mesh import MeshError, largest_component, write_mesh
-from utils.mesh_metrics import bbox_diagonal, sample_surface, surface_distances
 from utils.metrics import ImageMetrics
 
 log = logging.getLogger("nsr")
@@ -207,8 +206,9 @@ class BaseSystem(pl.LightningModule):
             verts, faces, colours = largest_component(verts, faces, colours)
             log.info(f"Kept the largest connected component: {len(faces)} of {n_before} faces")
         world = self.trainer.datamodule.world_from_scene()
+        world_verts = verts @ world[:3, :3].T + world[:3, 3]
         path = self.save_path(f"it{self.step}-mc{res}.obj")
-        write_mesh(path, verts @ world[:3, :3].T + world[:3, 3], faces, colours)
+        write_mesh(path, world_verts, faces, colours)
         if export_cfg.get("save_normalized", False):
             write_mesh(self.save_path(f"it{self.step}-mc{res}-normalized.obj"), verts, faces, colours)
         write_json(self.save_path("normalization.json"), {
@@ -216,19 +216,7 @@ class BaseSystem(pl.LightningModule):
             "note": "meshes are in the dataset's world frame (*-normalized.obj: the model's frame); "
                     "x_scene = inverse(world_from_scene) @ x_world"})
         log.info(f"Mesh: {path} ({len(verts)} vertices, {len(faces)} faces)")
-        truth = self.trainer.datamodule.ground_truth_surface()
-        if truth is not None:
-            self.report_surface_metrics(verts @ world[:3, :3].T + world[:3, 3], faces, *truth)
-
-    def report_surface_metrics(self, verts: np.ndarray, faces: np.ndarray, gt_verts: np.ndarray,
-                               gt_faces: np.ndarray) -> None:
-        """Accuracy, completeness, Chamfer and F-score (at 1 % of the true surface's bounding-box diagonal)
-        of the world-frame mesh, from 100k area-uniform samples of each surface; logged and saved as JSON."""
-        diag = bbox_diagonal(gt_verts)
-        scores = surface_distances(sample_surface(verts, faces, 100_000), sample_surface(gt_verts, gt_faces, 100_000, 1),
-                                   threshold=0.01 * diag)
-        scores["chamfer_percent_of_diagonal"] = 100.0 * scores["chamfer"] / diag
-        scores["bbox_diagonal"] = diag
-        write_json(self.save_path(f"it{self.step}-mesh-metrics.json"), scores)
-        log.info("Mesh vs true surface: Chamfer {chamfer:.4g} ({chamfer_percent_of_diagonal:.2f} % of the diagonal), "
-                 "accuracy {accuracy:.4g}, completeness {completeness:.4g}, F-score {fscore:.3f}".format(**scores))
+        scores = self.trainer.datamodule.score_mesh(world_verts, faces)
+        if scores is not None:
+            write_json(self.save_path(f"it{self.step}-mesh-metrics.json"), scores)
+            log.info("Mesh vs ground truth: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))

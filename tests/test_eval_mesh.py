@@ -105,3 +105,15 @@ def test_bad_input_is_one_sentence(tmp_path, dtu_dir):
     assert "stl007_total.ply is missing" in out.stderr and "Traceback" not in out.stderr
     out = run(tmp_path / "m.obj", "--protocol", "dtu", "--dtu-dir", dtu_dir, "--scan", 1, expect=2)
     assert "DTU world frame" in out.stderr  # a mesh at the origin is nowhere near the observed volume
+
+
+def test_dtu_data_scores_its_meshes_when_given_the_evaluation_folder(dtu_dir, tmp_path):
+    from omegaconf import OmegaConf
+
+    from datasets.dtu import DTUDataModule
+
+    mesh = sphere(20.5)
+    scene = DTUDataModule(OmegaConf.create({"root_dir": str(tmp_path / "dtu_scan1"), "eval_dir": str(dtu_dir)}))
+    scores = scene.score_mesh(np.asarray(mesh.vertices), np.asarray(mesh.faces))  # scan number from the folder
+    assert scores["chamfer"] == pytest.approx(0.5, abs=0.03)
+    assert DTUDataModule(OmegaConf.create({"root_dir": str(tmp_path)})).score_mesh(mesh.vertices, mesh.faces) is None

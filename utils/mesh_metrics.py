@@ -7,6 +7,7 @@ threshold.
 """
 from __future__ import annotations
 
+import os
 from typing import Dict
 
 import numpy as np
@@ -84,3 +85,34 @@ def dtu_protocol(pred_points: np.ndarray, gt_points: np.ndarray, obs_mask: np.nd
     completeness = float(d_gt[d_gt < max_dist].mean()) if np.any(d_gt < max_dist) else float("inf")
     return {"accuracy": accuracy, "completeness": completeness, "chamfer": 0.5 * (accuracy + completeness),
             "n_pred_observed": int(len(pred_obs)), "n_gt_above_table": int(len(gt_above))}
+
+
+def score_against_surface(verts: np.ndarray, faces: np.ndarray, gt_verts: np.ndarray, gt_faces: np.ndarray,
+                          n_samples: int = 100_000) -> Dict[str, float]:
+    """Mesh vs a known true surface: distances from n_samples area-uniform points on each, F-score at 1 %
+    of the true surface's bounding-box diagonal, and the Chamfer distance as a percentage of that diagonal."""
+    diag = bbox_diagonal(gt_verts)
+    scores = surface_distances(sample_surface(verts, faces, n_samples), sample_surface(gt_verts, gt_faces, n_samples, 1),
+                               threshold=0.01 * diag)
+    scores["chamfer_percent_of_diagonal"] = 100.0 * scores["chamfer"] / diag
+    scores["bbox_diagonal"] = diag
+    return scores
+
+
+def load_dtu_evaluation(dtu_dir: str, scan: int):
+    """The DTU evaluation data of one scan -> (gt points (M, 3), obs_mask (X, Y, Z) bool, bounds (2, 3),
+    resolution, plane (4,)). Raises FileNotFoundError naming the first missing file."""
+    from scipy.io import loadmat
+
+    paths = {"stl": os.path.join(dtu_dir, "Points", "stl", f"stl{scan:03d}_total.ply"),
+             "obs": os.path.join(dtu_dir, "ObsMask", f"ObsMask{scan}_10.mat"),
+             "plane": os.path.join(dtu_dir, "ObsMask", f"Plane{scan}.mat")}
+    for path in paths.values():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing; the DTU evaluation folder holds Points/stl/stl<scan>_total.ply "
+                                    "and ObsMask/ObsMask<scan>_10.mat, Plane<scan>.mat.")
+    gt = np.asarray(trimesh.load(paths["stl"], process=False).vertices, dtype=np.float64)
+    obs = loadmat(paths["obs"])
+    plane = loadmat(paths["plane"])["P"].astype(np.float64).reshape(4)
+    return (gt, obs["ObsMask"].astype(bool), obs["BB"].astype(np.float64), float(np.asarray(obs["Res"]).ravel()[0]),
+            plane)
