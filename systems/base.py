@@ -176,6 +176,37 @@ class BaseSystem(pl.LightningModule):
             write_image(self.save_path(f"it{self.step}-test-orbit/{index}.png"),
                         image_grid(self.eval_panels(out, data, False, None)))
 
+    @torch.no_grad()
+    def fuse_mesh(self, iso: Any) -> Dict[str, np.ndarray]:
+        """``isosurface.method: tsdf``: depth and colour rendered at the training views, fused into a
+        truncated signed distance volume over the model's box at ``isosurface.resolution`` voxels a side
+        (truncation ``isosurface.tsdf_truncation`` voxels, default 3), then marching cubes. Needs no
+        density threshold, so it also suits NeRF fields. Model frame, as ``model.export``."""
+        from utils.tsdf import TSDFVolume
+
+        r = float(self.config.model.radius)
+        voxel = 2 * r / int(iso.resolution)
+        volume = TSDFVolume(np.array([[-r] * 3, [r] * 3]), voxel, float(iso.get("tsdf_truncation", 3)) * voxel,
+                            device=self.device)
+        data = self.trainer.datamodule.split("train")
+        flip = torch.diag(torch.tensor([1.0, -1.0, -1.0]))  # OpenGL camera axes -> OpenCV
+        for index in tqdm(range(data.n_images), desc="fusing rendered depth", leave=False):
+            out, rays = self.render_image(data, index)
+            c2w = data.c2w[index].double()
+            forward = -c2w[:, 2].to(rays["rays_d"])
+            opacity = out["opacity"].view(-1)
+            t = out["depth"].view(-1) / opacity.clamp(min=1e-6)  # expected distance of the visible surface
+            z = torch.where(opacity > 0.5, t * (rays["rays_d"] @ forward), torch.zeros_like(t))
+            z = z.view(data.height, data.width)
+            fx, fy, cx, cy = data.intrinsics[index].tolist()
+            c2w_cv = np.eye(4)
+            c2w_cv[:3, :3] = (c2w[:, :3] @ flip.double()).numpy()
+            c2w_cv[:3, 3] = c2w[:, 3].numpy()
+            volume.integrate(z.cpu().numpy(), np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]]), c2w_cv,
+                             out[self.rgb_key].view(data.height, data.width, 3).clamp(0, 1).cpu().numpy())
+        verts, faces, colours = volume.extract_mesh()
+        return {"v_pos": verts, "t_pos_idx": faces, "v_rgb": colours}
+
     def write_test_video(self, kind: str) -> None:
         """The frames in it{step}-{kind}/, in order, as it{step}-{kind}.mp4 (read back from disk: under DDP
         each rank wrote some)."""
@@ -194,9 +225,10 @@ class BaseSystem(pl.LightningModule):
         export.largest_component_only keeps the biggest connected piece (drops floaters).
         """
         export_cfg = self.config.get("export", {})
-        res = int(self.config.model.geometry.isosurface.resolution)
+        iso = self.config.model.geometry.isosurface
+        res = int(iso.resolution)
         try:
-            mesh = self.model.export(export_cfg)
+            mesh = self.fuse_mesh(iso) if str(iso.get("method", "mc")) == "tsdf" else self.model.export(export_cfg)
         except MeshError as err:
             log.error(f"Mesh export skipped: {err}")
             return

@@ -1,5 +1,6 @@
 """End-to-end through launch.py on the demo scene, as a user runs it (CPU, small sizes)."""
 import glob
+import json
 import os
 import subprocess
 import sys
@@ -151,3 +152,15 @@ def test_incompatible_checkpoint_is_refused(trained):
     out = launch(tmp, "--config", "configs/nerf-demo.yaml", "--test", "--resume", ckpt, f"dataset.root_dir={data}",
                  "model.geometry.xyz_encoding_config.n_levels=4", expect=2)
     assert "does not match this config" in out and "Traceback" not in out
+
+
+@pytest.mark.slow
+def test_tsdf_export_is_as_close_to_the_true_surface_as_marching_cubes(trained, tmp_path):
+    tmp, data, trial, _ = trained
+    ckpt = glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))[0]
+    launch(tmp, "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, "--export",
+           f"save_dir={tmp_path}", "model.geometry.isosurface.method=tsdf")
+    mc = json.load(open(os.path.join(trial, "save", "it400-mesh-metrics.json")))
+    tsdf = json.load(open(tmp_path / "it400-mesh-metrics.json"))
+    assert trimesh.load(tmp_path / "it400-mc64.obj", process=False).visual.kind == "vertex"
+    assert tsdf["chamfer"] < 1.5 * mc["chamfer"], (tsdf, mc)  # same order, without a density threshold
