@@ -1,0 +1,77 @@
+"""Train configs on the demo scene(s) and print one quality table (figures, never asserted).
+
+    python benchmarks/quality.py                                   # nerf-demo and neus-demo on this machine
+    python benchmarks/quality.py --configs configs/neus-demo.yaml -- trainer.max_steps=3000
+    python benchmarks/quality.py --configs configs/neus-blender.yaml -- dataset.scene=lego   # any scene
+
+Each config runs through launch.py (train, then test and export) in a
+temporary experiment folder; the table has steps, wall time, PSNR/SSIM on the
+held-out views and, where the data knows its true surface, the mesh's
+Chamfer distance (absolute and as % of the bounding-box diagonal) and F-score
+(at 1 % of the diagonal). Arguments after ``--`` are overrides for every config.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_config(config: str, overrides: list[str], exp_dir: str) -> dict:
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), "--config", config, "--train",
+                           "--exp_dir", exp_dir, "--runs_dir", os.path.join(exp_dir, "runs"), *overrides],
+                          cwd=ROOT, capture_output=True, text=True)
+    row = {"config": os.path.basename(config), "wall_s": time.perf_counter() - start}
+    if proc.returncode != 0:
+        row["error"] = (proc.stdout + proc.stderr).strip().splitlines()[-1]
+        return row
+    trial = max(glob.glob(os.path.join(exp_dir, "*", "*@*")), key=os.path.getmtime)
+    rows = list(csv.DictReader(open(os.path.join(trial, "csv_logs", "metrics.csv"))))
+    tested = [r for r in rows if r.get("test/psnr")]
+    if tested:
+        row["psnr"], row["ssim"] = float(tested[-1]["test/psnr"]), float(tested[-1]["test/ssim"])
+    tests = glob.glob(os.path.join(trial, "save", "it*-test"))
+    if tests:  # it{step}-test: the step the tested weights are at
+        row["steps"] = int(os.path.basename(tests[0])[2:-len("-test")])
+    metrics = glob.glob(os.path.join(trial, "save", "*-mesh-metrics.json"))
+    if metrics:
+        scores = json.load(open(metrics[0]))
+        row.update({k: scores[k] for k in ("chamfer", "chamfer_percent_of_diagonal", "fscore") if k in scores})
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--configs", nargs="+", default=["configs/nerf-demo.yaml", "configs/neus-demo.yaml"])
+    args, rest = parser.parse_known_args()
+    overrides = [a for a in rest if a != "--"]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="nsr-quality-") as exp_dir:
+        for config in args.configs:
+            print(f"running {config} ...", flush=True)
+            rows.append(run_config(config, overrides, os.path.join(exp_dir, str(len(rows)))))
+    print(f"\n{'config':22s} {'steps':>6s} {'wall':>8s} {'PSNR':>7s} {'SSIM':>6s} {'Chamfer':>9s} "
+          f"{'% diag':>7s} {'F-score':>8s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['config']:22s} failed: {r['error']}")
+            continue
+
+        def fmt(key, spec):
+            return format(r[key], spec) if key in r else "-"
+        print(f"{r['config']:22s} {r.get('steps', 0):6d} {r['wall_s'] / 60:7.1f}m {fmt('psnr', '7.2f'):>7s} "
+              f"{fmt('ssim', '6.3f'):>6s} {fmt('chamfer', '9.4g'):>9s} {fmt('chamfer_percent_of_diagonal', '7.2f'):>7s} "
+              f"{fmt('fscore', '8.3f'):>8s}")
+
+
+if __name__ == "__main__":
+    main()
