@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 import models
 from datasets.base import SceneData
+from datasets.rays import opencv_to_opengl
 from models.base import update_module_step
 from systems.optim import make_optimizer, make_scheduler
 from utils.config import peak, scheduled, to_primitive
@@ -189,7 +190,6 @@ class BaseSystem(pl.LightningModule):
         volume = TSDFVolume(np.array([[-r] * 3, [r] * 3]), voxel, float(iso.get("tsdf_truncation", 3)) * voxel,
                             device=self.device)
         data = self.trainer.datamodule.split("train")
-        flip = torch.diag(torch.tensor([1.0, -1.0, -1.0]))  # OpenGL camera axes -> OpenCV
         for index in tqdm(range(data.n_images), desc="fusing rendered depth", leave=False):
             out, rays = self.render_image(data, index)
             c2w = data.c2w[index].double()
@@ -200,8 +200,7 @@ class BaseSystem(pl.LightningModule):
             z = z.view(data.height, data.width)
             fx, fy, cx, cy = data.intrinsics[index].tolist()
             c2w_cv = np.eye(4)
-            c2w_cv[:3, :3] = (c2w[:, :3] @ flip.double()).numpy()
-            c2w_cv[:3, 3] = c2w[:, 3].numpy()
+            c2w_cv[:3] = opencv_to_opengl(c2w).numpy()  # the flip is its own inverse: OpenGL -> OpenCV
             volume.integrate(z.cpu().numpy(), np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]]), c2w_cv,
                              out[self.rgb_key].view(data.height, data.width, 3).clamp(0, 1).cpu().numpy())
         verts, faces, colours = volume.extract_mesh()
