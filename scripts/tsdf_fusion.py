@@ -92,7 +92,7 @@ def scene_bounds(frames, margin: float) -> np.ndarray:
         cam = np.stack([(u[sel] + 0.5 - K[0, 2]) / K[0, 0] * z, (v[sel] + 0.5 - K[1, 2]) / K[1, 1] * z, z], -1)
         points.append(cam @ c2w[:3, :3].T + c2w[:3, 3])
     if not points:
-        raise FusionError("No frame has valid depth within --max-depth; nothing to fuse.")
+        raise FusionError("No frame has both a valid pose and depth within --max-depth; nothing to fuse.")
     points = np.concatenate(points)
     return np.stack([np.percentile(points, 1, axis=0) - margin, np.percentile(points, 99, axis=0) + margin])
 
@@ -112,17 +112,27 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="output folder (default SCENE/tsdf)")
     args = parser.parse_args(argv)
     try:
-        frames = list(load_frames(args.scene, max(1, args.every), args.max_depth))
-        valid = [f for f in frames if f is not None]
-        print(f"{len(frames)} frames, {len(frames) - len(valid)} skipped for an invalid pose")
-        if not valid:
-            raise FusionError("Every frame has an invalid pose; nothing to fuse.")
-        bounds = scene_bounds(valid, margin=2 * max(args.voxel_sizes))
+        def frames():  # streamed: a long capture does not fit in memory
+            return load_frames(args.scene, max(1, args.every), args.max_depth)
+
+        counts = {"all": 0, "skipped": 0}
+
+        def counted(stream):
+            for frame in stream:
+                counts["all"] += 1
+                counts["skipped"] += frame is None
+                if frame is not None:
+                    yield frame
+
+        bounds = scene_bounds(counted(frames()), margin=2 * max(args.voxel_sizes))
+        print(f"{counts['all']} frames, {counts['skipped']} skipped for an invalid pose")
+        volumes = {size: TSDFVolume(bounds, size, args.truncation * size) for size in args.voxel_sizes}
+        for frame in tqdm(frames(), total=counts["all"], desc="fusing"):  # one read per frame, every volume
+            if frame is not None:
+                for volume in volumes.values():
+                    volume.integrate(*frame)
         out_dir = args.out or os.path.join(args.scene, "tsdf")
-        for size in args.voxel_sizes:
-            volume = TSDFVolume(bounds, size, args.truncation * size)
-            for depth, K, c2w, color in tqdm(valid, desc=f"fusing at {size * 100:g} cm"):
-                volume.integrate(depth, K, c2w, color)
+        for size, volume in volumes.items():
             verts, faces, colors = volume.extract_mesh()
             path = os.path.join(out_dir, f"tsdf_{size * 100:g}cm.ply")
             write_mesh(path, verts, faces, colors)

@@ -46,8 +46,8 @@ def write_scannet(root, frames, bad_pose_index=3):
         imageio.imwrite(os.path.join(root, "color", f"{i}.jpg"), big, quality=95)
         pose = np.full((4, 4), -np.inf) if i == bad_pose_index else cam.c2w
         np.savetxt(os.path.join(root, "pose", f"{i}.txt"), pose)
-        K = np.eye(4)
-        K[:3, :3] = cam.K
+    K = np.eye(4)
+    K[:3, :3] = frames[0][2].K  # one camera for the whole capture, as ScanNet
     np.savetxt(os.path.join(root, "intrinsic", "intrinsic_depth.txt"), K)
 
 
