@@ -5,4 +5,4 @@ _registry = Registry("dataset")
 register = _registry.register
 make = _registry.make
 
-from datasets import blender, demo, dtu  # noqa: E402,F401  (registration)
+from datasets import blender, colmap, demo, dtu  # noqa: E402,F401  (registration)

@@ -119,7 +119,7 @@ class SceneDataModule(pl.LightningDataModule):
         name = {"train": self.config.get("train_split", "train"), "val": self.config.get("val_split", "val"),
                 "test": self.config.get("test_split", "test"), "trajectory": "trajectory"}[stage]
         if name not in self.splits:
-            self.splits[name] = type(self).load_split(self.config, name)
+            self.splits[name] = self.load_split(self.config, name)
         return self.splits[name]
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -137,6 +137,10 @@ class SceneDataModule(pl.LightningDataModule):
     def score_mesh(self, vertices: np.ndarray, faces: np.ndarray) -> Optional[Dict[str, float]]:
         """Geometry metrics of a world-frame mesh (V, 3) / (F, 3) when the data has ground truth; else None."""
         return None
+
+    def write_overview(self, path: str) -> bool:
+        """Write a PLY showing cameras and scene bounds (for data whose normalisation was estimated); False if none."""
+        return False
 
     def world_from_scene(self) -> np.ndarray:
         return next(iter(self.splits.values())).world_from_scene if self.splits else np.eye(4)

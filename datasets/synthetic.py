@@ -345,3 +345,121 @@ def demo_surface(resolution: int = 256, world_from_scene: np.ndarray | None = No
     if world_from_scene is not None:
         verts = verts @ world_from_scene[:3, :3].T + world_from_scene[:3, 3]
     return verts, faces
+
+
+# ------------------------------------------------------------------------------------------- captures (COLMAP)
+class TexturedDemoScene(DemoScene):
+    """The demo scene with fine, non-repeating detail on every surface and on the surroundings.
+
+    Structure from motion needs it: SIFT finds few distinctive features on
+    the plain demo scene's smooth gradients and regular checkers. The detail
+    is a fixed sum of sinusoids in 3-D (deterministic, view-independent).
+    """
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        wavenumber = torch.linspace(6.0, 40.0, 48)
+        self._freq = torch.nn.functional.normalize(torch.randn(48, 3, generator=g), dim=1) * wavenumber[:, None]
+        self._phase = torch.rand(48, generator=g) * 2 * math.pi
+        self._amp = wavenumber ** -0.5
+
+    def detail(self, p: torch.Tensor) -> torch.Tensor:
+        """(N, 1) texture in [-1, 1] at (N, 3) points."""
+        n = (torch.sin(p @ self._freq.T + self._phase) * self._amp).sum(-1)
+        return (n / self._amp.norm() / 1.5).clamp(-1, 1)[:, None]
+
+    def albedo(self, p: torch.Tensor) -> torch.Tensor:
+        return (super().albedo(p) * (0.75 + 0.25 * self.detail(p))).clamp(0, 1)
+
+    def environment(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> torch.Tensor:
+        b = (rays_o * rays_d).sum(-1)
+        c = (rays_o * rays_o).sum(-1) - ENVIRONMENT_RADIUS ** 2
+        t = -b + (b * b - c).clamp(min=0).sqrt()
+        hit = rays_o + t[:, None] * rays_d
+        return (super().environment(rays_o, rays_d) * (0.6 + 0.4 * self.detail(hit * 0.4))).clamp(0, 1)
+
+
+@torch.no_grad()
+def render_rays(scene: DemoScene, rays_o: torch.Tensor, rays_d: torch.Tensor) -> torch.Tensor:
+    """(N, 3) colour of the scene over its surroundings along (N, 3) rays (unit directions), one sample each."""
+    hit, t = sphere_trace(scene, rays_o, rays_d)
+    rgb = scene.environment(rays_o, rays_d)
+    rgb[hit] = scene.shade(rays_o[hit] + t[hit, None] * rays_d[hit])
+    return rgb
+
+
+def handheld_orbit(n: int, width: int, height: int, fov_x_deg: float = 50.0, seed: int = 0) -> List[Camera]:
+    """A phone walked once around the object: radius and height wobble, aim jitters (OpenCV cameras)."""
+    rng = np.random.default_rng(seed)
+    fx = 0.5 * width / math.tan(math.radians(fov_x_deg) / 2)
+    K = np.array([[fx, 0, width / 2], [0, fx, height / 2], [0, 0, 1]])
+    cams = []
+    for i in range(n):
+        a = 2 * math.pi * i / n
+        r = 2.4 + 0.15 * math.sin(3 * a) + rng.normal(0, 0.03)
+        z = 0.9 + 0.2 * math.sin(2 * a) + rng.normal(0, 0.03)
+        eye = np.array([r * math.cos(a), r * math.sin(a), z])
+        cams.append(Camera(K=K, c2w=look_at(eye, np.array([0.0, 0.0, -0.1]) + rng.normal(0, 0.03, 3)),
+                           width=width, height=height))
+    return cams
+
+
+def write_colmap_text(folder: str, cameras: List[tuple], views: List[tuple], points: np.ndarray,
+                      colours: np.ndarray | None = None, project=None) -> None:
+    """A COLMAP text model (``cameras.txt``, ``images.txt``, ``points3D.txt``) from known cameras.
+
+    cameras: [(model name, width, height, params list)], ids 1, 2, ...;
+    views: [(image name, camera index, OpenCV c2w (4, 4))]; points: (P, 3).
+    ``project(camera index, (P, 3) camera-frame points) -> (P, 2) pixels``
+    places each point's observations (default: pinhole with the first four
+    params as fx, fy, cx, cy, or f, cx, cy for SIMPLE_PINHOLE); points in front
+    of a camera and inside its image are observed by it.
+    """
+    from scipy.spatial.transform import Rotation
+
+    os.makedirs(folder, exist_ok=True)
+    colours = np.full((len(points), 3), 128, np.uint8) if colours is None else colours
+
+    def pinhole(cam_index, pts):
+        model, _, _, params = cameras[cam_index]
+        f = (params[0], params[0], params[1], params[2]) if model == "SIMPLE_PINHOLE" else params[:4]
+        return np.stack([f[0] * pts[:, 0] / pts[:, 2] + f[2], f[1] * pts[:, 1] / pts[:, 2] + f[3]], -1)
+
+    project = project or pinhole
+    seen_uv = []
+    for name, cam_index, c2w in views:
+        w2c = np.linalg.inv(c2w)
+        cam_pts = points @ w2c[:3, :3].T + w2c[:3, 3]
+        _, width, height, _ = cameras[cam_index]
+        front = cam_pts[:, 2] > 1e-6
+        uv = np.full((len(points), 2), -1.0)
+        uv[front] = project(cam_index, cam_pts[front])
+        seen_uv.append((front & (uv[:, 0] >= 0) & (uv[:, 0] < width) & (uv[:, 1] >= 0) & (uv[:, 1] < height), uv))
+    tracked = np.sum([seen for seen, _ in seen_uv], axis=0) >= 2  # COLMAP keeps points seen twice or more
+    observations = [[] for _ in points]
+    image_lines = []
+    for image_id, ((name, cam_index, c2w), (seen, uv)) in enumerate(zip(views, seen_uv), start=1):
+        obs = []
+        for p in np.nonzero(seen & tracked)[0]:
+            observations[p].append((image_id, len(obs)))
+            obs.append(f"{uv[p, 0]:.6f} {uv[p, 1]:.6f} {p + 1}")
+        w2c = np.linalg.inv(c2w)
+        qx, qy, qz, qw = Rotation.from_matrix(w2c[:3, :3]).as_quat()
+        t = w2c[:3, 3]
+        image_lines += [f"{image_id} {qw:.17g} {qx:.17g} {qy:.17g} {qz:.17g} {t[0]:.17g} {t[1]:.17g} {t[2]:.17g} "
+                        f"{cam_index + 1} {name}", " ".join(obs)]
+    with open(os.path.join(folder, "cameras.txt"), "w") as f:
+        f.write("# CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]\n")
+        for k, (model, width, height, params) in enumerate(cameras, start=1):
+            f.write(f"{k} {model} {width} {height} {' '.join(f'{p:.17g}' for p in params)}\n")
+    with open(os.path.join(folder, "images.txt"), "w") as f:
+        f.write("# IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME / POINTS2D[] as (X, Y, POINT3D_ID)\n")
+        f.write("\n".join(image_lines) + "\n")
+    with open(os.path.join(folder, "points3D.txt"), "w") as f:
+        f.write("# POINT3D_ID, X, Y, Z, R, G, B, ERROR, TRACK[] as (IMAGE_ID, POINT2D_IDX)\n")
+        for p, (xyz, rgb) in enumerate(zip(points, colours)):
+            if not tracked[p]:
+                continue
+            track = " ".join(f"{i} {j}" for i, j in observations[p])
+            f.write(f"{p + 1} {xyz[0]:.9g} {xyz[1]:.9g} {xyz[2]:.9g} {rgb[0]} {rgb[1]} {rgb[2]} 0.5 {track}\n")

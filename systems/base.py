@@ -48,7 +48,8 @@ class BaseSystem(pl.LightningModule):
         self.config = config
         self.mode = mode
         self.model = models.make(config.model.name, config.model)
-        self.metrics = ImageMetrics()
+        self.metrics = ImageMetrics(lpips=False)  # validation: PSNR for the progress bar
+        self.test_metrics = None  # built at the first test step (LPIPS may load a network)
         self.register_buffer("trained_steps", torch.tensor(0, dtype=torch.long))
         if mode == "train":
             self.check_loss_weights(config.system.get("loss", {}))
@@ -86,6 +87,8 @@ class BaseSystem(pl.LightningModule):
     def on_fit_start(self):
         # rays are drawn on the CPU from this generator; one stream per DDP rank, so ranks see different rays
         self.ray_generator = torch.Generator().manual_seed(int(self.config.get("seed", 42)) + self.global_rank)
+        if self.trainer.is_global_zero and self.trainer.datamodule.write_overview(self.save_path("scene-overview.ply")):
+            log.info(f"Cameras, sparse points and region of interest: {self.save_path('scene-overview.ply')}")
 
     def on_train_batch_start(self, batch, batch_idx):
         update_module_step(self.model, self.current_epoch, self.global_step)
@@ -151,16 +154,18 @@ class BaseSystem(pl.LightningModule):
         with_gt = self.mode != "export" and data.has_gt
         if with_gt:
             h, w = data.height, data.width
-            self.metrics.update(out[self.rgb_key].view(h, w, 3), rays["rgb"].view(h, w, 3))
+            if self.test_metrics is None:
+                self.test_metrics = ImageMetrics(lpips=self.config.system.get("lpips", True))
+            self.test_metrics.update(out[self.rgb_key].view(h, w, 3), rays["rgb"].view(h, w, 3))
         write_image(self.save_path(f"it{self.step}-test/{index}.png"),
                     image_grid(self.eval_panels(out, data, with_gt, rays["rgb"])))
 
     def on_test_epoch_end(self):
         if self.mode != "export" and self.data("test").has_gt:
-            scores = self.metrics.compute()
-            self.metrics.reset()
-            self.log("test/psnr", scores["psnr"], prog_bar=True, sync_dist=True)
-            self.log("test/ssim", scores["ssim"], prog_bar=True, sync_dist=True)
+            scores = self.test_metrics.compute()
+            self.test_metrics.reset()
+            for key, value in scores.items():
+                self.log(f"test/{key}", value, prog_bar=True, sync_dist=True)
         self.trainer.strategy.barrier()
         if self.trainer.is_global_zero:
             trajectory = self.trainer.datamodule.trajectory()

@@ -1,0 +1,293 @@
+"""COLMAP captures: ``<root>/images/*`` and a sparse model in ``<root>/sparse/0`` (binary or text).
+
+Every camera model pycolmap knows is read; lenses with distortion are
+undistorted at load to COLMAP's own pinhole camera (already undistorted data,
+e.g. COLMAP's ``image_undistorter`` output, passes through). Per-image
+intrinsics are kept. Optional masks live in ``<root>/masks/`` (``mask_dir``)
+and match their image by stem, whatever the extension (``img_0012.png`` or
+COLMAP's ``img_0012.jpg.png`` for ``img_0012.jpg``).
+
+Normalisation (instant-nsr-pl's keys): the up direction from the cameras
+(``up_est_method: camera``, the mean of their up vectors) or from a plane
+fitted to the sparse points about the object (``ground``) becomes +z; the
+centre is the cameras' mean (``center_est_method: camera``), the point their
+optical axes pass closest to (``lookat``) or the centre of the region of
+interest of the sparse points (``point``); the scale puts the nearest camera
+at distance 1, or, with ``radius: r``, the region of interest inside radius r.
+``world_from_scene`` undoes it, so meshes come out in the capture's frame.
+
+``holdout_every: k`` holds out every k-th image for val/test metrics; the test
+video is an orbit at the cameras' mean height (``n_test_traj_steps`` frames).
+``write_overview(path)`` writes cameras, sparse points and the region of
+interest as one PLY in the normalised frame (the trial's ``save/`` folder).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Dict, List, Optional
+
+import cv2
+import numpy as np
+import torch
+
+import datasets
+from datasets.base import DatasetError, SceneData, SceneDataModule
+from datasets.blender import load_images, missing_root_message
+from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
+                                   read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
+from datasets.rays import opencv_to_opengl
+
+log = logging.getLogger("nsr")
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
+
+
+def rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(3, 3) smallest rotation taking unit vector a onto unit vector b."""
+    v, c = np.cross(a, b), float(a @ b)
+    if c < -1 + 1e-9:  # opposite: half turn about any axis orthogonal to a
+        axis = np.cross(a, [1.0, 0, 0] if abs(a[0]) < 0.9 else [0, 1.0, 0])
+        axis /= np.linalg.norm(axis)
+        return 2 * np.outer(axis, axis) - np.eye(3)
+    vx = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
+    return np.eye(3) + vx + vx @ vx / (1 + c)
+
+
+def fit_plane(points: np.ndarray, threshold: float, iterations: int = 500, seed: int = 0) -> np.ndarray:
+    """(3,) unit normal of the plane with most points within ``threshold`` (RANSAC, then least squares)."""
+    rng = np.random.default_rng(seed)
+    best = None
+    for _ in range(iterations):
+        p = points[rng.choice(len(points), 3, replace=False)]
+        n = np.cross(p[1] - p[0], p[2] - p[0])
+        if np.linalg.norm(n) < 1e-12:
+            continue
+        n /= np.linalg.norm(n)
+        inliers = np.abs((points - p[0]) @ n) < threshold
+        if best is None or inliers.sum() > best.sum():
+            best = inliers
+    sel = points[best]
+    return np.linalg.svd(sel - sel.mean(0))[2][-1]
+
+
+def normalisation(c2w: np.ndarray, xyz: np.ndarray, track: np.ndarray, config: Any) -> np.ndarray:
+    """(4, 4) similarity scene_from_world: up -> +z, centre -> origin, scaled (see module docstring)."""
+    centres = c2w[:, :3, 3]
+    camera_up = -c2w[:, :3, 1].mean(0)  # OpenCV y points down
+    camera_up /= np.linalg.norm(camera_up)
+    roi_centre, roi_radius, roi_keep = region_of_interest(xyz, track, c2w)
+    method = config.get("up_est_method", "camera")
+    if method == "ground":
+        up = fit_plane(xyz[roi_keep], threshold=0.01 * roi_radius)
+        if up @ camera_up < 0:
+            up = -up
+        angle = np.degrees(np.arccos(np.clip(up @ camera_up, -1, 1)))
+        if angle > 45:
+            log.warning(f"The plane fitted to the sparse points is {angle:.0f} degrees from the cameras' up "
+                        "direction (no ground in view?); using the cameras' up (dataset.up_est_method=camera).")
+            up = camera_up
+    elif method == "camera":
+        up = camera_up
+    else:
+        raise DatasetError(f"dataset.up_est_method={method!r}; use 'camera' or 'ground'.")
+    method = config.get("center_est_method", "lookat")
+    centre = {"camera": lambda: centres.mean(0), "lookat": lambda: lookat_point(c2w),
+              "point": lambda: roi_centre}.get(method)
+    if centre is None:
+        raise DatasetError(f"dataset.center_est_method={method!r}; use 'camera', 'lookat' or 'point'.")
+    centre = centre()
+    if config.get("radius") is not None:
+        scale = float(config.radius) / roi_radius
+    else:
+        scale = 1.0 / np.linalg.norm(centres - centre, axis=1).min()
+    out = np.eye(4)
+    out[:3, :3] = scale * rotation_between(up, np.array([0.0, 0.0, 1.0]))
+    out[:3, 3] = -out[:3, :3] @ centre
+    return out
+
+
+def transform_poses(scene_from_world: np.ndarray, c2w: np.ndarray) -> np.ndarray:
+    """Apply a similarity to (N, 4, 4) OpenCV c2w, keeping the rotations orthonormal."""
+    out = scene_from_world @ c2w
+    out[:, :3, :3] /= np.cbrt(np.linalg.det(scene_from_world[:3, :3]))
+    return out
+
+
+def orbit_at_mean_height(c2w: np.ndarray, n_frames: int) -> np.ndarray:
+    """(n, 4, 4) OpenCV c2w circling the z axis at the cameras' mean height and distance, looking at the origin."""
+    centres = c2w[:, :3, 3]
+    height, radius = centres[:, 2].mean(), np.linalg.norm(centres[:, :2], axis=1).mean()
+    start = np.arctan2(centres[0, 1], centres[0, 0])
+    poses = []
+    for k in range(n_frames):
+        a = start + 2 * np.pi * k / n_frames
+        eye = np.array([radius * np.cos(a), radius * np.sin(a), height])
+        forward = -eye / np.linalg.norm(eye)
+        right = np.cross(forward, [0.0, 0.0, 1.0])
+        right /= np.linalg.norm(right)
+        pose = np.eye(4)
+        pose[:3, 0], pose[:3, 1], pose[:3, 2], pose[:3, 3] = right, np.cross(forward, right), forward, eye
+        poses.append(pose)
+    return np.stack(poses)
+
+
+def match_masks(mask_dir: str, names: List[str]) -> Dict[str, str]:
+    """image name -> mask path, matched by stem (``a.jpg`` <- ``a.png`` / ``a.jpg.png``); every image needs one."""
+    files = [f for f in sorted(os.listdir(mask_dir)) if os.path.splitext(f)[1] in IMAGE_SUFFIXES]
+    by_key: Dict[str, str] = {}
+    for f in files:
+        stem = os.path.splitext(f)[0]
+        by_key.setdefault(stem, f)
+    found, used = {}, set()
+    for name in names:
+        base = os.path.basename(name)
+        for key in (base, os.path.splitext(base)[0]):
+            if key in by_key:
+                found[name] = os.path.join(mask_dir, by_key[key])
+                used.add(by_key[key])
+                break
+    if not found:
+        raise DatasetError(f"None of the {len(files)} files in {mask_dir} matches an image name (e.g. "
+                           f"{files[0] if files else 'none'} vs {os.path.basename(names[0])}); name each mask after "
+                           "its image (same stem, any extension) or remove the folder.")
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise DatasetError(f"{len(missing)} of {len(names)} images have no mask in {mask_dir}, the first being "
+                           f"{missing[0]}; give every image a mask or remove the folder.")
+    return found
+
+
+def _target_size(config: Any, sizes: List[tuple], names: List[str]) -> tuple[int, int]:
+    if config.get("img_wh") is not None:
+        return tuple(int(v) for v in config.img_wh)
+    odd = [k for k, s in enumerate(sizes) if s != sizes[0]]
+    if odd:
+        k = odd[0]
+        raise DatasetError(f"Images have mixed sizes after undistortion: {names[k]} is {sizes[k][0]}x{sizes[k][1]} "
+                           f"but {names[0]} is {sizes[0][0]}x{sizes[0][1]}; set dataset.img_wh=[W,H] to train on "
+                           "one size.")
+    scale = float(config.get("img_downscale") or 1.0)
+    return int(round(sizes[0][0] / scale)), int(round(sizes[0][1] / scale))
+
+
+class Capture:
+    """The parts of a COLMAP capture every split needs (no pixels): views, points, normalisation."""
+
+    def __init__(self, config: Any):
+        root = config.root_dir
+        if not os.path.isdir(root):
+            raise DatasetError(missing_root_message(root, "COLMAP: <root>/images/ and <root>/sparse/0/"))
+        self.config = config
+        self.image_dir = os.path.join(root, config.get("images_dir", "images"))
+        rec = read_reconstruction(find_sparse_dir(root))
+        self.views = registered_views(rec)
+        self.xyz, self.rgb, self.track = sparse_points(rec)
+        c2w = np.stack([v.c2w for v in self.views])
+        self.scene_from_world = normalisation(c2w, self.xyz, self.track, config)
+        self.c2w = transform_poses(self.scene_from_world, c2w)  # normalised, OpenCV
+        self.undistorters = {}
+        for v in self.views:
+            key = v.camera.camera_id
+            if key not in self.undistorters:
+                self.undistorters[key] = Undistorter(v.camera)
+        self.names = [v.name for v in self.views]
+        self.size = _target_size(config, [self.undistorters[v.camera.camera_id].size for v in self.views], self.names)
+        mask_dir = os.path.join(root, config.get("mask_dir", "masks"))
+        self.masks = match_masks(mask_dir, self.names) if os.path.isdir(mask_dir) else {}
+
+    def intrinsics(self, k: int) -> np.ndarray:
+        """(fx, fy, cx, cy) of view k at the training size."""
+        und = self.undistorters[self.views[k].camera.camera_id]
+        sx, sy = self.size[0] / und.size[0], self.size[1] / und.size[1]
+        K = und.K
+        return np.array([K[0, 0] * sx, K[1, 1] * sy, K[0, 2] * sx, K[1, 2] * sy])
+
+    def load(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W, 3) uint8 undistorted image and (H, W) uint8 mask of view k at the training size."""
+        view = self.views[k]
+        image = load_images([os.path.join(self.image_dir, view.name)])[0][..., :3]
+        cam = view.camera
+        if image.shape[:2] != (cam.height, cam.width):
+            raise DatasetError(f"{view.name} is {image.shape[1]}x{image.shape[0]} but COLMAP's camera for it is "
+                               f"{cam.width}x{cam.height}; use the images the poses were computed from.")
+        und = self.undistorters[cam.camera_id]
+        image = und(image)
+        mask = np.full(image.shape[:2], 255, np.uint8)
+        if self.masks:
+            raw = load_images([self.masks[view.name]])[0][..., 0]
+            if raw.shape != (cam.height, cam.width):
+                raw = cv2.resize(raw, (cam.width, cam.height), interpolation=cv2.INTER_NEAREST)
+            mask = und(raw, nearest=True)
+        if image.shape[1::-1] != self.size:
+            image = cv2.resize(image, self.size, interpolation=cv2.INTER_AREA)
+            mask = cv2.resize(mask, self.size, interpolation=cv2.INTER_AREA)
+        return image, mask
+
+
+def load_colmap_split(config: Any, split: str, capture: Optional[Capture] = None) -> SceneData:
+    capture = capture or Capture(config)
+    n = len(capture.views)
+    holdout = int(config.get("holdout_every", 0) or 0)
+    if split == "train":
+        chosen = [k for k in range(n) if holdout <= 0 or k % holdout != 0]
+    elif holdout > 0 and split != "trajectory":
+        chosen = [k for k in range(0, n, holdout)]
+    else:
+        chosen = []
+    world_from_scene = np.linalg.inv(capture.scene_from_world)
+    w, h = capture.size
+    if chosen:
+        loaded = [capture.load(k) for k in chosen]
+        images = torch.from_numpy(np.stack([im for im, _ in loaded]))
+        masks = torch.from_numpy(np.stack([m for _, m in loaded]))
+        intr = np.stack([capture.intrinsics(k) for k in chosen])
+        c2w_cv = capture.c2w[chosen]
+        names, has_gt = [capture.names[k] for k in chosen], True
+    else:
+        steps = int(config.get("n_test_traj_steps", 60))
+        c2w_cv = orbit_at_mean_height(capture.c2w, steps)
+        intr = np.tile(capture.intrinsics(0), (steps, 1))
+        images = torch.full((steps, h, w, 3), 255, dtype=torch.uint8)
+        masks = torch.full((steps, h, w), 255, dtype=torch.uint8)
+        names, has_gt = [f"orbit_{k}" for k in range(steps)], False
+    c2w = opencv_to_opengl(torch.from_numpy(c2w_cv[:, :3, :4]).float())
+    return SceneData(images=images, masks=masks, c2w=c2w, intrinsics=torch.from_numpy(intr).float(),
+                     has_mask=bool(capture.masks), names=names, world_from_scene=world_from_scene, has_gt=has_gt)
+
+
+@datasets.register("colmap")
+class ColmapDataModule(SceneDataModule):
+    def __init__(self, config: Any):
+        super().__init__(config)
+        self._capture: Optional[Capture] = None
+
+    @property
+    def capture(self) -> Capture:
+        if self._capture is None:
+            self._capture = Capture(self.config)
+            log.info(f"COLMAP capture: {len(self._capture.views)} registered images, "
+                     f"{len(self._capture.undistorters)} camera(s) "
+                     f"({', '.join(sorted({u.camera.model.name for u in self._capture.undistorters.values()}))}), "
+                     f"{len(self._capture.xyz)} sparse points, training size {self._capture.size[0]}x"
+                     f"{self._capture.size[1]}")
+        return self._capture
+
+    def load_split(self, config: Any, split: str) -> SceneData:  # a method: all splits share one Capture
+        return load_colmap_split(config, split, self.capture)
+
+    def trajectory(self) -> Optional[SceneData]:
+        return self.split("trajectory") if int(self.config.get("holdout_every", 0) or 0) > 0 else None
+
+    def write_overview(self, path: str) -> bool:
+        """Cameras (red frusta), sparse points (their colours), region of interest (green box) as one PLY."""
+        cap = self.capture
+        xyz = cap.xyz @ cap.scene_from_world[:3, :3].T + cap.scene_from_world[:3, 3]
+        centre, radius, _ = region_of_interest(xyz, cap.track, cap.c2w)
+        frusta = camera_glyphs(cap.c2w, 0.1 * np.linalg.norm(cap.c2w[:, :3, 3], axis=1).mean())
+        box = box_glyph(centre, radius / np.sqrt(3))
+        points = np.concatenate([xyz, frusta, box])
+        colours = np.concatenate([cap.rgb, np.tile([[255, 0, 0]], (len(frusta), 1)),
+                                  np.tile([[0, 255, 0]], (len(box), 1))]).astype(np.uint8)
+        write_points_ply(path, points, colours)
+        return True

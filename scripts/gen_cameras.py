@@ -1,0 +1,140 @@
+"""A COLMAP capture -> a NeuS/IDR-format scene (``image/``, ``mask/``, ``cameras_sphere.npz``).
+
+    python scripts/gen_cameras.py load/mug        # -> load/mug/preprocessed/
+    python launch.py --config configs/neus-dtu.yaml --train dataset.root_dir=load/mug/preprocessed
+
+Images are undistorted to COLMAP's pinhole camera (the format has no lens
+model) and renamed ``000.png``, ``001.png``, ... (``--padding``) in the order
+of their names; ``names.txt`` lists the originals. Masks come from
+``--masks DIR`` (matched by stem) or are all foreground. ``world_mat_i`` is
+K [R | t] in the COLMAP frame; ``scale_mat_i`` maps the unit sphere onto the
+region of interest: the box of ``<root>/sparse_points_interest.ply`` when the
+user cropped one (NeuS's workflow), otherwise estimated from the sparse points
+seen by most cameras (robust percentiles) and written to
+``<out>/sparse_points_interest.ply`` for inspection. The output folder is
+written whole or not at all.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from datasets.base import DatasetError  # noqa: E402
+
+
+def scale_matrix(centre: np.ndarray, radius: float) -> np.ndarray:
+    """(4, 4) map from the unit sphere to the sphere (centre, radius)."""
+    m = np.diag([radius, radius, radius, 1.0])
+    m[:3, 3] = centre
+    return m
+
+
+def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padding: int) -> dict:
+    import imageio.v2 as imageio
+    from tqdm import tqdm
+
+    from datasets.blender import load_images
+    from datasets.colmap import match_masks
+    from datasets.colmap_model import (Undistorter, box_from_points, find_sparse_dir, read_points_ply,
+                                       read_reconstruction, region_of_interest, registered_views, sparse_points,
+                                       write_points_ply)
+
+    rec = read_reconstruction(find_sparse_dir(root))
+    views = registered_views(rec)
+    image_dir = os.path.join(root, "images")
+    names = [v.name for v in views]
+    masks = match_masks(masks_dir, names) if masks_dir else {}
+    undistorters = {}
+    for v in views:
+        undistorters.setdefault(v.camera.camera_id, Undistorter(v.camera))
+    sizes = {undistorters[v.camera.camera_id].size for v in views}
+    if len(sizes) > 1:
+        raise DatasetError(f"The cameras undistort to different sizes ({', '.join(f'{w}x{h}' for w, h in sizes)}); "
+                           "NeuS-format scenes need one image size: compute the poses with one shared camera.")
+    interest = os.path.join(root, "sparse_points_interest.ply")
+    xyz, rgb, track = sparse_points(rec)
+    if os.path.isfile(interest):
+        centre, radius = box_from_points(read_points_ply(interest))
+        source = interest
+    else:
+        centre, radius, keep = region_of_interest(xyz, track, np.stack([v.c2w for v in views]))
+        source = "estimated from the sparse points seen by most cameras"
+    scale_mat = scale_matrix(centre, radius)
+
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".gen-cameras-", dir=parent)
+    try:
+        os.makedirs(os.path.join(tmp, "image"))
+        os.makedirs(os.path.join(tmp, "mask"))
+        cams = {}
+        for i, view in enumerate(tqdm(views, desc="undistorting images", unit="img")):
+            und = undistorters[view.camera.camera_id]
+            image = load_images([os.path.join(image_dir, view.name)])[0][..., :3]
+            if image.shape[:2] != (view.camera.height, view.camera.width):
+                raise DatasetError(f"{view.name} is {image.shape[1]}x{image.shape[0]} but COLMAP's camera for it is "
+                                   f"{view.camera.width}x{view.camera.height}; use the images the poses came from.")
+            imageio.imwrite(os.path.join(tmp, "image", f"{i:0{padding}d}.png"), und(image))
+            if masks:
+                mask = load_images([masks[view.name]])[0][..., 0]
+                mask = und(mask, nearest=True)
+            else:
+                mask = np.full(und.size[::-1], 255, np.uint8)
+            imageio.imwrite(os.path.join(tmp, "mask", f"{i:0{mask_padding}d}.png"),
+                            np.repeat(mask[..., None], 3, axis=-1))
+            K = np.eye(4)
+            K[:3, :3] = und.K
+            cams[f"world_mat_{i}"] = K @ np.linalg.inv(view.c2w)
+            cams[f"scale_mat_{i}"] = scale_mat
+        np.savez(os.path.join(tmp, "cameras_sphere.npz"), **cams)
+        with open(os.path.join(tmp, "names.txt"), "w") as f:
+            f.writelines(f"{i:0{padding}d} {n}\n" for i, n in enumerate(names))
+        if not os.path.isfile(interest):
+            write_points_ply(os.path.join(tmp, "sparse_points_interest.ply"), xyz[keep], rgb[keep])
+        if os.path.isdir(out):
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    return {"images": len(views), "size": sorted(sizes)[0], "centre": centre.tolist(), "radius": radius,
+            "roi": source, "masks": bool(masks)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="capture folder with images/ and sparse/0 (from imgs2poses.py)")
+    parser.add_argument("--out", help="output folder (default <root>/preprocessed)")
+    parser.add_argument("--masks", help="folder of masks named after the images (default: all foreground)")
+    parser.add_argument("--padding", type=int, default=3, help="digits in image file names (DTU: 6)")
+    parser.add_argument("--mask-padding", type=int, help="digits in mask file names (default: --padding)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    args = parser.parse_args(argv)
+    out = args.out or os.path.join(args.root, "preprocessed")
+    try:
+        if not os.path.isdir(args.root):
+            raise DatasetError(f"{args.root} does not exist; give the capture folder (images/ and sparse/0).")
+        if os.path.exists(out) and not args.overwrite:
+            raise DatasetError(f"{out} already exists; pass --overwrite to replace it.")
+        if args.masks and not os.path.isdir(args.masks):
+            raise DatasetError(f"Mask folder {args.masks} does not exist.")
+        info = generate(args.root, out, args.masks, args.padding, args.mask_padding or args.padding)
+    except DatasetError as err:
+        print(f"gen_cameras: {err}", file=sys.stderr)
+        return 2
+    w, h = info["size"]
+    print(f"Wrote {info['images']} views ({w}x{h}, {'given masks' if info['masks'] else 'all-foreground masks'}) "
+          f"to {out}; region of interest: centre {np.round(info['centre'], 4).tolist()}, radius "
+          f"{info['radius']:.4g} ({info['roi']}).")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

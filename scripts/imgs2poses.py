@@ -1,0 +1,358 @@
+"""Photos or a video of an object -> COLMAP camera poses, with pycolmap (no COLMAP binary needed).
+
+    python scripts/imgs2poses.py load/mug                           # load/mug/images/* -> load/mug/sparse/0
+    python scripts/imgs2poses.py load/mug --video mug.mp4 --fps 3   # frames into load/mug/images/ first
+
+Video: the sharpest frame of every window of 1/fps seconds is kept (variance
+of the Laplacian), then frames much blurrier than the others and
+near-duplicates (the camera stood still) are dropped. Structure from motion:
+SIFT features, matching (``--matcher auto``: sequential for video frames,
+with loop-closing pairs found by image similarity, exhaustive for a photo
+folder), incremental mapping; one camera shared by all images unless
+``--per-image-cameras``. The largest model is written to
+``<root>/sparse/0`` (binary), plus ``<root>/database.db`` and
+``<root>/sparse_points.ply`` (crop it in MeshLab and save the selection as
+``<root>/sparse_points_interest.ply`` to fix the region of interest for
+gen_cameras.py). Existing frames and poses are reused unless ``--overwrite``;
+nothing is left half-written when a step fails.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
+
+
+class CaptureError(RuntimeError):
+    """Bad input or a failed reconstruction, said in one sentence."""
+
+
+def list_images(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        return []
+    return sorted(f for f in os.listdir(folder) if os.path.splitext(f)[1] in IMAGE_SUFFIXES)
+
+
+# ---------------------------------------------------------------------------------------------------- video
+def sharpness(gray: np.ndarray) -> float:
+    """Variance of the Laplacian: high for sharp frames, low for motion-blurred ones."""
+    import cv2
+
+    return float(cv2.Laplacian(gray, cv2.CV_64F).var())
+
+
+def thumbnail(image: np.ndarray, size=(32, 24)) -> np.ndarray:
+    """(size[1] * size[0],) zero-mean, unit-norm grey thumbnail, for comparing frames."""
+    import cv2
+
+    gray = cv2.cvtColor(image[..., :3], cv2.COLOR_RGB2GRAY) if image.ndim == 3 else image
+    t = cv2.resize(gray, size, interpolation=cv2.INTER_AREA).astype(np.float64).ravel()
+    t -= t.mean()
+    return t / max(np.linalg.norm(t), 1e-9)
+
+
+def select_frames(frames, video_fps: float, fps: float, max_size: int, blur_ratio: float = 0.35,
+                  duplicate_similarity: float = 0.995, total_frames: int | None = None):
+    """Pick frames from an iterator of (H, W, 3) uint8 frames.
+
+    Returns (kept frames, stats dict). One frame per window of
+    ``video_fps / fps`` frames: the sharpest. Then frames below
+    ``blur_ratio`` times the median sharpness are dropped, and a frame whose
+    thumbnail correlates above ``duplicate_similarity`` with the last kept one.
+    """
+    import cv2
+    from tqdm import tqdm
+
+    window = max(1, int(round(video_fps / fps))) if fps > 0 else 1
+    picked, best, best_score, n_read = [], None, -1.0, 0
+    for i, frame in enumerate(tqdm(frames, desc="reading video", unit="frame", total=total_frames)):
+        n_read += 1
+        frame = np.ascontiguousarray(frame[..., :3])
+        h, w = frame.shape[:2]
+        if max(h, w) > max_size:
+            s = max_size / max(h, w)
+            frame = cv2.resize(frame, (int(round(w * s)), int(round(h * s))), interpolation=cv2.INTER_AREA)
+        score = sharpness(cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY))
+        if score > best_score:
+            best, best_score = frame, score
+        if (i + 1) % window == 0:
+            picked.append((best, best_score))
+            best, best_score = None, -1.0
+    if best is not None:
+        picked.append((best, best_score))
+    if n_read == 0:
+        raise CaptureError("The video has no frames that could be decoded.")
+    median = float(np.median([s for _, s in picked]))
+    sharp = [f for f, s in picked if s >= blur_ratio * median]
+    kept, last = [], None
+    for f in sharp:
+        t = thumbnail(f)
+        if last is not None and float(t @ last) > duplicate_similarity:
+            continue
+        kept.append(f)
+        last = t
+    stats = {"read": n_read, "windows": len(picked), "blurred": len(picked) - len(sharp),
+             "duplicates": len(sharp) - len(kept), "kept": len(kept)}
+    return kept, stats
+
+
+def extract_frames(video: str, image_dir: str, fps: float, max_size: int) -> dict:
+    """Write the selected frames of ``video`` to ``image_dir`` (created whole or not at all)."""
+    import imageio.v2 as imageio
+
+    if not os.path.isfile(video):
+        raise CaptureError(f"Video {video} does not exist.")
+    try:
+        reader = imageio.get_reader(video, format="FFMPEG")
+        meta = reader.get_meta_data()
+        video_fps = float(meta.get("fps") or 30.0)
+        duration = meta.get("duration")
+        total = int(round(duration * video_fps)) if duration and np.isfinite(duration) else None
+    except Exception as err:
+        raise CaptureError(f"Could not decode {video} ({str(err).splitlines()[0][:120]}); give a video file "
+                           "ffmpeg can read (MP4/MOV/...).") from None
+    try:
+        frames, stats = select_frames(reader, video_fps, fps, max_size, total_frames=total)
+    except CaptureError:
+        raise
+    except Exception as err:
+        raise CaptureError(f"Could not decode {video} ({str(err).splitlines()[0][:120]}); give a video file "
+                           "ffmpeg can read (MP4/MOV/...).") from None
+    finally:
+        reader.close()
+    if len(frames) < 3:
+        raise CaptureError(f"Only {len(frames)} usable frames in {video}; raise --fps or film longer.")
+    parent = os.path.dirname(os.path.abspath(image_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".frames-", dir=parent)
+    try:
+        for k, frame in enumerate(frames):
+            imageio.imwrite(os.path.join(tmp, f"frame_{k:05d}.jpg"), frame, quality=95)
+        if os.path.isdir(image_dir):
+            shutil.rmtree(image_dir)
+        os.replace(tmp, image_dir)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    stats["video_fps"] = video_fps
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------------- SfM
+def check_images(image_dir: str, names: list[str], shared_camera: bool) -> tuple[int, int]:
+    """Every image readable; one size when one camera is shared. Returns the (width, height) of the first."""
+    import cv2
+
+    sizes = {}
+    for name in names:
+        img = cv2.imread(os.path.join(image_dir, name), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise CaptureError(f"{os.path.join(image_dir, name)} cannot be read as an image; remove it.")
+        sizes[name] = (img.shape[1], img.shape[0])
+    first = sizes[names[0]]
+    odd = [n for n in names if sizes[n] != first]
+    if odd and shared_camera:
+        raise CaptureError(f"Images of mixed sizes: {odd[0]} is {sizes[odd[0]][0]}x{sizes[odd[0]][1]} but "
+                           f"{names[0]} is {first[0]}x{first[1]}; resize them to one size, or pass "
+                           "--per-image-cameras (each image its own camera).")
+    return first
+
+
+def colour_signature(image: np.ndarray) -> np.ndarray:
+    """(16 * 12 * 3,) zero-mean, unit-norm blurred colour thumbnail: coarse enough to recognise a viewpoint."""
+    import cv2
+
+    t = cv2.resize(cv2.GaussianBlur(image[..., :3], (0, 0), 3), (16, 12), interpolation=cv2.INTER_AREA)
+    t = t.astype(np.float64).ravel()
+    t -= t.mean()
+    return t / max(np.linalg.norm(t), 1e-9)
+
+
+def loop_pairs(image_dir: str, names: list[str], overlap: int, per_image: int = 3, relative: float = 0.8):
+    """Pairs of frames far apart in time that look alike (the video came back to where it was).
+
+    A far pair is a candidate when its signatures correlate at least ``relative`` times as well as
+    consecutive frames typically do; at most ``per_image`` per frame. Geometric verification then
+    keeps the true ones: this replaces COLMAP's vocabulary-tree loop detection (no download).
+    """
+    import imageio.v2 as imageio
+
+    sig = np.stack([colour_signature(imageio.imread(os.path.join(image_dir, n))) for n in names])
+    sim = sig @ sig.T
+    threshold = relative * float(np.median(np.diagonal(sim, 1)))
+    pairs = set()
+    for i in range(len(names)):
+        far = [j for j in np.argsort(-sim[i]) if abs(int(j) - i) > overlap and sim[i, j] >= threshold]
+        for j in far[:per_image]:
+            pairs.add((min(i, int(j)), max(i, int(j))))
+    return [(names[i], names[j]) for i, j in sorted(pairs)]
+
+
+def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str, camera_model: str,
+            shared_camera: bool, overlap: int, threads: int):
+    """Features, matches and incremental mapping in ``work``; returns the largest pycolmap.Reconstruction."""
+    import pycolmap
+    from tqdm import tqdm
+
+    db = os.path.join(work, "database.db")
+    reader = pycolmap.ImageReaderOptions()
+    reader.camera_model = camera_model
+    extraction = pycolmap.FeatureExtractionOptions()
+    extraction.num_threads = threads
+    mode = pycolmap.CameraMode.SINGLE if shared_camera else pycolmap.CameraMode.PER_IMAGE
+    t0 = time.time()
+    print(f"[1/3] SIFT features on {len(names)} images ...", flush=True)
+    pycolmap.extract_features(db, image_dir, image_names=names, camera_mode=mode, reader_options=reader,
+                              extraction_options=extraction, device=pycolmap.Device.auto)
+    print(f"      done in {time.time() - t0:.1f} s", flush=True)
+    t0 = time.time()
+    if matcher == "sequential":
+        pairing = pycolmap.SequentialPairingOptions()
+        pairing.overlap = overlap
+        pairing.quadratic_overlap = True
+        loops = loop_pairs(image_dir, names, overlap)
+        print(f"[2/3] sequential matching (overlap {overlap}) + {len(loops)} loop-closing pairs ...", flush=True)
+        pycolmap.match_sequential(db, pairing_options=pairing, device=pycolmap.Device.auto)
+        if loops:
+            pair_file = os.path.join(work, "loop_pairs.txt")
+            with open(pair_file, "w") as f:
+                f.writelines(f"{a} {b}\n" for a, b in loops)
+            imported = pycolmap.ImportedPairingOptions()
+            imported.match_list_path = pair_file
+            pycolmap.match_image_pairs(db, pairing_options=imported, device=pycolmap.Device.auto)
+    else:
+        print(f"[2/3] exhaustive matching ({len(names) * (len(names) - 1) // 2} pairs) ...", flush=True)
+        pycolmap.match_exhaustive(db, device=pycolmap.Device.auto)
+    print(f"      done in {time.time() - t0:.1f} s", flush=True)
+    t0 = time.time()
+    options = pycolmap.IncrementalPipelineOptions()
+    options.num_threads = threads
+    options.random_seed = 0
+    out = os.path.join(work, "models")
+    os.makedirs(out)
+    bar = tqdm(total=len(names), desc="[3/3] registering images", unit="img")
+    reconstructions = pycolmap.incremental_mapping(db, image_dir, out, options=options,
+                                                   initial_image_pair_callback=lambda: bar.update(2),
+                                                   next_image_callback=lambda: bar.update(1))
+    bar.close()
+    print(f"      done in {time.time() - t0:.1f} s", flush=True)
+    if not reconstructions:
+        raise CaptureError(f"COLMAP could not register any image pair among {len(names)} images: the images "
+                           "share too few features (texture-less object, too little overlap between views?).")
+    return max(reconstructions.values(), key=lambda r: r.num_reg_images())
+
+
+def report(rec, names: list[str]) -> dict:
+    registered = {rec.images[i].name for i in rec.reg_image_ids()}
+    return {"images": len(names), "registered": len(registered),
+            "unregistered": [n for n in names if n not in registered],
+            "points": rec.num_points3D(), "mean_reprojection_error_px": float(rec.compute_mean_reprojection_error())}
+
+
+def print_report(stats: dict) -> None:
+    print(f"Registered {stats['registered']} of {stats['images']} images; {stats['points']} sparse points; mean "
+          f"reprojection error {stats['mean_reprojection_error_px']:.3f} px.")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="scene folder: images in <root>/images (or made from --video)")
+    parser.add_argument("--video", help="extract frames from this video into <root>/images first")
+    parser.add_argument("--fps", type=float, default=3.0, help="frames kept per second of video")
+    parser.add_argument("--max-size", type=int, default=1600, help="longest side of extracted frames (px)")
+    parser.add_argument("--matcher", choices=["auto", "exhaustive", "sequential"], default="auto")
+    parser.add_argument("--overlap", type=int, default=10, help="sequential matching: neighbours matched per frame")
+    parser.add_argument("--camera-model", default="SIMPLE_RADIAL", help="COLMAP camera model (OPENCV, PINHOLE, ...)")
+    parser.add_argument("--per-image-cameras", action="store_true", help="one camera per image (mixed devices)")
+    parser.add_argument("--min-registered", type=float, default=0.6, help="fail below this fraction registered")
+    parser.add_argument("--threads", type=int, default=-1)
+    parser.add_argument("--overwrite", action="store_true", help="redo frames and poses that already exist")
+    parser.add_argument("--verbose", action="store_true", help="show COLMAP's own log")
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except CaptureError as err:
+        print(f"imgs2poses: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(args) -> dict:
+    root = args.root
+    image_dir = os.path.join(root, "images")
+    if args.video:
+        if list_images(image_dir) and not args.overwrite:
+            print(f"Reusing the {len(list_images(image_dir))} frames in {image_dir} (--overwrite to extract again).")
+        else:
+            stats = extract_frames(args.video, image_dir, args.fps, args.max_size)
+            print(f"Kept {stats['kept']} frames of {stats['read']} ({stats['windows']} windows at {args.fps} fps; "
+                  f"dropped {stats['blurred']} blurred and {stats['duplicates']} near-duplicates) -> {image_dir}")
+    names = list_images(image_dir)
+    if not names:
+        raise CaptureError(f"No images (.png/.jpg) in {image_dir}; put the photos there or pass --video.")
+    if len(names) < 3:
+        raise CaptureError(f"Only {len(names)} images in {image_dir}; structure from motion needs at least 3 "
+                           "(20 or more all around the object work well).")
+    sparse = os.path.join(root, "sparse", "0")
+    try:
+        import pycolmap
+    except ImportError:
+        raise CaptureError("pycolmap is not installed: pip install pycolmap.") from None
+    if os.path.isfile(os.path.join(sparse, "cameras.bin")) and not args.overwrite:
+        rec = pycolmap.Reconstruction(sparse)
+        stats = report(rec, names)
+        print(f"Reusing the poses in {sparse} (--overwrite to recompute).")
+        print_report(stats)
+        return stats
+    shared = not args.per_image_cameras
+    check_images(image_dir, names, shared)
+    matcher = args.matcher
+    if matcher == "auto":
+        matcher = "sequential" if args.video or all(n.startswith("frame_") for n in names) else "exhaustive"
+    if not args.verbose:
+        pycolmap.logging.minloglevel = 2  # COLMAP's info lines would bury the progress bars
+    work = tempfile.mkdtemp(prefix=".colmap-", dir=root)
+    try:
+        rec = run_sfm(root, image_dir, names, work, matcher, args.camera_model, shared, args.overlap, args.threads)
+        stats = report(rec, names)
+        print_report(stats)
+        if stats["registered"] < args.min_registered * len(names):
+            missing = stats["unregistered"]
+            raise CaptureError(f"Only {stats['registered']} of {len(names)} images registered (needs "
+                               f"{args.min_registered:.0%}); not registered: {', '.join(missing[:8])}"
+                               f"{' ...' if len(missing) > 8 else ''}. Remove blurred or unrelated images, add views "
+                               "with more overlap, or lower --min-registered.")
+        if stats["unregistered"]:
+            print(f"Not registered (left out of the poses): {', '.join(stats['unregistered'][:8])}"
+                  f"{' ...' if len(stats['unregistered']) > 8 else ''}")
+        model = os.path.join(work, "sparse0")
+        os.makedirs(model)
+        rec.write_binary(model)
+        from datasets.colmap_model import sparse_points, write_points_ply
+
+        xyz, rgb, _ = sparse_points(rec)
+        write_points_ply(os.path.join(work, "sparse_points.ply"), xyz, rgb)
+        # everything computed: put it in place (the old model goes only now)
+        if os.path.isdir(os.path.join(root, "sparse")):
+            shutil.rmtree(os.path.join(root, "sparse"))
+        os.makedirs(os.path.join(root, "sparse"))
+        os.replace(model, sparse)
+        os.replace(os.path.join(work, "database.db"), os.path.join(root, "database.db"))
+        os.replace(os.path.join(work, "sparse_points.ply"), os.path.join(root, "sparse_points.ply"))
+        print(f"Poses: {sparse}; sparse points: {os.path.join(root, 'sparse_points.ply')}")
+        return stats
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Phone capture to trainable scene: video -> frames -> pycolmap poses -> colmap and NeuS-format scenes.
+
+The demo scene (with fine texture, as SIFT needs) is filmed along a
+hand-held orbit into an MP4 in which every other frame is motion-blurred;
+scripts/imgs2poses.py must keep the sharp frames and recover the cameras,
+gen_cameras.py must write a NeuS scene whose rays are the colmap loader's.
+"""
+import glob
+import os
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import datasets
+from datasets.synthetic import (DemoScene, TexturedDemoScene, demo_surface, handheld_orbit, render_rays,
+                                write_colmap_text)
+from helpers import max_ray_angle_deg
+from scripts import gen_cameras, imgs2poses
+from utils.io import to_uint8, write_image, write_video
+
+ORBIT_RADIUS = 2.4  # handheld_orbit's mean distance from the object
+
+
+def render(scene, cam):
+    o, d = cam.rays()
+    return to_uint8(render_rays(scene, o, d).view(cam.height, cam.width, 3).numpy())
+
+
+def motion_blur(frame, pixels=6):
+    shifted = [np.roll(frame.astype(np.float32), s, axis=1) for s in range(-pixels, pixels + 1)]
+    return np.mean(shifted, axis=0).round().astype(np.uint8)
+
+
+def similarity(src, dst):
+    """Umeyama: (s, R, t) minimising |s R src + t - dst|^2 over (N, 3) point pairs."""
+    ms, md = src.mean(0), dst.mean(0)
+    U, S, Vt = np.linalg.svd((dst - md).T @ (src - ms) / len(src))
+    D = np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))])
+    R = U @ D @ Vt
+    s = np.trace(np.diag(S) @ D) / (src - ms).var(0).sum()
+    return s, R, md - s * R @ ms
+
+
+@pytest.fixture(scope="module")
+def capture(tmp_path_factory):
+    """(root, true cameras, sharp frames, imgs2poses output) of a 64-view video capture."""
+    tmp = tmp_path_factory.mktemp("capture")
+    cams = handheld_orbit(64, 384, 288, seed=0)
+    scene = TexturedDemoScene()
+    sharp = [render(scene, cam) for cam in cams]
+    video = []
+    for frame in sharp:  # 24 fps: each sharp frame followed by a blurred one (the phone moved)
+        video += [frame, motion_blur(frame)] if len(video) % 4 == 0 else [motion_blur(frame), frame]
+    write_video(str(tmp / "orbit.mp4"), video, fps=24)
+    root = tmp / "scene"
+    rc = imgs2poses.main([str(root), "--video", str(tmp / "orbit.mp4"), "--fps", "12"])
+    assert rc == 0
+    return root, cams, sharp
+
+
+@pytest.mark.slow
+def test_video_to_poses_within_a_degree_and_a_percent(capture):
+    root, cams, sharp = capture
+    frames = sorted(glob.glob(str(root / "images" / "*.jpg")))
+    assert len(frames) == len(cams)
+    for k in (0, 1, 31, 63):  # the sharp frame of each pair was kept, not its blurred twin
+        kept = imageio.imread(frames[k]).astype(np.float32)
+        assert np.abs(kept - sharp[k]).mean() < np.abs(kept - motion_blur(sharp[k])).mean()
+    import pycolmap
+
+    rec = pycolmap.Reconstruction(str(root / "sparse" / "0"))
+    assert rec.num_reg_images() == len(cams)
+    est_c, est_r, true_c, true_r = [], [], [], []
+    for image in rec.images.values():
+        k = int(image.name[len("frame_"):-len(".jpg")])
+        pose = image.cam_from_world()
+        R = pose.rotation.matrix()
+        est_c.append(-R.T @ np.asarray(pose.translation))
+        est_r.append(R.T)
+        true_c.append(cams[k].c2w[:3, 3])
+        true_r.append(cams[k].c2w[:3, :3])
+    s, R, t = similarity(np.array(est_c), np.array(true_c))
+    centre_err = np.linalg.norm(s * np.array(est_c) @ R.T + t - np.array(true_c), axis=1)
+    angles = [np.degrees(np.arccos(np.clip((np.trace((R @ re).T @ rt) - 1) / 2, -1, 1)))
+              for re, rt in zip(est_r, true_r)]
+    print(f"\nposes: rotation error max {max(angles):.3f} deg (mean {np.mean(angles):.3f}); centre error max "
+          f"{100 * centre_err.max() / ORBIT_RADIUS:.2f}% of the orbit radius (mean "
+          f"{100 * centre_err.mean() / ORBIT_RADIUS:.2f}%)")
+    assert max(angles) < 1.0
+    assert centre_err.max() < 0.01 * ORBIT_RADIUS
+    assert (root / "sparse_points.ply").is_file() and (root / "database.db").is_file()
+    assert not glob.glob(str(root / ".colmap-*")) and not glob.glob(str(root / ".frames-*"))
+
+    # run again: the poses are reused, not recomputed
+    mtime = os.path.getmtime(root / "sparse" / "0" / "images.bin")
+    assert imgs2poses.main([str(root)]) == 0
+    assert os.path.getmtime(root / "sparse" / "0" / "images.bin") == mtime
+
+
+@pytest.mark.slow
+def test_neus_format_scene_has_the_colmap_loaders_rays(capture):
+    root, cams, _ = capture
+    assert gen_cameras.main([str(root)]) == 0
+    pre = root / "preprocessed"
+    assert len(os.listdir(pre / "image")) == len(cams) == len(os.listdir(pre / "mask"))
+    assert (pre / "sparse_points_interest.ply").is_file()
+    neus = datasets.make("dtu", OmegaConf.create({"name": "dtu", "root_dir": str(pre)})).split("train")
+    col = datasets.make("colmap", OmegaConf.create({"name": "colmap", "root_dir": str(root),
+                                                    "up_est_method": "ground"})).split("train")
+    assert neus.images.shape == col.images.shape
+    assert torch.equal(neus.images, col.images)
+    for k in (0, 20, 47):
+        a, b = neus.image_rays(k), col.image_rays(k)
+        wa, wb = neus.world_from_scene, col.world_from_scene
+        oa = a["rays_o"].double().numpy() @ wa[:3, :3].T + wa[:3, 3]
+        ob = b["rays_o"].double().numpy() @ wb[:3, :3].T + wb[:3, 3]
+        scale = np.linalg.norm(wb[:3, 0])
+        assert np.abs(oa - ob).max() < 1e-4 * scale * 10
+        da = torch.from_numpy(a["rays_d"].double().numpy() @ wa[:3, :3].T)
+        db = torch.from_numpy(b["rays_d"].double().numpy() @ wb[:3, :3].T)
+        assert max_ray_angle_deg(da, db) < 1e-3
+    # the estimated region of interest holds the object and not the surroundings (radius 5 about it)
+    import pycolmap
+
+    rec = pycolmap.Reconstruction(str(root / "sparse" / "0"))
+    est = {im.name: im for im in rec.images.values()}
+    names = [line.split()[1] for line in open(pre / "names.txt")]
+    est_c = np.array([est[n].projection_center() for n in names])
+    true_c = np.array([cams[int(n[6:-4])].c2w[:3, 3] for n in names])
+    s, R, t = similarity(est_c, true_c)
+    scale_mat = np.load(pre / "cameras_sphere.npz")["scale_mat_0"]
+    centre, radius = s * R @ scale_mat[:3, 3] + t, s * scale_mat[0, 0]
+    surface, _ = demo_surface(64)
+    inside = np.linalg.norm(surface - centre, axis=1) < radius
+    print(f"\nregion of interest: radius {radius:.3f} (object's bounding sphere 0.82), {inside.mean():.1%} of the "
+          "surface inside")
+    assert inside.mean() > 0.95 and radius < 1.5
+
+
+def test_frame_selection_keeps_sharp_frames_and_drops_still_ones():
+    rng = np.random.default_rng(0)
+    base = (rng.random((60, 80, 3)) * 255).astype(np.uint8)
+    scenes = [np.roll(base, 5 * k, axis=1) for k in range(6)]
+    stream = []
+    for k, frame in enumerate(scenes):
+        stream += [motion_blur(frame, 3), frame, motion_blur(frame, 4)]  # windows of three: the middle is sharp
+    stream += [scenes[-1]] * 3  # the phone stood still at the end
+    kept, stats = imgs2poses.select_frames(iter(stream), video_fps=30, fps=10, max_size=1000)
+    assert stats["windows"] == 7 and stats["duplicates"] == 1 and stats["kept"] == 6
+    for frame, truth in zip(kept, scenes):
+        assert np.array_equal(frame, truth)
+
+
+def test_bad_inputs_are_one_sentence_and_leave_nothing(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert imgs2poses.main([str(empty)]) == 2
+    assert "No images" in capsys.readouterr().err
+    assert os.listdir(empty) == []
+
+    bad_video = tmp_path / "broken.mp4"
+    bad_video.write_bytes(b"\x00\x01 this is not a video" * 100)
+    root = tmp_path / "from_video"
+    assert imgs2poses.main([str(root), "--video", str(bad_video)]) == 2
+    err = capsys.readouterr().err
+    assert "Could not decode" in err and err.count("\n") == 1
+    assert not (root / "images").exists() and not glob.glob(str(root / ".frames-*"))
+
+    mixed = tmp_path / "mixed"
+    (mixed / "images").mkdir(parents=True)
+    for i, (w, h) in enumerate([(64, 48), (64, 48), (48, 64)]):
+        write_image(str(mixed / "images" / f"p{i}.png"), np.zeros((h, w, 3), np.uint8))
+    assert imgs2poses.main([str(mixed)]) == 2
+    assert "mixed sizes" in capsys.readouterr().err
+    assert sorted(os.listdir(mixed)) == ["images"]
+
+
+def test_too_few_registered_names_the_images(tmp_path, capsys):
+    root = tmp_path / "half"
+    (root / "images").mkdir(parents=True)
+    scene = TexturedDemoScene()
+    for k, cam in enumerate(handheld_orbit(64, 256, 192, seed=1)[:8]):
+        write_image(str(root / "images" / f"a_{k:02d}.png"), render(scene, cam))
+    rng = np.random.default_rng(0)
+    for k in range(8):  # unrelated pictures: nothing in common with the object or each other
+        write_image(str(root / "images" / f"z_noise_{k}.png"), (rng.random((192, 256, 3)) * 255).astype(np.uint8))
+    assert imgs2poses.main([str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "of 16 images registered" in err and "z_noise_0.png" in err and "a_00.png" not in err
+    assert sorted(os.listdir(root)) == ["images"]  # no sparse/, no database, no work folder
+
+
+def test_gen_cameras_refuses_unmatched_masks_and_existing_output(tmp_path, capsys):
+    from datasets.synthetic import orbit_cameras
+
+    root = tmp_path / "cap"
+    cams = orbit_cameras(4, 2.6, [30], 48, 36)
+    (root / "images").mkdir(parents=True)
+    views = []
+    for i, cam in enumerate(cams):
+        write_image(str(root / "images" / f"v{i}.png"), render(DemoScene(), cam))
+        views.append((f"v{i}.png", 0, cam.c2w))
+    K = cams[0].K
+    verts, _ = demo_surface(32)
+    write_colmap_text(str(root / "sparse" / "0"), [("PINHOLE", 48, 36, [K[0, 0], K[1, 1], K[0, 2], K[1, 2]])],
+                      views, verts[::7])
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    write_image(str(masks / "unrelated.png"), np.zeros((36, 48), np.uint8))
+    assert gen_cameras.main([str(root), "--masks", str(masks)]) == 2
+    assert "matches an image name" in capsys.readouterr().err
+    assert sorted(os.listdir(root)) == ["images", "sparse"]
+
+    assert gen_cameras.main([str(root), "--padding", "6"]) == 0
+    assert sorted(os.listdir(root / "preprocessed" / "image"))[0] == "000000.png"
+    cams_npz = np.load(root / "preprocessed" / "cameras_sphere.npz")
+    P = cams_npz["world_mat_2"][:3]
+    x = np.append(verts[0], 1.0)
+    uv = P @ x
+    assert np.allclose(uv[:2] / uv[2], (K @ np.linalg.inv(cams[2].c2w)[:3] @ x)[:2] / uv[2], atol=1e-6)
+    assert gen_cameras.main([str(root)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+NEUS_COLMAP_SMALL = [  # neus-colmap.yaml at CPU size: the demo's sampling and grids, a short run
+    "dataset.img_downscale=4", "dataset.holdout_every=16", "dataset.n_test_traj_steps=2",
+    "model.num_samples_per_ray=64", "model.max_train_num_rays=512", "+model.grid_resolution=32",
+    "model.num_samples_per_ray_bg=16", "model.ray_chunk=4096",
+    "model.geometry.xyz_encoding_config.n_levels=8", "model.geometry.xyz_encoding_config.log2_hashmap_size=15",
+    "model.geometry.xyz_encoding_config.base_resolution=16", "model.geometry.xyz_encoding_config.per_level_scale=1.486",
+    "model.geometry_bg.xyz_encoding_config.n_levels=4", "model.geometry_bg.xyz_encoding_config.log2_hashmap_size=12",
+    "model.geometry_bg.xyz_encoding_config.base_resolution=8",
+    "model.geometry.isosurface.resolution=48", "trainer.max_steps=100", "trainer.val_check_interval=100",
+    "trainer.limit_val_batches=1", "system.warmup_steps=20", "trainer.precision=32", "tag=e2e",
+]
+
+
+@pytest.mark.slow
+def test_neus_colmap_trains_and_exports_in_the_capture_frame(capture, tmp_path):
+    from test_e2e import launch
+    import trimesh
+
+    root, _, _ = capture
+    out = launch(tmp_path, "--config", "configs/neus-colmap.yaml", "--train", f"dataset.root_dir={root}",
+                 *NEUS_COLMAP_SMALL)
+    assert "COLMAP capture: 64 registered images, 1 camera(s) (SIMPLE_RADIAL)" in out
+    trial = glob.glob(str(tmp_path / "exp" / "neus-colmap-scene" / "e2e@*"))[0]
+    save = os.path.join(trial, "save")
+    overview = trimesh.load(os.path.join(save, "scene-overview.ply"))
+    assert len(overview.vertices) > 60 * 60
+    world = trimesh.load(os.path.join(save, "it100-mc48.obj"), process=False)
+    normalised = trimesh.load(os.path.join(save, "it100-mc48-normalized.obj"), process=False)
+    col = datasets.make("colmap", OmegaConf.create({"name": "colmap", "root_dir": str(root),
+                                                    "up_est_method": "ground", "center_est_method": "lookat"}))
+    W = col.split("trajectory").world_from_scene
+    np.testing.assert_allclose(normalised.vertices @ W[:3, :3].T + W[:3, 3], world.vertices,
+                               atol=1e-4 * np.linalg.norm(W[:3, 0]))
+    assert np.abs(normalised.vertices).max() <= 0.5 + 1e-3  # inside model.radius
+    assert os.path.isfile(os.path.join(save, "it100-test-orbit.mp4"))

@@ -1,0 +1,205 @@
+"""The colmap loader on COLMAP text models written from the renderer's known cameras.
+
+SIMPLE_PINHOLE / PINHOLE: the loader's rays, taken back to the COLMAP frame
+with ``world_from_scene``, are the renderer's rays. OPENCV with distortion:
+the images are rendered through a lens model written here (forward model and
+its inversion, independent of pycolmap), and the loader's undistorted pixels
+must show what its own pinhole rays see.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+from omegaconf import OmegaConf
+
+import datasets
+from datasets.base import DatasetError
+from datasets.synthetic import Camera, DemoScene, demo_surface, orbit_cameras, render_rays, write_colmap_text
+from helpers import max_ray_angle_deg
+from utils.io import to_uint8, write_image
+
+W, H = 64, 48
+
+
+def scene_points(n=400):
+    verts, _ = demo_surface(64)
+    return verts[np.random.default_rng(0).choice(len(verts), n, replace=False)]
+
+
+def cameras_with(fx, fy, n=10):
+    cams = orbit_cameras(n, 2.6, [20, 40, 60], W, H)
+    for cam in cams:
+        cam.K = np.array([[fx, 0, 31.0], [0, fy, 25.5], [0, 0, 1]])
+    return cams
+
+
+def write_capture(root, cams, model, params, render_image, project=None, image_ext=".png"):
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    views = []
+    for i, cam in enumerate(cams):
+        name = f"img_{i:03d}{image_ext}"
+        write_image(os.path.join(root, "images", name), render_image(cam))
+        views.append((name, 0, cam.c2w))
+    write_colmap_text(os.path.join(root, "sparse", "0"), [(model, W, H, params)], views, scene_points(),
+                      project=project)
+
+
+def pinhole_render(cam):
+    o, d = cam.rays()
+    return to_uint8(render_rays(DemoScene(), o, d).view(cam.height, cam.width, 3).numpy())
+
+
+def load(root, **overrides):
+    cfg = OmegaConf.create({"name": "colmap", "root_dir": str(root), "up_est_method": "camera",
+                            "center_est_method": "lookat", **overrides})
+    return datasets.make("colmap", cfg)
+
+
+def world_rays(data, k, world_from_scene):
+    rays = data.image_rays(k)
+    o = rays["rays_o"].double().numpy() @ world_from_scene[:3, :3].T + world_from_scene[:3, 3]
+    d = rays["rays_d"].double().numpy() @ world_from_scene[:3, :3].T
+    return o, d / np.linalg.norm(d, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("model,fx,fy", [("SIMPLE_PINHOLE", 50.0, 50.0), ("PINHOLE", 52.0, 47.0)])
+def test_pinhole_models_give_the_renderers_rays(tmp_path, model, fx, fy):
+    cams = cameras_with(fx, fy)
+    params = [fx, 31.0, 25.5] if model == "SIMPLE_PINHOLE" else [fx, fy, 31.0, 25.5]
+    write_capture(tmp_path, cams, model, params, pinhole_render)
+    dm = load(tmp_path)
+    data = dm.split("train")
+    assert data.images.shape == (len(cams), H, W, 3)
+    for k, cam in enumerate(cams):
+        o, d = world_rays(data, k, data.world_from_scene)
+        o_true, d_true = (t.double().numpy() for t in cam.rays())
+        assert np.abs(o - o_true).max() < 1e-4
+        angle = max_ray_angle_deg(torch.from_numpy(d), torch.from_numpy(d_true))
+        assert angle < 1e-3, f"view {k}: rays off by {angle:.4f} degrees"
+        assert np.array_equal(data.images[k].numpy(), np.asarray(pinhole_render(cam)))
+    # normalised frame: up is +z, the look-at point at the origin, the nearest camera at distance 1
+    c2w = data.c2w.numpy()
+    assert abs(np.linalg.norm(c2w[:, :3, 3], axis=1).min() - 1.0) < 1e-5
+    mean_up = c2w[:, :3, 1].mean(0)  # OpenGL camera y (up) in the scene: up_est_method=camera makes it +z
+    assert np.abs(mean_up[:2]).max() < 1e-5 and mean_up[2] > 0.5
+    # the overview PLY: sparse points, 60 points per camera frustum (red), the region-of-interest box (green)
+    path = tmp_path / "overview.ply"
+    assert dm.write_overview(str(path))
+    cloud = trimesh.load(path)
+    red = (cloud.colors[:, :3] == [255, 0, 0]).all(1).sum()
+    assert red == 60 * len(cams)
+
+
+def opencv_distort(xy, k1, k2, p1, p2):
+    x, y = xy[:, 0], xy[:, 1]
+    r2 = x * x + y * y
+    radial = 1 + k1 * r2 + k2 * r2 * r2
+    return np.stack([x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x),
+                     y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y], -1)
+
+
+def opencv_undistort(xy_d, coeffs, iterations=50):
+    xy = xy_d.copy()
+    for _ in range(iterations):  # fixed point of xy = xy_d - (distort(xy) - xy)
+        xy = xy_d - (opencv_distort(xy, *coeffs) - xy)
+    return xy
+
+
+def test_opencv_lens_is_undistorted_at_load(tmp_path, monkeypatch):
+    monkeypatch.setitem(globals(), "W", 128)  # finer pixels: interpolation error well below the lens' displacement
+    monkeypatch.setitem(globals(), "H", 96)
+    fx, fy, cx, cy = 100.0, 100.0, 63.0, 47.5
+    coeffs = (-0.3, 0.08, 0.002, -0.003)
+    cams = cameras_with(fx, fy, n=6)
+    for cam in cams:
+        cam.K, cam.width, cam.height = np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]]), W, H
+
+    def distorted_render(cam):
+        v, u = np.meshgrid(np.arange(H) + 0.5, np.arange(W) + 0.5, indexing="ij")
+        xy_d = np.stack([(u.ravel() - cx) / fx, (v.ravel() - cy) / fy], -1)
+        xy = opencv_undistort(xy_d, coeffs)
+        assert np.abs(opencv_distort(xy, *coeffs) - xy_d).max() < 1e-9
+        d_cam = np.concatenate([xy, np.ones((len(xy), 1))], 1)
+        d = d_cam @ cam.c2w[:3, :3].T
+        d /= np.linalg.norm(d, axis=1, keepdims=True)
+        o = np.broadcast_to(cam.c2w[:3, 3], d.shape).copy()
+        rgb = render_rays(DemoScene(), torch.from_numpy(o).float(), torch.from_numpy(d).float())
+        return to_uint8(rgb.view(H, W, 3).numpy())
+
+    def project(_, pts):
+        xy = opencv_distort(pts[:, :2] / pts[:, 2:], *coeffs)
+        return np.stack([fx * xy[:, 0] + cx, fy * xy[:, 1] + cy], -1)
+
+    write_capture(tmp_path, cams, "OPENCV", [fx, fy, cx, cy, *coeffs], distorted_render, project=project)
+    data = load(tmp_path).split("train")
+    errors, ignored = [], []
+    for k, cam in enumerate(cams):
+        o, d = world_rays(data, k, data.world_from_scene)
+        seen = render_rays(DemoScene(), torch.from_numpy(o).float(), torch.from_numpy(d).float()).numpy()
+        loaded = data.images[k].numpy().reshape(-1, 3) / 255.0
+        errors.append(np.abs(loaded - seen).mean())
+        # the same image read as if the lens had no distortion: what a loader ignoring it would train on
+        raw = distorted_render(cam).reshape(-1, 3) / 255.0
+        ignored.append(np.abs(raw - pinhole_render(Camera(K=np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]]),
+                                                          c2w=cam.c2w, width=W, height=H)).reshape(-1, 3) / 255.0
+                              ).mean())
+    assert np.mean(errors) < 0.03, f"undistorted images vs their rays: mean colour error {np.mean(errors):.4f}"
+    assert np.mean(ignored) > 3 * np.mean(errors), (np.mean(ignored), np.mean(errors))
+
+
+def test_masks_by_stem_and_the_clear_errors(tmp_path):
+    cams = cameras_with(50.0, 50.0, n=4)
+    write_capture(tmp_path, cams, "PINHOLE", [50.0, 50.0, 31.0, 25.5], pinhole_render, image_ext=".jpg")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i in range(4):  # COLMAP's own naming for two, the plain stem for the others
+        name = f"img_{i:03d}.jpg.png" if i < 2 else f"img_{i:03d}.png"
+        mask = np.zeros((H, W), np.uint8)
+        mask[10:30, 20:40] = 255
+        write_image(str(masks / name), mask)
+    data = load(tmp_path).split("train")
+    assert data.has_mask and data.masks.shape == (4, H, W)
+    assert int(data.masks[2, 20, 30]) == 255 and int(data.masks[2, 5, 5]) == 0
+
+    os.remove(masks / "img_003.png")
+    with pytest.raises(DatasetError, match="1 of 4 images have no mask.*img_003.jpg"):
+        load(tmp_path).split("train")
+    for f in os.listdir(masks):
+        os.rename(masks / f, masks / ("other_" + f))
+    with pytest.raises(DatasetError, match="matches an image name"):
+        load(tmp_path).split("train")
+
+
+def test_mixed_image_sizes_need_img_wh(tmp_path):
+    cams = cameras_with(50.0, 50.0, n=4)
+    root = tmp_path
+    os.makedirs(root / "images")
+    views = []
+    small = Camera(K=np.array([[25.0, 0, 15.5], [0, 25.0, 12.75], [0, 0, 1]]), c2w=cams[0].c2w, width=32, height=24)
+    for i, cam in enumerate(cams):
+        use = small if i == 3 else cam
+        use = Camera(K=use.K, c2w=cam.c2w, width=use.width, height=use.height)
+        write_image(str(root / "images" / f"img_{i}.png"), pinhole_render(use))
+        views.append((f"img_{i}.png", 1 if i == 3 else 0, cam.c2w))
+    write_colmap_text(str(root / "sparse" / "0"), [("PINHOLE", W, H, [50.0, 50.0, 31.0, 25.5]),
+                                                  ("PINHOLE", 32, 24, [25.0, 25.0, 15.5, 12.75])],
+                      views, scene_points())
+    with pytest.raises(DatasetError, match="mixed sizes.*img_wh"):
+        load(root).split("train")
+    data = load(root, img_wh=[W, H]).split("train")
+    o, d = world_rays(data, 3, data.world_from_scene)
+    o_true, d_true = (t.double().numpy() for t in cams[3].rays())
+    assert max_ray_angle_deg(torch.from_numpy(d), torch.from_numpy(d_true)) < 1e-3
+
+
+def test_missing_model_and_image_are_one_sentence(tmp_path):
+    os.makedirs(tmp_path / "images")
+    with pytest.raises(DatasetError, match="No COLMAP model.*imgs2poses"):
+        load(tmp_path).split("train")
+    cams = cameras_with(50.0, 50.0, n=3)
+    write_capture(tmp_path, cams, "PINHOLE", [50.0, 50.0, 31.0, 25.5], pinhole_render)
+    os.remove(tmp_path / "images" / "img_001.png")
+    with pytest.raises(DatasetError, match="img_001.png"):
+        load(tmp_path).split("train")
