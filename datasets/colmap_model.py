@@ -57,7 +57,7 @@ def registered_views(rec) -> List[View]:
     views = []
     for image_id in rec.reg_image_ids():
         image = rec.images[image_id]
-        pose = image.cam_from_world()
+        pose = image.cam_from_world() if callable(image.cam_from_world) else image.cam_from_world
         R, t = pose.rotation.matrix(), np.asarray(pose.translation)
         c2w = np.eye(4)
         c2w[:3, :3] = R.T

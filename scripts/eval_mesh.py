@@ -2,6 +2,7 @@
 
     python scripts/eval_mesh.py MESH --protocol dtu --dtu-dir DIR --scan N
     python scripts/eval_mesh.py MESH --protocol scene --gt GT_MESH [--threshold 0.05] [--crop-margin 0.1]
+                                [--frusta SCANNET_SCENE_OR_CAMERAS_NPZ] [--max-depth 3]
 
 dtu: the DTU MVS object evaluation. DIR is the DTU evaluation data
 (``Points/stl/stl{scan:03d}_total.ply``, ``ObsMask/ObsMask{scan}_10.mat``,
@@ -15,7 +16,11 @@ scene: mesh to mesh (NeuralRecon / TransformerFusion style): both surfaces
 sampled uniformly by area, accuracy / completeness / Chamfer, and precision /
 recall / F-score at ``--threshold`` (scene units, default 0.05 = 5 cm).
 ``--crop-margin m`` first drops predicted points farther than m outside the
-ground truth's bounding box (e.g. the walls of an unbounded reconstruction).
+ground truth's bounding box (e.g. the walls of an unbounded reconstruction);
+``--frusta CAMS`` keeps only predicted and ground-truth points that some
+camera saw (inside its image, up to ``--max-depth``): CAMS is a ScanNet-layout
+folder (``intrinsic/intrinsic_depth.txt``, ``pose/*.txt``, ``depth/*.png`` for
+the image size) or a NeuS ``cameras_sphere.npz`` (with ``image/`` beside it).
 
 Prints a table, then one JSON object as the last line (``--json FILE`` also
 writes it, atomically).
@@ -31,8 +36,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.mesh_metrics import (dtu_protocol, load_dtu_evaluation, sample_surface, surface_distances,  # noqa: E402
-                                uniform_surface_points)
+from utils.mesh_metrics import (dtu_protocol, in_any_frustum, load_dtu_evaluation, sample_surface,  # noqa: E402
+                                surface_distances, uniform_surface_points)
 
 
 class EvalError(RuntimeError):
@@ -48,6 +53,44 @@ def load_mesh(path: str):
     if len(mesh.faces) == 0:
         raise EvalError(f"{path} has no faces; give a triangle mesh (OBJ/PLY/OFF).")
     return np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces)
+
+
+def read_frusta(path: str) -> list:
+    """[(K, c2w OpenCV, width, height)] from a ScanNet-layout folder or a NeuS cameras_sphere.npz."""
+    import imageio.v2 as imageio
+
+    if path.endswith(".npz"):
+        from datasets.dtu import decompose_projection
+
+        if not os.path.isfile(path):
+            raise EvalError(f"{path} does not exist.")
+        cams = np.load(path)
+        images = sorted(os.listdir(os.path.join(os.path.dirname(path), "image"))) \
+            if os.path.isdir(os.path.join(os.path.dirname(path), "image")) else []
+        if not images:
+            raise EvalError(f"No image/ folder beside {path} to tell the image size.")
+        h, w = imageio.imread(os.path.join(os.path.dirname(path), "image", images[0])).shape[:2]
+        out = []
+        for key in sorted(k for k in cams if k.startswith("world_mat_")):
+            K, c2w = decompose_projection(cams[key][:3, :4].astype(np.float64))
+            out.append((K, c2w, w, h))
+        return out
+    pose_dir, depth_dir = os.path.join(path, "pose"), os.path.join(path, "depth")
+    K_path = os.path.join(path, "intrinsic", "intrinsic_depth.txt")
+    if not (os.path.isdir(pose_dir) and os.path.isdir(depth_dir) and os.path.isfile(K_path)):
+        raise EvalError(f"{path} is neither a cameras_sphere.npz nor a ScanNet-layout folder (intrinsic/, pose/, "
+                        "depth/).")
+    K = np.loadtxt(K_path)[:3, :3]
+    depths = sorted(f for f in os.listdir(depth_dir) if f.endswith(".png"))
+    if not depths:
+        raise EvalError(f"{depth_dir} has no depth images to tell the image size.")
+    h, w = imageio.imread(os.path.join(depth_dir, depths[0])).shape[:2]
+    out = []
+    for name in sorted(os.listdir(pose_dir)):
+        c2w = np.loadtxt(os.path.join(pose_dir, name)).reshape(4, 4)
+        if np.isfinite(c2w).all():
+            out.append((K, c2w, w, h))
+    return out
 
 
 def evaluate(args) -> dict:
@@ -69,6 +112,13 @@ def evaluate(args) -> dict:
     gt_v, gt_f = load_mesh(args.gt)
     pred = sample_surface(verts, faces, args.samples, seed=0)
     gt = sample_surface(gt_v, gt_f, args.samples, seed=1)
+    if args.frusta is not None:
+        cameras = read_frusta(args.frusta)
+        pred = pred[in_any_frustum(pred, cameras, args.max_depth)]
+        gt = gt[in_any_frustum(gt, cameras, args.max_depth)]
+        if len(pred) == 0 or len(gt) == 0:
+            raise EvalError(f"No {'predicted' if len(pred) == 0 else 'ground-truth'} point lies inside the camera "
+                            f"frusta of {args.frusta}; are the mesh and the cameras in the same frame?")
     if args.crop_margin is not None:
         lo, hi = gt_v.min(0) - args.crop_margin, gt_v.max(0) + args.crop_margin
         pred = pred[np.all((pred >= lo) & (pred <= hi), axis=1)]
@@ -89,6 +139,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threshold", type=float, default=0.05, help="scene: F-score distance")
     parser.add_argument("--samples", type=int, default=200_000, help="scene: points sampled on each mesh")
     parser.add_argument("--crop-margin", type=float, help="scene: drop predicted points this far outside the GT box")
+    parser.add_argument("--frusta", help="scene: keep points seen by these cameras (ScanNet folder or .npz)")
+    parser.add_argument("--max-depth", type=float, help="scene: with --frusta, the cameras' depth range")
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
     try:

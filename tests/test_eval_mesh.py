@@ -117,3 +117,33 @@ def test_dtu_data_scores_its_meshes_when_given_the_evaluation_folder(dtu_dir, tm
     scores = scene.score_mesh(np.asarray(mesh.vertices), np.asarray(mesh.faces))  # scan number from the folder
     assert scores["chamfer"] == pytest.approx(0.5, abs=0.03)
     assert DTUDataModule(OmegaConf.create({"root_dir": str(tmp_path)})).score_mesh(mesh.vertices, mesh.faces) is None
+
+
+def test_scene_protocol_culls_to_the_camera_frusta(tmp_path):
+    """GT: a sphere the cameras see and one off to the side they never see; the prediction: the seen sphere plus a
+    wall behind it, beyond the cameras' depth range. Culled to the frusta, both precision and recall are 1."""
+    from datasets.synthetic import look_at
+
+    trimesh.util.concatenate([sphere(1.0, np.zeros(3)), sphere(1.0, np.array([0.0, 10.0, 0.0]))]).export(
+        tmp_path / "gt.obj")
+    wall = trimesh.creation.box(extents=[0.1, 6.0, 6.0])
+    wall.vertices += [4.0, 0, 0]
+    trimesh.util.concatenate([sphere(1.02, np.zeros(3)), wall]).export(tmp_path / "pred.obj")
+    scan = tmp_path / "scan"
+    for sub in ("intrinsic", "pose", "depth"):
+        os.makedirs(scan / sub)
+    K = np.eye(4)
+    K[:3, :3] = [[40.0, 0, 32.0], [0, 40.0, 24.0], [0, 0, 1]]
+    np.savetxt(scan / "intrinsic" / "intrinsic_depth.txt", K)
+    for i, eye in enumerate([(-3.0, 0.3, 0.2), (-3.0, -0.3, -0.2), (-2.8, 0.0, 0.8)]):
+        np.savetxt(scan / "pose" / f"{i}.txt", look_at(np.array(eye), np.zeros(3)))
+        import imageio.v2 as imageio
+        imageio.imwrite(scan / "depth" / f"{i}.png", np.zeros((48, 64), np.uint16))
+    np.savetxt(scan / "pose" / "3.txt", np.full((4, 4), -np.inf))  # an invalid pose, as ScanNet has: skipped
+    plain = json.loads(run(tmp_path / "pred.obj", "--protocol", "scene", "--gt", tmp_path / "gt.obj")
+                       .stdout.strip().splitlines()[-1])
+    culled = json.loads(run(tmp_path / "pred.obj", "--protocol", "scene", "--gt", tmp_path / "gt.obj",
+                            "--frusta", scan, "--max-depth", 5.0).stdout.strip().splitlines()[-1])
+    assert plain["recall"] < 0.6 and plain["precision"] < 0.5
+    assert culled["recall"] == 1.0 and culled["precision"] == 1.0
+    run(tmp_path / "pred.obj", "--protocol", "scene", "--gt", tmp_path / "gt.obj", "--frusta", tmp_path, expect=2)

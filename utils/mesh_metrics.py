@@ -116,3 +116,21 @@ def load_dtu_evaluation(dtu_dir: str, scan: int):
     plane = loadmat(paths["plane"])["P"].astype(np.float64).reshape(4)
     return (gt, obs["ObsMask"].astype(bool), obs["BB"].astype(np.float64), float(np.asarray(obs["Res"]).ravel()[0]),
             plane)
+
+
+def in_any_frustum(points: np.ndarray, cameras, max_depth: float | None = None, chunk: int = 200_000) -> np.ndarray:
+    """(P,) bool: the point projects inside the image of at least one camera (in front of it, within max_depth).
+
+    points: (P, 3); cameras: iterable of (K (3, 3), c2w (4, 4) OpenCV, width, height).
+    """
+    seen = np.zeros(len(points), bool)
+    for K, c2w, width, height in cameras:
+        w2c = np.linalg.inv(c2w)
+        for s in range(0, len(points), chunk):
+            p = points[s:s + chunk] @ w2c[:3, :3].T + w2c[:3, 3]
+            z = p[:, 2]
+            front = z > 1e-6 if max_depth is None else (z > 1e-6) & (z < max_depth)
+            uv = p[:, :2] / np.where(front, z, 1.0)[:, None] * K[[0, 1], [0, 1]] + K[:2, 2]
+            inside = front & (uv[:, 0] >= 0) & (uv[:, 0] < width) & (uv[:, 1] >= 0) & (uv[:, 1] < height)
+            seen[s:s + chunk] |= inside
+    return seen
