@@ -56,25 +56,56 @@ def nerfacc_status() -> tuple[bool, str]:
         return False, f"nerfacc not usable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
 
 
-_STATUS = {"tcnn": tcnn_status, "nerfacc": nerfacc_status}
+def triton_interpreted() -> bool:
+    """Triton's interpreter (TRITON_INTERPRET=1) runs the kernels on the CPU: slow, for tests only."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve(piece: str, requested: str, fast: str) -> str:
+@functools.lru_cache(maxsize=None)
+def triton_status(explicit: bool = False) -> tuple[bool, str]:
+    """(usable, reason) for this project's Triton kernels (Triton ships with PyTorch's CUDA wheels).
+
+    Without CUDA only an explicit request under the interpreter counts ('auto' never picks the interpreter)."""
+    if not torch.cuda.is_available() and not (explicit and triton_interpreted()):
+        return False, "no CUDA device"
+    try:
+        import triton
+
+        from models.triton_hashgrid import selftest
+
+        selftest("cuda" if torch.cuda.is_available() and not triton_interpreted() else "cpu")
+        return True, f"triton {triton.__version__}{', interpreter' if triton_interpreted() else ''}"
+    except Exception as err:  # ImportError, or a kernel that fails to compile on this GPU
+        return False, f"triton not usable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+
+
+_STATUS = {"tcnn": tcnn_status, "nerfacc": nerfacc_status, "triton": triton_status}
+
+
+def resolve(piece: str, requested: str, fast) -> str:
     """Backend to use for ``piece`` ('encoding', 'network', 'rendering').
 
-    requested: 'auto', 'torch' or the name of the fast backend ``fast``.
+    fast: the accelerated backend's name, or a tuple of them in order of preference ('auto' takes the first
+    usable one). requested: 'auto', 'torch' or one of ``fast``.
     """
+    fast = (fast,) if isinstance(fast, str) else tuple(fast)
     requested = (requested or "auto").lower()
-    if requested not in ("auto", "torch", fast):
-        raise ConfigError(f"Unknown backend '{requested}' for {piece}; choose auto, torch or {fast}.")
+    if requested not in ("auto", "torch", *fast):
+        raise ConfigError(f"Unknown backend '{requested}' for {piece}; choose auto, torch or {' or '.join(fast)}.")
     if requested == "torch":
         _announce(piece, f"{piece}: PyTorch backend (asked for)")
         return "torch"
-    usable, reason = _STATUS[fast]()
-    if usable:
-        _announce(piece, f"{piece}: {fast} backend ({reason})")
-        return fast
-    if requested == fast:
-        raise ConfigError(f"Backend '{fast}' was asked for {piece} but is not usable: {reason}; use backend=auto or torch.")
-    _announce(piece, f"{piece}: PyTorch backend ({fast} unavailable: {reason})")
+    reasons = []
+    for name in fast if requested == "auto" else (requested,):
+        usable, reason = _STATUS[name](True) if name == "triton" and requested == name else _STATUS[name]()
+        if usable:
+            _announce(piece, f"{piece}: {name} backend ({reason})")
+            return name
+        if requested == name:
+            raise ConfigError(f"Backend '{name}' was asked for {piece} but is not usable: {reason}; use backend=auto "
+                              "or torch.")
+        reasons.append(f"{name} unavailable: {reason}")
+    _announce(piece, f"{piece}: PyTorch backend ({'; '.join(reasons)})")
     return "torch"

@@ -114,7 +114,8 @@ class HashGrid(nn.Module):
         self.register_buffer("offset_i32", torch.from_numpy(lv["offset"]).int(), persistent=False)
         # tcnn initialises the table uniformly in [-1e-4, 1e-4].
         self.params = nn.Parameter(torch.empty(self.n_params).uniform_(-1e-4, 1e-4))
-        self.backend = backends.resolve("encoding", backend, "tcnn")
+        self.backend = backends.resolve("encoding", backend, ("tcnn", "triton"))
+        self._triton_constants = None
         self._tcnn_config = {"otype": "HashGrid", "n_levels": self.n_levels,
                              "n_features_per_level": self.n_features_per_level,
                              "log2_hashmap_size": self.log2_hashmap_size,
@@ -127,7 +128,21 @@ class HashGrid(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "tcnn" and x.is_cuda:
             return self._forward_tcnn(x)
+        if self.backend == "triton" and (x.is_cuda or backends.triton_interpreted()):
+            return self._forward_triton(x)
         return self._forward_torch(x)
+
+    def _forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        from models.triton_hashgrid import GridConstants, hash_encode
+
+        k = self._triton_constants
+        if k is None or k.scale.device != x.device:
+            primes = torch.tensor(HASH_PRIMES[:self.n_input_dims], device=x.device)
+            k = GridConstants(self.scale.to(x.device), self.size.to(x.device), self.offset.to(x.device),
+                              self.hashed.to(x.device), self.dense_stride.to(x.device), primes, self.n_levels,
+                              self.n_input_dims, self.n_features_per_level)
+            self._triton_constants = k
+        return hash_encode(x.float(), self.table(), k)
 
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         """Corner indices and weights are built per dimension on small (N, L, 2) tensors and

@@ -1,0 +1,251 @@
+"""Multiresolution hash grid in Triton: forward, both gradients, and the second-order term, all levels per launch.
+
+Same parametrisation as ``models.encodings.HashGrid`` (tiny-cuda-nn's): per
+level, position = x * scale + 0.5, linear interpolation between the 2^D
+corners, dense levels index ``sum_d coord_d * res^d`` modulo the level size,
+hashed levels ``xor_d(coord_d * prime_d)`` masked to the power-of-two size;
+the table is the same flat (entries, F) array, so weights move freely
+between backends. Kernels run over a (point blocks, levels) grid.
+
+Gradients, as tiny-cuda-nn provides them:
+
+- to the table (scatter-add with atomics, accumulated in fp32 whatever the
+  table's dtype);
+- to the input positions (analytic normals);
+- second order, for the eikonal loss through analytic normals: the
+  gradient of the input gradient with respect to the table and to the
+  upstream gradient (the MLP's side). Like tiny-cuda-nn, the input gradient
+  is treated as piecewise constant in x within a cell (no x-x Hessian).
+
+On a CPU the kernels run under Triton's interpreter (``TRITON_INTERPRET=1``),
+which is how the parity tests check them against the PyTorch reference.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - the backend switch reports it
+    triton = None
+
+BLOCK = 128
+
+if triton is not None:
+
+    @triton.jit
+    def _corner(x_ptr, rows, m, lvl, scale, d: tl.constexpr, D: tl.constexpr, bit: tl.constexpr):
+        """Per-dimension pieces of one corner: (grid coordinate, weight, d weight / d frac)."""
+        xd = tl.load(x_ptr + rows * D + d, mask=m, other=0.0).to(tl.float32)
+        pos = xd * scale + 0.5
+        fl = tl.floor(pos)
+        frac = pos - fl
+        coord = fl.to(tl.int64) + bit
+        if bit == 1:
+            w = frac
+            dw = 1.0
+        else:
+            w = 1.0 - frac
+            dw = -1.0
+        return coord, w, dw
+
+    @triton.jit
+    def _level_index(x_ptr, rows, m, lvl, scale, size, offset, hashed, stride_ptr, primes_ptr, c: tl.constexpr,
+                     D: tl.constexpr):
+        """Table row of corner c for every point of the block, and the corner's interpolation weight."""
+        idx_dense = tl.zeros(rows.shape, tl.int64)
+        idx_hash = tl.zeros(rows.shape, tl.int64)
+        w = tl.full(rows.shape, 1.0, tl.float32)
+        for d in tl.static_range(D):
+            bit = (c >> (D - 1 - d)) & 1
+            coord, wd, _ = _corner(x_ptr, rows, m, lvl, scale, d, D, bit)
+            w = w * wd
+            idx_dense += coord * tl.load(stride_ptr + lvl * D + d)
+            idx_hash = idx_hash ^ ((coord * tl.load(primes_ptr + d)) & (size - 1))
+        idx = tl.where(hashed != 0, idx_hash, idx_dense % size) + offset
+        return idx, w
+
+    @triton.jit
+    def _weight_partial(x_ptr, rows, m, lvl, scale, c: tl.constexpr, d: tl.constexpr, D: tl.constexpr):
+        """d w_c / d frac_d: the product of the other dimensions' weights, signed by the corner's bit."""
+        out = tl.full(rows.shape, 1.0, tl.float32)
+        for e in tl.static_range(D):
+            bit = (c >> (D - 1 - e)) & 1
+            _, we, dwe = _corner(x_ptr, rows, m, lvl, scale, e, D, bit)
+            if e == d:
+                out = out * dwe
+            else:
+                out = out * we
+        return out
+
+    @triton.jit
+    def _forward_kernel(x_ptr, table_ptr, out_ptr, scale_ptr, size_ptr, offset_ptr, hashed_ptr, stride_ptr,
+                        primes_ptr, N, L, D: tl.constexpr, F: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        lvl = tl.program_id(1)
+        m = rows < N
+        scale = tl.load(scale_ptr + lvl)
+        size, offset, hashed = tl.load(size_ptr + lvl), tl.load(offset_ptr + lvl), tl.load(hashed_ptr + lvl)
+        feat = tl.arange(0, F)
+        acc = tl.zeros((BLOCK_N, F), tl.float32)
+        for c in tl.static_range(2 ** D):
+            idx, w = _level_index(x_ptr, rows, m, lvl, scale, size, offset, hashed, stride_ptr, primes_ptr, c, D)
+            vals = tl.load(table_ptr + idx[:, None] * F + feat[None, :], mask=m[:, None], other=0.0)
+            acc += w[:, None] * vals.to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * (L * F) + lvl * F + feat[None, :], acc, mask=m[:, None])
+
+    @triton.jit
+    def _backward_kernel(x_ptr, table_ptr, gy_ptr, gtable_ptr, gx_ptr, scale_ptr, size_ptr, offset_ptr, hashed_ptr,
+                         stride_ptr, primes_ptr, N, L, D: tl.constexpr, F: tl.constexpr, NEED_X: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+        """gtable[row] += w * gy (fp32 atomics); gx[n, d] += scale * sum_c dw_c/dfrac_d <table[row_c], gy>."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        lvl = tl.program_id(1)
+        m = rows < N
+        scale = tl.load(scale_ptr + lvl)
+        size, offset, hashed = tl.load(size_ptr + lvl), tl.load(offset_ptr + lvl), tl.load(hashed_ptr + lvl)
+        feat = tl.arange(0, F)
+        gy = tl.load(gy_ptr + rows[:, None] * (L * F) + lvl * F + feat[None, :], mask=m[:, None], other=0.0)
+        gy = gy.to(tl.float32)
+        for c in tl.static_range(2 ** D):
+            idx, w = _level_index(x_ptr, rows, m, lvl, scale, size, offset, hashed, stride_ptr, primes_ptr, c, D)
+            tl.atomic_add(gtable_ptr + idx[:, None] * F + feat[None, :], w[:, None] * gy, mask=m[:, None])
+            if NEED_X:
+                vals = tl.load(table_ptr + idx[:, None] * F + feat[None, :], mask=m[:, None], other=0.0)
+                dot = tl.sum(vals.to(tl.float32) * gy, axis=1)
+                for d in tl.static_range(D):
+                    part = _weight_partial(x_ptr, rows, m, lvl, scale, c, d, D)
+                    tl.atomic_add(gx_ptr + rows * D + d, scale * part * dot, mask=m)
+
+    @triton.jit
+    def _double_backward_kernel(x_ptr, table_ptr, gy_ptr, ggx_ptr, gtable_ptr, ggy_ptr, scale_ptr, size_ptr,
+                                offset_ptr, hashed_ptr, stride_ptr, primes_ptr, N, L, D: tl.constexpr,
+                                F: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Adjoint of the input gradient gx = J(table, gy) for an upstream ggx (N, D):
+        gtable[row_c] += s * a_c * gy and ggy[n, l] = s * sum_c a_c table[row_c], a_c = sum_d ggx_d dw_c/dfrac_d."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        lvl = tl.program_id(1)
+        m = rows < N
+        scale = tl.load(scale_ptr + lvl)
+        size, offset, hashed = tl.load(size_ptr + lvl), tl.load(offset_ptr + lvl), tl.load(hashed_ptr + lvl)
+        feat = tl.arange(0, F)
+        gy = tl.load(gy_ptr + rows[:, None] * (L * F) + lvl * F + feat[None, :], mask=m[:, None], other=0.0)
+        gy = gy.to(tl.float32)
+        acc = tl.zeros((BLOCK_N, F), tl.float32)
+        for c in tl.static_range(2 ** D):
+            idx, _ = _level_index(x_ptr, rows, m, lvl, scale, size, offset, hashed, stride_ptr, primes_ptr, c, D)
+            a = tl.zeros(rows.shape, tl.float32)
+            for d in tl.static_range(D):
+                ggx = tl.load(ggx_ptr + rows * D + d, mask=m, other=0.0).to(tl.float32)
+                a += ggx * _weight_partial(x_ptr, rows, m, lvl, scale, c, d, D)
+            a = a * scale
+            tl.atomic_add(gtable_ptr + idx[:, None] * F + feat[None, :], a[:, None] * gy, mask=m[:, None])
+            vals = tl.load(table_ptr + idx[:, None] * F + feat[None, :], mask=m[:, None], other=0.0)
+            acc += a[:, None] * vals.to(tl.float32)
+        tl.store(ggy_ptr + rows[:, None] * (L * F) + lvl * F + feat[None, :], acc, mask=m[:, None])
+
+
+class GridConstants:
+    """Per-level constants on a device, as the kernels read them."""
+
+    def __init__(self, scale, size, offset, hashed, dense_stride, primes, n_levels: int, n_dims: int, n_feats: int):
+        self.scale = scale.float().contiguous()
+        self.size = size.long().contiguous()
+        self.offset = offset.long().contiguous()
+        self.hashed = hashed.int().contiguous()
+        self.stride = dense_stride.long().contiguous()  # (L, D)
+        self.primes = primes.long().contiguous()
+        self.L, self.D, self.F = n_levels, n_dims, n_feats
+
+    def args(self):
+        return self.scale, self.size, self.offset, self.hashed, self.stride, self.primes
+
+
+def _grid(n: int, L: int):
+    return (triton.cdiv(n, BLOCK), L)
+
+
+def encode_forward(x: torch.Tensor, table: torch.Tensor, k: GridConstants) -> torch.Tensor:
+    """(N, D) in [0, 1] and (entries, F) table -> (N, L * F) float32."""
+    n = x.shape[0]
+    out = torch.empty(n, k.L * k.F, device=x.device, dtype=torch.float32)
+    if n:
+        _forward_kernel[_grid(n, k.L)](x, table, out, *k.args(), n, k.L, D=k.D, F=k.F, BLOCK_N=BLOCK)
+    return out
+
+
+def encode_backward(x, table, gy, k: GridConstants, need_x: bool):
+    """(gradient to the table in its dtype, gradient to x (N, D) float32 or None)."""
+    n = x.shape[0]
+    gtable = torch.zeros(table.shape, device=x.device, dtype=torch.float32)
+    gx = torch.zeros(n, k.D, device=x.device, dtype=torch.float32) if need_x else gtable  # dummy pointer if unused
+    if n:
+        _backward_kernel[_grid(n, k.L)](x, table, gy, gtable, gx, *k.args(), n, k.L, D=k.D, F=k.F, NEED_X=need_x,
+                                        BLOCK_N=BLOCK)
+    return gtable.to(table.dtype), (gx if need_x else None)
+
+
+def encode_double_backward(x, table, gy, ggx, k: GridConstants):
+    """(gradient to the table, gradient to gy) of <ggx, input gradient>."""
+    n = x.shape[0]
+    gtable = torch.zeros(table.shape, device=x.device, dtype=torch.float32)
+    ggy = torch.empty(n, k.L * k.F, device=x.device, dtype=torch.float32)
+    if n:
+        _double_backward_kernel[_grid(n, k.L)](x, table, gy, ggx, gtable, ggy, *k.args(), n, k.L, D=k.D, F=k.F,
+                                               BLOCK_N=BLOCK)
+    return gtable.to(table.dtype), ggy
+
+
+class _Encode(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, table, k):
+        ctx.save_for_backward(x, table)
+        ctx.k = k
+        return encode_forward(x, table, k)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, table = ctx.saved_tensors
+        gtable, gx = _EncodeBackward.apply(x, table, gy.contiguous(), ctx.k, ctx.needs_input_grad[0])
+        return gx, gtable, None
+
+
+class _EncodeBackward(torch.autograd.Function):
+    """The backward pass as a differentiable function, so the eikonal loss reaches the table and the MLP."""
+
+    @staticmethod
+    def forward(ctx, x, table, gy, k, need_x):
+        ctx.save_for_backward(x, table, gy)
+        ctx.k = k
+        gtable, gx = encode_backward(x, table, gy, k, need_x)
+        return gtable, gx
+
+    @staticmethod
+    def backward(ctx, g_gtable, g_gx):
+        x, table, gy = ctx.saved_tensors
+        k = ctx.k
+        grad_table = grad_gy = None
+        if g_gx is not None:
+            grad_table, grad_gy = encode_double_backward(x, table, gy, g_gx.contiguous(), k)
+        if g_gtable is not None:  # gtable is a scatter of gy: its adjoint gathers, i.e. the forward pass
+            gathered = encode_forward(x, g_gtable.contiguous(), k)
+            grad_gy = gathered if grad_gy is None else grad_gy + gathered
+        return None, grad_table, grad_gy, None, None
+
+
+def hash_encode(x: torch.Tensor, table: torch.Tensor, k: GridConstants) -> torch.Tensor:
+    """Differentiable hash encoding: (N, D) positions in [0, 1], (entries, F) table -> (N, L * F) float32."""
+    return _Encode.apply(x.contiguous(), table.contiguous(), k)
+
+
+def selftest(device: str) -> None:
+    """Compile and run the kernels once on a tiny grid (raises if this device cannot run them)."""
+    scale = torch.tensor([3.0, 7.0], device=device)
+    size = torch.tensor([64, 64], device=device)
+    k = GridConstants(scale, size, torch.tensor([0, 64], device=device), torch.tensor([0, 1], device=device),
+                      torch.tensor([[1, 5, 25], [1, 9, 81]], device=device),
+                      torch.tensor([1, 2654435761, 805459861], device=device), 2, 3, 2)
+    table = torch.zeros(128, 2, device=device, requires_grad=True)
+    x = torch.rand(5, 3, device=device, requires_grad=True)
+    hash_encode(x, table, k).sum().backward()
