@@ -55,7 +55,7 @@ def main():
                 print(f"running {config} with the {backend} hash grid ...", flush=True)
                 row = run_config(config, [*data, f"trainer.max_steps={args.steps}",
                                           f"trainer.val_check_interval={args.steps}",
-                                          f"model.geometry.xyz_encoding_config.backend={backend}", *overrides],
+                                          f"+model.geometry.xyz_encoding_config.backend={backend}", *overrides],
                                  os.path.join(exp_dir, str(len(rows))))
                 row["backend"] = backend
                 rows.append(row)
