@@ -16,8 +16,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
@@ -26,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from datasets.rays import opencv_to_opengl
-from utils.io import to_uint8, write_image
+from utils.io import atomic_folder, to_uint8, write_image
 
 log = logging.getLogger("nsr")
 
@@ -316,10 +314,7 @@ def ensure_demo_scene(root: str, resolution: int = 128, layout: str = "blender")
         with open(marker) as f:
             if json.load(f) == expected:
                 return root
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".demo-", dir=parent)
-    try:
+    with atomic_folder(root, prefix=".demo-") as tmp:
         log.info(f"Rendering the demo scene ({layout} layout) into {root} (first use only)")
         if layout == "blender":
             write_blender(tmp, DemoScene(), demo_cameras(resolution), progress=True)
@@ -327,12 +322,6 @@ def ensure_demo_scene(root: str, resolution: int = 128, layout: str = "blender")
             write_dtu(tmp, DemoScene(), demo_dtu_cameras(resolution), DEMO_WORLD_FROM_SCENE, progress=True)
         with open(os.path.join(tmp, "demo_scene.json"), "w") as f:
             json.dump(expected, f)
-        if os.path.isdir(root):
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
     return root
 
 

@@ -35,6 +35,14 @@ BLOCK = 128
 if triton is not None:
 
     @triton.jit
+    def _block_and_level(scale_ptr, size_ptr, offset_ptr, hashed_ptr, N, BLOCK_N: tl.constexpr):
+        """This program's points (rows, in-range mask), its level and the level's constants."""
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        lvl = tl.program_id(1)
+        return (rows, rows < N, lvl, tl.load(scale_ptr + lvl), tl.load(size_ptr + lvl), tl.load(offset_ptr + lvl),
+                tl.load(hashed_ptr + lvl))
+
+    @triton.jit
     def _corner(x_ptr, rows, m, lvl, scale, d: tl.constexpr, D: tl.constexpr, bit: tl.constexpr):
         """Per-dimension pieces of one corner: (grid coordinate, weight, d weight / d frac)."""
         xd = tl.load(x_ptr + rows * D + d, mask=m, other=0.0).to(tl.float32)
@@ -82,11 +90,8 @@ if triton is not None:
     @triton.jit
     def _forward_kernel(x_ptr, table_ptr, out_ptr, scale_ptr, size_ptr, offset_ptr, hashed_ptr, stride_ptr,
                         primes_ptr, N, L, D: tl.constexpr, F: tl.constexpr, BLOCK_N: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        lvl = tl.program_id(1)
-        m = rows < N
-        scale = tl.load(scale_ptr + lvl)
-        size, offset, hashed = tl.load(size_ptr + lvl), tl.load(offset_ptr + lvl), tl.load(hashed_ptr + lvl)
+        rows, m, lvl, scale, size, offset, hashed = _block_and_level(scale_ptr, size_ptr, offset_ptr, hashed_ptr, N,
+                                                                     BLOCK_N)
         feat = tl.arange(0, F)
         acc = tl.zeros((BLOCK_N, F), tl.float32)
         for c in tl.static_range(2 ** D):
@@ -100,14 +105,11 @@ if triton is not None:
                          stride_ptr, primes_ptr, N, L, D: tl.constexpr, F: tl.constexpr, NEED_X: tl.constexpr,
                          BLOCK_N: tl.constexpr):
         """gtable[row] += w * gy (fp32 atomics); gx[n, d] += scale * sum_c dw_c/dfrac_d <table[row_c], gy>."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        lvl = tl.program_id(1)
-        m = rows < N
-        scale = tl.load(scale_ptr + lvl)
-        size, offset, hashed = tl.load(size_ptr + lvl), tl.load(offset_ptr + lvl), tl.load(hashed_ptr + lvl)
+        rows, m, lvl, scale, size, offset, hashed = _block_and_level(scale_ptr, size_ptr, offset_ptr, hashed_ptr, N,
+                                                                     BLOCK_N)
         feat = tl.arange(0, F)
         gy = tl.load(gy_ptr + rows[:, None] * (L * F) + lvl * F + feat[None, :], mask=m[:, None], other=0.0)
-        gy = gy.to(tl.float32)
+        gy = gy.to(tl.float32)  # (BLOCK_N, F): the upstream gradient of this level's features
         for c in tl.static_range(2 ** D):
             idx, w = _level_index(x_ptr, rows, m, lvl, scale, size, offset, hashed, stride_ptr, primes_ptr, c, D)
             tl.atomic_add(gtable_ptr + idx[:, None] * F + feat[None, :], w[:, None] * gy, mask=m[:, None])
@@ -124,14 +126,11 @@ if triton is not None:
                                 F: tl.constexpr, BLOCK_N: tl.constexpr):
         """Adjoint of the input gradient gx = J(table, gy) for an upstream ggx (N, D):
         gtable[row_c] += s * a_c * gy and ggy[n, l] = s * sum_c a_c table[row_c], a_c = sum_d ggx_d dw_c/dfrac_d."""
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        lvl = tl.program_id(1)
-        m = rows < N
-        scale = tl.load(scale_ptr + lvl)
-        size, offset, hashed = tl.load(size_ptr + lvl), tl.load(offset_ptr + lvl), tl.load(hashed_ptr + lvl)
+        rows, m, lvl, scale, size, offset, hashed = _block_and_level(scale_ptr, size_ptr, offset_ptr, hashed_ptr, N,
+                                                                     BLOCK_N)
         feat = tl.arange(0, F)
         gy = tl.load(gy_ptr + rows[:, None] * (L * F) + lvl * F + feat[None, :], mask=m[:, None], other=0.0)
-        gy = gy.to(tl.float32)
+        gy = gy.to(tl.float32)  # (BLOCK_N, F): the upstream gradient of this level's features
         acc = tl.zeros((BLOCK_N, F), tl.float32)
         for c in tl.static_range(2 ** D):
             idx, _ = _level_index(x_ptr, rows, m, lvl, scale, size, offset, hashed, stride_ptr, primes_ptr, c, D)

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 
@@ -68,10 +66,9 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
         source = "estimated from the sparse points seen by most cameras"
     scale_mat = scale_matrix(centre, radius)
 
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".gen-cameras-", dir=parent)
-    try:
+    from utils.io import atomic_folder
+
+    with atomic_folder(out, prefix=".gen-cameras-") as tmp:
         os.makedirs(os.path.join(tmp, "image"))
         os.makedirs(os.path.join(tmp, "mask"))
         cams = {}
@@ -98,12 +95,6 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
             f.writelines(f"{i:0{padding}d} {n}\n" for i, n in enumerate(names))
         if not os.path.isfile(interest):
             write_points_ply(os.path.join(tmp, "sparse_points_interest.ply"), xyz[keep], rgb[keep])
-        if os.path.isdir(out):
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
     return {"images": len(views), "size": sorted(sizes)[0], "centre": centre.tolist(), "radius": radius,
             "roi": source, "masks": bool(masks)}
 

@@ -131,18 +131,11 @@ def extract_frames(video: str, image_dir: str, fps: float, max_size: int) -> dic
         reader.close()
     if len(frames) < 3:
         raise CaptureError(f"Only {len(frames)} usable frames in {video}; raise --fps or film longer.")
-    parent = os.path.dirname(os.path.abspath(image_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".frames-", dir=parent)
-    try:
+    from utils.io import atomic_folder
+
+    with atomic_folder(image_dir, prefix=".frames-") as tmp:
         for k, frame in enumerate(frames):
             imageio.imwrite(os.path.join(tmp, f"frame_{k:05d}.jpg"), frame, quality=95)
-        if os.path.isdir(image_dir):
-            shutil.rmtree(image_dir)
-        os.replace(tmp, image_dir)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
     stats["video_fps"] = video_fps
     return stats
 

@@ -33,6 +33,28 @@ def atomic_path(path: str) -> Iterator[str]:
             os.remove(tmp)
 
 
+@contextlib.contextmanager
+def atomic_folder(path: str, prefix: str = ".tmp-") -> Iterator[str]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` whole, on failure it vanishes.
+
+    For outputs made of many files (a rendered scene, extracted frames, a NeuS-format scene): a failed or
+    interrupted run never leaves a half-filled folder, and the old one stays until the new one is complete.
+    """
+    import shutil
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+
+
 def write_json(path: str, data) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(data, f, indent=2)

@@ -25,8 +25,10 @@ def build_lpips() -> torch.nn.Module | None:
     except Exception as err:  # ImportError (no torchvision), or the weights cannot be fetched
         if not _lpips_note_given:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            log.info("LPIPS skipped (%s); PSNR and SSIM are reported. `pip install torchvision` with the AlexNet "
-                     "weights in torch's hub cache enables it.", reason[:160])
+            if "torchvision" in reason:
+                reason = "torchvision is not installed"
+            log.info("LPIPS skipped (%s); PSNR and SSIM are reported. With torchvision installed LPIPS is "
+                     "computed (its AlexNet weights are fetched once into torch's hub cache).", reason[:160])
             _lpips_note_given = True
         return None
 
