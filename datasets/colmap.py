@@ -36,7 +36,7 @@ from datasets.base import DatasetError, SceneData, SceneDataModule
 from datasets.blender import load_images, missing_root_message
 from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
                                    read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
-from datasets.rays import opencv_to_opengl
+from datasets.rays import opencv_look_at, opencv_to_opengl
 
 log = logging.getLogger("nsr")
 
@@ -123,12 +123,7 @@ def orbit_at_mean_height(c2w: np.ndarray, n_frames: int) -> np.ndarray:
     for k in range(n_frames):
         a = start + 2 * np.pi * k / n_frames
         eye = np.array([radius * np.cos(a), radius * np.sin(a), height])
-        forward = -eye / np.linalg.norm(eye)
-        right = np.cross(forward, [0.0, 0.0, 1.0])
-        right /= np.linalg.norm(right)
-        pose = np.eye(4)
-        pose[:3, 0], pose[:3, 1], pose[:3, 2], pose[:3, 3] = right, np.cross(forward, right), forward, eye
-        poses.append(pose)
+        poses.append(opencv_look_at(eye, np.zeros(3), np.array([0.0, 0.0, 1.0])))
     return np.stack(poses)
 
 

@@ -29,7 +29,7 @@ import torch
 import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule
 from datasets.blender import load_images, missing_root_message, target_size
-from datasets.rays import opencv_to_opengl
+from datasets.rays import opencv_look_at, opencv_to_opengl
 from utils.mesh_metrics import dtu_protocol, load_dtu_evaluation, uniform_surface_points
 
 log = logging.getLogger("nsr")
@@ -95,13 +95,7 @@ def orbit_trajectory(c2w_cv: np.ndarray, n_frames: int) -> np.ndarray:
     for k in range(n_frames):
         a = 2 * np.pi * k / n_frames
         eye = height * normal + radius * (np.cos(a) * e1 + np.sin(a) * e2)
-        forward = -eye / np.linalg.norm(eye)
-        right = np.cross(forward, normal)
-        right /= np.linalg.norm(right)
-        down = np.cross(forward, right)
-        pose = np.eye(4)
-        pose[:3, 0], pose[:3, 1], pose[:3, 2], pose[:3, 3] = right, down, forward, eye
-        poses.append(pose)
+        poses.append(opencv_look_at(eye, np.zeros(3), normal))
     return np.stack(poses)
 
 

@@ -6,6 +6,7 @@ OpenCV-convention data (DTU, COLMAP) call ``opencv_to_opengl`` once at load.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _CV_TO_GL = torch.tensor([1.0, -1.0, -1.0])
@@ -16,6 +17,16 @@ def opencv_to_opengl(c2w: torch.Tensor) -> torch.Tensor:
     out = c2w.clone()
     out[..., :3, :3] = out[..., :3, :3] * _CV_TO_GL.to(c2w)
     return out
+
+
+def opencv_look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray) -> np.ndarray:
+    """(4, 4) OpenCV camera-to-world at ``eye`` looking at ``target``, image up along ``up`` (x right, y down)."""
+    forward = (target - eye) / np.linalg.norm(target - eye)
+    right = np.cross(forward, up)
+    right /= np.linalg.norm(right)
+    pose = np.eye(4)
+    pose[:3, 0], pose[:3, 1], pose[:3, 2], pose[:3, 3] = right, np.cross(forward, right), forward, eye
+    return pose
 
 
 def pixel_directions(x: torch.Tensor, y: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
