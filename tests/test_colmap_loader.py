@@ -84,6 +84,15 @@ def test_pinhole_models_give_the_renderers_rays(tmp_path, model, fx, fy):
     assert abs(np.linalg.norm(c2w[:, :3, 3], axis=1).min() - 1.0) < 1e-5
     mean_up = c2w[:, :3, 1].mean(0)  # OpenGL camera y (up) in the scene: up_est_method=camera makes it +z
     assert np.abs(mean_up[:2]).max() < 1e-5 and mean_up[2] > 0.5
+    # the test video: an orbit at the cameras' mean height and distance, every camera looking at the origin
+    orbit = load(tmp_path, n_test_traj_steps=8).split("trajectory").c2w.numpy()
+    assert orbit.shape[0] == 8
+    np.testing.assert_allclose(orbit[:, 2, 3], c2w[:, 2, 3].mean(), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(orbit[:, :2, 3], axis=1),
+                               np.linalg.norm(c2w[:, :2, 3], axis=1).mean(), atol=1e-5)
+    looking = -orbit[:, :3, 2]  # OpenGL cameras look down -z
+    to_origin = -orbit[:, :3, 3] / np.linalg.norm(orbit[:, :3, 3], axis=1, keepdims=True)
+    assert np.abs((looking * to_origin).sum(1) - 1).max() < 1e-5
     # the overview PLY: sparse points, 60 points per camera frustum (red), the region-of-interest box (green)
     path = tmp_path / "overview.ply"
     assert dm.write_overview(str(path))
