@@ -33,14 +33,12 @@ import torch
 
 import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule
-from datasets.blender import load_images, missing_root_message
+from datasets.blender import IMAGE_EXTENSIONS, load_images, missing_root_message, target_size
 from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
                                    read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
 from datasets.rays import opencv_look_at, opencv_to_opengl
 
 log = logging.getLogger("nsr")
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
 
 
 def rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -129,7 +127,7 @@ def orbit_at_mean_height(c2w: np.ndarray, n_frames: int) -> np.ndarray:
 
 def match_masks(mask_dir: str, names: List[str]) -> Dict[str, str]:
     """image name -> mask path, matched by stem (``a.jpg`` <- ``a.png`` / ``a.jpg.png``); every image needs one."""
-    files = [f for f in sorted(os.listdir(mask_dir)) if os.path.splitext(f)[1] in IMAGE_SUFFIXES]
+    files = [f for f in sorted(os.listdir(mask_dir)) if os.path.splitext(f)[1] in IMAGE_EXTENSIONS]
     by_key: Dict[str, str] = {}
     for f in files:
         stem = os.path.splitext(f)[0]
@@ -154,7 +152,8 @@ def match_masks(mask_dir: str, names: List[str]) -> Dict[str, str]:
 
 
 def _target_size(config: Any, sizes: List[tuple], names: List[str]) -> tuple[int, int]:
-    if config.get("img_wh") is not None:
+    """One training size: ``img_wh`` for images of mixed sizes, else the shared rules (``target_size``)."""
+    if config.get("img_wh") is not None and len(set(sizes)) > 1:
         return tuple(int(v) for v in config.img_wh)
     odd = [k for k, s in enumerate(sizes) if s != sizes[0]]
     if odd:
@@ -162,8 +161,7 @@ def _target_size(config: Any, sizes: List[tuple], names: List[str]) -> tuple[int
         raise DatasetError(f"Images have mixed sizes after undistortion: {names[k]} is {sizes[k][0]}x{sizes[k][1]} "
                            f"but {names[0]} is {sizes[0][0]}x{sizes[0][1]}; set dataset.img_wh=[W,H] to train on "
                            "one size.")
-    scale = float(config.get("img_downscale") or 1.0)
-    return int(round(sizes[0][0] / scale)), int(round(sizes[0][1] / scale))
+    return target_size(config, *sizes[0])
 
 
 class Capture:

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
+from datasets.blender import IMAGE_EXTENSIONS  # noqa: E402
 
 
 class CaptureError(RuntimeError):
@@ -39,7 +39,7 @@ class CaptureError(RuntimeError):
 def list_images(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         return []
-    return sorted(f for f in os.listdir(folder) if os.path.splitext(f)[1] in IMAGE_SUFFIXES)
+    return sorted(f for f in os.listdir(folder) if os.path.splitext(f)[1] in IMAGE_EXTENSIONS)
 
 
 # ---------------------------------------------------------------------------------------------------- video
