@@ -22,8 +22,8 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import describe_device  # noqa: E402
-from quality import ROOT, run_config  # noqa: E402
+from common import demo_scene_overrides, describe_device  # noqa: E402
+from quality import run_config  # noqa: E402
 
 from models import backends  # noqa: E402
 
@@ -42,8 +42,7 @@ def main():
     if args.scene_root:
         data = [f"dataset.root_dir={args.scene_root}"]
     else:
-        data = ["dataset.name=demo", "+dataset.layout=blender", f"+dataset.render_resolution={res}",
-                f"dataset.root_dir={os.path.join(ROOT, 'load', f'demo-{res}')}", f"dataset.img_wh=[{res},{res}]"]
+        data = demo_scene_overrides(res)
     present = ["torch"] + [b for b in ("triton", "tcnn") if backends._STATUS[b]()[0]]
     for name in ("triton", "tcnn"):
         if name not in present:

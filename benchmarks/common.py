@@ -21,6 +21,14 @@ def describe_device(device: torch.device) -> str:
     return f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}"
 
 
+def demo_scene_overrides(resolution: int) -> list:
+    """Config overrides that train on the project's demo scene rendered in the Blender layout at
+    ``resolution`` (rendered once into load/demo-<resolution>)."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "load", f"demo-{resolution}")
+    return ["dataset.name=demo", "+dataset.layout=blender", f"+dataset.render_resolution={resolution}",
+            f"dataset.root_dir={root}", f"dataset.img_wh=[{resolution},{resolution}]"]
+
+
 def bench_train_steps(config_path: str, overrides: list, steps: int, device: torch.device,
                       loss_fn: Callable[[dict, dict], torch.Tensor]) -> tuple[float, float, float]:
     """Steady-state (after the occupancy grid's warm-up) steps/s, samples/s and samples/step of a model.
@@ -53,7 +61,7 @@ def bench_train_steps(config_path: str, overrides: list, steps: int, device: tor
         opt.zero_grad()
         loss.backward()
         opt.step()
-        n = int(out["num_samples"]) + int(out.get("num_samples_bg", 0))
+        n = out["num_samples"] + out.get("num_samples_bg", 0)
         samples += n
         n_rays = min(int(n_rays * 0.9 + 0.1 * n_rays * target / max(n, 1)), int(cfg.model.max_train_num_rays))
     sync(device)

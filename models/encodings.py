@@ -112,6 +112,7 @@ class HashGrid(nn.Module):
                              persistent=False)  # (L, D)
         self.register_buffer("size_i32", size.int(), persistent=False)
         self.register_buffer("offset_i32", torch.from_numpy(lv["offset"]).int(), persistent=False)
+        self.register_buffer("primes", torch.tensor(HASH_PRIMES[:n_input_dims]), persistent=False)  # (D,) int64
         # tcnn initialises the table uniformly in [-1e-4, 1e-4].
         self.params = nn.Parameter(torch.empty(self.n_params).uniform_(-1e-4, 1e-4))
         self.backend = backends.resolve("encoding", backend, ("tcnn", "triton"))
@@ -137,9 +138,9 @@ class HashGrid(nn.Module):
 
         k = self._triton_constants
         if k is None or k.scale.device != x.device:
-            primes = torch.tensor(HASH_PRIMES[:self.n_input_dims], device=x.device)
             k = GridConstants(self.scale.to(x.device), self.size.to(x.device), self.offset.to(x.device),
-                              self.hashed.to(x.device), self.dense_stride.to(x.device), primes, self.n_levels,
+                              self.hashed.to(x.device), self.dense_stride.to(x.device), self.primes.to(x.device),
+                              self.n_levels,
                               self.n_input_dims, self.n_features_per_level)
             self._triton_constants = k
         return hash_encode(x.float(), self.table(), k)
@@ -163,8 +164,7 @@ class HashGrid(nn.Module):
             idx = self._combine(terms, torch.add)
             parts.append(torch.remainder(idx, self.size_i32[:k, None]) + self.offset_i32[:k, None])
         if k < self.n_levels:  # index = xor_d (coord_d * prime_d mod 2^32), modulo the power-of-two size
-            primes = torch.tensor(HASH_PRIMES[:self.n_input_dims], device=x.device)
-            terms = ((pair[:, k:] * primes[:, None]) & self.hash_mask[k:, None, None]).to(torch.int32)
+            terms = ((pair[:, k:] * self.primes[:, None]) & self.hash_mask[k:, None, None]).to(torch.int32)
             parts.append(self._combine(terms, torch.bitwise_xor) + self.offset_i32[k:, None])
         index = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (N, L, C)
         weights = self._combine(w_pair, torch.mul)[:, :, None, :]  # (N, L, 1, C)
@@ -208,8 +208,20 @@ class ProgressiveBandHashGrid(HashGrid):
         self.register_buffer("current_level", torch.tensor(self.start_level, dtype=torch.long))
 
     def update_step(self, epoch: int, global_step: int) -> None:
-        level = self.start_level + max(global_step - self.start_step, 0) // self.update_steps
-        self.current_level.fill_(min(level, self.n_levels))
+        level = min(self.start_level + max(global_step - self.start_step, 0) // self.update_steps, self.n_levels)
+        self.current_level.fill_(level)
+        self._level = level
+
+    @property
+    def active_levels(self) -> int:
+        """``current_level`` as a host int, read from the buffer once after a load (not on every step)."""
+        if getattr(self, "_level", None) is None:
+            self._level = int(self.current_level)
+        return self._level
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._level = None
 
     def level_mask(self) -> torch.Tensor:
         """(L * F,) float mask, 1 for active levels."""

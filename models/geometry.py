@@ -85,7 +85,7 @@ class VolumeSDF(nn.Module):
         if not self.progressive_eps:
             return self.fixed_eps
         grid = self.encoding.encoding
-        level = max(int(grid.current_level), 1)
+        level = max(grid.active_levels, 1)
         cell = 1.0 / (grid.base_resolution * grid.per_level_scale ** (level - 1))  # in [0, 1] input units
         return 2.0 * self.radius * cell
 

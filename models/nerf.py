@@ -88,7 +88,7 @@ class NeRFModel(BaseModel):
         comp_rgb = accumulate_along_rays(weights, rgb, ray_indices, n_rays)
         comp_rgb = comp_rgb + self.background_color * (1.0 - opacity)
         out = {"comp_rgb": comp_rgb, "opacity": opacity, "depth": depth, "rays_valid": opacity > 0,
-               "num_samples": torch.tensor(len(t_starts), device=rays_o.device)}
+               "num_samples": len(t_starts)}  # a host int: no device read
         if self.training:
             out.update({"weights": weights, "t_starts": t_starts, "t_ends": t_ends, "ray_indices": ray_indices})
         return out

@@ -38,12 +38,13 @@ class VarianceNetwork(nn.Module):
     def update_step(self, epoch: int, global_step: int) -> None:
         if not self.modulate:
             return
-        if global_step <= self.mod_start_steps:
-            self.prev_inv_s.fill_(float(torch.exp(self.variance.detach() * 10.0)))
-            self.mod_val.fill_(float("inf"))
-        else:
-            ramp = global_step / self.reach_max_steps * (self.max_inv_s - float(self.prev_inv_s)) + float(self.prev_inv_s)
-            self.mod_val.fill_(min(ramp, self.max_inv_s))
+        with torch.no_grad():  # tensor arithmetic only: no host read of the variance
+            if global_step <= self.mod_start_steps:
+                self.prev_inv_s.copy_(torch.exp(self.variance * 10.0))
+                self.mod_val.fill_(float("inf"))
+            else:
+                ramp = global_step / self.reach_max_steps * (self.max_inv_s - self.prev_inv_s) + self.prev_inv_s
+                self.mod_val.copy_(ramp.clamp(max=self.max_inv_s))
 
 
 def neus_alpha(sdf: torch.Tensor, cos: torch.Tensor, dists: torch.Tensor, inv_s: torch.Tensor,
@@ -133,7 +134,7 @@ class NeuSModel(BaseModel):
             "opacity": opacity,
             "depth": accumulate_along_rays(weights, mid[:, None], ray_indices, n_rays),
             "comp_normal": F.normalize(accumulate_along_rays(weights, normal, ray_indices, n_rays), dim=-1),
-            "num_samples": torch.tensor(len(t_starts), device=rays_o.device),
+            "num_samples": len(t_starts),  # a host int: the packed size is known without reading the device
         }
         if self.learned_background:
             self.background.background_color = self.background_color
@@ -143,7 +144,7 @@ class NeuSModel(BaseModel):
         else:
             bg_rgb = self.background_color.expand(n_rays, 3)
         out["comp_rgb_full"] = out["comp_rgb"] + bg_rgb * (1.0 - opacity)
-        out["rays_valid_full"] = (opacity > 0) | torch.tensor(self.learned_background, device=opacity.device)
+        out["rays_valid_full"] = torch.ones_like(opacity, dtype=torch.bool) if self.learned_background else opacity > 0
         if self.training:
             out.update({"sdf_samples": geo["sdf"], "sdf_grad_samples": geo["grad"], "weights": weights,
                         "t_starts": t_starts, "t_ends": t_ends, "ray_indices": ray_indices})

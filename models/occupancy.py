@@ -14,6 +14,7 @@ along each ray and keeps those whose midpoint lies in an occupied cell.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -56,7 +57,7 @@ class OccupancyGrid(nn.Module):
             occ = torch.cat([occ_eval_fn(x[i:i + chunk]).reshape(-1).float() for i in range(0, len(x), chunk)])
             ids = level * self.cells_per_level + cells
             self.occs[ids] = torch.maximum(self.occs[ids] * self.ema_decay, occ)
-        threshold = torch.clamp(self.occs[self.occs >= 0].mean(), max=self.occ_thre)
+        threshold = torch.clamp(self.occs.mean(), max=self.occ_thre)  # occs >= 0: no cell is marked invalid
         self.binaries.copy_((self.occs > threshold).view(self.binaries.shape))
         return True
 
@@ -107,14 +108,18 @@ class OccupancyGrid(nn.Module):
             return self._march_nerfacc(rays_o, rays_d, near_plane, far_plane, render_step_size, cone_angle,
                                        stratified, sigma_fn, early_stop_eps, alpha_thre, use_grid)
         n_rays = rays_o.shape[0]
+        empty = torch.zeros(0, dtype=torch.long, device=rays_o.device)
+        if n_rays == 0:
+            return empty, empty.float(), empty.float()
         t_near, t_far = ray_aabb_intersect(rays_o, rays_d, self.outer_aabb())
         t_near = t_near.clamp(min=near_plane)
         t_far = t_far.clamp(max=far_plane)
         hit = t_far > t_near
-        empty = torch.zeros(0, dtype=torch.long, device=rays_o.device)
-        if not bool(hit.any()):
+        # one host read for the span all samples lie in (+inf, -inf when no ray hits the grid)
+        inf = float("inf")
+        t_min, t_max = torch.stack([torch.where(hit, t_near, inf).min(), torch.where(hit, t_far, -inf).max()]).tolist()
+        if not t_min < t_max:
             return empty, empty.float(), empty.float()
-        t_min, t_max = float(t_near[hit].min()), float(t_far[hit].max())
         t_seq = self._step_sequence(t_min, t_max, render_step_size, cone_angle, rays_o.device)  # (K+1,)
         jitter = torch.rand(n_rays, 1, device=rays_o.device) if stratified else torch.zeros(n_rays, 1, device=rays_o.device)
         steps = t_seq[1:] - t_seq[:-1]
@@ -126,35 +131,41 @@ class OccupancyGrid(nn.Module):
             te = t_seq[None, 1:] + jitter[sl] * torch.cat([steps[1:], steps[-1:]])[None]
             mid = 0.5 * (ts + te)
             keep = (mid >= t_near[sl, None]) & (mid < t_far[sl, None]) & hit[sl, None]
-            if use_grid:
-                rows, cols = torch.nonzero(keep, as_tuple=True)
-                pts = rays_o[sl][rows] + rays_d[sl][rows] * mid[rows, cols, None]
-                occupied = self.occupied_at(pts)
-                rows, cols = rows[occupied], cols[occupied]
-            else:
-                rows, cols = torch.nonzero(keep, as_tuple=True)
+            if use_grid:  # every candidate is looked up, so that one nonzero (one host sync) packs the chunk
+                pts = rays_o[sl, None, :] + rays_d[sl, None, :] * mid[..., None]
+                keep &= self.occupied_at(pts.view(-1, 3)).view_as(keep)
+            rows, cols = torch.nonzero(keep, as_tuple=True)
             out_idx.append(rows + start)
             out_ts.append(ts[rows, cols])
             out_te.append(te[rows, cols])
         ray_indices, t_starts, t_ends = torch.cat(out_idx), torch.cat(out_ts), torch.cat(out_te)
         if sigma_fn is not None and (early_stop_eps > 0 or alpha_thre > 0) and len(t_starts) > 0:
             sigmas = sigma_fn(t_starts, t_ends, ray_indices)
+            if alpha_thre > 0:  # as nerfacc: never cull more than the grid's mean occupancy would
+                alpha_thre = min(alpha_thre, float(self.occs.mean()))
             visible = visibility_from_density(t_starts, t_ends, sigmas, ray_indices, n_rays, early_stop_eps,
-                                              min(alpha_thre, float(self.occs.mean())))
-            ray_indices, t_starts, t_ends = ray_indices[visible], t_starts[visible], t_ends[visible]
+                                              alpha_thre)
+            kept = torch.nonzero(visible)[:, 0]
+            ray_indices, t_starts, t_ends = ray_indices[kept], t_starts[kept], t_ends[kept]
         return ray_indices, t_starts, t_ends
 
     @staticmethod
     def _step_sequence(t_min: float, t_max: float, step: float, cone_angle: float, device) -> torch.Tensor:
-        """Interval boundaries t_0 = t_min, t_{k+1} = t_k + max(t_k * cone_angle, step), up to t_max."""
-        if cone_angle <= 0:
+        """Interval boundaries t_0 = t_min, t_{k+1} = t_k + max(t_k * cone_angle, step), past t_max.
+
+        Built on the device in closed form (no host list to copy): uniform steps while
+        t < step / cone_angle, then geometric growth by (1 + cone_angle).
+        """
+        t_switch = step / cone_angle if cone_angle > 0 else math.inf
+        if t_max <= t_switch:
             n = int((t_max - t_min) / step) + 2
             return t_min + step * torch.arange(n + 1, device=device, dtype=torch.float32)
-        ts = [t_min]
-        while ts[-1] < t_max:
-            ts.append(ts[-1] + max(ts[-1] * cone_angle, step))
-        ts.append(ts[-1] + max(ts[-1] * cone_angle, step))
-        return torch.tensor(ts, device=device, dtype=torch.float32)
+        n_uniform = max(int(math.ceil((t_switch - t_min) / step)), 0)  # boundaries below t_switch
+        uniform = t_min + step * torch.arange(n_uniform, device=device, dtype=torch.float64)
+        t_geo = t_min + step * n_uniform  # the first boundary at or past t_switch
+        n = max(int(math.ceil(math.log(t_max / t_geo) / math.log1p(cone_angle))), 0) + 1
+        geometric = t_geo * (1.0 + cone_angle) ** torch.arange(n + 1, device=device, dtype=torch.float64)
+        return torch.cat([uniform, geometric]).float()
 
     def _march_nerfacc(self, rays_o, rays_d, near_plane, far_plane, render_step_size, cone_angle, stratified,
                        sigma_fn, early_stop_eps, alpha_thre, use_grid):

@@ -18,16 +18,22 @@ def segment_exclusive_cumsum(values: torch.Tensor, ray_indices: torch.Tensor, n_
 
     values: (S,), ray_indices: (S,) sorted. Returns (S,): for each sample the
     sum of the earlier samples of the same ray. Accumulates in float64 so long
-    packs keep their precision.
+    packs keep their precision. No host sync: each sample finds its ray's
+    first sample by a running maximum over the segment starts.
     """
     if values.numel() == 0:
         return values
     v = values.double()
-    inclusive = torch.cumsum(v, dim=0)
-    exclusive = inclusive - v
-    counts = torch.bincount(ray_indices, minlength=n_rays)
-    first = (torch.cumsum(counts, dim=0) - counts).clamp(max=values.numel() - 1)
-    return (exclusive - exclusive[first][ray_indices]).to(values.dtype)
+    exclusive = torch.cumsum(v, dim=0) - v
+    return (exclusive - exclusive[segment_first_index(ray_indices)]).to(values.dtype)
+
+
+def segment_first_index(ray_indices: torch.Tensor) -> torch.Tensor:
+    """(S,) sorted ray indices -> (S,) int64: the position of the first sample of each sample's ray."""
+    position = torch.arange(len(ray_indices), device=ray_indices.device)
+    starts = torch.ones_like(ray_indices, dtype=torch.bool)
+    starts[1:] = ray_indices[1:] != ray_indices[:-1]
+    return torch.cummax(torch.where(starts, position, 0), dim=0).values
 
 
 def render_weight_from_density(t_starts: torch.Tensor, t_ends: torch.Tensor, sigmas: torch.Tensor,

@@ -30,6 +30,15 @@ from utils.metrics import ImageMetrics
 log = logging.getLogger("nsr")
 
 
+def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean of values (N, C) over the rows where valid (N,) bool holds; 0 when none does.
+
+    The same as ``values[valid].mean()`` without the boolean indexing, which waits for the device.
+    """
+    kept = torch.where(valid[:, None], values, torch.zeros_like(values))
+    return kept.sum() / (valid.sum() * values.shape[1]).clamp(min=1)
+
+
 class NonFiniteLossError(RuntimeError):
     def __init__(self, step: int, losses: Dict[str, float]):
         self.step = step
@@ -100,9 +109,28 @@ class BaseSystem(pl.LightningModule):
         # callbacks save before this module's on_train_batch_end: record the step the weights are at
         checkpoint["state_dict"]["trained_steps"] = torch.tensor(checkpoint.get("global_step", self.global_step))
 
-    def check_finite(self, loss: torch.Tensor, terms: Dict[str, torch.Tensor]) -> None:
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(self.global_step, {k: float(v) for k, v in terms.items()})
+    @property
+    def is_logging_step(self) -> bool:
+        """Whether Lightning writes this training step's logs (every ``trainer.log_every_n_steps``)."""
+        n = self.trainer.log_every_n_steps
+        return n > 0 and (self.global_step + 1) % n == 0
+
+    def to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Host tensors -> this module's device; to a GPU through pinned memory, without blocking the host."""
+        if self.device.type == "cpu":
+            return batch
+        if self.device.type == "cuda":
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def on_before_optimizer_step(self, optimizer):
+        """Stop before a non-finite loss reaches the weights. Checked here, after the backward has been
+        queued, so the one read of the loss does not stall the device between forward and backward."""
+        if getattr(self, "pending_loss", None) is not None:
+            loss, terms = self.pending_loss
+            self.pending_loss = None
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(self.global_step, {k: float(v) for k, v in terms.items()})
 
     # ------------------------------------------------------------------ outputs
     def save_path(self, name: str) -> str:

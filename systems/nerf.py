@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import systems
 from models.rendering import distortion_loss
-from systems.base import BaseSystem
+from systems.base import BaseSystem, masked_mean
 from utils.config import ConfigError
 
 
@@ -35,8 +35,7 @@ class NeRFSystem(BaseSystem):
         """(total loss, {name: term}) of one step: smooth-L1 colour on rays that hit something, distortion."""
         loss_cfg = self.config.system.loss
         valid = out["rays_valid"][:, 0]
-        terms = {"rgb": F.smooth_l1_loss(out["comp_rgb"][valid], rgb[valid]) if bool(valid.any())
-                 else out["comp_rgb"].sum() * 0.0}
+        terms = {"rgb": masked_mean(F.smooth_l1_loss(out["comp_rgb"], rgb, reduction="none"), valid)}
         loss = terms["rgb"] * self.C(loss_cfg.lambda_rgb)
         if self.C(loss_cfg.get("lambda_distortion", 0.0)) > 0:
             terms["distortion"] = distortion_loss(out["weights"], out["t_starts"], out["t_ends"], out["ray_indices"],
@@ -46,9 +45,9 @@ class NeRFSystem(BaseSystem):
 
     def training_step(self, batch, batch_idx):
         data = self.data("train")
-        rays = {k: v.to(self.device) for k, v in
-                data.train_rays(self.train_num_rays, bool(self.config.model.get("batch_image_sampling", True)),
-                                self.ray_generator).items()}
+        rays = self.to_device(data.train_rays(self.train_num_rays,
+                                              bool(self.config.model.get("batch_image_sampling", True)),
+                                              self.ray_generator))
         bg = self.background()
         self.model.background_color = bg
         rgb = rays["rgb"]
@@ -57,21 +56,21 @@ class NeRFSystem(BaseSystem):
             rgb = rgb * m + bg * (1.0 - m)
         out = self.model(rays["rays_o"], rays["rays_d"])
 
-        n_samples = int(out["num_samples"]) + int(out.get("num_samples_bg", 0))
+        n_samples = out["num_samples"] + out.get("num_samples_bg", 0)  # host ints: no device read
         if self.config.model.get("dynamic_ray_sampling", True):
             wanted = int(self.train_num_rays * self.train_num_samples / max(n_samples, 1))
             self.train_num_rays = max(1, min(int(self.train_num_rays * 0.9 + wanted * 0.1),
                                              int(self.config.model.max_train_num_rays)))
 
         loss, terms = self.losses(out, rays, rgb)
-        self.check_finite(loss, terms)
-        loss_cfg = self.config.system.loss
-        for name, value in terms.items():
-            self.log(f"train/loss_{name}", value)
-        for name, value in loss_cfg.items():
-            if name.startswith("lambda"):
-                self.log(f"train_params/{name}", self.C(value))
+        self.pending_loss = (loss.detach(), {k: v.detach() for k, v in terms.items()})  # checked after backward
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/num_rays", float(self.train_num_rays), prog_bar=True)
-        self.log("train/num_samples", float(n_samples))
+        if self.is_logging_step:  # the rest only when Lightning writes logs: each self.log costs host time
+            for name, value in terms.items():
+                self.log(f"train/loss_{name}", value)
+            for name, value in self.config.system.loss.items():
+                if name.startswith("lambda"):
+                    self.log(f"train_params/{name}", self.C(value))
+            self.log("train/num_rays", float(self.train_num_rays), prog_bar=True)
+            self.log("train/num_samples", float(n_samples))
         return loss

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import systems
 from models.rendering import distortion_loss
+from systems.base import masked_mean
 from systems.nerf import NeRFSystem
 from utils.config import ConfigError, peak
 
@@ -45,8 +46,8 @@ class NeuSSystem(NeRFSystem):
             if w > 0:
                 terms[name], weights[name] = fn(), w
 
-        add("rgb_mse", "lambda_rgb_mse", lambda: F.mse_loss(out[self.rgb_key][valid], rgb[valid]))
-        add("rgb_l1", "lambda_rgb_l1", lambda: F.l1_loss(out[self.rgb_key][valid], rgb[valid]))
+        add("rgb_mse", "lambda_rgb_mse", lambda: masked_mean((out[self.rgb_key] - rgb).square(), valid))
+        add("rgb_l1", "lambda_rgb_l1", lambda: masked_mean((out[self.rgb_key] - rgb).abs(), valid))
         add("eikonal", "lambda_eikonal",
             lambda: ((out["sdf_grad_samples"].norm(dim=-1) - 1.0) ** 2).mean())
         opacity = out["opacity"][:, 0].clamp(1e-3, 1.0 - 1e-3)
@@ -63,5 +64,6 @@ class NeuSSystem(NeRFSystem):
                 lambda: distortion_loss(out["weights_bg"], out["t_starts_bg"], out["t_ends_bg"],
                                         out["ray_indices_bg"], n_rays))
         loss = sum(terms[k] * weights[k] for k in terms)
-        self.log("train/inv_s", self.model.variance.inv_s.detach(), prog_bar=True)
+        if self.is_logging_step:
+            self.log("train/inv_s", self.model.variance.inv_s.detach(), prog_bar=True)
         return loss, terms

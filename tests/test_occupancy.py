@@ -74,3 +74,17 @@ def test_cone_marching_through_multilevel_grid_reaches_far_plane():
         assert t.max() > 7.9  # level 3 spans 8 units from the centre
         steps = (te - ts)[ray_idx == r]
         assert steps.max() > 5 * steps.min(), "cone stepping grows the interval with distance"
+
+
+def test_cone_step_sequence_matches_its_recurrence():
+    """The closed form built on the device equals t_{k+1} = t_k + max(t_k * cone_angle, step)."""
+    for t_min, t_max, step, cone in [(0.1, 1000.0, 0.01, 0.027), (0.5, 50.0, 0.01, 0.02), (2.0, 1e4, 0.01, 0.0367),
+                                     (0.1, 0.3, 0.01, 0.027)]:
+        ts = [t_min]
+        while ts[-1] < t_max:
+            ts.append(ts[-1] + max(ts[-1] * cone, step))
+        ts.append(ts[-1] + max(ts[-1] * cone, step))
+        got = OccupancyGrid._step_sequence(t_min, t_max, step, cone, "cpu").double()
+        assert got[-1] > t_max and len(got) >= len(ts) - 1
+        n = min(len(got), len(ts))
+        torch.testing.assert_close(got[:n], torch.tensor(ts[:n], dtype=torch.float64), rtol=1e-6, atol=1e-6)

@@ -1,0 +1,73 @@
+"""Host syncs: the counter sees what would stall a GPU, and a training step keeps to a small budget of them."""
+import os
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import open_dict
+
+import datasets
+import systems
+from systems.base import masked_mean
+from utils.config import load_config
+from utils.host_sync import HostSyncCounter, step_sync_callback
+
+
+def test_counter_sees_reads_data_dependent_shapes_and_copies():
+    x = torch.rand(100)
+    with HostSyncCounter() as syncs:
+        y = x * 2
+        if y.sum() > 0:  # a read
+            pass
+        z = y[y > 1]  # a boolean mask: the output size depends on the data
+        torch.nonzero(z > 1.5)
+        torch.tensor([1.0, 2.0], device=x.device)  # a synchronous host-to-device copy
+        x.to(x.device, non_blocking=True)  # asynchronous: not counted
+        m = z.max()
+        float(m)
+        int(m)  # read again with no new work queued: a sync, but no new wait
+    assert syncs.by_kind == {"_local_scalar_dense": 3, "index with a boolean mask": 1, "nonzero": 1,
+                             "host-to-device copy": 1}
+    assert syncs.total == 6
+    assert syncs.drains == 4  # the copy right after nonzero's wait and the second read find nothing queued
+    assert all(site.startswith("tests/test_host_syncs.py:") for _, site in syncs.by_site)
+
+
+def test_masked_mean_equals_boolean_indexing_without_it():
+    values, valid = torch.rand(50, 3), torch.rand(50) > 0.4
+    torch.testing.assert_close(masked_mean(values, valid), values[valid].mean())
+    assert float(masked_mean(values, torch.zeros(50, dtype=torch.bool))) == 0.0  # no NaN on an empty selection
+    with HostSyncCounter() as syncs:
+        masked_mean(values, valid)
+    assert syncs.total == 0
+
+
+def count_training_syncs(tmp_path, config, *overrides, steps=24):
+    cfg = load_config(config, ["model.grid_resolution=32", "model.grid_warmup_steps=4", f"trainer.max_steps={steps}",
+                               *overrides])
+    with open_dict(cfg):
+        cfg.save_dir = str(tmp_path)
+    dm = datasets.make(cfg.dataset.name, cfg.dataset)
+    dm.setup("fit")
+    system = systems.make(cfg.system.name, cfg, mode="train")
+    counter = step_sync_callback()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, callbacks=[counter], logger=False,
+                         enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+                         enable_model_summary=False, enable_progress_bar=False, log_every_n_steps=10)
+    trainer.fit(system, datamodule=dm)
+    grid_every = int(cfg.model.get("grid_update_every", 16))
+    # ordinary steps: past the first (optimiser state is created there), not a grid update, not a logging step
+    return [c for step, c in counter.steps if step > 1 and step % grid_every and (step + 1) % 10]
+
+
+@pytest.mark.parametrize("config,overrides,budget", [
+    ("configs/neus-demo.yaml", (), 3),  # the march's span read and packing nonzero, the finite-loss check
+    ("configs/neus-demo.yaml", ("model.learned_background=true",), 5),  # + the background's march
+    ("configs/nerf-demo.yaml", ("model.early_stop_eps=1e-4",), 4),  # + the early-stop pre-pass's packing
+])
+def test_training_step_keeps_its_host_sync_budget(tmp_path, config, overrides, budget):
+    steps = count_training_syncs(tmp_path, config, *overrides)
+    assert len(steps) >= 10
+    ours = [sum(n for (_, site), n in c.by_site.items() if not site.startswith("(outside")) for c in steps]
+    worst = steps[ours.index(max(ours))]
+    assert max(ours) <= budget, "host syncs in one training step:\n" + worst.report()
