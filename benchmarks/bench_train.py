@@ -34,6 +34,8 @@ def main():
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--resolution", type=int, help="demo render size (default 800 on a GPU, 128 on a CPU)")
     parser.add_argument("--scene-root", help="a Blender-format scene to use instead of the demo")
+    parser.add_argument("--backends", nargs="+", choices=["torch", "triton", "tcnn"],
+                        help="hash-grid backends to run (default: every one usable here)")
     args, rest = parser.parse_known_args()
     overrides = [a for a in rest if a != "--"]
     cuda = torch.cuda.is_available()
@@ -47,6 +49,8 @@ def main():
     for name in ("triton", "tcnn"):
         if name not in present:
             print(f"{name}: not measured ({backends._STATUS[name]()[1]})")
+    if args.backends:
+        present = [b for b in present if b in args.backends]
     rows = []
     with tempfile.TemporaryDirectory(prefix="nsr-bench-train-") as exp_dir:
         for config in args.configs:

@@ -1,0 +1,126 @@
+"""Where a training step's time goes: steps/s, host syncs per step and the top operators (printed only).
+
+    python benchmarks/bench_step.py                                    # nerf-demo and neus-demo on this machine
+    python benchmarks/bench_step.py --configs configs/neus-blender.yaml --demo-resolution 800   # a GPU
+    python benchmarks/bench_step.py --configs configs/neus-demo.yaml -- model.geometry.grad_type=finite_difference
+
+Each config trains through Lightning (the real step: sampling, rendering,
+losses, backward, optimiser, logging) past the occupancy grid's warm-up, then:
+
+- steps/s over ``--steps`` steady steps (device synchronised only at the ends);
+- host syncs per step (``utils.host_sync``: device reads, data-dependent
+  shapes, synchronous copies), with the lines that cause them. ``drains`` are
+  the syncs with device work queued behind them: each leaves the GPU idle
+  while Python catches up, so on a GPU they bound how far the host can run ahead;
+- a ``torch.profiler`` table of the operators with the most self time over
+  ``--profile-steps`` steps (CUDA time on a GPU, CPU time otherwise).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import demo_scene_overrides, describe_device, sync  # noqa: E402
+
+
+def run(config: str, overrides: list, steps: int, profile_steps: int, save_dir: str) -> None:
+    import pytorch_lightning as pl
+    from omegaconf import open_dict
+
+    import datasets
+    import systems
+    from utils.config import load_config
+    from utils.host_sync import HostSyncCounter
+
+    cfg = load_config(config, overrides)
+    with open_dict(cfg):
+        cfg.save_dir = save_dir
+    warmup = int(cfg.model.get("grid_warmup_steps", 256)) + 20
+    total = warmup + steps + profile_steps
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    class Probe(pl.Callback):
+        """Times steps warmup..warmup+steps, counts syncs over them, then profiles the next ones."""
+
+        def __init__(self):
+            self.t0 = self.t1 = None
+            self.per_step, self.counter, self.profiler = [], None, None
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            step = trainer.global_step
+            if self.counter is not None:
+                self.counter.__exit__(None, None, None)
+                self.per_step.append(self.counter)
+                self.counter = None
+            if step == warmup:
+                sync(device)
+                self.t0 = time.perf_counter()
+            if warmup <= step < warmup + steps:
+                self.counter = HostSyncCounter().__enter__()
+            if step == warmup + steps:
+                sync(device)
+                self.t1 = time.perf_counter()
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if device.type == "cuda":
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self.profiler = torch.profiler.profile(activities=activities)
+                self.profiler.__enter__()
+
+        def on_train_end(self, trainer, module):
+            if self.profiler is not None:
+                sync(device)
+                self.profiler.__exit__(None, None, None)
+
+    dm = datasets.make(cfg.dataset.name, cfg.dataset)
+    dm.setup("fit")
+    system = systems.make(cfg.system.name, cfg, mode="train")
+    probe = Probe()
+    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=total,
+                         callbacks=[probe], logger=False, enable_checkpointing=False, limit_val_batches=0,
+                         num_sanity_val_steps=0, enable_model_summary=False, enable_progress_bar=True,
+                         log_every_n_steps=int(cfg.trainer.get("log_every_n_steps", 50)))
+    trainer.fit(system, datamodule=dm)
+
+    counts = [c.total for c in probe.per_step]
+    drains = [c.drains for c in probe.per_step]
+    sites = collections.Counter()
+    for c in probe.per_step:
+        sites.update(c.by_site)
+    print(f"\n== {os.path.basename(config)} {' '.join(overrides)}")
+    print(f"steps/s {steps / (probe.t1 - probe.t0):.2f} over {steps} steps after {warmup} "
+          f"(rays per step at the end: {system.train_num_rays})")
+    print(f"host syncs per step: mean {sum(counts) / len(counts):.1f}, max {max(counts)}; "
+          f"drains mean {sum(drains) / len(drains):.1f}")
+    for (kind, site), n in sites.most_common(12):
+        print(f"  {n / len(counts):6.2f}/step  {kind:36s} {site}")
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"top operators over {profile_steps} steps by {key}:")
+    print(probe.profiler.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=50))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--configs", nargs="+", default=["configs/nerf-demo.yaml", "configs/neus-demo.yaml"])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--demo-resolution", type=int,
+                        help="train on the demo scene rendered in the Blender layout at this size (for *-blender configs)")
+    args, rest = parser.parse_known_args()
+    overrides = [a for a in rest if a != "--"]
+    if args.demo_resolution:
+        overrides = demo_scene_overrides(args.demo_resolution) + overrides
+    print(describe_device(torch.device("cuda" if torch.cuda.is_available() else "cpu")))
+    with tempfile.TemporaryDirectory(prefix="nsr-bench-step-") as save_dir:
+        for config in args.configs:
+            run(config, overrides, args.steps, args.profile_steps, save_dir)
+
+
+if __name__ == "__main__":
+    main()
