@@ -111,7 +111,7 @@ def main():
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--demo-resolution", type=int,
-                        help="train on the demo scene rendered in the Blender layout at this size (for *-blender configs)")
+                        help="train on the demo scene in the Blender layout at this size (for *-blender configs)")
     args, rest = parser.parse_known_args()
     overrides = [a for a in rest if a != "--"]
     if args.demo_resolution:

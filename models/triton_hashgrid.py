@@ -102,14 +102,18 @@ if triton is not None:
 
     @triton.jit
     def _backward_kernel(x_ptr, table_ptr, gy_ptr, gtable_ptr, gx_ptr, scale_ptr, size_ptr, offset_ptr, hashed_ptr,
-                         stride_ptr, primes_ptr, N, L, D: tl.constexpr, F: tl.constexpr, NEED_X: tl.constexpr,
-                         BLOCK_N: tl.constexpr):
-        """gtable[row] += w * gy (fp32 atomics); gx[n, d] += scale * sum_c dw_c/dfrac_d <table[row_c], gy>."""
+                         stride_ptr, primes_ptr, N, L, D: tl.constexpr, DP: tl.constexpr, F: tl.constexpr,
+                         NEED_X: tl.constexpr, BLOCK_N: tl.constexpr):
+        """gtable[row] += w * gy (fp32 atomics); gx[n, d] += scale * sum_c dw_c/dfrac_d <table[row_c], gy>.
+
+        DP is D padded to a power of two (the width of the gx accumulator)."""
         rows, m, lvl, scale, size, offset, hashed = _block_and_level(scale_ptr, size_ptr, offset_ptr, hashed_ptr, N,
                                                                      BLOCK_N)
         feat = tl.arange(0, F)
         gy = tl.load(gy_ptr + rows[:, None] * (L * F) + lvl * F + feat[None, :], mask=m[:, None], other=0.0)
         gy = gy.to(tl.float32)  # (BLOCK_N, F): the upstream gradient of this level's features
+        dims = tl.arange(0, DP)
+        gx = tl.zeros((BLOCK_N, DP), tl.float32)  # summed over the corners here: one atomic per point and dim
         for c in tl.static_range(2 ** D):
             idx, w = _level_index(x_ptr, rows, m, lvl, scale, size, offset, hashed, stride_ptr, primes_ptr, c, D)
             tl.atomic_add(gtable_ptr + idx[:, None] * F + feat[None, :], w[:, None] * gy, mask=m[:, None])
@@ -118,7 +122,9 @@ if triton is not None:
                 dot = tl.sum(vals.to(tl.float32) * gy, axis=1)
                 for d in tl.static_range(D):
                     part = _weight_partial(x_ptr, rows, m, lvl, scale, c, d, D)
-                    tl.atomic_add(gx_ptr + rows * D + d, scale * part * dot, mask=m)
+                    gx += tl.where(dims[None, :] == d, (part * dot)[:, None], 0.0)
+        if NEED_X:
+            tl.atomic_add(gx_ptr + rows[:, None] * D + dims[None, :], scale * gx, mask=m[:, None] & (dims[None, :] < D))
 
     @triton.jit
     def _double_backward_kernel(x_ptr, table_ptr, gy_ptr, ggx_ptr, gtable_ptr, ggy_ptr, scale_ptr, size_ptr,
@@ -156,6 +162,7 @@ class GridConstants:
         self.stride = dense_stride.long().contiguous()  # (L, D)
         self.primes = primes.long().contiguous()
         self.L, self.D, self.F = n_levels, n_dims, n_feats
+        self.DP = 1 << (n_dims - 1).bit_length()  # D padded to a power of two, for (points, dims) blocks
 
     def args(self):
         return self.scale, self.size, self.offset, self.hashed, self.stride, self.primes
@@ -180,8 +187,8 @@ def encode_backward(x, table, gy, k: GridConstants, need_x: bool):
     gtable = torch.zeros(table.shape, device=x.device, dtype=torch.float32)
     gx = torch.zeros(n, k.D, device=x.device, dtype=torch.float32) if need_x else gtable  # dummy pointer if unused
     if n:
-        _backward_kernel[_grid(n, k.L)](x, table, gy, gtable, gx, *k.args(), n, k.L, D=k.D, F=k.F, NEED_X=need_x,
-                                        BLOCK_N=BLOCK)
+        _backward_kernel[_grid(n, k.L)](x, table, gy, gtable, gx, *k.args(), n, k.L, D=k.D, DP=k.DP, F=k.F,
+                                        NEED_X=need_x, BLOCK_N=BLOCK)
     return gtable.to(table.dtype), (gx if need_x else None)
 
 
