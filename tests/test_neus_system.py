@@ -39,3 +39,27 @@ def test_background_parts_are_optimised_only_when_the_background_is_learned():
         assert {g["name"] for g in optimizer.param_groups} == expected
         n_optimised = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
         assert n_optimised == sum(p.numel() for p in system.model.parameters())
+
+
+@pytest.mark.parametrize("config", ["configs/neus-demo.yaml", "configs/nerf-demo.yaml"])
+def test_training_runs_under_mixed_precision(tmp_path, config):
+    """Every config asks for precision 16 (16-mixed on a GPU). bfloat16 autocast on the CPU runs the same
+    code paths with half-precision matmuls, so dtype mismatches (index_add, packed rendering, losses) show here."""
+    import pytorch_lightning as pl
+    import torch
+    from omegaconf import open_dict
+
+    import datasets
+
+    cfg = load_config(config, ["model.grid_resolution=16", "model.grid_warmup_steps=4", "model.learned_background=true"])
+    with open_dict(cfg):
+        cfg.save_dir = str(tmp_path)
+    dm = datasets.make(cfg.dataset.name, cfg.dataset)
+    dm.setup("fit")
+    system = systems.make(cfg.system.name, cfg, mode="train")
+    trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=12, logger=False, enable_checkpointing=False,
+                         limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
+                         enable_progress_bar=False)
+    trainer.fit(system, datamodule=dm)
+    assert trainer.global_step == 12 and torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert all(torch.isfinite(p).all() for p in system.parameters())
