@@ -6,7 +6,8 @@
 Points/s for forward, forward+backward (table and input gradients) and
 forward+backward with the second-order term (eikonal loss through analytic
 normals), for L=16, F=2, T=2^19, per backend: torch always, tcnn and triton
-where usable. Prints the device and the peak memory of each run.
+where usable (triton twice: reading the table in fp32, and in fp16 with
+``table_dtype: float16``). Prints the device and the peak memory of each run.
 """
 from __future__ import annotations
 
@@ -66,15 +67,17 @@ def main():
     config = dict(n_levels=16, n_features_per_level=2, log2_hashmap_size=19, base_resolution=args.base_resolution,
                   per_level_scale=1.447269237440378)
     print(f"\nhash grid L=16 F=2 T=2^19 base {args.base_resolution}; points/s (peak MiB)")
-    print(f"{'backend':8s} {'N':>9s} {'fwd':>20s} {'fwd+bwd':>20s} {'fwd+bwd+2nd order':>20s}")
-    for backend in present:
-        grid = HashGrid(3, config, backend=backend).to(device)
+    print(f"{'backend':10s} {'N':>9s} {'fwd':>20s} {'fwd+bwd':>20s} {'fwd+bwd+2nd order':>20s}")
+    variants = [(b, "float32") for b in present] + ([("triton", "float16")] if "triton" in present else [])
+    for backend, table_dtype in variants:
+        grid = HashGrid(3, {**config, "table_dtype": table_dtype}, backend=backend).to(device)
+        label = backend if table_dtype == "float32" else f"{backend}-16"
         for log2n in sizes:
             cells = []
             for mode in ("fwd", "fwd+bwd", "second"):
                 rate, peak = measure(grid, 2 ** log2n, device, mode, args.repeats)
                 cells.append(f"{rate:10.3e} ({peak:6.0f})")
-            print(f"{backend:8s} {2 ** log2n:9d} {cells[0]:>20s} {cells[1]:>20s} {cells[2]:>20s}")
+            print(f"{label:10s} {2 ** log2n:9d} {cells[0]:>20s} {cells[1]:>20s} {cells[2]:>20s}")
 
 
 if __name__ == "__main__":

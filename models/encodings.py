@@ -93,6 +93,12 @@ class HashGrid(nn.Module):
         self.per_level_scale = float(config.get("per_level_scale", 2.0))
         if config.get("interpolation", "Linear") != "Linear":
             raise ConfigError("HashGrid: only Linear interpolation is implemented.")
+        dtypes = {"float32": None, "float16": torch.float16}
+        if str(config.get("table_dtype", "float32")) not in dtypes:
+            raise ConfigError(f"xyz_encoding_config.table_dtype must be float32 or float16, "
+                              f"not '{config.get('table_dtype')}'.")
+        # float16: the Triton kernels read an fp16 copy of the (fp32, trained) table; other backends ignore it
+        self.read_dtype = dtypes[str(config.get("table_dtype", "float32"))]
         self.n_output_dims = self.n_levels * self.n_features_per_level
         lv = hash_grid_levels(n_input_dims, self.n_levels, self.log2_hashmap_size, self.base_resolution,
                               self.per_level_scale)
@@ -143,7 +149,7 @@ class HashGrid(nn.Module):
                               self.n_levels,
                               self.n_input_dims, self.n_features_per_level)
             self._triton_constants = k
-        return hash_encode(x.float(), self.table(), k)
+        return hash_encode(x.float(), self.table(), k, self.read_dtype)
 
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         """Corner indices and weights are built per dimension on small (N, L, 2) tensors and

@@ -182,67 +182,79 @@ def encode_forward(x: torch.Tensor, table: torch.Tensor, k: GridConstants) -> to
 
 
 def encode_backward(x, table, gy, k: GridConstants, need_x: bool):
-    """(gradient to the table in its dtype, gradient to x (N, D) float32 or None)."""
+    """(gradient to the table (entries, F) float32, gradient to x (N, D) float32 or None)."""
     n = x.shape[0]
     gtable = torch.zeros(table.shape, device=x.device, dtype=torch.float32)
     gx = torch.zeros(n, k.D, device=x.device, dtype=torch.float32) if need_x else gtable  # dummy pointer if unused
     if n:
         _backward_kernel[_grid(n, k.L)](x, table, gy, gtable, gx, *k.args(), n, k.L, D=k.D, DP=k.DP, F=k.F,
                                         NEED_X=need_x, BLOCK_N=BLOCK)
-    return gtable.to(table.dtype), (gx if need_x else None)
+    return gtable, (gx if need_x else None)
 
 
 def encode_double_backward(x, table, gy, ggx, k: GridConstants):
-    """(gradient to the table, gradient to gy) of <ggx, input gradient>."""
+    """(gradient to the table float32, gradient to gy) of <ggx, input gradient>."""
     n = x.shape[0]
     gtable = torch.zeros(table.shape, device=x.device, dtype=torch.float32)
     ggy = torch.empty(n, k.L * k.F, device=x.device, dtype=torch.float32)
     if n:
-        _double_backward_kernel[_grid(n, k.L)](x, table, gy, ggx, gtable, ggy, *k.args(), n, k.L, D=k.D, F=k.F,
-                                               BLOCK_N=BLOCK)
-    return gtable.to(table.dtype), ggy
+        _double_backward_kernel[_grid(n, k.L)](x, table, gy, ggx, gtable, ggy, *k.args(), n, k.L, D=k.D, DP=k.DP,
+                                               F=k.F, BLOCK_N=BLOCK)
+    return gtable, ggy
 
 
 class _Encode(torch.autograd.Function):
+    """``table`` is the trained tensor (gradients come back in its dtype); the kernels gather from ``read``,
+    the same values in the table dtype the kernels should read (e.g. an fp16 copy of an fp32 table)."""
+
     @staticmethod
-    def forward(ctx, x, table, k):
-        ctx.save_for_backward(x, table)
+    def forward(ctx, x, table, read, k):
+        ctx.save_for_backward(x, table, read)
         ctx.k = k
-        return encode_forward(x, table, k)
+        return encode_forward(x, read, k)
 
     @staticmethod
     def backward(ctx, gy):
-        x, table = ctx.saved_tensors
-        gtable, gx = _EncodeBackward.apply(x, table, gy.contiguous(), ctx.k, ctx.needs_input_grad[0])
-        return gx, gtable, None
+        x, table, read = ctx.saved_tensors
+        gtable, gx = _EncodeBackward.apply(x, table, read, gy.contiguous(), ctx.k, ctx.needs_input_grad[0])
+        return gx, gtable, None, None
 
 
 class _EncodeBackward(torch.autograd.Function):
     """The backward pass as a differentiable function, so the eikonal loss reaches the table and the MLP."""
 
     @staticmethod
-    def forward(ctx, x, table, gy, k, need_x):
-        ctx.save_for_backward(x, table, gy)
+    def forward(ctx, x, table, read, gy, k, need_x):
+        ctx.save_for_backward(x, table, read, gy)
         ctx.k = k
-        gtable, gx = encode_backward(x, table, gy, k, need_x)
-        return gtable, gx
+        gtable, gx = encode_backward(x, read, gy, k, need_x)
+        return gtable.to(table.dtype), gx
 
     @staticmethod
     def backward(ctx, g_gtable, g_gx):
-        x, table, gy = ctx.saved_tensors
+        x, table, read, gy = ctx.saved_tensors
         k = ctx.k
         grad_table = grad_gy = None
         if g_gx is not None:
-            grad_table, grad_gy = encode_double_backward(x, table, gy, g_gx.contiguous(), k)
+            grad_table, grad_gy = encode_double_backward(x, read, gy, g_gx.contiguous(), k)
+            grad_table = grad_table.to(table.dtype)
         if g_gtable is not None:  # gtable is a scatter of gy: its adjoint gathers, i.e. the forward pass
             gathered = encode_forward(x, g_gtable.contiguous(), k)
             grad_gy = gathered if grad_gy is None else grad_gy + gathered
-        return None, grad_table, grad_gy, None, None
+        return None, grad_table, None, grad_gy, None, None
 
 
-def hash_encode(x: torch.Tensor, table: torch.Tensor, k: GridConstants) -> torch.Tensor:
-    """Differentiable hash encoding: (N, D) positions in [0, 1], (entries, F) table -> (N, L * F) float32."""
-    return _Encode.apply(x.contiguous(), table.contiguous(), k)
+def hash_encode(x: torch.Tensor, table: torch.Tensor, k: GridConstants, read_dtype: torch.dtype | None = None
+                ) -> torch.Tensor:
+    """Differentiable hash encoding: (N, D) positions in [0, 1], (entries, F) table -> (N, L * F) float32.
+
+    ``read_dtype`` (e.g. torch.float16): the kernels gather from a copy of the table in that dtype (half
+    the bytes per lookup, the whole table twice as likely to stay in cache); gradients still accumulate in
+    fp32 and come back in the table's own dtype.
+    """
+    table = table.contiguous()
+    read = table if read_dtype is None or read_dtype == table.dtype else table.detach().to(read_dtype)
+    return _Encode.apply(x.contiguous(), table, read, k)
 
 
 def selftest(device: str) -> None:

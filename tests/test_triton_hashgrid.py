@@ -76,6 +76,27 @@ def test_fp16_table_matches_the_reference_on_the_same_values():
     torch.testing.assert_close(table.grad.float().view(-1), ref_grad, rtol=1e-2, atol=1e-2)
 
 
+def test_fp16_reads_of_the_fp32_table_match_the_reference_on_the_rounded_values():
+    """table_dtype: float16 gathers from an fp16 copy; the trained table and every gradient stay fp32."""
+    ref, fast = grids({**SMALL, "table_dtype": "float16"})
+    with torch.no_grad():
+        ref.params.copy_(ref.params.half().float())  # what the kernels read
+    g = torch.Generator(device=DEVICE).manual_seed(2)
+    x = torch.rand(300, 3, generator=g, device=DEVICE)
+    gy = torch.randn(300, ref.n_output_dims, generator=g, device=DEVICE)
+    ggx = torch.randn(300, 3, generator=g, device=DEVICE)
+    expected = first_and_second_order(ref, x, gy, ggx)
+    got = first_and_second_order(fast, x, gy, ggx)
+    assert fast.params.dtype == torch.float32 and all(t.dtype == torch.float32 for t in got)
+    for name, a, b in zip(["values", "table gradient", "input gradient", "second order: table",
+                           "second order: upstream"], expected, got):
+        err = float((a - b).abs().max() / a.abs().max().clamp(min=1e-6))
+        assert err < 1e-4, f"{name}: max relative error {err:.2e}"
+    exact = HashGrid(3, SMALL, backend="triton").to(DEVICE)  # same weights, read in fp32
+    exact.load_state_dict(fast.state_dict())
+    assert float((exact(x) - fast(x)).abs().max()) > 1e-5, "the fp16 reads are in effect"
+
+
 def test_points_on_cell_borders_and_the_unit_cube_corners():
     ref, fast = grids(SMALL)
     corners = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.5, 0.25, 0.75], [1.0, 0.0, 0.5]], device=DEVICE)
