@@ -20,7 +20,7 @@ status=0
 for stage in "$@"; do
     case $stage in
         env) cmd="nvidia-smi; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'; python3 -c 'from models import backends; print({k: f() for k, f in backends._STATUS.items()})'" ;;
-        parity) cmd="python3 -m pytest -q tests/test_triton_hashgrid.py tests/test_hashgrid.py tests/test_host_syncs.py" ;;
+        parity) cmd="python3 -m pytest -q -rs tests/test_triton_hashgrid.py tests/test_nerfacc_parity.py tests/test_hashgrid.py tests/test_host_syncs.py" ;;
         encoding) cmd="python3 benchmarks/bench_encoding.py" ;;
         step) cmd="python3 benchmarks/bench_step.py --configs configs/nerf-blender.yaml configs/neus-blender.yaml $demo --steps 100" ;;
         train-fast) cmd="python3 benchmarks/bench_train.py --steps 20000 --backends triton tcnn" ;;
