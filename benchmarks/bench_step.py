@@ -8,8 +8,8 @@ Each config trains through Lightning (the real step: sampling, rendering,
 losses, backward, optimiser, logging) past the occupancy grid's warm-up, then:
 
 - steps/s over ``--steps`` steady steps (device synchronised only at the ends);
-- host syncs per step (``utils.host_sync``: device reads, data-dependent
-  shapes, synchronous copies), with the lines that cause them. ``drains`` are
+- host syncs per step over the next 20 steps (``utils.host_sync``: device
+  reads, data-dependent shapes, synchronous copies), with the lines that cause them. ``drains`` are
   the syncs with device work queued behind them: each leaves the GPU idle
   while Python catches up, so on a GPU they bound how far the host can run ahead;
 - a ``torch.profiler`` table of the operators with the most self time over
@@ -43,11 +43,13 @@ def run(config: str, overrides: list, steps: int, profile_steps: int, save_dir: 
     with open_dict(cfg):
         cfg.save_dir = save_dir
     warmup = int(cfg.model.get("grid_warmup_steps", 256)) + 20
-    total = warmup + steps + profile_steps
+    count_steps = 20  # counting runs Python for every operator: kept out of the timed steps
+    total = warmup + steps + count_steps + profile_steps
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     class Probe(pl.Callback):
-        """Times steps warmup..warmup+steps, counts syncs over them, then profiles the next ones."""
+        """Times ``steps`` steps after the warm-up, then counts host syncs over the next ``count_steps``,
+        then profiles ``profile_steps``: each window free of the others' overhead."""
 
         def __init__(self):
             self.t0 = self.t1 = None
@@ -62,11 +64,12 @@ def run(config: str, overrides: list, steps: int, profile_steps: int, save_dir: 
             if step == warmup:
                 sync(device)
                 self.t0 = time.perf_counter()
-            if warmup <= step < warmup + steps:
-                self.counter = HostSyncCounter().__enter__()
             if step == warmup + steps:
                 sync(device)
                 self.t1 = time.perf_counter()
+            if warmup + steps <= step < warmup + steps + count_steps:
+                self.counter = HostSyncCounter().__enter__()
+            if step == warmup + steps + count_steps:
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if device.type == "cuda":
                     activities.append(torch.profiler.ProfilerActivity.CUDA)
