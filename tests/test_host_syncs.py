@@ -64,6 +64,11 @@ def count_training_syncs(tmp_path, config, *overrides, steps=24):
     ("configs/neus-demo.yaml", (), 3),  # the march's span read and packing nonzero, the finite-loss check
     ("configs/neus-demo.yaml", ("model.learned_background=true",), 5),  # + the background's march
     ("configs/nerf-demo.yaml", ("model.early_stop_eps=1e-4",), 4),  # + the early-stop pre-pass's packing
+    ("configs/neus-demo.yaml", ("model.geometry.grad_type=finite_difference",  # Neuralangelo-style: the step
+                                "+model.geometry.finite_difference_eps=progressive",  # follows the active level
+                                "model.geometry.xyz_encoding_config.otype=ProgressiveBandHashGrid",
+                                "+model.geometry.xyz_encoding_config.update_steps=5",
+                                "+system.loss.lambda_curvature=1e-4"), 3),
 ])
 def test_training_step_keeps_its_host_sync_budget(tmp_path, config, overrides, budget):
     steps = count_training_syncs(tmp_path, config, *overrides)
