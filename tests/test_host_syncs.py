@@ -42,7 +42,7 @@ def test_masked_mean_equals_boolean_indexing_without_it():
     assert syncs.total == 0
 
 
-def count_training_syncs(tmp_path, config, *overrides, steps=24):
+def count_training_syncs(tmp_path, config, *overrides, steps=16):
     cfg = load_config(config, ["model.grid_resolution=32", "model.grid_warmup_steps=4", f"trainer.max_steps={steps}",
                                *overrides])
     with open_dict(cfg):
