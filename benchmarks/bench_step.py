@@ -37,7 +37,7 @@ def run(config: str, overrides: list, steps: int, profile_steps: int, save_dir: 
     import datasets
     import systems
     from utils.config import load_config
-    from utils.host_sync import HostSyncCounter
+    from utils.host_sync import step_sync_callback
 
     cfg = load_config(config, overrides)
     with open_dict(cfg):
@@ -48,27 +48,20 @@ def run(config: str, overrides: list, steps: int, profile_steps: int, save_dir: 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     class Probe(pl.Callback):
-        """Times ``steps`` steps after the warm-up, then counts host syncs over the next ``count_steps``,
-        then profiles ``profile_steps``: each window free of the others' overhead."""
+        """Times ``steps`` steps after the warm-up; the sync counter then takes ``count_steps``, and the
+        profiler the ``profile_steps`` after those: each window free of the others' overhead."""
 
         def __init__(self):
-            self.t0 = self.t1 = None
-            self.per_step, self.counter, self.profiler = [], None, None
+            self.t0 = self.t1 = self.profiler = None
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             step = trainer.global_step
-            if self.counter is not None:
-                self.counter.__exit__(None, None, None)
-                self.per_step.append(self.counter)
-                self.counter = None
-            if step == warmup:
+            if step in (warmup, warmup + steps):
                 sync(device)
-                self.t0 = time.perf_counter()
-            if step == warmup + steps:
-                sync(device)
-                self.t1 = time.perf_counter()
-            if warmup + steps <= step < warmup + steps + count_steps:
-                self.counter = HostSyncCounter().__enter__()
+                if step == warmup:
+                    self.t0 = time.perf_counter()
+                else:
+                    self.t1 = time.perf_counter()
             if step == warmup + steps + count_steps:
                 activities = [torch.profiler.ProfilerActivity.CPU]
                 if device.type == "cuda":
@@ -85,16 +78,18 @@ def run(config: str, overrides: list, steps: int, profile_steps: int, save_dir: 
     dm.setup("fit")
     system = systems.make(cfg.system.name, cfg, mode="train")
     probe = Probe()
+    counter = step_sync_callback(first=warmup + steps, stop=warmup + steps + count_steps)
     trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=total,
-                         callbacks=[probe], logger=False, enable_checkpointing=False, limit_val_batches=0,
+                         callbacks=[probe, counter], logger=False, enable_checkpointing=False, limit_val_batches=0,
                          num_sanity_val_steps=0, enable_model_summary=False, enable_progress_bar=True,
                          log_every_n_steps=int(cfg.trainer.get("log_every_n_steps", 50)))
     trainer.fit(system, datamodule=dm)
 
-    counts = [c.total for c in probe.per_step]
-    drains = [c.drains for c in probe.per_step]
+    per_step = [c for _, c in counter.steps]
+    counts = [c.total for c in per_step]
+    drains = [c.drains for c in per_step]
     sites = collections.Counter()
-    for c in probe.per_step:
+    for c in per_step:
         sites.update(c.by_site)
     print(f"\n== {os.path.basename(config)} {' '.join(overrides)}")
     print(f"steps/s {steps / (probe.t1 - probe.t0):.2f} over {steps} steps after {warmup} "

@@ -172,9 +172,10 @@ def _names_device(name: str, args, kwargs) -> bool:
     return False
 
 
-def step_sync_callback(record_sites: bool = True):
+def step_sync_callback(record_sites: bool = True, first: int = 0, stop: int | None = None):
     """A Lightning callback that counts would-be host syncs per training step, from one batch start to the
-    next (the step, backward, optimiser, logging and progress bar included). ``.steps``: [(step, counter)]."""
+    next (the step, backward, optimiser, logging and progress bar included), for the steps
+    ``first <= step < stop`` (all when ``stop`` is None). ``.steps``: [(step, counter)]."""
     import pytorch_lightning as pl
 
     class StepSyncCounter(pl.Callback):
@@ -190,9 +191,9 @@ def step_sync_callback(record_sites: bool = True):
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             self._close()
-            counter = HostSyncCounter(record_sites)
-            counter.__enter__()
-            self._open = (trainer.global_step, counter)
+            step = trainer.global_step
+            if step >= first and (stop is None or step < stop):
+                self._open = (step, HostSyncCounter(record_sites).__enter__())
 
         def on_train_end(self, trainer, pl_module):
             self._close()
