@@ -198,8 +198,8 @@ def encode_double_backward(x, table, gy, ggx, k: GridConstants):
     gtable = torch.zeros(table.shape, device=x.device, dtype=torch.float32)
     ggy = torch.empty(n, k.L * k.F, device=x.device, dtype=torch.float32)
     if n:
-        _double_backward_kernel[_grid(n, k.L)](x, table, gy, ggx, gtable, ggy, *k.args(), n, k.L, D=k.D, DP=k.DP,
-                                               F=k.F, BLOCK_N=BLOCK)
+        _double_backward_kernel[_grid(n, k.L)](x, table, gy, ggx, gtable, ggy, *k.args(), n, k.L, D=k.D, F=k.F,
+                                               BLOCK_N=BLOCK)
     return gtable, ggy
 
 
@@ -258,7 +258,10 @@ def hash_encode(x: torch.Tensor, table: torch.Tensor, k: GridConstants, read_dty
 
 
 def selftest(device: str) -> None:
-    """Compile and run the kernels once on a tiny grid (raises if this device cannot run them)."""
+    """Compile and run every kernel once on a tiny grid (raises if this device cannot run one of them).
+
+    Includes the second-order kernel (the eikonal loss through analytic normals), so that 'auto' falls back to
+    PyTorch at start-up rather than failing at the first NeuS step."""
     scale = torch.tensor([3.0, 7.0], device=device)
     size = torch.tensor([64, 64], device=device)
     k = GridConstants(scale, size, torch.tensor([0, 64], device=device), torch.tensor([0, 1], device=device),
@@ -266,4 +269,6 @@ def selftest(device: str) -> None:
                       torch.tensor([1, 2654435761, 805459861], device=device), 2, 3, 2)
     table = torch.zeros(128, 2, device=device, requires_grad=True)
     x = torch.rand(5, 3, device=device, requires_grad=True)
-    hash_encode(x, table, k).sum().backward()
+    y = hash_encode(x, table, k)
+    dx, = torch.autograd.grad(y, x, torch.ones_like(y), create_graph=True)
+    (y.sum() + dx.square().sum()).backward()
