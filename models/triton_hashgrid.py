@@ -49,7 +49,7 @@ if triton is not None:
         pos = xd * scale + 0.5
         fl = tl.floor(pos)
         frac = pos - fl
-        coord = fl.to(tl.int64) + bit
+        coord = fl.to(tl.int32) + bit
         if bit == 1:
             w = frac
             dw = 1.0
@@ -61,17 +61,23 @@ if triton is not None:
     @triton.jit
     def _level_index(x_ptr, rows, m, lvl, scale, size, offset, hashed, stride_ptr, primes_ptr, c: tl.constexpr,
                      D: tl.constexpr):
-        """Table row of corner c for every point of the block, and the corner's interpolation weight."""
-        idx_dense = tl.zeros(rows.shape, tl.int64)
-        idx_hash = tl.zeros(rows.shape, tl.int64)
+        """Table row of corner c for every point of the block, and the corner's interpolation weight.
+
+        32-bit integers that wrap, as tiny-cuda-nn's (and the reference's) indices: 64-bit remainders are a
+        subroutine on the GPU. Dense levels wrap with a floored modulo (as torch.remainder), so that points
+        outside the unit cube read inside the level, never outside the table."""
+        idx_dense = tl.zeros(rows.shape, tl.int32)
+        idx_hash = tl.zeros(rows.shape, tl.int32)
         w = tl.full(rows.shape, 1.0, tl.float32)
         for d in tl.static_range(D):
             bit = (c >> (D - 1 - d)) & 1
             coord, wd, _ = _corner(x_ptr, rows, m, lvl, scale, d, D, bit)
             w = w * wd
             idx_dense += coord * tl.load(stride_ptr + lvl * D + d)
-            idx_hash = idx_hash ^ ((coord * tl.load(primes_ptr + d)) & (size - 1))
-        idx = tl.where(hashed != 0, idx_hash, idx_dense % size) + offset
+            idx_hash = idx_hash ^ (coord * tl.load(primes_ptr + d))
+        dense = idx_dense % size
+        dense = tl.where(dense < 0, dense + size, dense)
+        idx = tl.where(hashed != 0, idx_hash & (size - 1), dense) + offset
         return idx, w
 
     @triton.jit
@@ -151,17 +157,24 @@ if triton is not None:
         tl.store(ggy_ptr + rows[:, None] * (L * F) + lvl * F + feat[None, :], acc, mask=m[:, None])
 
 
+def _wrap_int32(values: torch.Tensor) -> torch.Tensor:
+    """int64 -> int32 keeping the low 32 bits (two's complement), as a C cast would."""
+    return ((values.long() + 2 ** 31) % 2 ** 32 - 2 ** 31).int().contiguous()
+
+
 class GridConstants:
     """Per-level constants on a device, as the kernels read them."""
 
     def __init__(self, scale, size, offset, hashed, dense_stride, primes, n_levels: int, n_dims: int, n_feats: int):
         self.scale = scale.float().contiguous()
-        self.size = size.long().contiguous()
-        self.offset = offset.long().contiguous()
+        self.size = size.int().contiguous()
+        self.offset = offset.int().contiguous()
         self.hashed = hashed.int().contiguous()
-        self.stride = dense_stride.long().contiguous()  # (L, D)
-        self.primes = primes.long().contiguous()
+        self.stride = _wrap_int32(dense_stride)  # (L, D); only dense levels use it, and theirs fit
+        self.primes = _wrap_int32(primes)  # 2654435761 > 2^31: the same low 32 bits, as a signed int
         self.L, self.D, self.F = n_levels, n_dims, n_feats
+        if (int(offset[-1]) + int(size[-1])) * n_feats >= 2 ** 31:
+            raise ValueError("hash grid table too large for the Triton kernels' 32-bit indices")
         self.DP = 1 << (n_dims - 1).bit_length()  # D padded to a power of two, for (points, dims) blocks
 
     def args(self):
