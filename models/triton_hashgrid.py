@@ -10,7 +10,9 @@ between backends. Kernels run over a (point blocks, levels) grid.
 Gradients, as tiny-cuda-nn provides them:
 
 - to the table (scatter-add with atomics, accumulated in fp32 whatever the
-  table's dtype);
+  table's dtype). The atomics are relaxed: a sum needs no ordering, and
+  Triton's default (acquire-release) compiles to ordered atomics with a
+  block-wide barrier after each one (``utils/triton_aot.py`` shows it);
 - to the input positions (analytic normals);
 - second order, for the eikonal loss through analytic normals: the
   gradient of the input gradient with respect to the table and to the
@@ -94,6 +96,21 @@ if triton is not None:
         return out
 
     @triton.jit
+    def _scatter_add(ptr, idx, vals, m, F: tl.constexpr, VECTOR: tl.constexpr):
+        """ptr[idx[n] * F + f] += vals[n, f] for the block's points, as relaxed atomics (a sum needs no order).
+
+        VECTOR: one (F,)-wide reduction per point (red.global.add.v2.f32 needs sm_90); otherwise one per
+        feature on (points,) vectors: on older GPUs the (points, F) form costs a shared-memory layout change
+        and four block barriers per call."""
+        feat = tl.arange(0, F)
+        if VECTOR:
+            tl.atomic_add(ptr + idx[:, None] * F + feat[None, :], vals, mask=m[:, None], sem="relaxed")
+        else:
+            for f in tl.static_range(F):
+                column = tl.sum(tl.where(feat[None, :] == f, vals, 0.0), axis=1)
+                tl.atomic_add(ptr + idx * F + f, column, mask=m, sem="relaxed")
+
+    @triton.jit
     def _forward_kernel(x_ptr, table_ptr, out_ptr, scale_ptr, size_ptr, offset_ptr, hashed_ptr, stride_ptr,
                         primes_ptr, N, L, D: tl.constexpr, F: tl.constexpr, BLOCK_N: tl.constexpr):
         rows, m, lvl, scale, size, offset, hashed = _block_and_level(scale_ptr, size_ptr, offset_ptr, hashed_ptr, N,
@@ -109,7 +126,7 @@ if triton is not None:
     @triton.jit
     def _backward_kernel(x_ptr, table_ptr, gy_ptr, gtable_ptr, gx_ptr, scale_ptr, size_ptr, offset_ptr, hashed_ptr,
                          stride_ptr, primes_ptr, N, L, D: tl.constexpr, DP: tl.constexpr, F: tl.constexpr,
-                         NEED_X: tl.constexpr, BLOCK_N: tl.constexpr):
+                         NEED_X: tl.constexpr, VECTOR: tl.constexpr, BLOCK_N: tl.constexpr):
         """gtable[row] += w * gy (fp32 atomics); gx[n, d] += scale * sum_c dw_c/dfrac_d <table[row_c], gy>.
 
         DP is D padded to a power of two (the width of the gx accumulator)."""
@@ -122,7 +139,7 @@ if triton is not None:
         gx = tl.zeros((BLOCK_N, DP), tl.float32)  # summed over the corners here: one atomic per point and dim
         for c in tl.static_range(2 ** D):
             idx, w = _level_index(x_ptr, rows, m, lvl, scale, size, offset, hashed, stride_ptr, primes_ptr, c, D)
-            tl.atomic_add(gtable_ptr + idx[:, None] * F + feat[None, :], w[:, None] * gy, mask=m[:, None])
+            _scatter_add(gtable_ptr, idx, w[:, None] * gy, m, F, VECTOR)
             if NEED_X:
                 vals = tl.load(table_ptr + idx[:, None] * F + feat[None, :], mask=m[:, None], other=0.0)
                 dot = tl.sum(vals.to(tl.float32) * gy, axis=1)
@@ -130,12 +147,13 @@ if triton is not None:
                     part = _weight_partial(x_ptr, rows, m, lvl, scale, c, d, D)
                     gx += tl.where(dims[None, :] == d, (part * dot)[:, None], 0.0)
         if NEED_X:
-            tl.atomic_add(gx_ptr + rows[:, None] * D + dims[None, :], scale * gx, mask=m[:, None] & (dims[None, :] < D))
+            tl.atomic_add(gx_ptr + rows[:, None] * D + dims[None, :], scale * gx, mask=m[:, None] & (dims[None, :] < D),
+                          sem="relaxed")
 
     @triton.jit
     def _double_backward_kernel(x_ptr, table_ptr, gy_ptr, ggx_ptr, gtable_ptr, ggy_ptr, scale_ptr, size_ptr,
                                 offset_ptr, hashed_ptr, stride_ptr, primes_ptr, N, L, D: tl.constexpr,
-                                F: tl.constexpr, BLOCK_N: tl.constexpr):
+                                F: tl.constexpr, VECTOR: tl.constexpr, BLOCK_N: tl.constexpr):
         """Adjoint of the input gradient gx = J(table, gy) for an upstream ggx (N, D):
         gtable[row_c] += s * a_c * gy and ggy[n, l] = s * sum_c a_c table[row_c], a_c = sum_d ggx_d dw_c/dfrac_d."""
         rows, m, lvl, scale, size, offset, hashed = _block_and_level(scale_ptr, size_ptr, offset_ptr, hashed_ptr, N,
@@ -151,10 +169,15 @@ if triton is not None:
                 ggx = tl.load(ggx_ptr + rows * D + d, mask=m, other=0.0).to(tl.float32)
                 a += ggx * _weight_partial(x_ptr, rows, m, lvl, scale, c, d, D)
             a = a * scale
-            tl.atomic_add(gtable_ptr + idx[:, None] * F + feat[None, :], a[:, None] * gy, mask=m[:, None])
+            _scatter_add(gtable_ptr, idx, a[:, None] * gy, m, F, VECTOR)
             vals = tl.load(table_ptr + idx[:, None] * F + feat[None, :], mask=m[:, None], other=0.0)
             acc += a[:, None] * vals.to(tl.float32)
         tl.store(ggy_ptr + rows[:, None] * (L * F) + lvl * F + feat[None, :], acc, mask=m[:, None])
+
+
+def has_vector_reductions(capability: tuple[int, int]) -> bool:
+    """Whether a CUDA GPU of this compute capability has red.global.add.v2.f32 (Hopper, sm_90, and later)."""
+    return tuple(capability) >= (9, 0)
 
 
 def _wrap_int32(values: torch.Tensor) -> torch.Tensor:
@@ -176,6 +199,9 @@ class GridConstants:
         if (int(offset[-1]) + int(size[-1])) * n_feats >= 2 ** 31:
             raise ValueError("hash grid table too large for the Triton kernels' 32-bit indices")
         self.DP = 1 << (n_dims - 1).bit_length()  # D padded to a power of two, for (points, dims) blocks
+        # vector float reductions (one atomic per point for all F features) exist from sm_90 on
+        self.vector_atomics = self.scale.is_cuda and has_vector_reductions(torch.cuda.get_device_capability(
+            self.scale.device))
 
     def args(self):
         return self.scale, self.size, self.offset, self.hashed, self.stride, self.primes
@@ -201,7 +227,7 @@ def encode_backward(x, table, gy, k: GridConstants, need_x: bool):
     gx = torch.zeros(n, k.D, device=x.device, dtype=torch.float32) if need_x else gtable  # dummy pointer if unused
     if n:
         _backward_kernel[_grid(n, k.L)](x, table, gy, gtable, gx, *k.args(), n, k.L, D=k.D, DP=k.DP, F=k.F,
-                                        NEED_X=need_x, BLOCK_N=BLOCK)
+                                        NEED_X=need_x, VECTOR=k.vector_atomics, BLOCK_N=BLOCK)
     return gtable, (gx if need_x else None)
 
 
@@ -212,7 +238,7 @@ def encode_double_backward(x, table, gy, ggx, k: GridConstants):
     ggy = torch.empty(n, k.L * k.F, device=x.device, dtype=torch.float32)
     if n:
         _double_backward_kernel[_grid(n, k.L)](x, table, gy, ggx, gtable, ggy, *k.args(), n, k.L, D=k.D, F=k.F,
-                                               BLOCK_N=BLOCK)
+                                               VECTOR=k.vector_atomics, BLOCK_N=BLOCK)
     return gtable, ggy
 
 

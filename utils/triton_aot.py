@@ -1,0 +1,161 @@
+"""Compile the Triton hash-grid kernels for a CUDA GPU on a machine without one.
+
+Triton's interpreter (how the parity tests run on a CPU) executes the kernels
+as NumPy: it never checks a launch's keyword arguments against the kernel's
+signature, never lowers to PTX, and says nothing of registers, spills or the
+instructions a GPU would run. This module goes through Triton's own launch
+path (argument binding, specialisation, compilation to PTX and, with the
+``ptxas`` that ships in Triton's wheel, to a cubin) with a driver that only
+reports a target architecture, and stops before anything is launched. Every
+kernel is reached through the same Python wrappers the encoding calls, so a
+wrong launch argument fails here as it would on the GPU.
+
+What it reports per kernel, read from the compiled code: registers and spill
+stores (``ptxas -v``), shared memory, and the PTX's global loads, atomics and
+block barriers.
+
+Run it in a process where ``TRITON_INTERPRET`` is unset: Triton decides
+between interpreter and compiler when a kernel is defined, at import.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class KernelReport:
+    kernel: str
+    variant: str
+    arch: int
+    registers: int
+    spilled_bytes: int  # ptxas's spill stores per thread: anything but 0 costs throughput
+    shared_bytes: int
+    num_warps: int
+    global_loads: int  # ld.global instructions in the PTX (each one per thread, per program)
+    reductions: int  # fire-and-forget atomics (red.*): the scatter-adds of the backward passes
+    ordered_atomics: int  # atom.* with acquire/release semantics: fences every warp behind them
+    barriers: int  # bar.sync: the whole block waits
+    ptx_lines: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class CompileOnlyDriver:
+    """Stands in for Triton's CUDA driver: names a target, owns no device, launches nothing."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return self.target.arch  # Triton caches compiled kernels per device: one 'device' per architecture
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+class _CompileInsteadOfLaunch:
+    """Replaces a kernel in its module: ``kernel[grid](...)`` compiles (Triton's warmup) and records the result."""
+
+    def __init__(self, kernel, name: str, sink: list):
+        self.kernel, self.name, self.sink = kernel, name, sink
+
+    def __getitem__(self, grid):
+        def compile_only(*args, **kwargs):
+            self.sink.append((self.name, self.kernel.warmup(*args, grid=grid, **kwargs)))
+
+        return compile_only
+
+
+def _ptxas_usage(ptx: str) -> dict:
+    """Registers and spill stores of a kernel, from ``ptxas -v`` (the ptxas Triton itself compiles with)."""
+    arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
+    try:  # Triton picks its ptxas per architecture (a newer one for sm_90 and later)
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(int(re.sub(r"\D", "", arch))).path
+    except ImportError:
+        from triton import knobs
+
+        ptxas = knobs.nvidia.ptxas.path
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o",
+                              os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return {"registers": int(registers.group(1)), "spill": int(spills.group(1)) if spills else 0}
+
+
+def _report(name: str, variant: str, arch: int, compiled) -> KernelReport:
+    ptx = compiled.asm["ptx"]
+    ops = collections.Counter(re.findall(r"^\s*(?:@%p\d+\s+)?(ld\.global|red\.|atom\.|bar\.sync)", ptx, re.M))
+    usage = _ptxas_usage(ptx)
+    return KernelReport(kernel=name, variant=variant, arch=arch, registers=usage["registers"],
+                        spilled_bytes=usage["spill"], shared_bytes=compiled.metadata.shared,
+                        num_warps=compiled.metadata.num_warps, global_loads=ops["ld.global"], reductions=ops["red."],
+                        ordered_atomics=ops["atom."], barriers=ops["bar.sync"], ptx_lines=ptx.count("\n"))
+
+
+def compile_hash_grid_kernels(arch: int = 90) -> list[KernelReport]:
+    """Every kernel the Triton encoding launches, compiled for sm_<arch>, through the encoding's own wrappers.
+
+    Variants: fp32 and fp16 table reads; the backward with and without the input gradient.
+    """
+    from triton.runtime.driver import driver
+
+    import models.triton_hashgrid as th
+
+    if th.triton is None:
+        raise RuntimeError("triton is not installed")
+    if th._forward_kernel.__class__.__name__ == "InterpretedFunction":
+        raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels were defined for the interpreter; unset it")
+    names = ("_forward_kernel", "_backward_kernel", "_double_backward_kernel")
+    originals = {name: getattr(th, name) for name in names}
+    compiled: list = []
+    reports: list[KernelReport] = []
+    previous = driver._active  # None on a machine without a GPU: Triton finds its driver lazily again
+    driver.set_active(CompileOnlyDriver(arch))
+    try:
+        for name in names:
+            setattr(th, name, _CompileInsteadOfLaunch(originals[name], name, compiled))
+        L, D, F = 2, 3, 2
+        k = th.GridConstants(torch.tensor([3.0, 7.0]), torch.tensor([64, 64]), torch.tensor([0, 64]),
+                             torch.tensor([0, 1]), torch.tensor([[1, 5, 25], [1, 9, 81]]),
+                             torch.tensor([1, 2654435761, 805459861]), L, D, F)
+        k.vector_atomics = th.has_vector_reductions(divmod(arch, 10))  # as the constants would say on that GPU
+        n = 5
+        x, gy, ggx = torch.rand(n, D), torch.zeros(n, L * F), torch.zeros(n, D)
+        for dtype in (torch.float32, torch.float16):
+            table = torch.zeros(128, F, dtype=dtype)
+            tag = str(dtype).removeprefix("torch.")
+            launches = [(f"{tag} table", lambda: th.encode_forward(x, table, k)),
+                        (f"{tag} table, with input gradient", lambda: th.encode_backward(x, table, gy, k, True)),
+                        (f"{tag} table, table gradient only", lambda: th.encode_backward(x, table, gy, k, False)),
+                        (f"{tag} table", lambda: th.encode_double_backward(x, table, gy, ggx, k))]
+            for variant, launch in launches:
+                compiled.clear()
+                launch()
+                reports += [_report(name, variant, arch, kernel) for name, kernel in compiled]
+    finally:
+        driver.set_active(previous)
+        for name, kernel in originals.items():
+            setattr(th, name, kernel)
+    return reports
