@@ -63,6 +63,9 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+MIN_TRITON = (3, 3)  # tuples inside kernels (Triton 3.2 compiles none of them)
+
+
 @functools.lru_cache(maxsize=None)
 def triton_status(explicit: bool = False) -> tuple[bool, str]:
     """(usable, reason) for this project's Triton kernels (Triton ships with PyTorch's CUDA wheels).
@@ -73,6 +76,10 @@ def triton_status(explicit: bool = False) -> tuple[bool, str]:
     try:
         import triton
 
+        version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+        if version < MIN_TRITON:
+            return False, (f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))} (the "
+                           "kernels build tuples); PyTorch >= 2.7 ships a newer one")
         from models.triton_hashgrid import selftest
 
         selftest("cuda" if torch.cuda.is_available() and not triton_interpreted() else "cpu")

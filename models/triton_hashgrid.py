@@ -45,54 +45,60 @@ if triton is not None:
                 tl.load(hashed_ptr + lvl))
 
     @triton.jit
-    def _corner(x_ptr, rows, m, lvl, scale, d: tl.constexpr, D: tl.constexpr, bit: tl.constexpr):
-        """Per-dimension pieces of one corner: (grid coordinate, weight, d weight / d frac)."""
-        xd = tl.load(x_ptr + rows * D + d, mask=m, other=0.0).to(tl.float32)
-        pos = xd * scale + 0.5
-        fl = tl.floor(pos)
-        frac = pos - fl
-        coord = fl.to(tl.int32) + bit
-        if bit == 1:
-            w = frac
-            dw = 1.0
-        else:
-            w = 1.0 - frac
-            dw = -1.0
-        return coord, w, dw
+    def _cell(x_ptr, rows, m, lvl, scale, stride_ptr, primes_ptr, D: tl.constexpr):
+        """Each point's cell on this level, per dimension (tuples of D): lower grid coordinate, fraction, and
+        the level's dense stride and hash prime. Loaded once per program: reloading them per corner costs
+        loads the compiler cannot merge across the atomics in between."""
+        lo = ()
+        frac = ()
+        stride = ()
+        prime = ()
+        for d in tl.static_range(D):
+            pos = tl.load(x_ptr + rows * D + d, mask=m, other=0.0).to(tl.float32) * scale + 0.5
+            fl = tl.floor(pos)
+            lo = lo + (fl.to(tl.int32),)
+            frac = frac + (pos - fl,)
+            stride = stride + (tl.load(stride_ptr + lvl * D + d),)
+            prime = prime + (tl.load(primes_ptr + d),)
+        return lo, frac, stride, prime
 
     @triton.jit
-    def _level_index(x_ptr, rows, m, lvl, scale, size, offset, hashed, stride_ptr, primes_ptr, c: tl.constexpr,
-                     D: tl.constexpr):
+    def _level_index(lo, frac, stride, prime, size, offset, hashed, c: tl.constexpr, D: tl.constexpr):
         """Table row of corner c for every point of the block, and the corner's interpolation weight.
 
         32-bit integers that wrap, as tiny-cuda-nn's (and the reference's) indices: 64-bit remainders are a
         subroutine on the GPU. Dense levels wrap with a floored modulo (as torch.remainder), so that points
         outside the unit cube read inside the level, never outside the table."""
-        idx_dense = tl.zeros(rows.shape, tl.int32)
-        idx_hash = tl.zeros(rows.shape, tl.int32)
-        w = tl.full(rows.shape, 1.0, tl.float32)
+        idx_dense = tl.zeros_like(lo[0])
+        idx_hash = tl.zeros_like(lo[0])
+        w = tl.full(frac[0].shape, 1.0, tl.float32)
         for d in tl.static_range(D):
             bit = (c >> (D - 1 - d)) & 1
-            coord, wd, _ = _corner(x_ptr, rows, m, lvl, scale, d, D, bit)
-            w = w * wd
-            idx_dense += coord * tl.load(stride_ptr + lvl * D + d)
-            idx_hash = idx_hash ^ (coord * tl.load(primes_ptr + d))
+            coord = lo[d] + bit
+            if bit == 1:
+                w = w * frac[d]
+            else:
+                w = w * (1.0 - frac[d])
+            idx_dense += coord * stride[d]
+            idx_hash = idx_hash ^ (coord * prime[d])
         dense = idx_dense % size
         dense = tl.where(dense < 0, dense + size, dense)
         idx = tl.where(hashed != 0, idx_hash & (size - 1), dense) + offset
         return idx, w
 
     @triton.jit
-    def _weight_partial(x_ptr, rows, m, lvl, scale, c: tl.constexpr, d: tl.constexpr, D: tl.constexpr):
+    def _weight_partial(frac, c: tl.constexpr, d: tl.constexpr, D: tl.constexpr):
         """d w_c / d frac_d: the product of the other dimensions' weights, signed by the corner's bit."""
-        out = tl.full(rows.shape, 1.0, tl.float32)
+        out = tl.full(frac[0].shape, 1.0, tl.float32)
         for e in tl.static_range(D):
             bit = (c >> (D - 1 - e)) & 1
-            _, we, dwe = _corner(x_ptr, rows, m, lvl, scale, e, D, bit)
             if e == d:
-                out = out * dwe
+                if bit == 0:
+                    out = -out
+            elif bit == 1:
+                out = out * frac[e]
             else:
-                out = out * we
+                out = out * (1.0 - frac[e])
         return out
 
     @triton.jit
@@ -115,10 +121,11 @@ if triton is not None:
                         primes_ptr, N, L, D: tl.constexpr, F: tl.constexpr, BLOCK_N: tl.constexpr):
         rows, m, lvl, scale, size, offset, hashed = _block_and_level(scale_ptr, size_ptr, offset_ptr, hashed_ptr, N,
                                                                      BLOCK_N)
+        lo, frac, stride, prime = _cell(x_ptr, rows, m, lvl, scale, stride_ptr, primes_ptr, D)
         feat = tl.arange(0, F)
         acc = tl.zeros((BLOCK_N, F), tl.float32)
         for c in tl.static_range(2 ** D):
-            idx, w = _level_index(x_ptr, rows, m, lvl, scale, size, offset, hashed, stride_ptr, primes_ptr, c, D)
+            idx, w = _level_index(lo, frac, stride, prime, size, offset, hashed, c, D)
             vals = tl.load(table_ptr + idx[:, None] * F + feat[None, :], mask=m[:, None], other=0.0)
             acc += w[:, None] * vals.to(tl.float32)
         tl.store(out_ptr + rows[:, None] * (L * F) + lvl * F + feat[None, :], acc, mask=m[:, None])
@@ -135,16 +142,17 @@ if triton is not None:
         feat = tl.arange(0, F)
         gy = tl.load(gy_ptr + rows[:, None] * (L * F) + lvl * F + feat[None, :], mask=m[:, None], other=0.0)
         gy = gy.to(tl.float32)  # (BLOCK_N, F): the upstream gradient of this level's features
+        lo, frac, stride, prime = _cell(x_ptr, rows, m, lvl, scale, stride_ptr, primes_ptr, D)
         dims = tl.arange(0, DP)
         gx = tl.zeros((BLOCK_N, DP), tl.float32)  # summed over the corners here: one atomic per point and dim
         for c in tl.static_range(2 ** D):
-            idx, w = _level_index(x_ptr, rows, m, lvl, scale, size, offset, hashed, stride_ptr, primes_ptr, c, D)
+            idx, w = _level_index(lo, frac, stride, prime, size, offset, hashed, c, D)
             _scatter_add(gtable_ptr, idx, w[:, None] * gy, m, F, VECTOR)
             if NEED_X:
                 vals = tl.load(table_ptr + idx[:, None] * F + feat[None, :], mask=m[:, None], other=0.0)
                 dot = tl.sum(vals.to(tl.float32) * gy, axis=1)
                 for d in tl.static_range(D):
-                    part = _weight_partial(x_ptr, rows, m, lvl, scale, c, d, D)
+                    part = _weight_partial(frac, c, d, D)
                     gx += tl.where(dims[None, :] == d, (part * dot)[:, None], 0.0)
         if NEED_X:
             tl.atomic_add(gx_ptr + rows[:, None] * D + dims[None, :], scale * gx, mask=m[:, None] & (dims[None, :] < D),
@@ -161,13 +169,16 @@ if triton is not None:
         feat = tl.arange(0, F)
         gy = tl.load(gy_ptr + rows[:, None] * (L * F) + lvl * F + feat[None, :], mask=m[:, None], other=0.0)
         gy = gy.to(tl.float32)  # (BLOCK_N, F): the upstream gradient of this level's features
+        lo, frac, stride, prime = _cell(x_ptr, rows, m, lvl, scale, stride_ptr, primes_ptr, D)
+        ggx = ()
+        for d in tl.static_range(D):
+            ggx = ggx + (tl.load(ggx_ptr + rows * D + d, mask=m, other=0.0).to(tl.float32),)
         acc = tl.zeros((BLOCK_N, F), tl.float32)
         for c in tl.static_range(2 ** D):
-            idx, _ = _level_index(x_ptr, rows, m, lvl, scale, size, offset, hashed, stride_ptr, primes_ptr, c, D)
+            idx, _ = _level_index(lo, frac, stride, prime, size, offset, hashed, c, D)
             a = tl.zeros(rows.shape, tl.float32)
             for d in tl.static_range(D):
-                ggx = tl.load(ggx_ptr + rows * D + d, mask=m, other=0.0).to(tl.float32)
-                a += ggx * _weight_partial(x_ptr, rows, m, lvl, scale, c, d, D)
+                a += ggx[d] * _weight_partial(frac, c, d, D)
             a = a * scale
             _scatter_add(gtable_ptr, idx, a[:, None] * gy, m, F, VECTOR)
             vals = tl.load(table_ptr + idx[:, None] * F + feat[None, :], mask=m[:, None], other=0.0)

@@ -58,3 +58,19 @@ def test_scatter_adds_are_relaxed_reductions_without_barriers(reports):
         else:
             assert r["reductions"] >= 8, f"{where}: expected one reduction per corner, got {r['reductions']}"
             assert r["barriers"] <= 1, f"{where}: {r['barriers']} block barriers"
+
+
+def test_each_input_is_read_once_per_program(reports):
+    """Positions, the level's constants and the upstream gradients are loaded once, not once per corner:
+    reloads cannot be merged by the compiler across the atomics between corners (it once issued 88 loads
+    in the backward where 22 do)."""
+    D, corners = 3, 8
+    once = D + 4 + 2 * D  # positions; the level's scale, size, offset, hashed flag; its strides and primes
+    expected = {("_forward_kernel", False): once + corners,  # + the table gathers
+                ("_backward_kernel", True): once + 1 + corners,  # + upstream gradient, gathers for the dot
+                ("_backward_kernel", False): once + 1,
+                ("_double_backward_kernel", False): once + 1 + D + corners}  # + the input gradient's upstream
+    for r in reports:
+        bound = expected[(r["kernel"], "with input gradient" in r["variant"])]
+        assert r["global_loads"] <= bound, f"{r['kernel']} ({r['variant']}, sm_{r['arch']}): " \
+                                           f"{r['global_loads']} global loads, expected at most {bound}"

@@ -39,8 +39,8 @@ class KernelReport:
     shared_bytes: int
     num_warps: int
     global_loads: int  # ld.global instructions in the PTX (each one per thread, per program)
-    reductions: int  # fire-and-forget atomics (red.*): the scatter-adds of the backward passes
-    ordered_atomics: int  # atom.* with acquire/release semantics: fences every warp behind them
+    reductions: int  # relaxed atomics (red.*, or atom.relaxed): the scatter-adds of the backward passes
+    ordered_atomics: int  # atomics with acquire/release semantics: each one waits, and Triton adds barriers
     barriers: int  # bar.sync: the whole block waits
     ptx_lines: int
 
@@ -85,14 +85,16 @@ class _CompileInsteadOfLaunch:
 def _ptxas_usage(ptx: str) -> dict:
     """Registers and spill stores of a kernel, from ``ptxas -v`` (the ptxas Triton itself compiles with)."""
     arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
-    try:  # Triton picks its ptxas per architecture (a newer one for sm_90 and later)
-        from triton.backends.nvidia.compiler import get_ptxas
+    from triton.backends.nvidia import compiler
 
-        ptxas = get_ptxas(int(re.sub(r"\D", "", arch))).path
-    except ImportError:
-        from triton import knobs
-
-        ptxas = knobs.nvidia.ptxas.path
+    if hasattr(compiler, "get_ptxas"):  # newer Tritons pick a ptxas per architecture (a newer one for sm_90 on)
+        try:
+            found = compiler.get_ptxas(int(re.sub(r"\D", "", arch)))
+        except TypeError:
+            found = compiler.get_ptxas()
+        ptxas = found[0] if isinstance(found, tuple) else found.path
+    else:  # Triton 3.2
+        ptxas = compiler._path_to_binary("ptxas")[0]
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "kernel.ptx")
         with open(src, "w") as f:
@@ -106,12 +108,16 @@ def _ptxas_usage(ptx: str) -> dict:
 
 def _report(name: str, variant: str, arch: int, compiled) -> KernelReport:
     ptx = compiled.asm["ptx"]
-    ops = collections.Counter(re.findall(r"^\s*(?:@%p\d+\s+)?(ld\.global|red\.|atom\.|bar\.sync)", ptx, re.M))
+    ops = collections.Counter()
+    for op in re.findall(r"^\s*(?:@%p\d+\s+)?((?:ld\.global|red\.|atom\.|bar\.sync)\S*)", ptx, re.M):
+        if op.startswith(("red.", "atom.")):  # Triton < 3.4 writes relaxed atomics as atom.relaxed
+            op = "relaxed" if op.startswith("red.") or ".relaxed." in op else "ordered"
+        ops[op.split(".")[0] if op.startswith("ld.") else op] += 1
     usage = _ptxas_usage(ptx)
     return KernelReport(kernel=name, variant=variant, arch=arch, registers=usage["registers"],
                         spilled_bytes=usage["spill"], shared_bytes=compiled.metadata.shared,
-                        num_warps=compiled.metadata.num_warps, global_loads=ops["ld.global"], reductions=ops["red."],
-                        ordered_atomics=ops["atom."], barriers=ops["bar.sync"], ptx_lines=ptx.count("\n"))
+                        num_warps=compiled.metadata.num_warps, global_loads=ops["ld"], reductions=ops["relaxed"],
+                        ordered_atomics=ops["ordered"], barriers=ops["bar.sync"], ptx_lines=ptx.count("\n"))
 
 
 def compile_hash_grid_kernels(arch: int = 90) -> list[KernelReport]:
@@ -131,7 +137,8 @@ def compile_hash_grid_kernels(arch: int = 90) -> list[KernelReport]:
     originals = {name: getattr(th, name) for name in names}
     compiled: list = []
     reports: list[KernelReport] = []
-    previous = driver._active  # None on a machine without a GPU: Triton finds its driver lazily again
+    state = vars(driver)  # Triton >= 3.3 keeps '_active' (None until first use), 3.2 'active' (a lazy proxy)
+    previous = state.get("_active", state.get("active"))
     driver.set_active(CompileOnlyDriver(arch))
     try:
         for name in names:
