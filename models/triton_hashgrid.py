@@ -210,9 +210,10 @@ class GridConstants:
         if (int(offset[-1]) + int(size[-1])) * n_feats >= 2 ** 31:
             raise ValueError("hash grid table too large for the Triton kernels' 32-bit indices")
         self.DP = 1 << (n_dims - 1).bit_length()  # D padded to a power of two, for (points, dims) blocks
-        # vector float reductions (one atomic per point for all F features) exist from sm_90 on
-        self.vector_atomics = self.scale.is_cuda and has_vector_reductions(torch.cuda.get_device_capability(
-            self.scale.device))
+        # vector float reductions (one atomic per point for all F features) exist from sm_90 on; ROCm builds
+        # report AMD architectures as capabilities too, so only NVIDIA ones count
+        self.vector_atomics = (self.scale.is_cuda and torch.version.hip is None
+                               and has_vector_reductions(torch.cuda.get_device_capability(self.scale.device)))
 
     def args(self):
         return self.scale, self.size, self.offset, self.hashed, self.stride, self.primes
