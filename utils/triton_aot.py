@@ -110,7 +110,7 @@ def _report(name: str, variant: str, arch: int, compiled) -> KernelReport:
     ptx = compiled.asm["ptx"]
     ops = collections.Counter()
     for op in re.findall(r"^\s*(?:@%p\d+\s+)?((?:ld\.global|red\.|atom\.|bar\.sync)\S*)", ptx, re.M):
-        if op.startswith(("red.", "atom.")):  # Triton < 3.4 writes relaxed atomics as atom.relaxed
+        if op.startswith(("red.", "atom.")):  # older Tritons (3.2) write relaxed atomics as atom.relaxed
             op = "relaxed" if op.startswith("red.") or ".relaxed." in op else "ordered"
         ops[op.split(".")[0] if op.startswith("ld.") else op] += 1
     usage = _ptxas_usage(ptx)
