@@ -24,7 +24,7 @@ ARCHS = (80, 90)  # A100, H100
 def reports(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for this process
     env.update(TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton-cache")), TRITON_DEFAULT_FP_FUSION="1")
-    code = ("import json, sys; from utils.triton_aot import compile_hash_grid_kernels; "
+    code = ("import json; from utils.triton_aot import compile_hash_grid_kernels; "
             f"print(json.dumps([r.as_dict() for a in {ARCHS!r} for r in compile_hash_grid_kernels(a)]))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     if "ptxas" in done.stderr and "not found" in done.stderr.lower():
