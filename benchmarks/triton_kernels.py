@@ -18,13 +18,12 @@ import sys
 if os.environ.pop("TRITON_INTERPRET", None) == "1":  # Triton reads it when a kernel is defined: restart without it
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (it warns otherwise)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.triton_aot import compile_hash_grid_kernels  # noqa: E402
 
 COLUMNS = ("arch", "kernel", "variant", "registers", "spilled_bytes", "shared_bytes", "global_loads", "reductions",
-           "ordered_atomics", "barriers", "ptx_lines")
+           "ordered_atomics", "barriers", "fused_multiply_adds", "ptx_lines")
 
 
 def main() -> None:

@@ -33,6 +33,10 @@ except ImportError:  # pragma: no cover - the backend switch reports it
     triton = None
 
 BLOCK = 128
+# Compile options stated at every launch. Fused multiply-add is on, as in tiny-cuda-nn (nvcc's default): Triton
+# 3.9 warns when it is left to its default, and 3.10 turns that default off, which would slow the kernels and
+# change their rounding against the weights a user trained. The interpreter ignores these.
+LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=True)
 
 if triton is not None:
 
@@ -228,7 +232,8 @@ def encode_forward(x: torch.Tensor, table: torch.Tensor, k: GridConstants) -> to
     n = x.shape[0]
     out = torch.empty(n, k.L * k.F, device=x.device, dtype=torch.float32)
     if n:
-        _forward_kernel[_grid(n, k.L)](x, table, out, *k.args(), n, k.L, D=k.D, F=k.F, BLOCK_N=BLOCK)
+        _forward_kernel[_grid(n, k.L)](x, table, out, *k.args(), n, k.L, D=k.D, F=k.F, BLOCK_N=BLOCK,
+                                       **LAUNCH_OPTIONS)
     return out
 
 
@@ -239,7 +244,7 @@ def encode_backward(x, table, gy, k: GridConstants, need_x: bool):
     gx = torch.zeros(n, k.D, device=x.device, dtype=torch.float32) if need_x else gtable  # dummy pointer if unused
     if n:
         _backward_kernel[_grid(n, k.L)](x, table, gy, gtable, gx, *k.args(), n, k.L, D=k.D, DP=k.DP, F=k.F,
-                                        NEED_X=need_x, VECTOR=k.vector_atomics, BLOCK_N=BLOCK)
+                                        NEED_X=need_x, VECTOR=k.vector_atomics, BLOCK_N=BLOCK, **LAUNCH_OPTIONS)
     return gtable, (gx if need_x else None)
 
 
@@ -250,7 +255,7 @@ def encode_double_backward(x, table, gy, ggx, k: GridConstants):
     ggy = torch.empty(n, k.L * k.F, device=x.device, dtype=torch.float32)
     if n:
         _double_backward_kernel[_grid(n, k.L)](x, table, gy, ggx, gtable, ggy, *k.args(), n, k.L, D=k.D, F=k.F,
-                                               VECTOR=k.vector_atomics, BLOCK_N=BLOCK)
+                                               VECTOR=k.vector_atomics, BLOCK_N=BLOCK, **LAUNCH_OPTIONS)
     return gtable, ggy
 
 

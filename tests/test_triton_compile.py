@@ -23,13 +23,14 @@ ARCHS = (80, 90)  # A100, H100
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for this process
-    env.update(TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton-cache")), TRITON_DEFAULT_FP_FUSION="1")
+    env.update(TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton-cache")))
     code = ("import json; from utils.triton_aot import compile_hash_grid_kernels; "
             f"print(json.dumps([r.as_dict() for a in {ARCHS!r} for r in compile_hash_grid_kernels(a)]))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     if "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("this Triton has no ptxas to compile with")
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "FP_FUSION" not in done.stderr, "a launch leaves multiply-add fusion to Triton's default:\n" + done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -47,6 +48,13 @@ def test_every_launch_compiles_for_each_architecture(reports):
 def test_no_register_spills(reports):
     spilling = [(r["arch"], r["kernel"], r["variant"], r["spilled_bytes"]) for r in reports if r["spilled_bytes"]]
     assert not spilling, f"kernels spill registers to local memory: {spilling}"
+
+
+def test_multiply_adds_are_fused(reports):
+    """Every launch states fused multiply-add (as tiny-cuda-nn's nvcc build has it); Triton 3.10 turns the
+    default off, which would slow every kernel and change its rounding."""
+    unfused = [(r["arch"], r["kernel"], r["variant"]) for r in reports if not r["fused_multiply_adds"]]
+    assert not unfused, f"kernels compiled without fused multiply-adds: {unfused}"
 
 
 def test_scatter_adds_are_relaxed_reductions_without_barriers(reports):

@@ -42,6 +42,7 @@ class KernelReport:
     reductions: int  # relaxed atomics (red.*, or atom.relaxed): the scatter-adds of the backward passes
     ordered_atomics: int  # atomics with acquire/release semantics: each one waits, and Triton adds barriers
     barriers: int  # bar.sync: the whole block waits
+    fused_multiply_adds: int  # fma.rn.f32 in the PTX: none means multiply-add fusion was off for this launch
     ptx_lines: int
 
     def as_dict(self) -> dict:
@@ -117,7 +118,8 @@ def _report(name: str, variant: str, arch: int, compiled) -> KernelReport:
     return KernelReport(kernel=name, variant=variant, arch=arch, registers=usage["registers"],
                         spilled_bytes=usage["spill"], shared_bytes=compiled.metadata.shared,
                         num_warps=compiled.metadata.num_warps, global_loads=ops["ld"], reductions=ops["relaxed"],
-                        ordered_atomics=ops["ordered"], barriers=ops["bar.sync"], ptx_lines=ptx.count("\n"))
+                        ordered_atomics=ops["ordered"], barriers=ops["bar.sync"],
+                        fused_multiply_adds=len(re.findall(r"\bfma\.rn\.f32\b", ptx)), ptx_lines=ptx.count("\n"))
 
 
 def compile_hash_grid_kernels(arch: int = 90) -> list[KernelReport]:
