@@ -32,3 +32,29 @@ def test_orthonormal_up_to_degree_8():
     basis = SphericalHarmonics(3, {"degree": 8})((dirs + 1) / 2)
     gram = basis.T @ (basis * w[:, None])
     torch.testing.assert_close(gram, torch.eye(64), atol=1e-4, rtol=0)
+
+
+def test_polynomial_form_equals_the_recurrence_in_float64():
+    """The operator-lean evaluation (monomials times fitted coefficients) is the recurrence, every degree."""
+    from models.encodings import _real_sh_basis
+
+    d = torch.nn.functional.normalize(torch.randn(500, 3, dtype=torch.float64), dim=-1)
+    d[:3] = torch.eye(3, dtype=torch.float64)  # exact zeros in two coordinates
+    for degree in range(1, 9):
+        fast = SphericalHarmonics(3, {"degree": degree})(((d + 1) / 2).float())
+        torch.testing.assert_close(fast.double(), _real_sh_basis(d, degree), rtol=0, atol=2e-5)
+
+
+def test_gradients_through_the_basis_are_finite_and_match_the_recurrence():
+    """Directions with a gradient (e.g. reflected ones) get the recurrence's gradient, also at exact zeros."""
+    from models.encodings import _real_sh_basis
+
+    d = torch.nn.functional.normalize(torch.randn(64, 3, dtype=torch.float64), dim=-1)
+    d[:3] = torch.eye(3, dtype=torch.float64)
+    weights = torch.randn(64, 16, dtype=torch.float64)
+    fast_in = ((d + 1) / 2).float().requires_grad_()
+    (SphericalHarmonics(3, {"degree": 4})(fast_in) * weights.float()).sum().backward()
+    ref_in = d.clone().requires_grad_()
+    (_real_sh_basis(ref_in, 4) * weights).sum().backward()
+    assert torch.isfinite(fast_in.grad).all()
+    torch.testing.assert_close(fast_in.grad.double(), 2 * ref_in.grad, rtol=1e-4, atol=1e-4)  # d(2u-1)/du = 2
