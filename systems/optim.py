@@ -3,18 +3,25 @@
 ``optimizer.params`` gives per-module settings (``geometry: {lr: 0.01}``);
 modules it does not name are not optimised; a part the model has switched
 off (``geometry_bg`` without a learned background: the model returns None)
-is skipped. Schedulers are any
+is skipped. Optimisers that have a fused implementation (Adam, AdamW, SGD)
+get it unless ``args`` says ``fused`` or ``foreach``: one kernel per group
+instead of about ten per parameter tensor, which on a GPU is host time
+saved every step (benchmarks/bench_step.py counts the operators). Schedulers are any
 ``torch.optim.lr_scheduler`` class by name, plus ``SequentialLR`` and
 ``ChainedScheduler`` built from a ``schedulers`` list.
 """
 from __future__ import annotations
 
+import inspect
+import logging
 from typing import Any, Dict
 
 import torch
 import torch.nn as nn
 
 from utils.config import ConfigError, to_primitive
+
+log = logging.getLogger(__name__)
 
 
 def _module(model: nn.Module, path: str) -> nn.Module:
@@ -36,7 +43,13 @@ def make_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
                   for key, value in config.params.items() if (module := _module(model, key)) is not None]
     else:
         groups = [{"params": list(model.parameters()), "name": "all"}]
-    return getattr(torch.optim, name)(groups, **args)
+    optimizer_class = getattr(torch.optim, name)
+    if "fused" in inspect.signature(optimizer_class).parameters and not {"fused", "foreach"} & args.keys():
+        try:
+            return optimizer_class(groups, **args, fused=True)
+        except (RuntimeError, ValueError) as error:  # a device or dtype without the fused kernel (CPU before torch 2.4)
+            log.info("%s: no fused implementation here (%s); using the default one", name, error)
+    return optimizer_class(groups, **args)
 
 
 def _scheduler(config: Any, optimizer: torch.optim.Optimizer):

@@ -60,3 +60,32 @@ def test_optimizer_groups_and_sequential_scheduler():
         opt.step()
         sched["scheduler"].step()
     assert abs(opt.param_groups[0]["lr"] - 0.02 * 0.25) < 1e-9
+
+
+def test_adam_is_fused_unless_the_config_says_otherwise_and_steps_like_the_reference():
+    """The fused optimiser (one kernel per group on a GPU) is chosen by default and takes the same steps as
+    torch's for-loop implementation; ``fused``/``foreach`` in the config are the user's choice and kept."""
+    from omegaconf import OmegaConf
+
+    from systems.optim import make_optimizer
+
+    def trained(extra_args):
+        torch.manual_seed(0)
+        model = small_model()
+        cfg = OmegaConf.create({"name": "AdamW", "args": {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-15,
+                                                          **extra_args}})
+        opt = make_optimizer(cfg, model)
+        initial = torch.cat([p.detach().flatten() for p in model.parameters()])
+        rays_o, rays_d = torch.zeros(64, 3), torch.nn.functional.normalize(torch.randn(64, 3), dim=-1)
+        for _ in range(5):
+            opt.zero_grad()
+            model(rays_o, rays_d)["comp_rgb"].square().mean().backward()
+            opt.step()
+        return opt, torch.cat([p.detach().flatten() for p in model.parameters()]), initial
+
+    fused, fused_params, initial = trained({})
+    assert fused.defaults["fused"] is True
+    reference, reference_params, _ = trained({"foreach": False})
+    assert not reference.defaults["fused"] and reference.defaults["foreach"] is False
+    assert (reference_params - initial).abs().max() > 0.01  # five steps of lr 0.01 moved the weights
+    torch.testing.assert_close(fused_params, reference_params, rtol=1e-4, atol=1e-5)
