@@ -8,7 +8,7 @@ Each config trains through Lightning (the real step: sampling, rendering,
 losses, backward, optimiser, logging) past the occupancy grid's warm-up, then:
 
 - steps/s over ``--steps`` steady steps (device synchronised only at the ends);
-- host syncs per step over the next 20 steps (``utils.host_sync``: device
+- host syncs and device operators (~kernel launches) per step over the next 20 steps (``utils.host_sync``: device
   reads, data-dependent shapes, synchronous copies), with the lines that cause them. ``drains`` are
   the syncs with device work queued behind them: each leaves the GPU idle
   while Python catches up, so on a GPU they bound how far the host can run ahead;
@@ -95,7 +95,8 @@ def run(config: str, overrides: list, steps: int, profile_steps: int, save_dir: 
     print(f"steps/s {steps / (probe.t1 - probe.t0):.2f} over {steps} steps after {warmup} "
           f"(rays per step at the end: {system.train_num_rays})")
     print(f"host syncs per step: mean {sum(counts) / len(counts):.1f}, max {max(counts)}; "
-          f"drains mean {sum(drains) / len(drains):.1f}")
+          f"drains mean {sum(drains) / len(drains):.1f}; device operators per step "
+          f"(non-view aten ops, ~kernel launches): mean {sum(c.operators for c in per_step) / len(per_step):.0f}")
     for (kind, site), n in sites.most_common(12):
         print(f"  {n / len(counts):6.2f}/step  {kind:36s} {site}")
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

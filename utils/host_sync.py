@@ -13,6 +13,11 @@ same whatever the device, so they can be counted on a CPU, where
         ...one training step...
     print(syncs.total, syncs.report())
 
+It also counts the device operators dispatched (``operators``: every aten
+op that is not a view, so about one kernel launch each on a GPU). With small
+per-step work each launch costs the host several microseconds, so a step's
+operator count bounds how fast a GPU can run it whatever its speed.
+
 Counting is exact for the operations listed in ``DATA_DEPENDENT`` and
 ``HOST_READS``; a copy is counted when a call names a target device without
 ``non_blocking=True`` (on a CPU-only run the copy is a no-op, on a GPU it is
@@ -77,6 +82,8 @@ class _Dispatch(TorchDispatchMode):
             kind = f"{name} with a boolean mask"
         elif name == "repeat_interleave" and kwargs.get("output_size") is None and len(args) == 1:
             kind = "repeat_interleave without output_size"
+        if not getattr(func, "is_view", False) and not name.startswith("_record_function"):
+            self.owner.operators += 1
         if kind is None:
             self.owner.ops_since_sync += 1
         else:  # the op runs, then the host waits for it: nothing is left queued behind the wait
@@ -103,7 +110,8 @@ def _has_bool_index(args) -> bool:
 
 
 class HostSyncCounter(TorchFunctionMode):
-    """Context manager counting would-be host syncs: ``total``, ``drains``, ``by_kind``, ``by_site``, ``report()``.
+    """Context manager counting would-be host syncs: ``total``, ``drains``, ``by_kind``, ``by_site``, ``report()``;
+    and ``operators``, the device operators (non-view aten ops) dispatched.
 
     ``drains`` counts only the syncs with device work queued since the previous one: several reads in a
     row wait once; a read between kernel launches makes the device idle while Python catches up.
@@ -116,6 +124,7 @@ class HostSyncCounter(TorchFunctionMode):
         self.by_site: Dict[Tuple[str, str], int] = collections.Counter()
         self.drains = 0  # syncs with device work queued since the previous one: the waits that cost time
         self.ops_since_sync = 0
+        self.operators = 0  # non-view aten ops: about one kernel launch each on a GPU
         self._dispatch = _Dispatch(self)
 
     @property
