@@ -1,6 +1,7 @@
 """What the Triton hash-grid kernels compile to on each GPU architecture, on any machine (no GPU needed).
 
-    python benchmarks/triton_kernels.py                 # sm_80 (A100), sm_86 (RTX 30), sm_89 (RTX 40), sm_90 (H100)
+    python benchmarks/triton_kernels.py                 # sm_80 (A100), 86 (RTX 30), 89 (RTX 40), 90 (H100),
+                                                        # 100 (B200), 120 (RTX 50)
     python benchmarks/triton_kernels.py --arch 90
 
 Per kernel and variant (fp32/fp16 table reads; backward with or without the
@@ -28,7 +29,7 @@ COLUMNS = ("arch", "kernel", "variant", "registers", "spilled_bytes", "shared_by
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, nargs="+", default=[80, 86, 89, 90],
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 86, 89, 90, 100, 120],
                         help="compute capabilities x10 (90 = sm_90)")
     args = parser.parse_args()
     import triton
