@@ -22,7 +22,7 @@ from datasets.base import SceneData
 from datasets.rays import opencv_to_opengl
 from models.base import update_module_step
 from systems.optim import make_optimizer, make_scheduler
-from utils.config import peak, scheduled, to_primitive
+from utils.config import ConfigError, peak, scheduled, to_primitive
 from utils.io import colorize_depth, image_grid, to_uint8, write_image, write_json, write_video
 from utils.mesh import MeshError, largest_component, write_mesh
 from utils.metrics import ImageMetrics
@@ -88,7 +88,11 @@ class BaseSystem(pl.LightningModule):
         return getattr(self.trainer.datamodule, f"{stage}_data")
 
     def configure_optimizers(self):
-        optimizer = make_optimizer(self.config.system.optimizer, self.model)
+        clipping = bool(self._trainer is not None and self.trainer.gradient_clip_val)
+        optimizer = make_optimizer(self.config.system.optimizer, self.model, fused_default=not clipping)
+        if clipping and optimizer.defaults.get("fused") and str(self.trainer.precision) == "16-mixed":
+            raise ConfigError("system.optimizer.args.fused=true cannot clip gradients under 16-bit mixed precision "
+                              "(it unscales them inside its step); drop trainer.gradient_clip_val or the fused flag.")
         if self.config.system.get("scheduler") is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": make_scheduler(self.config.system.scheduler, optimizer)}

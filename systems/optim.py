@@ -4,7 +4,8 @@
 modules it does not name are not optimised; a part the model has switched
 off (``geometry_bg`` without a learned background: the model returns None)
 is skipped. Optimisers that have a fused implementation (Adam, AdamW, SGD)
-get it unless ``args`` says ``fused`` or ``foreach``: one kernel per group
+get it unless ``args`` says ``fused`` or ``foreach`` (or gradients are
+clipped, see ``make_optimizer``): one kernel per group
 instead of about ten per parameter tensor, which on a GPU is host time
 saved every step (benchmarks/bench_step.py counts the operators). Schedulers are any
 ``torch.optim.lr_scheduler`` class by name, plus ``SequentialLR`` and
@@ -33,7 +34,10 @@ def _module(model: nn.Module, path: str) -> nn.Module:
     return obj
 
 
-def make_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
+def make_optimizer(config: Any, model: nn.Module, fused_default: bool = True) -> torch.optim.Optimizer:
+    """``fused_default=False`` keeps torch's default implementation unless the config asks for fused: for
+    gradient clipping, which needs unscaled gradients before the step, and a fused optimiser under mixed
+    precision unscales inside its step (Lightning refuses the combination)."""
     name = config.name
     if not hasattr(torch.optim, name):
         raise ConfigError(f"Unknown optimizer '{name}' (system.optimizer.name); use a torch.optim class name.")
@@ -44,7 +48,8 @@ def make_optimizer(config: Any, model: nn.Module) -> torch.optim.Optimizer:
     else:
         groups = [{"params": list(model.parameters()), "name": "all"}]
     optimizer_class = getattr(torch.optim, name)
-    if "fused" in inspect.signature(optimizer_class).parameters and not {"fused", "foreach"} & args.keys():
+    fusable = "fused" in inspect.signature(optimizer_class).parameters
+    if fused_default and fusable and not {"fused", "foreach"} & args.keys():
         try:
             return optimizer_class(groups, **args, fused=True)
         except (RuntimeError, ValueError) as error:  # a device or dtype without the fused kernel (CPU before torch 2.4)

@@ -63,3 +63,41 @@ def test_training_runs_under_mixed_precision(tmp_path, config):
     trainer.fit(system, datamodule=dm)
     assert trainer.global_step == 12 and torch.isfinite(trainer.callback_metrics["train/loss"])
     assert all(torch.isfinite(p).all() for p in system.parameters())
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_fp16_with_a_gradient_scaler_as_on_a_gpu(tmp_path, clip):
+    """A GPU trains configs' precision 16 as 16-mixed: fp16 autocast and a gradient scaler. Lightning's plugin
+    runs that on the CPU too. The optimiser is fused (it unscales inside its step) unless gradients are clipped,
+    which needs them unscaled before the step: Lightning refuses clipping with a fused one."""
+    import pytorch_lightning as pl
+    import torch
+    from omegaconf import open_dict
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    import datasets
+
+    def train(*overrides, steps=8):
+        cfg = load_config("configs/neus-demo.yaml", ["model.grid_resolution=16", "model.grid_warmup_steps=4",
+                                                      *overrides])
+        with open_dict(cfg):
+            cfg.save_dir = str(tmp_path)
+        dm = datasets.make(cfg.dataset.name, cfg.dataset)
+        dm.setup("fit")
+        system = systems.make(cfg.system.name, cfg, mode="train")
+        before = [p.detach().clone() for p in system.parameters()]
+        scaler = torch.amp.GradScaler("cpu")
+        trainer = pl.Trainer(accelerator="cpu", plugins=[MixedPrecision("16-mixed", "cpu", scaler)], max_steps=steps,
+                             gradient_clip_val=clip, logger=False, enable_checkpointing=False, limit_val_batches=0,
+                             num_sanity_val_steps=0, enable_model_summary=False, enable_progress_bar=False)
+        trainer.fit(system, datamodule=dm)
+        moved = max(float((p - b).abs().max()) for p, b in zip(system.parameters(), before))
+        return trainer, system, moved
+
+    trainer, system, moved = train()
+    assert bool(trainer.optimizers[0].defaults["fused"]) == (clip is None)
+    assert trainer.global_step == 8 and moved > 1e-3
+    assert all(torch.isfinite(p).all() for p in system.parameters())
+    if clip:
+        with pytest.raises(ConfigError, match="cannot clip gradients under 16-bit mixed precision"):
+            train("+system.optimizer.args.fused=true", steps=1)
