@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     import systems
     from datasets.base import DatasetError
     from systems.base import NonFiniteLossError
-    from utils.callbacks import AtomicCheckpointIO, TrialSnapshot
+    from utils.callbacks import AtomicCheckpointIO, ProgressBar, TrialSnapshot
     from utils.config import ConfigError, load_config, to_primitive
     from utils.mesh import MeshError
 
@@ -169,6 +169,8 @@ def main(argv=None) -> int:
             callbacks = [ModelCheckpoint(dirpath=config.ckpt_dir, **dict(to_primitive(config.get("checkpoint", {})) or {})),
                          LearningRateMonitor(logging_interval="step"),
                          TrialSnapshot(config, raw_config, config.config_dir, config.code_dir)]
+        if trainer_cfg.get("enable_progress_bar", True):
+            callbacks.append(ProgressBar())
         loggers = [TensorBoardLogger(args.runs_dir, name=config.name, version=config.trial_name),
                    CSVLogger(config.exp_dir, name=config.trial_name, version=csv_log_version(config, mode))]
         strategy = "auto"

@@ -60,6 +60,8 @@ class BaseSystem(pl.LightningModule):
         self.metrics = ImageMetrics(lpips=False)  # validation: PSNR for the progress bar
         self.test_metrics = None  # built at the first test step (LPIPS may load a network)
         self.register_buffer("trained_steps", torch.tensor(0, dtype=torch.long))
+        self.progress_bar_values: Dict[str, float] = {}  # what utils.callbacks.ProgressBar shows while training
+        self._progress_pending: Dict[str, Any] = {}
         if mode == "train":
             self.check_loss_weights(config.system.get("loss", {}))
 
@@ -108,6 +110,9 @@ class BaseSystem(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.trained_steps.fill_(self.global_step)
+        if self._progress_pending:  # one wait, after the whole step was queued, every PROGRESS_EVERY steps
+            self.progress_bar_values.update({k: float(v) for k, v in self._progress_pending.items()})
+            self._progress_pending.clear()
 
     def on_save_checkpoint(self, checkpoint):
         # callbacks save before this module's on_train_batch_end: record the step the weights are at
@@ -118,6 +123,16 @@ class BaseSystem(pl.LightningModule):
         """Whether Lightning writes this training step's logs (every ``trainer.log_every_n_steps``)."""
         n = self.trainer.log_every_n_steps
         return n > 0 and (self.global_step + 1) % n == 0
+
+    PROGRESS_EVERY = 10  # steps between updates of the values on the progress bar
+
+    def show_on_progress_bar(self, **values) -> None:
+        """Values (tensors or numbers) for the progress bar, taken every ``PROGRESS_EVERY`` steps and read
+        at the step's end (``utils.callbacks.ProgressBar`` shows them). Lightning's ``prog_bar=True``
+        turns every such value logged in the epoch into a Python float at every step: a device read that
+        makes the host wait for the GPU, costing the overlap of one step's end with the next one's start."""
+        if (self.global_step + 1) % self.PROGRESS_EVERY == 0:
+            self._progress_pending.update(values)
 
     def to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """Host tensors -> this module's device; to a GPU through pinned memory, without blocking the host."""

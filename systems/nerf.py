@@ -64,13 +64,14 @@ class NeRFSystem(BaseSystem):
 
         loss, terms = self.losses(out, rays, rgb)
         self.pending_loss = (loss.detach(), {k: v.detach() for k, v in terms.items()})  # checked after backward
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)  # no prog_bar: see show_on_progress_bar
+        self.show_on_progress_bar(loss=loss.detach(), rays=self.train_num_rays)
         if self.is_logging_step:  # the rest only when Lightning writes logs: each self.log costs host time
             for name, value in terms.items():
                 self.log(f"train/loss_{name}", value)
             for name, value in self.config.system.loss.items():
                 if name.startswith("lambda"):
                     self.log(f"train_params/{name}", self.C(value))
-            self.log("train/num_rays", float(self.train_num_rays), prog_bar=True)
+            self.log("train/num_rays", float(self.train_num_rays))
             self.log("train/num_samples", float(n_samples))
         return loss

@@ -64,6 +64,7 @@ class NeuSSystem(NeRFSystem):
                 lambda: distortion_loss(out["weights_bg"], out["t_starts_bg"], out["t_ends_bg"],
                                         out["ray_indices_bg"], n_rays))
         loss = sum(terms[k] * weights[k] for k in terms)
+        self.show_on_progress_bar(inv_s=self.model.variance.inv_s.detach())
         if self.is_logging_step:
-            self.log("train/inv_s", self.model.variance.inv_s.detach(), prog_bar=True)
+            self.log("train/inv_s", self.model.variance.inv_s.detach())
         return loss, terms

@@ -101,3 +101,30 @@ def test_fp16_with_a_gradient_scaler_as_on_a_gpu(tmp_path, clip):
     if clip:
         with pytest.raises(ConfigError, match="cannot clip gradients under 16-bit mixed precision"):
             train("+system.optimizer.args.fused=true", steps=1)
+
+
+def test_progress_bar_shows_loss_rays_and_inv_s_without_prog_bar_logging(tmp_path):
+    import math
+
+    import pytorch_lightning as pl
+    from omegaconf import open_dict
+
+    import datasets
+    from utils.callbacks import ProgressBar
+
+    cfg = load_config("configs/neus-demo.yaml", ["model.grid_resolution=16", "model.grid_warmup_steps=4"])
+    with open_dict(cfg):
+        cfg.save_dir = str(tmp_path)
+    dm = datasets.make(cfg.dataset.name, cfg.dataset)
+    dm.setup("fit")
+    system = systems.make(cfg.system.name, cfg, mode="train")
+    bar = ProgressBar()
+    trainer = pl.Trainer(accelerator="cpu", max_steps=20, callbacks=[bar], logger=False, enable_checkpointing=False,
+                         limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False)
+    trainer.fit(system, datamodule=dm)
+    assert set(system.progress_bar_values) == {"loss", "rays", "inv_s"}
+    assert 0 < system.progress_bar_values["loss"] < 1 and math.isfinite(system.progress_bar_values["inv_s"])
+    assert not trainer.progress_bar_metrics  # nothing logged with prog_bar=True while training
+    trainer.training = True  # get_metrics as during training (fit has ended)
+    shown = bar.get_metrics(trainer, system)
+    assert float(shown["loss"]) == pytest.approx(system.progress_bar_values["loss"], rel=1e-3)

@@ -1,4 +1,4 @@
-"""Lightning plumbing: trial-folder snapshots, atomic checkpoint writes."""
+"""Lightning plumbing: trial-folder snapshots, atomic checkpoint writes, a progress bar that waits for nothing."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -48,3 +48,14 @@ class TrialSnapshot(Callback):
             if os.path.isdir(src):
                 shutil.copytree(src, os.path.join(self.code_dir, folder), dirs_exist_ok=True,
                                 ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar, plus the system's ``progress_bar_values``: Python floats the system reads every few
+    steps (``BaseSystem.show_on_progress_bar``), so refreshing the bar never reads the device."""
+
+    def get_metrics(self, trainer, pl_module):
+        metrics = super().get_metrics(trainer, pl_module)
+        if trainer.training:
+            metrics.update({k: f"{v:.4g}" for k, v in getattr(pl_module, "progress_bar_values", {}).items()})
+        return metrics
