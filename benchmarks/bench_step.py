@@ -37,6 +37,7 @@ def run(config: str, overrides: list, steps: int, profile_steps: int, save_dir: 
     import datasets
     import systems
     from utils.config import load_config
+    from utils.callbacks import ProgressBar
     from utils.host_sync import step_sync_callback
 
     cfg = load_config(config, overrides)
@@ -80,8 +81,8 @@ def run(config: str, overrides: list, steps: int, profile_steps: int, save_dir: 
     probe = Probe()
     counter = step_sync_callback(first=warmup + steps, stop=warmup + steps + count_steps)
     trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, max_steps=total,
-                         callbacks=[probe, counter], logger=False, enable_checkpointing=False, limit_val_batches=0,
-                         num_sanity_val_steps=0, enable_model_summary=False, enable_progress_bar=True,
+                         callbacks=[probe, counter, ProgressBar()], logger=False, enable_checkpointing=False,
+                         limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
                          log_every_n_steps=int(cfg.trainer.get("log_every_n_steps", 50)))
     trainer.fit(system, datamodule=dm)
 
