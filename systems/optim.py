@@ -5,9 +5,9 @@ modules it does not name are not optimised; a part the model has switched
 off (``geometry_bg`` without a learned background: the model returns None)
 is skipped. Optimisers that have a fused implementation (Adam, AdamW, SGD)
 get it unless ``args`` says ``fused`` or ``foreach`` (or gradients are
-clipped, see ``make_optimizer``): one kernel per group
-instead of about ten per parameter tensor, which on a GPU is host time
-saved every step (benchmarks/bench_step.py counts the operators). Schedulers are any
+clipped, see ``make_optimizer``): one kernel per group instead of about ten
+per parameter tensor, host time saved on a GPU at every step
+(benchmarks/bench_step.py counts the operators). Schedulers are any
 ``torch.optim.lr_scheduler`` class by name, plus ``SequentialLR`` and
 ``ChainedScheduler`` built from a ``schedulers`` list.
 """
@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from utils.config import ConfigError, to_primitive
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("nsr")
 
 
 def _module(model: nn.Module, path: str) -> nn.Module:
@@ -48,13 +48,18 @@ def make_optimizer(config: Any, model: nn.Module, fused_default: bool = True) ->
     else:
         groups = [{"params": list(model.parameters()), "name": "all"}]
     optimizer_class = getattr(torch.optim, name)
-    fusable = "fused" in inspect.signature(optimizer_class).parameters
-    if fused_default and fusable and not {"fused", "foreach"} & args.keys():
-        try:
-            return optimizer_class(groups, **args, fused=True)
-        except (RuntimeError, ValueError) as error:  # a device or dtype without the fused kernel (CPU before torch 2.4)
-            log.info("%s: no fused implementation here (%s); using the default one", name, error)
-    return optimizer_class(groups, **args)
+    if "fused" not in inspect.signature(optimizer_class).parameters or {"fused", "foreach"} & args.keys():
+        return optimizer_class(groups, **args)
+    if not fused_default:
+        log.info(f"Optimizer: {name}, torch's default implementation (gradients are clipped)")
+        return optimizer_class(groups, **args)
+    try:
+        optimizer = optimizer_class(groups, **args, fused=True)
+        log.info(f"Optimizer: {name}, fused")
+        return optimizer
+    except (RuntimeError, ValueError) as error:  # a device or dtype without the fused kernel (CPU before torch 2.4)
+        log.info(f"Optimizer: {name}, torch's default implementation (no fused one here: {error})")
+        return optimizer_class(groups, **args)
 
 
 def _scheduler(config: Any, optimizer: torch.optim.Optimizer):
