@@ -39,6 +39,12 @@ def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return kept.sum() / (valid.sum() * values.shape[1]).clamp(min=1)
 
 
+def mean_or_zero(values: torch.Tensor) -> torch.Tensor:
+    """Mean of all elements; 0 for an empty tensor (a step whose rays all missed the occupied cells), where
+    ``.mean()`` gives NaN and would stop training. The count is a host int: no device read."""
+    return values.sum() / max(values.numel(), 1)
+
+
 class NonFiniteLossError(RuntimeError):
     def __init__(self, step: int, losses: Dict[str, float]):
         self.step = step

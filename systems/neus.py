@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import systems
 from models.rendering import distortion_loss
-from systems.base import masked_mean
+from systems.base import masked_mean, mean_or_zero
 from systems.nerf import NeRFSystem
 from utils.config import ConfigError, peak
 
@@ -49,14 +49,14 @@ class NeuSSystem(NeRFSystem):
         add("rgb_mse", "lambda_rgb_mse", lambda: masked_mean((out[self.rgb_key] - rgb).square(), valid))
         add("rgb_l1", "lambda_rgb_l1", lambda: masked_mean((out[self.rgb_key] - rgb).abs(), valid))
         add("eikonal", "lambda_eikonal",
-            lambda: ((out["sdf_grad_samples"].norm(dim=-1) - 1.0) ** 2).mean())
+            lambda: mean_or_zero((out["sdf_grad_samples"].norm(dim=-1) - 1.0) ** 2))
         opacity = out["opacity"][:, 0].clamp(1e-3, 1.0 - 1e-3)
         if self.data("train").has_mask:
             add("mask", "lambda_mask", lambda: F.binary_cross_entropy(opacity, rays["fg_mask"]))
         add("opaque", "lambda_opaque", lambda: F.binary_cross_entropy(opacity, opacity))
         add("sparsity", "lambda_sparsity",
-            lambda: torch.exp(-float(loss_cfg.get("sparsity_scale", 1.0)) * out["sdf_samples"].abs()).mean())
-        add("curvature", "lambda_curvature", lambda: out["sdf_laplace_samples"].abs().mean())
+            lambda: mean_or_zero(torch.exp(-float(loss_cfg.get("sparsity_scale", 1.0)) * out["sdf_samples"].abs())))
+        add("curvature", "lambda_curvature", lambda: mean_or_zero(out["sdf_laplace_samples"].abs()))
         add("distortion", "lambda_distortion",
             lambda: distortion_loss(out["weights"], out["t_starts"], out["t_ends"], out["ray_indices"], n_rays))
         if "weights_bg" in out:

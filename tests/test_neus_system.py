@@ -128,3 +128,26 @@ def test_progress_bar_shows_loss_rays_and_inv_s_without_prog_bar_logging(tmp_pat
     trainer.training = True  # get_metrics as during training (fit has ended)
     shown = bar.get_metrics(trainer, system)
     assert float(shown["loss"]) == pytest.approx(system.progress_bar_values["loss"], rel=1e-3)
+
+
+def test_a_step_whose_rays_all_miss_has_finite_zero_sample_losses():
+    """Rays that miss every occupied cell leave no samples; per-sample means (eikonal, sparsity, curvature)
+    over nothing were NaN and stopped training with a non-finite loss (seen with 4 rays per step)."""
+    import types
+
+    import pytorch_lightning as pl
+    import torch
+
+    system = neus_system("+system.loss.lambda_sparsity=0.01", "model.geometry.grad_type=finite_difference",
+                         "+system.loss.lambda_curvature=1e-4")
+    system.trainer = pl.Trainer(accelerator="cpu", logger=False)
+    system.data = lambda stage: types.SimpleNamespace(has_mask=True)
+    system.train()
+    rays_o = torch.full((8, 3), 5.0)  # outside the scene box, looking away from it
+    rays_d = torch.nn.functional.normalize(torch.ones(8, 3), dim=-1)
+    out = system.model(rays_o, rays_d)
+    assert out["sdf_grad_samples"].shape[0] == 0 and out["sdf_samples"].numel() == 0
+    loss, terms = system.losses(out, {"fg_mask": torch.zeros(8)}, torch.zeros(8, 3))
+    assert {"eikonal", "sparsity", "curvature"} <= set(terms)
+    assert all(float(terms[k]) == 0.0 for k in ("eikonal", "sparsity", "curvature"))
+    assert torch.isfinite(loss)
