@@ -3,11 +3,14 @@
     python benchmarks/bench_step.py                                    # nerf-demo and neus-demo on this machine
     python benchmarks/bench_step.py --configs configs/neus-blender.yaml --demo-resolution 800   # a GPU
     python benchmarks/bench_step.py --configs configs/neus-demo.yaml -- model.geometry.grad_type=finite_difference
+    python benchmarks/bench_step.py -- model.train_num_rays=4 model.max_train_num_rays=4 \
+        model.dynamic_ray_sampling=false         # host-bound: what Python and dispatch cost per step
 
 Each config trains through Lightning (the real step: sampling, rendering,
 losses, backward, optimiser, logging) past the occupancy grid's warm-up, then:
 
-- steps/s over ``--steps`` steady steps (device synchronised only at the ends);
+- steps/s over ``--steps`` steady steps (device synchronised only at the ends), and the median
+  step (occupancy-grid updates, every 16 steps, fall outside it);
 - host syncs and device operators (~kernel launches) per step over the next 20 steps (``utils.host_sync``: device
   reads, data-dependent shapes, synchronous copies), with the lines that cause them. ``drains`` are
   the syncs with device work queued behind them: each leaves the GPU idle
@@ -54,9 +57,12 @@ def run(config: str, overrides: list, steps: int, profile_steps: int, save_dir: 
 
         def __init__(self):
             self.t0 = self.t1 = self.profiler = None
+            self.starts = []  # host clock at each timed step's start: the median interval skips grid updates
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
             step = trainer.global_step
+            if warmup <= step <= warmup + steps:
+                self.starts.append(time.perf_counter())
             if step in (warmup, warmup + steps):
                 sync(device)
                 if step == warmup:
@@ -93,8 +99,9 @@ def run(config: str, overrides: list, steps: int, profile_steps: int, save_dir: 
     for c in per_step:
         sites.update(c.by_site)
     print(f"\n== {os.path.basename(config)} {' '.join(overrides)}")
-    print(f"steps/s {steps / (probe.t1 - probe.t0):.2f} over {steps} steps after {warmup} "
-          f"(rays per step at the end: {system.train_num_rays})")
+    intervals = sorted(b - a for a, b in zip(probe.starts, probe.starts[1:]))
+    print(f"steps/s {steps / (probe.t1 - probe.t0):.2f} over {steps} steps after {warmup}, median step "
+          f"{1e3 * intervals[len(intervals) // 2]:.2f} ms (rays per step at the end: {system.train_num_rays})")
     print(f"host syncs per step: mean {sum(counts) / len(counts):.1f}, max {max(counts)}; "
           f"drains mean {sum(drains) / len(drains):.1f}; device operators per step "
           f"(non-view aten ops, ~kernel launches): mean {sum(c.operators for c in per_step) / len(per_step):.0f}")
