@@ -1,16 +1,11 @@
 """Host syncs: the counter sees what would stall a GPU, and a training step keeps to a small budget of them."""
-import os
-
 import pytest
 import pytorch_lightning as pl
 import torch
-from omegaconf import open_dict
 
-import datasets
-import systems
+from helpers import training_system
 from systems.base import masked_mean
 from utils.callbacks import ProgressBar
-from utils.config import load_config
 from utils.host_sync import HostSyncCounter, step_sync_callback
 
 
@@ -52,13 +47,9 @@ def test_masked_mean_equals_boolean_indexing_without_it():
 
 
 def count_training_syncs(tmp_path, config, *overrides, steps=16):
-    cfg = load_config(config, ["model.grid_resolution=32", "model.grid_warmup_steps=4", f"trainer.max_steps={steps}",
-                               *overrides])
-    with open_dict(cfg):
-        cfg.save_dir = str(tmp_path)
-    dm = datasets.make(cfg.dataset.name, cfg.dataset)
-    dm.setup("fit")
-    system = systems.make(cfg.system.name, cfg, mode="train")
+    system, dm = training_system(config, tmp_path, "model.grid_resolution=32", "model.grid_warmup_steps=4",
+                                 f"trainer.max_steps={steps}", *overrides)
+    cfg = system.config
     counter = step_sync_callback()
     # with launch.py's progress bar: Lightning's own bar read every progress-bar value at every step
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, callbacks=[counter, ProgressBar()], logger=False,

@@ -5,6 +5,7 @@ import pytest
 
 import systems
 from systems.optim import make_optimizer
+from helpers import training_system
 from utils.config import ConfigError, load_config
 
 
@@ -47,16 +48,9 @@ def test_training_runs_under_mixed_precision(tmp_path, config):
     code paths with half-precision matmuls, so dtype mismatches (index_add, packed rendering, losses) show here."""
     import pytorch_lightning as pl
     import torch
-    from omegaconf import open_dict
 
-    import datasets
-
-    cfg = load_config(config, ["model.grid_resolution=16", "model.grid_warmup_steps=4", "model.learned_background=true"])
-    with open_dict(cfg):
-        cfg.save_dir = str(tmp_path)
-    dm = datasets.make(cfg.dataset.name, cfg.dataset)
-    dm.setup("fit")
-    system = systems.make(cfg.system.name, cfg, mode="train")
+    system, dm = training_system(config, tmp_path, "model.grid_resolution=16", "model.grid_warmup_steps=4",
+                                 "model.learned_background=true")
     trainer = pl.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=12, logger=False, enable_checkpointing=False,
                          limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
                          enable_progress_bar=False)
@@ -72,19 +66,11 @@ def test_fp16_with_a_gradient_scaler_as_on_a_gpu(tmp_path, clip):
     which needs them unscaled before the step: Lightning refuses clipping with a fused one."""
     import pytorch_lightning as pl
     import torch
-    from omegaconf import open_dict
     from pytorch_lightning.plugins.precision import MixedPrecision
 
-    import datasets
-
     def train(*overrides, steps=8):
-        cfg = load_config("configs/neus-demo.yaml", ["model.grid_resolution=16", "model.grid_warmup_steps=4",
-                                                      *overrides])
-        with open_dict(cfg):
-            cfg.save_dir = str(tmp_path)
-        dm = datasets.make(cfg.dataset.name, cfg.dataset)
-        dm.setup("fit")
-        system = systems.make(cfg.system.name, cfg, mode="train")
+        system, dm = training_system("configs/neus-demo.yaml", tmp_path, "model.grid_resolution=16",
+                                     "model.grid_warmup_steps=4", *overrides)
         before = [p.detach().clone() for p in system.parameters()]
         scaler = torch.amp.GradScaler("cpu")
         trainer = pl.Trainer(accelerator="cpu", plugins=[MixedPrecision("16-mixed", "cpu", scaler)], max_steps=steps,
@@ -107,17 +93,11 @@ def test_progress_bar_shows_loss_rays_and_inv_s_without_prog_bar_logging(tmp_pat
     import math
 
     import pytorch_lightning as pl
-    from omegaconf import open_dict
 
-    import datasets
     from utils.callbacks import ProgressBar
 
-    cfg = load_config("configs/neus-demo.yaml", ["model.grid_resolution=16", "model.grid_warmup_steps=4"])
-    with open_dict(cfg):
-        cfg.save_dir = str(tmp_path)
-    dm = datasets.make(cfg.dataset.name, cfg.dataset)
-    dm.setup("fit")
-    system = systems.make(cfg.system.name, cfg, mode="train")
+    system, dm = training_system("configs/neus-demo.yaml", tmp_path, "model.grid_resolution=16",
+                                 "model.grid_warmup_steps=4")
     bar = ProgressBar()
     trainer = pl.Trainer(accelerator="cpu", max_steps=20, callbacks=[bar], logger=False, enable_checkpointing=False,
                          limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False)
