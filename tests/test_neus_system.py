@@ -4,8 +4,8 @@ import logging
 import pytest
 
 import systems
-from systems.optim import make_optimizer
 from helpers import training_system
+from systems.optim import make_optimizer
 from utils.config import ConfigError, load_config
 
 
