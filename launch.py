@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     import datasets
     import systems
     from datasets.base import DatasetError
-    from systems.base import NonFiniteLossError
+    from systems.finite_guard import NonFiniteLossError
     from utils.callbacks import AtomicCheckpointIO, ProgressBar, TrialSnapshot
     from utils.config import ConfigError, load_config, to_primitive
     from utils.mesh import MeshError

@@ -21,6 +21,7 @@ import models
 from datasets.base import SceneData
 from datasets.rays import opencv_to_opengl
 from models.base import update_module_step
+from systems.finite_guard import FiniteLossGuard
 from systems.optim import make_optimizer, make_scheduler
 from utils.config import ConfigError, peak, scheduled, to_primitive
 from utils.io import colorize_depth, image_grid, to_uint8, write_image, write_json, write_video
@@ -45,11 +46,13 @@ def mean_or_zero(values: torch.Tensor) -> torch.Tensor:
     return values.sum() / max(values.numel(), 1)
 
 
-class NonFiniteLossError(RuntimeError):
-    def __init__(self, step: int, losses: Dict[str, float]):
-        self.step = step
-        bad = ", ".join(f"{k}={v}" for k, v in losses.items())
-        super().__init__(f"The training loss is not finite at step {step} ({bad}).")
+def host_values(values: Dict[str, Any]) -> Dict[str, float]:
+    """Python floats of tensors (0-d, one device) and numbers, with a single device read for all the tensors."""
+    out = {k: float(v) for k, v in values.items() if not torch.is_tensor(v)}
+    keys = [k for k, v in values.items() if torch.is_tensor(v)]
+    if keys:
+        out.update(zip(keys, torch.stack([values[k].detach().float().reshape(()) for k in keys]).tolist()))
+    return out
 
 
 class BaseSystem(pl.LightningModule):
@@ -68,6 +71,7 @@ class BaseSystem(pl.LightningModule):
         self.register_buffer("trained_steps", torch.tensor(0, dtype=torch.long))
         self.progress_bar_values: Dict[str, float] = {}  # what utils.callbacks.ProgressBar shows while training
         self._progress_pending: Dict[str, Any] = {}
+        self.loss_guard = FiniteLossGuard()  # systems record each step's loss in it
         if mode == "train":
             self.check_loss_weights(config.system.get("loss", {}))
 
@@ -101,6 +105,7 @@ class BaseSystem(pl.LightningModule):
         if clipping and optimizer.defaults.get("fused") and str(self.trainer.precision) == "16-mixed":
             raise ConfigError("system.optimizer.args.fused=true cannot clip gradients under 16-bit mixed precision "
                               "(it unscales them inside its step); drop trainer.gradient_clip_val or the fused flag.")
+        self.loss_guard.attach(optimizer)
         if self.config.system.get("scheduler") is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": make_scheduler(self.config.system.scheduler, optimizer)}
@@ -116,9 +121,17 @@ class BaseSystem(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
         self.trained_steps.fill_(self.global_step)
-        if self._progress_pending:  # one wait, after the whole step was queued, every PROGRESS_EVERY steps
-            self.progress_bar_values.update({k: float(v) for k, v in self._progress_pending.items()})
+        if self.global_step % self.PROGRESS_EVERY == 0:  # one read, after the whole step was queued
+            values = dict(self._progress_pending)
             self._progress_pending.clear()
+            if self.loss_guard.deferred:
+                values["non-finite loss"] = self.loss_guard.flag
+            values = host_values(values)
+            self.loss_guard.check(values.pop("non-finite loss", None))
+            self.progress_bar_values.update(values)
+
+    def on_train_end(self):
+        self.loss_guard.check()  # the steps since the last progress read
 
     def on_save_checkpoint(self, checkpoint):
         # callbacks save before this module's on_train_batch_end: record the step the weights are at
@@ -137,7 +150,7 @@ class BaseSystem(pl.LightningModule):
         at the step's end (``utils.callbacks.ProgressBar`` shows them). Lightning's ``prog_bar=True``
         turns every such value logged in the epoch into a Python float at every step: a device read that
         makes the host wait for the GPU, costing the overlap of one step's end with the next one's start."""
-        if (self.global_step + 1) % self.PROGRESS_EVERY == 0:
+        if (self.global_step + 1) % self.PROGRESS_EVERY == 0:  # read in on_train_batch_end, after the step
             self._progress_pending.update(values)
 
     def to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -149,13 +162,10 @@ class BaseSystem(pl.LightningModule):
         return {k: v.to(self.device) for k, v in batch.items()}
 
     def on_before_optimizer_step(self, optimizer):
-        """Stop before a non-finite loss reaches the weights. Checked here, after the backward has been
-        queued, so the one read of the loss does not stall the device between forward and backward."""
-        if getattr(self, "pending_loss", None) is not None:
-            loss, terms = self.pending_loss
-            self.pending_loss = None
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(self.global_step, {k: float(v) for k, v in terms.items()})
+        """Stop before a non-finite loss reaches the weights, where the optimiser cannot skip its update on a
+        device flag (``systems.finite_guard``). Read here, after the backward has been queued, so the read
+        does not stall the device between forward and backward."""
+        self.loss_guard.check_now()
 
     # ------------------------------------------------------------------ outputs
     def save_path(self, name: str) -> str:

@@ -63,7 +63,7 @@ class NeRFSystem(BaseSystem):
                                              int(self.config.model.max_train_num_rays)))
 
         loss, terms = self.losses(out, rays, rgb)
-        self.pending_loss = (loss.detach(), {k: v.detach() for k, v in terms.items()})  # checked after backward
+        self.loss_guard.record(self.global_step, loss, terms)  # stops training at a non-finite loss
         self.log("train/loss", loss)  # no prog_bar: see show_on_progress_bar
         self.show_on_progress_bar(loss=loss.detach(), rays=self.train_num_rays)
         if self.is_logging_step:  # the rest only when Lightning writes logs: each self.log costs host time

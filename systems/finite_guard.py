@@ -1,0 +1,103 @@
+"""Stop training at a non-finite loss before it reaches the weights, without reading the loss every step.
+
+Reading the loss on the host (``if not torch.isfinite(loss)``) makes the host
+wait for the whole forward and backward pass at every step: the GPU then idles
+while Python runs the optimiser call, Lightning's bookkeeping and the next
+step's ray sampling. torch's fused optimisers (Adam, AdamW, SGD, Adagrad with
+``fused=True``) take a device flag, ``found_inf``, and skip their update when it
+is set: the flag GradScaler uses for overflowing fp16 gradients. With such an
+optimiser the guard keeps a sticky device flag, set by the first non-finite
+loss, and hands it to every step (combined with GradScaler's own flag under
+16-mixed). The weights stay exactly as they were before that step, and the
+host reads the flag only every few steps, with the progress-bar values it
+reads anyway. Other optimisers cannot skip on a device flag: for them the loss
+is read at every step, as before.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+
+class NonFiniteLossError(RuntimeError):
+    def __init__(self, step: int, losses: Dict[str, float]):
+        self.step = step
+        bad = ", ".join(f"{k}={v}" for k, v in losses.items())
+        super().__init__(f"The training loss is not finite at step {step} ({bad}).")
+
+
+def skips_on_device_flag(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimiser honours ``optimizer.found_inf`` (torch's fused implementations do)."""
+    return bool(optimizer.defaults.get("fused")) and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+class FiniteLossGuard:
+    """``record`` each step's loss; ``check`` raises NonFiniteLossError for the first non-finite one.
+
+    Deferred (``attach`` found an optimiser that skips on a device flag): ``record`` costs three device
+    operators and no host read; ``check(read=...)`` is called every few steps with the flag's host value.
+    Immediate (any other optimiser): ``check_now`` reads the loss before each optimiser step.
+    """
+
+    def __init__(self):
+        self.flag: Optional[torch.Tensor] = None  # 0-d float32 on the device: 1 once a loss was not finite
+        self.recorded: List[Tuple[int, torch.Tensor, Dict[str, torch.Tensor]]] = []  # since the last check
+        self._scaler_flag: Optional[torch.Tensor] = None
+
+    @property
+    def deferred(self) -> bool:
+        return self.flag is not None
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Defer the check when the optimiser skips on a device flag (one flag on its parameters' device)."""
+        if not skips_on_device_flag(optimizer):
+            return
+        self.flag = torch.zeros((), dtype=torch.float32, device=optimizer.param_groups[0]["params"][0].device)
+        optimizer.register_step_pre_hook(self._before_step)
+        optimizer.register_step_post_hook(self._after_step)
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        # GradScaler (16-mixed) has set its own flag for non-finite gradients by now: skip on either
+        self._scaler_flag = getattr(optimizer, "found_inf", None)
+        optimizer.found_inf = self.flag if self._scaler_flag is None else torch.maximum(self._scaler_flag, self.flag)
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if self._scaler_flag is None:
+            del optimizer.found_inf
+        else:  # GradScaler deletes its own after the step
+            optimizer.found_inf = self._scaler_flag
+        self._scaler_flag = None
+
+    def record(self, step: int, loss: torch.Tensor, terms: Dict[str, torch.Tensor]) -> None:
+        """This step's loss and its terms (kept as device tensors; read only if something went wrong)."""
+        loss = loss.detach()
+        terms = {k: v.detach() for k, v in terms.items()}
+        if self.deferred:
+            self.flag.masked_fill_(torch.isfinite(loss).logical_not_(), 1.0)
+            self.recorded.append((step, loss, terms))
+        else:
+            self.recorded = [(step, loss, terms)]
+
+    def check_now(self) -> None:
+        """Immediate mode, before the optimiser step (after the backward is queued): read this step's loss."""
+        if not self.deferred and self.recorded:
+            step, loss, terms = self.recorded.pop()
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(step, {k: float(v) for k, v in terms.items()})
+
+    def check(self, flag_value: Optional[float] = None) -> None:
+        """Deferred mode: raise for the first non-finite loss recorded since the last check. ``flag_value``
+        is the flag as the caller read it (with other values, in one read); None reads it here."""
+        if not self.deferred:
+            return
+        if flag_value is None:
+            flag_value = float(self.flag)
+        recorded, self.recorded = self.recorded, []
+        if not flag_value:
+            return
+        for step, loss, terms in recorded:
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(step, {k: float(v) for k, v in terms.items()})
+        # the flag is sticky and every step since the last clean check is recorded: not reached
+        raise NonFiniteLossError(recorded[0][0] if recorded else -1, {})
