@@ -11,6 +11,9 @@ checkpoints, so a resumed model marches exactly the same grid.
 
 Marching emits intervals of length ``max(t * cone_angle, render_step_size)``
 along each ray and keeps those whose midpoint lies in an occupied cell.
+Uniform steps start at each ray's entry into the grid (as nerfacc) and need
+no host read; cone steps follow one sequence shared by all rays, which needs
+one (the span of the batch).
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ class OccupancyGrid(nn.Module):
         self.warmup_steps, self.update_every_n_steps = warmup_steps, update_every_n_steps
         self.cells_per_level = self.resolution ** 3
         self.register_buffer("aabbs", aabbs)  # (levels, 6)
+        self.outer_diagonal = float((aabbs[-1, 3:] - aabbs[-1, :3]).norm())  # a host float: no device read
         self.register_buffer("occs", torch.zeros(levels * self.cells_per_level))
         self.register_buffer("binaries", torch.ones(levels, resolution, resolution, resolution, dtype=torch.bool))
         r = torch.arange(resolution)
@@ -115,20 +119,36 @@ class OccupancyGrid(nn.Module):
         t_near = t_near.clamp(min=near_plane)
         t_far = t_far.clamp(max=far_plane)
         hit = t_far > t_near
-        # one host read for the span all samples lie in (+inf, -inf when no ray hits the grid)
-        inf = float("inf")
-        t_min, t_max = torch.stack([torch.where(hit, t_near, inf).min(), torch.where(hit, t_far, -inf).max()]).tolist()
-        if not t_min < t_max:
-            return empty, empty.float(), empty.float()
-        t_seq = self._step_sequence(t_min, t_max, render_step_size, cone_angle, rays_o.device)  # (K+1,)
         jitter = torch.rand(n_rays, 1, device=rays_o.device) if stratified else torch.zeros(n_rays, 1, device=rays_o.device)
-        steps = t_seq[1:] - t_seq[:-1]
-        chunk = max(1, max_candidates // max(len(steps), 1))
+        if cone_angle > 0:
+            # steps grow with t, so their count depends on the farthest exit: one host read for the span all
+            # samples lie in (+inf, -inf when no ray hits the grid), one boundary sequence shared by all rays
+            inf = float("inf")
+            t_min, t_max = torch.stack([torch.where(hit, t_near, inf).min(), torch.where(hit, t_far, -inf).max()]).tolist()
+            if not t_min < t_max:
+                return empty, empty.float(), empty.float()
+            t_seq = self._step_sequence(t_min, t_max, render_step_size, cone_angle, rays_o.device)  # (K+1,)
+            steps = t_seq[1:] - t_seq[:-1]
+            next_steps = torch.cat([steps[1:], steps[-1:]])
+            n_candidates = len(steps)
+
+            def intervals(sl: slice) -> Tuple[torch.Tensor, torch.Tensor]:
+                return t_seq[None, :-1] + jitter[sl] * steps[None], t_seq[None, 1:] + jitter[sl] * next_steps[None]
+        else:
+            # uniform steps, each ray from its own entry (as nerfacc): no chord through the box is longer than
+            # its diagonal, so the number of candidates is known on the host without reading the device
+            longest = min(self.outer_diagonal, far_plane - near_plane)
+            n_candidates = int(math.ceil(longest / render_step_size)) + 1
+            offsets = render_step_size * torch.arange(n_candidates, device=rays_o.device, dtype=torch.float32)
+
+            def intervals(sl: slice) -> Tuple[torch.Tensor, torch.Tensor]:
+                ts = t_near[sl, None] + (offsets[None] + jitter[sl] * render_step_size)
+                return ts, ts + render_step_size
+        chunk = max(1, max_candidates // n_candidates)
         out_idx, out_ts, out_te = [], [], []
         for start in range(0, n_rays, chunk):
             sl = slice(start, start + chunk)
-            ts = t_seq[None, :-1] + jitter[sl] * steps[None]  # (n, K)
-            te = t_seq[None, 1:] + jitter[sl] * torch.cat([steps[1:], steps[-1:]])[None]
+            ts, te = intervals(sl)  # (n, K) candidate intervals
             mid = 0.5 * (ts + te)
             keep = (mid >= t_near[sl, None]) & (mid < t_far[sl, None]) & hit[sl, None]
             if use_grid:  # every candidate is looked up, so that one nonzero (one host sync) packs the chunk

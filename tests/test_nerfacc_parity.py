@@ -41,9 +41,9 @@ def test_weights_from_density_and_alpha_match_the_reference():
 
 
 def test_marching_samples_the_same_occupied_space():
-    """Sample positions differ (nerfacc starts each ray at its own entry, the reference on one shared
-    sequence), so the test compares what they cover: only occupied cells, about as many samples per
-    ray, and the same opacity of a smooth field rendered from them."""
+    """Both start each ray at its own entry into the box, so positions agree up to rounding (a sample whose
+    midpoint lies on a cell border may go either way): the test compares what they cover, only occupied
+    cells, about as many samples per ray, and the same opacity of a smooth field rendered from them."""
     grid = OccupancyGrid([-1, -1, -1, 1, 1, 1], resolution=32).to(DEVICE)
     centre = (grid.grid_coords.float() + 0.5) / 32 * 2 - 1
     grid.binaries.copy_((centre.norm(dim=-1) < 0.6).view(grid.binaries.shape))  # a ball of occupied cells

@@ -2,6 +2,8 @@
 import torch
 
 from models.occupancy import OccupancyGrid
+from models.rendering import ray_aabb_intersect
+from utils.host_sync import HostSyncCounter
 
 
 def test_update_keeps_ema_maximum_and_thresholds_by_mean():
@@ -14,9 +16,9 @@ def test_update_keeps_ema_maximum_and_thresholds_by_mean():
     before = grid.occs.clone()
     grid.update(1, lambda x: torch.zeros(len(x)))  # nothing new: occupancy decays by ema_decay
     torch.testing.assert_close(grid.occs, before * 0.95)
-    assert not grid.update(1, blob) or True  # a due step updates; ``update_every_n_steps`` gates the others
+    assert grid.update(2, blob) is True  # every step is due at update_every_n_steps=1
     grid.update_every_n_steps = 4
-    assert grid.update(3, blob) is False
+    assert grid.update(3, blob) is False and grid.update(4, blob) is True
 
 
 def brute_force_cells(grid, rays_o, rays_d, t0, t1, n=20000):
@@ -88,3 +90,28 @@ def test_cone_step_sequence_matches_its_recurrence():
         assert got[-1] > t_max and len(got) >= len(ts) - 1
         n = min(len(got), len(ts))
         torch.testing.assert_close(got[:n], torch.tensor(ts[:n], dtype=torch.float64), rtol=1e-6, atol=1e-6)
+
+
+def test_uniform_marching_starts_each_ray_at_its_entry_and_waits_only_for_its_packing():
+    """Uniform steps: every ray's samples start where it enters the box (as nerfacc's) and tile it to its exit;
+    the number of candidates comes from the box's diagonal, so the one host sync is the packing nonzero."""
+    grid = OccupancyGrid([-1, -1, -1, 1, 1, 1], resolution=8)  # every cell occupied
+    g = torch.Generator().manual_seed(3)
+    rays_o = torch.nn.functional.normalize(torch.randn(64, 3, generator=g), dim=-1) * 3
+    rays_d = torch.nn.functional.normalize(torch.randn(64, 3, generator=g) * 0.6 - rays_o, dim=-1)
+    step = 0.01
+    with HostSyncCounter() as syncs:
+        ray_idx, ts, te = grid.march(rays_o, rays_d, near_plane=0.0, far_plane=1e10, render_step_size=step)
+    assert syncs.by_kind == {"nonzero": 1}
+    t_near, t_far = ray_aabb_intersect(rays_o, rays_d, grid.aabbs[0])
+    hits = 0
+    for r in range(64):
+        mine_s, mine_e = ts[ray_idx == r], te[ray_idx == r]
+        if t_far[r] - t_near[r] < 2 * step:
+            continue
+        hits += 1
+        assert abs(float(mine_s[0] - t_near[r])) < 1e-5
+        torch.testing.assert_close(mine_s[1:], mine_e[:-1])  # contiguous steps of render_step_size
+        torch.testing.assert_close(mine_e - mine_s, torch.full_like(mine_s, step))
+        assert float(t_far[r]) - step / 2 <= float(mine_e[-1]) < float(t_far[r]) + step / 2 + 1e-5
+    assert hits > 30
