@@ -36,7 +36,7 @@ class FiniteLossGuard:
     """``record`` each step's loss; ``check`` raises NonFiniteLossError for the first non-finite one.
 
     Deferred (``attach`` found an optimiser that skips on a device flag): ``record`` costs three device
-    operators and no host read; ``check(read=...)`` is called every few steps with the flag's host value.
+    operators and no host read; ``check`` runs every few steps, given the flag as the caller read it.
     Immediate (any other optimiser): ``check_now`` reads the loss before each optimiser step.
     """
 
