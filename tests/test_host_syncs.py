@@ -62,7 +62,7 @@ def count_training_syncs(tmp_path, config, *overrides, steps=16):
 
 
 # host syncs, and device operators (~kernel launches; measured 533-559 per NeuS step, 777-803 with the background,
-# 345-357 for NeRF with early stop, 535-567 Neuralangelo-style, with torch 2.13: the budgets leave ~8-10%)
+# 345-357 for NeRF with early stop, 533-563 Neuralangelo-style, with torch 2.13: the budgets leave ~8-10%)
 @pytest.mark.parametrize("config,overrides,budget,operator_budget", [
     ("configs/neus-demo.yaml", (), 1, 610),  # the march's packing nonzero (no span read, no finite-loss read)
     ("configs/neus-demo.yaml", ("model.learned_background=true",), 3, 870),  # + the background's cone march:
