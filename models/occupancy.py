@@ -11,9 +11,9 @@ checkpoints, so a resumed model marches exactly the same grid.
 
 Marching emits intervals of length ``max(t * cone_angle, render_step_size)``
 along each ray and keeps those whose midpoint lies in an occupied cell.
-Uniform steps start at each ray's entry into the grid (as nerfacc) and need
-no host read; cone steps follow one sequence shared by all rays, which needs
-one (the span of the batch).
+Each ray starts at its entry into the grid (as nerfacc); the number of
+candidate intervals is bounded from the grid's diagonal on the host, so
+marching waits for the device only to pack the kept samples.
 """
 from __future__ import annotations
 
@@ -120,24 +120,18 @@ class OccupancyGrid(nn.Module):
         t_far = t_far.clamp(max=far_plane)
         hit = t_far > t_near
         jitter = torch.rand(n_rays, 1, device=rays_o.device) if stratified else torch.zeros(n_rays, 1, device=rays_o.device)
+        # each ray is marched from its own entry (as nerfacc); no chord through the box is longer than its
+        # diagonal, so the number of candidate intervals is bounded on the host without reading the device
+        longest = min(self.outer_diagonal, far_plane - near_plane)
         if cone_angle > 0:
-            # steps grow with t, so their count depends on the farthest exit: one host read for the span all
-            # samples lie in (+inf, -inf when no ray hits the grid), one boundary sequence shared by all rays
-            inf = float("inf")
-            t_min, t_max = torch.stack([torch.where(hit, t_near, inf).min(), torch.where(hit, t_far, -inf).max()]).tolist()
-            if not t_min < t_max:
-                return empty, empty.float(), empty.float()
-            t_seq = self._step_sequence(t_min, t_max, render_step_size, cone_angle, rays_o.device)  # (K+1,)
-            steps = t_seq[1:] - t_seq[:-1]
-            next_steps = torch.cat([steps[1:], steps[-1:]])
-            n_candidates = len(steps)
+            n_candidates = self._cone_step_count(near_plane, longest, render_step_size, cone_angle)
+            k = torch.arange(n_candidates + 2, device=rays_o.device, dtype=torch.float64)
 
             def intervals(sl: slice) -> Tuple[torch.Tensor, torch.Tensor]:
-                return t_seq[None, :-1] + jitter[sl] * steps[None], t_seq[None, 1:] + jitter[sl] * next_steps[None]
+                bounds = self._cone_boundaries(t_near[sl, None], k, render_step_size, cone_angle)  # (n, K+2)
+                steps = bounds[:, 1:] - bounds[:, :-1]
+                return bounds[:, :-2] + jitter[sl] * steps[:, :-1], bounds[:, 1:-1] + jitter[sl] * steps[:, 1:]
         else:
-            # uniform steps, each ray from its own entry (as nerfacc): no chord through the box is longer than
-            # its diagonal, so the number of candidates is known on the host without reading the device
-            longest = min(self.outer_diagonal, far_plane - near_plane)
             n_candidates = int(math.ceil(longest / render_step_size)) + 1
             offsets = render_step_size * torch.arange(n_candidates, device=rays_o.device, dtype=torch.float32)
 
@@ -170,22 +164,27 @@ class OccupancyGrid(nn.Module):
         return ray_indices, t_starts, t_ends
 
     @staticmethod
-    def _step_sequence(t_min: float, t_max: float, step: float, cone_angle: float, device) -> torch.Tensor:
-        """Interval boundaries t_0 = t_min, t_{k+1} = t_k + max(t_k * cone_angle, step), past t_max.
+    def _cone_boundaries(t0: torch.Tensor, k: torch.Tensor, step: float, cone_angle: float) -> torch.Tensor:
+        """Interval boundaries t_0 = t0, t_{k+1} = t_k + max(t_k * cone_angle, step) of each ray, in closed form.
 
-        Built on the device in closed form (no host list to copy): uniform steps while
-        t < step / cone_angle, then geometric growth by (1 + cone_angle).
+        t0: (n, 1) each ray's start; k: (K,) boundary numbers (float64). Returns (n, K) float32: uniform
+        steps while t < step / cone_angle, then geometric growth by (1 + cone_angle). Built in float64.
         """
-        t_switch = step / cone_angle if cone_angle > 0 else math.inf
-        if t_max <= t_switch:
-            n = int((t_max - t_min) / step) + 2
-            return t_min + step * torch.arange(n + 1, device=device, dtype=torch.float32)
-        n_uniform = max(int(math.ceil((t_switch - t_min) / step)), 0)  # boundaries below t_switch
-        uniform = t_min + step * torch.arange(n_uniform, device=device, dtype=torch.float64)
-        t_geo = t_min + step * n_uniform  # the first boundary at or past t_switch
-        n = max(int(math.ceil(math.log(t_max / t_geo) / math.log1p(cone_angle))), 0) + 1
-        geometric = t_geo * (1.0 + cone_angle) ** torch.arange(n + 1, device=device, dtype=torch.float64)
-        return torch.cat([uniform, geometric]).float()
+        t0 = t0.double()
+        t_switch = step / cone_angle
+        n_uniform = torch.ceil((t_switch - t0) / step).clamp(min=0)  # boundaries below t_switch
+        t_geo = t0 + step * n_uniform  # the first boundary at or past t_switch
+        geometric = t_geo * torch.exp((k - n_uniform) * math.log1p(cone_angle))
+        return torch.where(k < n_uniform, t0 + step * k, geometric).float()
+
+    @staticmethod
+    def _cone_step_count(near_plane: float, longest: float, step: float, cone_angle: float) -> int:
+        """Intervals enough for any ray starting at t0 >= near_plane and ending by t0 + longest: the
+        uniform steps up to step / cone_angle, plus the geometric ones from there over ``longest``."""
+        t_switch = step / cone_angle
+        n_uniform = max(int(math.ceil((t_switch - near_plane) / step)), 0)
+        n_geometric = int(math.ceil(math.log1p(longest / t_switch) / math.log1p(cone_angle)))
+        return n_uniform + n_geometric + 1
 
     def _march_nerfacc(self, rays_o, rays_d, near_plane, far_plane, render_step_size, cone_angle, stratified,
                        sigma_fn, early_stop_eps, alpha_thre, use_grid):

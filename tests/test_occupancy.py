@@ -69,8 +69,10 @@ def test_cone_marching_through_multilevel_grid_reaches_far_plane():
     grid = OccupancyGrid([-1, -1, -1, 1, 1, 1], resolution=8, levels=4)
     rays_o = torch.zeros(3, 3)
     rays_d = torch.nn.functional.normalize(torch.randn(3, 3), dim=-1)
-    ray_idx, ts, te = grid.march(rays_o, rays_d, near_plane=0.1, far_plane=100.0, render_step_size=0.01,
-                                 cone_angle=0.02)
+    with HostSyncCounter() as syncs:
+        ray_idx, ts, te = grid.march(rays_o, rays_d, near_plane=0.1, far_plane=100.0, render_step_size=0.01,
+                                     cone_angle=0.02)
+    assert syncs.by_kind == {"nonzero": 1}  # the step count is bounded on the host: only the packing waits
     for r in range(3):
         t = te[ray_idx == r]
         assert t.max() > 7.9  # level 3 spans 8 units from the centre
@@ -78,18 +80,20 @@ def test_cone_marching_through_multilevel_grid_reaches_far_plane():
         assert steps.max() > 5 * steps.min(), "cone stepping grows the interval with distance"
 
 
-def test_cone_step_sequence_matches_its_recurrence():
-    """The closed form built on the device equals t_{k+1} = t_k + max(t_k * cone_angle, step)."""
-    for t_min, t_max, step, cone in [(0.1, 1000.0, 0.01, 0.027), (0.5, 50.0, 0.01, 0.02), (2.0, 1e4, 0.01, 0.0367),
-                                     (0.1, 0.3, 0.01, 0.027)]:
-        ts = [t_min]
-        while ts[-1] < t_max:
-            ts.append(ts[-1] + max(ts[-1] * cone, step))
-        ts.append(ts[-1] + max(ts[-1] * cone, step))
-        got = OccupancyGrid._step_sequence(t_min, t_max, step, cone, "cpu").double()
-        assert got[-1] > t_max and len(got) >= len(ts) - 1
-        n = min(len(got), len(ts))
-        torch.testing.assert_close(got[:n], torch.tensor(ts[:n], dtype=torch.float64), rtol=1e-6, atol=1e-6)
+def test_cone_boundaries_match_their_recurrence_and_the_count_covers_every_ray():
+    """Each ray's closed-form boundaries equal t_{k+1} = t_k + max(t_k * cone_angle, step) from its own start,
+    and the host-side count reaches past t0 + longest for every start >= near_plane."""
+    for near, longest, step, cone in [(0.1, 1000.0, 0.01, 0.027), (0.5, 50.0, 0.01, 0.02), (2.0, 27.7, 0.01, 0.0367),
+                                      (0.1, 0.3, 0.01, 0.027), (0.2, 13.9, 0.01, 0.009)]:
+        n = OccupancyGrid._cone_step_count(near, longest, step, cone)
+        starts = torch.tensor([near, near + 0.37 * step, step / cone, 3.3, 1.5 * step / cone], dtype=torch.float64)
+        got = OccupancyGrid._cone_boundaries(starts[:, None], torch.arange(n + 1, dtype=torch.float64), step, cone)
+        for t0, row in zip(starts.tolist(), got.double()):
+            ts = [t0]
+            while len(ts) < n + 1:
+                ts.append(ts[-1] + max(ts[-1] * cone, step))
+            torch.testing.assert_close(row, torch.tensor(ts, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+            assert row[-1] >= t0 + longest, (t0, longest)
 
 
 def test_uniform_marching_starts_each_ray_at_its_entry_and_waits_only_for_its_packing():
