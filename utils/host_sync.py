@@ -22,6 +22,10 @@ Counting is exact for the operations listed in ``DATA_DEPENDENT`` and
 ``HOST_READS``; a copy is counted when a call names a target device without
 ``non_blocking=True`` (on a CPU-only run the copy is a no-op, on a GPU it is
 the host-to-device transfer the code meant).
+
+Triton kernels run under Triton's CPU interpreter (``TRITON_INTERPRET=1``)
+count as what they are on a GPU: one operator per launch. The interpreter's
+own copies and arithmetic inside a launch are not counted.
 """
 from __future__ import annotations
 
@@ -72,6 +76,8 @@ class _Dispatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.owner.interpreting:  # Triton's interpreter emulating a kernel: counted once, at its launch
+            return func(*args, **kwargs)
         name = func._overloadpacket.__name__
         kind = None
         if name == "_local_scalar_dense" and _in_optimizer():
@@ -125,7 +131,9 @@ class HostSyncCounter(TorchFunctionMode):
         self.drains = 0  # syncs with device work queued since the previous one: the waits that cost time
         self.ops_since_sync = 0
         self.operators = 0  # non-view aten ops: about one kernel launch each on a GPU
+        self.interpreting = False  # inside a Triton kernel run by the interpreter
         self._dispatch = _Dispatch(self)
+        self._unpatch = None
 
     @property
     def total(self) -> int:
@@ -141,6 +149,8 @@ class HostSyncCounter(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.interpreting:
+            return func(*args, **kwargs)
         name = getattr(func, "__name__", "")
         if name in HOST_READS and args and torch.is_tensor(args[0]):
             self._record(f"Tensor.{name}()")
@@ -158,11 +168,39 @@ class HostSyncCounter(TorchFunctionMode):
     def __enter__(self):
         super().__enter__()
         self._dispatch.__enter__()
+        self._unpatch = self._count_interpreted_launches()
         return self
 
     def __exit__(self, *exc):
+        if self._unpatch is not None:
+            self._unpatch()
+            self._unpatch = None
         self._dispatch.__exit__(*exc)
         return super().__exit__(*exc)
+
+    def _count_interpreted_launches(self):
+        """Wraps the Triton interpreter's launch (when it is loaded) so a launch counts as one operator and
+        nothing inside it counts. Returns the function that undoes the wrap, or None."""
+        interpreter = sys.modules.get("triton.runtime.interpreter")
+        executor = getattr(interpreter, "GridExecutor", None)
+        if executor is None:
+            return None
+        launch = executor.__call__
+        counter = self
+
+        def counted_launch(executor_self, *args, **kwargs):
+            if counter.interpreting:
+                return launch(executor_self, *args, **kwargs)
+            counter.operators += 1
+            counter.ops_since_sync += 1
+            counter.interpreting = True
+            try:
+                return launch(executor_self, *args, **kwargs)
+            finally:
+                counter.interpreting = False
+
+        executor.__call__ = counted_launch
+        return lambda: setattr(executor, "__call__", launch)
 
     def report(self, top: int = 20) -> str:
         """Lines 'count  kind  where', most frequent first."""
