@@ -12,7 +12,7 @@ import models
 from models import backends
 from models.base import BaseModel
 from models.occupancy import OccupancyGrid
-from models.rendering import accumulate_along_rays, render_weight_from_density
+from models.rendering import composite_density
 from utils.mesh import marching_cubes
 
 
@@ -56,7 +56,7 @@ class NeRFModel(BaseModel):
         self.early_stop_eps = float(cfg.get("early_stop_eps", 1e-4))
         self.randomized = bool(cfg.get("randomized", True))
         self.ray_chunk = int(cfg.get("ray_chunk", 65536))
-        self.backend = backends.resolve("rendering", cfg.get("rendering_backend", "auto"), "nerfacc")
+        self.backend = backends.resolve("rendering", cfg.get("rendering_backend", "auto"), ("nerfacc", "triton"))
         self.register_buffer("background_color", torch.ones(3), persistent=False)
 
     # --------------------------------------------------------------- training
@@ -82,11 +82,10 @@ class NeRFModel(BaseModel):
         positions = rays_o[ray_indices] + dirs * mid[:, None]
         density, feature = self.geometry(positions)
         rgb = self.texture(feature, dirs)
-        weights, _, _ = render_weight_from_density(t_starts, t_ends, density, ray_indices, n_rays, self.backend)
-        opacity = accumulate_along_rays(weights, None, ray_indices, n_rays)
-        depth = accumulate_along_rays(weights, mid[:, None], ray_indices, n_rays)
-        comp_rgb = accumulate_along_rays(weights, rgb, ray_indices, n_rays)
-        comp_rgb = comp_rgb + self.background_color * (1.0 - opacity)
+        weights, sums = composite_density(t_starts, t_ends, density, torch.cat([rgb, mid[:, None]], dim=-1),
+                                          ray_indices, n_rays, self.backend)  # opacity | rgb | depth
+        opacity, depth = sums[:, :1], sums[:, 4:5]
+        comp_rgb = sums[:, 1:4] + self.background_color * (1.0 - opacity)
         out = {"comp_rgb": comp_rgb, "opacity": opacity, "depth": depth, "rays_valid": opacity > 0,
                "num_samples": len(t_starts)}  # a host int: no device read
         if self.training:

@@ -13,7 +13,7 @@ from models import backends
 from models.base import BaseModel
 from models.nerf import NeRFModel
 from models.occupancy import OccupancyGrid
-from models.rendering import accumulate_along_rays, render_weight_from_alpha
+from models.rendering import composite_alpha
 from utils.mesh import marching_cubes
 
 
@@ -84,7 +84,7 @@ class NeuSModel(BaseModel):
         self.ray_chunk = int(cfg.get("ray_chunk", 2048))
         self.cos_anneal_end = int(cfg.get("cos_anneal_end", 0))
         self.register_buffer("cos_anneal_ratio", torch.tensor(1.0 if self.cos_anneal_end == 0 else 0.0))
-        self.backend = backends.resolve("rendering", cfg.get("rendering_backend", "auto"), "nerfacc")
+        self.backend = backends.resolve("rendering", cfg.get("rendering_backend", "auto"), ("nerfacc", "triton"))
         self.learned_background = bool(cfg.get("learned_background", False))
         if self.learned_background:
             self.background = NeRFModel(_background_config(cfg))
@@ -124,16 +124,24 @@ class NeuSModel(BaseModel):
         with_laplace = self.training and self.geometry.grad_type == "finite_difference"  # free with the differences
         geo = self.geometry(positions, with_grad=True, with_laplace=with_laplace)
         normal = F.normalize(geo["grad"], dim=-1)
-        alpha = neus_alpha(geo["sdf"], (dirs * normal).sum(-1), t_ends - t_starts,
-                           self.variance.inv_s.clamp(1e-6, 1e6), self.cos_anneal_ratio)
+        inv_s = self.variance.inv_s.clamp(1e-6, 1e6)
+        if self.backend == "triton":  # cos, the annealing and both CDFs in one kernel
+            from models import triton_rendering
+
+            alpha = triton_rendering.neus_alpha(geo["sdf"], dirs, normal, t_ends - t_starts, inv_s,
+                                                self.cos_anneal_ratio)
+        else:
+            alpha = neus_alpha(geo["sdf"], (dirs * normal).sum(-1), t_ends - t_starts, inv_s, self.cos_anneal_ratio)
         rgb = self.texture(geo["feature"], dirs, normal)
-        weights, _ = render_weight_from_alpha(alpha, ray_indices, n_rays, self.backend)
-        opacity = accumulate_along_rays(weights, None, ray_indices, n_rays)
+        # one compositing pass for everything a ray sums: opacity | rgb | depth | normal
+        weights, sums = composite_alpha(alpha, torch.cat([rgb, mid[:, None], normal], dim=-1), ray_indices, n_rays,
+                                        self.backend)
+        opacity = sums[:, :1]
         out = {
-            "comp_rgb": accumulate_along_rays(weights, rgb, ray_indices, n_rays),
+            "comp_rgb": sums[:, 1:4],
             "opacity": opacity,
-            "depth": accumulate_along_rays(weights, mid[:, None], ray_indices, n_rays),
-            "comp_normal": F.normalize(accumulate_along_rays(weights, normal, ray_indices, n_rays), dim=-1),
+            "depth": sums[:, 4:5],
+            "comp_normal": F.normalize(sums[:, 5:8], dim=-1),
             "num_samples": len(t_starts),  # a host int: the packed size is known without reading the device
         }
         if self.learned_background:

@@ -4,7 +4,8 @@ Samples of all rays are packed into flat tensors: ``ray_indices`` (S,) int64,
 sorted so each ray's samples are contiguous and in marching order, with
 ``t_starts`` and ``t_ends`` (S,) bounding each sample's interval. The PyTorch
 functions here are the reference; with ``backend='nerfacc'`` the same calls
-go to nerfacc's CUDA kernels.
+go to nerfacc's CUDA kernels, and with ``backend='triton'`` ``composite_alpha`` /
+``composite_density`` run as one fused kernel per pass (``models.triton_rendering``).
 """
 from __future__ import annotations
 
@@ -75,6 +76,41 @@ def accumulate_along_rays(weights: torch.Tensor, values: Optional[torch.Tensor],
     src = weights[:, None] if values is None else weights[:, None] * values
     out = torch.zeros((n_rays, src.shape[-1]), dtype=src.dtype, device=src.device)
     return out.index_add(0, ray_indices, src)
+
+
+def composite_alpha(alphas: torch.Tensor, values: torch.Tensor, ray_indices: torch.Tensor, n_rays: int,
+                    backend: str = "torch") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weights from opacities and the per-ray sums a renderer needs, in one call.
+
+    alphas: (S,); values: (S, C), e.g. rgb, depth and normal side by side. Returns weights (S,) and
+    (n_rays, 1 + C): column 0 the opacity (sum of weights), then the weighted sums of the values.
+    """
+    if backend == "triton":
+        from models.triton_rendering import composite
+
+        return composite(alphas, values, ray_indices, n_rays)
+    weights, _ = render_weight_from_alpha(alphas, ray_indices, n_rays, backend)
+    return weights, accumulate_with_opacity(weights, values, ray_indices, n_rays)
+
+
+def composite_density(t_starts: torch.Tensor, t_ends: torch.Tensor, sigmas: torch.Tensor, values: torch.Tensor,
+                      ray_indices: torch.Tensor, n_rays: int, backend: str = "torch"
+                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """As ``composite_alpha``, from densities (S,) over the intervals [t_starts, t_ends) (S,) each."""
+    if backend == "triton":
+        from models.triton_rendering import composite
+
+        return composite(-torch.expm1(-sigmas * (t_ends - t_starts)), values, ray_indices, n_rays)
+    weights, _, _ = render_weight_from_density(t_starts, t_ends, sigmas, ray_indices, n_rays, backend)
+    return weights, accumulate_with_opacity(weights, values, ray_indices, n_rays)
+
+
+def accumulate_with_opacity(weights: torch.Tensor, values: torch.Tensor, ray_indices: torch.Tensor,
+                            n_rays: int) -> torch.Tensor:
+    """(S,) weights, (S, C) values -> (n_rays, 1 + C): the sums of [w, w * values] per ray, in one scatter."""
+    w = weights[:, None]
+    src = torch.cat([w, w * values], dim=-1)
+    return torch.zeros((n_rays, src.shape[-1]), dtype=src.dtype, device=src.device).index_add(0, ray_indices, src)
 
 
 def visibility_from_density(t_starts: torch.Tensor, t_ends: torch.Tensor, sigmas: torch.Tensor,
