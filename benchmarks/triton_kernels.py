@@ -1,4 +1,4 @@
-"""What the Triton hash-grid kernels compile to on each GPU architecture, on any machine (no GPU needed).
+"""What the Triton kernels (hash grid, fused rendering) compile to on each GPU architecture, on any machine.
 
     python benchmarks/triton_kernels.py                 # sm_80 (A100), 86 (RTX 30), 89 (RTX 40), 90 (H100),
                                                         # 100 (B200), 120 (RTX 50)
@@ -7,7 +7,8 @@
 Per kernel and variant (fp32/fp16 table reads; backward with or without the
 input gradient): registers and spill stores per thread (``ptxas -v``), shared
 memory, and the PTX's global loads, relaxed reductions (the scatter-adds),
-ordered atomics and block barriers, per program of 128 points and one level.
+ordered atomics and block barriers, per program of 128 points and one level
+(hash grid), 256 samples (NeuS opacity) or 64 rays (compositing).
 Figures, not timings: a GPU measures those (bench_encoding.py).
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ if os.environ.pop("TRITON_INTERPRET", None) == "1":  # Triton reads it when a ke
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.triton_aot import compile_hash_grid_kernels  # noqa: E402
+from utils.triton_aot import compile_hash_grid_kernels, compile_rendering_kernels  # noqa: E402
 
 COLUMNS = ("arch", "kernel", "variant", "registers", "spilled_bytes", "shared_bytes", "global_loads", "reductions",
            "ordered_atomics", "barriers", "fused_multiply_adds", "ptx_lines")
@@ -34,8 +35,9 @@ def main() -> None:
     args = parser.parse_args()
     import triton
 
-    print(f"triton {triton.__version__}; per program of 128 points x 1 level")
-    rows = [[str(getattr(r, c)) for c in COLUMNS] for arch in args.arch for r in compile_hash_grid_kernels(arch)]
+    print(f"triton {triton.__version__}; per program")
+    reports = [r for arch in args.arch for r in compile_hash_grid_kernels(arch) + compile_rendering_kernels(arch)]
+    rows = [[str(getattr(r, c)) for c in COLUMNS] for r in reports]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(COLUMNS)]
     print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
     for row in rows:

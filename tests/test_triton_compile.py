@@ -1,4 +1,4 @@
-"""The Triton kernels compile for real GPUs (sm_80, sm_90), without one, through the encoding's own launch calls.
+"""The Triton kernels compile for real GPUs (sm_80, sm_90), without one, through their own launch calls.
 
 The interpreter tests (test_triton_hashgrid.py) check the arithmetic; this
 checks what only the compiler sees: that every launch's arguments bind to the
@@ -21,17 +21,44 @@ ARCHS = (80, 90)  # A100, H100
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory):
+def compiled(tmp_path_factory):
+    """{'hash grid': [report, ...], 'rendering': [...]}, from one subprocess without the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for this process
     env.update(TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton-cache")))
-    code = ("import json; from utils.triton_aot import compile_hash_grid_kernels; "
-            f"print(json.dumps([r.as_dict() for a in {ARCHS!r} for r in compile_hash_grid_kernels(a)]))")
+    code = ("import json; from utils.triton_aot import compile_hash_grid_kernels, compile_rendering_kernels; "
+            f"print(json.dumps({{'hash grid': [r.as_dict() for a in {ARCHS!r} for r in compile_hash_grid_kernels(a)], "
+            f"'rendering': [r.as_dict() for a in {ARCHS!r} for r in compile_rendering_kernels(a)]}}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     if "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("this Triton has no ptxas to compile with")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "FP_FUSION" not in done.stderr, "a launch leaves multiply-add fusion to Triton's default:\n" + done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def reports(compiled):
+    """The hash grid's kernels."""
+    return compiled["hash grid"]
+
+
+def test_every_rendering_launch_compiles_without_spills_or_atomics(compiled):
+    """The fused rendering kernels (NeuS opacity, compositing): one lane per ray, so no atomics at all, and
+    the backward's per-sample loop keeps its channels in registers (at most one block barrier; a 2-D layout
+    with a reduction across lanes once put 11 in it)."""
+    reports = compiled["rendering"]
+    launched = {(r["arch"], r["kernel"], r["variant"]) for r in reports}
+    for arch in ARCHS:
+        assert (arch, "_neus_alpha_backward_kernel", "backward, all inputs") in launched
+        for variant in ("7 channels, with weight gradient", "4 channels, without weight gradient"):
+            assert (arch, "_composite_forward_kernel", variant) in launched
+            assert (arch, "_composite_backward_kernel", variant) in launched
+    for r in reports:
+        where = f"{r['kernel']} ({r['variant']}, sm_{r['arch']})"
+        assert r["spilled_bytes"] == 0 and r["fused_multiply_adds"] > 0, where
+        assert r["reductions"] == 0 and r["ordered_atomics"] == 0, where
+        if r["kernel"].startswith("_composite"):
+            assert r["barriers"] <= 1, f"{where}: {r['barriers']} block barriers"
 
 
 def test_every_launch_compiles_for_each_architecture(reports):

@@ -122,21 +122,16 @@ def _report(name: str, variant: str, arch: int, compiled) -> KernelReport:
                         fused_multiply_adds=len(re.findall(r"\bfma\.rn\.f32\b", ptx)), ptx_lines=ptx.count("\n"))
 
 
-def compile_hash_grid_kernels(arch: int = 90) -> list[KernelReport]:
-    """Every kernel the Triton encoding launches, compiled for sm_<arch>, through the encoding's own wrappers.
-
-    Variants: fp32 and fp16 table reads; the backward with and without the input gradient.
-    """
+def _compile_launches(module, names: tuple, launches, arch: int) -> list[KernelReport]:
+    """Runs each (variant, launch) with ``module``'s kernels ``names`` swapped for compile-only stand-ins
+    and a driver that targets sm_<arch>: the kernels each launch reaches, compiled and reported."""
     from triton.runtime.driver import driver
 
-    import models.triton_hashgrid as th
-
-    if th.triton is None:
+    if module.triton is None:
         raise RuntimeError("triton is not installed")
-    if th._forward_kernel.__class__.__name__ == "InterpretedFunction":
+    if getattr(module, names[0]).__class__.__name__ == "InterpretedFunction":
         raise RuntimeError("TRITON_INTERPRET=1 is set: the kernels were defined for the interpreter; unset it")
-    names = ("_forward_kernel", "_backward_kernel", "_double_backward_kernel")
-    originals = {name: getattr(th, name) for name in names}
+    originals = {name: getattr(module, name) for name in names}
     compiled: list = []
     reports: list[KernelReport] = []
     state = vars(driver)  # Triton >= 3.3 keeps '_active' (None until first use), 3.2 'active' (a lazy proxy)
@@ -144,7 +139,26 @@ def compile_hash_grid_kernels(arch: int = 90) -> list[KernelReport]:
     driver.set_active(CompileOnlyDriver(arch))
     try:
         for name in names:
-            setattr(th, name, _CompileInsteadOfLaunch(originals[name], name, compiled))
+            setattr(module, name, _CompileInsteadOfLaunch(originals[name], name, compiled))
+        for variant, launch in launches():
+            compiled.clear()
+            launch()
+            reports += [_report(name, variant, arch, kernel) for name, kernel in compiled]
+    finally:
+        driver.set_active(previous)
+        for name, kernel in originals.items():
+            setattr(module, name, kernel)
+    return reports
+
+
+def compile_hash_grid_kernels(arch: int = 90) -> list[KernelReport]:
+    """Every kernel the Triton encoding launches, compiled for sm_<arch>, through the encoding's own wrappers.
+
+    Variants: fp32 and fp16 table reads; the backward with and without the input gradient.
+    """
+    import models.triton_hashgrid as th
+
+    def launches():
         L, D, F = 2, 3, 2
         k = th.GridConstants(torch.tensor([3.0, 7.0]), torch.tensor([64, 64]), torch.tensor([0, 64]),
                              torch.tensor([0, 1]), torch.tensor([[1, 5, 25], [1, 9, 81]]),
@@ -155,16 +169,40 @@ def compile_hash_grid_kernels(arch: int = 90) -> list[KernelReport]:
         for dtype in (torch.float32, torch.float16):
             table = torch.zeros(128, F, dtype=dtype)
             tag = str(dtype).removeprefix("torch.")
-            launches = [(f"{tag} table", lambda: th.encode_forward(x, table, k)),
-                        (f"{tag} table, with input gradient", lambda: th.encode_backward(x, table, gy, k, True)),
-                        (f"{tag} table, table gradient only", lambda: th.encode_backward(x, table, gy, k, False)),
-                        (f"{tag} table", lambda: th.encode_double_backward(x, table, gy, ggx, k))]
-            for variant, launch in launches:
-                compiled.clear()
-                launch()
-                reports += [_report(name, variant, arch, kernel) for name, kernel in compiled]
-    finally:
-        driver.set_active(previous)
-        for name, kernel in originals.items():
-            setattr(th, name, kernel)
-    return reports
+            yield f"{tag} table", lambda: th.encode_forward(x, table, k)
+            yield f"{tag} table, with input gradient", lambda: th.encode_backward(x, table, gy, k, True)
+            yield f"{tag} table, table gradient only", lambda: th.encode_backward(x, table, gy, k, False)
+            yield f"{tag} table", lambda: th.encode_double_backward(x, table, gy, ggx, k)
+
+    return _compile_launches(th, ("_forward_kernel", "_backward_kernel", "_double_backward_kernel"), launches, arch)
+
+
+def compile_rendering_kernels(arch: int = 90) -> list[KernelReport]:
+    """The fused rendering kernels (``models.triton_rendering``), compiled for sm_<arch> through their wrappers.
+
+    Variants: NeuS opacity backward with and without the direction/distance gradients; compositing NeuS's 7
+    channels with the weights' gradient and NeRF's 4 without it.
+    """
+    import models.triton_rendering as tr
+
+    def launches():
+        S = 6
+        sdf, dists, inv_s = torch.zeros(S, requires_grad=True), torch.full((S,), 0.01), torch.tensor(20.0)
+        dirs, normal, ratio = torch.zeros(S, 3), torch.zeros(S, 3, requires_grad=True), torch.tensor(1.0)
+        yield "forward", lambda: tr.neus_alpha(sdf, dirs, normal, dists, inv_s, ratio)
+        yield "backward, sdf and normal", lambda: tr.neus_alpha(sdf, dirs, normal, dists, inv_s, ratio).sum().backward()
+        yield "backward, all inputs", lambda: tr.neus_alpha(sdf, dirs.requires_grad_(), normal, dists.requires_grad_(),
+                                                            inv_s.requires_grad_(), ratio).sum().backward()
+        ray_indices = torch.tensor([0, 0, 0, 1, 1, 3])
+        for channels, use_weights in ((7, True), (4, False)):
+            alphas, values = torch.zeros(S, requires_grad=True), torch.zeros(S, channels, requires_grad=True)
+
+            def both_passes(alphas=alphas, values=values, use_weights=use_weights):
+                weights, sums = tr.composite(alphas, values, ray_indices, 4)
+                (sums.sum() + (weights.sum() if use_weights else 0)).backward()
+
+            yield f"{channels} channels, {'with' if use_weights else 'without'} weight gradient", both_passes
+
+    names = ("_neus_alpha_forward_kernel", "_neus_alpha_backward_kernel", "_composite_forward_kernel",
+             "_composite_backward_kernel")
+    return _compile_launches(tr, names, launches, arch)
