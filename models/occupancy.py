@@ -13,7 +13,9 @@ Marching emits intervals of length ``max(t * cone_angle, render_step_size)``
 along each ray and keeps those whose midpoint lies in an occupied cell.
 Each ray starts at its entry into the grid (as nerfacc); the number of
 candidate intervals is bounded from the grid's diagonal on the host, so
-marching waits for the device only to pack the kept samples.
+marching waits for the device only to pack the kept samples. With
+``backend='triton'`` uniform marching runs as two fused launches
+(``models.triton_marching``: count, then fill), with the same samples.
 """
 from __future__ import annotations
 
@@ -115,14 +117,22 @@ class OccupancyGrid(nn.Module):
         empty = torch.zeros(0, dtype=torch.long, device=rays_o.device)
         if n_rays == 0:
             return empty, empty.float(), empty.float()
+        # each ray is marched from its own entry (as nerfacc); no chord through the box is longer than its
+        # diagonal, so the number of candidate intervals is bounded on the host without reading the device
+        longest = min(self.outer_diagonal, far_plane - near_plane)
+        if backend == "triton" and cone_angle == 0:
+            from models.triton_marching import march_uniform
+
+            jitter = torch.rand(n_rays, device=rays_o.device) if stratified else torch.zeros(n_rays, device=rays_o.device)
+            ray_indices, t_starts, t_ends = march_uniform(
+                rays_o, rays_d, self.aabbs, self.binaries, jitter, int(math.ceil(longest / render_step_size)) + 1,
+                render_step_size, near_plane, far_plane, use_grid)
+            return self._early_stop(ray_indices, t_starts, t_ends, n_rays, sigma_fn, early_stop_eps, alpha_thre)
         t_near, t_far = ray_aabb_intersect(rays_o, rays_d, self.outer_aabb())
         t_near = t_near.clamp(min=near_plane)
         t_far = t_far.clamp(max=far_plane)
         hit = t_far > t_near
         jitter = torch.rand(n_rays, 1, device=rays_o.device) if stratified else torch.zeros(n_rays, 1, device=rays_o.device)
-        # each ray is marched from its own entry (as nerfacc); no chord through the box is longer than its
-        # diagonal, so the number of candidate intervals is bounded on the host without reading the device
-        longest = min(self.outer_diagonal, far_plane - near_plane)
         if cone_angle > 0:
             n_candidates = self._cone_step_count(near_plane, longest, render_step_size, cone_angle)
             k = torch.arange(n_candidates + 2, device=rays_o.device, dtype=torch.float64)
@@ -153,6 +163,10 @@ class OccupancyGrid(nn.Module):
             out_ts.append(ts[rows, cols])
             out_te.append(te[rows, cols])
         ray_indices, t_starts, t_ends = torch.cat(out_idx), torch.cat(out_ts), torch.cat(out_te)
+        return self._early_stop(ray_indices, t_starts, t_ends, n_rays, sigma_fn, early_stop_eps, alpha_thre)
+
+    def _early_stop(self, ray_indices, t_starts, t_ends, n_rays, sigma_fn, early_stop_eps, alpha_thre):
+        """Drops the samples behind opaque matter (and transparent ones), when a sigma_fn is given."""
         if sigma_fn is not None and (early_stop_eps > 0 or alpha_thre > 0) and len(t_starts) > 0:
             sigmas = sigma_fn(t_starts, t_ends, ray_indices)
             if alpha_thre > 0:  # as nerfacc: never cull more than the grid's mean occupancy would

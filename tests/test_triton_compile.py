@@ -43,7 +43,7 @@ def reports(compiled):
 
 
 def test_every_rendering_launch_compiles_without_spills_or_atomics(compiled):
-    """The fused rendering kernels (NeuS opacity, compositing): one lane per ray, so no atomics at all, and
+    """The fused rendering kernels (NeuS opacity, compositing, marching): one lane per ray, so no atomics, and
     the backward's per-sample loop keeps its channels in registers (at most one block barrier; a 2-D layout
     with a reduction across lanes once put 11 in it)."""
     reports = compiled["rendering"]
@@ -53,11 +53,14 @@ def test_every_rendering_launch_compiles_without_spills_or_atomics(compiled):
         for variant in ("7 channels, with weight gradient", "4 channels, without weight gradient"):
             assert (arch, "_composite_forward_kernel", variant) in launched
             assert (arch, "_composite_backward_kernel", variant) in launched
+        for variant in ("1 level", "4 levels", "1 level, grid off"):
+            assert (arch, "_march_kernel", f"count, {variant}") in launched
+            assert (arch, "_march_kernel", f"fill, {variant}") in launched
     for r in reports:
         where = f"{r['kernel']} ({r['variant']}, sm_{r['arch']})"
         assert r["spilled_bytes"] == 0 and r["fused_multiply_adds"] > 0, where
         assert r["reductions"] == 0 and r["ordered_atomics"] == 0, where
-        if r["kernel"].startswith("_composite"):
+        if r["kernel"].startswith(("_composite", "_march")):
             assert r["barriers"] <= 1, f"{where}: {r['barriers']} block barriers"
 
 

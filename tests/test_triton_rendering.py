@@ -1,4 +1,4 @@
-"""Fused Triton rendering (NeuS opacity, compositing along rays) against the PyTorch reference.
+"""Fused Triton rendering (NeuS opacity, compositing along rays, uniform marching) against the PyTorch reference.
 
 Without a GPU the kernels run under Triton's interpreter (conftest.py sets
 TRITON_INTERPRET=1); with one, on the device at larger sizes too.
@@ -13,6 +13,7 @@ import models  # noqa: E402
 from models import triton_rendering  # noqa: E402
 from models.base import update_module_step  # noqa: E402
 from models.neus import neus_alpha  # noqa: E402
+from models.occupancy import OccupancyGrid  # noqa: E402
 from models.rendering import composite_alpha, composite_density  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.host_sync import HostSyncCounter  # noqa: E402
@@ -191,6 +192,40 @@ def test_neus_model_renders_and_learns_the_same_on_both_backends(overrides, half
     # forward and backward of one render, operators dispatched: measured 476 -> 378 (714 -> 586 with the
     # background's compositing too); the fused kernels take the NeuS opacity and all the per-ray sums
     assert ops_fast <= ops_ref - (110 if overrides else 85), (ops_fast, ops_ref)
+
+
+@pytest.mark.parametrize("levels,use_grid,near_plane", [(1, True, 0.0), (1, False, 0.0), (3, True, 0.0),
+                                                         (1, True, 2.2)])
+def test_uniform_marching_gives_the_reference_samples(levels, use_grid, near_plane):
+    """Rays from all sides (some missing the box, one along an axis, one starting inside), stratified, through a
+    random grid: the same packed samples as the PyTorch march, and one host sync (the total) to pack them."""
+    grid = OccupancyGrid([-1, -1, -1, 1, 1, 1], resolution=16, levels=levels).to(DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(6)
+    grid.binaries.copy_(torch.rand(grid.binaries.shape, generator=g, device=DEVICE) > 0.6)
+    n, step = 160, 0.06 * 2 ** (levels - 1)  # interpreted kernels: a few hundred candidates per ray at most
+    rays_o = F.normalize(torch.randn(n, 3, generator=g, device=DEVICE), dim=-1) * 2.5
+    rays_d = F.normalize(torch.randn(n, 3, generator=g, device=DEVICE) * 0.6 - rays_o, dim=-1)
+    rays_o[0], rays_d[0] = torch.tensor([0.3, 0.2, -3.0]), torch.tensor([0.0, 0.0, 1.0])
+    rays_o[1] = torch.tensor([0.1, -0.2, 0.3])  # inside the box
+    marched = {}
+    for backend in ("torch", "triton"):
+        torch.manual_seed(7)  # the same jitter
+        with HostSyncCounter() as syncs:
+            marched[backend] = grid.march(rays_o, rays_d, near_plane, 1e10, step, stratified=True, use_grid=use_grid,
+                                          backend=backend)
+        assert syncs.total == 1, syncs.report()
+    (ref_idx, ref_ts, ref_te), (idx, ts, te) = marched["torch"], marched["triton"]
+    assert idx.dtype == torch.int64 and ts.dtype == te.dtype == torch.float32
+    ref_counts = torch.bincount(ref_idx, minlength=n)
+    assert int(ref_counts[0]) > 0 and (int(ref_counts[1]) > 0) == (near_plane == 0)  # the axis ray hits; the
+    assert float(ts.min()) >= near_plane  # ray from inside marches unless the near plane lies past its exit
+    if levels == 1:
+        assert int((ref_counts == 0).sum()) > 0  # some rays miss the box (the 3-level grid's box holds them all)
+    if DEVICE == "cpu":  # the interpreter rounds as PyTorch does: the same samples, bit for bit
+        assert torch.equal(idx, ref_idx) and torch.equal(ts, ref_ts) and torch.equal(te, ref_te)
+    else:  # a GPU fuses multiply-adds: a sample at a cell's or the box's edge may go either way
+        counts = torch.bincount(idx, minlength=n)
+        assert int((counts - ref_counts).abs().max()) <= 1 and abs(len(idx) - len(ref_idx)) <= 0.002 * len(ref_idx)
 
 
 def test_an_interpreted_launch_counts_as_one_operator():
