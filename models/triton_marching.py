@@ -19,6 +19,8 @@ from typing import Tuple
 
 import torch
 
+from models.triton_hashgrid import LAUNCH_OPTIONS as hash_grid_launch_options  # fused multiply-add, stated once
+
 try:
     import triton
     import triton.language as tl
@@ -26,7 +28,7 @@ except ImportError:  # pragma: no cover - the backend switch reports it
     triton = None
 
 BLOCK_RAYS = 64
-LAUNCH_OPTIONS = dict(num_warps=2, enable_fp_fusion=True)
+LAUNCH_OPTIONS = dict(hash_grid_launch_options, num_warps=2)  # 64 lanes: one ray per thread
 
 if triton is not None:
 

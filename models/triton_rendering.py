@@ -29,6 +29,8 @@ from typing import Tuple
 
 import torch
 
+from models.triton_hashgrid import LAUNCH_OPTIONS  # fused multiply-add and warps, stated in one place
+
 try:
     import triton
     import triton.language as tl
@@ -37,7 +39,6 @@ except ImportError:  # pragma: no cover - the backend switch reports it
 
 BLOCK_SAMPLES = 256
 BLOCK_RAYS = 64
-LAUNCH_OPTIONS = dict(num_warps=4, enable_fp_fusion=True)  # as models.triton_hashgrid: FMA on, stated
 
 if triton is not None:
 
