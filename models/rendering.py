@@ -73,9 +73,12 @@ def accumulate_along_rays(weights: torch.Tensor, values: Optional[torch.Tensor],
     weights: (S,), values: (S, C) or None (then the weights themselves, C=1).
     Returns (n_rays, C).
     """
-    src = weights[:, None] if values is None else weights[:, None] * values
-    out = torch.zeros((n_rays, src.shape[-1]), dtype=src.dtype, device=src.device)
-    return out.index_add(0, ray_indices, src)
+    return _sum_per_ray(weights[:, None] if values is None else weights[:, None] * values, ray_indices, n_rays)
+
+
+def _sum_per_ray(src: torch.Tensor, ray_indices: torch.Tensor, n_rays: int) -> torch.Tensor:
+    """(S, C) per-sample values -> (n_rays, C) sums, in one scatter."""
+    return torch.zeros((n_rays, src.shape[-1]), dtype=src.dtype, device=src.device).index_add(0, ray_indices, src)
 
 
 def composite_alpha(alphas: torch.Tensor, values: torch.Tensor, ray_indices: torch.Tensor, n_rays: int,
@@ -109,8 +112,7 @@ def accumulate_with_opacity(weights: torch.Tensor, values: torch.Tensor, ray_ind
                             n_rays: int) -> torch.Tensor:
     """(S,) weights, (S, C) values -> (n_rays, 1 + C): the sums of [w, w * values] per ray, in one scatter."""
     w = weights[:, None]
-    src = torch.cat([w, w * values], dim=-1)
-    return torch.zeros((n_rays, src.shape[-1]), dtype=src.dtype, device=src.device).index_add(0, ray_indices, src)
+    return _sum_per_ray(torch.cat([w, w * values], dim=-1), ray_indices, n_rays)
 
 
 def visibility_from_density(t_starts: torch.Tensor, t_ends: torch.Tensor, sigmas: torch.Tensor,
