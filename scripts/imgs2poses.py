@@ -31,6 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets.blender import IMAGE_EXTENSIONS  # noqa: E402
 
+SEED = 0  # COLMAP's random seed (RANSAC in matching and mapping): the same images give the same poses
+
 
 class CaptureError(RuntimeError):
     """Bad input or a failed reconstruction, said in one sentence."""
@@ -207,6 +209,14 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
     pycolmap.extract_features(db, image_dir, image_names=names, camera_mode=mode, reader_options=reader,
                               extraction_options=extraction, device=pycolmap.Device.auto)
     print(f"      done in {time.time() - t0:.1f} s", flush=True)
+    # COLMAP seeds its geometric verification from the clock unless told otherwise: a fixed seed makes the
+    # same images give the same poses, run after run.
+    pycolmap.set_random_seed(SEED)
+    matching = pycolmap.FeatureMatchingOptions()
+    matching.num_threads = threads
+    verification = pycolmap.TwoViewGeometryOptions()
+    verification.ransac.random_seed = SEED
+    match_options = dict(matching_options=matching, verification_options=verification, device=pycolmap.Device.auto)
     t0 = time.time()
     if matcher == "sequential":
         pairing = pycolmap.SequentialPairingOptions()
@@ -214,22 +224,22 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
         pairing.quadratic_overlap = True
         loops = loop_pairs(image_dir, names, overlap)
         print(f"[2/3] sequential matching (overlap {overlap}) + {len(loops)} loop-closing pairs ...", flush=True)
-        pycolmap.match_sequential(db, pairing_options=pairing, device=pycolmap.Device.auto)
+        pycolmap.match_sequential(db, pairing_options=pairing, **match_options)
         if loops:
             pair_file = os.path.join(work, "loop_pairs.txt")
             with open(pair_file, "w") as f:
                 f.writelines(f"{a} {b}\n" for a, b in loops)
             imported = pycolmap.ImportedPairingOptions()
             imported.match_list_path = pair_file
-            pycolmap.match_image_pairs(db, pairing_options=imported, device=pycolmap.Device.auto)
+            pycolmap.match_image_pairs(db, pairing_options=imported, **match_options)
     else:
         print(f"[2/3] exhaustive matching ({len(names) * (len(names) - 1) // 2} pairs) ...", flush=True)
-        pycolmap.match_exhaustive(db, device=pycolmap.Device.auto)
+        pycolmap.match_exhaustive(db, **match_options)
     print(f"      done in {time.time() - t0:.1f} s", flush=True)
     t0 = time.time()
     options = pycolmap.IncrementalPipelineOptions()
     options.num_threads = threads
-    options.random_seed = 0
+    options.random_seed = SEED
     out = os.path.join(work, "models")
     os.makedirs(out)
     bar = tqdm(total=len(names), desc="[3/3] registering images", unit="img")
@@ -267,7 +277,8 @@ def main(argv=None) -> int:
     parser.add_argument("--camera-model", default="SIMPLE_RADIAL", help="COLMAP camera model (OPENCV, PINHOLE, ...)")
     parser.add_argument("--per-image-cameras", action="store_true", help="one camera per image (mixed devices)")
     parser.add_argument("--min-registered", type=float, default=0.6, help="fail below this fraction registered")
-    parser.add_argument("--threads", type=int, default=-1)
+    parser.add_argument("--threads", type=int, default=-1,
+                        help="CPU threads for COLMAP (-1: all); 1 gives the same poses on every run, as multi-threaded matching and bundle adjustment do not")
     parser.add_argument("--overwrite", action="store_true", help="redo frames and poses that already exist")
     parser.add_argument("--verbose", action="store_true", help="show COLMAP's own log")
     args = parser.parse_args(argv)
