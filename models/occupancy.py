@@ -14,7 +14,7 @@ along each ray and keeps those whose midpoint lies in an occupied cell.
 Each ray starts at its entry into the grid (as nerfacc); the number of
 candidate intervals is bounded from the grid's diagonal on the host, so
 marching waits for the device only to pack the kept samples. With
-``backend='triton'`` uniform marching runs as two fused launches
+``backend='triton'`` marching runs as two fused launches
 (``models.triton_marching``: count, then fill), with the same samples.
 """
 from __future__ import annotations
@@ -120,13 +120,17 @@ class OccupancyGrid(nn.Module):
         # each ray is marched from its own entry (as nerfacc); no chord through the box is longer than its
         # diagonal, so the number of candidate intervals is bounded on the host without reading the device
         longest = min(self.outer_diagonal, far_plane - near_plane)
-        if backend == "triton" and cone_angle == 0:
-            from models.triton_marching import march_uniform
+        if cone_angle > 0:
+            n_candidates = self._cone_step_count(near_plane, longest, render_step_size, cone_angle)
+        else:
+            n_candidates = int(math.ceil(longest / render_step_size)) + 1
+        if backend == "triton":
+            from models import triton_marching
 
             jitter = torch.rand(n_rays, device=rays_o.device) if stratified else torch.zeros(n_rays, device=rays_o.device)
-            ray_indices, t_starts, t_ends = march_uniform(
-                rays_o, rays_d, self.aabbs, self.binaries, jitter, int(math.ceil(longest / render_step_size)) + 1,
-                render_step_size, near_plane, far_plane, use_grid)
+            ray_indices, t_starts, t_ends = triton_marching.march(
+                rays_o, rays_d, self.aabbs, self.binaries, jitter, n_candidates, render_step_size, near_plane,
+                far_plane, use_grid, cone_angle)
             return self._early_stop(ray_indices, t_starts, t_ends, n_rays, sigma_fn, early_stop_eps, alpha_thre)
         t_near, t_far = ray_aabb_intersect(rays_o, rays_d, self.outer_aabb())
         t_near = t_near.clamp(min=near_plane)
@@ -134,7 +138,6 @@ class OccupancyGrid(nn.Module):
         hit = t_far > t_near
         jitter = torch.rand(n_rays, 1, device=rays_o.device) if stratified else torch.zeros(n_rays, 1, device=rays_o.device)
         if cone_angle > 0:
-            n_candidates = self._cone_step_count(near_plane, longest, render_step_size, cone_angle)
             k = torch.arange(n_candidates + 2, device=rays_o.device, dtype=torch.float64)
 
             def intervals(sl: slice) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +145,6 @@ class OccupancyGrid(nn.Module):
                 steps = bounds[:, 1:] - bounds[:, :-1]
                 return bounds[:, :-2] + jitter[sl] * steps[:, :-1], bounds[:, 1:-1] + jitter[sl] * steps[:, 1:]
         else:
-            n_candidates = int(math.ceil(longest / render_step_size)) + 1
             offsets = render_step_size * torch.arange(n_candidates, device=rays_o.device, dtype=torch.float32)
 
             def intervals(sl: slice) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -53,7 +53,7 @@ def test_every_rendering_launch_compiles_without_spills_or_atomics(compiled):
         for variant in ("7 channels, with weight gradient", "4 channels, without weight gradient"):
             assert (arch, "_composite_forward_kernel", variant) in launched
             assert (arch, "_composite_backward_kernel", variant) in launched
-        for variant in ("1 level", "4 levels", "1 level, grid off"):
+        for variant in ("1 level", "4 levels", "1 level, grid off", "4 levels, cone"):
             assert (arch, "_march_kernel", f"count, {variant}") in launched
             assert (arch, "_march_kernel", f"fill, {variant}") in launched
     for r in reports:

@@ -209,16 +209,17 @@ def compile_rendering_kernels(arch: int = 90) -> list[KernelReport]:
 
 
 def _compile_marching_kernels(arch: int) -> list[KernelReport]:
-    """Uniform marching's count and fill passes, through the grid, over one level and over several."""
+    """Marching's count and fill passes, through the grid, over one level and over several, uniform and cone."""
     import models.triton_marching as tm
 
     def launches():
         rays_o, rays_d = torch.zeros(4, 3), torch.ones(4, 3)
-        for levels, use_grid in ((1, True), (4, True), (1, False)):
+        for levels, use_grid, cone_angle in ((1, True, 0.0), (4, True, 0.0), (1, False, 0.0), (4, True, 0.004)):
             aabbs = torch.tensor([[-1.0, -1, -1, 1, 1, 1]]).repeat(levels, 1)
-            march = tm.UniformMarch(rays_o, rays_d, aabbs, torch.ones(levels, 8, 8, 8, dtype=torch.bool),
-                                    torch.zeros(4), 10, 0.1, 0.0, 1e10, use_grid)
-            tag = f"{levels} level{'s' if levels > 1 else ''}{'' if use_grid else ', grid off'}"
+            march = tm.GridMarch(rays_o, rays_d, aabbs, torch.ones(levels, 8, 8, 8, dtype=torch.bool),
+                                 torch.zeros(4), 10, 0.1, 0.0, 1e10, use_grid, cone_angle)
+            tag = (f"{levels} level{'s' if levels > 1 else ''}{'' if use_grid else ', grid off'}"
+                   f"{', cone' if cone_angle else ''}")
             yield f"count, {tag}", march.count
             yield f"fill, {tag}", lambda march=march: march.fill(torch.zeros(4, dtype=torch.int64), 4)
 
