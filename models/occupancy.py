@@ -131,7 +131,8 @@ class OccupancyGrid(nn.Module):
             ray_indices, t_starts, t_ends = triton_marching.march(
                 rays_o, rays_d, self.aabbs, self.binaries, jitter, n_candidates, render_step_size, near_plane,
                 far_plane, use_grid, cone_angle)
-            return self._early_stop(ray_indices, t_starts, t_ends, n_rays, sigma_fn, early_stop_eps, alpha_thre)
+            return self._early_stop(ray_indices, t_starts, t_ends, n_rays, sigma_fn, early_stop_eps, alpha_thre,
+                                    backend)
         t_near, t_far = ray_aabb_intersect(rays_o, rays_d, self.outer_aabb())
         t_near = t_near.clamp(min=near_plane)
         t_far = t_far.clamp(max=far_plane)
@@ -167,14 +168,15 @@ class OccupancyGrid(nn.Module):
         ray_indices, t_starts, t_ends = torch.cat(out_idx), torch.cat(out_ts), torch.cat(out_te)
         return self._early_stop(ray_indices, t_starts, t_ends, n_rays, sigma_fn, early_stop_eps, alpha_thre)
 
-    def _early_stop(self, ray_indices, t_starts, t_ends, n_rays, sigma_fn, early_stop_eps, alpha_thre):
+    def _early_stop(self, ray_indices, t_starts, t_ends, n_rays, sigma_fn, early_stop_eps, alpha_thre,
+                    backend="torch"):
         """Drops the samples behind opaque matter (and transparent ones), when a sigma_fn is given."""
         if sigma_fn is not None and (early_stop_eps > 0 or alpha_thre > 0) and len(t_starts) > 0:
             sigmas = sigma_fn(t_starts, t_ends, ray_indices)
             if alpha_thre > 0:  # as nerfacc: never cull more than the grid's mean occupancy would
                 alpha_thre = min(alpha_thre, float(self.occs.mean()))
             visible = visibility_from_density(t_starts, t_ends, sigmas, ray_indices, n_rays, early_stop_eps,
-                                              alpha_thre)
+                                              alpha_thre, backend)
             kept = torch.nonzero(visible)[:, 0]
             ray_indices, t_starts, t_ends = ray_indices[kept], t_starts[kept], t_ends[kept]
         return ray_indices, t_starts, t_ends

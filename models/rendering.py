@@ -117,8 +117,13 @@ def accumulate_with_opacity(weights: torch.Tensor, values: torch.Tensor, ray_ind
 
 def visibility_from_density(t_starts: torch.Tensor, t_ends: torch.Tensor, sigmas: torch.Tensor,
                             ray_indices: torch.Tensor, n_rays: int, early_stop_eps: float = 1e-4,
-                            alpha_thre: float = 0.0) -> torch.Tensor:
-    """(S,) bool: samples still visible (transmittance >= eps) and not transparent (alpha >= thre)."""
+                            alpha_thre: float = 0.0, backend: str = "torch") -> torch.Tensor:
+    """(S,) bool: samples still visible (transmittance >= eps) and not transparent (alpha >= thre).
+    backend 'triton': one fused walk along each ray (models.triton_rendering)."""
+    if backend == "triton":
+        from models.triton_rendering import visible_by_density
+
+        return visible_by_density(t_starts, t_ends, sigmas, ray_indices, n_rays, early_stop_eps, alpha_thre)
     _, transmittance, alphas = render_weight_from_density(t_starts, t_ends, sigmas, ray_indices, n_rays)
     visible = transmittance >= early_stop_eps
     if alpha_thre > 0:

@@ -20,7 +20,7 @@ from typing import Tuple
 
 import torch
 
-from models.triton_hashgrid import LAUNCH_OPTIONS as hash_grid_launch_options  # fused multiply-add, stated once
+from models.triton_rendering import BLOCK_RAYS, RAY_LANE_OPTIONS as LAUNCH_OPTIONS  # one ray per thread
 
 try:
     import triton
@@ -28,8 +28,6 @@ try:
 except ImportError:  # pragma: no cover - the backend switch reports it
     triton = None
 
-BLOCK_RAYS = 64
-LAUNCH_OPTIONS = dict(hash_grid_launch_options, num_warps=2)  # 64 lanes: one ray per thread
 
 if triton is not None:
 

@@ -181,7 +181,7 @@ def compile_rendering_kernels(arch: int = 90) -> list[KernelReport]:
     """The fused rendering kernels (``models.triton_rendering``), compiled for sm_<arch> through their wrappers.
 
     Variants: NeuS opacity backward with and without the direction/distance gradients; compositing NeuS's 7
-    channels with the weights' gradient and NeRF's 4 without it.
+    channels with the weights' gradient and NeRF's 4 without it; NeRF's early-stop pass; marching.
     """
     import models.triton_rendering as tr
 
@@ -202,9 +202,11 @@ def compile_rendering_kernels(arch: int = 90) -> list[KernelReport]:
                 (sums.sum() + (weights.sum() if use_weights else 0)).backward()
 
             yield f"{channels} channels, {'with' if use_weights else 'without'} weight gradient", both_passes
+        t = torch.zeros(S)
+        yield "early stop", lambda: tr.visible_by_density(t, t, t, ray_indices, 4, 1e-4, 0.0)
 
     names = ("_neus_alpha_forward_kernel", "_neus_alpha_backward_kernel", "_composite_forward_kernel",
-             "_composite_backward_kernel")
+             "_composite_backward_kernel", "_visibility_kernel")
     return _compile_launches(tr, names, launches, arch) + _compile_marching_kernels(arch)
 
 
