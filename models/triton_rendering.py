@@ -272,7 +272,7 @@ class _Composite(torch.autograd.Function):
         has_g_weights = g_weights is not None
         _composite_backward_kernel[_blocks(ctx.n_rays, BLOCK_RAYS)](
             alphas, values, starts, trans, g_weights.contiguous() if has_g_weights else g_alpha, g_out.contiguous(),
-            g_alpha, g_values, ctx.n_rays, HAS_G_WEIGHTS=has_g_weights, C=C, BLOCK_R=BLOCK_RAYS, **LAUNCH_OPTIONS)
+            g_alpha, g_values, ctx.n_rays, HAS_G_WEIGHTS=has_g_weights, C=C, BLOCK_R=BLOCK_RAYS, **RAY_LANE_OPTIONS)
         return g_alpha.to(alphas.dtype), g_values.to(values.dtype), None, None
 
 
