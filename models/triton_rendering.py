@@ -156,9 +156,9 @@ if triton is not None:
         for k in range(0, longest):
             mk = rm & (k < count)
             i = first + k
-            dt = tl.load(t_ends_ptr + i, mask=mk, other=0.0).to(tl.float32) - tl.load(t_starts_ptr + i, mask=mk,
-                                                                                     other=0.0).to(tl.float32)
-            tau = tl.load(sigma_ptr + i, mask=mk, other=0.0).to(tl.float32) * dt
+            t_start = tl.load(t_starts_ptr + i, mask=mk, other=0.0).to(tl.float32)
+            t_end = tl.load(t_ends_ptr + i, mask=mk, other=0.0).to(tl.float32)
+            tau = tl.load(sigma_ptr + i, mask=mk, other=0.0).to(tl.float32) * (t_end - t_start)
             visible = (tl.exp(-depth.to(tl.float32)) >= early_stop_eps) & (1.0 - tl.exp(-tau) >= alpha_thre)
             tl.store(visible_ptr + i, visible.to(tl.int8), mask=mk)
             depth += tau.to(tl.float64)
