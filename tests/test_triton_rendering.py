@@ -275,9 +275,10 @@ def test_marching_gives_the_reference_samples(levels, use_grid, near_plane, cone
     (ref_idx, ref_ts, ref_te), (idx, ts, te) = marched["torch"], marched["triton"]
     assert idx.dtype == torch.int64 and ts.dtype == te.dtype == torch.float32
     ref_counts = torch.bincount(ref_idx, minlength=n)
+    # the axis ray hits; the one from inside marches unless the near plane lies past its exit
     exit_from_inside = float(ray_aabb_intersect(rays_o[1:2], rays_d[1:2], grid.outer_aabb())[1])
-    assert int(ref_counts[0]) > 0 and (int(ref_counts[1]) > 0) == (near_plane < exit_from_inside)  # the axis
-    assert float(ts.min()) >= near_plane  # ray hits; the one from inside marches unless the near plane is past its exit
+    assert int(ref_counts[0]) > 0 and (int(ref_counts[1]) > 0) == (near_plane < exit_from_inside)
+    assert float(ts.min()) >= near_plane
     if levels == 1:
         assert int((ref_counts == 0).sum()) > 0  # some rays miss the box (the 3-level grid's box holds them all)
     if DEVICE == "cpu":  # the interpreter rounds as PyTorch does: the same samples, bit for bit
