@@ -80,11 +80,12 @@ def triton_status(explicit: bool = False) -> tuple[bool, str]:
         if version < MIN_TRITON:
             return False, (f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))} (the "
                            "kernels build tuples); PyTorch >= 2.7 ships a newer one")
-        from models import triton_hashgrid, triton_rendering
+        from models import triton_hashgrid, triton_mlp, triton_rendering
 
         device = "cuda" if torch.cuda.is_available() and not triton_interpreted() else "cpu"
         triton_hashgrid.selftest(device)
         triton_rendering.selftest(device)
+        triton_mlp.selftest(device)
         return True, f"triton {triton.__version__}{', interpreter' if triton_interpreted() else ''}"
     except Exception as err:  # ImportError, or a kernel that fails to compile on this GPU
         return False, f"triton not usable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
@@ -93,13 +94,15 @@ def triton_status(explicit: bool = False) -> tuple[bool, str]:
 _STATUS = {"tcnn": tcnn_status, "nerfacc": nerfacc_status, "triton": triton_status}
 
 
-def resolve(piece: str, requested: str, fast) -> str:
+def resolve(piece: str, requested: str, fast, auto=None) -> str:
     """Backend to use for ``piece`` ('encoding', 'network', 'rendering').
 
     fast: the accelerated backend's name, or a tuple of them in order of preference ('auto' takes the first
-    usable one). requested: 'auto', 'torch' or one of ``fast``.
+    usable one). requested: 'auto', 'torch' or one of ``fast``. auto: the names in ``fast`` that 'auto' may
+    pick (all of them when None); the others run only when asked for by name.
     """
     fast = (fast,) if isinstance(fast, str) else tuple(fast)
+    auto = fast if auto is None else ((auto,) if isinstance(auto, str) else tuple(auto))
     requested = (requested or "auto").lower()
     if requested not in ("auto", "torch", *fast):
         raise ConfigError(f"Unknown backend '{requested}' for {piece}; choose auto, torch or {' or '.join(fast)}.")
@@ -107,7 +110,7 @@ def resolve(piece: str, requested: str, fast) -> str:
         _announce(piece, f"{piece}: PyTorch backend (asked for)")
         return "torch"
     reasons = []
-    for name in fast if requested == "auto" else (requested,):
+    for name in auto if requested == "auto" else (requested,):
         usable, reason = _STATUS[name](True) if name == "triton" and requested == name else _STATUS[name]()
         if usable:
             _announce(piece, f"{piece}: {name} backend ({reason})")

@@ -125,8 +125,42 @@ class TCNNMLP(nn.Module):
         return self.output_activation(self.network(x).float())
 
 
+class TritonMLP(VanillaMLP):
+    """``VanillaMLP`` (ReLU, no sphere init or weight norm) run by the fused Triton kernels (``models.triton_mlp``).
+
+    Same parameters under the same names, so checkpoints interchange with ``VanillaMLP``; output fp32.
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, config: Dict[str, Any]):
+        super().__init__(dim_in, dim_out, config)
+        from models import triton_mlp
+
+        self.shape = triton_mlp.MLPShape(dim_in, self.n_neurons, self.n_hidden_layers, dim_out)
+        self.linears = [m for m in self.layers if isinstance(m, nn.Linear)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from models.triton_mlp import fused_mlp
+
+        params = [t for layer in self.linears for t in (layer.weight, layer.bias)]
+        return self.output_activation(fused_mlp(x, self.shape, params))
+
+
+def _triton_unsupported(dim_in: int, dim_out: int, config: Dict[str, Any]) -> str:
+    """Why the fused Triton MLP cannot run this network ('' when it can)."""
+    from models.triton_mlp import unsupported
+
+    if str(config.get("activation", "ReLU")).lower() != "relu":
+        return f"it has ReLU hidden layers only (got activation: {config.get('activation')})"
+    return unsupported(dim_in, int(config.get("n_neurons", 64)), int(config.get("n_hidden_layers", 1)), dim_out)
+
+
 def get_mlp(dim_in: int, dim_out: int, config: Any) -> nn.Module:
-    """Build the network a config names (``otype``)."""
+    """Build the network a config names (``otype``).
+
+    ``FullyFusedMLP``/``CutlassMLP``: tiny-cuda-nn when usable, else ``VanillaMLP``; ``backend: triton`` runs the
+    fused Triton kernels instead (asked for by name: ``auto`` does not pick them until a GPU benchmark shows they
+    beat cuBLAS at these sizes).
+    """
     config = dict(to_primitive(config))
     otype = config.get("otype", "VanillaMLP")
     if otype == "VanillaMLP":
@@ -134,7 +168,15 @@ def get_mlp(dim_in: int, dim_out: int, config: Any) -> nn.Module:
     if otype in ("FullyFusedMLP", "CutlassMLP"):
         needs_torch = config.get("sphere_init") or config.get("weight_norm")
         requested = "torch" if needs_torch else config.get("backend", "auto")
-        if backends.resolve("network", requested, "tcnn") == "tcnn":
+        if str(requested).lower() == "triton":
+            why = _triton_unsupported(dim_in, dim_out, config)
+            if why:
+                raise ConfigError(f"mlp_network_config.backend: triton cannot run this network: {why}; use "
+                                  "backend=auto or torch.")
+        chosen = backends.resolve("network", requested, ("tcnn", "triton"), auto="tcnn")
+        if chosen == "tcnn":
             return TCNNMLP(dim_in, dim_out, config)
+        if chosen == "triton":
+            return TritonMLP(dim_in, dim_out, config)
         return VanillaMLP(dim_in, dim_out, config)
     raise ConfigError(f"Unknown network otype '{otype}'; known: VanillaMLP, FullyFusedMLP, CutlassMLP.")
