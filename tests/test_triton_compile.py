@@ -25,9 +25,11 @@ def compiled(tmp_path_factory):
     """{'hash grid': [report, ...], 'rendering': [...]}, from one subprocess without the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for this process
     env.update(TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton-cache")))
-    code = ("import json; from utils.triton_aot import compile_hash_grid_kernels, compile_rendering_kernels; "
+    code = ("import json; from utils.triton_aot import compile_hash_grid_kernels, compile_mlp_kernels, "
+            "compile_rendering_kernels; "
             f"print(json.dumps({{'hash grid': [r.as_dict() for a in {ARCHS!r} for r in compile_hash_grid_kernels(a)], "
-            f"'rendering': [r.as_dict() for a in {ARCHS!r} for r in compile_rendering_kernels(a)]}}))")
+            f"'rendering': [r.as_dict() for a in {ARCHS!r} for r in compile_rendering_kernels(a)], "
+            f"'mlp': [r.as_dict() for a in {ARCHS!r} for r in compile_mlp_kernels(a)]}}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     if "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("this Triton has no ptxas to compile with")
@@ -65,6 +67,23 @@ def test_every_rendering_launch_compiles_without_spills_or_atomics(compiled):
         assert r["reductions"] == 0 and r["ordered_atomics"] == 0, where
         if r["kernel"].startswith(("_composite", "_march", "_visibility")):
             assert r["barriers"] <= 1, f"{where}: {r['barriers']} block barriers"
+
+
+def test_fused_mlp_compiles_to_tensor_core_products_without_spills(compiled):
+    """The fused MLP: a forward launch and one backward launch per layer (3 for the colour network, 2 for NeRF's
+    density network), its products on tensor cores (TF32), nothing spilled (the backward holds a layer's weight
+    gradient in registers across its row blocks; 64 rows a block once spilled), no atomics (partial sums per
+    program instead)."""
+    reports = compiled["mlp"]
+    for arch in ARCHS:
+        for variant, layers in (("colour 32-64-64-3", 3), ("density 32-64-16", 2)):
+            kernels = [r["kernel"] for r in reports if r["arch"] == arch and r["variant"] == variant]
+            assert sorted(kernels) == ["_mlp_backward_kernel"] * layers + ["_mlp_forward_kernel"], (arch, kernels)
+    for r in reports:
+        where = f"{r['kernel']} ({r['variant']}, sm_{r['arch']})"
+        assert r["spilled_bytes"] == 0, where
+        assert r["tensor_core_products"] > 0, where
+        assert r["reductions"] == 0 and r["ordered_atomics"] == 0, where
 
 
 def test_every_launch_compiles_for_each_architecture(reports):

@@ -43,6 +43,7 @@ class KernelReport:
     ordered_atomics: int  # atomics with acquire/release semantics: each one waits, and Triton adds barriers
     barriers: int  # bar.sync: the whole block waits
     fused_multiply_adds: int  # fma.rn.f32 in the PTX: none means multiply-add fusion was off for this launch
+    tensor_core_products: int  # mma.sync / wgmma / tcgen05.mma instructions: matrix products on tensor cores
     ptx_lines: int
 
     def as_dict(self) -> dict:
@@ -119,7 +120,9 @@ def _report(name: str, variant: str, arch: int, compiled) -> KernelReport:
                         spilled_bytes=usage["spill"], shared_bytes=compiled.metadata.shared,
                         num_warps=compiled.metadata.num_warps, global_loads=ops["ld"], reductions=ops["relaxed"],
                         ordered_atomics=ops["ordered"], barriers=ops["bar.sync"],
-                        fused_multiply_adds=len(re.findall(r"\bfma\.rn\.f32\b", ptx)), ptx_lines=ptx.count("\n"))
+                        fused_multiply_adds=len(re.findall(r"\bfma\.rn\.f32\b", ptx)),
+                        tensor_core_products=len(re.findall(r"\b(?:mma\.sync|wgmma\.mma_async|tcgen05\.mma)\b", ptx)),
+                        ptx_lines=ptx.count("\n"))
 
 
 def _compile_launches(module, names: tuple, launches, arch: int) -> list[KernelReport]:
@@ -226,3 +229,48 @@ def _compile_marching_kernels(arch: int) -> list[KernelReport]:
             yield f"fill, {tag}", lambda march=march: march.fill(torch.zeros(4, dtype=torch.int64), 4)
 
     return _compile_launches(tm, ("_march_kernel",), launches, arch)
+
+
+def compile_mlp_kernels(arch: int = 90) -> list[KernelReport]:
+    """The fused MLP's forward and per-layer backward (``models.triton_mlp``), compiled for sm_<arch>.
+
+    Variants: the shapes the configs train, the colour network (32 -> 64 -> 64 -> 3) and NeRF's density network
+    (32 -> 64 -> 16), with the TF32 products a GPU runs (fp32 products are for the interpreter).
+    """
+    import models.triton_mlp as tm
+
+    def launches():
+        precision = "tf32"
+        for name, shape in (("colour", tm.MLPShape(32, 64, 2, 3)), ("density", tm.MLPShape(32, 64, 1, 16))):
+            dims = [shape.d_in] + [shape.width] * shape.n_hidden + [shape.d_out]
+            params = [t for a, b in zip(dims[:-1], dims[1:]) for t in (torch.zeros(b, a), torch.zeros(b))]
+            x, packed = torch.zeros(5, shape.d_in), tm.pack(params)
+            grad_out = torch.zeros(5, shape.d_out)
+            tag = f"{name} {'-'.join(map(str, dims))}"
+
+            def forward(x=x, packed=packed, shape=shape, precision=precision):
+                with _patched(tm, "_precision", lambda: precision):
+                    tm.fused_forward(x, packed, shape)
+
+            def backward(x=x, packed=packed, grad_out=grad_out, shape=shape, precision=precision):
+                with _patched(tm, "_precision", lambda: precision):
+                    tm.fused_backward(x, packed, grad_out, shape, True)
+
+            yield tag, forward
+            yield tag, backward
+
+    return _compile_launches(tm, ("_mlp_forward_kernel", "_mlp_backward_kernel"), launches, arch)
+
+
+class _patched:
+    """Sets ``module.name`` to ``value`` for the duration of a with-block."""
+
+    def __init__(self, module, name: str, value):
+        self.module, self.name, self.value = module, name, value
+
+    def __enter__(self):
+        self.previous = getattr(self.module, self.name)
+        setattr(self.module, self.name, self.value)
+
+    def __exit__(self, *exc):
+        setattr(self.module, self.name, self.previous)
