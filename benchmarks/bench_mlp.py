@@ -1,0 +1,89 @@
+"""Small-MLP throughput per backend present (printed, never asserted): does the fused Triton MLP beat cuBLAS?
+
+    python benchmarks/bench_mlp.py                       # N = 2^16 .. 2^22 on a GPU, 2^14 .. 2^16 on a CPU
+    python benchmarks/bench_mlp.py --log2-rows 18 20
+
+Rows/s for forward and forward+backward (input and parameter gradients) of
+the networks the configs train: the colour network (32 -> 64 -> 64 -> 3) and
+NeRF's density network (32 -> 64 -> 16). Backends: ``VanillaMLP`` in fp32 and
+under fp16 autocast (what 16-mixed training runs), the fused Triton kernels
+(TF32 products) and tiny-cuda-nn's FullyFusedMLP, where usable. Prints the
+device and the peak memory of each run. The answer decides whether
+``backend: auto`` should pick Triton for ``FullyFusedMLP`` networks.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import describe_device, sync
+from models import backends
+from models.networks import TCNNMLP, TritonMLP, VanillaMLP
+
+NETWORKS = {"colour 32-64-64-3": (32, 3, 2), "density 32-64-16": (32, 16, 1)}
+
+
+def build(backend: str, d_in: int, d_out: int, n_hidden: int) -> torch.nn.Module:
+    config = {"otype": "FullyFusedMLP", "activation": "ReLU", "output_activation": "none", "n_neurons": 64,
+              "n_hidden_layers": n_hidden}
+    cls = {"torch": VanillaMLP, "torch-16": VanillaMLP, "triton": TritonMLP, "tcnn": TCNNMLP}[backend]
+    return cls(d_in, d_out, config)
+
+
+def measure(net, x: torch.Tensor, backward: bool, half: bool, repeats: int) -> tuple[float, float]:
+    """(rows/s, peak MiB)."""
+    device = x.device
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.float16, enabled=half):
+            if not backward:
+                with torch.no_grad():
+                    net(x)
+                return
+            inputs = x.detach().requires_grad_(True)
+            net(inputs).float().square().sum().backward()
+
+    step()  # compile / warm up
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    sync(device)
+    rate = repeats * x.shape[0] / (time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else float("nan")
+    return rate, peak
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log2-rows", type=int, nargs="+")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sizes = args.log2_rows or (list(range(16, 23, 2)) if device.type == "cuda" else [14, 16])
+    print(describe_device(device))
+    present = ["torch"] + (["torch-16"] if device.type == "cuda" else [])
+    for name in ("triton", "tcnn"):
+        usable, reason = backends._STATUS[name]()
+        if usable:
+            present.append(name)
+        else:
+            print(f"{name}: not measured ({reason})")
+    print("\nrows/s (peak MiB)")
+    print(f"{'network':18s} {'backend':9s} {'N':>9s} {'fwd':>20s} {'fwd+bwd':>20s}")
+    for label, (d_in, d_out, n_hidden) in NETWORKS.items():
+        for backend in present:
+            net = build(backend, d_in, d_out, n_hidden).to(device)
+            for log2n in sizes:
+                x = torch.randn(2 ** log2n, d_in, device=device)
+                cells = [measure(net, x, backward, backend == "torch-16", args.repeats) for backward in (False, True)]
+                print(f"{label:18s} {backend:9s} {2 ** log2n:9d} "
+                      + " ".join(f"{rate:10.3e} ({peak:6.0f})".rjust(20) for rate, peak in cells))
+
+
+if __name__ == "__main__":
+    main()
