@@ -89,7 +89,7 @@ if triton is not None:
     def _mlp_forward_kernel(x_ptr, p_ptr, out_ptr, n_rows, D_IN: tl.constexpr, IN_PAD: tl.constexpr,
                             WIDTH: tl.constexpr, N_HIDDEN: tl.constexpr, D_OUT: tl.constexpr,
                             OUT_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
-        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # 64-bit offsets: rows x channels > 2^31
         m = rows < n_rows
         h = _hidden(_load_rows(x_ptr, rows, m, D_IN, IN_PAD), p_ptr, N_HIDDEN, D_IN, IN_PAD, WIDTH, PRECISION)[-1]
         last = D_IN * WIDTH + WIDTH + (N_HIDDEN - 1) * (WIDTH * WIDTH + WIDTH)
@@ -125,7 +125,7 @@ if triton is not None:
         acc_w = tl.zeros((L_OUT_PAD, L_IN_PAD), dtype=tl.float32)
         acc_b = tl.zeros((L_OUT_PAD,), dtype=tl.float32)
         for start in range(pid * BLOCK, n_rows, tl.num_programs(0) * BLOCK):
-            rows = start + tl.arange(0, BLOCK)
+            rows = start + tl.arange(0, BLOCK).to(tl.int64)
             m = rows < n_rows
             x = _load_rows(x_ptr, rows, m, D_IN, IN_PAD)
             delta = _load_rows(gout_ptr, rows, m, D_OUT, OUT_PAD)  # gradient of the output, 0 on padded rows
