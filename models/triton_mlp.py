@@ -17,16 +17,16 @@ and biases, used as they are, so checkpoints interchange with ``VanillaMLP``.
   partial sums to its own row of a (P, n_params) buffer, summed in one
   operation: no atomics, so the gradients are the same on every run.
 
-Matrix products run in full fp32 (``ieee``) unless PyTorch is allowed TF32
-for its own matmuls (``torch.backends.cuda.matmul.allow_tf32``), which is
-what ``VanillaMLP`` would then get from cuBLAS. Inputs may be fp16 (autocast);
-the arithmetic and the output are fp32. On a CPU the kernels run under
-Triton's interpreter (``TRITON_INTERPRET=1``) in the parity tests.
+On a GPU the matrix products run on tensor cores in TF32 (10-bit mantissa,
+fp32 range and accumulation: tiny-cuda-nn's FullyFusedMLP runs fp16); under
+Triton's interpreter (``TRITON_INTERPRET=1``, the parity tests on a CPU) in
+full fp32. Inputs may be fp16 (autocast); the arithmetic and the output are
+fp32.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 
@@ -184,7 +184,7 @@ def unsupported(d_in: int, width: int, n_hidden: int, d_out: int) -> str:
         return f"n_neurons must be one of {', '.join(map(str, WIDTHS))} (got {width})"
     if n_hidden < 1:
         return "n_hidden_layers must be at least 1"
-    if max(d_in, d_out) > 256:
+    if max(d_in, d_out) > 256:  # the first and last layers' weight tiles are held whole in registers
         return f"inputs and outputs of at most 256 channels (got {d_in} -> {d_out})"
     return ""
 
@@ -220,15 +220,15 @@ def fused_backward(x: torch.Tensor, packed: torch.Tensor, grad_out: torch.Tensor
                    need_x: bool) -> Tuple[torch.Tensor | None, torch.Tensor]:
     """(grad of x (N, d_in) in x's dtype or None, grad of the packed parameters (n_params,))."""
     n = x.shape[0]
-    programs = _backward_programs(n, x.device)
-    partial = torch.empty(programs, packed.numel(), device=x.device, dtype=torch.float32)
     grad_x = torch.empty(n, shape.d_in, device=x.device, dtype=torch.float32) if need_x else None
     if n == 0:
         return grad_x, torch.zeros_like(packed)
+    programs = _backward_programs(n, x.device)
+    partial = torch.empty(programs, packed.numel(), device=x.device, dtype=torch.float32)
+    constants = shape.constants(BACKWARD_BLOCK_ROWS)
     for layer in range(shape.n_hidden + 1):
         _mlp_backward_kernel[(programs,)](x, packed, grad_out, grad_x if need_x else partial, partial, n,
-                                          packed.numel(), LAYER=layer, NEED_X=need_x, **shape.constants(BACKWARD_BLOCK_ROWS),
-                                          **BACKWARD_OPTIONS)
+                                          packed.numel(), LAYER=layer, NEED_X=need_x, **constants, **BACKWARD_OPTIONS)
     grad_params = partial[0] if programs == 1 else partial.sum(0)
     return (grad_x.to(x.dtype) if need_x else None), grad_params
 
@@ -248,13 +248,8 @@ class _FusedMLP(torch.autograd.Function):
         x, packed = ctx.saved_tensors
         grad_x, grad_packed = fused_backward(x, packed, grad_out.contiguous().float(), ctx.shape,
                                              ctx.needs_input_grad[0])
-        grads: List[torch.Tensor] = []
-        offset = 0
-        for size in ctx.param_shapes:
-            count = size.numel()
-            grads.append(grad_packed[offset:offset + count].view(size))
-            offset += count
-        return (grad_x, None, *grads)
+        pieces = grad_packed.split([size.numel() for size in ctx.param_shapes])
+        return (grad_x, None, *(piece.view(size) for piece, size in zip(pieces, ctx.param_shapes)))
 
 
 def fused_mlp(x: torch.Tensor, shape: MLPShape, params: Sequence[torch.Tensor]) -> torch.Tensor:
