@@ -12,11 +12,10 @@ where usable (triton twice: reading the table in fp32, and in fp16 with
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from common import describe_device, sync
+from common import describe_device, time_calls
 from models import backends
 from models.encodings import HashGrid
 
@@ -38,17 +37,8 @@ def step(grid: HashGrid, x: torch.Tensor, mode: str) -> None:
 def measure(grid, n: int, device, mode: str, repeats: int) -> tuple[float, float]:
     """(points/s, peak MiB)."""
     x = torch.rand(n, 3, device=device)
-    step(grid, x.clone(), mode)  # compile / warm up
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        step(grid, x.clone(), mode)
-    sync(device)
-    rate = repeats * n / (time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else float("nan")
-    return rate, peak
+    seconds, peak = time_calls(lambda: step(grid, x.clone(), mode), device, repeats)
+    return n / seconds, peak
 
 
 def main():

@@ -14,11 +14,10 @@ device and the peak memory of each run. The answer decides whether
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from common import describe_device, sync
+from common import describe_device, time_calls
 from models import backends
 from models.networks import TCNNMLP, TritonMLP, VanillaMLP
 
@@ -45,17 +44,8 @@ def measure(net, x: torch.Tensor, backward: bool, half: bool, repeats: int) -> t
             inputs = x.detach().requires_grad_(True)
             net(inputs).float().square().sum().backward()
 
-    step()  # compile / warm up
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        step()
-    sync(device)
-    rate = repeats * x.shape[0] / (time.perf_counter() - t)
-    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else float("nan")
-    return rate, peak
+    seconds, peak = time_calls(step, device, repeats)
+    return x.shape[0] / seconds, peak
 
 
 def main():

@@ -16,6 +16,20 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def time_calls(step: Callable[[], None], device: torch.device, repeats: int) -> tuple[float, float]:
+    """(seconds per call, peak MiB on a GPU, else nan) of ``step`` over ``repeats`` calls after one warm-up call."""
+    step()  # compile / warm up
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    sync(device)
+    seconds = (time.perf_counter() - t) / repeats
+    return seconds, torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == "cuda" else float("nan")
+
+
 def describe_device(device: torch.device) -> str:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     return f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}"
