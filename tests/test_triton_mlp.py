@@ -9,6 +9,7 @@ import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton; it ships with CUDA torch)")
 
+from helpers import rays_from_orbit  # noqa: E402
 from models.networks import TritonMLP, VanillaMLP, get_mlp  # noqa: E402
 from models.triton_mlp import MLPShape, fused_mlp  # noqa: E402
 from utils.config import ConfigError  # noqa: E402
@@ -151,8 +152,6 @@ def test_fused_mlp_takes_the_parameters_in_layer_order():
 def test_a_nerf_with_fused_networks_renders_and_learns_as_with_vanilla_ones():
     """Both of NeRF's networks as FullyFusedMLP with backend: triton (through the config, as a user sets them),
     loaded from a PyTorch-network model: the same colours, depths and gradients for every parameter."""
-    import torch.nn.functional as F
-
     import models
     from utils.config import load_config
 
@@ -166,8 +165,7 @@ def test_a_nerf_with_fused_networks_renders_and_learns_as_with_vanilla_ones():
     assert isinstance(fused.geometry.network, TritonMLP) and isinstance(fused.texture.network, TritonMLP)
     fused.load_state_dict(ref.state_dict())
     g = torch.Generator(device=DEVICE).manual_seed(4)
-    rays_o = F.normalize(torch.randn(16, 3, generator=g, device=DEVICE), dim=-1) * 2.5
-    rays_d = F.normalize(torch.randn(16, 3, generator=g, device=DEVICE) * 0.3 - rays_o, dim=-1)
+    rays_o, rays_d = rays_from_orbit(16, g, spread=0.3)
     results = []
     for model in (ref, fused):
         out = model(rays_o, rays_d)

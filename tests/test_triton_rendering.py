@@ -16,6 +16,7 @@ from models.neus import neus_alpha  # noqa: E402
 from models.occupancy import OccupancyGrid  # noqa: E402
 from models.rendering import (composite_alpha, composite_density, ray_aabb_intersect,  # noqa: E402
                               render_weight_from_density, visibility_from_density)
+from helpers import rays_from_orbit  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.host_sync import HostSyncCounter  # noqa: E402
 
@@ -200,9 +201,7 @@ def test_neus_model_renders_and_learns_the_same_on_both_backends(overrides, half
     """half: under fp16 autocast, as 16-mixed trains on a GPU."""
     ref, fast = neus_pair(*overrides)
     g = torch.Generator(device=DEVICE).manual_seed(4)
-    rays_o = F.normalize(torch.randn(64, 3, generator=g, device=DEVICE), dim=-1) * 2.5
-    target = torch.randn(64, 3, generator=g, device=DEVICE) * 0.3
-    rays_d = F.normalize(target - rays_o, dim=-1)
+    rays_o, rays_d = rays_from_orbit(64, g, spread=0.3)
     with torch.autocast(DEVICE, dtype=torch.float16, enabled=half):
         out_ref, grads_ref, ops_ref = render_and_backward(ref, rays_o, rays_d)
         out_fast, grads_fast, ops_fast = render_and_backward(fast, rays_o, rays_d)
@@ -228,8 +227,7 @@ def test_nerf_model_renders_and_learns_the_same_on_both_backends():
     fast = models.make(cfg.model.name, cfg.model).to(DEVICE).train()
     fast.load_state_dict(ref.state_dict())
     g = torch.Generator(device=DEVICE).manual_seed(4)
-    rays_o = F.normalize(torch.randn(64, 3, generator=g, device=DEVICE), dim=-1) * 2.5
-    rays_d = F.normalize(torch.randn(64, 3, generator=g, device=DEVICE) * 0.3 - rays_o, dim=-1)
+    rays_o, rays_d = rays_from_orbit(64, g, spread=0.3)
     results = []
     for model in (ref, fast):
         with HostSyncCounter(record_sites=False) as counter:
@@ -261,8 +259,7 @@ def test_marching_gives_the_reference_samples(levels, use_grid, near_plane, cone
     grid.binaries.copy_(torch.rand(grid.binaries.shape, generator=g, device=DEVICE) > 0.6)
     n = 160  # interpreted kernels: a few hundred candidates per ray at most
     step = 0.06 if cone_angle else 0.06 * 2 ** (levels - 1)
-    rays_o = F.normalize(torch.randn(n, 3, generator=g, device=DEVICE), dim=-1) * 2.5
-    rays_d = F.normalize(torch.randn(n, 3, generator=g, device=DEVICE) * 0.6 - rays_o, dim=-1)
+    rays_o, rays_d = rays_from_orbit(n, g, spread=0.6)
     rays_o[0], rays_d[0] = torch.tensor([0.3, 0.2, -3.0]), torch.tensor([0.0, 0.0, 1.0])
     rays_o[1] = torch.tensor([0.1, -0.2, 0.3])  # inside the box
     marched = {}
