@@ -166,6 +166,11 @@ class MLPShape:
     d_out: int
 
     @property
+    def dims(self) -> list:
+        """Widths from input to output: [d_in, width, ..., width, d_out]."""
+        return [self.d_in] + [self.width] * self.n_hidden + [self.d_out]
+
+    @property
     def in_pad(self) -> int:
         return max(16, triton.next_power_of_2(self.d_in))
 
@@ -260,10 +265,8 @@ def fused_mlp(x: torch.Tensor, shape: MLPShape, params: Sequence[torch.Tensor]) 
 def selftest(device: str) -> None:
     """Compile and run the kernels once (raises if this device cannot run them)."""
     shape = MLPShape(d_in=5, width=16, n_hidden=2, d_out=3)
-    dims = [5, 16, 16, 3]
-    params = []
-    for a, b in zip(dims[:-1], dims[1:]):
-        params += [torch.zeros(b, a, device=device, requires_grad=True), torch.zeros(b, device=device,
-                                                                                      requires_grad=True)]
+    dims = shape.dims
+    params = [torch.zeros(size, device=device, requires_grad=True)
+              for a, b in zip(dims[:-1], dims[1:]) for size in ((b, a), (b,))]
     x = torch.zeros(3, 5, device=device, requires_grad=True)
     fused_mlp(x, shape, params).sum().backward()

@@ -237,40 +237,19 @@ def compile_mlp_kernels(arch: int = 90) -> list[KernelReport]:
     Variants: the shapes the configs train, the colour network (32 -> 64 -> 64 -> 3) and NeRF's density network
     (32 -> 64 -> 16), with the TF32 products a GPU runs (fp32 products are for the interpreter).
     """
+    from unittest import mock
+
     import models.triton_mlp as tm
 
     def launches():
-        precision = "tf32"
         for name, shape in (("colour", tm.MLPShape(32, 64, 2, 3)), ("density", tm.MLPShape(32, 64, 1, 16))):
-            dims = [shape.d_in] + [shape.width] * shape.n_hidden + [shape.d_out]
+            dims = shape.dims
             params = [t for a, b in zip(dims[:-1], dims[1:]) for t in (torch.zeros(b, a), torch.zeros(b))]
-            x, packed = torch.zeros(5, shape.d_in), tm.pack(params)
-            grad_out = torch.zeros(5, shape.d_out)
+            x, packed, grad_out = torch.zeros(5, shape.d_in), tm.pack(params), torch.zeros(5, shape.d_out)
             tag = f"{name} {'-'.join(map(str, dims))}"
+            yield tag, lambda x=x, packed=packed, shape=shape: tm.fused_forward(x, packed, shape)
+            yield tag, lambda x=x, packed=packed, grad_out=grad_out, shape=shape: tm.fused_backward(
+                x, packed, grad_out, shape, True)
 
-            def forward(x=x, packed=packed, shape=shape, precision=precision):
-                with _patched(tm, "_precision", lambda: precision):
-                    tm.fused_forward(x, packed, shape)
-
-            def backward(x=x, packed=packed, grad_out=grad_out, shape=shape, precision=precision):
-                with _patched(tm, "_precision", lambda: precision):
-                    tm.fused_backward(x, packed, grad_out, shape, True)
-
-            yield tag, forward
-            yield tag, backward
-
-    return _compile_launches(tm, ("_mlp_forward_kernel", "_mlp_backward_kernel"), launches, arch)
-
-
-class _patched:
-    """Sets ``module.name`` to ``value`` for the duration of a with-block."""
-
-    def __init__(self, module, name: str, value):
-        self.module, self.name, self.value = module, name, value
-
-    def __enter__(self):
-        self.previous = getattr(self.module, self.name)
-        setattr(self.module, self.name, self.value)
-
-    def __exit__(self, *exc):
-        setattr(self.module, self.name, self.previous)
+    with mock.patch.object(tm, "_precision", lambda: "tf32"):
+        return _compile_launches(tm, ("_mlp_forward_kernel", "_mlp_backward_kernel"), launches, arch)
