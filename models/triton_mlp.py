@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Sequence, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from models.backends import triton_interpreted as backends_interpreted
 from models.triton_hashgrid import LAUNCH_OPTIONS  # fused multiply-add and warps, stated in one place
@@ -249,6 +250,7 @@ class _FusedMLP(torch.autograd.Function):
         return fused_forward(x, packed, shape)
 
     @staticmethod
+    @once_differentiable  # the kernels' gradients carry no graph: differentiating them again must fail loudly
     def backward(ctx, grad_out: torch.Tensor):
         x, packed = ctx.saved_tensors
         grad_x, grad_packed = fused_backward(x, packed, grad_out.contiguous().float(), ctx.shape,
