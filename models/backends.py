@@ -80,12 +80,13 @@ def triton_status(explicit: bool = False) -> tuple[bool, str]:
         if version < MIN_TRITON:
             return False, (f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))} (the "
                            "kernels build tuples); PyTorch >= 2.7 ships a newer one")
-        from models import triton_hashgrid, triton_mlp, triton_rendering
+        from models import triton_hashgrid, triton_mlp, triton_rendering, triton_sdf_network
 
         device = "cuda" if torch.cuda.is_available() and not triton_interpreted() else "cpu"
         triton_hashgrid.selftest(device)
         triton_rendering.selftest(device)
         triton_mlp.selftest(device)
+        triton_sdf_network.selftest(device)
         return True, f"triton {triton.__version__}{', interpreter' if triton_interpreted() else ''}"
     except Exception as err:  # ImportError, or a kernel that fails to compile on this GPU
         return False, f"triton not usable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import models
 from models.encodings import get_encoding
-from models.networks import get_activation, get_mlp
+from models.networks import get_activation, get_mlp, get_sdf_network
 from models.rendering import contract_to_unisphere
 from utils.config import ConfigError
 
@@ -66,10 +66,16 @@ class VolumeSDF(nn.Module):
         self.unbounded = False
         self.n_output_dims = int(config.feature_dim)
         self.encoding = get_encoding(3, config.xyz_encoding_config)
-        self.network = get_mlp(self.encoding.n_output_dims, self.n_output_dims, config.mlp_network_config)
         self.grad_type = str(config.get("grad_type", "analytic"))
         if self.grad_type not in ("analytic", "finite_difference"):
             raise ConfigError(f"model.geometry.grad_type must be analytic or finite_difference, not '{self.grad_type}'.")
+        self.network = get_sdf_network(self.encoding.n_output_dims, self.n_output_dims, config.mlp_network_config,
+                                       analytic_gradient=self.grad_type == "analytic")
+        # the network gives its own input gradient (fused kernels): the SDF must be its channel 0 as it is
+        self.fused_gradient = hasattr(self.network, "value_and_input_gradient")
+        if self.fused_gradient and str(config.get("sdf_activation", "none")).lower() not in ("none", "identity"):
+            raise ConfigError("geometry mlp_network_config.backend: triton needs the SDF to be the network's output "
+                              f"(got sdf_activation: {config.get('sdf_activation')}); use backend=auto or torch.")
         eps = config.get("finite_difference_eps", 1e-3)
         self.progressive_eps = eps == "progressive"
         if self.progressive_eps and not hasattr(self.encoding.encoding, "current_level"):
@@ -107,11 +113,19 @@ class VolumeSDF(nn.Module):
         with torch.enable_grad() if analytic else contextlib.nullcontext():
             if analytic and not points.requires_grad:
                 points = points.detach().requires_grad_(True)
-            out = self._network(points)
-            sdf = self._sdf_of(out)
+            if analytic and self.fused_gradient:  # the network's own input gradient, back through the encoding
+                feature = self.encoding(contract_to_unisphere(points, self.radius, self.unbounded))
+                out, feature_grad = self.network.value_and_input_gradient(feature)
+                sdf = self._sdf_of(out)
+                (grad,) = torch.autograd.grad(feature, points, feature_grad.to(feature.dtype), create_graph=True)
+            else:
+                out = self._network(points)
+                sdf = self._sdf_of(out)
+                if analytic:
+                    (grad,) = torch.autograd.grad(sdf, points, torch.ones_like(sdf), create_graph=True)
             result = {"sdf": sdf, "feature": self.feature_activation(out)}
             if analytic:
-                (result["grad"],) = torch.autograd.grad(sdf, points, torch.ones_like(sdf), create_graph=True)
+                result["grad"] = grad
             elif with_grad:
                 eps = self.finite_difference_eps
                 offsets = torch.eye(3, device=points.device, dtype=points.dtype) * eps

@@ -7,7 +7,7 @@ it is usable and fall back to the same architecture in PyTorch otherwise.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 import torch
 import torch.nn as nn
@@ -143,6 +143,46 @@ class TritonMLP(VanillaMLP):
 
         params = [t for layer in self.linears for t in (layer.weight, layer.bias)]
         return self.output_activation(fused_mlp(x, self.shape, params))
+
+
+class TritonSDFNetwork(VanillaMLP):
+    """``VanillaMLP`` as an SDF network: ``value_and_input_gradient`` gives the output and the gradient of its
+    channel 0 (the SDF) with respect to the input from one fused Triton function (``models.triton_sdf_network``),
+    differentiable once, which is what analytic normals and the eikonal loss need. ``forward`` (SDF queries without
+    gradients: marching cubes, occupancy updates) is VanillaMLP's. Same parameters under the same names."""
+
+    def __init__(self, dim_in: int, dim_out: int, config: Dict[str, Any]):
+        super().__init__(dim_in, dim_out, config)
+        from models import triton_mlp, triton_sdf_network
+
+        self.shape = triton_mlp.MLPShape(dim_in, self.n_neurons, self.n_hidden_layers, dim_out)
+        self.beta = triton_sdf_network.SOFTPLUS_BETA if self.sphere_init else triton_sdf_network.RELU
+
+    def value_and_input_gradient(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x (N, dim_in) -> (output (N, dim_out), d output[:, 0] / d x (N, dim_in)), fp32."""
+        from models.triton_sdf_network import sdf_network_with_gradient
+
+        linears = [m for m in self.layers if isinstance(m, nn.Linear)]
+        params = [t for layer in linears for t in (layer.weight, layer.bias)]  # weight norm applied here
+        return sdf_network_with_gradient(x, self.shape, params, self.beta)
+
+
+def get_sdf_network(dim_in: int, dim_out: int, config: Any, analytic_gradient: bool) -> nn.Module:
+    """The network of an SDF field. With ``backend: triton`` and analytic gradients (whatever ``otype``) it is a
+    ``TritonSDFNetwork``: the network fused with its input gradient. Everything else is ``get_mlp``'s."""
+    config = dict(to_primitive(config))
+    if not analytic_gradient or str(config.get("backend", "auto")).lower() != "triton":
+        return get_mlp(dim_in, dim_out, config)
+    from models.triton_mlp import unsupported
+
+    why = unsupported(dim_in, int(config.get("n_neurons", 64)), int(config.get("n_hidden_layers", 1)), dim_out)
+    if str(config.get("output_activation", "none")).lower() not in ("none", "identity"):
+        why = f"its output must be linear (got output_activation: {config.get('output_activation')})"
+    if why:
+        raise ConfigError(f"geometry mlp_network_config.backend: triton cannot run this network: {why}; use "
+                          "backend=auto or torch.")
+    backends.resolve("network", "triton", ("tcnn", "triton"), auto="tcnn")  # says why when Triton cannot run
+    return TritonSDFNetwork(dim_in, dim_out, config)
 
 
 def _triton_unsupported(dim_in: int, dim_out: int, config: Dict[str, Any]) -> str:
