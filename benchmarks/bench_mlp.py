@@ -5,7 +5,10 @@
 
 Rows/s for forward and forward+backward (input and parameter gradients) of
 the networks the configs train: the colour network (32 -> 64 -> 64 -> 3) and
-NeRF's density network (32 -> 64 -> 16). Backends: ``VanillaMLP`` in fp32 and
+NeRF's density network (32 -> 64 -> 16); and NeuS's geometry network
+(35 -> 64 -> 13, Softplus(100), weight norm) with the SDF's input gradient
+(forward) and a loss on both, the eikonal term included (forward+backward:
+autograd's double backward against the fused ``TritonSDFNetwork``). Backends: ``VanillaMLP`` in fp32 and
 under fp16 autocast (what 16-mixed training runs), the fused Triton kernels
 (TF32 products) and tiny-cuda-nn's FullyFusedMLP, where usable. Prints the
 device and the peak memory of each run. The answer decides whether
@@ -19,7 +22,7 @@ import torch
 
 from common import describe_device, time_calls
 from models import backends
-from models.networks import TCNNMLP, TritonMLP, VanillaMLP
+from models.networks import TCNNMLP, TritonMLP, TritonSDFNetwork, VanillaMLP
 
 NETWORKS = {"colour 32-64-64-3": (32, 3, 2), "density 32-64-16": (32, 16, 1)}
 
@@ -29,6 +32,28 @@ def build(backend: str, d_in: int, d_out: int, n_hidden: int) -> torch.nn.Module
               "n_hidden_layers": n_hidden}
     cls = {"torch": VanillaMLP, "torch-16": VanillaMLP, "triton": TritonMLP, "tcnn": TCNNMLP}[backend]
     return cls(d_in, d_out, config)
+
+
+SDF_NETWORK = {"otype": "VanillaMLP", "output_activation": "none", "n_neurons": 64, "n_hidden_layers": 1,
+               "sphere_init": True, "weight_norm": True}
+
+
+def measure_sdf(net, x: torch.Tensor, backward: bool, half: bool, repeats: int) -> tuple[float, float]:
+    """(rows/s, peak MiB) of the SDF network's output and input gradient, and of a loss on both."""
+
+    def step():
+        inputs = x.detach().requires_grad_(True)
+        with torch.autocast(x.device.type, dtype=torch.float16, enabled=half):
+            if isinstance(net, TritonSDFNetwork):
+                out, grad = net.value_and_input_gradient(inputs)
+            else:
+                out = net(inputs).float()
+                (grad,) = torch.autograd.grad(out[:, 0].sum(), inputs, create_graph=backward)
+            if backward:
+                (out.square().sum() + (grad.float().norm(dim=-1) - 1).square().sum()).backward()
+
+    seconds, peak = time_calls(step, x.device, repeats)
+    return x.shape[0] / seconds, peak
 
 
 def measure(net, x: torch.Tensor, backward: bool, half: bool, repeats: int) -> tuple[float, float]:
@@ -73,6 +98,13 @@ def main():
                 cells = [measure(net, x, backward, backend == "torch-16", args.repeats) for backward in (False, True)]
                 print(f"{label:18s} {backend:9s} {2 ** log2n:9d} "
                       + " ".join(f"{rate:10.3e} ({peak:6.0f})".rjust(20) for rate, peak in cells))
+    for backend in [name for name in present if name != "tcnn"]:  # tcnn has no SDF network of this kind
+        net = (TritonSDFNetwork if backend == "triton" else VanillaMLP)(35, 13, SDF_NETWORK).to(device)
+        for log2n in sizes:
+            x = torch.randn(2 ** log2n, 35, device=device) * 0.05
+            cells = [measure_sdf(net, x, backward, backend == "torch-16", args.repeats) for backward in (False, True)]
+            print(f"{'sdf 35-64-13':18s} {backend:9s} {2 ** log2n:9d} "
+                  + " ".join(f"{rate:10.3e} ({peak:6.0f})".rjust(20) for rate, peak in cells))
 
 
 if __name__ == "__main__":

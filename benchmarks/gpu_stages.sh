@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_stages.sh OUT_DIR env parity encoding step     # ~8 min on an H100
 #   bash benchmarks/gpu_stages.sh OUT_DIR render                       # NeRF and NeuS step per rendering backend
-#   bash benchmarks/gpu_stages.sh OUT_DIR mlp                          # fused Triton MLP vs cuBLAS, and in a NeRF step
+#   bash benchmarks/gpu_stages.sh OUT_DIR mlp                          # fused Triton MLPs vs cuBLAS, in NeRF and NeuS steps
 #   bash benchmarks/gpu_stages.sh OUT_DIR train-fast                   # NeRF + NeuS, 20k steps, fastest grid
 #   bash benchmarks/gpu_stages.sh OUT_DIR train-torch                  # the same with the PyTorch grid, 2k steps
 #
@@ -22,9 +22,9 @@ status=0
 for stage in "$@"; do
     case $stage in
         env) cmd="nvidia-smi; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'; python3 -c 'from models import backends; print({k: f() for k, f in backends._STATUS.items()})'" ;;
-        parity) cmd="python3 -m pytest -q -rs tests/test_triton_hashgrid.py tests/test_triton_rendering.py tests/test_triton_mlp.py tests/test_nerfacc_parity.py tests/test_hashgrid.py tests/test_host_syncs.py" ;;
+        parity) cmd="python3 -m pytest -q -rs tests/test_triton_hashgrid.py tests/test_triton_rendering.py tests/test_triton_mlp.py tests/test_triton_sdf_network.py tests/test_nerfacc_parity.py tests/test_hashgrid.py tests/test_host_syncs.py" ;;
         render) cmd="for b in torch triton nerfacc; do python3 benchmarks/bench_step.py --configs configs/nerf-blender.yaml configs/neus-blender.yaml $demo --steps 100 -- model.rendering_backend=\$b; done" ;;
-        mlp) cmd="python3 benchmarks/bench_mlp.py; python3 benchmarks/bench_step.py --configs configs/nerf-blender.yaml $demo --steps 100 -- +model.geometry.mlp_network_config.backend=triton +model.texture.mlp_network_config.backend=triton" ;;
+        mlp) cmd="python3 benchmarks/bench_mlp.py; python3 benchmarks/bench_step.py --configs configs/nerf-blender.yaml $demo --steps 100 -- +model.geometry.mlp_network_config.backend=triton +model.texture.mlp_network_config.backend=triton; python3 benchmarks/bench_step.py --configs configs/neus-blender.yaml $demo --steps 100 -- +model.geometry.mlp_network_config.backend=triton +model.texture.mlp_network_config.backend=triton" ;;
         encoding) cmd="python3 benchmarks/bench_encoding.py" ;;
         step) cmd="python3 benchmarks/bench_step.py --configs configs/nerf-blender.yaml configs/neus-blender.yaml $demo --steps 100" ;;
         train-fast) cmd="python3 benchmarks/bench_train.py --steps 20000 --backends triton tcnn" ;;

@@ -23,7 +23,8 @@ if os.environ.pop("TRITON_INTERPRET", None) == "1":  # Triton reads it when a ke
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.triton_aot import compile_hash_grid_kernels, compile_mlp_kernels, compile_rendering_kernels  # noqa: E402
+from utils.triton_aot import (compile_hash_grid_kernels, compile_mlp_kernels, compile_rendering_kernels,  # noqa: E402
+                              compile_sdf_network_kernels)
 
 COLUMNS = ("arch", "kernel", "variant", "registers", "spilled_bytes", "shared_bytes", "global_loads", "reductions",
            "ordered_atomics", "barriers", "fused_multiply_adds", "tensor_core_products", "ptx_lines")
@@ -38,7 +39,7 @@ def main() -> None:
 
     print(f"triton {triton.__version__}; per program")
     reports = [r for arch in args.arch for r in compile_hash_grid_kernels(arch) + compile_rendering_kernels(arch)
-               + compile_mlp_kernels(arch)]
+               + compile_mlp_kernels(arch) + compile_sdf_network_kernels(arch)]
     rows = [[str(getattr(r, c)) for c in COLUMNS] for r in reports]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(COLUMNS)]
     print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))

@@ -26,10 +26,11 @@ def compiled(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # conftest sets it for this process
     env.update(TRITON_CACHE_DIR=str(tmp_path_factory.mktemp("triton-cache")))
     code = ("import json; from utils.triton_aot import compile_hash_grid_kernels, compile_mlp_kernels, "
-            "compile_rendering_kernels; "
+            "compile_rendering_kernels, compile_sdf_network_kernels; "
             f"print(json.dumps({{'hash grid': [r.as_dict() for a in {ARCHS!r} for r in compile_hash_grid_kernels(a)], "
             f"'rendering': [r.as_dict() for a in {ARCHS!r} for r in compile_rendering_kernels(a)], "
-            f"'mlp': [r.as_dict() for a in {ARCHS!r} for r in compile_mlp_kernels(a)]}}))")
+            f"'mlp': [r.as_dict() for a in {ARCHS!r} for r in compile_mlp_kernels(a)], "
+            f"'sdf network': [r.as_dict() for a in {ARCHS!r} for r in compile_sdf_network_kernels(a)]}}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     if "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("this Triton has no ptxas to compile with")
@@ -81,6 +82,20 @@ def test_fused_mlp_compiles_to_tensor_core_products_without_spills(compiled):
             assert sorted(kernels) == ["_mlp_backward_kernel"] * layers + ["_mlp_forward_kernel"], (arch, kernels)
     for r in reports:
         where = f"{r['kernel']} ({r['variant']}, sm_{r['arch']})"
+        assert r["spilled_bytes"] == 0, where
+        assert r["tensor_core_products"] > 0, where
+        assert r["reductions"] == 0 and r["ordered_atomics"] == 0, where
+
+
+def test_fused_sdf_network_compiles_to_tensor_core_products_without_spills(compiled):
+    """NeuS's geometry network with its input gradient: a forward launch and one backward launch per layer (2 for
+    35 -> 64 -> 13), on tensor cores, nothing spilled, no atomics (measured 110-252 registers on sm_80/90)."""
+    reports = compiled["sdf network"]
+    for arch in ARCHS:
+        kernels = sorted(r["kernel"] for r in reports if r["arch"] == arch)
+        assert kernels == ["_sdf_backward_kernel"] * 2 + ["_sdf_forward_kernel"], (arch, kernels)
+    for r in reports:
+        where = f"{r['kernel']} (sm_{r['arch']})"
         assert r["spilled_bytes"] == 0, where
         assert r["tensor_core_products"] > 0, where
         assert r["reductions"] == 0 and r["ordered_atomics"] == 0, where

@@ -253,3 +253,26 @@ def compile_mlp_kernels(arch: int = 90) -> list[KernelReport]:
 
     with mock.patch.object(tm, "_precision", lambda: "tf32"):
         return _compile_launches(tm, ("_mlp_forward_kernel", "_mlp_backward_kernel"), launches, arch)
+
+
+def compile_sdf_network_kernels(arch: int = 90) -> list[KernelReport]:
+    """NeuS's geometry network fused with its input gradient (``models.triton_sdf_network``): the forward and the
+    per-layer backward for the shape the configs train, 35 (32 grid features + xyz) -> 64 -> 13, Softplus(100),
+    with TF32 products, compiled for sm_<arch>."""
+    from unittest import mock
+
+    import models.triton_mlp as tm
+    import models.triton_sdf_network as tsn
+
+    def launches():
+        shape = tm.MLPShape(35, 64, 1, 13)
+        dims = shape.dims
+        params = [t for a, b in zip(dims[:-1], dims[1:]) for t in (torch.zeros(b, a), torch.zeros(b))]
+        x, packed = torch.zeros(5, shape.d_in), tm.pack(params)
+        tag = f"sdf {'-'.join(map(str, dims))}"
+        yield tag, lambda: tsn.sdf_forward(x, packed, shape, tsn.SOFTPLUS_BETA)
+        yield tag, lambda: tsn.sdf_backward(x, packed, torch.zeros(5, shape.d_out), torch.zeros(5, shape.d_in), shape,
+                                            tsn.SOFTPLUS_BETA, True)
+
+    with mock.patch.object(tm, "_precision", lambda: "tf32"):
+        return _compile_launches(tsn, ("_sdf_forward_kernel", "_sdf_backward_kernel"), launches, arch)
