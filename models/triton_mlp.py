@@ -87,6 +87,17 @@ if triton is not None:
                        other=0.0).to(tl.float32)
 
     @triton.jit
+    def _store_partial(partial_ptr, n_params, acc_w, acc_b, BASE: tl.constexpr, IN: tl.constexpr,
+                       IN_PAD: tl.constexpr, OUT: tl.constexpr, OUT_PAD: tl.constexpr):
+        """This program's row of the (programs, n_params) partial sums: one layer's weight (OUT, IN) and bias (OUT,)
+        gradients, from (OUT_PAD, IN_PAD) and (OUT_PAD,) accumulators, at BASE."""
+        o = tl.arange(0, OUT_PAD)
+        i = tl.arange(0, IN_PAD)
+        row = partial_ptr + tl.program_id(0).to(tl.int64) * n_params + BASE
+        tl.store(row + o[:, None] * IN + i[None, :], acc_w, mask=(o[:, None] < OUT) & (i[None, :] < IN))
+        tl.store(row + OUT * IN + o, acc_b, mask=o < OUT)
+
+    @triton.jit
     def _mlp_forward_kernel(x_ptr, p_ptr, out_ptr, n_rows, D_IN: tl.constexpr, IN_PAD: tl.constexpr,
                             WIDTH: tl.constexpr, N_HIDDEN: tl.constexpr, D_OUT: tl.constexpr,
                             OUT_PAD: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
@@ -150,11 +161,7 @@ if triton is not None:
                 gx = tl.dot(delta, w, input_precision=PRECISION)
                 c = tl.arange(0, IN_PAD)
                 tl.store(gx_ptr + rows[:, None] * D_IN + c[None, :], gx, mask=m[:, None] & (c[None, :] < D_IN))
-        o = tl.arange(0, L_OUT_PAD)
-        i = tl.arange(0, L_IN_PAD)
-        row = partial_ptr + pid.to(tl.int64) * n_params + L_BASE
-        tl.store(row + o[:, None] * L_IN + i[None, :], acc_w, mask=(o[:, None] < L_OUT) & (i[None, :] < L_IN))
-        tl.store(row + L_OUT * L_IN + o, acc_b, mask=o < L_OUT)
+        _store_partial(partial_ptr, n_params, acc_w, acc_b, L_BASE, L_IN, L_IN_PAD, L_OUT, L_OUT_PAD)
 
 
 @dataclass(frozen=True)
@@ -208,6 +215,15 @@ def _backward_programs(n_rows: int, device: torch.device) -> int:
     return max(1, min(blocks, cap))
 
 
+def sum_partials(n_rows: int, packed: torch.Tensor, launch) -> torch.Tensor:
+    """The parameters' gradient (n_params,): ``launch(programs, partial)`` runs the backward kernels, each program
+    writing its partial sums to its row of ``partial`` (programs, n_params); summed here in one operation."""
+    programs = _backward_programs(n_rows, packed.device)
+    partial = torch.empty(programs, packed.numel(), device=packed.device, dtype=torch.float32)
+    launch(programs, partial)
+    return partial[0] if programs == 1 else partial.sum(0)
+
+
 def pack(params: Sequence[torch.Tensor]) -> torch.Tensor:
     """Weights and biases, layer by layer (W0, b0, W1, b1, ...), as one flat fp32 buffer: the kernels' layout."""
     return torch.cat([p.reshape(-1) for p in params]).float()
@@ -229,13 +245,15 @@ def fused_backward(x: torch.Tensor, packed: torch.Tensor, grad_out: torch.Tensor
     grad_x = torch.empty(n, shape.d_in, device=x.device, dtype=torch.float32) if need_x else None
     if n == 0:
         return grad_x, torch.zeros_like(packed)
-    programs = _backward_programs(n, x.device)
-    partial = torch.empty(programs, packed.numel(), device=x.device, dtype=torch.float32)
     constants = shape.constants(BACKWARD_BLOCK_ROWS)
-    for layer in range(shape.n_hidden + 1):
-        _mlp_backward_kernel[(programs,)](x, packed, grad_out, grad_x if need_x else partial, partial, n,
-                                          packed.numel(), LAYER=layer, NEED_X=need_x, **constants, **BACKWARD_OPTIONS)
-    grad_params = partial[0] if programs == 1 else partial.sum(0)
+
+    def launch(programs, partial):
+        for layer in range(shape.n_hidden + 1):
+            _mlp_backward_kernel[(programs,)](x, packed, grad_out, grad_x if need_x else partial, partial, n,
+                                              packed.numel(), LAYER=layer, NEED_X=need_x, **constants,
+                                              **BACKWARD_OPTIONS)
+
+    grad_params = sum_partials(n, packed, launch)
     return (grad_x.to(x.dtype) if need_x else None), grad_params
 
 

@@ -29,13 +29,12 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from models.triton_hashgrid import LAUNCH_OPTIONS
-from models.triton_mlp import (BACKWARD_BLOCK_ROWS, BACKWARD_OPTIONS, BLOCK_ROWS, MLPShape, _backward_programs,
-                               pack)
+from models.triton_mlp import BACKWARD_BLOCK_ROWS, BACKWARD_OPTIONS, BLOCK_ROWS, MLPShape, pack, sum_partials
 
 try:
     import triton
     import triton.language as tl
-    from models.triton_mlp import _linear, _load_rows, _weight
+    from models.triton_mlp import _linear, _load_rows, _store_partial, _weight
 except ImportError:  # pragma: no cover - the backend switch reports it
     triton = None
 
@@ -161,10 +160,7 @@ if triton is not None:
                 gx = tl.dot(h_bar, _weight(p_ptr, 0, D_IN, IN_PAD, WIDTH, WIDTH), input_precision=PRECISION)
                 i = tl.arange(0, IN_PAD)
                 tl.store(gx_ptr + rows[:, None] * D_IN + i[None, :], gx, mask=m[:, None] & (i[None, :] < D_IN))
-        i = tl.arange(0, L_IN_PAD)
-        row = partial_ptr + pid.to(tl.int64) * n_params + L_BASE
-        tl.store(row + o[:, None] * L_IN + i[None, :], acc_w, mask=(o[:, None] < L_OUT) & (i[None, :] < L_IN))
-        tl.store(row + L_OUT * L_IN + o, acc_b, mask=o < L_OUT)
+        _store_partial(partial_ptr, n_params, acc_w, acc_b, L_BASE, L_IN, L_IN_PAD, L_OUT, L_OUT_PAD)
 
 
 def _constants(shape: MLPShape, block: int, beta: float) -> dict:
@@ -191,14 +187,15 @@ def sdf_backward(x: torch.Tensor, packed: torch.Tensor, grad_out: torch.Tensor, 
     grad_x = torch.empty(n, shape.d_in, device=x.device, dtype=torch.float32) if need_x else None
     if n == 0:
         return grad_x, torch.zeros_like(packed)
-    programs = _backward_programs(n, x.device)
-    partial = torch.empty(programs, packed.numel(), device=x.device, dtype=torch.float32)
     constants = _constants(shape, BACKWARD_BLOCK_ROWS, beta)
-    for layer in range(shape.n_hidden + 1):
-        _sdf_backward_kernel[(programs,)](x, packed, grad_out, grad_g, grad_x if need_x else partial, partial, n,
-                                          packed.numel(), LAYER=layer, NEED_X=need_x, **constants,
-                                          **BACKWARD_OPTIONS)
-    return grad_x, (partial[0] if programs == 1 else partial.sum(0))
+
+    def launch(programs, partial):
+        for layer in range(shape.n_hidden + 1):
+            _sdf_backward_kernel[(programs,)](x, packed, grad_out, grad_g, grad_x if need_x else partial, partial,
+                                              n, packed.numel(), LAYER=layer, NEED_X=need_x, **constants,
+                                              **BACKWARD_OPTIONS)
+
+    return grad_x, sum_partials(n, packed, launch)
 
 
 class _SDFNetworkWithGradient(torch.autograd.Function):
