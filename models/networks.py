@@ -157,13 +157,13 @@ class TritonSDFNetwork(VanillaMLP):
 
         self.shape = triton_mlp.MLPShape(dim_in, self.n_neurons, self.n_hidden_layers, dim_out)
         self.beta = triton_sdf_network.SOFTPLUS_BETA if self.sphere_init else triton_sdf_network.RELU
+        self.linears = [m for m in self.layers if isinstance(m, nn.Linear)]
 
     def value_and_input_gradient(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x (N, dim_in) -> (output (N, dim_out), d output[:, 0] / d x (N, dim_in)), fp32."""
         from models.triton_sdf_network import sdf_network_with_gradient
 
-        linears = [m for m in self.layers if isinstance(m, nn.Linear)]
-        params = [t for layer in linears for t in (layer.weight, layer.bias)]  # weight norm applied here
+        params = [t for layer in self.linears for t in (layer.weight, layer.bias)]  # weight norm applied here
         return sdf_network_with_gradient(x, self.shape, params, self.beta)
 
 

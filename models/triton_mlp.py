@@ -186,6 +186,12 @@ class MLPShape:
     def out_pad(self) -> int:
         return max(16, triton.next_power_of_2(self.d_out))
 
+    def zero_params(self, device="cpu", requires_grad: bool = False) -> list:
+        """(W0, b0, W1, b1, ...) of this shape, all zeros: for self-tests and compile checks."""
+        dims = self.dims
+        return [torch.zeros(size, device=device, requires_grad=requires_grad)
+                for a, b in zip(dims[:-1], dims[1:]) for size in ((b, a), (b,))]
+
     def constants(self, block: int) -> dict:
         return dict(D_IN=self.d_in, IN_PAD=self.in_pad, WIDTH=self.width, N_HIDDEN=self.n_hidden, D_OUT=self.d_out,
                     OUT_PAD=self.out_pad, BLOCK=block, PRECISION=_precision())
@@ -285,8 +291,6 @@ def fused_mlp(x: torch.Tensor, shape: MLPShape, params: Sequence[torch.Tensor]) 
 def selftest(device: str) -> None:
     """Compile and run the kernels once (raises if this device cannot run them)."""
     shape = MLPShape(d_in=5, width=16, n_hidden=2, d_out=3)
-    dims = shape.dims
-    params = [torch.zeros(size, device=device, requires_grad=True)
-              for a, b in zip(dims[:-1], dims[1:]) for size in ((b, a), (b,))]
+    params = shape.zero_params(device, requires_grad=True)
     x = torch.zeros(3, 5, device=device, requires_grad=True)
     fused_mlp(x, shape, params).sum().backward()

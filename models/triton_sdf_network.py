@@ -233,9 +233,7 @@ def sdf_network_with_gradient(x: torch.Tensor, shape: MLPShape, params: Sequence
 def selftest(device: str) -> None:
     """Compile and run the kernels once (raises if this device cannot run them)."""
     shape = MLPShape(d_in=5, width=16, n_hidden=2, d_out=3)
-    dims = shape.dims
-    params = [torch.zeros(size, device=device, requires_grad=True)
-              for a, b in zip(dims[:-1], dims[1:]) for size in ((b, a), (b,))]
+    params = shape.zero_params(device, requires_grad=True)
     x = torch.zeros(3, 5, device=device, requires_grad=True)
     out, g = sdf_network_with_gradient(x, shape, params)
     (out.sum() + g.sum()).backward()

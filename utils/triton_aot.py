@@ -243,10 +243,8 @@ def compile_mlp_kernels(arch: int = 90) -> list[KernelReport]:
 
     def launches():
         for name, shape in (("colour", tm.MLPShape(32, 64, 2, 3)), ("density", tm.MLPShape(32, 64, 1, 16))):
-            dims = shape.dims
-            params = [t for a, b in zip(dims[:-1], dims[1:]) for t in (torch.zeros(b, a), torch.zeros(b))]
-            x, packed, grad_out = torch.zeros(5, shape.d_in), tm.pack(params), torch.zeros(5, shape.d_out)
-            tag = f"{name} {'-'.join(map(str, dims))}"
+            x, packed, grad_out = torch.zeros(5, shape.d_in), tm.pack(shape.zero_params()), torch.zeros(5, shape.d_out)
+            tag = f"{name} {'-'.join(map(str, shape.dims))}"
             yield tag, lambda x=x, packed=packed, shape=shape: tm.fused_forward(x, packed, shape)
             yield tag, lambda x=x, packed=packed, grad_out=grad_out, shape=shape: tm.fused_backward(
                 x, packed, grad_out, shape, True)
@@ -266,10 +264,8 @@ def compile_sdf_network_kernels(arch: int = 90) -> list[KernelReport]:
 
     def launches():
         shape = tm.MLPShape(35, 64, 1, 13)
-        dims = shape.dims
-        params = [t for a, b in zip(dims[:-1], dims[1:]) for t in (torch.zeros(b, a), torch.zeros(b))]
-        x, packed = torch.zeros(5, shape.d_in), tm.pack(params)
-        tag = f"sdf {'-'.join(map(str, dims))}"
+        x, packed = torch.zeros(5, shape.d_in), tm.pack(shape.zero_params())
+        tag = f"sdf {'-'.join(map(str, shape.dims))}"
         yield tag, lambda: tsn.sdf_forward(x, packed, shape, tsn.SOFTPLUS_BETA)
         yield tag, lambda: tsn.sdf_backward(x, packed, torch.zeros(5, shape.d_out), torch.zeros(5, shape.d_in), shape,
                                             tsn.SOFTPLUS_BETA, True)
