@@ -126,7 +126,8 @@ class TCNNMLP(nn.Module):
 
 
 class TritonMLP(VanillaMLP):
-    """``VanillaMLP`` (ReLU, no sphere init or weight norm) run by the fused Triton kernels (``models.triton_mlp``).
+    """``VanillaMLP`` (ReLU, no sphere init; weight norm allowed) run by the fused Triton kernels
+    (``models.triton_mlp``), which take the weights weight norm makes and pass their gradients back to it.
 
     Same parameters under the same names, so checkpoints interchange with ``VanillaMLP``; output fp32.
     """
@@ -171,7 +172,14 @@ def get_sdf_network(dim_in: int, dim_out: int, config: Any, analytic_gradient: b
     """The network of an SDF field. With ``backend: triton`` and analytic gradients (whatever ``otype``) it is a
     ``TritonSDFNetwork``: the network fused with its input gradient. Everything else is ``get_mlp``'s."""
     config = dict(to_primitive(config))
-    if not analytic_gradient or str(config.get("backend", "auto")).lower() != "triton":
+    if str(config.get("backend", "auto")).lower() != "triton":
+        return get_mlp(dim_in, dim_out, config)
+    if not analytic_gradient:  # finite differences query the plain network: the fused MLP, if it can run it
+        why = _triton_unsupported(dim_in, dim_out, config)
+        if why:
+            raise ConfigError(f"geometry mlp_network_config.backend: triton with grad_type: finite_difference runs "
+                              f"the fused MLP, which cannot run this network: {why}; use grad_type: analytic (the "
+                              "fused SDF network) or backend=auto.")
         return get_mlp(dim_in, dim_out, config)
     from models.triton_mlp import unsupported
 
@@ -189,6 +197,8 @@ def _triton_unsupported(dim_in: int, dim_out: int, config: Dict[str, Any]) -> st
     """Why the fused Triton MLP cannot run this network ('' when it can)."""
     from models.triton_mlp import unsupported
 
+    if config.get("sphere_init"):
+        return "it has ReLU hidden layers only (sphere_init uses Softplus(100))"
     if str(config.get("activation", "ReLU")).lower() != "relu":
         return f"it has ReLU hidden layers only (got activation: {config.get('activation')})"
     return unsupported(dim_in, int(config.get("n_neurons", 64)), int(config.get("n_hidden_layers", 1)), dim_out)
@@ -197,26 +207,30 @@ def _triton_unsupported(dim_in: int, dim_out: int, config: Dict[str, Any]) -> st
 def get_mlp(dim_in: int, dim_out: int, config: Any) -> nn.Module:
     """Build the network a config names (``otype``).
 
-    ``FullyFusedMLP``/``CutlassMLP``: tiny-cuda-nn when usable, else ``VanillaMLP``; ``backend: triton`` runs the
-    fused Triton kernels instead (asked for by name: ``auto`` does not pick them until a GPU benchmark shows they
-    beat cuBLAS at these sizes).
+    ``VanillaMLP``: PyTorch. ``FullyFusedMLP``/``CutlassMLP``: tiny-cuda-nn when usable, else ``VanillaMLP``.
+    ``backend: triton``, whatever the ``otype``, runs the fused Triton kernels instead (asked for by name: ``auto``
+    does not pick them until a GPU benchmark shows they beat cuBLAS at these sizes), and is a config error for a
+    network they cannot run rather than a silent fallback.
     """
     config = dict(to_primitive(config))
     otype = config.get("otype", "VanillaMLP")
+    if otype not in ("VanillaMLP", "FullyFusedMLP", "CutlassMLP"):
+        raise ConfigError(f"Unknown network otype '{otype}'; known: VanillaMLP, FullyFusedMLP, CutlassMLP.")
+    requested = str(config.get("backend", "auto")).lower()
+    known = ("auto", "torch", "triton") if otype == "VanillaMLP" else ("auto", "torch", "tcnn", "triton")
+    if requested not in known:
+        raise ConfigError(f"mlp_network_config.backend: {requested} is not a backend of otype {otype}; choose "
+                          f"{', '.join(known)}" + (" (tiny-cuda-nn runs otype: FullyFusedMLP)." if otype ==
+                                                   "VanillaMLP" else "."))
+    if requested == "triton":
+        why = _triton_unsupported(dim_in, dim_out, config)
+        if why:
+            raise ConfigError(f"mlp_network_config.backend: triton cannot run this network: {why}; use "
+                              "backend=auto or torch.")
+        backends.resolve("network", "triton", ("tcnn", "triton"), auto="tcnn")  # says why when Triton cannot run
+        return TritonMLP(dim_in, dim_out, config)
     if otype == "VanillaMLP":
         return VanillaMLP(dim_in, dim_out, config)
-    if otype in ("FullyFusedMLP", "CutlassMLP"):
-        needs_torch = config.get("sphere_init") or config.get("weight_norm")
-        requested = "torch" if needs_torch else config.get("backend", "auto")
-        if str(requested).lower() == "triton":
-            why = _triton_unsupported(dim_in, dim_out, config)
-            if why:
-                raise ConfigError(f"mlp_network_config.backend: triton cannot run this network: {why}; use "
-                                  "backend=auto or torch.")
-        chosen = backends.resolve("network", requested, ("tcnn", "triton"), auto="tcnn")
-        if chosen == "tcnn":
-            return TCNNMLP(dim_in, dim_out, config)
-        if chosen == "triton":
-            return TritonMLP(dim_in, dim_out, config)
-        return VanillaMLP(dim_in, dim_out, config)
-    raise ConfigError(f"Unknown network otype '{otype}'; known: VanillaMLP, FullyFusedMLP, CutlassMLP.")
+    needs_torch = config.get("sphere_init") or config.get("weight_norm")  # tiny-cuda-nn has neither
+    chosen = backends.resolve("network", "torch" if needs_torch else requested, ("tcnn", "triton"), auto="tcnn")
+    return TCNNMLP(dim_in, dim_out, config) if chosen == "tcnn" else VanillaMLP(dim_in, dim_out, config)

@@ -126,9 +126,41 @@ def test_the_network_interchanges_with_vanilla_mlp_in_two_launches_and_a_few_ope
     assert_close(sigmoid(x), torch.sigmoid(ref(x)), "sigmoid output")
 
 
-@pytest.mark.parametrize("config,message", [(network_config(width=48), "n_neurons must be one of 16, 32, 64, 128"),
-                                            (network_config(activation="Tanh"), "ReLU hidden layers only")])
+def test_a_vanilla_mlp_with_weight_norm_asked_for_triton_runs_the_kernels_with_its_gradients():
+    """``backend: triton`` is honoured whatever the otype (it used to be ignored for VanillaMLP, silently): the
+    kernels take the weights weight norm makes, and autograd carries their gradients back to its g and v."""
+    config = network_config(width=32, n_hidden=2, otype="VanillaMLP", weight_norm=True)
+    torch.manual_seed(3)
+    ref = VanillaMLP(20, 4, {**config, "backend": "torch"}).to(DEVICE)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():  # g away from ||v||, so the normalisation matters
+            p.normal_(0.0, 0.4 / p.shape[-1] ** 0.5 if p.dim() == 2 and "original1" in name else 0.3)
+    fused = get_mlp(20, 4, config).to(DEVICE)
+    assert isinstance(fused, TritonMLP)
+    fused.load_state_dict(ref.state_dict())
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    x, grad_out = torch.randn(70, 20, generator=g, device=DEVICE), torch.randn(70, 4, generator=g, device=DEVICE)
+    out_ref, gx_ref, grads_ref = outputs_and_gradients(ref, x, grad_out)
+    out, gx, grads = outputs_and_gradients(fused, x, grad_out)
+    assert_close(out, out_ref, "output")
+    assert_close(gx, gx_ref, "input gradient")
+    assert any("original0" in n for n in grads_ref) and grads.keys() == grads_ref.keys()
+    for name, expected in grads_ref.items():
+        assert float(expected.abs().max()) > 0, name
+        assert_close(grads[name], expected, name)
+
+
+@pytest.mark.parametrize("config,message", [
+    (network_config(width=48), "n_neurons must be one of 16, 32, 64, 128"),
+    (network_config(activation="Tanh"), "ReLU hidden layers only"),
+    (network_config(otype="VanillaMLP", sphere_init=True), r"ReLU hidden layers only \(sphere_init"),
+    (network_config(otype="FullyFusedMLP", sphere_init=True), r"ReLU hidden layers only \(sphere_init"),
+    (network_config(otype="VanillaMLP", backend="tritn"), "tritn is not a backend of otype VanillaMLP"),
+    (network_config(otype="VanillaMLP", backend="tcnn"), "tiny-cuda-nn runs otype: FullyFusedMLP"),
+    (network_config(otype="FullyFusedMLP", backend="tcn", weight_norm=True), "tcn is not a backend"),
+])
 def test_a_network_the_kernels_cannot_run_is_a_config_error(config, message):
+    """Also a misspelt backend: no otype ignores it silently."""
     with pytest.raises(ConfigError, match=message):
         get_mlp(32, 3, config)
 

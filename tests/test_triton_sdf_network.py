@@ -12,7 +12,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 
 import models  # noqa: E402
 from helpers import rays_from_orbit  # noqa: E402
-from models.networks import TritonSDFNetwork, VanillaMLP, get_sdf_network  # noqa: E402
+from models.networks import TritonMLP, TritonSDFNetwork, VanillaMLP, get_sdf_network  # noqa: E402
 from models.triton_mlp import MLPShape, fused_mlp  # noqa: E402
 from models.triton_sdf_network import sdf_network_with_gradient  # noqa: E402
 from utils.config import ConfigError, load_config  # noqa: E402
@@ -165,7 +165,9 @@ def test_differentiating_twice_is_an_error_not_a_silent_zero():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (("model.geometry.grad_type=finite_difference",), None),  # finite differences need no input gradient
+    # finite differences need no input gradient: the plain fused MLP, which has ReLU hidden layers only
+    (("model.geometry.grad_type=finite_difference",), "finite_difference runs the fused MLP.*Softplus"),
+    (("model.geometry.grad_type=finite_difference", "model.geometry.mlp_network_config.sphere_init=false"), None),
     (("model.geometry.mlp_network_config.n_neurons=48",), "n_neurons must be one of 16, 32, 64, 128"),
     (("model.geometry.mlp_network_config.output_activation=sigmoid",), "output must be linear"),
     (("+model.geometry.sdf_activation=softplus",), "SDF to be the network's output"),
@@ -174,7 +176,7 @@ def test_what_the_fused_sdf_network_cannot_run_is_a_config_error(overrides, mess
     cfg = load_config("configs/neus-demo.yaml", ["+model.geometry.mlp_network_config.backend=triton", *overrides])
     if message is None:
         geometry = models.make("volume-sdf", cfg.model.geometry)
-        assert isinstance(geometry.network, VanillaMLP) and not geometry.fused_gradient
+        assert isinstance(geometry.network, TritonMLP) and not geometry.fused_gradient
         return
     with pytest.raises(ConfigError, match=message):
         models.make("volume-sdf", cfg.model.geometry)
