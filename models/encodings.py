@@ -384,5 +384,9 @@ def get_encoding(n_input_dims: int, config: Any) -> CompositeEncoding:
     if cls in (HashGrid, ProgressiveBandHashGrid):
         encoding = cls(n_input_dims, config, backend=config.get("backend", "auto"))
     else:
+        backend = str(config.get("backend", "auto")).lower()
+        if backend not in ("auto", "torch"):
+            raise ConfigError(f"encoding otype {otype} has a PyTorch implementation only (got backend: {backend}); "
+                              "use backend=auto or torch.")
         encoding = cls(n_input_dims, config)
     return CompositeEncoding(encoding, n_input_dims, bool(config.get("include_xyz", False)))

@@ -58,3 +58,15 @@ def test_gradients_through_the_basis_are_finite_and_match_the_recurrence():
     (_real_sh_basis(ref_in, 4) * weights).sum().backward()
     assert torch.isfinite(fast_in.grad).all()
     torch.testing.assert_close(fast_in.grad.double(), 2 * ref_in.grad, rtol=1e-4, atol=1e-4)  # d(2u-1)/du = 2
+
+
+def test_asking_for_an_accelerated_backend_is_a_config_error_not_ignored():
+    import pytest
+
+    from models.encodings import get_encoding
+    from utils.config import ConfigError
+
+    assert get_encoding(3, {"otype": "SphericalHarmonics", "degree": 4, "backend": "torch"})(torch.rand(5, 3)).shape \
+        == (5, 16)
+    with pytest.raises(ConfigError, match="SphericalHarmonics has a PyTorch implementation only"):
+        get_encoding(3, {"otype": "SphericalHarmonics", "degree": 4, "backend": "triton"})
