@@ -1,7 +1,7 @@
 """NeuS: SDF surface rendering on a hash grid, with an optional NeRF++-style background."""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Tuple
 
 import numpy as np
 import torch
@@ -60,6 +60,17 @@ def neus_alpha(sdf: torch.Tensor, cos: torch.Tensor, dists: torch.Tensor, inv_s:
     prev_cdf = torch.sigmoid((sdf - iter_cos * dists * 0.5) * inv_s)
     next_cdf = torch.sigmoid((sdf + iter_cos * dists * 0.5) * inv_s)
     return ((prev_cdf - next_cdf + 1e-5) / (prev_cdf + 1e-5)).clamp(0.0, 1.0)
+
+
+def unit_normal(grad: torch.Tensor, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """grad (S, 3) -> (``F.normalize(grad, dim=-1)`` (S, 3), its norm (S,)), the norm computed once for the
+    normal and the eikonal loss; one fused launch each way on the Triton backend."""
+    if backend == "triton":
+        from models import triton_rendering
+
+        return triton_rendering.unit_normal(grad)
+    norm = grad.norm(dim=-1)
+    return grad / norm.clamp_min(1e-12)[:, None], norm
 
 
 @models.register("neus")
@@ -123,7 +134,7 @@ class NeuSModel(BaseModel):
         positions = rays_o[ray_indices] + dirs * mid[:, None]
         with_laplace = self.training and self.geometry.grad_type == "finite_difference"  # free with the differences
         geo = self.geometry(positions, with_grad=True, with_laplace=with_laplace)
-        normal = F.normalize(geo["grad"], dim=-1)
+        normal, grad_norm = unit_normal(geo["grad"], self.backend)
         inv_s = self.variance.inv_s.clamp(1e-6, 1e6)
         if self.backend == "triton":  # cos, the annealing and both CDFs in one kernel
             from models import triton_rendering
@@ -154,7 +165,8 @@ class NeuSModel(BaseModel):
         out["comp_rgb_full"] = out["comp_rgb"] + bg_rgb * (1.0 - opacity)
         out["rays_valid_full"] = torch.ones_like(opacity, dtype=torch.bool) if self.learned_background else opacity > 0
         if self.training:
-            out.update({"sdf_samples": geo["sdf"], "sdf_grad_samples": geo["grad"], "weights": weights,
+            out.update({"sdf_samples": geo["sdf"], "sdf_grad_samples": geo["grad"],
+                        "sdf_grad_norm_samples": grad_norm, "weights": weights,
                         "t_starts": t_starts, "t_ends": t_ends, "ray_indices": ray_indices})
             if with_laplace:
                 out["sdf_laplace_samples"] = geo["laplace"]
@@ -177,7 +189,7 @@ class NeuSModel(BaseModel):
             v = torch.from_numpy(verts).float().to(device)
             for i in range(0, len(v), self.ray_chunk):
                 geo = self.geometry(v[i:i + self.ray_chunk], with_grad=True)
-                normal = F.normalize(geo["grad"], dim=-1)
+                normal, grad_norm = unit_normal(geo["grad"], self.backend)
                 colours.append(self.texture(geo["feature"], -normal, normal).detach().clamp(0, 1))
             out["v_rgb"] = torch.cat(colours).cpu().numpy()
         return out

@@ -20,6 +20,9 @@ arithmetic. Here:
   opaque sample does not blow the gradient up.
 - ``visible_by_density``: the same walk along each ray, for the early-stop
   pass before rendering (which samples still see the camera).
+- ``unit_normal``: NeuS's normal, the SDF gradient over its length, and that
+  length (for the eikonal loss), one launch each way in place of the ~20
+  operators of ``F.normalize`` and a norm with their backward.
 
 Samples are packed as everywhere else: ``ray_indices`` (S,) sorted, each
 ray's samples contiguous. On a CPU the kernels run under Triton's interpreter
@@ -30,6 +33,7 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from models.triton_hashgrid import LAUNCH_OPTIONS  # fused multiply-add and warps, stated in one place
 
@@ -191,6 +195,53 @@ if triton is not None:
             behind = g_w * a + (1.0 - a) * behind
 
 
+    @triton.jit
+    def _unit_normal_forward_kernel(grad_ptr, normal_ptr, norm_ptr, S, EPS: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = rows < S
+        g = ()
+        squared = tl.zeros((BLOCK,), tl.float32)
+        for k in tl.static_range(3):
+            gk = tl.load(grad_ptr + rows * 3 + k, mask=m, other=0.0).to(tl.float32)
+            g = g + (gk,)
+            squared += gk * gk
+        norm = tl.sqrt(squared)
+        inv = 1.0 / tl.maximum(norm, EPS)
+        for k in tl.static_range(3):
+            tl.store(normal_ptr + rows * 3 + k, g[k] * inv, mask=m)
+        tl.store(norm_ptr + rows, norm, mask=m)
+
+    @triton.jit
+    def _unit_normal_backward_kernel(grad_ptr, g_normal_ptr, g_norm_ptr, g_grad_ptr, S, HAS_G_NORMAL: tl.constexpr,
+                                     HAS_G_NORM: tl.constexpr, EPS: tl.constexpr, BLOCK: tl.constexpr):
+        """normal = g / c with c = max(|g|, EPS), norm = |g|: dg = dn / c - [|g| >= EPS] (g . dn) g / (c^2 |g|)
+        + dnorm g / |g| (0 where g = 0, as torch's norm)."""
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = rows < S
+        g = ()
+        dn = ()
+        squared = tl.zeros((BLOCK,), tl.float32)
+        dot = tl.zeros((BLOCK,), tl.float32)
+        for k in tl.static_range(3):
+            gk = tl.load(grad_ptr + rows * 3 + k, mask=m, other=0.0).to(tl.float32)
+            dk = tl.zeros_like(gk)
+            if HAS_G_NORMAL:
+                dk = tl.load(g_normal_ptr + rows * 3 + k, mask=m, other=0.0).to(tl.float32)
+            g = g + (gk,)
+            dn = dn + (dk,)
+            squared += gk * gk
+            dot += gk * dk
+        norm = tl.sqrt(squared)
+        c = tl.maximum(norm, EPS)
+        safe_norm = tl.where(norm > 0.0, norm, 1.0)
+        along = tl.where(norm >= EPS, dot / (c * c * safe_norm), 0.0)  # the clamp passes its bound, as torch's
+        if HAS_G_NORM:
+            along -= tl.where(norm > 0.0, tl.load(g_norm_ptr + rows, mask=m, other=0.0).to(tl.float32) / safe_norm,
+                              0.0)
+        for k in tl.static_range(3):
+            tl.store(g_grad_ptr + rows * 3 + k, dn[k] / c - along * g[k], mask=m)
+
+
 def _blocks(n: int, block: int) -> Tuple[int]:
     return (max(1, triton.cdiv(n, block)),)
 
@@ -236,6 +287,44 @@ def neus_alpha(sdf: torch.Tensor, dirs: torch.Tensor, normal: torch.Tensor, dist
     ratio = cos_anneal_ratio if torch.is_tensor(cos_anneal_ratio) else torch.full((), cos_anneal_ratio, device=sdf.device)
     return _NeuSAlpha.apply(sdf.contiguous(), dirs.contiguous(), normal.contiguous(), dists.contiguous(),
                             inv_s.reshape(()), ratio.reshape(()))
+
+
+NORMAL_EPS = 1e-12  # F.normalize's
+
+
+class _UnitNormal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, grad):
+        S = grad.shape[0]
+        normal = torch.empty_like(grad)
+        norm = torch.empty(S, dtype=grad.dtype, device=grad.device)
+        if S:
+            _unit_normal_forward_kernel[_blocks(S, BLOCK_SAMPLES)](grad, normal, norm, S, EPS=NORMAL_EPS,
+                                                                   BLOCK=BLOCK_SAMPLES, **LAUNCH_OPTIONS)
+        ctx.save_for_backward(grad)
+        ctx.set_materialize_grads(False)  # an unused output reaches backward as None, not as zeros
+        return normal, norm
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_normal, g_norm):
+        (grad,) = ctx.saved_tensors
+        S = grad.shape[0]
+        g_grad = torch.empty(S, 3, dtype=torch.float32, device=grad.device)
+        if S and (g_normal is not None or g_norm is not None):
+            _unit_normal_backward_kernel[_blocks(S, BLOCK_SAMPLES)](
+                grad, g_normal.contiguous() if g_normal is not None else grad,
+                g_norm.contiguous() if g_norm is not None else grad, g_grad, S, HAS_G_NORMAL=g_normal is not None,
+                HAS_G_NORM=g_norm is not None, EPS=NORMAL_EPS, BLOCK=BLOCK_SAMPLES, **LAUNCH_OPTIONS)
+        elif S:
+            g_grad.zero_()
+        return g_grad.to(grad.dtype)
+
+
+def unit_normal(grad: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """grad (S, 3) -> (normal (S, 3), norm (S,)), grad's dtype: ``F.normalize(grad, dim=-1)`` and
+    ``grad.norm(dim=-1)`` in one launch (and one backward launch for both). Differentiable once."""
+    return _UnitNormal.apply(grad.contiguous())
 
 
 def ray_starts(ray_indices: torch.Tensor, n_rays: int) -> torch.Tensor:
@@ -307,7 +396,8 @@ def selftest(device: str) -> None:
     dirs = torch.tensor([[0.0, 0.0, -1.0]] * 3, device=device)
     inv_s = torch.tensor(20.0, device=device, requires_grad=True)
     alpha = neus_alpha(sdf, dirs, normal, torch.full((3,), 0.1, device=device), inv_s, torch.tensor(1.0, device=device))
-    weights, out = composite(alpha, normal, torch.tensor([0, 0, 1], device=device), 2)
+    unit, norm = unit_normal(normal * 2.0)
+    weights, out = composite(alpha, unit + norm[:, None], torch.tensor([0, 0, 1], device=device), 2)
     (weights.sum() + out.sum()).backward()
     visible_by_density(weights.detach(), weights.detach() + 0.1, alpha.detach(), torch.tensor([0, 0, 1], device=device),
                        2, 1e-4, 0.0)

@@ -57,6 +57,8 @@ def test_every_rendering_launch_compiles_without_spills_or_atomics(compiled):
             assert (arch, "_composite_forward_kernel", variant) in launched
             assert (arch, "_composite_backward_kernel", variant) in launched
         assert (arch, "_visibility_kernel", "early stop") in launched
+        assert (arch, "_unit_normal_forward_kernel", "unit normal") in launched
+        assert (arch, "_unit_normal_backward_kernel", "unit normal, both outputs used") in launched
         for variant in ("1 level", "4 levels", "1 level, grid off", "4 levels, cone"):
             assert (arch, "_march_kernel", f"count, {variant}") in launched
             assert (arch, "_march_kernel", f"fill, {variant}") in launched

@@ -184,7 +184,7 @@ def compile_rendering_kernels(arch: int = 90) -> list[KernelReport]:
     """The fused rendering kernels (``models.triton_rendering``), compiled for sm_<arch> through their wrappers.
 
     Variants: NeuS opacity backward with and without the direction/distance gradients; compositing NeuS's 7
-    channels with the weights' gradient and NeRF's 4 without it; NeRF's early-stop pass; marching.
+    channels with the weights' gradient and NeRF's 4 without it; the unit normal; NeRF's early-stop pass; marching.
     """
     import models.triton_rendering as tr
 
@@ -205,11 +205,15 @@ def compile_rendering_kernels(arch: int = 90) -> list[KernelReport]:
                 (sums.sum() + (weights.sum() if use_weights else 0)).backward()
 
             yield f"{channels} channels, {'with' if use_weights else 'without'} weight gradient", both_passes
+        grad = torch.zeros(S, 3, requires_grad=True)
+        yield "unit normal", lambda: tr.unit_normal(grad)
+        yield "unit normal, both outputs used", lambda: sum(t.sum() for t in tr.unit_normal(grad)).backward()
         t = torch.zeros(S)
         yield "early stop", lambda: tr.visible_by_density(t, t, t, ray_indices, 4, 1e-4, 0.0)
 
     names = ("_neus_alpha_forward_kernel", "_neus_alpha_backward_kernel", "_composite_forward_kernel",
-             "_composite_backward_kernel", "_visibility_kernel")
+             "_composite_backward_kernel", "_visibility_kernel", "_unit_normal_forward_kernel",
+             "_unit_normal_backward_kernel")
     return _compile_launches(tr, names, launches, arch) + _compile_marching_kernels(arch)
 
 
