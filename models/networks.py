@@ -170,9 +170,21 @@ class TritonSDFNetwork(VanillaMLP):
 
 def get_sdf_network(dim_in: int, dim_out: int, config: Any, analytic_gradient: bool) -> nn.Module:
     """The network of an SDF field. With ``backend: triton`` and analytic gradients (whatever ``otype``) it is a
-    ``TritonSDFNetwork``: the network fused with its input gradient. Everything else is ``get_mlp``'s."""
+    ``TritonSDFNetwork``: the network fused with its input gradient. With analytic gradients a ``FullyFusedMLP``
+    never goes to tiny-cuda-nn, whose networks cannot be differentiated twice. Everything else is ``get_mlp``'s."""
     config = dict(to_primitive(config))
-    if str(config.get("backend", "auto")).lower() != "triton":
+    requested = str(config.get("backend", "auto")).lower()
+    if analytic_gradient and requested in ("auto", "tcnn") and config.get("otype") in ("FullyFusedMLP", "CutlassMLP"):
+        # tiny-cuda-nn's networks have no second derivative: the eikonal loss would fail at its first backward
+        if requested == "tcnn":
+            raise ConfigError("geometry mlp_network_config.backend: tcnn cannot train with grad_type: analytic: "
+                              "tiny-cuda-nn's networks have no second derivative, which the eikonal loss needs; use "
+                              "backend=auto (PyTorch), backend=triton (the fused SDF network) or grad_type: "
+                              "finite_difference.")
+        backends._announce("sdf network", "SDF network: PyTorch (analytic normals need the network's second "
+                                          "derivative, which tiny-cuda-nn's networks do not have)")
+        return VanillaMLP(dim_in, dim_out, config)
+    if requested != "triton":
         return get_mlp(dim_in, dim_out, config)
     if not analytic_gradient:  # finite differences query the plain network: the fused MLP, if it can run it
         why = _triton_unsupported(dim_in, dim_out, config)

@@ -71,3 +71,25 @@ def test_progressive_eps_follows_the_active_level():
     assert geo.finite_difference_eps == pytest.approx(2.0 / (16 * 1.5 ** 5))
     with pytest.raises(Exception, match="ProgressiveBandHashGrid"):
         models.make("volume-sdf", sdf_config(finite_difference_eps="progressive"))
+
+
+def test_a_fully_fused_sdf_network_never_goes_to_tiny_cuda_nn_with_analytic_normals(monkeypatch):
+    """tiny-cuda-nn's networks have no second derivative: with tcnn installed, a FullyFusedMLP geometry network
+    with analytic normals would fail at the first eikonal backward. It runs on PyTorch instead (or, asked for
+    tcnn by name, is a config error)."""
+    from models import backends
+    from models.networks import VanillaMLP
+    from utils.config import ConfigError
+
+    monkeypatch.setitem(backends._STATUS, "tcnn", lambda: (True, "pretended for the test"))
+    assert backends.resolve("network", "auto", ("tcnn", "triton"), auto="tcnn") == "tcnn"  # a colour network's
+    fused = {"otype": "FullyFusedMLP", "activation": "ReLU", "output_activation": "none", "n_neurons": 64,
+             "n_hidden_layers": 1}
+    geo = models.make("volume-sdf", sdf_config(mlp_network_config=fused))
+    assert type(geo.network) is VanillaMLP
+    x = torch.rand(64, 3) * 1.6 - 0.8
+    out = geo(x, with_grad=True)
+    (out["grad"].norm(dim=-1) - 1).square().mean().backward()
+    assert float(geo.network.layers[0].weight.grad.abs().max()) > 0  # the eikonal term reaches the network
+    with pytest.raises(ConfigError, match="no second derivative"):
+        models.make("volume-sdf", sdf_config(mlp_network_config={**fused, "backend": "tcnn"}))
