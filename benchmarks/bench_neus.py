@@ -22,7 +22,7 @@ from common import bench_train_steps, describe_device
 def neus_loss(out: dict, rays: dict) -> torch.Tensor:
     target = rays["rgb"] * rays["fg_mask"][:, None] + (1.0 - rays["fg_mask"][:, None])  # white background
     loss = 10.0 * F.mse_loss(out["comp_rgb_full"], target)
-    loss = loss + 0.1 * ((out["sdf_grad_samples"].norm(dim=-1) - 1.0) ** 2).mean()
+    loss = loss + 0.1 * ((out["sdf_grad_norm_samples"] - 1.0) ** 2).mean()
     if "sdf_laplace_samples" in out:
         loss = loss + 1e-4 * out["sdf_laplace_samples"].abs().mean()
     return loss

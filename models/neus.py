@@ -189,7 +189,7 @@ class NeuSModel(BaseModel):
             v = torch.from_numpy(verts).float().to(device)
             for i in range(0, len(v), self.ray_chunk):
                 geo = self.geometry(v[i:i + self.ray_chunk], with_grad=True)
-                normal, grad_norm = unit_normal(geo["grad"], self.backend)
+                normal, _ = unit_normal(geo["grad"], self.backend)
                 colours.append(self.texture(geo["feature"], -normal, normal).detach().clamp(0, 1))
             out["v_rgb"] = torch.cat(colours).cpu().numpy()
         return out

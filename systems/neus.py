@@ -15,13 +15,6 @@ from utils.config import ConfigError, peak
 log = logging.getLogger("nsr")
 
 
-def sdf_gradient_norm(out) -> torch.Tensor:
-    """(S,) norm of the SDF gradient per sample: the one the model took for its normals, when it gives it."""
-    if "sdf_grad_norm_samples" in out:
-        return out["sdf_grad_norm_samples"]
-    return out["sdf_grad_samples"].norm(dim=-1)
-
-
 @systems.register("neus-system")
 class NeuSSystem(NeRFSystem):
     """Rays, background and dynamic ray count as the NeRF system; the losses are NeuS's."""
@@ -55,7 +48,8 @@ class NeuSSystem(NeRFSystem):
 
         add("rgb_mse", "lambda_rgb_mse", lambda: masked_mean((out[self.rgb_key] - rgb).square(), valid))
         add("rgb_l1", "lambda_rgb_l1", lambda: masked_mean((out[self.rgb_key] - rgb).abs(), valid))
-        add("eikonal", "lambda_eikonal", lambda: mean_or_zero((sdf_gradient_norm(out) - 1.0) ** 2))
+        add("eikonal", "lambda_eikonal",  # the gradient's norm as the model took it for the normals
+            lambda: mean_or_zero((out["sdf_grad_norm_samples"] - 1.0) ** 2))
         opacity = out["opacity"][:, 0].clamp(1e-3, 1.0 - 1e-3)
         if self.data("train").has_mask:
             add("mask", "lambda_mask", lambda: F.binary_cross_entropy(opacity, rays["fg_mask"]))

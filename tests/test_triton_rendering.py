@@ -17,7 +17,6 @@ from models.occupancy import OccupancyGrid  # noqa: E402
 from models.rendering import (composite_alpha, composite_density, ray_aabb_intersect,  # noqa: E402
                               render_weight_from_density, visibility_from_density)
 from helpers import rays_from_orbit  # noqa: E402
-from systems.neus import sdf_gradient_norm  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.host_sync import HostSyncCounter  # noqa: E402
 
@@ -225,7 +224,7 @@ def render_and_backward(model, rays_o, rays_d):
         out = model(rays_o, rays_d)
         loss = (out["comp_rgb_full"].square().sum() + out["opacity"].sum() + 0.1 * out["depth"].sum()
                 + out["comp_normal"].sum() + out["weights"].square().sum()
-                + (sdf_gradient_norm(out) - 1).square().mean())  # the eikonal term, as the system takes it
+                + (out["sdf_grad_norm_samples"] - 1).square().mean())  # the eikonal term, as the system takes it
         loss.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return out, grads, counter.operators
