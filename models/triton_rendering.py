@@ -194,7 +194,6 @@ if triton is not None:
             tl.store(g_alpha_ptr + i, trans * (g_w - behind), mask=mk)
             behind = g_w * a + (1.0 - a) * behind
 
-
     @triton.jit
     def _unit_normal_forward_kernel(grad_ptr, normal_ptr, norm_ptr, S, EPS: tl.constexpr, BLOCK: tl.constexpr):
         rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
