@@ -20,6 +20,7 @@ import torch
 
 import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule
+from utils.config import ConfigError, number_at_least
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
 
@@ -87,15 +88,26 @@ def _intrinsics(meta: Dict[str, Any], frame: Dict[str, Any], width: int, height:
     return np.array([fx, fy, cx, cy], dtype=np.float64)
 
 
+def requested_size(config: Any) -> Tuple[int, int] | None:
+    """``dataset.img_wh`` as (w, h), checked; None when the config does not set it."""
+    wh = config.get("img_wh")
+    if wh is None:
+        return None
+    if isinstance(wh, (str, int, float)) or len(wh) != 2:
+        raise ConfigError(f"dataset.img_wh must be [width, height], not {wh}.")
+    w, h = (number_at_least(v, "dataset.img_wh's width and height", 1) for v in wh)
+    return w, h
+
+
 def target_size(config: Any, width: int, height: int) -> Tuple[int, int]:
     """(w, h) after ``img_wh`` or ``img_downscale``; img_wh must keep the aspect ratio."""
     if config.get("img_wh") is not None:
-        w, h = (int(v) for v in config.img_wh)
+        w, h = requested_size(config)
         if abs(w / h - width / height) > 0.01 * width / height:
             raise DatasetError(f"dataset.img_wh={[w, h]} has aspect {w / h:.3f} but the images are {width}x{height} "
                                f"(aspect {width / height:.3f}); give a size with the same aspect or use img_downscale.")
         return w, h
-    scale = float(config.get("img_downscale") or 1.0)
+    scale = number_at_least(config.get("img_downscale") or 1.0, "dataset.img_downscale", 0, kind=float, exclusive=True)
     return int(round(width / scale)), int(round(height / scale))
 
 

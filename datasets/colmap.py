@@ -33,7 +33,7 @@ import torch
 
 import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule
-from datasets.blender import IMAGE_EXTENSIONS, load_images, missing_root_message, target_size
+from datasets.blender import IMAGE_EXTENSIONS, load_images, missing_root_message, requested_size, target_size
 from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
                                    read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
 from datasets.rays import opencv_look_at, opencv_to_opengl
@@ -154,7 +154,7 @@ def match_masks(mask_dir: str, names: List[str]) -> Dict[str, str]:
 def _target_size(config: Any, sizes: List[tuple], names: List[str]) -> tuple[int, int]:
     """One training size: ``img_wh`` for images of mixed sizes, else the shared rules (``target_size``)."""
     if config.get("img_wh") is not None and len(set(sizes)) > 1:
-        return tuple(int(v) for v in config.img_wh)
+        return requested_size(config)
     odd = [k for k, s in enumerate(sizes) if s != sizes[0]]
     if odd:
         k = odd[0]

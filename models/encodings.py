@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import backends
-from utils.config import ConfigError, to_primitive
+from utils.config import ConfigError, number_at_least, to_primitive
 
 # tcnn's coherent prime hash (first dimension is not multiplied).
 HASH_PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737)
@@ -87,11 +87,19 @@ class HashGrid(nn.Module):
     def __init__(self, n_input_dims: int, config: Dict[str, Any], backend: str = "auto"):
         super().__init__()
         self.n_input_dims = n_input_dims
-        self.n_levels = int(config.get("n_levels", 16))
-        self.n_features_per_level = int(config.get("n_features_per_level", 2))
-        self.log2_hashmap_size = int(config.get("log2_hashmap_size", 19))
-        self.base_resolution = float(config.get("base_resolution", 16))
-        self.per_level_scale = float(config.get("per_level_scale", 2.0))
+        where = "xyz_encoding_config"
+        self.n_levels = number_at_least(config.get("n_levels", 16), f"{where}.n_levels", 1)
+        self.n_features_per_level = number_at_least(config.get("n_features_per_level", 2),
+                                                    f"{where}.n_features_per_level", 1)
+        if self.n_features_per_level not in (1, 2, 4, 8):  # tcnn's choices; the Triton kernels need a power of 2
+            raise ConfigError(f"{where}.n_features_per_level must be 1, 2, 4 or 8 (as in tiny-cuda-nn), "
+                              f"not {self.n_features_per_level}.")
+        self.log2_hashmap_size = number_at_least(config.get("log2_hashmap_size", 19), f"{where}.log2_hashmap_size", 1)
+        self.base_resolution = number_at_least(config.get("base_resolution", 16), f"{where}.base_resolution", 1,
+                                               kind=float)
+        # >= 1: levels get finer, so the dense ones come first as every backend assumes
+        self.per_level_scale = number_at_least(config.get("per_level_scale", 2.0), f"{where}.per_level_scale", 1,
+                                               kind=float)
         if config.get("interpolation", "Linear") != "Linear":
             raise ConfigError("HashGrid: only Linear interpolation is implemented.")
         dtypes = {"float32": None, "float16": torch.float16}
@@ -104,6 +112,11 @@ class HashGrid(nn.Module):
         lv = hash_grid_levels(n_input_dims, self.n_levels, self.log2_hashmap_size, self.base_resolution,
                               self.per_level_scale)
         self.n_params = int(lv["total"]) * self.n_features_per_level
+        if self.n_params >= 2 ** 31:  # tcnn and the Triton kernels index the table with 32-bit integers
+            raise ConfigError(f"The hash grid's table would hold {self.n_params:.3g} values ({where}: "
+                              f"log2_hashmap_size {self.log2_hashmap_size}, n_levels {self.n_levels}); "
+                              f"keep it under 2^31: log2_hashmap_size <= "
+                              f"{int(math.log2((2 ** 31 - 1) / (self.n_levels * self.n_features_per_level)))}.")
         self.register_buffer("scale", torch.from_numpy(lv["scale"]), persistent=False)
         self.register_buffer("resolution", torch.from_numpy(lv["resolution"]), persistent=False)
         self.register_buffer("size", torch.from_numpy(lv["size"]), persistent=False)

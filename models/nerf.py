@@ -13,6 +13,7 @@ from models import backends
 from models.base import BaseModel
 from models.occupancy import OccupancyGrid
 from models.rendering import composite_density
+from utils.config import number_at_least
 from utils.mesh import marching_cubes
 
 
@@ -31,7 +32,8 @@ class NeRFModel(BaseModel):
         cfg = self.config
         self.geometry = models.make(cfg.geometry.name, cfg.geometry)
         self.texture = models.make(cfg.texture.name, cfg.texture)
-        self.radius = float(cfg.radius)
+        self.radius = number_at_least(cfg.radius, "model.radius", 0, kind=float, exclusive=True)
+        n_samples = number_at_least(cfg.num_samples_per_ray, "model.num_samples_per_ray", 1)
         self.learned_background = bool(cfg.get("learned_background", False))
         self.geometry.unbounded = self.learned_background
         r = self.radius
@@ -40,22 +42,23 @@ class NeRFModel(BaseModel):
         if self.learned_background:
             self.near_plane = float(cfg.get("near_plane", 0.2))
             self.far_plane = float(cfg.get("far_plane", 1e4))
-            self.cone_angle = 10 ** (math.log10(self.far_plane) / cfg.num_samples_per_ray) - 1.0
+            self.cone_angle = 10 ** (math.log10(self.far_plane) / n_samples) - 1.0
             self.render_step_size = float(cfg.get("render_step_size", 0.01))
             levels = int(cfg.get("grid_levels", 4))
         else:
             self.near_plane = float(cfg.get("near_plane", 0.0))
             self.far_plane = float(cfg.get("far_plane", 1e10))
             self.cone_angle = 0.0
-            self.render_step_size = 1.732 * 2 * r / cfg.num_samples_per_ray
+            self.render_step_size = 1.732 * 2 * r / n_samples
             levels = 1
         self.grid_prune = bool(cfg.get("grid_prune", True))
-        self.occupancy_grid = OccupancyGrid(aabb, resolution=int(cfg.get("grid_resolution", 128)), levels=levels,
+        resolution = number_at_least(cfg.get("grid_resolution", 128), "model.grid_resolution", 1)
+        self.occupancy_grid = OccupancyGrid(aabb, resolution=resolution, levels=levels,
                                             update_every_n_steps=int(cfg.get("grid_update_every", 16)),
                                             warmup_steps=int(cfg.get("grid_warmup_steps", 256)))
         self.early_stop_eps = float(cfg.get("early_stop_eps", 1e-4))
         self.randomized = bool(cfg.get("randomized", True))
-        self.ray_chunk = int(cfg.get("ray_chunk", 65536))
+        self.ray_chunk = number_at_least(cfg.get("ray_chunk", 65536), "model.ray_chunk", 1)
         self.backend = backends.resolve("rendering", cfg.get("rendering_backend", "auto"), ("nerfacc", "triton"))
         self.register_buffer("background_color", torch.ones(3), persistent=False)
 

@@ -14,6 +14,7 @@ from models.base import BaseModel
 from models.nerf import NeRFModel
 from models.occupancy import OccupancyGrid
 from models.rendering import composite_alpha
+from utils.config import number_at_least
 from utils.mesh import marching_cubes
 
 
@@ -83,21 +84,24 @@ class NeuSModel(BaseModel):
         self.geometry = models.make(cfg.geometry.name, cfg.geometry)
         self.texture = models.make(cfg.texture.name, cfg.texture)
         self.variance = VarianceNetwork(cfg.get("variance", {}))
-        self.radius = float(cfg.radius)
+        self.radius = number_at_least(cfg.radius, "model.radius", 0, kind=float, exclusive=True)
         r = self.radius
-        self.render_step_size = 1.732 * 2 * r / cfg.num_samples_per_ray
+        self.render_step_size = 1.732 * 2 * r / number_at_least(cfg.num_samples_per_ray, "model.num_samples_per_ray", 1)
         self.grid_prune = bool(cfg.get("grid_prune", True))
-        self.occupancy_grid = OccupancyGrid([-r, -r, -r, r, r, r], resolution=int(cfg.get("grid_resolution", 128)),
+        resolution = number_at_least(cfg.get("grid_resolution", 128), "model.grid_resolution", 1)
+        self.occupancy_grid = OccupancyGrid([-r, -r, -r, r, r, r], resolution=resolution,
                                             occ_thre=float(cfg.get("grid_prune_occ_thre", 0.001)),
                                             update_every_n_steps=int(cfg.get("grid_update_every", 16)),
                                             warmup_steps=int(cfg.get("grid_warmup_steps", 256)))
         self.randomized = bool(cfg.get("randomized", True))
-        self.ray_chunk = int(cfg.get("ray_chunk", 2048))
+        self.ray_chunk = number_at_least(cfg.get("ray_chunk", 2048), "model.ray_chunk", 1)
         self.cos_anneal_end = int(cfg.get("cos_anneal_end", 0))
         self.register_buffer("cos_anneal_ratio", torch.tensor(1.0 if self.cos_anneal_end == 0 else 0.0))
         self.backend = backends.resolve("rendering", cfg.get("rendering_backend", "auto"), ("nerfacc", "triton"))
         self.learned_background = bool(cfg.get("learned_background", False))
         if self.learned_background:
+            for key, default in (("num_samples_per_ray_bg", 256), ("grid_resolution_bg", 64)):
+                number_at_least(cfg.get(key, default), f"model.{key}", 1)
             self.background = NeRFModel(_background_config(cfg))
         self.register_buffer("background_color", torch.ones(3), persistent=False)
 

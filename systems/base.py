@@ -23,7 +23,7 @@ from datasets.rays import opencv_to_opengl
 from models.base import update_module_step
 from systems.finite_guard import FiniteLossGuard
 from systems.optim import make_optimizer, make_scheduler
-from utils.config import ConfigError, peak, scheduled, to_primitive
+from utils.config import ConfigError, number_at_least, peak, scheduled, to_primitive
 from utils.io import colorize_depth, image_grid, to_uint8, write_image, write_json, write_video
 from utils.mesh import MeshError, largest_component, write_mesh
 from utils.metrics import ImageMetrics
@@ -72,6 +72,9 @@ class BaseSystem(pl.LightningModule):
         self.progress_bar_values: Dict[str, float] = {}  # what utils.callbacks.ProgressBar shows while training
         self._progress_pending: Dict[str, Any] = {}
         self.loss_guard = FiniteLossGuard()  # systems record each step's loss in it
+        iso = config.model.get("geometry", {}).get("isosurface")
+        if iso is not None:  # checked now, not when the mesh is due after training
+            number_at_least(iso.get("resolution"), "model.geometry.isosurface.resolution", 2)
         if mode == "train":
             self.check_loss_weights(config.system.get("loss", {}))
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import systems
 from models.rendering import distortion_loss
 from systems.base import BaseSystem, masked_mean
-from utils.config import ConfigError
+from utils.config import ConfigError, number_at_least
 
 
 @systems.register("nerf-system")
@@ -17,8 +17,9 @@ class NeRFSystem(BaseSystem):
     def __init__(self, config, mode: str = "train"):
         super().__init__(config, mode)
         m = config.model
-        self.train_num_rays = int(m.train_num_rays)
-        self.train_num_samples = int(m.train_num_rays) * int(m.num_samples_per_ray)
+        self.train_num_rays = number_at_least(m.train_num_rays, "model.train_num_rays", 1)
+        number_at_least(m.max_train_num_rays, "model.max_train_num_rays", 1)
+        self.train_num_samples = self.train_num_rays * int(m.num_samples_per_ray)
 
     def background(self) -> torch.Tensor:
         """Training background: 'white', 'black' or 'random' (a new colour every step)."""

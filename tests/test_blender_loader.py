@@ -12,6 +12,7 @@ from datasets.base import DatasetError
 from datasets.blender import load_blender_split
 from datasets.synthetic import DemoScene, orbit_cameras, write_blender
 from helpers import max_ray_angle_deg
+from utils.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,12 @@ def test_bad_inputs_are_one_clear_sentence(scene_dir, tmp_path):
         load_blender_split(cfg(str(tmp_path / "nope")), "train")
     with pytest.raises(DatasetError, match="aspect"):
         load_blender_split(cfg(root, img_wh=[40, 40]), "train")
+    with pytest.raises(ConfigError, match="img_wh's width and height must be a whole number >= 1, not 0"):
+        load_blender_split(cfg(root, img_wh=[0, 0]), "train")  # was a ZeroDivisionError
+    with pytest.raises(ConfigError, match=r"img_wh must be \[width, height\], not 40"):
+        load_blender_split(cfg(root, img_wh=40), "train")
+    with pytest.raises(ConfigError, match="img_downscale must be a number > 0"):
+        load_blender_split(cfg(root, img_downscale=-2), "train")
     bad = tmp_path / "bad"
     shutil.copytree(root, bad)
     os.remove(bad / "train" / "r_1.png")

@@ -1,7 +1,7 @@
 """Config loading: strict overrides with suggestions, +new keys, resolvers, scheduled scalars."""
 import pytest
 
-from utils.config import ConfigError, load_config, scheduled
+from utils.config import ConfigError, load_config, number_at_least, scheduled
 
 YAML = """
 name: demo-${dataset.scene}
@@ -59,3 +59,13 @@ def test_scheduled_scalars():
     assert scheduled([0, 0.0, 1.0, 100], 50) == pytest.approx(0.5)
     assert scheduled([10, 1.0, 3.0, 20], 5) == 1.0 and scheduled([10, 1.0, 3.0, 20], 30) == 3.0
     assert scheduled([1.0, 3.0, 10], 5) == pytest.approx(2.0)
+
+
+def test_number_at_least_names_the_key_and_the_bound():
+    assert number_at_least(3, "a.b", 1) == 3 and number_at_least("3", "a.b", 1) == 3
+    assert number_at_least(0.5, "a.r", 0, kind=float, exclusive=True) == 0.5
+    for bad in (0, 2.5, "abc", None, True, [1]):
+        with pytest.raises(ConfigError, match=r"^a\.b must be a whole number >= 1, not "):
+            number_at_least(bad, "a.b", 1)
+    with pytest.raises(ConfigError, match=r"a\.r must be a number > 0, not 0"):
+        number_at_least(0, "a.r", 0, kind=float, exclusive=True)

@@ -20,6 +20,24 @@ def test_curvature_needs_finite_difference_normals():
     neus_system("+system.loss.lambda_curvature=1.e-4", "model.geometry.grad_type=finite_difference")
 
 
+@pytest.mark.parametrize("override, message", [
+    ("model.num_samples_per_ray=0", "model.num_samples_per_ray must be a whole number >= 1, not 0"),
+    ("model.radius=-1", "model.radius must be a number > 0"),
+    ("model.train_num_rays=0", "model.train_num_rays must be a whole number >= 1"),
+    ("model.geometry.isosurface.resolution=1", "isosurface.resolution must be a whole number >= 2"),
+    ("model.geometry.xyz_encoding_config.n_levels=0", "n_levels must be a whole number >= 1"),
+    ("model.geometry.xyz_encoding_config.n_features_per_level=3", "must be 1, 2, 4 or 8"),
+    ("model.geometry.xyz_encoding_config.per_level_scale=0.9", "per_level_scale must be a number >= 1"),
+    ("model.geometry.xyz_encoding_config.log2_hashmap_size=40 model.geometry.xyz_encoding_config.n_levels=16",
+     r"keep it under 2\^31: log2_hashmap_size <= 25"),
+])
+def test_sizes_that_cannot_work_fail_at_start_up_naming_the_key(override, message):
+    """Each of these used to fail deep in a step or at the mesh export after training (ZeroDivisionError,
+    an empty torch.cat), or trained on a grid the fast backends cannot run."""
+    with pytest.raises(ConfigError, match=message):
+        neus_system(*override.split())
+
+
 def test_unknown_loss_weights_are_reported_not_silently_dropped(caplog):
     logger = logging.getLogger("nsr")
     logger.addHandler(caplog.handler)

@@ -133,6 +133,22 @@ def to_primitive(cfg: Any) -> Any:
     return cfg
 
 
+def number_at_least(value: Any, name: str, minimum: float, kind: type = int, exclusive: bool = False):
+    """``value`` as ``kind`` (int or float); a ConfigError naming ``name`` when it is not a number
+    >= ``minimum`` (> with ``exclusive``), so a zero or negative size fails at start-up in one
+    sentence instead of as a division by zero deep in a training step."""
+    try:
+        number = kind(value)
+        fits = number > minimum if exclusive else number >= minimum
+        whole = kind is not int or float(value) == number
+    except (TypeError, ValueError):
+        fits = whole = False
+    if not (fits and whole) or isinstance(value, bool):
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {what} {'>' if exclusive else '>='} {minimum}, not {value!r}.")
+    return number
+
+
 def scheduled(value: Any, global_step: int) -> float:
     """Value of a possibly scheduled scalar at ``global_step``.
 
