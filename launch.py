@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     import systems
     from datasets.base import DatasetError
     from systems.finite_guard import NonFiniteLossError
-    from utils.callbacks import AtomicCheckpointIO, ProgressBar, TrialSnapshot
+    from utils.callbacks import AtomicCheckpointIO, ProgressBar, StopOnSignal, TrialSnapshot
     from utils.config import ConfigError, load_config, to_primitive
     from utils.mesh import MeshError
 
@@ -165,10 +165,11 @@ def main(argv=None) -> int:
         elif str(trainer_cfg.get("precision", "32")) in ("16", "16-mixed"):
             trainer_cfg["precision"] = "16-mixed"
         callbacks = []
+        stop_on_signal = StopOnSignal()
         if mode == "train":
             callbacks = [ModelCheckpoint(dirpath=config.ckpt_dir, **dict(to_primitive(config.get("checkpoint", {})) or {})),
                          LearningRateMonitor(logging_interval="step"),
-                         TrialSnapshot(config, raw_config, config.config_dir, config.code_dir)]
+                         TrialSnapshot(config, raw_config, config.config_dir, config.code_dir), stop_on_signal]
         if trainer_cfg.get("enable_progress_bar", True):
             callbacks.append(ProgressBar())
         loggers = [TensorBoardLogger(args.runs_dir, name=config.name, version=config.trial_name),
@@ -193,10 +194,12 @@ def main(argv=None) -> int:
                 return report_non_finite(err, trainer, system, config.ckpt_dir)
             step = trainer.global_step
             saved = glob.glob(os.path.join(glob.escape(config.ckpt_dir), f"*step={step}.ckpt"))
-            if not saved:  # e.g. a resumed run whose parsed.yaml fixed the checkpoint interval
+            if not saved:  # e.g. a resumed run whose parsed.yaml fixed the checkpoint interval, or a stop
                 epoch = max(trainer.current_epoch - 1, 0)  # fit's end has already counted the epoch as done
-                trainer.save_checkpoint(os.path.join(config.ckpt_dir, f"epoch={epoch}-step={step}.ckpt"),
-                                        weights_only=False)
+                saved = [os.path.join(config.ckpt_dir, f"epoch={epoch}-step={step}.ckpt")]
+                trainer.save_checkpoint(saved[0], weights_only=False)
+            if stop_on_signal.received:
+                return report_stopped(stop_on_signal.received, step, int(trainer.max_steps), saved[0], config)
             if not args.skip_test:
                 trainer.test(system, datamodule=dm, verbose=True)
         elif mode == "validate":
@@ -207,6 +210,19 @@ def main(argv=None) -> int:
         log.error(str(err))
         return 2
     return 0
+
+
+def report_stopped(signal_name: str, step: int, max_steps: int, ckpt: str, config) -> int:
+    """The message and exit status (128 + the signal's number, as a shell reports it) of a run stopped
+    by Ctrl-C or SIGTERM."""
+    import signal
+
+    parsed = os.path.join(config.config_dir, "parsed.yaml")
+    action = "--train" if step < max_steps else "--test"
+    log.error(f"Stopped by {signal_name} at step {step} of {max_steps}; the checkpoint {ckpt} holds it. "
+              f"{'Continue' if action == '--train' else 'Test'} with: python launch.py --config {parsed} "
+              f"--resume {ckpt} {action}")
+    return 128 + int(getattr(signal, signal_name))
 
 
 def report_non_finite(err, trainer, system, ckpt_dir: str) -> int:

@@ -2,8 +2,12 @@
 import glob
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import imageio.v2 as imageio
 import numpy as np
@@ -128,6 +132,56 @@ def test_nan_loss_stops_and_keeps_the_good_weights(tmp_path):
     assert good
     state = torch.load(good[0], weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def launch_then_signal(tmp, sig, after_step: int, *args):
+    """Run launch.py and send it ``sig`` once its progress bar has passed ``after_step``. Returns (exit status,
+    output)."""
+    cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--exp_dir", str(tmp / "exp"), "--runs_dir",
+           str(tmp / "runs"), *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read(256), "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        steps = [int(n) for n in re.findall(r"Epoch 0:\s+\d+%\|[^|]*\|\s*(\d+)/", "".join(chunks))]
+        if steps and max(steps) >= after_step:
+            proc.send_signal(sig)
+            break
+        time.sleep(0.2)
+    proc.wait(timeout=600)
+    reader.join(timeout=10)
+    return proc.returncode, "".join(chunks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_saves_a_checkpoint_that_resumes_the_run(tmp_path, sig):
+    """Lightning alone exits at Ctrl-C saving nothing; here the step under way finishes, a resumable checkpoint
+    is written, the test is skipped, and the message gives the command that continues the run."""
+    data = str(tmp_path / "demo64")
+    status, out = launch_then_signal(tmp_path, sig, 3, "--config", "configs/nerf-demo.yaml", "--train",
+                                     f"dataset.root_dir={data}", "tag=stop", *SMALL[:2], "trainer.max_steps=1000",
+                                     "trainer.val_check_interval=1000")
+    assert status == 128 + sig, out[-3000:]
+    stopped = re.search(r"Stopped by (\w+) at step (\d+) of 1000; the checkpoint (\S+) holds it\. Continue with: "
+                        r"python launch.py --config (\S+) --resume \3 --train", out)
+    assert stopped and stopped.group(1) == sig.name and "Traceback" not in out, out[-3000:]
+    step, ckpt, parsed = int(stopped.group(2)), stopped.group(3), stopped.group(4)
+    assert 3 <= step < 1000
+    state = torch.load(ckpt, weights_only=True)
+    assert state["global_step"] == step and state["optimizer_states"], "resumable: optimiser state saved"
+    trial = os.path.dirname(os.path.dirname(ckpt))
+    assert not glob.glob(os.path.join(trial, "save", "*-test*")), "the test is skipped"
+    if sig != signal.SIGINT:
+        return
+    out = launch(tmp_path, "--config", parsed, "--resume", ckpt, "--train", f"trainer.max_steps={step + 10}",
+                 "model.geometry.isosurface.resolution=32")
+    assert "Restored all states" in out
+    final = glob.glob(os.path.join(trial, "ckpt", f"*step={step + 10}.ckpt"))
+    assert final and torch.load(final[0], weights_only=True)["global_step"] == step + 10
+    assert os.path.isfile(os.path.join(trial, "save", f"it{step + 10}-test.mp4"))
 
 
 def test_bad_command_lines_are_one_sentence(tmp_path):

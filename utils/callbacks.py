@@ -1,8 +1,12 @@
-"""Lightning plumbing: trial-folder snapshots, atomic checkpoint writes, a progress bar that waits for nothing."""
+"""Lightning plumbing: trial-folder snapshots, atomic checkpoint writes, a progress bar that waits for nothing,
+a clean stop on Ctrl-C."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import signal
+import threading
 from typing import Any
 
 import torch
@@ -12,6 +16,8 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
 from utils.io import atomic_path
+
+log = logging.getLogger("nsr")
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE_FOLDERS = ("configs", "datasets", "models", "systems", "utils", "scripts")
@@ -59,3 +65,45 @@ class ProgressBar(TQDMProgressBar):
         if trainer.training:
             metrics.update({k: f"{v:.4g}" for k, v in getattr(pl_module, "progress_bar_values", {}).items()})
         return metrics
+
+
+class StopOnSignal(Callback):
+    """Ctrl-C (SIGINT) or SIGTERM while training: finish the step under way, then stop training, so that
+    launch.py saves a checkpoint to resume from instead of losing every step since the last one (Lightning
+    alone exits at once, saving nothing). A second Ctrl-C quits at once. ``received`` names the signal.
+
+    Single process only: with several, each would stop at its own step; Lightning's handling stays there.
+    """
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous: dict = {}
+
+    def on_train_start(self, trainer, pl_module):  # after Lightning has set its own SIGTERM handler, to replace it
+        if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame):
+        if self.received and signum == signal.SIGINT:
+            self._restore()
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.received and not trainer.should_stop:
+            log.info(f"{self.received} received: stopping after step {trainer.global_step} and saving a checkpoint "
+                     "(Ctrl-C again quits without one).")
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module):
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception):
+        self._restore()
+
+    def _restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
