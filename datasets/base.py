@@ -16,10 +16,26 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from datasets.rays import get_rays, image_directions, pixel_directions
+from utils.config import number_at_least
 
 
 class DatasetError(ValueError):
     """Bad or missing input data; the message says what is wrong and what to do."""
+
+
+def holdout_split(n_views: int, split: str, holdout_every: Any) -> List[int]:
+    """Positions (in file order) of the views that make ``split``: every ``holdout_every``-th view (0, k, 2k,
+    ...) is held out for val/test, the others train. ``holdout_every`` 0 or None holds none out, and val/test
+    then get [] (the loaders render a camera trajectory instead, without metrics). An empty training split
+    is an error, never a silent fallback."""
+    k = number_at_least(holdout_every or 0, "dataset.holdout_every", 0)
+    if split == "train":
+        chosen = [i for i in range(n_views) if k == 0 or i % k != 0]
+        if not chosen:
+            raise DatasetError(f"dataset.holdout_every={k} holds out all {n_views} view(s), leaving none to train on; "
+                               "set dataset.holdout_every=0 to train on every view.")
+        return chosen
+    return list(range(0, n_views, k)) if k > 0 and split != "trajectory" else []
 
 
 @dataclass

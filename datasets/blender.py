@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import datasets
-from datasets.base import DatasetError, SceneData, SceneDataModule
+from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_split
 from utils.config import ConfigError, number_at_least
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
@@ -34,7 +34,7 @@ def missing_root_message(root: str, layout: str = BLENDER_LAYOUT) -> str:
             "or try the embedded demo: python launch.py --config configs/nerf-demo.yaml --train")
 
 
-def _read_transforms(root: str, split: str, holdout_every: int) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+def _read_transforms(root: str, split: str, holdout_every: Any) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """(meta, frames of this split) from either layout."""
     per_split = os.path.join(root, f"transforms_{split}.json")
     single = os.path.join(root, "transforms.json")
@@ -53,10 +53,9 @@ def _read_transforms(root: str, split: str, holdout_every: int) -> Tuple[Dict[st
     frames = meta.get("frames")
     if not frames:
         raise DatasetError(f"{path} has no 'frames' list.")
-    if path == single and holdout_every > 0:
+    if path == single and holdout_every:
         frames = sorted(frames, key=lambda fr: fr.get("file_path", ""))
-        held = [fr for i, fr in enumerate(frames) if i % holdout_every == 0]
-        frames = [fr for i, fr in enumerate(frames) if i % holdout_every != 0] if split == "train" else held
+        frames = [frames[i] for i in holdout_split(len(frames), "train" if split == "train" else "test", holdout_every)]
     return meta, frames
 
 
@@ -135,7 +134,7 @@ def load_blender_split(config: Any, split: str) -> SceneData:
     root = config.root_dir
     if not os.path.isdir(root):
         raise DatasetError(missing_root_message(root))
-    meta, frames = _read_transforms(root, split, int(config.get("holdout_every", 8)))
+    meta, frames = _read_transforms(root, split, config.get("holdout_every", 8))
     paths = [_image_path(root, fr["file_path"]) for fr in frames]
     raw = load_images(paths)
     height, width = raw[0].shape[:2]

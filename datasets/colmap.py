@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 import datasets
-from datasets.base import DatasetError, SceneData, SceneDataModule
+from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_split
 from datasets.blender import IMAGE_EXTENSIONS, load_images, missing_root_message, requested_size, target_size
 from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
                                    read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
@@ -221,13 +221,7 @@ class Capture:
 def load_colmap_split(config: Any, split: str, capture: Optional[Capture] = None) -> SceneData:
     capture = capture or Capture(config)
     n = len(capture.views)
-    holdout = int(config.get("holdout_every", 0) or 0)
-    if split == "train":
-        chosen = [k for k in range(n) if holdout <= 0 or k % holdout != 0]
-    elif holdout > 0 and split != "trajectory":
-        chosen = [k for k in range(0, n, holdout)]
-    else:
-        chosen = []
+    chosen = holdout_split(n, split, config.get("holdout_every"))
     world_from_scene = np.linalg.inv(capture.scene_from_world)
     w, h = capture.size
     if chosen:

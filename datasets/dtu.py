@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import datasets
-from datasets.base import DatasetError, SceneData, SceneDataModule
+from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_split
 from datasets.blender import load_images, missing_root_message, target_size
 from datasets.rays import opencv_look_at, opencv_to_opengl
 from utils.mesh_metrics import dtu_protocol, load_dtu_evaluation, uniform_surface_points
@@ -123,13 +123,8 @@ def load_dtu_split(config: Any, split: str) -> SceneData:
             raise DatasetError(f"{len(absent)} of {len(indices)} cameras have no mask in {mask_dir}, the first being "
                                f"camera {absent[0]}; give every image a mask or remove mask/.")
 
-    holdout = int(config.get("holdout_every", 0) or 0)
-    if split == "train":
-        chosen = [i for n, i in enumerate(indices) if holdout <= 0 or n % holdout != 0]
-    elif holdout > 0 and split != "trajectory":
-        chosen = [i for n, i in enumerate(indices) if n % holdout == 0]
-    else:
-        chosen = []  # the video trajectory, and the test/val split when no views are held out: no ground truth
+    # [] for the video trajectory, and for the test/val split when no views are held out: no ground truth
+    chosen = [indices[p] for p in holdout_split(len(indices), split, config.get("holdout_every"))]
 
     scale_mat = cams[f"scale_mat_{indices[0]}"].astype(np.float64)
     Ks, c2ws = [], []

@@ -66,6 +66,8 @@ def test_instant_ngp_single_transforms_file(scene_dir, tmp_path):
     train = load_blender_split(cfg(str(tmp_path), holdout_every=3), "train")
     test = load_blender_split(cfg(str(tmp_path), holdout_every=3), "test")
     assert train.n_images == 2 and test.n_images == 1
+    with pytest.raises(DatasetError, match="holds out all 3 view.s., leaving none to train on"):
+        load_blender_split(cfg(str(tmp_path), holdout_every=1), "train")
     ref_o, ref_d = cams[0].rays()
     torch.testing.assert_close(test.image_rays(0)["rays_d"], ref_d, atol=1e-5, rtol=0)
 

@@ -48,6 +48,9 @@ def test_holdout_and_orbit_splits(scene_dir):
     held = load_dtu_split(cfg(scene_dir, holdout_every=2), "test")
     train = load_dtu_split(cfg(scene_dir, holdout_every=2), "train")
     assert held.n_images == 3 and train.n_images == 2 and held.has_gt
+    # holding out every view once fell back to the (white, imageless) orbit as the training split
+    with pytest.raises(DatasetError, match="holdout_every=1 holds out all 5 view.s., leaving none to train on"):
+        load_dtu_split(cfg(scene_dir, holdout_every=1), "train")
     orbit = load_dtu_split(cfg(scene_dir, n_test_traj_steps=12), "test")
     assert orbit.n_images == 12 and not orbit.has_gt
     # with views held out, the video still follows the orbit
