@@ -69,3 +69,16 @@ def test_number_at_least_names_the_key_and_the_bound():
             number_at_least(bad, "a.b", 1)
     with pytest.raises(ConfigError, match=r"a\.r must be a number > 0, not 0"):
         number_at_least(0, "a.r", 0, kind=float, exclusive=True)
+
+
+def test_a_word_where_the_config_has_a_number_is_named_when_it_breaks_an_interpolation(path):
+    """``trainer.max_steps=20k`` used to fail naming only the interpolation that computed with it."""
+    with pytest.raises(ConfigError, match=r"Override trainer.max_steps=20k puts a word where the config has a "
+                                          r"number \(2000\), and an interpolation computes with it"):
+        load_config(path, ["trainer.max_steps=20k"])
+    # a word is fine where nothing computes with it (Lightning's precision takes 16 or "16-mixed")
+    assert load_config(path, ["system.loss.lambda_rgb=16-mixed"]).system.loss.lambda_rgb == "16-mixed"
+    with pytest.raises(ConfigError, match=r"'trainer.max_steps=\[1,2' has a value that is not valid YAML"):
+        load_config(path, ["trainer.max_steps=[1,2"])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path, ["+system.extra=[1"])

@@ -55,20 +55,24 @@ def _all_keys(cfg: Any, prefix: str = "") -> List[str]:
     return keys
 
 
-def _key_exists(cfg: DictConfig, key: str) -> bool:
+_MISSING = object()
+
+
+def _raw_value(cfg: DictConfig, key: str) -> Any:
+    """The value at a dotted key as the YAML wrote it (interpolations unresolved); ``_MISSING`` if absent."""
     node: Any = cfg
     for part in key.split("."):
         if isinstance(node, DictConfig):
             if part not in node:
-                return False
+                return _MISSING
             node = node._get_node(part)
         elif isinstance(node, ListConfig):
             if not part.isdigit() or int(part) >= len(node):
-                return False
+                return _MISSING
             node = node._get_node(int(part))
         else:
-            return False
-    return True
+            return _MISSING
+    return node if isinstance(node, (DictConfig, ListConfig)) else node._value()
 
 
 def closest_key(cfg: DictConfig, key: str) -> str | None:
@@ -76,6 +80,22 @@ def closest_key(cfg: DictConfig, key: str) -> str | None:
     candidates = _all_keys(cfg)
     match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.8)
     return match[0] if match else None
+
+
+def _words_for_numbers(cfg: DictConfig, overrides: Sequence[str]) -> List[tuple]:
+    """(key, value, YAML's value) of the overrides that put a word where the YAML has a number
+    (``trainer.max_steps=20k``). Not an error by itself (``trainer.precision=16-mixed`` is right); it names
+    the culprit when an interpolation then fails to compute with it."""
+    found = []
+    for item in overrides:
+        key, _, value = item.lstrip("+").partition("=")
+        old = _raw_value(cfg, key)
+        if isinstance(old, (int, float)) and not isinstance(old, bool) and not value.startswith("${"):
+            try:
+                float(value)
+            except ValueError:
+                found.append((key, value, old))
+    return found
 
 
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -90,10 +110,15 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
                 f"Override '{item}' is not of the form key=value (use +key=value to add a new key)."
             )
         key, value = item.split("=", 1)
+        try:
+            OmegaConf.from_dotlist([f"value={value}"])
+        except Exception as err:  # a YAML parse error: an unclosed bracket or quote
+            reason = str(err).splitlines()[0]
+            raise ConfigError(f"Override '{item}' has a value that is not valid YAML ({reason}).") from None
         if key.startswith("+"):
             checked.append(f"{key[1:]}={value}")
             continue
-        if not _key_exists(cfg, key):
+        if _raw_value(cfg, key) is _MISSING:
             hint = closest_key(cfg, key)
             suggestion = f"; did you mean {hint}?" if hint else f"; use +{key}=... to add a new key."
             raise ConfigError(f"Override key '{key}' does not exist in the config{suggestion}")
@@ -116,12 +141,17 @@ def load_config(path: str, overrides: Iterable[str] = (), resolve: bool = True) 
         raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"Config file '{path}' must hold a mapping at its top level.")
+    words = _words_for_numbers(cfg, list(overrides))
     cfg = apply_overrides(cfg, list(overrides))
     if not resolve:
         return cfg
     try:
         OmegaConf.resolve(cfg)
     except Exception as err:
+        if words:
+            key, value, old = words[0]
+            raise ConfigError(f"Override {key}={value} puts a word where the config has a number ({old}), and "
+                              "an interpolation computes with it; give a number.") from None
         raise ConfigError(f"Config '{path}' has an interpolation that cannot be resolved: {err}") from None
     return cfg
 
