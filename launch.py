@@ -72,16 +72,35 @@ def choose_devices(gpu: str | None):
     return "cpu", 1
 
 
-def trial_paths(config, args) -> None:
-    """instant-nsr-pl's trial layout; a parsed.yaml that already names its trial keeps it."""
-    if not config.get("trial_name"):
-        # DDP child processes re-run this script: they inherit the timestamp through the environment
-        stamp = os.environ.setdefault("NSR_TRIAL_STAMP", datetime.now().strftime("@%Y%m%d-%H%M%S"))
-        config.trial_name = str(config.get("tag") or "") + stamp
+def trial_paths(config, args) -> list:
+    """instant-nsr-pl's trial layout; a parsed.yaml that already names its trial keeps it. A new trial's
+    folder is created here, so that a second run started in the same second (a sweep launched in parallel)
+    gets ``<tag>@<time>-2`` instead of writing into the first one's. Returns the folders it created, the
+    innermost first."""
     config.exp_dir = config.get("exp_dir") or os.path.join(args.exp_dir, config.name)
+    created = []
+    if not config.get("trial_name"):
+        # DDP child processes re-run this script: they inherit the trial's name through the environment
+        name = os.environ.get("NSR_TRIAL_NAME")
+        if name is None:
+            name = base = str(config.get("tag") or "") + datetime.now().strftime("@%Y%m%d-%H%M%S")
+            missing = os.path.abspath(config.exp_dir)
+            while not os.path.isdir(missing):  # ./exp and ./exp/<name> on a first run
+                created.append(missing)
+                missing = os.path.dirname(missing)
+            for n in range(2, 1000):
+                try:
+                    os.makedirs(os.path.join(config.exp_dir, name))
+                    break
+                except FileExistsError:
+                    name = f"{base}-{n}"
+            created.insert(0, os.path.join(config.exp_dir, name))
+            os.environ["NSR_TRIAL_NAME"] = name
+        config.trial_name = name
     trial = os.path.join(config.exp_dir, config.trial_name)
     for key in ("save", "ckpt", "code", "config"):
         config[f"{key}_dir"] = config.get(f"{key}_dir") or os.path.join(trial, key)
+    return created
 
 
 def csv_log_version(config, mode: str) -> str:
@@ -144,10 +163,11 @@ def main(argv=None) -> int:
     from utils.mesh import MeshError
 
     mode = "train" if args.train else "validate" if args.validate else "test" if args.test else "export"
+    created = []
     try:
         raw_config = load_config(args.config, overrides, resolve=False)
         config = load_config(args.config, overrides)
-        trial_paths(config, args)
+        created = trial_paths(config, args)
         if mode != "train" and not args.resume:
             raise UserError(f"--{mode} needs a checkpoint: add --resume exp/<name>/<trial>/ckpt/<file>.ckpt.")
         pl.seed_everything(int(config.get("seed", 42)), workers=True, verbose=False)
@@ -208,6 +228,9 @@ def main(argv=None) -> int:
             trainer.test(system, datamodule=dm, verbose=mode == "test")
     except (UserError, ConfigError, DatasetError, MeshError) as err:
         log.error(str(err))
+        for folder in created:  # nothing written yet: leave no empty trial behind
+            if not os.listdir(folder):
+                os.rmdir(folder)
         return 2
     return 0
 

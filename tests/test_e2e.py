@@ -253,3 +253,34 @@ def test_tsdf_export_is_as_close_to_the_true_surface_as_marching_cubes(trained, 
     tsdf = json.load(open(tmp_path / "it400-mesh-metrics.json"))
     assert trimesh.load(tmp_path / "it400-mc64.obj", process=False).visual.kind == "vertex"
     assert tsdf["chamfer"] < 1.5 * mc["chamfer"], (tsdf, mc)  # same order, without a density threshold
+
+
+def test_runs_started_in_the_same_second_get_their_own_trial(tmp_path, monkeypatch):
+    """A sweep launched in parallel used to have every run of a tag write into one trial folder."""
+    import argparse
+    from datetime import datetime
+
+    import launch as launcher
+    from omegaconf import OmegaConf
+
+    class FrozenClock:
+        @staticmethod
+        def now():
+            return datetime(2026, 1, 2, 3, 4, 5)
+
+    monkeypatch.setattr(launcher, "datetime", FrozenClock)
+    monkeypatch.setenv("NSR_TRIAL_NAME", "unset at teardown")  # trial_paths sets it; later launches must not see it
+    args = argparse.Namespace(exp_dir=str(tmp_path / "exp"))
+    trials = []
+    for _ in range(3):
+        monkeypatch.delenv("NSR_TRIAL_NAME", raising=False)  # each run is its own process
+        config = OmegaConf.create({"name": "sweep", "tag": "lr"})
+        created = launcher.trial_paths(config, args)
+        trials.append(config.trial_name)
+        assert os.path.isdir(created[0]) and created[0].endswith(config.trial_name)
+    assert trials == ["lr@20260102-030405", "lr@20260102-030405-2", "lr@20260102-030405-3"]
+    assert created[1:] == [], "exp/sweep existed by then"
+    # a DDP child process re-runs launch.py: it joins its parent's trial
+    config = OmegaConf.create({"name": "sweep", "tag": "lr"})
+    launcher.trial_paths(config, args)
+    assert config.trial_name == trials[-1]
