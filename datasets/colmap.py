@@ -33,7 +33,7 @@ import torch
 
 import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_split
-from datasets.blender import IMAGE_EXTENSIONS, load_images, missing_root_message, requested_size, target_size
+from datasets.images import IMAGE_EXTENSIONS, common_target_size, load_images, missing_root_message
 from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
                                    read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
 from datasets.rays import opencv_look_at, opencv_to_opengl
@@ -151,19 +151,6 @@ def match_masks(mask_dir: str, names: List[str]) -> Dict[str, str]:
     return found
 
 
-def _target_size(config: Any, sizes: List[tuple], names: List[str]) -> tuple[int, int]:
-    """One training size: ``img_wh`` for images of mixed sizes, else the shared rules (``target_size``)."""
-    if config.get("img_wh") is not None and len(set(sizes)) > 1:
-        return requested_size(config)
-    odd = [k for k, s in enumerate(sizes) if s != sizes[0]]
-    if odd:
-        k = odd[0]
-        raise DatasetError(f"Images have mixed sizes after undistortion: {names[k]} is {sizes[k][0]}x{sizes[k][1]} "
-                           f"but {names[0]} is {sizes[0][0]}x{sizes[0][1]}; set dataset.img_wh=[W,H] to train on "
-                           "one size.")
-    return target_size(config, *sizes[0])
-
-
 class Capture:
     """The parts of a COLMAP capture every split needs (no pixels): views, points, normalisation."""
 
@@ -185,7 +172,8 @@ class Capture:
             if key not in self.undistorters:
                 self.undistorters[key] = Undistorter(v.camera)
         self.names = [v.name for v in self.views]
-        self.size = _target_size(config, [self.undistorters[v.camera.camera_id].size for v in self.views], self.names)
+        sizes = [self.undistorters[v.camera.camera_id].size for v in self.views]
+        self.size = common_target_size(config, sizes, self.names)
         mask_dir = os.path.join(root, config.get("mask_dir", "masks"))
         self.masks = match_masks(mask_dir, self.names) if os.path.isdir(mask_dir) else {}
 

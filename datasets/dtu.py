@@ -28,7 +28,7 @@ import torch
 
 import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_split
-from datasets.blender import load_images, missing_root_message, target_size
+from datasets.images import load_images, missing_root_message, target_size
 from datasets.rays import opencv_look_at, opencv_to_opengl
 from utils.mesh_metrics import dtu_protocol, load_dtu_evaluation, uniform_surface_points
 

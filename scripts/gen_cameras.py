@@ -38,7 +38,7 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
     import imageio.v2 as imageio
     from tqdm import tqdm
 
-    from datasets.blender import load_images
+    from datasets.images import load_images
     from datasets.colmap import match_masks
     from datasets.colmap_model import (Undistorter, box_from_points, find_sparse_dir, read_points_ply,
                                        read_reconstruction, region_of_interest, registered_views, sparse_points,

@@ -29,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from datasets.blender import IMAGE_EXTENSIONS  # noqa: E402
+from datasets.images import IMAGE_EXTENSIONS  # noqa: E402
 
 SEED = 0  # COLMAP's random seed (RANSAC in matching and mapping): the same images give the same poses
 

@@ -1,4 +1,5 @@
 """Shared test measurements and set-up."""
+import numpy as np
 import torch
 
 
@@ -31,3 +32,40 @@ def training_system(config: str, save_dir, *overrides):
     dm = datasets.make(cfg.dataset.name, cfg.dataset)
     dm.setup("fit")
     return systems.make(cfg.system.name, cfg, mode="train"), dm
+
+
+def opencv_distort(xy: np.ndarray, k1, k2, p1, p2, k3=0.0) -> np.ndarray:
+    """OpenCV's (COLMAP's OPENCV / FULL_OPENCV) lens on normalised image points (N, 2): ideal -> distorted."""
+    x, y = xy[:, 0], xy[:, 1]
+    r2 = x * x + y * y
+    radial = 1 + k1 * r2 + k2 * r2 * r2 + k3 * r2 ** 3
+    return np.stack([x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x),
+                     y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y], -1)
+
+
+def opencv_undistort(xy_d: np.ndarray, coeffs, iterations: int = 50) -> np.ndarray:
+    """Inverse of ``opencv_distort`` by fixed-point iteration (the lens written here, not pycolmap's)."""
+    xy = xy_d.copy()
+    for _ in range(iterations):  # fixed point of xy = xy_d - (distort(xy) - xy)
+        xy = xy_d - (opencv_distort(xy, *coeffs) - xy)
+    return xy
+
+
+def fisheye_distort(xy: np.ndarray, k1, k2, k3, k4) -> np.ndarray:
+    """OpenCV's fisheye lens (COLMAP's OPENCV_FISHEYE): theta_d = theta (1 + k1 theta^2 + ... + k4 theta^8)."""
+    r = np.linalg.norm(xy, axis=1, keepdims=True)
+    theta = np.arctan(r)
+    t2 = theta * theta
+    theta_d = theta * (1 + k1 * t2 + k2 * t2 ** 2 + k3 * t2 ** 3 + k4 * t2 ** 4)
+    return xy * np.where(r > 1e-12, theta_d / np.maximum(r, 1e-12), 1.0)
+
+
+def fisheye_undistort(xy_d: np.ndarray, coeffs, iterations: int = 50) -> np.ndarray:
+    """Inverse of ``fisheye_distort``: theta from theta_d by fixed-point iteration, then r = tan(theta)."""
+    k1, k2, k3, k4 = coeffs
+    theta_d = np.linalg.norm(xy_d, axis=1, keepdims=True)
+    theta = theta_d.copy()
+    for _ in range(iterations):
+        t2 = theta * theta
+        theta = theta_d / (1 + k1 * t2 + k2 * t2 ** 2 + k3 * t2 ** 3 + k4 * t2 ** 4)
+    return xy_d * np.where(theta_d > 1e-12, np.tan(theta) / np.maximum(theta_d, 1e-12), 1.0)

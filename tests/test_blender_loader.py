@@ -1,5 +1,4 @@
 """Blender / transforms.json loader against the renderer's own cameras, and its bad-input errors."""
-import json
 import os
 import shutil
 
@@ -52,24 +51,6 @@ def test_downscale_scales_intrinsics(scene_dir):
     data = load_blender_split(cfg(root, img_wh=[20, 15]), "train")
     assert (data.width, data.height) == (20, 15)
     torch.testing.assert_close(data.intrinsics[0, 0], torch.tensor(cams[0].K[0, 0] / 2).float())
-
-
-def test_instant_ngp_single_transforms_file(scene_dir, tmp_path):
-    root, cams = scene_dir
-    frames = json.load(open(os.path.join(root, "transforms_train.json")))["frames"]
-    shutil.copytree(os.path.join(root, "train"), tmp_path / "images")
-    k = cams[0].K
-    meta = {"fl_x": k[0, 0], "fl_y": k[1, 1], "cx": k[0, 2], "cy": k[1, 2], "w": 40, "h": 30,
-            "frames": [{"file_path": f"images/r_{i}.png", "transform_matrix": fr["transform_matrix"]}
-                       for i, fr in enumerate(frames)]}
-    json.dump(meta, open(tmp_path / "transforms.json", "w"))
-    train = load_blender_split(cfg(str(tmp_path), holdout_every=3), "train")
-    test = load_blender_split(cfg(str(tmp_path), holdout_every=3), "test")
-    assert train.n_images == 2 and test.n_images == 1
-    with pytest.raises(DatasetError, match="holds out all 3 view.s., leaving none to train on"):
-        load_blender_split(cfg(str(tmp_path), holdout_every=1), "train")
-    ref_o, ref_d = cams[0].rays()
-    torch.testing.assert_close(test.image_rays(0)["rays_d"], ref_d, atol=1e-5, rtol=0)
 
 
 def test_bad_inputs_are_one_clear_sentence(scene_dir, tmp_path):

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 import datasets
 from datasets.base import DatasetError
 from datasets.synthetic import Camera, DemoScene, demo_surface, orbit_cameras, render_rays, write_colmap_text
-from helpers import max_ray_angle_deg
+from helpers import max_ray_angle_deg, opencv_distort, opencv_undistort
 from utils.io import to_uint8, write_image
 
 W, H = 64, 48
@@ -99,21 +99,6 @@ def test_pinhole_models_give_the_renderers_rays(tmp_path, model, fx, fy):
     cloud = trimesh.load(path)
     red = (cloud.colors[:, :3] == [255, 0, 0]).all(1).sum()
     assert red == 60 * len(cams)
-
-
-def opencv_distort(xy, k1, k2, p1, p2):
-    x, y = xy[:, 0], xy[:, 1]
-    r2 = x * x + y * y
-    radial = 1 + k1 * r2 + k2 * r2 * r2
-    return np.stack([x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x),
-                     y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y], -1)
-
-
-def opencv_undistort(xy_d, coeffs, iterations=50):
-    xy = xy_d.copy()
-    for _ in range(iterations):  # fixed point of xy = xy_d - (distort(xy) - xy)
-        xy = xy_d - (opencv_distort(xy, *coeffs) - xy)
-    return xy
 
 
 def test_opencv_lens_is_undistorted_at_load(tmp_path, monkeypatch):

@@ -1,0 +1,80 @@
+"""Reading a scene's images and choosing the training size: shared by every loader.
+
+Images come back as uint8 (16-bit files rescaled, grey expanded to RGB).
+The training size is ``dataset.img_wh`` (same aspect as the images) or the
+images' size divided by ``dataset.img_downscale``; intrinsics scale with it.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, List, Tuple
+
+import imageio.v2 as imageio
+import numpy as np
+
+from datasets.base import DatasetError
+from utils.config import ConfigError, number_at_least
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
+
+
+def missing_root_message(root: str, layout: str) -> str:
+    return (f"Dataset folder '{root}' does not exist. Put the scene there ({layout}) or set dataset.root_dir=..., "
+            "or try the embedded demo: python launch.py --config configs/nerf-demo.yaml --train")
+
+
+def requested_size(config: Any) -> Tuple[int, int] | None:
+    """``dataset.img_wh`` as (w, h), checked; None when the config does not set it."""
+    wh = config.get("img_wh")
+    if wh is None:
+        return None
+    if isinstance(wh, (str, int, float)) or len(wh) != 2:
+        raise ConfigError(f"dataset.img_wh must be [width, height], not {wh}.")
+    w, h = (number_at_least(v, "dataset.img_wh's width and height", 1) for v in wh)
+    return w, h
+
+
+def target_size(config: Any, width: int, height: int) -> Tuple[int, int]:
+    """(w, h) after ``img_wh`` or ``img_downscale``; img_wh must keep the aspect ratio."""
+    if config.get("img_wh") is not None:
+        w, h = requested_size(config)
+        if abs(w / h - width / height) > 0.01 * width / height:
+            raise DatasetError(f"dataset.img_wh={[w, h]} has aspect {w / h:.3f} but the images are {width}x{height} "
+                               f"(aspect {width / height:.3f}); give a size with the same aspect or use img_downscale.")
+        return w, h
+    scale = number_at_least(config.get("img_downscale") or 1.0, "dataset.img_downscale", 0, kind=float, exclusive=True)
+    return int(round(width / scale)), int(round(height / scale))
+
+
+def load_images(paths: List[str], same_size: bool = True) -> List[np.ndarray]:
+    """Read images, checking that all exist (and, unless told otherwise, have one size). Returns uint8 arrays
+    (H, W, 3|4)."""
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DatasetError(f"{len(missing)} of {len(paths)} images named by the cameras file are missing, "
+                           f"the first being {missing[0]}.")
+    images = []
+    for p in paths:
+        img = imageio.imread(p)
+        if img.dtype != np.uint8:
+            img = (img.astype(np.float32) / np.iinfo(img.dtype).max * 255).round().astype(np.uint8)
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=-1)
+        if same_size and images and img.shape[:2] != images[0].shape[:2]:
+            raise DatasetError(f"Images have mixed sizes: {p} is {img.shape[1]}x{img.shape[0]} but {paths[0]} is "
+                               f"{images[0].shape[1]}x{images[0].shape[0]}; resize them to one size.")
+        images.append(img)
+    return images
+
+
+def common_target_size(config: Any, sizes: List[tuple], names: List[str]) -> tuple[int, int]:
+    """One training size: ``img_wh`` for images of mixed sizes, else the shared rules (``target_size``)."""
+    if config.get("img_wh") is not None and len(set(sizes)) > 1:
+        return requested_size(config)
+    odd = [k for k, s in enumerate(sizes) if s != sizes[0]]
+    if odd:
+        k = odd[0]
+        raise DatasetError(f"Images have mixed sizes after undistortion: {names[k]} is {sizes[k][0]}x{sizes[k][1]} "
+                           f"but {names[0]} is {sizes[0][0]}x{sizes[0][1]}; set dataset.img_wh=[W,H] to train on "
+                           "one size.")
+    return target_size(config, *sizes[0])

@@ -1,0 +1,218 @@
+"""instant-ngp / nerfstudio captures: one ``transforms.json`` for every frame.
+
+Camera fields, global or per frame (a frame's own value wins): ``fl_x``,
+``fl_y`` (or ``camera_angle_x``/``_y``), ``cx``, ``cy``, ``w``, ``h`` and the
+lens: ``camera_model`` ``OPENCV`` (``k1 k2 k3 p1 p2``) or ``OPENCV_FISHEYE``
+(``k1``..``k4``; instant-ngp's ``is_fisheye: true`` says the same). Lenses with
+distortion are undistorted at load to COLMAP's pinhole camera (pycolmap), as
+the ``colmap`` loader does. Images smaller than the declared ``w`` x ``h``
+(nerfstudio's ``images_2/``) get their intrinsics scaled to fit. Frames are
+``file_path`` + ``transform_matrix`` (OpenGL camera-to-world); an RGBA
+image's alpha is its mask. Every ``holdout_every``-th frame (default 8, in
+file-name order) is held out for val/test.
+
+Normalisation (``normalize``, default true). Such files come in whatever
+frame their tool left: nerfstudio's ``ns-process-data`` keeps COLMAP's, whose
+origin sits at a camera and whose scale is arbitrary. So the cameras' mean up
+becomes +z, the point their optical axes pass closest to becomes the origin,
+and the scale puts the cameras at mean distance ``camera_distance`` (default
+4, where NeRF-synthetic's cameras are and where instant-ngp's colmap2nerf puts
+them, so the Blender configs' ``model.radius`` fits). ``world_from_scene``
+undoes it: meshes come out in the file's frame. ``normalize: false`` keeps
+the file's frame (then set ``model.radius`` to hold the object). The test
+video is then an orbit at the cameras' mean height about the origin.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Dict, List, Tuple
+
+import cv2
+import numpy as np
+import torch
+
+from datasets.base import DatasetError, SceneData, holdout_split
+from datasets.images import IMAGE_EXTENSIONS, common_target_size, load_images
+from datasets.colmap import orbit_at_mean_height, rotation_between
+from datasets.colmap_model import Undistorter, lookat_point
+from datasets.rays import opencv_to_opengl
+from utils.config import number_at_least
+
+log = logging.getLogger("nsr")
+
+LENS_MODELS = ("PINHOLE", "SIMPLE_PINHOLE", "OPENCV", "OPENCV_FISHEYE")
+
+
+def read_transforms(path: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]], np.ndarray]:
+    """(meta, frames sorted by file_path, (N, 4, 4) OpenGL c2w in the file's frame)."""
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as err:
+        raise DatasetError(f"{path} is not valid JSON ({err}).") from None
+    frames = meta.get("frames")
+    if not frames:
+        raise DatasetError(f"{path} has no 'frames' list.")
+    frames = sorted(frames, key=lambda fr: fr.get("file_path", ""))
+    c2w = []
+    for fr in frames:
+        m = np.asarray(fr.get("transform_matrix", []), dtype=np.float64)
+        if m.shape not in ((4, 4), (3, 4)) or not np.isfinite(m).all():
+            raise DatasetError(f"Frame {fr.get('file_path')!r} of {path} has no finite 4x4 transform_matrix.")
+        c2w.append(np.vstack([m[:3], [0, 0, 0, 1]]))
+    return meta, frames, np.stack(c2w)
+
+
+def image_path(root: str, file_path: str) -> str:
+    """A frame's image file; NeRF-synthetic's ``file_path`` has no extension."""
+    path = os.path.normpath(os.path.join(root, file_path))
+    if os.path.splitext(path)[1] in IMAGE_EXTENSIONS:
+        return path
+    for ext in IMAGE_EXTENSIONS:
+        if os.path.isfile(path + ext):
+            return path + ext
+    return path + ".png"
+
+
+def frame_intrinsics(meta: Dict[str, Any], frame: Dict[str, Any], width: int, height: int) -> np.ndarray:
+    """(fx, fy, cx, cy) at the original image size, from per-frame, global or camera_angle fields."""
+    def get(key):
+        return frame.get(key, meta.get(key))
+
+    if get("fl_x") is not None:
+        fx = float(get("fl_x"))
+        fy = float(get("fl_y") if get("fl_y") is not None else fx)
+    elif get("camera_angle_x") is not None:
+        fx = 0.5 * width / np.tan(0.5 * float(get("camera_angle_x")))
+        fy = 0.5 * height / np.tan(0.5 * float(get("camera_angle_y"))) if get("camera_angle_y") is not None else fx
+    else:
+        raise DatasetError("The transforms file gives no focal length (camera_angle_x or fl_x).")
+    cx = float(get("cx")) if get("cx") is not None else width / 2.0
+    cy = float(get("cy")) if get("cy") is not None else height / 2.0
+    return np.array([fx, fy, cx, cy], dtype=np.float64)
+
+
+def lens_camera(meta: Dict[str, Any], frame: Dict[str, Any], width: int, height: int):
+    """pycolmap.Camera of a frame's lens at its image's actual size (width, height)."""
+    import pycolmap
+
+    def get(key, default=None):
+        value = frame.get(key, meta.get(key))
+        return default if value is None else value
+
+    declared = (int(get("w", width)), int(get("h", height)))
+    if abs(declared[0] / declared[1] - width / height) > 0.01 * width / height:
+        raise DatasetError(f"{frame.get('file_path')} is {width}x{height} but the transforms file declares "
+                           f"{declared[0]}x{declared[1]}, another aspect; use the images the cameras were made for.")
+    sx, sy = width / declared[0], height / declared[1]  # a downscaled copy of the images (nerfstudio's images_2/)
+    fx, fy, cx, cy = frame_intrinsics(meta, frame, *declared) * np.array([sx, sy, sx, sy])
+    model = str(get("camera_model", "OPENCV_FISHEYE" if get("is_fisheye", False) else "OPENCV")).upper()
+    if model not in LENS_MODELS:
+        raise DatasetError(f"camera_model {model} is not supported ({', '.join(LENS_MODELS)} are); export the "
+                           "capture with a perspective or fisheye camera.")
+    k = {name: float(get(name, 0.0)) for name in ("k1", "k2", "k3", "k4", "p1", "p2")}
+    if model == "OPENCV_FISHEYE":
+        if k["p1"] or k["p2"]:
+            raise DatasetError("A fisheye camera with tangential distortion (p1, p2) is not a model COLMAP knows; "
+                               "calibrate it as OPENCV_FISHEYE (k1..k4) or OPENCV.")
+        return pycolmap.Camera(model="OPENCV_FISHEYE", width=width, height=height,
+                               params=[fx, fy, cx, cy, k["k1"], k["k2"], k["k3"], k["k4"]])
+    if k["k4"]:
+        raise DatasetError("k4 is set for a perspective (OPENCV) camera, a term COLMAP's OPENCV models do not "
+                           "have; set camera_model to OPENCV_FISHEYE if the lens is a fisheye.")
+    if not any(k.values()):
+        return pycolmap.Camera(model="PINHOLE", width=width, height=height, params=[fx, fy, cx, cy])
+    if k["k3"]:
+        return pycolmap.Camera(model="FULL_OPENCV", width=width, height=height,
+                               params=[fx, fy, cx, cy, k["k1"], k["k2"], k["p1"], k["p2"], k["k3"], 0, 0, 0])
+    return pycolmap.Camera(model="OPENCV", width=width, height=height,
+                           params=[fx, fy, cx, cy, k["k1"], k["k2"], k["p1"], k["p2"]])
+
+
+def camera_normalisation(c2w: np.ndarray, distance: float) -> np.ndarray:
+    """(4, 4) similarity scene_from_world for OpenGL c2w (N, 4, 4): mean camera up -> +z, the optical axes'
+    nearest point -> origin, mean camera distance from it -> ``distance``."""
+    centres = c2w[:, :3, 3]
+    up = c2w[:, :3, 1].mean(0)
+    if np.linalg.norm(up) < 1e-6:
+        raise DatasetError("The cameras' up directions cancel out; cannot tell which way is up "
+                           "(set dataset.normalize=false and model.radius).")
+    up /= np.linalg.norm(up)
+    centre = lookat_point(c2w)  # an optical axis is the same line in OpenGL and OpenCV axes
+    ahead = np.einsum("nk,nk->n", centre - centres, -c2w[:, :3, 2])  # OpenGL cameras look down -z
+    if len(c2w) < 2 or (ahead > 0).mean() < 0.5:
+        log.warning("The cameras do not look at a common point (a forward-facing capture?); centring the scene "
+                    "on their mean position instead.")
+        centre = centres.mean(0)
+    spread = np.linalg.norm(centres - centre, axis=1).mean()
+    if spread < 1e-9:
+        raise DatasetError("All cameras sit at one point; cannot normalise the scene (set dataset.normalize=false).")
+    out = np.eye(4)
+    out[:3, :3] = distance / spread * rotation_between(up, np.array([0.0, 0.0, 1.0]))
+    out[:3, 3] = -out[:3, :3] @ centre
+    return out
+
+
+def load_ngp_split(config: Any, path: str, split: str) -> SceneData:
+    """One split of the capture in ``path`` (its transforms.json); see the module docstring."""
+    root = os.path.dirname(path)
+    meta, frames, c2w_file = read_transforms(path)
+    scene_from_world = np.eye(4)
+    if config.get("normalize", True):
+        distance = number_at_least(config.get("camera_distance", 4.0), "dataset.camera_distance", 0, kind=float,
+                                   exclusive=True)
+        scene_from_world = camera_normalisation(c2w_file, distance)
+    c2w_scene = scene_from_world @ c2w_file
+    c2w_scene[:, :3, :3] /= np.cbrt(np.linalg.det(scene_from_world[:3, :3]))  # rotations stay orthonormal
+    world_from_scene = np.linalg.inv(scene_from_world)
+    chosen = holdout_split(len(frames), split, config.get("holdout_every", 8))
+    if not chosen:  # the video trajectory, or val/test when nothing is held out
+        return _orbit(config, root, meta, frames, c2w_scene, world_from_scene)
+    paths = [image_path(root, frames[i].get("file_path", "")) for i in chosen]
+    undistorters: Dict[tuple, Undistorter] = {}
+    pinhole = []  # (undistorted image, its Undistorter)
+    for i, image in zip(chosen, load_images(paths, same_size=False)):
+        cam = lens_camera(meta, frames[i], image.shape[1], image.shape[0])
+        und = undistorters.setdefault((cam.model.name, cam.width, cam.height, tuple(cam.params)), Undistorter(cam))
+        pinhole.append((und(image), und))
+    w, h = common_target_size(config, [und.size for _, und in pinhole], paths)
+    images, masks, intrinsics = [], [], []
+    for image, und in pinhole:
+        if und.size != (w, h):
+            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+        images.append(image[..., :3])
+        masks.append(image[..., 3] if image.shape[-1] == 4 else np.full((h, w), 255, np.uint8))
+        intrinsics.append(pinhole_intrinsics(und, w, h))
+    if split == "train":
+        lenses = sorted({key[0] for key in undistorters})
+        log.info(f"transforms.json: {len(frames)} frames, {len(chosen)} to train on, lens {', '.join(lenses)}"
+                 f"{' (undistorted to pinhole)' if lenses != ['PINHOLE'] else ''}, training size {w}x{h}"
+                 f"{', normalised' if config.get('normalize', True) else ''}")
+    return SceneData(images=torch.from_numpy(np.stack(images)), masks=torch.from_numpy(np.stack(masks)),
+                     c2w=torch.from_numpy(c2w_scene[chosen, :3, :4]).float(),
+                     intrinsics=torch.tensor(np.stack(intrinsics), dtype=torch.float32),
+                     has_mask=pinhole[0][0].shape[-1] == 4, names=[os.path.relpath(p, root) for p in paths],
+                     world_from_scene=world_from_scene)
+
+
+def pinhole_intrinsics(und: Undistorter, width: int, height: int) -> np.ndarray:
+    """(fx, fy, cx, cy) of an undistorted pinhole image resized to (width, height)."""
+    sx, sy = width / und.size[0], height / und.size[1]
+    return np.array([und.K[0, 0] * sx, und.K[1, 1] * sy, und.K[0, 2] * sx, und.K[1, 2] * sy])
+
+
+def _orbit(config, root, meta, frames, c2w_scene, world_from_scene) -> SceneData:
+    """Video cameras (no images): an orbit about +z at the cameras' mean height, with the first frame's lens."""
+    first = load_images([image_path(root, frames[0].get("file_path", ""))])[0]
+    und = Undistorter(lens_camera(meta, frames[0], first.shape[1], first.shape[0]))
+    w, h = common_target_size(config, [und.size], [frames[0].get("file_path", "")])
+    steps = number_at_least(config.get("n_test_traj_steps", 60), "dataset.n_test_traj_steps", 1)
+    c2w_cv = opencv_to_opengl(torch.from_numpy(c2w_scene)).numpy()  # the axis flip is its own inverse
+    orbit = opencv_to_opengl(torch.from_numpy(orbit_at_mean_height(c2w_cv, steps)[:, :3, :4]).float())
+    intrinsics = torch.tensor(pinhole_intrinsics(und, w, h), dtype=torch.float32).expand(steps, 4).clone()
+    return SceneData(images=torch.full((steps, h, w, 3), 255, dtype=torch.uint8),
+                     masks=torch.full((steps, h, w), 255, dtype=torch.uint8), c2w=orbit, intrinsics=intrinsics,
+                     has_mask=False, names=[f"orbit_{k}" for k in range(steps)], world_from_scene=world_from_scene,
+                     has_gt=False)

@@ -1,0 +1,199 @@
+"""instant-ngp / nerfstudio ``transforms.json`` captures against the renderer's known cameras.
+
+The renderer's cameras are written in a frame moved, turned and scaled by a
+known similarity (as nerfstudio leaves COLMAP's frame); the loader must find
+the same normalised scene whatever the similarity, and its rays, taken back
+with ``world_from_scene``, must be the file's. Lenses (OPENCV with k3,
+OPENCV_FISHEYE) are rendered through a forward model written here, and the
+undistorted images must show what the loader's pinhole rays see.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import datasets
+from datasets.base import DatasetError
+from datasets.rays import opencv_to_opengl
+from datasets.synthetic import DemoScene, orbit_cameras, render_rays
+from helpers import fisheye_distort, fisheye_undistort, max_ray_angle_deg, opencv_distort, opencv_undistort
+from utils.io import to_uint8, write_image
+
+W, H = 64, 48
+LENSES = {"OPENCV": (opencv_distort, opencv_undistort), "OPENCV_FISHEYE": (fisheye_distort, fisheye_undistort)}
+
+
+def similarity(scale: float, seed: int) -> np.ndarray:
+    """(4, 4) file_from_world: a random rotation, ``scale`` and an offset far from the origin."""
+    q = np.linalg.qr(np.random.default_rng(seed).normal(size=(3, 3)))[0]
+    q *= np.sign(np.linalg.det(q))
+    out = np.eye(4)
+    out[:3, :3], out[:3, 3] = scale * q, [4.0, -2.0, 7.0]
+    return out
+
+
+def render(cam, lens=None, coeffs=()):
+    """(H, W, 3) uint8 view of the demo scene through ``lens`` (None: pinhole) with the camera's K."""
+    fx, fy, cx, cy = cam.K[0, 0], cam.K[1, 1], cam.K[0, 2], cam.K[1, 2]
+    v, u = np.meshgrid(np.arange(cam.height) + 0.5, np.arange(cam.width) + 0.5, indexing="ij")
+    xy = np.stack([(u.ravel() - cx) / fx, (v.ravel() - cy) / fy], -1)
+    if lens is not None:
+        xy = LENSES[lens][1](xy, coeffs)
+    d = np.concatenate([xy, np.ones((len(xy), 1))], 1) @ cam.c2w[:3, :3].T
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    o = np.broadcast_to(cam.c2w[:3, 3], d.shape).copy()
+    rgb = render_rays(DemoScene(), torch.from_numpy(o).float(), torch.from_numpy(d).float())
+    return to_uint8(rgb.view(cam.height, cam.width, 3).numpy())
+
+
+def write_capture(root, cams, file_from_world=np.eye(4), images=None, **fields):
+    """images/frame_XXXX.png and a transforms.json whose OpenGL c2w are the cameras moved by file_from_world."""
+    os.makedirs(root / "images", exist_ok=True)
+    frames = []
+    for i, cam in enumerate(cams):
+        write_image(str(root / "images" / f"frame_{i:04d}.png"), images[i] if images is not None else render(cam))
+        c2w = file_from_world @ opencv_to_opengl(torch.from_numpy(cam.c2w)).numpy()
+        c2w[:3, :3] /= np.cbrt(np.linalg.det(file_from_world[:3, :3]))
+        frames.append({"file_path": f"images/frame_{i:04d}.png", "transform_matrix": c2w.tolist()})
+    k = cams[0].K
+    meta = {"fl_x": k[0, 0], "fl_y": k[1, 1], "cx": k[0, 2], "cy": k[1, 2], "w": cams[0].width,
+            "h": cams[0].height, "frames": frames, **fields}
+    with open(root / "transforms.json", "w") as f:
+        json.dump(meta, f)
+
+
+def load(root, **overrides):
+    return datasets.make("blender", OmegaConf.create({"name": "blender", "root_dir": str(root), **overrides}))
+
+
+def to_world(data, k):
+    """Loader rays of view k mapped back to the file's frame: (origins, unit directions) as float64 arrays."""
+    rays, m = data.image_rays(k), data.world_from_scene
+    o = rays["rays_o"].double().numpy() @ m[:3, :3].T + m[:3, 3]
+    d = rays["rays_d"].double().numpy() @ m[:3, :3].T
+    return o, d / np.linalg.norm(d, axis=1, keepdims=True)
+
+
+def test_any_frame_normalises_to_one_scene_and_rays_map_back(tmp_path):
+    cams = orbit_cameras(6, 2.6, [20, 45], W, H, fov_x_deg=50)
+    images, heights = [render(c) for c in cams], []
+    for seed, scale in ((0, 1.0), (1, 0.31), (2, 7.5)):
+        root = tmp_path / f"s{seed}"
+        file_from_world = np.eye(4) if seed == 0 else similarity(scale, seed)
+        write_capture(root, cams, file_from_world, images=images)
+        data = load(root, holdout_every=0).split("train")
+        assert data.n_images == 6 and (data.width, data.height) == (W, H) and not data.has_mask
+        for k, cam in enumerate(cams):
+            o, d = to_world(data, k)
+            o_true, d_true = (t.double().numpy() for t in cam.rays())
+            o_file = o_true @ file_from_world[:3, :3].T + file_from_world[:3, 3]
+            d_file = d_true @ file_from_world[:3, :3].T
+            assert np.abs(o - o_file).max() < 1e-4 * scale
+            angle = max_ray_angle_deg(torch.from_numpy(d), torch.from_numpy(d_file))
+            assert angle < 1e-3, f"view {k}: rays off by {angle:.4f} degrees"
+        # the normalised scene: the cameras look at the origin from mean distance 4, +z up, whatever the frame
+        centres = data.c2w[:, :, 3].double().numpy()
+        assert abs(np.linalg.norm(centres, axis=1).mean() - 4.0) < 1e-4
+        object_centre = np.linalg.inv(data.world_from_scene) @ file_from_world @ np.array([0, 0, 0, 1.0])
+        assert np.abs(object_centre[:3]).max() < 1e-4
+        up = data.c2w[:, :, 1].double().numpy().mean(0)
+        assert np.abs(up[:2]).max() < 1e-5 and up[2] > 0.5
+        assert all(np.array_equal(data.images[k].numpy(), images[k]) for k in range(6))
+        heights.append(np.sort(centres[:, 2]))
+    for h in heights[1:]:  # the same scene up to a turn about +z: the same camera heights
+        np.testing.assert_allclose(h, heights[0], atol=1e-4)
+    # normalize=false keeps the file's frame
+    data = load(tmp_path / "s1", holdout_every=0, normalize=False).split("train")
+    np.testing.assert_allclose(data.world_from_scene, np.eye(4))
+    o, _ = to_world(data, 0)
+    assert np.abs(o[0] - similarity(0.31, 1)[:3] @ np.append(cams[0].c2w[:3, 3], 1)).max() < 1e-4
+
+
+def test_smaller_images_than_declared_scale_the_intrinsics(tmp_path):
+    """nerfstudio's images_2/: the file declares the full size and its focal length; the images are half."""
+    cams = orbit_cameras(3, 2.6, [30], W, H, fov_x_deg=50)
+    write_capture(tmp_path, cams)
+    meta = json.load(open(tmp_path / "transforms.json"))
+    meta.update(w=2 * W, h=2 * H, fl_x=2 * meta["fl_x"], fl_y=2 * meta["fl_y"], cx=2 * meta["cx"], cy=2 * meta["cy"])
+    json.dump(meta, open(tmp_path / "transforms.json", "w"))
+    data = load(tmp_path, holdout_every=0).split("train")
+    for k, cam in enumerate(cams):
+        _, d = to_world(data, k)
+        assert max_ray_angle_deg(torch.from_numpy(d), cam.rays()[1].double()) < 1e-3
+    meta.update(w=2 * W, h=W)
+    json.dump(meta, open(tmp_path / "transforms.json", "w"))
+    with pytest.raises(DatasetError, match="frame_0000.png is 64x48 but the transforms file declares 128x64"):
+        load(tmp_path, holdout_every=0).split("train")
+
+
+@pytest.mark.parametrize("lens,coeffs,fields", [
+    ("OPENCV", (-0.28, 0.07, 0.002, -0.003, 0.01),
+     {"camera_model": "OPENCV", "k1": -0.28, "k2": 0.07, "p1": 0.002, "p2": -0.003, "k3": 0.01}),
+    ("OPENCV_FISHEYE", (0.05, -0.02, 0.01, -0.004),
+     {"camera_model": "OPENCV_FISHEYE", "k1": 0.05, "k2": -0.02, "k3": 0.01, "k4": -0.004}),
+    ("OPENCV_FISHEYE", (0.05, -0.02, 0.0, 0.0), {"is_fisheye": True, "k1": 0.05, "k2": -0.02}),  # instant-ngp
+])
+def test_lenses_are_undistorted_at_load(tmp_path, lens, coeffs, fields):
+    w, h = 128, 96  # finer pixels: interpolation error well below the lens' displacement
+    cams = orbit_cameras(4, 2.6, [25, 45], w, h, fov_x_deg=70)
+    for cam in cams:
+        cam.K[0, 2], cam.K[1, 2] = 63.0, 47.5
+    distort, undistort = LENSES[lens]
+    xy_d = distort(np.random.default_rng(0).uniform(-0.6, 0.6, (100, 2)), *coeffs)
+    assert np.abs(distort(undistort(xy_d, coeffs), *coeffs) - xy_d).max() < 1e-9  # the inversion holds
+    raw = [render(cam, lens, coeffs) for cam in cams]
+    write_capture(tmp_path, cams, images=raw, **fields)
+    data = load(tmp_path, holdout_every=0).split("train")
+    errors, ignored = [], []
+    for k, cam in enumerate(cams):
+        o, d = to_world(data, k)
+        seen = render_rays(DemoScene(), torch.from_numpy(o).float(), torch.from_numpy(d).float()).numpy()
+        errors.append(np.abs(data.images[k].numpy().reshape(-1, 3) / 255.0 - seen).mean())
+        # what a loader ignoring the lens would train on: the raw image against the pinhole view
+        ignored.append(np.abs(raw[k].reshape(-1, 3) / 255.0 - render(cam).reshape(-1, 3) / 255.0).mean())
+    assert np.mean(errors) < 0.012, f"undistorted images vs their rays: mean colour error {np.mean(errors):.4f}"
+    assert np.mean(ignored) > 3 * np.mean(errors), (np.mean(ignored), np.mean(errors))
+
+
+def test_holdout_and_the_video_orbit(tmp_path):
+    cams = orbit_cameras(6, 2.6, [20, 45], W, H, fov_x_deg=50)
+    write_capture(tmp_path, cams, similarity(0.5, 3))
+    dm = load(tmp_path, holdout_every=3, n_test_traj_steps=5)
+    train, test = dm.split("train"), dm.split("test")
+    assert (train.n_images, test.n_images) == (4, 2) and test.has_gt
+    assert test.names == ["images/frame_0000.png", "images/frame_0003.png"]
+    orbit = dm.trajectory()
+    assert orbit.n_images == 5 and not orbit.has_gt
+    centres = orbit.c2w[:, :, 3].double().numpy()
+    np.testing.assert_allclose(centres[:, 2], train.c2w[:, 2, 3].double().mean().item(), atol=1e-5)
+    looking = -orbit.c2w[:, :, 2].double().numpy()  # OpenGL cameras look down -z, here at the origin
+    assert np.abs((looking * -centres / np.linalg.norm(centres, axis=1, keepdims=True)).sum(1) - 1).max() < 1e-5
+    no_holdout = load(tmp_path, holdout_every=0, n_test_traj_steps=5)
+    assert no_holdout.trajectory() is None and not no_holdout.split("test").has_gt
+    with pytest.raises(DatasetError, match="holds out all 6 view.s., leaving none to train on"):
+        load(tmp_path, holdout_every=1).split("train")
+
+
+def test_bad_cameras_are_one_clear_sentence(tmp_path):
+    cams = orbit_cameras(3, 2.6, [30], W, H)
+    write_capture(tmp_path, cams)
+    meta = json.load(open(tmp_path / "transforms.json"))
+
+    def expect(message, **changes):
+        json.dump({**meta, **changes}, open(tmp_path / "transforms.json", "w"))
+        with pytest.raises(DatasetError, match=message):
+            load(tmp_path, holdout_every=0).split("train")
+
+    expect("camera_model EQUIRECTANGULAR is not supported", camera_model="EQUIRECTANGULAR")
+    expect("k4 is set for a perspective .OPENCV. camera", camera_model="OPENCV", k1=0.1, k4=0.01)
+    expect("fisheye camera with tangential distortion", camera_model="OPENCV_FISHEYE", p1=0.01)
+    expect("Frame 'images/frame_0001.png' of .* has no finite 4x4 transform_matrix",
+           frames=[meta["frames"][0], {"file_path": "images/frame_0001.png", "transform_matrix": [[1, 0]]}])
+    expect("gives no focal length", fl_x=None, fl_y=None)
+    first = meta["frames"][0]
+    upside_down = (np.array(first["transform_matrix"]) * [1, -1, -1, 1]).tolist()  # the same place, turned over
+    expect("cannot tell which way is up",
+           frames=[first, {"file_path": "images/frame_0001.png", "transform_matrix": upside_down}])
