@@ -146,9 +146,14 @@ class SceneDataModule(pl.LightningDataModule):
         if stage in (None, "test", "predict"):
             self.test_data = self.split("test")
 
+    def has_orbit(self) -> bool:
+        """Whether the format has a video orbit of its own (captures); NeRF-synthetic's test split is one."""
+        return False
+
     def trajectory(self) -> Optional[SceneData]:
-        """Camera path for the test video when the test split is not one (held-out views); None otherwise."""
-        return None
+        """Camera path for the test video when the test split is held-out views (with images); None when the
+        test split is the path itself."""
+        return self.split("trajectory") if self.has_orbit() and self.split("test").has_gt else None
 
     def score_mesh(self, vertices: np.ndarray, faces: np.ndarray) -> Optional[Dict[str, float]]:
         """Geometry metrics of a world-frame mesh (V, 3) / (F, 3) when the data has ground truth; else None."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import cv2
 import numpy as np
@@ -80,9 +80,8 @@ def load_blender_split(config: Any, split: str) -> SceneData:
 class BlenderDataModule(SceneDataModule):
     load_split = staticmethod(load_blender_split)
 
-    def trajectory(self) -> Optional[SceneData]:
-        """An orbit for the video when the test split is frames held out of a transforms.json capture."""
+    def has_orbit(self) -> bool:
+        """A transforms.json capture has one (its test split is held-out frames)."""
         root = self.config.root_dir
-        single = not os.path.isfile(os.path.join(root, "transforms_test.json")) and \
-            os.path.isfile(os.path.join(root, "transforms.json"))
-        return self.split("trajectory") if single and (self.config.get("holdout_every", 8) or 0) else None
+        return (not os.path.isfile(os.path.join(root, "transforms_test.json"))
+                and os.path.isfile(os.path.join(root, "transforms.json")))

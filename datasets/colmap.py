@@ -251,8 +251,8 @@ class ColmapDataModule(SceneDataModule):
     def load_split(self, config: Any, split: str) -> SceneData:  # a method: all splits share one Capture
         return load_colmap_split(config, split, self.capture)
 
-    def trajectory(self) -> Optional[SceneData]:
-        return self.split("trajectory") if int(self.config.get("holdout_every", 0) or 0) > 0 else None
+    def has_orbit(self) -> bool:
+        return True
 
     def write_overview(self, path: str) -> bool:
         """Cameras (red frusta), sparse points (their colours), region of interest (green box) as one PLY."""

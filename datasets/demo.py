@@ -7,7 +7,7 @@ every ``holdout_every``-th view (default 8) for metrics.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -35,9 +35,9 @@ def load_demo_split(config: Any, split: str) -> SceneData:
 class DemoDataModule(SceneDataModule):
     load_split = staticmethod(load_demo_split)
 
-    def trajectory(self) -> Optional[SceneData]:
+    def has_orbit(self) -> bool:
         """The DTU layout holds out views for metrics; its video follows an orbit (the Blender test split is one)."""
-        return self.split("trajectory") if str(self.config.get("layout", "blender")) == "dtu" else None
+        return str(self.config.get("layout", "blender")) == "dtu"
 
     def score_mesh(self, vertices, faces):
         """Against the analytic scene's surface (marching cubes at 256^3 of its exact SDF), in the world frame."""

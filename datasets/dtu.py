@@ -172,8 +172,8 @@ def load_dtu_split(config: Any, split: str) -> SceneData:
 class DTUDataModule(SceneDataModule):
     load_split = staticmethod(load_dtu_split)
 
-    def trajectory(self) -> Optional[SceneData]:
-        return self.split("trajectory") if int(self.config.get("holdout_every", 0) or 0) > 0 else None
+    def has_orbit(self) -> bool:
+        return True
 
     def score_mesh(self, vertices, faces):
         """The DTU protocol when ``dataset.eval_dir`` points at the DTU evaluation data; the scan number is
