@@ -99,6 +99,12 @@ def normalisation(c2w: np.ndarray, xyz: np.ndarray, track: np.ndarray, config: A
         scale = float(config.radius) / roi_radius
     else:
         scale = 1.0 / np.linalg.norm(centres - centre, axis=1).min()
+    return z_up_similarity(up, centre, scale)
+
+
+def z_up_similarity(up: np.ndarray, centre: np.ndarray, scale: float) -> np.ndarray:
+    """(4, 4) scene_from_world turning unit vector ``up`` to +z, moving ``centre`` to the origin, scaling by
+    ``scale``."""
     out = np.eye(4)
     out[:3, :3] = scale * rotation_between(up, np.array([0.0, 0.0, 1.0]))
     out[:3, 3] = -out[:3, :3] @ centre
@@ -106,7 +112,7 @@ def normalisation(c2w: np.ndarray, xyz: np.ndarray, track: np.ndarray, config: A
 
 
 def transform_poses(scene_from_world: np.ndarray, c2w: np.ndarray) -> np.ndarray:
-    """Apply a similarity to (N, 4, 4) OpenCV c2w, keeping the rotations orthonormal."""
+    """Apply a similarity to (N, 4, 4) c2w (OpenCV or OpenGL), keeping the rotations orthonormal."""
     out = scene_from_world @ c2w
     out[:, :3, :3] /= np.cbrt(np.linalg.det(scene_from_world[:3, :3]))
     return out

@@ -35,7 +35,7 @@ import torch
 
 from datasets.base import DatasetError, SceneData, holdout_split
 from datasets.images import IMAGE_EXTENSIONS, common_target_size, load_images
-from datasets.colmap import orbit_at_mean_height, rotation_between
+from datasets.colmap import orbit_at_mean_height, transform_poses, z_up_similarity
 from datasets.colmap_model import Undistorter, lookat_point
 from datasets.rays import opencv_to_opengl
 from utils.config import number_at_least
@@ -149,10 +149,7 @@ def camera_normalisation(c2w: np.ndarray, distance: float) -> np.ndarray:
     spread = np.linalg.norm(centres - centre, axis=1).mean()
     if spread < 1e-9:
         raise DatasetError("All cameras sit at one point; cannot normalise the scene (set dataset.normalize=false).")
-    out = np.eye(4)
-    out[:3, :3] = distance / spread * rotation_between(up, np.array([0.0, 0.0, 1.0]))
-    out[:3, 3] = -out[:3, :3] @ centre
-    return out
+    return z_up_similarity(up, centre, distance / spread)
 
 
 def load_ngp_split(config: Any, path: str, split: str) -> SceneData:
@@ -164,8 +161,7 @@ def load_ngp_split(config: Any, path: str, split: str) -> SceneData:
         distance = number_at_least(config.get("camera_distance", 4.0), "dataset.camera_distance", 0, kind=float,
                                    exclusive=True)
         scene_from_world = camera_normalisation(c2w_file, distance)
-    c2w_scene = scene_from_world @ c2w_file
-    c2w_scene[:, :3, :3] /= np.cbrt(np.linalg.det(scene_from_world[:3, :3]))  # rotations stay orthonormal
+    c2w_scene = transform_poses(scene_from_world, c2w_file)  # either camera convention
     world_from_scene = np.linalg.inv(scene_from_world)
     chosen = holdout_split(len(frames), split, config.get("holdout_every", 8))
     if not chosen:  # the video trajectory, or val/test when nothing is held out
