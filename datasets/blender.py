@@ -10,9 +10,8 @@ normalisation).
 """
 from __future__ import annotations
 
-import json
 import os
-from typing import Any, Dict, List
+from typing import Any
 
 import cv2
 import numpy as np
@@ -21,38 +20,25 @@ import torch
 import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule
 from datasets.images import load_images, missing_root_message, target_size
-from datasets.ngp import frame_intrinsics, image_path, load_ngp_split
+from datasets.ngp import capture_file, frame_intrinsics, image_path, load_ngp_split, read_frames_file
 
 
 BLENDER_LAYOUT = ("NeRF-synthetic: unpack nerf_synthetic.zip into load/ so that "
                   "load/nerf_synthetic/<scene>/transforms_train.json exists")
 
 
-def _read_split(root: str, split: str) -> tuple[Dict[str, Any], List[Dict[str, Any]]]:
-    path = os.path.join(root, f"transforms_{split}.json")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{path} is not valid JSON ({err}).") from None
-    if not meta.get("frames"):
-        raise DatasetError(f"{path} has no 'frames' list.")
-    return meta, meta["frames"]
-
-
 def load_blender_split(config: Any, split: str) -> SceneData:
     root = config.root_dir
     if not os.path.isdir(root):
         raise DatasetError(missing_root_message(root, BLENDER_LAYOUT))
-    per_split, single = (os.path.join(root, f) for f in (f"transforms_{split}.json", "transforms.json"))
-    if not os.path.isfile(per_split) and os.path.isfile(single):
+    single = capture_file(root)
+    if single:
         return load_ngp_split(config, single, split)
-    if split == "trajectory":
-        raise DatasetError("NeRF-synthetic scenes have no separate video trajectory; the test split is one.")
+    per_split = os.path.join(root, f"transforms_{split}.json")
     if not os.path.isfile(per_split):
-        raise DatasetError(f"Neither {per_split} nor {single} exists; is dataset.root_dir a Blender/NeRF-synthetic "
-                           "or instant-ngp / nerfstudio scene folder?")
-    meta, frames = _read_split(root, split)
+        raise DatasetError(f"Neither {per_split} nor {os.path.join(root, 'transforms.json')} exists; is "
+                           "dataset.root_dir a Blender/NeRF-synthetic or instant-ngp / nerfstudio scene folder?")
+    meta, frames = read_frames_file(per_split)
     paths = [image_path(root, fr["file_path"]) for fr in frames]
     raw = load_images(paths)
     height, width = raw[0].shape[:2]
@@ -82,6 +68,4 @@ class BlenderDataModule(SceneDataModule):
 
     def has_orbit(self) -> bool:
         """A transforms.json capture has one (its test split is held-out frames)."""
-        root = self.config.root_dir
-        return (not os.path.isfile(os.path.join(root, "transforms_test.json"))
-                and os.path.isfile(os.path.join(root, "transforms.json")))
+        return capture_file(self.config.root_dir) is not None

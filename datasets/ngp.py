@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -45,16 +45,28 @@ log = logging.getLogger("nsr")
 LENS_MODELS = ("PINHOLE", "SIMPLE_PINHOLE", "OPENCV", "OPENCV_FISHEYE")
 
 
-def read_transforms(path: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]], np.ndarray]:
-    """(meta, frames sorted by file_path, (N, 4, 4) OpenGL c2w in the file's frame)."""
+def capture_file(root: str) -> Optional[str]:
+    """``<root>/transforms.json`` when the folder is a one-file capture (no NeRF-synthetic per-split files)."""
+    single = os.path.join(root, "transforms.json")
+    return single if os.path.isfile(single) and not os.path.isfile(os.path.join(root, "transforms_train.json")) \
+        else None
+
+
+def read_frames_file(path: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """(meta, its non-empty 'frames' list) of a transforms JSON file, either layout."""
     try:
         with open(path) as f:
             meta = json.load(f)
     except json.JSONDecodeError as err:
         raise DatasetError(f"{path} is not valid JSON ({err}).") from None
-    frames = meta.get("frames")
-    if not frames:
+    if not meta.get("frames"):
         raise DatasetError(f"{path} has no 'frames' list.")
+    return meta, meta["frames"]
+
+
+def read_transforms(path: str) -> Tuple[Dict[str, Any], List[Dict[str, Any]], np.ndarray]:
+    """(meta, frames sorted by file_path, (N, 4, 4) OpenGL c2w in the file's frame)."""
+    meta, frames = read_frames_file(path)
     frames = sorted(frames, key=lambda fr: fr.get("file_path", ""))
     c2w = []
     for fr in frames:
