@@ -160,6 +160,7 @@ def main(argv=None) -> int:
     from systems.finite_guard import NonFiniteLossError
     from utils.callbacks import AtomicCheckpointIO, ProgressBar, StopOnSignal, TrialSnapshot
     from utils.config import ConfigError, load_config, to_primitive
+    from utils.config_keys import describe as describe_unread, unread_keys
     from utils.mesh import MeshError
 
     mode = "train" if args.train else "validate" if args.validate else "test" if args.test else "export"
@@ -167,6 +168,9 @@ def main(argv=None) -> int:
     try:
         raw_config = load_config(args.config, overrides, resolve=False)
         config = load_config(args.config, overrides)
+        unread = unread_keys(raw_config)
+        if unread:
+            log.warning(describe_unread(unread))
         created = trial_paths(config, args)
         if mode != "train" and not args.resume:
             raise UserError(f"--{mode} needs a checkpoint: add --resume exp/<name>/<trial>/ckpt/<file>.ckpt.")

@@ -55,6 +55,7 @@ def test_train_writes_the_instant_nsr_pl_tree(trained):
     tmp, _, trial, out = trained
     for sub in ("ckpt", "save", "code", "csv_logs", "config/parsed.yaml", "config/raw.yaml"):
         assert os.path.exists(os.path.join(trial, sub)), sub
+    assert "no effect" not in out  # no config key went unread
     assert glob.glob(str(tmp / "runs" / "nerf-demo" / os.path.basename(trial) / "events.out.tfevents*"))
     save = os.path.join(trial, "save")
     assert os.path.isfile(os.path.join(save, "it400-0.png"))
@@ -155,6 +156,7 @@ def test_export_writes_video_and_mesh_without_metrics(trained, tmp_path):
                  f"save_dir={tmp_path}")
     assert os.path.isfile(tmp_path / "it400-test.mp4") and os.path.isfile(tmp_path / "it400-mc64.obj")
     assert "test/psnr" not in out
+    assert "no effect" not in out  # the trial's parsed.yaml (paths and trial name added) is read in full
 
 
 @pytest.mark.slow

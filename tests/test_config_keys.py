@@ -1,0 +1,58 @@
+"""YAML keys that nothing reads are named at start-up (a misspelt setting otherwise trains with the default)."""
+import glob
+
+import pytest
+from omegaconf import OmegaConf
+
+import launch
+from utils.config import load_config
+from utils.config_keys import describe, unread_keys
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/*.yaml")))
+def test_every_shipped_config_is_fully_read(path):
+    assert unread_keys(load_config(path, resolve=False)) == []
+
+
+def misspelt_neus_config(tmp_path):
+    """neus-dtu.yaml with the mistakes a user makes when editing a copy, and instant-nsr-pl's extra keys."""
+    cfg = OmegaConf.load("configs/neus-dtu.yaml")
+    encoding = cfg.model.geometry.xyz_encoding_config
+    encoding.n_level = encoding.pop("n_levels")
+    cfg.model.geometry.radious = 0.8
+    cfg.model.geometry.sdf2weight = "neus"  # instant-nsr-pl: only NeuS exists there either
+    cfg.system.loss.sparsity_scal = 2.0
+    cfg.system.loss.curvature_warmup_steps = 5000
+    cfg.system.loss.lambda_made_up = 0.1  # the system reports unknown loss weights itself
+    cfg.system.constant_steps = 500  # read through an interpolation only, as instant-nsr-pl's schedulers do
+    cfg.system.scheduler.milestones = ["${system.constant_steps}"]
+    cfg.system.scheduler.schedulers[0].args.unchecked = 1  # torch checks scheduler and optimiser arguments
+    cfg.trainer.not_a_trainer_option = 1  # and Lightning its Trainer's
+    path = tmp_path / "mine.yaml"
+    OmegaConf.save(cfg, path)
+    return str(path)
+
+
+def test_misspelt_and_foreign_keys_are_named_with_the_likely_intended_key(tmp_path):
+    path = misspelt_neus_config(tmp_path)
+    unread = dict(unread_keys(load_config(path, ["+dataset.camera_distnce=3"], resolve=False)))
+    assert unread == {
+        "dataset.camera_distnce": "camera_distance",
+        "model.geometry.radious": "radius",
+        "model.geometry.sdf2weight": None,
+        "model.geometry.xyz_encoding_config.n_level": "n_levels",
+        "system.loss.sparsity_scal": "sparsity_scale",
+        "system.loss.curvature_warmup_steps": None,
+    }
+    sentence = describe(sorted(unread.items()))
+    assert "model.geometry.radious (did you mean radius?)" in sentence
+    assert "curvature_warmup_steps (write the warm-up into the weight: lambda_curvature: [0, 0.0, " in sentence
+
+
+def test_launch_warns_before_anything_else_can_fail(tmp_path, capsys):
+    path = misspelt_neus_config(tmp_path)
+    rc = launch.main(["--config", path, "--train", f"dataset.root_dir={tmp_path / 'missing'}",
+                      "--exp_dir", str(tmp_path / "exp"), "--runs_dir", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert rc == 2  # the missing data folder, after the warning
+    assert "have no effect: " in out and "xyz_encoding_config.n_level (did you mean n_levels?)" in out

@@ -1,0 +1,136 @@
+"""Name the YAML keys nothing reads: a misspelt setting (``n_level: 8``) is otherwise silently ignored.
+
+OmegaConf accepts any key in a YAML file, and components read their settings with defaults
+(``config.get("n_levels", 16)``), so a typo trains with the default and nobody is told. CLI
+overrides are checked against the YAML (``utils.config.apply_overrides``); this module checks the
+YAML itself, and keys added with ``+key=value``.
+
+A key counts as read when its name occurs in the framework's own source (as a string constant, an
+attribute or a parameter name), in a shipped config, or when an interpolation refers to it
+(instant-nsr-pl's ``${system.constant_steps}``). This errs on the quiet side: a misspelling that
+happens to be another name used in the code is not caught. Sections that a library checks itself
+are skipped: ``trainer`` and ``checkpoint`` (Lightning's Trainer and ModelCheckpoint take them as
+keyword arguments), any ``args`` (torch optimiser and scheduler arguments),
+``system.optimizer.params`` (``systems.optim`` checks the group options against the optimiser), and
+``system.loss.lambda_*`` (the system warns about losses it does not have).
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import functools
+import glob
+import os
+import re
+from typing import Any, FrozenSet, List, Optional, Tuple
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SOURCE_PACKAGES = ("datasets", "models", "systems", "utils")
+SKIPPED_SECTIONS = ("trainer", "checkpoint", "system.optimizer.params")
+_INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w.]*)\s*[},]")  # ${a.b} and the a.b inside ${sub:${a.b},...}
+
+
+def _names_in_source(path: str) -> set:
+    with open(path, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read(), filename=path)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+            names.add(node.value)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, (ast.arg, ast.keyword)) and node.arg:
+            names.add(node.arg)
+    return names
+
+
+def _names_in_config(cfg: Any) -> set:
+    names = set()
+    if isinstance(cfg, DictConfig):
+        for key in cfg.keys():
+            names.add(str(key))
+            names |= _names_in_config(cfg._get_node(key))
+    elif isinstance(cfg, ListConfig):
+        for i in range(len(cfg)):
+            names |= _names_in_config(cfg._get_node(i))
+    return names
+
+
+@functools.lru_cache(maxsize=1)
+def known_names() -> FrozenSet[str]:
+    """Every key name the framework can read: from its source and its shipped configs."""
+    names = _names_in_source(os.path.join(ROOT, "launch.py"))
+    for package in SOURCE_PACKAGES:
+        for path in glob.glob(os.path.join(ROOT, package, "*.py")):
+            if os.path.abspath(path) != os.path.abspath(__file__):  # its hints name keys nothing reads
+                names |= _names_in_source(path)
+    for path in glob.glob(os.path.join(ROOT, "configs", "*.yaml")):
+        names |= _names_in_config(OmegaConf.load(path))
+    return frozenset(names)
+
+
+def _referenced_keys(cfg: Any) -> set:
+    """Dotted keys that an interpolation anywhere in the raw (unresolved) config refers to."""
+    found = set()
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        keys = cfg.keys() if isinstance(cfg, DictConfig) else range(len(cfg))
+        for key in keys:
+            found |= _referenced_keys(cfg._get_node(key))
+    else:
+        value = cfg._value()
+        if isinstance(value, str):
+            found.update(_INTERPOLATION.findall(value))
+    return found
+
+
+def _skipped(path: str) -> bool:
+    parts = path.split(".")
+    return ("args" in parts or parts[-1].startswith("lambda_") and path.startswith("system.loss.")
+            or any(path == s or path.startswith(s + ".") for s in SKIPPED_SECTIONS))
+
+
+def unread_keys(raw_config: DictConfig) -> List[Tuple[str, Optional[str]]]:
+    """``(dotted key, closest known name or None)`` for each key of ``raw_config`` (the config before
+    interpolations are resolved) that nothing reads. A key whose name is unknown is reported, and its
+    contents are not looked into."""
+    known = known_names()
+    referenced = _referenced_keys(raw_config)
+    found: List[Tuple[str, Optional[str]]] = []
+
+    def visit(node: DictConfig, prefix: str) -> None:
+        for key in node.keys():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if _skipped(path):
+                continue
+            if str(key) not in known and path not in referenced:
+                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.8)
+                found.append((path, close[0] if close else None))
+                continue
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                visit(child, path)
+            elif isinstance(child, ListConfig):  # e.g. the scheduler list of SequentialLR
+                for i in range(len(child)):
+                    if isinstance(child._get_node(i), DictConfig):
+                        visit(child._get_node(i), f"{path}.{i}")
+
+    visit(raw_config, "")
+    return found
+
+
+# instant-nsr-pl keys whose effect a user should carry over by other means
+UPSTREAM_HINTS = {
+    "curvature_warmup_steps": "write the warm-up into the weight: lambda_curvature: [0, 0.0, weight, steps]",
+}
+
+
+def describe(unread: List[Tuple[str, Optional[str]]]) -> str:
+    """One sentence naming the keys nothing reads, each with its likely intended name or a hint."""
+    items = []
+    for path, suggestion in unread:
+        hint = UPSTREAM_HINTS.get(path.rsplit(".", 1)[-1])
+        hint = hint or (f"did you mean {suggestion}?" if suggestion else None)
+        items.append(f"{path} ({hint})" if hint else path)
+    return f"Config keys that nothing in this framework reads, so they have no effect: {', '.join(items)}."
