@@ -13,6 +13,7 @@ per parameter tensor, host time saved on a GPU at every step
 """
 from __future__ import annotations
 
+import difflib
 import inspect
 import logging
 from typing import Any, Dict
@@ -48,6 +49,7 @@ def make_optimizer(config: Any, model: nn.Module, fused_default: bool = True) ->
     else:
         groups = [{"params": list(model.parameters()), "name": "all"}]
     optimizer_class = getattr(torch.optim, name)
+    check_group_options(groups, optimizer_class)
     if "fused" not in inspect.signature(optimizer_class).parameters or {"fused", "foreach"} & args.keys():
         return optimizer_class(groups, **args)
     if not fused_default:
@@ -60,6 +62,18 @@ def make_optimizer(config: Any, model: nn.Module, fused_default: bool = True) ->
     except (RuntimeError, ValueError) as error:  # a device or dtype without the fused kernel (CPU before torch 2.4)
         log.info(f"Optimizer: {name}, torch's default implementation (no fused one here: {error})")
         return optimizer_class(groups, **args)
+
+
+def check_group_options(groups: list, optimizer_class: type) -> None:
+    """torch keeps any key of a parameter group without a word, so a misspelt ``lr`` in
+    ``optimizer.params`` would train at the default rate; a key the optimiser does not take is an error."""
+    options = set(inspect.signature(optimizer_class).parameters) - {"params"}
+    for group in groups:
+        for key in set(group) - options - {"params", "name"}:
+            close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}?" if close else f"{optimizer_class.__name__} takes {', '.join(sorted(options))}."
+            raise ConfigError(f"system.optimizer.params.{group['name']}.{key} is not an option of "
+                              f"{optimizer_class.__name__}; {hint}")
 
 
 def _scheduler(config: Any, optimizer: torch.optim.Optimizer):

@@ -1,4 +1,5 @@
 """NeRF model plumbing: step updates reach the occupancy grid, rendering shapes, backend choice on CPU."""
+import pytest
 import torch
 
 import models
@@ -60,6 +61,20 @@ def test_optimizer_groups_and_sequential_scheduler():
         opt.step()
         sched["scheduler"].step()
     assert abs(opt.param_groups[0]["lr"] - 0.02 * 0.25) < 1e-9
+
+
+def test_a_misspelt_group_option_is_an_error_not_the_default_rate():
+    """torch stores any key of a parameter group, so ``lrr: 0.02`` would train geometry at args.lr."""
+    from omegaconf import OmegaConf
+
+    from systems.optim import make_optimizer
+    from utils.config import ConfigError
+
+    cfg = OmegaConf.create({"name": "AdamW", "args": {"lr": 0.01}, "params": {"geometry": {"lrr": 0.02}}})
+    with pytest.raises(ConfigError, match="params.geometry.lrr is not an option of AdamW; did you mean lr"):
+        make_optimizer(cfg, small_model())
+    cfg.params.geometry = {"lr": 0.02, "weight_decay": 0.1}  # any option the optimiser takes is fine
+    assert make_optimizer(cfg, small_model()).param_groups[0]["weight_decay"] == 0.1
 
 
 def test_adam_is_fused_unless_the_config_says_otherwise_and_steps_like_the_reference():
