@@ -13,7 +13,8 @@ fitted to the sparse points about the object (``ground``) becomes +z; the
 centre is the cameras' mean (``center_est_method: camera``), the point their
 optical axes pass closest to (``lookat``) or the centre of the region of
 interest of the sparse points (``point``); the scale puts the nearest camera
-at distance 1, or, with ``radius: r``, the region of interest inside radius r.
+at distance 1, or, with ``radius: r``, the region of interest inside radius r, or, with
+instant-nsr-pl's ``cam_downscale: s``, divides the centred capture by s.
 ``world_from_scene`` undoes it, so meshes come out in the capture's frame.
 
 ``holdout_every: k`` holds out every k-th image for val/test metrics; the test
@@ -37,6 +38,7 @@ from datasets.images import IMAGE_EXTENSIONS, common_target_size, load_images, m
 from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
                                    read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
 from datasets.rays import opencv_look_at, opencv_to_opengl
+from utils.config import number_at_least
 
 log = logging.getLogger("nsr")
 
@@ -97,6 +99,8 @@ def normalisation(c2w: np.ndarray, xyz: np.ndarray, track: np.ndarray, config: A
     centre = centre()
     if config.get("radius") is not None:
         scale = float(config.radius) / roi_radius
+    elif config.get("cam_downscale"):  # instant-nsr-pl's fixed divisor, in the capture's own units
+        scale = 1.0 / number_at_least(config.cam_downscale, "dataset.cam_downscale", 0, float, exclusive=True)
     else:
         scale = 1.0 / np.linalg.norm(centres - centre, axis=1).min()
     return z_up_similarity(up, centre, scale)

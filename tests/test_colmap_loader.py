@@ -84,6 +84,9 @@ def test_pinhole_models_give_the_renderers_rays(tmp_path, model, fx, fy):
     assert abs(np.linalg.norm(c2w[:, :3, 3], axis=1).min() - 1.0) < 1e-5
     mean_up = c2w[:, :3, 1].mean(0)  # OpenGL camera y (up) in the scene: up_est_method=camera makes it +z
     assert np.abs(mean_up[:2]).max() < 1e-5 and mean_up[2] > 0.5
+    # instant-nsr-pl's cam_downscale divides the centred capture instead: the cameras orbit at distance 2.6
+    fixed = load(tmp_path, cam_downscale=2.5).split("train").c2w.numpy()
+    np.testing.assert_allclose(np.linalg.norm(fixed[:, :3, 3], axis=1), 2.6 / 2.5, atol=1e-5)
     # the test video: an orbit at the cameras' mean height and distance, every camera looking at the origin
     orbit = load(tmp_path, n_test_traj_steps=8).split("trajectory").c2w.numpy()
     assert orbit.shape[0] == 8
