@@ -17,7 +17,9 @@ origin sits at a camera and whose scale is arbitrary. So the cameras' mean up
 becomes +z, the point their optical axes pass closest to becomes the origin,
 and the scale puts the cameras at mean distance ``camera_distance`` (default
 4, where NeRF-synthetic's cameras are and where instant-ngp's colmap2nerf puts
-them, so the Blender configs' ``model.radius`` fits). ``world_from_scene``
+them, so the Blender configs' ``model.radius`` fits), or, with ``radius: r``,
+the region of interest of the sparse points (nerfstudio's ``ply_file_path``,
+found as the ``colmap`` loader finds it) inside radius r. ``world_from_scene``
 undoes it: meshes come out in the file's frame. ``normalize: false`` keeps
 the file's frame (then set ``model.radius`` to hold the object). The test
 video is then an orbit at the cameras' mean height about the origin.
@@ -36,7 +38,7 @@ import torch
 from datasets.base import DatasetError, SceneData, holdout_split
 from datasets.images import IMAGE_EXTENSIONS, common_target_size, load_images
 from datasets.colmap import orbit_at_mean_height, transform_poses, z_up_similarity
-from datasets.colmap_model import Undistorter, lookat_point
+from datasets.colmap_model import Undistorter, lookat_point, region_of_interest
 from datasets.rays import opencv_to_opengl
 from utils.config import number_at_least
 
@@ -143,9 +145,31 @@ def lens_camera(meta: Dict[str, Any], frame: Dict[str, Any], width: int, height:
                            params=[fx, fy, cx, cy, k["k1"], k["k2"], k["p1"], k["p2"]])
 
 
-def camera_normalisation(c2w: np.ndarray, distance: float) -> np.ndarray:
+def sparse_points(root: str, meta: Dict[str, Any]) -> np.ndarray:
+    """(P, 3) points of the capture's ``ply_file_path`` (nerfstudio's sparse_pc.ply), in the file's frame."""
+    name = meta.get("ply_file_path")
+    if not name:
+        raise DatasetError("dataset.radius sizes the scene from the capture's sparse points, but transforms.json "
+                           "names no ply_file_path; set dataset.camera_distance instead.")
+    path = os.path.join(root, name)
+    try:
+        import trimesh
+
+        points = np.asarray(trimesh.load(path).vertices, dtype=np.float64)
+    except Exception as err:  # missing, or not a point cloud
+        raise DatasetError(f"The sparse points {path} (transforms.json's ply_file_path) cannot be read "
+                           f"({type(err).__name__}); fix the file or set dataset.camera_distance instead.") from None
+    if len(points) < 10:
+        raise DatasetError(f"The sparse points {path} hold {len(points)} points, too few to size the scene by; "
+                           "set dataset.camera_distance instead.")
+    return points
+
+
+def camera_normalisation(c2w: np.ndarray, distance: float, points: Optional[np.ndarray] = None,
+                         radius: Optional[float] = None) -> np.ndarray:
     """(4, 4) similarity scene_from_world for OpenGL c2w (N, 4, 4): mean camera up -> +z, the optical axes'
-    nearest point -> origin, mean camera distance from it -> ``distance``."""
+    nearest point -> origin, mean camera distance from it -> ``distance``; or, given sparse ``points``
+    (P, 3) and ``radius``, their region of interest (the ``colmap`` loader's) scaled to ``radius``."""
     centres = c2w[:, :3, 3]
     up = c2w[:, :3, 1].mean(0)
     if np.linalg.norm(up) < 1e-6:
@@ -161,7 +185,12 @@ def camera_normalisation(c2w: np.ndarray, distance: float) -> np.ndarray:
     spread = np.linalg.norm(centres - centre, axis=1).mean()
     if spread < 1e-9:
         raise DatasetError("All cameras sit at one point; cannot normalise the scene (set dataset.normalize=false).")
-    return z_up_similarity(up, centre, distance / spread)
+    if points is None:
+        return z_up_similarity(up, centre, distance / spread)
+    upright = z_up_similarity(up, centre, 1.0)  # the box about the points is axis-aligned in the scene's frame
+    _, roi_radius, _ = region_of_interest(points @ upright[:3, :3].T + upright[:3, 3], np.ones(len(points)),
+                                          transform_poses(upright, c2w))
+    return z_up_similarity(up, centre, radius / roi_radius)
 
 
 def load_ngp_split(config: Any, path: str, split: str) -> SceneData:
@@ -172,7 +201,11 @@ def load_ngp_split(config: Any, path: str, split: str) -> SceneData:
     if config.get("normalize", True):
         distance = number_at_least(config.get("camera_distance", 4.0), "dataset.camera_distance", 0, kind=float,
                                    exclusive=True)
-        scene_from_world = camera_normalisation(c2w_file, distance)
+        radius, points = config.get("radius"), None
+        if radius is not None:
+            radius = number_at_least(radius, "dataset.radius", 0, kind=float, exclusive=True)
+            points = sparse_points(root, meta)
+        scene_from_world = camera_normalisation(c2w_file, distance, points, radius)
     c2w_scene = transform_poses(scene_from_world, c2w_file)  # either camera convention
     world_from_scene = np.linalg.inv(scene_from_world)
     chosen = holdout_split(len(frames), split, config.get("holdout_every", 8))

@@ -13,12 +13,13 @@ import os
 import numpy as np
 import pytest
 import torch
+import trimesh
 from omegaconf import OmegaConf
 
 import datasets
 from datasets.base import DatasetError
 from datasets.rays import opencv_to_opengl
-from datasets.synthetic import DemoScene, orbit_cameras, render_rays
+from datasets.synthetic import DemoScene, demo_surface, orbit_cameras, render_rays
 from helpers import fisheye_distort, fisheye_undistort, max_ray_angle_deg, opencv_distort, opencv_undistort
 from utils.io import to_uint8, write_image
 
@@ -110,6 +111,35 @@ def test_any_frame_normalises_to_one_scene_and_rays_map_back(tmp_path):
     np.testing.assert_allclose(data.world_from_scene, np.eye(4))
     o, _ = to_world(data, 0)
     assert np.abs(o[0] - similarity(0.31, 1)[:3] @ np.append(cams[0].c2w[:3, 3], 1)).max() < 1e-4
+
+
+def test_radius_sizes_the_scene_by_the_sparse_points_in_any_frame(tmp_path):
+    """nerfstudio's sparse_pc.ply (``ply_file_path``) is in the frames' frame; ``dataset.radius`` puts the
+    object's region of interest inside that radius whatever the file's scale, as the colmap loader does."""
+    cams = orbit_cameras(6, 2.6, [20, 45], W, H, fov_x_deg=50)
+    images = [render(c) for c in cams]
+    surface = demo_surface(48)[0]
+    surface = surface[np.random.default_rng(0).choice(len(surface), 500, replace=False)]
+    distances = []
+    for seed, scale in ((1, 0.31), (2, 7.5)):
+        root = tmp_path / f"s{seed}"
+        file_from_world = similarity(scale, seed)
+        write_capture(root, cams, file_from_world, images=images, ply_file_path="sparse_pc.ply")
+        trimesh.PointCloud(surface @ file_from_world[:3, :3].T + file_from_world[:3, 3]).export(root / "sparse_pc.ply")
+        data = load(root, holdout_every=0, radius=0.8).split("train")
+        scene_from_file = np.linalg.inv(data.world_from_scene)
+        points = (surface @ file_from_world[:3, :3].T + file_from_world[:3, 3]) @ scene_from_file[:3, :3].T \
+            + scene_from_file[:3, 3]
+        reach = np.linalg.norm(points, axis=1).max()
+        assert 0.5 < reach < 0.8, f"the object reaches {reach:.3f} from the centre, radius 0.8 asked"
+        distances.append(np.linalg.norm(data.c2w[:, :, 3].double().numpy(), axis=1))
+    # one scene whatever the file's scale and frame; the percentile box is axis-aligned in the upright scene,
+    # so the arbitrary turn about +z between the two frames moves its diagonal by a little (1.4% here)
+    np.testing.assert_allclose(distances[0], distances[1], rtol=0.03)
+    assert abs(distances[0].mean() - 4.0) > 0.5  # not the camera_distance rule
+    with pytest.raises(DatasetError, match="names no ply_file_path; set dataset.camera_distance instead"):
+        write_capture(tmp_path / "none", cams[:2], images=images[:2])
+        load(tmp_path / "none", radius=0.8).split("train")
 
 
 def test_smaller_images_than_declared_scale_the_intrinsics(tmp_path):
