@@ -146,6 +146,17 @@ class UserError(RuntimeError):
 
 
 def main(argv=None) -> int:
+    """Exit status of one run. The trial's name is passed to DDP child processes through NSR_TRIAL_NAME; it is
+    cleared afterwards, so a later run started from this process (a notebook, a sweep script) gets its own."""
+    inherited = os.environ.get("NSR_TRIAL_NAME")
+    try:
+        return run(argv)
+    finally:
+        if inherited is None:
+            os.environ.pop("NSR_TRIAL_NAME", None)
+
+
+def run(argv=None) -> int:
     args, overrides = parse_args(argv)
     setup_logging(args.verbose)
     accelerator, n_devices = choose_devices(args.gpu)

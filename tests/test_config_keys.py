@@ -1,5 +1,6 @@
 """YAML keys that nothing reads are named at start-up (a misspelt setting otherwise trains with the default)."""
 import glob
+import os
 
 import pytest
 from omegaconf import OmegaConf
@@ -55,4 +56,5 @@ def test_launch_warns_before_anything_else_can_fail(tmp_path, capsys):
                       "--exp_dir", str(tmp_path / "exp"), "--runs_dir", str(tmp_path / "runs")])
     out = capsys.readouterr().out
     assert rc == 2  # the missing data folder, after the warning
+    assert "NSR_TRIAL_NAME" not in os.environ  # a later launch (the e2e tests' subprocesses) gets its own trial
     assert "have no effect: " in out and "xyz_encoding_config.n_level (did you mean n_levels?)" in out
