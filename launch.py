@@ -146,14 +146,17 @@ class UserError(RuntimeError):
 
 
 def main(argv=None) -> int:
-    """Exit status of one run. The trial's name is passed to DDP child processes through NSR_TRIAL_NAME; it is
-    cleared afterwards, so a later run started from this process (a notebook, a sweep script) gets its own."""
+    """Exit status of one run. What a run sets for itself is put back when it returns, so that a later run or
+    code in the same process (a notebook, a sweep script, the tests) starts clean: the trial name passed to DDP
+    child processes through NSR_TRIAL_NAME, and the "nsr" logger's handler (bound to this run's stdout)."""
     inherited = os.environ.get("NSR_TRIAL_NAME")
+    logger_state = (log.handlers[:], log.level, log.propagate)
     try:
         return run(argv)
     finally:
         if inherited is None:
             os.environ.pop("NSR_TRIAL_NAME", None)
+        log.handlers[:], log.level, log.propagate = logger_state
 
 
 def run(argv=None) -> int:

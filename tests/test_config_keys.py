@@ -52,9 +52,13 @@ def test_misspelt_and_foreign_keys_are_named_with_the_likely_intended_key(tmp_pa
 
 def test_launch_warns_before_anything_else_can_fail(tmp_path, capsys):
     path = misspelt_neus_config(tmp_path)
+    logger_before = (launch.log.handlers[:], launch.log.propagate)
     rc = launch.main(["--config", path, "--train", f"dataset.root_dir={tmp_path / 'missing'}",
                       "--exp_dir", str(tmp_path / "exp"), "--runs_dir", str(tmp_path / "runs")])
     out = capsys.readouterr().out
     assert rc == 2  # the missing data folder, after the warning
-    assert "NSR_TRIAL_NAME" not in os.environ  # a later launch (the e2e tests' subprocesses) gets its own trial
+    # what the run set for itself is undone: a later launch (the e2e tests' subprocesses) gets its own trial,
+    # and the logger is not left writing to this test's captured (then closed) stdout
+    assert "NSR_TRIAL_NAME" not in os.environ
+    assert (launch.log.handlers, launch.log.propagate) == logger_before
     assert "have no effect: " in out and "xyz_encoding_config.n_level (did you mean n_levels?)" in out
