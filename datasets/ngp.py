@@ -193,6 +193,16 @@ def camera_normalisation(c2w: np.ndarray, distance: float, points: Optional[np.n
     return z_up_similarity(up, centre, radius / roi_radius)
 
 
+def framing(config: Any, c2w_scene: np.ndarray) -> str:
+    """How the scene was normalised, for the log: the rule, and where the cameras ended up."""
+    if not config.get("normalize", True):
+        return "the file's frame kept (dataset.normalize=false)"
+    rule = (f"the sparse points' region of interest inside radius {float(config.radius):g}"
+            if config.get("radius") is not None else "dataset.camera_distance")
+    distance = np.linalg.norm(c2w_scene[:, :3, 3], axis=1).mean()
+    return f"normalised by {rule}: cameras at mean distance {distance:.2f}"
+
+
 def load_ngp_split(config: Any, path: str, split: str) -> SceneData:
     """One split of the capture in ``path`` (its transforms.json); see the module docstring."""
     root = os.path.dirname(path)
@@ -229,8 +239,8 @@ def load_ngp_split(config: Any, path: str, split: str) -> SceneData:
     if split == "train":
         lenses = sorted({key[0] for key in undistorters})
         log.info(f"transforms.json: {len(frames)} frames, {len(chosen)} to train on, lens {', '.join(lenses)}"
-                 f"{' (undistorted to pinhole)' if lenses != ['PINHOLE'] else ''}, training size {w}x{h}"
-                 f"{', normalised' if config.get('normalize', True) else ''}")
+                 f"{' (undistorted to pinhole)' if lenses != ['PINHOLE'] else ''}, training size {w}x{h}, "
+                 f"{framing(config, c2w_scene)}")
     return SceneData(images=torch.from_numpy(np.stack(images)), masks=torch.from_numpy(np.stack(masks)),
                      c2w=torch.from_numpy(c2w_scene[chosen, :3, :4]).float(),
                      intrinsics=torch.tensor(np.stack(intrinsics), dtype=torch.float32),

@@ -8,6 +8,7 @@ OPENCV_FISHEYE) are rendered through a forward model written here, and the
 undistorted images must show what the loader's pinhole rays see.
 """
 import json
+import logging
 import os
 
 import numpy as np
@@ -113,7 +114,7 @@ def test_any_frame_normalises_to_one_scene_and_rays_map_back(tmp_path):
     assert np.abs(o[0] - similarity(0.31, 1)[:3] @ np.append(cams[0].c2w[:3, 3], 1)).max() < 1e-4
 
 
-def test_radius_sizes_the_scene_by_the_sparse_points_in_any_frame(tmp_path):
+def test_radius_sizes_the_scene_by_the_sparse_points_in_any_frame(tmp_path, caplog):
     """nerfstudio's sparse_pc.ply (``ply_file_path``) is in the frames' frame; ``dataset.radius`` puts the
     object's region of interest inside that radius whatever the file's scale, as the colmap loader does."""
     cams = orbit_cameras(6, 2.6, [20, 45], W, H, fov_x_deg=50)
@@ -126,7 +127,8 @@ def test_radius_sizes_the_scene_by_the_sparse_points_in_any_frame(tmp_path):
         file_from_world = similarity(scale, seed)
         write_capture(root, cams, file_from_world, images=images, ply_file_path="sparse_pc.ply")
         trimesh.PointCloud(surface @ file_from_world[:3, :3].T + file_from_world[:3, 3]).export(root / "sparse_pc.ply")
-        data = load(root, holdout_every=0, radius=0.8).split("train")
+        with caplog.at_level(logging.INFO, logger="nsr"):
+            data = load(root, holdout_every=0, radius=0.8).split("train")
         scene_from_file = np.linalg.inv(data.world_from_scene)
         points = (surface @ file_from_world[:3, :3].T + file_from_world[:3, 3]) @ scene_from_file[:3, :3].T \
             + scene_from_file[:3, 3]
@@ -137,6 +139,8 @@ def test_radius_sizes_the_scene_by_the_sparse_points_in_any_frame(tmp_path):
     # so the arbitrary turn about +z between the two frames moves its diagonal by a little (1.4% here)
     np.testing.assert_allclose(distances[0], distances[1], rtol=0.03)
     assert abs(distances[0].mean() - 4.0) > 0.5  # not the camera_distance rule
+    assert (f"normalised by the sparse points' region of interest inside radius 0.8: cameras at mean distance "
+            f"{distances[1].mean():.2f}") in caplog.text
     with pytest.raises(DatasetError, match="names no ply_file_path; set dataset.camera_distance instead"):
         write_capture(tmp_path / "none", cams[:2], images=images[:2])
         load(tmp_path / "none", radius=0.8).split("train")
