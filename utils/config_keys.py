@@ -6,7 +6,7 @@ overrides are checked against the YAML (``utils.config.apply_overrides``); this 
 YAML itself, and keys added with ``+key=value``.
 
 A key counts as read when its name occurs in the framework's own source (as a string constant, an
-attribute or a parameter name), in a shipped config, or when an interpolation refers to it
+attribute or a parameter name) or when an interpolation refers to it
 (instant-nsr-pl's ``${system.constant_steps}``). This errs on the quiet side: a misspelling that
 happens to be another name used in the code is not caught. Sections that a library checks itself
 are skipped: ``trainer`` and ``checkpoint`` (Lightning's Trainer and ModelCheckpoint take them as
@@ -24,7 +24,7 @@ import os
 import re
 from typing import Any, FrozenSet, List, Optional, Tuple
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE_PACKAGES = ("datasets", "models", "systems", "utils")
@@ -46,28 +46,15 @@ def _names_in_source(path: str) -> set:
     return names
 
 
-def _names_in_config(cfg: Any) -> set:
-    names = set()
-    if isinstance(cfg, DictConfig):
-        for key in cfg.keys():
-            names.add(str(key))
-            names |= _names_in_config(cfg._get_node(key))
-    elif isinstance(cfg, ListConfig):
-        for i in range(len(cfg)):
-            names |= _names_in_config(cfg._get_node(i))
-    return names
-
-
 @functools.lru_cache(maxsize=1)
 def known_names() -> FrozenSet[str]:
-    """Every key name the framework can read: from its source and its shipped configs."""
+    """Every key name the framework can read, from its source (not from the shipped configs: those are
+    checked against it, so a key they carry that nothing reads is found too)."""
     names = _names_in_source(os.path.join(ROOT, "launch.py"))
     for package in SOURCE_PACKAGES:
         for path in glob.glob(os.path.join(ROOT, package, "*.py")):
             if os.path.abspath(path) != os.path.abspath(__file__):  # its hints name keys nothing reads
                 names |= _names_in_source(path)
-    for path in glob.glob(os.path.join(ROOT, "configs", "*.yaml")):
-        names |= _names_in_config(OmegaConf.load(path))
     return frozenset(names)
 
 
