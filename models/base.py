@@ -6,6 +6,8 @@ from typing import Any, Callable, Dict
 import torch
 import torch.nn as nn
 
+from utils.config import number_at_least
+
 
 def update_module_step(module: nn.Module, epoch: int, global_step: int) -> None:
     """Call ``update_step(epoch, global_step)`` on ``module`` and every submodule that has one (outermost first)."""
@@ -29,6 +31,13 @@ def chunk_batch(fn: Callable[..., Dict[str, Any]], chunk: int, *tensors: torch.T
         else:
             merged[k] = sum(vs)
     return merged
+
+
+def export_chunk(export_config: Any, default: int) -> int:
+    """Points per field query when colouring an exported mesh's vertices: ``export.chunk_size``, as in
+    instant-nsr-pl (larger is faster on a GPU, smaller needs less memory), else ``default``."""
+    chunk = export_config.get("chunk_size")
+    return default if chunk is None else number_at_least(chunk, "export.chunk_size", 1)
 
 
 class BaseModel(nn.Module):

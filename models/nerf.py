@@ -10,7 +10,7 @@ import trimesh
 
 import models
 from models import backends
-from models.base import BaseModel
+from models.base import BaseModel, export_chunk
 from models.occupancy import OccupancyGrid
 from models.rendering import composite_density
 from utils.config import number_at_least
@@ -114,8 +114,9 @@ class NeRFModel(BaseModel):
             v = torch.from_numpy(verts).float().to(device)
             n = torch.from_numpy(np.array(normals, dtype=np.float32)).to(device)
             colours = []
-            for i in range(0, len(v), self.ray_chunk):
-                _, feature = self.geometry(v[i:i + self.ray_chunk])
-                colours.append(self.texture(feature, -n[i:i + self.ray_chunk]).clamp(0, 1))
+            chunk = export_chunk(config, self.ray_chunk)
+            for i in range(0, len(v), chunk):
+                _, feature = self.geometry(v[i:i + chunk])
+                colours.append(self.texture(feature, -n[i:i + chunk]).clamp(0, 1))
             out["v_rgb"] = torch.cat(colours).cpu().numpy()
         return out

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import models
 from models import backends
-from models.base import BaseModel
+from models.base import BaseModel, export_chunk
 from models.nerf import NeRFModel
 from models.occupancy import OccupancyGrid
 from models.rendering import composite_alpha
@@ -191,8 +191,9 @@ class NeuSModel(BaseModel):
         if config.get("export_vertex_color", True):
             colours = []
             v = torch.from_numpy(verts).float().to(device)
-            for i in range(0, len(v), self.ray_chunk):
-                geo = self.geometry(v[i:i + self.ray_chunk], with_grad=True)
+            chunk = export_chunk(config, self.ray_chunk)
+            for i in range(0, len(v), chunk):
+                geo = self.geometry(v[i:i + chunk], with_grad=True)
                 normal, _ = unit_normal(geo["grad"], self.backend)
                 colours.append(self.texture(geo["feature"], -normal, normal).detach().clamp(0, 1))
             out["v_rgb"] = torch.cat(colours).cpu().numpy()

@@ -57,3 +57,28 @@ def test_variance_modulation_ramps_and_is_saved():
     assert float(var.inv_s) <= float(var.mod_val) < 1000.0
     state = var.state_dict()
     assert "mod_val" in state and "prev_inv_s" in state
+
+
+def test_export_colours_the_vertices_in_chunks_of_export_chunk_size():
+    """instant-nsr-pl's ``export.chunk_size``: points per field query when colouring the mesh; the colours do not
+    depend on it."""
+    import math
+
+    import pytest
+
+    from utils.config import ConfigError
+
+    model = small_neus("model.geometry.isosurface.resolution=24").eval()
+    queries = []
+    texture_forward = model.texture.forward
+    model.texture.forward = lambda feature, *args: queries.append(len(feature)) or texture_forward(feature, *args)
+    whole = model.export(OmegaConf.create({"chunk_size": 10 ** 6}))
+    n_vertices = len(whole["v_pos"])
+    assert n_vertices > 100 and queries == [n_vertices]  # the sphere of the initialisation, in one query
+    queries.clear()
+    chunked = model.export(OmegaConf.create({"chunk_size": 97}))
+    assert queries == [97] * (n_vertices // 97) + [n_vertices % 97] * (n_vertices % 97 > 0)
+    assert len(queries) == math.ceil(n_vertices / 97)
+    torch.testing.assert_close(torch.from_numpy(chunked["v_rgb"]), torch.from_numpy(whole["v_rgb"]))
+    with pytest.raises(ConfigError, match="export.chunk_size must be a whole number >= 1, not 0"):
+        model.export(OmegaConf.create({"chunk_size": 0}))
