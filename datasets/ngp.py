@@ -145,7 +145,7 @@ def lens_camera(meta: Dict[str, Any], frame: Dict[str, Any], width: int, height:
                            params=[fx, fy, cx, cy, k["k1"], k["k2"], k["p1"], k["p2"]])
 
 
-def sparse_points(root: str, meta: Dict[str, Any]) -> np.ndarray:
+def ply_file_points(root: str, meta: Dict[str, Any]) -> np.ndarray:
     """(P, 3) points of the capture's ``ply_file_path`` (nerfstudio's sparse_pc.ply), in the file's frame."""
     name = meta.get("ply_file_path")
     if not name:
@@ -214,7 +214,7 @@ def load_ngp_split(config: Any, path: str, split: str) -> SceneData:
         radius, points = config.get("radius"), None
         if radius is not None:
             radius = number_at_least(radius, "dataset.radius", 0, kind=float, exclusive=True)
-            points = sparse_points(root, meta)
+            points = ply_file_points(root, meta)
         scene_from_world = camera_normalisation(c2w_file, distance, points, radius)
     c2w_scene = transform_poses(scene_from_world, c2w_file)  # either camera convention
     world_from_scene = np.linalg.inv(scene_from_world)
