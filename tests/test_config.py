@@ -40,6 +40,18 @@ def test_misspelled_override_names_the_closest_key(path):
         load_config(path, ["system.loss.lamda_rgb=2"])
 
 
+def test_mandatory_value_is_given_on_the_command_line(tmp_path):
+    """instant-nsr-pl's Blender configs say ``scene: ???`` and are run with ``dataset.scene=lego``."""
+    p = tmp_path / "c.yaml"
+    p.write_text(YAML.replace("scene: lego", "scene: ???"))
+    cfg = load_config(str(p), ["dataset.scene=chair"])
+    assert cfg.name == "demo-chair" and cfg.dataset.root == "./load/chair"
+    with pytest.raises(ConfigError, match=r"leaves dataset.scene to the command line .* add dataset.scene=\.\.\."):
+        load_config(str(p))
+    with pytest.raises(ConfigError, match="leaves dataset.scene"):  # also before interpolations are resolved
+        load_config(str(p), resolve=False)
+
+
 def test_plus_adds_a_new_key(path):
     cfg = load_config(path, ["+system.loss.lambda_new=0.5"])
     assert cfg.system.loss.lambda_new == 0.5

@@ -62,10 +62,11 @@ def _raw_value(cfg: DictConfig, key: str) -> Any:
     """The value at a dotted key as the YAML wrote it (interpolations unresolved); ``_MISSING`` if absent."""
     node: Any = cfg
     for part in key.split("."):
-        if isinstance(node, DictConfig):
-            if part not in node:
+        if isinstance(node, DictConfig):  # not ``part in node``: that is False for a mandatory ``???`` value
+            child = node._get_node(part)
+            if child is None:
                 return _MISSING
-            node = node._get_node(part)
+            node = child
         elif isinstance(node, ListConfig):
             if not part.isdigit() or int(part) >= len(node):
                 return _MISSING
@@ -128,6 +129,24 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(checked))
 
 
+def _require_mandatory(cfg: DictConfig, path: str) -> None:
+    """A ConfigError naming the keys the YAML leaves to the command line (``scene: ???``, as instant-nsr-pl's
+    Blender configs do) that the command did not give; OmegaConf would only fail later, inside an interpolation
+    that uses one."""
+    unset = [key for key in _all_keys(cfg) if _is_mandatory(cfg, key)]
+    if unset:
+        given = " ".join(f"{key}=..." for key in unset)
+        raise ConfigError(f"Config '{path}' leaves {', '.join(unset)} to the command line (???); add {given} "
+                          "after the options.")
+
+
+def _is_mandatory(cfg: DictConfig, key: str) -> bool:
+    node = cfg._get_node(key.split(".")[0])
+    for part in key.split(".")[1:]:
+        node = node._get_node(int(part) if isinstance(node, ListConfig) else part)
+    return not isinstance(node, (DictConfig, ListConfig)) and node._is_missing() and not node._is_interpolation()
+
+
 def load_config(path: str, overrides: Iterable[str] = (), resolve: bool = True) -> DictConfig:
     """Load a YAML config, apply dotlist overrides, resolve interpolations (unless ``resolve`` is False)."""
     if not os.path.isfile(path):
@@ -143,6 +162,7 @@ def load_config(path: str, overrides: Iterable[str] = (), resolve: bool = True) 
         raise ConfigError(f"Config file '{path}' must hold a mapping at its top level.")
     words = _words_for_numbers(cfg, list(overrides))
     cfg = apply_overrides(cfg, list(overrides))
+    _require_mandatory(cfg, path)
     if not resolve:
         return cfg
     try:
