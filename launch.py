@@ -50,7 +50,8 @@ def setup_logging(verbose: bool) -> None:
         import warnings
 
         for pattern in (".*does not have many workers.*", ".*LightningModule.*log.*", ".*sync_dist.*",
-                        ".*TensorBoard support.*", ".*You called `self.log.*"):
+                        ".*TensorBoard support.*", ".*You called `self.log.*",
+                        ".*isinstance\\(treespec, LeafSpec\\).*"):  # Lightning's own use of torch's pytree
             warnings.filterwarnings("ignore", message=pattern)
 
 

@@ -27,7 +27,8 @@ class NeuSSystem(NeRFSystem):
         super().check_loss_weights(loss_cfg)
         if peak(loss_cfg.get("lambda_curvature", 0.0)) > 0 and self.model.geometry.grad_type != "finite_difference":
             raise ConfigError("system.loss.lambda_curvature needs model.geometry.grad_type=finite_difference "
-                              "(the Laplacian comes from the finite differences).")
+                              "(the Laplacian comes from the finite differences); set that, or "
+                              "system.loss.lambda_curvature=0.")
 
     def on_fit_start(self):
         super().on_fit_start()

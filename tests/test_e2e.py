@@ -196,7 +196,7 @@ def launch_then_signal(tmp, sig, after_step: int, *args):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_saves_a_checkpoint_that_resumes_the_run(tmp_path, sig):
     """Lightning alone exits at Ctrl-C saving nothing; here the step under way finishes, a resumable checkpoint
-    is written, the test is skipped, and the message gives the command that continues the run."""
+    is written, validation and the test are skipped, and the message gives the command that continues the run."""
     data = str(tmp_path / "demo64")
     status, out = launch_then_signal(tmp_path, sig, 3, "--config", "configs/nerf-demo.yaml", "--train",
                                      f"dataset.root_dir={data}", "tag=stop", *SMALL[:2], "trainer.max_steps=1000",
@@ -211,6 +211,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_the_run(tmp_path, sig):
     assert state["global_step"] == step and state["optimizer_states"], "resumable: optimiser state saved"
     trial = os.path.dirname(os.path.dirname(ckpt))
     assert not glob.glob(os.path.join(trial, "save", "*-test*")), "the test is skipped"
+    assert not glob.glob(os.path.join(trial, "save", f"it{step}-*.png")), "and so is Lightning's validation"
     if sig != signal.SIGINT:
         return
     out = launch(tmp_path, "--config", parsed, "--resume", ckpt, "--train", f"trainer.max_steps={step + 10}",

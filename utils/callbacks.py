@@ -96,6 +96,9 @@ class StopOnSignal(Callback):
             log.info(f"{self.received} received: stopping after step {trainer.global_step} and saving a checkpoint "
                      "(Ctrl-C again quits without one).")
             trainer.should_stop = True
+            # Lightning validates before stopping early; rendering full views can take minutes on a CPU, past the
+            # grace period a job scheduler gives after SIGTERM, so the checkpoint would never be written.
+            trainer.limit_val_batches = 0
 
     def on_train_end(self, trainer, pl_module):
         self._restore()
