@@ -174,7 +174,7 @@ def run(argv=None) -> int:
     from datasets.base import DatasetError
     from systems.finite_guard import NonFiniteLossError
     from utils.callbacks import AtomicCheckpointIO, ProgressBar, StopOnSignal, TrialSnapshot
-    from utils.config import ConfigError, load_config, to_primitive
+    from utils.config import ConfigError, load_config, to_primitive, whole_step_counts
     from utils.config_keys import describe as describe_unread, unread_keys
     from utils.mesh import MeshError
 
@@ -197,7 +197,7 @@ def run(argv=None) -> int:
             ckpt = load_weights(system, args.resume)
             log.info(f"Loaded weights from {args.resume} (step {ckpt.get('global_step', '?')})")
 
-        trainer_cfg = dict(to_primitive(config.get("trainer", {})) or {})
+        trainer_cfg = whole_step_counts(dict(to_primitive(config.get("trainer", {})) or {}))
         trainer_cfg.setdefault("inference_mode", False)  # SDF normals need autograd while testing
         if accelerator == "cpu":
             trainer_cfg["precision"] = "32-true"

@@ -1,7 +1,7 @@
 """Config loading: strict overrides with suggestions, +new keys, resolvers, scheduled scalars."""
 import pytest
 
-from utils.config import ConfigError, load_config, number_at_least, scheduled
+from utils.config import ConfigError, load_config, number_at_least, scheduled, whole_step_counts
 
 YAML = """
 name: demo-${dataset.scene}
@@ -50,6 +50,16 @@ def test_mandatory_value_is_given_on_the_command_line(tmp_path):
         load_config(str(p))
     with pytest.raises(ConfigError, match="leaves dataset.scene"):  # also before interpolations are resolved
         load_config(str(p), resolve=False)
+
+
+def test_step_counts_written_as_floats_become_ints():
+    fixed = whole_step_counts({"max_steps": 2e5, "val_check_interval": 1e5, "log_every_n_steps": 500,
+                               "limit_val_batches": 2.0})
+    assert fixed == {"max_steps": 200000, "val_check_interval": 100000, "log_every_n_steps": 500,
+                     "limit_val_batches": 2.0}
+    assert all(type(fixed[k]) is int for k in ("max_steps", "val_check_interval"))
+    assert whole_step_counts({"val_check_interval": 0.5, "max_steps": 2.5}) == {"val_check_interval": 0.5,
+                                                                                 "max_steps": 2.5}
 
 
 def test_plus_adds_a_new_key(path):

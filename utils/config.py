@@ -183,6 +183,18 @@ def to_primitive(cfg: Any) -> Any:
     return cfg
 
 
+def whole_step_counts(trainer_cfg: dict) -> dict:
+    """The trainer options that count steps, as ints where the YAML wrote a float (instant-nsr-pl's
+    ``max_steps: 2e5``, ``val_check_interval: 1e5``), so the progress bar reads 20/200000, not 20/200000.0,
+    and Lightning does not take ``1e5`` for a fraction of an epoch. ``val_check_interval: 0.5`` stays a fraction."""
+    fixed = dict(trainer_cfg)
+    for key in ("max_steps", "val_check_interval", "log_every_n_steps"):
+        value = fixed.get(key)
+        if isinstance(value, float) and value > 1 and value.is_integer():
+            fixed[key] = int(value)
+    return fixed
+
+
 def number_at_least(value: Any, name: str, minimum: float, kind: type = int, exclusive: bool = False):
     """``value`` as ``kind`` (int or float); a ConfigError naming ``name`` when it is not a number
     >= ``minimum`` (> with ``exclusive``), so a zero or negative size fails at start-up in one
