@@ -98,7 +98,7 @@ def normalisation(c2w: np.ndarray, xyz: np.ndarray, track: np.ndarray, config: A
         raise DatasetError(f"dataset.center_est_method={method!r}; use 'camera', 'lookat' or 'point'.")
     centre = centre()
     if config.get("radius") is not None:
-        scale = float(config.radius) / roi_radius
+        scale = number_at_least(config.radius, "dataset.radius", 0, float, exclusive=True) / roi_radius
     elif config.get("cam_downscale"):  # instant-nsr-pl's fixed divisor, in the capture's own units
         scale = 1.0 / number_at_least(config.cam_downscale, "dataset.cam_downscale", 0, float, exclusive=True)
     else:

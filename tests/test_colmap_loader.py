@@ -18,6 +18,7 @@ import datasets
 from datasets.base import DatasetError
 from datasets.synthetic import Camera, DemoScene, demo_surface, orbit_cameras, render_rays, write_colmap_text
 from helpers import max_ray_angle_deg, opencv_distort, opencv_undistort
+from utils.config import ConfigError
 from utils.io import to_uint8, write_image
 
 W, H = 64, 48
@@ -87,6 +88,9 @@ def test_pinhole_models_give_the_renderers_rays(tmp_path, model, fx, fy):
     # instant-nsr-pl's cam_downscale divides the centred capture instead: the cameras orbit at distance 2.6
     fixed = load(tmp_path, cam_downscale=2.5).split("train").c2w.numpy()
     np.testing.assert_allclose(np.linalg.norm(fixed[:, :3, 3], axis=1), 2.6 / 2.5, atol=1e-5)
+    for bad in ("radius", "cam_downscale"):
+        with pytest.raises(ConfigError, match=f"dataset.{bad} must be a number > 0, not -1"):
+            load(tmp_path, **{bad: -1}).split("train")
     # the test video: an orbit at the cameras' mean height and distance, every camera looking at the origin
     orbit = load(tmp_path, n_test_traj_steps=8).split("trajectory").c2w.numpy()
     assert orbit.shape[0] == 8
