@@ -185,8 +185,8 @@ def to_primitive(cfg: Any) -> Any:
 
 def whole_step_counts(trainer_cfg: dict) -> dict:
     """The trainer options that count steps, as ints where the YAML wrote a float (instant-nsr-pl's
-    ``max_steps: 2e5``, ``val_check_interval: 1e5``), so the progress bar reads 20/200000, not 20/200000.0,
-    and Lightning does not take ``1e5`` for a fraction of an epoch. ``val_check_interval: 0.5`` stays a fraction."""
+    ``max_steps: 2e5``, ``val_check_interval: 1e5``), so the progress bar reads 20/200000, not 20/200000.0.
+    Lightning reads a float ``val_check_interval`` of at most 1 as a fraction of an epoch; that stays a float."""
     fixed = dict(trainer_cfg)
     for key in ("max_steps", "val_check_interval", "log_every_n_steps"):
         value = fixed.get(key)
