@@ -257,13 +257,14 @@ def run(argv=None) -> int:
 def report_stopped(signal_name: str, step: int, max_steps: int, ckpt: str, config) -> int:
     """The message and exit status (128 + the signal's number, as a shell reports it) of a run stopped
     by Ctrl-C or SIGTERM."""
+    import shlex
     import signal
 
-    parsed = os.path.join(config.config_dir, "parsed.yaml")
+    parsed = shlex.quote(os.path.join(config.config_dir, "parsed.yaml"))  # a command to paste, spaces and all
     action = "--train" if step < max_steps else "--test"
     log.error(f"Stopped by {signal_name} at step {step} of {max_steps}; the checkpoint {ckpt} holds it. "
               f"{'Continue' if action == '--train' else 'Test'} with: python launch.py --config {parsed} "
-              f"--resume {ckpt} {action}")
+              f"--resume {shlex.quote(ckpt)} {action}")
     return 128 + int(getattr(signal, signal_name))
 
 

@@ -3,6 +3,7 @@ import glob
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -220,6 +221,21 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_the_run(tmp_path, sig):
     final = glob.glob(os.path.join(trial, "ckpt", f"*step={step + 10}.ckpt"))
     assert final and torch.load(final[0], weights_only=True)["global_step"] == step + 10
     assert os.path.isfile(os.path.join(trial, "save", f"it{step + 10}-test.mp4"))
+
+
+def test_stop_message_is_a_command_to_paste(caplog):
+    """The command printed after Ctrl-C survives a space in the experiment folder."""
+    from omegaconf import OmegaConf
+
+    from launch import report_stopped
+
+    ckpt = "/data/my runs/neus/t@1/ckpt/epoch=0-step=5.ckpt"
+    with caplog.at_level("ERROR", logger="nsr"):
+        status = report_stopped("SIGINT", 5, 100, ckpt, OmegaConf.create({"config_dir": "/data/my runs/neus/t@1/config"}))
+    assert status == 130
+    command = caplog.text.split("Continue with: ", 1)[1].strip()
+    assert shlex.split(command) == ["python", "launch.py", "--config", "/data/my runs/neus/t@1/config/parsed.yaml",
+                                    "--resume", ckpt, "--train"]
 
 
 def test_bad_command_lines_are_one_sentence(tmp_path):
