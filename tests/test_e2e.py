@@ -230,8 +230,9 @@ def test_stop_message_is_a_command_to_paste(caplog):
     from launch import report_stopped
 
     ckpt = "/data/my runs/neus/t@1/ckpt/epoch=0-step=5.ckpt"
+    config = OmegaConf.create({"config_dir": "/data/my runs/neus/t@1/config"})
     with caplog.at_level("ERROR", logger="nsr"):
-        status = report_stopped("SIGINT", 5, 100, ckpt, OmegaConf.create({"config_dir": "/data/my runs/neus/t@1/config"}))
+        status = report_stopped("SIGINT", 5, 100, ckpt, config)
     assert status == 130
     command = caplog.text.split("Continue with: ", 1)[1].strip()
     assert shlex.split(command) == ["python", "launch.py", "--config", "/data/my runs/neus/t@1/config/parsed.yaml",
