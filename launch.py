@@ -204,7 +204,7 @@ def run(argv=None) -> int:
         elif str(trainer_cfg.get("precision", "32")) in ("16", "16-mixed"):
             trainer_cfg["precision"] = "16-mixed"
         callbacks = []
-        stop_on_signal = StopOnSignal()
+        stop_on_signal = StopOnSignal(config.ckpt_dir)
         if mode == "train":
             callbacks = [ModelCheckpoint(dirpath=config.ckpt_dir, **dict(to_primitive(config.get("checkpoint", {})) or {})),
                          LearningRateMonitor(logging_interval="step"),
@@ -232,13 +232,14 @@ def run(argv=None) -> int:
             except NonFiniteLossError as err:
                 return report_non_finite(err, trainer, system, config.ckpt_dir)
             step = trainer.global_step
-            saved = glob.glob(os.path.join(glob.escape(config.ckpt_dir), f"*step={step}.ckpt"))
-            if not saved:  # e.g. a resumed run whose parsed.yaml fixed the checkpoint interval, or a stop
+            if stop_on_signal.saved:
+                return report_stopped(stop_on_signal.received, step, int(trainer.max_steps), stop_on_signal.saved,
+                                      config)
+            if not glob.glob(os.path.join(glob.escape(config.ckpt_dir), f"*step={step}.ckpt")):
+                # e.g. a resumed run whose parsed.yaml fixed the checkpoint interval
                 epoch = max(trainer.current_epoch - 1, 0)  # fit's end has already counted the epoch as done
-                saved = [os.path.join(config.ckpt_dir, f"epoch={epoch}-step={step}.ckpt")]
-                trainer.save_checkpoint(saved[0], weights_only=False)
-            if stop_on_signal.received:
-                return report_stopped(stop_on_signal.received, step, int(trainer.max_steps), saved[0], config)
+                trainer.save_checkpoint(os.path.join(config.ckpt_dir, f"epoch={epoch}-step={step}.ckpt"),
+                                        weights_only=False)
             if not args.skip_test:
                 trainer.test(system, datamodule=dm, verbose=True)
         elif mode == "validate":

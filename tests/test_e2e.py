@@ -220,6 +220,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_the_run(tmp_path, sig):
     assert "Restored all states" in out
     final = glob.glob(os.path.join(trial, "ckpt", f"*step={step + 10}.ckpt"))
     assert final and torch.load(final[0], weights_only=True)["global_step"] == step + 10
+    assert os.path.basename(final[0]) == f"epoch=0-step={step + 10}.ckpt", "the name of an uninterrupted run"
     assert os.path.isfile(os.path.join(trial, "save", f"it{step + 10}-test.mp4"))
 
 

@@ -72,11 +72,18 @@ class StopOnSignal(Callback):
     launch.py saves a checkpoint to resume from instead of losing every step since the last one (Lightning
     alone exits at once, saving nothing). A second Ctrl-C quits at once. ``received`` names the signal.
 
+    The checkpoint is written here, at the end of the step, as ModelCheckpoint writes its own: the run
+    resumes inside the same epoch, so its last checkpoint keeps instant-nsr-pl's name ``epoch=0-step=N``
+    (saved after ``fit`` returns, the epoch would count as finished and the resumed run end in epoch 1).
+    ``saved`` is its path.
+
     Single process only: with several, each would stop at its own step; Lightning's handling stays there.
     """
 
-    def __init__(self):
+    def __init__(self, ckpt_dir: str):
+        self.ckpt_dir = ckpt_dir
         self.received: str | None = None
+        self.saved: str | None = None
         self._previous: dict = {}
 
     def on_train_start(self, trainer, pl_module):  # after Lightning has set its own SIGTERM handler, to replace it
@@ -96,6 +103,8 @@ class StopOnSignal(Callback):
             log.info(f"{self.received} received: stopping after step {trainer.global_step} and saving a checkpoint "
                      "(Ctrl-C again quits without one).")
             trainer.should_stop = True
+            self.saved = os.path.join(self.ckpt_dir, f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt")
+            trainer.save_checkpoint(self.saved, weights_only=False)
             # Lightning validates before stopping early; rendering full views can take minutes on a CPU, past the
             # grace period a job scheduler gives after SIGTERM, so the checkpoint would never be written.
             trainer.limit_val_batches = 0
