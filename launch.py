@@ -168,6 +168,7 @@ def run(argv=None) -> int:
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     import datasets
     import systems
@@ -235,17 +236,20 @@ def run(argv=None) -> int:
             if stop_on_signal.saved:
                 return report_stopped(stop_on_signal.received, step, int(trainer.max_steps), stop_on_signal.saved,
                                       config)
-            if not glob.glob(os.path.join(glob.escape(config.ckpt_dir), f"*step={step}.ckpt")):
-                # e.g. a resumed run whose parsed.yaml fixed the checkpoint interval
+            saved = glob.glob(os.path.join(glob.escape(config.ckpt_dir), f"*step={step}.ckpt"))
+            if not saved:  # e.g. a resumed run whose parsed.yaml fixed the checkpoint interval
                 epoch = max(trainer.current_epoch - 1, 0)  # fit's end has already counted the epoch as done
-                trainer.save_checkpoint(os.path.join(config.ckpt_dir, f"epoch={epoch}-step={step}.ckpt"),
-                                        weights_only=False)
-            if not args.skip_test:
-                trainer.test(system, datamodule=dm, verbose=True)
-        elif mode == "validate":
-            trainer.validate(system, datamodule=dm)
-        else:
-            trainer.test(system, datamodule=dm, verbose=mode == "test")
+                saved = [os.path.join(config.ckpt_dir, f"epoch={epoch}-step={step}.ckpt")]
+                trainer.save_checkpoint(saved[0], weights_only=False)
+            if args.skip_test:
+                return 0
+        try:
+            if mode == "validate":
+                trainer.validate(system, datamodule=dm)
+            else:
+                trainer.test(system, datamodule=dm, verbose=mode in ("train", "test"))
+        except SIGTERMException:  # Lightning ends its test loop at SIGTERM, then exits with status 0
+            return report_stopped_output(mode, saved[0] if mode == "train" else args.resume, config)
     except (UserError, ConfigError, DatasetError, MeshError) as err:
         log.error(str(err))
         for folder in created:  # nothing written yet: leave no empty trial behind
@@ -267,6 +271,20 @@ def report_stopped(signal_name: str, step: int, max_steps: int, ckpt: str, confi
               f"{'Continue' if action == '--train' else 'Test'} with: python launch.py --config {parsed} "
               f"--resume {shlex.quote(ckpt)} {action}")
     return 128 + int(getattr(signal, signal_name))
+
+
+def report_stopped_output(mode: str, ckpt: str, config) -> int:
+    """Message and exit status (143) of a test, validation or export stopped by SIGTERM; the checkpoint is whole,
+    the outputs of the stage that was stopped are not all written."""
+    import shlex
+
+    stage = {"train": "test", "test": "test", "validate": "validation"}.get(mode, "export")
+    action = {"train": "--test", "validate": "--validate"}.get(mode, f"--{mode}")
+    parsed = shlex.quote(os.path.join(config.config_dir, "parsed.yaml"))
+    log.error(f"Stopped by SIGTERM during the {stage}: its outputs in {config.save_dir} are incomplete; the checkpoint "
+              f"{ckpt} is whole. Redo the {stage} with: python launch.py --config {parsed} --resume "
+              f"{shlex.quote(ckpt)} {action}")
+    return 143
 
 
 def report_non_finite(err, trainer, system, ckpt_dir: str) -> int:

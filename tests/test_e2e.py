@@ -172,9 +172,9 @@ def test_nan_loss_stops_and_keeps_the_good_weights(tmp_path):
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def launch_then_signal(tmp, sig, after_step: int, *args):
-    """Run launch.py and send it ``sig`` once its progress bar has passed ``after_step``. Returns (exit status,
-    output)."""
+def launch_then_signal(tmp, sig, after_step: int, *args, bar: str = "Epoch 0"):
+    """Run launch.py and send it ``sig`` once its progress bar (``bar``: training's, or "Testing DataLoader 0")
+    has passed ``after_step``. Returns (exit status, output)."""
     cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--exp_dir", str(tmp / "exp"), "--runs_dir",
            str(tmp / "runs"), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -183,7 +183,7 @@ def launch_then_signal(tmp, sig, after_step: int, *args):
     reader.start()
     deadline = time.monotonic() + 600
     while proc.poll() is None and time.monotonic() < deadline:
-        steps = [int(n) for n in re.findall(r"Epoch 0:\s+\d+%\|[^|]*\|\s*(\d+)/", "".join(chunks))]
+        steps = [int(n) for n in re.findall(re.escape(bar) + r":\s+\d+%\|[^|]*\|\s*(\d+)/", "".join(chunks))]
         if steps and max(steps) >= after_step:
             proc.send_signal(sig)
             break
@@ -213,7 +213,13 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_the_run(tmp_path, sig):
     trial = os.path.dirname(os.path.dirname(ckpt))
     assert not glob.glob(os.path.join(trial, "save", "*-test*")), "the test is skipped"
     assert not glob.glob(os.path.join(trial, "save", f"it{step}-*.png")), "and so is Lightning's validation"
-    if sig != signal.SIGINT:
+    if sig != signal.SIGINT:  # SIGTERM during a later --test: Lightning alone ends it silently with status 0
+        status, out = launch_then_signal(tmp_path, sig, 2, "--config", parsed, "--resume", ckpt, "--test",
+                                         bar="Testing DataLoader 0")
+        assert status == 128 + sig and "Traceback" not in out, out[-3000:]
+        assert re.search(r"Stopped by SIGTERM during the test: its outputs in \S+ are incomplete; the checkpoint "
+                         rf"{re.escape(ckpt)} is whole\. Redo the test with: python launch.py --config \S+ --resume "
+                         rf"{re.escape(ckpt)} --test", out), out[-3000:]
         return
     out = launch(tmp_path, "--config", parsed, "--resume", ckpt, "--train", f"trainer.max_steps={step + 10}",
                  "model.geometry.isosurface.resolution=32")
