@@ -262,29 +262,30 @@ def run(argv=None) -> int:
 def report_stopped(signal_name: str, step: int, max_steps: int, ckpt: str, config) -> int:
     """The message and exit status (128 + the signal's number, as a shell reports it) of a run stopped
     by Ctrl-C or SIGTERM."""
-    import shlex
     import signal
 
-    parsed = shlex.quote(os.path.join(config.config_dir, "parsed.yaml"))  # a command to paste, spaces and all
     action = "--train" if step < max_steps else "--test"
     log.error(f"Stopped by {signal_name} at step {step} of {max_steps}; the checkpoint {ckpt} holds it. "
-              f"{'Continue' if action == '--train' else 'Test'} with: python launch.py --config {parsed} "
-              f"--resume {shlex.quote(ckpt)} {action}")
+              f"{'Continue' if action == '--train' else 'Test'} with: {resume_command(config, ckpt, action)}")
     return 128 + int(getattr(signal, signal_name))
 
 
 def report_stopped_output(mode: str, ckpt: str, config) -> int:
     """Message and exit status (143) of a test, validation or export stopped by SIGTERM; the checkpoint is whole,
     the outputs of the stage that was stopped are not all written."""
-    import shlex
-
     stage = {"train": "test", "test": "test", "validate": "validation"}.get(mode, "export")
     action = {"train": "--test", "validate": "--validate"}.get(mode, f"--{mode}")
-    parsed = shlex.quote(os.path.join(config.config_dir, "parsed.yaml"))
     log.error(f"Stopped by SIGTERM during the {stage}: its outputs in {config.save_dir} are incomplete; the checkpoint "
-              f"{ckpt} is whole. Redo the {stage} with: python launch.py --config {parsed} --resume "
-              f"{shlex.quote(ckpt)} {action}")
+              f"{ckpt} is whole. Redo the {stage} with: {resume_command(config, ckpt, action)}")
     return 143
+
+
+def resume_command(config, ckpt: str, action: str) -> str:
+    """The command line that runs ``action`` on the trial's checkpoint ``ckpt``, quoted to paste (spaces and all)."""
+    import shlex
+
+    parsed = os.path.join(config.config_dir, "parsed.yaml")
+    return f"python launch.py --config {shlex.quote(parsed)} --resume {shlex.quote(ckpt)} {action}"
 
 
 def report_non_finite(err, trainer, system, ckpt_dir: str) -> int:

@@ -68,9 +68,9 @@ class ProgressBar(TQDMProgressBar):
 
 
 class StopOnSignal(Callback):
-    """Ctrl-C (SIGINT) or SIGTERM while training: finish the step under way, then stop training, so that
-    launch.py saves a checkpoint to resume from instead of losing every step since the last one (Lightning
-    alone exits at once, saving nothing). A second Ctrl-C quits at once. ``received`` names the signal.
+    """Ctrl-C (SIGINT) or SIGTERM while training: finish the step under way, save a checkpoint to resume from
+    and stop training, instead of losing every step since the last checkpoint (Lightning alone exits at once,
+    saving nothing). A second Ctrl-C quits at once. ``received`` names the signal.
 
     The checkpoint is written here, at the end of the step, as ModelCheckpoint writes its own: the run
     resumes inside the same epoch, so its last checkpoint keeps instant-nsr-pl's name ``epoch=0-step=N``
@@ -106,7 +106,7 @@ class StopOnSignal(Callback):
             self.saved = os.path.join(self.ckpt_dir, f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt")
             trainer.save_checkpoint(self.saved, weights_only=False)
             # Lightning validates before stopping early; rendering full views can take minutes on a CPU, past the
-            # grace period a job scheduler gives after SIGTERM, so the checkpoint would never be written.
+            # grace period a job scheduler gives after SIGTERM, and the kill would then lose the exit message.
             trainer.limit_val_batches = 0
 
     def on_train_end(self, trainer, pl_module):
