@@ -133,18 +133,11 @@ def _require_mandatory(cfg: DictConfig, path: str) -> None:
     """A ConfigError naming the keys the YAML leaves to the command line (``scene: ???``, as instant-nsr-pl's
     Blender configs do) that the command did not give; OmegaConf would only fail later, inside an interpolation
     that uses one."""
-    unset = [key for key in _all_keys(cfg) if _is_mandatory(cfg, key)]
+    unset = [key for key in _all_keys(cfg) if _raw_value(cfg, key) == "???"]  # OmegaConf's mandatory marker
     if unset:
         given = " ".join(f"{key}=..." for key in unset)
         raise ConfigError(f"Config '{path}' leaves {', '.join(unset)} to the command line (???); add {given} "
                           "after the options.")
-
-
-def _is_mandatory(cfg: DictConfig, key: str) -> bool:
-    node = cfg._get_node(key.split(".")[0])
-    for part in key.split(".")[1:]:
-        node = node._get_node(int(part) if isinstance(node, ListConfig) else part)
-    return not isinstance(node, (DictConfig, ListConfig)) and node._is_missing() and not node._is_interpolation()
 
 
 def load_config(path: str, overrides: Iterable[str] = (), resolve: bool = True) -> DictConfig:
