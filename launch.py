@@ -205,11 +205,12 @@ def run(argv=None) -> int:
         elif str(trainer_cfg.get("precision", "32")) in ("16", "16-mixed"):
             trainer_cfg["precision"] = "16-mixed"
         callbacks = []
-        stop_on_signal = StopOnSignal(config.ckpt_dir)
         if mode == "train":
             callbacks = [ModelCheckpoint(dirpath=config.ckpt_dir, **dict(to_primitive(config.get("checkpoint", {})) or {})),
                          LearningRateMonitor(logging_interval="step"),
-                         TrialSnapshot(config, raw_config, config.config_dir, config.code_dir), stop_on_signal]
+                         TrialSnapshot(config, raw_config, config.config_dir, config.code_dir)]
+        stop_on_signal = StopOnSignal(config.ckpt_dir)  # after ModelCheckpoint: it may reuse that one's file
+        callbacks.append(stop_on_signal)
         if trainer_cfg.get("enable_progress_bar", True):
             callbacks.append(ProgressBar())
         loggers = [TensorBoardLogger(args.runs_dir, name=config.name, version=config.trial_name),
@@ -232,6 +233,13 @@ def run(argv=None) -> int:
                 trainer.fit(system, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
             except NonFiniteLossError as err:
                 return report_non_finite(err, trainer, system, config.ckpt_dir)
+            except SystemExit:  # Lightning's exit at a second Ctrl-C (at the first, on several GPUs)
+                if not stop_on_signal.interrupted:
+                    raise
+                if stop_on_signal.saved:  # the first one's checkpoint was written before the second came
+                    return report_stopped("SIGINT", trainer.global_step, int(trainer.max_steps), stop_on_signal.saved,
+                                          config)
+                return report_quit(trainer.global_step, config)
             step = trainer.global_step
             if stop_on_signal.saved:
                 return report_stopped(stop_on_signal.received, step, int(trainer.max_steps), stop_on_signal.saved,
@@ -249,14 +257,27 @@ def run(argv=None) -> int:
             else:
                 trainer.test(system, datamodule=dm, verbose=mode in ("train", "test"))
         except SIGTERMException:  # Lightning ends its test loop at SIGTERM, then exits with status 0
-            return report_stopped_output(mode, saved[0] if mode == "train" else args.resume, config)
+            return report_stopped_output("SIGTERM", mode, saved[0] if mode == "train" else args.resume, config)
+        except SystemExit:  # Lightning's exit at Ctrl-C, with status 1
+            if not stop_on_signal.interrupted:
+                raise
+            return report_stopped_output("SIGINT", mode, saved[0] if mode == "train" else args.resume, config)
     except (UserError, ConfigError, DatasetError, MeshError) as err:
         log.error(str(err))
-        for folder in created:  # nothing written yet: leave no empty trial behind
-            if not os.listdir(folder):
-                os.rmdir(folder)
+        remove_empty(created)
         return 2
+    except KeyboardInterrupt:  # outside Lightning's stages: while loading, building, or between training and test
+        log.error("Stopped by SIGINT (Ctrl-C); every file written so far is whole.")
+        remove_empty(created)
+        return 130
     return 0
+
+
+def remove_empty(folders) -> None:
+    """Remove the trial folders this run created and left empty (it failed before writing anything)."""
+    for folder in folders:
+        if os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
 
 
 def report_stopped(signal_name: str, step: int, max_steps: int, ckpt: str, config) -> int:
@@ -270,14 +291,30 @@ def report_stopped(signal_name: str, step: int, max_steps: int, ckpt: str, confi
     return 128 + int(getattr(signal, signal_name))
 
 
-def report_stopped_output(mode: str, ckpt: str, config) -> int:
-    """Message and exit status (143) of a test, validation or export stopped by SIGTERM; the checkpoint is whole,
-    the outputs of the stage that was stopped are not all written."""
+def report_stopped_output(signal_name: str, mode: str, ckpt: str, config) -> int:
+    """Message and exit status (128 + the signal's number) of a test, validation or export stopped by Ctrl-C or
+    SIGTERM; the checkpoint is whole, the outputs of the stage that was stopped are not all written."""
+    import signal
+
     stage = {"train": "test", "test": "test", "validate": "validation"}.get(mode, "export")
     action = {"train": "--test", "validate": "--validate"}.get(mode, f"--{mode}")
-    log.error(f"Stopped by SIGTERM during the {stage}: its outputs in {config.save_dir} are incomplete; the checkpoint "
-              f"{ckpt} is whole. Redo the {stage} with: {resume_command(config, ckpt, action)}")
-    return 143
+    log.error(f"Stopped by {signal_name} during the {stage}: its outputs in {config.save_dir} are incomplete; the "
+              f"checkpoint {ckpt} is whole. Redo the {stage} with: {resume_command(config, ckpt, action)}")
+    return 128 + int(getattr(signal, signal_name))
+
+
+def report_quit(step: int, config) -> int:
+    """Message and exit status (130) of a training run quit at once by Ctrl-C (a second one; on several GPUs, the
+    first): the steps since its last checkpoint are lost, and that checkpoint is what it continues from."""
+    ckpts = glob.glob(os.path.join(glob.escape(config.ckpt_dir), "*.ckpt"))
+    message = f"Quit by Ctrl-C after step {step}, saving nothing."
+    if ckpts:
+        last = max(ckpts, key=os.path.getmtime)
+        message += f" The last checkpoint is {last}; continue with: {resume_command(config, last, '--train')}"
+    else:
+        message += " No checkpoint had been written yet."
+    log.error(message)
+    return 130
 
 
 def resume_command(config, ckpt: str, action: str) -> str:

@@ -172,9 +172,9 @@ def test_nan_loss_stops_and_keeps_the_good_weights(tmp_path):
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def launch_then_signal(tmp, sig, after_step: int, *args, bar: str = "Epoch 0"):
-    """Run launch.py and send it ``sig`` once its progress bar (``bar``: training's, or "Testing DataLoader 0")
-    has passed ``after_step``. Returns (exit status, output)."""
+def launch_then_signal(tmp, sig, after_step: int, *args, bar: str = "Epoch 0", times: int = 1):
+    """Run launch.py and send it ``sig`` (``times`` times, 0.1 s apart) once its progress bar (``bar``:
+    training's, or "Testing DataLoader 0") has passed ``after_step``. Returns (exit status, output)."""
     cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--exp_dir", str(tmp / "exp"), "--runs_dir",
            str(tmp / "runs"), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -185,7 +185,9 @@ def launch_then_signal(tmp, sig, after_step: int, *args, bar: str = "Epoch 0"):
     while proc.poll() is None and time.monotonic() < deadline:
         steps = [int(n) for n in re.findall(re.escape(bar) + r":\s+\d+%\|[^|]*\|\s*(\d+)/", "".join(chunks))]
         if steps and max(steps) >= after_step:
-            proc.send_signal(sig)
+            for i in range(times):
+                time.sleep(0.1 if i else 0)
+                proc.send_signal(sig)
             break
         time.sleep(0.2)
     proc.wait(timeout=600)
@@ -197,29 +199,35 @@ def launch_then_signal(tmp, sig, after_step: int, *args, bar: str = "Epoch 0"):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_saves_a_checkpoint_that_resumes_the_run(tmp_path, sig):
     """Lightning alone exits at Ctrl-C saving nothing; here the step under way finishes, a resumable checkpoint
-    is written, validation and the test are skipped, and the message gives the command that continues the run."""
+    is written, validation and the test are skipped, and the message gives the command that continues the run.
+    With Ctrl-C, ModelCheckpoint also saves every step: the stop checkpoint is then its file, not a second copy."""
     data = str(tmp_path / "demo64")
+    every_step = ["checkpoint.every_n_train_steps=1"] if sig == signal.SIGINT else []
     status, out = launch_then_signal(tmp_path, sig, 3, "--config", "configs/nerf-demo.yaml", "--train",
                                      f"dataset.root_dir={data}", "tag=stop", *SMALL[:2], "trainer.max_steps=1000",
-                                     "trainer.val_check_interval=1000")
+                                     "trainer.val_check_interval=1000", *every_step)
     assert status == 128 + sig, out[-3000:]
     stopped = re.search(r"Stopped by (\w+) at step (\d+) of 1000; the checkpoint (\S+) holds it\. Continue with: "
                         r"python launch.py --config (\S+) --resume \3 --train", out)
     assert stopped and stopped.group(1) == sig.name and "Traceback" not in out, out[-3000:]
     step, ckpt, parsed = int(stopped.group(2)), stopped.group(3), stopped.group(4)
     assert 3 <= step < 1000
+    assert os.path.basename(ckpt) == f"epoch=0-step={step}.ckpt"
+    assert not glob.glob(os.path.join(os.path.dirname(ckpt), "*-v1.ckpt")), "no second copy of the same step"
     state = torch.load(ckpt, weights_only=True)
     assert state["global_step"] == step and state["optimizer_states"], "resumable: optimiser state saved"
     trial = os.path.dirname(os.path.dirname(ckpt))
     assert not glob.glob(os.path.join(trial, "save", "*-test*")), "the test is skipped"
     assert not glob.glob(os.path.join(trial, "save", f"it{step}-*.png")), "and so is Lightning's validation"
-    if sig != signal.SIGINT:  # SIGTERM during a later --test: Lightning alone ends it silently with status 0
-        status, out = launch_then_signal(tmp_path, sig, 2, "--config", parsed, "--resume", ckpt, "--test",
-                                         bar="Testing DataLoader 0")
-        assert status == 128 + sig and "Traceback" not in out, out[-3000:]
-        assert re.search(r"Stopped by SIGTERM during the test: its outputs in \S+ are incomplete; the checkpoint "
-                         rf"{re.escape(ckpt)} is whole\. Redo the test with: python launch.py --config \S+ --resume "
-                         rf"{re.escape(ckpt)} --test", out), out[-3000:]
+
+    # The same signal during a later --test: Lightning alone ends it with status 0 (SIGTERM) or 1 (Ctrl-C).
+    status, out = launch_then_signal(tmp_path, sig, 2, "--config", parsed, "--resume", ckpt, "--test",
+                                     bar="Testing DataLoader 0")
+    assert status == 128 + sig and "Traceback" not in out, out[-3000:]
+    assert re.search(rf"\n\[nsr\] Stopped by {sig.name} during the test: its outputs in \S+ are incomplete; the "
+                     rf"checkpoint {re.escape(ckpt)} is whole\. Redo the test with: python launch.py --config \S+ "
+                     rf"--resume {re.escape(ckpt)} --test", out), out[-3000:]  # on a line of its own, not the bar's
+    if sig != signal.SIGINT:
         return
     out = launch(tmp_path, "--config", parsed, "--resume", ckpt, "--train", f"trainer.max_steps={step + 10}",
                  "model.geometry.isosurface.resolution=32")
@@ -228,6 +236,25 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_the_run(tmp_path, sig):
     assert final and torch.load(final[0], weights_only=True)["global_step"] == step + 10
     assert os.path.basename(final[0]) == f"epoch=0-step={step + 10}.ckpt", "the name of an uninterrupted run"
     assert os.path.isfile(os.path.join(trial, "save", f"it{step + 10}-test.mp4"))
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_quits_at_once_and_names_the_last_checkpoint(tmp_path):
+    """A second Ctrl-C within a (deliberately slow) step quits without finishing it; the message names the newest
+    checkpoint (ModelCheckpoint writes one every step here) and exits 130, not Lightning's 1."""
+    data = str(tmp_path / "demo64")
+    status, out = launch_then_signal(tmp_path, signal.SIGINT, 1, "--config", "configs/nerf-demo.yaml", "--train",
+                                     f"dataset.root_dir={data}", "tag=quit", *SMALL[:2], "trainer.max_steps=1000",
+                                     "checkpoint.every_n_train_steps=1", "model.train_num_rays=16384",
+                                     "model.dynamic_ray_sampling=false", "model.grid_prune=false", times=2)
+    assert status == 130 and "Traceback" not in out, out[-3000:]
+    quit_ = re.search(r"Quit by Ctrl-C after step (\d+), saving nothing\. The last checkpoint is (\S+); "
+                      r"continue with: python launch.py --config \S+ --resume \2 --train", out)
+    assert quit_, out[-3000:]
+    step, ckpt = int(quit_.group(1)), quit_.group(2)
+    assert os.path.basename(ckpt) == f"epoch=0-step={step}.ckpt" and os.path.isfile(ckpt)
+    steps = [int(re.search(r"step=(\d+)", f).group(1)) for f in os.listdir(os.path.dirname(ckpt))]
+    assert max(steps) == step, "nothing saved after the second Ctrl-C"
 
 
 def test_stop_message_is_a_command_to_paste(caplog):

@@ -7,11 +7,12 @@ import os
 import shutil
 import signal
 import threading
+import time
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, Checkpoint, TQDMProgressBar
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -66,8 +67,16 @@ class ProgressBar(TQDMProgressBar):
             metrics.update({k: f"{v:.4g}" for k, v in getattr(pl_module, "progress_bar_values", {}).items()})
         return metrics
 
+    def on_exception(self, trainer, pl_module, exception):
+        """Close the bars a stopped stage leaves open (Lightning closes them only when a stage ends), so that the
+        message which follows starts on a line of its own."""
+        for bar in (self._train_progress_bar, self._val_progress_bar, self._test_progress_bar,
+                    self._predict_progress_bar):
+            if bar is not None:
+                bar.close()
 
-class StopOnSignal(Callback):
+
+class StopOnSignal(Checkpoint):
     """Ctrl-C (SIGINT) or SIGTERM while training: finish the step under way, save a checkpoint to resume from
     and stop training, instead of losing every step since the last checkpoint (Lightning alone exits at once,
     saving nothing). A second Ctrl-C quits at once. ``received`` names the signal.
@@ -75,15 +84,23 @@ class StopOnSignal(Callback):
     The checkpoint is written here, at the end of the step, as ModelCheckpoint writes its own: the run
     resumes inside the same epoch, so its last checkpoint keeps instant-nsr-pl's name ``epoch=0-step=N``
     (saved after ``fit`` returns, the epoch would count as finished and the resumed run end in epoch 1).
-    ``saved`` is its path.
+    ``saved`` is its path. The class is a ``Checkpoint`` only so that Lightning calls it after the
+    ModelCheckpoint listed before it: when that one has just saved this step under the same name, its file is
+    the stop checkpoint (saving again would add a copy named ``…-v1.ckpt``).
 
     Single process only: with several, each would stop at its own step; Lightning's handling stays there.
+
+    Outside training (a test, validation or export), and at a second Ctrl-C, Ctrl-C is Lightning's: it ends the
+    stage at once and exits with status 1. ``interrupted`` records that it happened, so the caller can say what
+    was left unfinished and exit with a shell's status for Ctrl-C (130) instead.
     """
 
     def __init__(self, ckpt_dir: str):
         self.ckpt_dir = ckpt_dir
         self.received: str | None = None
+        self.received_at = 0.0
         self.saved: str | None = None
+        self.interrupted = False
         self._previous: dict = {}
 
     def on_train_start(self, trainer, pl_module):  # after Lightning has set its own SIGTERM handler, to replace it
@@ -96,15 +113,17 @@ class StopOnSignal(Callback):
         if self.received and signum == signal.SIGINT:
             self._restore()
             raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
+        self.received, self.received_at = signal.Signals(signum).name, time.time()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.received and not trainer.should_stop:
             log.info(f"{self.received} received: stopping after step {trainer.global_step} and saving a checkpoint "
                      "(Ctrl-C again quits without one).")
             trainer.should_stop = True
-            self.saved = os.path.join(self.ckpt_dir, f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt")
-            trainer.save_checkpoint(self.saved, weights_only=False)
+            path = os.path.join(self.ckpt_dir, f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt")
+            if not (os.path.isfile(path) and os.path.getmtime(path) >= self.received_at):
+                trainer.save_checkpoint(path, weights_only=False)
+            self.saved = path
             # Lightning validates before stopping early; rendering full views can take minutes on a CPU, past the
             # grace period a job scheduler gives after SIGTERM, and the kill would then lose the exit message.
             trainer.limit_val_batches = 0
@@ -113,6 +132,7 @@ class StopOnSignal(Callback):
         self._restore()
 
     def on_exception(self, trainer, pl_module, exception):
+        self.interrupted = isinstance(exception, KeyboardInterrupt)
         self._restore()
 
     def _restore(self):
