@@ -53,6 +53,9 @@ def setup_logging(verbose: bool) -> None:
                         ".*TensorBoard support.*", ".*You called `self.log.*",
                         ".*isinstance\\(treespec, LeafSpec\\).*"):  # Lightning's own use of torch's pytree
             warnings.filterwarnings("ignore", message=pattern)
+        # Lightning advertises its cloud services ("Tip: ... try installing litlogger / litmodels") at every run
+        logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+            lambda record: not str(record.msg).startswith("💡 Tip"))
 
 
 def choose_devices(gpu: str | None):

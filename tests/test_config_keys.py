@@ -22,6 +22,7 @@ def misspelt_neus_config(tmp_path):
     encoding.n_level = encoding.pop("n_levels")
     cfg.model.geometry.radious = 0.8
     cfg.model.geometry.sdf2weight = "neus"  # instant-nsr-pl: only NeuS exists there either
+    cfg.model.geometry.use_distortion = False  # instant-nsr-pl's; close to a name the code uses ("distortion")
     cfg.system.loss.sparsity_scal = 2.0
     cfg.system.loss.curvature_warmup_steps = 5000
     cfg.system.loss.lambda_made_up = 0.1  # the system reports unknown loss weights itself
@@ -41,12 +42,15 @@ def test_misspelt_and_foreign_keys_are_named_with_the_likely_intended_key(tmp_pa
         "dataset.camera_distnce": "camera_distance",
         "model.geometry.radious": "radius",
         "model.geometry.sdf2weight": None,
+        "model.geometry.use_distortion": None,
         "model.geometry.xyz_encoding_config.n_level": "n_levels",
         "system.loss.sparsity_scal": "sparsity_scale",
         "system.loss.curvature_warmup_steps": None,
     }
     sentence = describe(sorted(unread.items()))
     assert "model.geometry.radious (did you mean radius?)" in sentence
+    typos, upstream = sentence.split(" instant-nsr-pl options this framework does not implement, also without effect: ")
+    assert "sdf2weight" not in typos and "model.geometry.sdf2weight, model.geometry.use_distortion, " in upstream
     assert "curvature_warmup_steps (write the warm-up into the weight: lambda_curvature: [0, 0.0, " in sentence
 
 

@@ -92,7 +92,8 @@ def unread_keys(raw_config: DictConfig) -> List[Tuple[str, Optional[str]]]:
             if _skipped(path):
                 continue
             if str(key) not in known and path not in referenced:
-                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.8)
+                close = None if str(key) in UPSTREAM_OPTIONS else difflib.get_close_matches(str(key), known, n=1,
+                                                                                           cutoff=0.8)
                 found.append((path, close[0] if close else None))
                 continue
             child = node._get_node(key)
@@ -107,17 +108,31 @@ def unread_keys(raw_config: DictConfig) -> List[Tuple[str, Optional[str]]]:
     return found
 
 
-# instant-nsr-pl keys whose effect a user should carry over by other means
+# instant-nsr-pl options this framework does not implement: named as such, never "did you mean" another key
+UPSTREAM_OPTIONS = frozenset({
+    "sdf2weight", "geometric_bias_remove", "max_imgs", "use_distortion", "unwarp_rays", "use_appearance_embedding",
+    "use_average_appearance_embedding", "appearance_embedding_dim", "use_pixel_centers", "load_data_on_gpu",
+    "curvature_warmup_steps",
+})
+# those whose effect a user should carry over by other means
 UPSTREAM_HINTS = {
     "curvature_warmup_steps": "write the warm-up into the weight: lambda_curvature: [0, 0.0, weight, steps]",
 }
 
 
 def describe(unread: List[Tuple[str, Optional[str]]]) -> str:
-    """One sentence naming the keys nothing reads, each with its likely intended name or a hint."""
-    items = []
+    """Names the keys nothing reads, each with its likely intended name or a hint: one sentence for unknown keys
+    (typos, most likely) and one for instant-nsr-pl's options this framework does not implement."""
+    unknown, upstream = [], []
     for path, suggestion in unread:
-        hint = UPSTREAM_HINTS.get(path.rsplit(".", 1)[-1])
-        hint = hint or (f"did you mean {suggestion}?" if suggestion else None)
-        items.append(f"{path} ({hint})" if hint else path)
-    return f"Config keys that nothing in this framework reads, so they have no effect: {', '.join(items)}."
+        name = path.rsplit(".", 1)[-1]
+        hint = UPSTREAM_HINTS.get(name) or (f"did you mean {suggestion}?" if suggestion else None)
+        (upstream if name in UPSTREAM_OPTIONS else unknown).append(f"{path} ({hint})" if hint else path)
+    sentences = []
+    if unknown:
+        sentences.append(f"Config keys that nothing in this framework reads, so they have no effect: "
+                         f"{', '.join(unknown)}.")
+    if upstream:
+        sentences.append(f"instant-nsr-pl options this framework does not implement, {'also ' if unknown else ''}"
+                         f"without effect: {', '.join(upstream)}.")
+    return " ".join(sentences)
