@@ -1,4 +1,5 @@
 """End-to-end through launch.py on the demo scene, as a user runs it (CPU, small sizes)."""
+import codecs
 import glob
 import json
 import os
@@ -172,24 +173,34 @@ def test_nan_loss_stops_and_keeps_the_good_weights(tmp_path):
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def launch_then_signal(tmp, sig, after_step: int, *args, bar: str = "Epoch 0", times: int = 1):
-    """Run launch.py and send it ``sig`` (``times`` times, 0.1 s apart) once its progress bar (``bar``:
-    training's, or "Testing DataLoader 0") has passed ``after_step``. Returns (exit status, output)."""
+def launch_then_signal(tmp, sig, after_step: int, *args, bar: str = "Epoch 0", again_after: str = ""):
+    """Run launch.py and send it ``sig`` once its progress bar (``bar``: training's, or "Testing DataLoader 0")
+    has passed ``after_step``, and, with ``again_after``, a second time once the output shows that text.
+    Returns (exit status, output)."""
     cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--exp_dir", str(tmp / "exp"), "--runs_dir",
            str(tmp / "runs"), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     chunks = []
-    reader = threading.Thread(target=lambda: chunks.extend(iter(lambda: proc.stdout.read(256), "")), daemon=True)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def read():  # whatever the pipe holds, as soon as it holds it (a buffered read would wait for more)
+        while data := os.read(proc.stdout.fileno(), 65536):
+            chunks.append(decoder.decode(data))
+
+    reader = threading.Thread(target=read, daemon=True)
     reader.start()
     deadline = time.monotonic() + 600
     while proc.poll() is None and time.monotonic() < deadline:
         steps = [int(n) for n in re.findall(re.escape(bar) + r":\s+\d+%\|[^|]*\|\s*(\d+)/", "".join(chunks))]
         if steps and max(steps) >= after_step:
-            for i in range(times):
-                time.sleep(0.1 if i else 0)
-                proc.send_signal(sig)
+            proc.send_signal(sig)
             break
         time.sleep(0.2)
+    while again_after and proc.poll() is None and time.monotonic() < deadline:
+        if again_after in "".join(chunks):
+            proc.send_signal(sig)
+            break
+        time.sleep(0.05)
     proc.wait(timeout=600)
     reader.join(timeout=10)
     return proc.returncode, "".join(chunks)
@@ -240,13 +251,16 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_the_run(tmp_path, sig):
 
 @pytest.mark.slow
 def test_second_ctrl_c_quits_at_once_and_names_the_last_checkpoint(tmp_path):
-    """A second Ctrl-C within a (deliberately slow) step quits without finishing it; the message names the newest
-    checkpoint (ModelCheckpoint writes one every step here) and exits 130, not Lightning's 1."""
+    """Ctrl-C is acknowledged at once; a second one within the (deliberately slow) step quits without finishing it,
+    and the message names the newest checkpoint (ModelCheckpoint writes one every step here) and exits 130, not
+    Lightning's 1."""
     data = str(tmp_path / "demo64")
     status, out = launch_then_signal(tmp_path, signal.SIGINT, 1, "--config", "configs/nerf-demo.yaml", "--train",
                                      f"dataset.root_dir={data}", "tag=quit", *SMALL[:2], "trainer.max_steps=1000",
                                      "checkpoint.every_n_train_steps=1", "model.train_num_rays=16384",
-                                     "model.dynamic_ray_sampling=false", "model.grid_prune=false", times=2)
+                                     "model.dynamic_ray_sampling=false", "model.grid_prune=false",
+                                     again_after="SIGINT received: finishing the step under way, then saving a "
+                                                 "checkpoint (Ctrl-C again quits without one).")
     assert status == 130 and "Traceback" not in out, out[-3000:]
     quit_ = re.search(r"Quit by Ctrl-C after step (\d+), saving nothing\. The last checkpoint is (\S+); "
                       r"continue with: python launch.py --config \S+ --resume \2 --train", out)

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -114,11 +115,11 @@ class StopOnSignal(Checkpoint):
             self._restore()
             raise KeyboardInterrupt
         self.received, self.received_at = signal.Signals(signum).name, time.time()
+        again = " (Ctrl-C again quits without one)" if signum == signal.SIGINT else ""
+        say_now(f"{self.received} received: finishing the step under way, then saving a checkpoint{again}.")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.received and not trainer.should_stop:
-            log.info(f"{self.received} received: stopping after step {trainer.global_step} and saving a checkpoint "
-                     "(Ctrl-C again quits without one).")
             trainer.should_stop = True
             path = os.path.join(self.ckpt_dir, f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt")
             if not (os.path.isfile(path) and os.path.getmtime(path) >= self.received_at):
@@ -139,3 +140,13 @@ class StopOnSignal(Checkpoint):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+def say_now(message: str) -> None:
+    """Print a line of the "nsr" log from a signal handler, at once (a step can take seconds). Written straight to
+    the file descriptor: a handler that wrote through sys.stdout while the interrupted code was in the middle of
+    writing to it would raise "reentrant call" (a Python stream is not reentrant)."""
+    try:
+        os.write(sys.stdout.fileno(), f"\n[nsr] {message}\n".encode())
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a notebook, captured output): stay quiet
+        pass
