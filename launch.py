@@ -254,17 +254,18 @@ def run(argv=None) -> int:
                 trainer.save_checkpoint(saved[0], weights_only=False)
             if args.skip_test:
                 return 0
+        tested_ckpt = saved[0] if mode == "train" else args.resume
         try:
             if mode == "validate":
                 trainer.validate(system, datamodule=dm)
             else:
                 trainer.test(system, datamodule=dm, verbose=mode in ("train", "test"))
         except SIGTERMException:  # Lightning ends its test loop at SIGTERM, then exits with status 0
-            return report_stopped_output("SIGTERM", mode, saved[0] if mode == "train" else args.resume, config)
+            return report_stopped_output("SIGTERM", mode, tested_ckpt, config)
         except SystemExit:  # Lightning's exit at Ctrl-C, with status 1
             if not stop_on_signal.interrupted:
                 raise
-            return report_stopped_output("SIGINT", mode, saved[0] if mode == "train" else args.resume, config)
+            return report_stopped_output("SIGINT", mode, tested_ckpt, config)
     except (UserError, ConfigError, DatasetError, MeshError) as err:
         log.error(str(err))
         remove_empty(created)
