@@ -239,10 +239,8 @@ def run(argv=None) -> int:
             except SystemExit:  # Lightning's exit at a second Ctrl-C (at the first, on several GPUs)
                 if not stop_on_signal.interrupted:
                     raise
-                if stop_on_signal.saved:  # the first one's checkpoint was written before the second came
-                    return report_stopped("SIGINT", trainer.global_step, int(trainer.max_steps), stop_on_signal.saved,
-                                          config)
-                return report_quit(trainer.global_step, config)
+                if not stop_on_signal.saved:  # else the first one's checkpoint was written: reported just below
+                    return report_quit(trainer.global_step, config)
             step = trainer.global_step
             if stop_on_signal.saved:
                 return report_stopped(stop_on_signal.received, step, int(trainer.max_steps), stop_on_signal.saved,
