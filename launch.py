@@ -177,7 +177,7 @@ def run(argv=None) -> int:
     import systems
     from datasets.base import DatasetError
     from systems.finite_guard import NonFiniteLossError
-    from utils.callbacks import AtomicCheckpointIO, ProgressBar, StopOnSignal, TrialSnapshot
+    from utils.callbacks import AtomicCheckpointIO, ProgressBar, SaveOnSignal, StopOnSignal, TrialSnapshot
     from utils.config import ConfigError, load_config, to_primitive, whole_step_counts
     from utils.config_keys import describe as describe_unread, unread_keys
     from utils.mesh import MeshError
@@ -207,12 +207,15 @@ def run(argv=None) -> int:
             trainer_cfg["precision"] = "32-true"
         elif str(trainer_cfg.get("precision", "32")) in ("16", "16-mixed"):
             trainer_cfg["precision"] = "16-mixed"
-        callbacks = []
+        checkpointing = bool(trainer_cfg.get("enable_checkpointing", True))  # false: no checkpoint is written
+        callbacks, stop_on_signal = [], StopOnSignal()
         if mode == "train":
-            callbacks = [ModelCheckpoint(dirpath=config.ckpt_dir, **dict(to_primitive(config.get("checkpoint", {})) or {})),
-                         LearningRateMonitor(logging_interval="step"),
-                         TrialSnapshot(config, raw_config, config.config_dir, config.code_dir)]
-        stop_on_signal = StopOnSignal(config.ckpt_dir)  # after ModelCheckpoint: it may reuse that one's file
+            if checkpointing:
+                callbacks.append(ModelCheckpoint(dirpath=config.ckpt_dir,
+                                                 **dict(to_primitive(config.get("checkpoint", {})) or {})))
+                stop_on_signal = SaveOnSignal(config.ckpt_dir)  # after ModelCheckpoint: it may reuse that one's file
+            callbacks += [LearningRateMonitor(logging_interval="step"),
+                          TrialSnapshot(config, raw_config, config.config_dir, config.code_dir)]
         callbacks.append(stop_on_signal)
         if trainer_cfg.get("enable_progress_bar", True):
             callbacks.append(ProgressBar())
@@ -235,24 +238,20 @@ def run(argv=None) -> int:
             try:
                 trainer.fit(system, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
             except NonFiniteLossError as err:
-                return report_non_finite(err, trainer, system, config.ckpt_dir)
+                return report_non_finite(err, trainer, system, config.ckpt_dir if checkpointing else None)
             except SystemExit:  # Lightning's exit at a second Ctrl-C (at the first, on several GPUs)
                 if not stop_on_signal.interrupted:
                     raise
-                if not stop_on_signal.saved:  # else the first one's checkpoint was written: reported just below
-                    return report_quit(trainer.global_step, config)
-            step = trainer.global_step
-            if stop_on_signal.saved:
-                return report_stopped(stop_on_signal.received, step, int(trainer.max_steps), stop_on_signal.saved,
-                                      config)
-            saved = glob.glob(os.path.join(glob.escape(config.ckpt_dir), f"*step={step}.ckpt"))
-            if not saved:  # e.g. a resumed run whose parsed.yaml fixed the checkpoint interval
-                epoch = max(trainer.current_epoch - 1, 0)  # fit's end has already counted the epoch as done
-                saved = [os.path.join(config.ckpt_dir, f"epoch={epoch}-step={step}.ckpt")]
-                trainer.save_checkpoint(saved[0], weights_only=False)
+                if not stop_on_signal.stopped:  # else the first one's stop happened: reported just below
+                    return report_quit(trainer.global_step, config, checkpointing)
+            if stop_on_signal.stopped:
+                return report_stopped(stop_on_signal.received, trainer.global_step, int(trainer.max_steps),
+                                      stop_on_signal.saved, config)
+            tested_ckpt = final_checkpoint(trainer, config.ckpt_dir) if checkpointing else None
             if args.skip_test:
                 return 0
-        tested_ckpt = saved[0] if mode == "train" else args.resume
+        else:
+            tested_ckpt = args.resume
         try:
             if mode == "validate":
                 trainer.validate(system, datamodule=dm)
@@ -282,30 +281,56 @@ def remove_empty(folders) -> None:
             os.rmdir(folder)
 
 
-def report_stopped(signal_name: str, step: int, max_steps: int, ckpt: str, config) -> int:
+def final_checkpoint(trainer, ckpt_dir: str) -> str:
+    """The checkpoint of the step training ended at: ModelCheckpoint's, or written here when its interval did not
+    fall on that step (e.g. a resumed run whose parsed.yaml fixed the interval)."""
+    step = trainer.global_step
+    saved = glob.glob(os.path.join(glob.escape(ckpt_dir), f"*step={step}.ckpt"))
+    if saved:
+        return saved[0]
+    epoch = max(trainer.current_epoch - 1, 0)  # fit's end has already counted the epoch as done
+    path = os.path.join(ckpt_dir, f"epoch={epoch}-step={step}.ckpt")
+    trainer.save_checkpoint(path, weights_only=False)
+    return path
+
+
+CHECKPOINTING_OFF = "checkpointing is off (trainer.enable_checkpointing: false)"
+
+
+def report_stopped(signal_name: str, step: int, max_steps: int, ckpt: str | None, config) -> int:
     """The message and exit status (128 + the signal's number, as a shell reports it) of a run stopped
-    by Ctrl-C or SIGTERM."""
+    by Ctrl-C or SIGTERM; ``ckpt`` is None when checkpointing is off."""
     import signal
 
-    action = "--train" if step < max_steps else "--test"
-    log.error(f"Stopped by {signal_name} at step {step} of {max_steps}; the checkpoint {ckpt} holds it. "
-              f"{'Continue' if action == '--train' else 'Test'} with: {resume_command(config, ckpt, action)}")
+    message = f"Stopped by {signal_name} at step {step} of {max_steps}; "
+    if ckpt is None:
+        message += f"{CHECKPOINTING_OFF}, so no checkpoint holds it."
+    else:
+        action = "--train" if step < max_steps else "--test"
+        message += (f"the checkpoint {ckpt} holds it. {'Continue' if action == '--train' else 'Test'} with: "
+                    f"{resume_command(config, ckpt, action)}")
+    log.error(message)
     return 128 + int(getattr(signal, signal_name))
 
 
-def report_stopped_output(signal_name: str, mode: str, ckpt: str, config) -> int:
+def report_stopped_output(signal_name: str, mode: str, ckpt: str | None, config) -> int:
     """Message and exit status (128 + the signal's number) of a test, validation or export stopped by Ctrl-C or
-    SIGTERM; the checkpoint is whole, the outputs of the stage that was stopped are not all written."""
+    SIGTERM; the checkpoint is whole (None: checkpointing was off), the outputs of the stopped stage are not all
+    written."""
     import signal
 
     stage = {"train": "test", "test": "test", "validate": "validation"}.get(mode, "export")
     action = {"train": "--test", "validate": "--validate"}.get(mode, f"--{mode}")
-    log.error(f"Stopped by {signal_name} during the {stage}: its outputs in {config.save_dir} are incomplete; the "
-              f"checkpoint {ckpt} is whole. Redo the {stage} with: {resume_command(config, ckpt, action)}")
+    message = f"Stopped by {signal_name} during the {stage}: its outputs in {config.save_dir} are incomplete; "
+    if ckpt is None:
+        message += f"{CHECKPOINTING_OFF}, so the {stage} cannot be redone without training again."
+    else:
+        message += f"the checkpoint {ckpt} is whole. Redo the {stage} with: {resume_command(config, ckpt, action)}"
+    log.error(message)
     return 128 + int(getattr(signal, signal_name))
 
 
-def report_quit(step: int, config) -> int:
+def report_quit(step: int, config, checkpointing: bool = True) -> int:
     """Message and exit status (130) of a training run quit at once by Ctrl-C (a second one; on several GPUs, the
     first): the steps since its last checkpoint are lost, and that checkpoint is what it continues from."""
     ckpts = glob.glob(os.path.join(glob.escape(config.ckpt_dir), "*.ckpt"))
@@ -313,6 +338,8 @@ def report_quit(step: int, config) -> int:
     if ckpts:
         last = max(ckpts, key=os.path.getmtime)
         message += f" The last checkpoint is {last}; continue with: {resume_command(config, last, '--train')}"
+    elif not checkpointing:
+        message += f" No checkpoint exists: {CHECKPOINTING_OFF}."
     else:
         message += " No checkpoint had been written yet."
     log.error(message)
@@ -327,9 +354,15 @@ def resume_command(config, ckpt: str, action: str) -> str:
     return f"python launch.py --config {shlex.quote(parsed)} --resume {shlex.quote(ckpt)} {action}"
 
 
-def report_non_finite(err, trainer, system, ckpt_dir: str) -> int:
+def report_non_finite(err, trainer, system, ckpt_dir: str | None) -> int:
+    """Message and exit status (3) of a run stopped by a NaN or infinite loss; the weights from before it are
+    saved to resume from, unless checkpointing is off (``ckpt_dir`` None)."""
     import torch
 
+    if ckpt_dir is None:
+        log.error(f"Stopped: {err} Nothing was saved: {CHECKPOINTING_OFF}. "
+                  "Lower the learning rate or check the data, then train again.")
+        return 3
     params_ok = all(torch.isfinite(p).all() for p in system.parameters())
     message = f"Stopped: {err}"
     if params_ok:

@@ -81,6 +81,7 @@ def test_scheduled_scalars():
     assert scheduled([0, 0.0, 1.0, 100], 50) == pytest.approx(0.5)
     assert scheduled([10, 1.0, 3.0, 20], 5) == 1.0 and scheduled([10, 1.0, 3.0, 20], 30) == 3.0
     assert scheduled([1.0, 3.0, 10], 5) == pytest.approx(2.0)
+    assert scheduled([3, 1.0, float("nan"), 4], 3) == 1.0, "the end value does not leak into the start (nan * 0)"
 
 
 def test_number_at_least_names_the_key_and_the_bound():

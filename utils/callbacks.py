@@ -77,17 +77,11 @@ class ProgressBar(TQDMProgressBar):
                 bar.close()
 
 
-class StopOnSignal(Checkpoint):
-    """Ctrl-C (SIGINT) or SIGTERM while training: finish the step under way, save a checkpoint to resume from
-    and stop training, instead of losing every step since the last checkpoint (Lightning alone exits at once,
-    saving nothing). A second Ctrl-C quits at once. ``received`` names the signal.
-
-    The checkpoint is written here, at the end of the step, as ModelCheckpoint writes its own: the run
-    resumes inside the same epoch, so its last checkpoint keeps instant-nsr-pl's name ``epoch=0-step=N``
-    (saved after ``fit`` returns, the epoch would count as finished and the resumed run end in epoch 1).
-    ``saved`` is its path. The class is a ``Checkpoint`` only so that Lightning calls it after the
-    ModelCheckpoint listed before it: when that one has just saved this step under the same name, its file is
-    the stop checkpoint (saving again would add a copy named ``…-v1.ckpt``).
+class StopOnSignal(Callback):
+    """Ctrl-C (SIGINT) or SIGTERM while training: finish the step under way, then stop training cleanly instead of
+    at once (Lightning alone exits mid-step). ``received`` names the signal. This class saves nothing: it is the
+    one used where no checkpoint may be written (``trainer.enable_checkpointing: false``) and outside training;
+    ``SaveOnSignal`` also saves the stop checkpoint.
 
     Single process only: with several, each would stop at its own step; Lightning's handling stays there.
 
@@ -96,10 +90,12 @@ class StopOnSignal(Checkpoint):
     was left unfinished and exit with a shell's status for Ctrl-C (130) instead.
     """
 
-    def __init__(self, ckpt_dir: str):
-        self.ckpt_dir = ckpt_dir
+    saves = False
+
+    def __init__(self):
         self.received: str | None = None
         self.received_at = 0.0
+        self.stopped = False  # training stopped at a step's end because of the signal
         self.saved: str | None = None
         self.interrupted = False
         self._previous: dict = {}
@@ -115,19 +111,24 @@ class StopOnSignal(Checkpoint):
             self._restore()
             raise KeyboardInterrupt
         self.received, self.received_at = signal.Signals(signum).name, time.time()
-        again = " (Ctrl-C again quits without one)" if signum == signal.SIGINT else ""
-        say_now(f"{self.received} received: finishing the step under way, then saving a checkpoint{again}.")
+        if self.saves:
+            again = " (Ctrl-C again quits without one)" if signum == signal.SIGINT else ""
+            say_now(f"{self.received} received: finishing the step under way, then saving a checkpoint{again}.")
+        else:
+            again = " (Ctrl-C again quits at once)" if signum == signal.SIGINT else ""
+            say_now(f"{self.received} received: finishing the step under way, then stopping; checkpointing is off "
+                    f"(trainer.enable_checkpointing: false), so nothing is saved{again}.")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.received and not trainer.should_stop:
-            trainer.should_stop = True
-            path = os.path.join(self.ckpt_dir, f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt")
-            if not (os.path.isfile(path) and os.path.getmtime(path) >= self.received_at):
-                trainer.save_checkpoint(path, weights_only=False)
-            self.saved = path
+            trainer.should_stop = self.stopped = True
+            self.stop_checkpoint(trainer)
             # Lightning validates before stopping early; rendering full views can take minutes on a CPU, past the
             # grace period a job scheduler gives after SIGTERM, and the kill would then lose the exit message.
             trainer.limit_val_batches = 0
+
+    def stop_checkpoint(self, trainer) -> None:
+        """Where the stop checkpoint is saved (none here)."""
 
     def on_train_end(self, trainer, pl_module):
         self._restore()
@@ -140,6 +141,30 @@ class StopOnSignal(Checkpoint):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+class SaveOnSignal(StopOnSignal, Checkpoint):
+    """``StopOnSignal`` that also saves a checkpoint to resume from at the stop, instead of losing every step since
+    the last one. ``saved`` is its path.
+
+    The checkpoint is written at the end of the step, as ModelCheckpoint writes its own: the run resumes inside
+    the same epoch, so its last checkpoint keeps instant-nsr-pl's name ``epoch=0-step=N`` (saved after ``fit``
+    returns, the epoch would count as finished and the resumed run end in epoch 1). The class is a ``Checkpoint``
+    only so that Lightning calls it after the ModelCheckpoint listed before it: when that one has just saved this
+    step under the same name, its file is the stop checkpoint (saving again would add a copy named ``…-v1.ckpt``).
+    """
+
+    saves = True
+
+    def __init__(self, ckpt_dir: str):
+        super().__init__()
+        self.ckpt_dir = ckpt_dir
+
+    def stop_checkpoint(self, trainer) -> None:
+        path = os.path.join(self.ckpt_dir, f"epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt")
+        if not (os.path.isfile(path) and os.path.getmtime(path) >= self.received_at):
+            trainer.save_checkpoint(path, weights_only=False)
+        self.saved = path
 
 
 def say_now(message: str) -> None:

@@ -224,7 +224,11 @@ def scheduled(value: Any, global_step: int) -> float:
     start_step, start_value, end_value, end_step = value
     if end_step <= start_step:
         return float(end_value if global_step >= end_step else start_value)
-    t = min(max((global_step - start_step) / (end_step - start_step), 0.0), 1.0)
+    if global_step <= start_step:  # not interpolated: an end value of inf or nan must not leak in before its time
+        return float(start_value)
+    if global_step >= end_step:
+        return float(end_value)
+    t = (global_step - start_step) / (end_step - start_step)
     return float(start_value + (end_value - start_value) * t)
 
 
