@@ -1,5 +1,6 @@
 """Config loading: strict overrides with suggestions, +new keys, resolvers, scheduled scalars."""
 import pytest
+from omegaconf import OmegaConf
 
 from utils.config import ConfigError, load_config, number_at_least, scheduled, whole_step_counts
 
@@ -33,6 +34,16 @@ def test_resolvers_and_overrides(path):
     cfg = load_config(path, ["dataset.scene=chair", "trainer.max_steps=1000"])
     assert cfg.name == "demo-chair" and cfg.derived.half == 500 and cfg.derived.base == "chair"
     assert abs(cfg.derived.rate ** 500 - 0.1) < 1e-9
+
+
+def test_a_tag_is_the_text_typed_not_what_yaml_reads_in_it(path, tmp_path):
+    """tag=off would be YAML's false (a trial folder named "@<time>"), tag=0123 the octal 83."""
+    for text in ("off", "yes", "0123", "1e-3"):
+        cfg = load_config(path, [f"+tag={text}"])
+        assert cfg.tag == text
+    saved = tmp_path / "parsed.yaml"
+    OmegaConf.save(load_config(path, ["+tag=off"]), saved)
+    assert load_config(str(saved)).tag == "off", "and stays text in parsed.yaml"
 
 
 def test_misspelled_override_names_the_closest_key(path):

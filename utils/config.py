@@ -126,7 +126,15 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
         checked.append(item)
     if not checked:
         return cfg
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(checked))
+    merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(checked))
+    for item in checked:
+        key, value = item.split("=", 1)
+        if key in NAME_KEYS and isinstance(merged[key], (bool, int, float)):
+            merged[key] = value  # YAML would read tag=off as false and tag=0123 as 83: a folder name is the text
+    return merged
+
+
+NAME_KEYS = ("tag", "name")  # top-level keys that name the trial's folders
 
 
 def _require_mandatory(cfg: DictConfig, path: str) -> None:
