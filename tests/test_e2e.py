@@ -279,7 +279,7 @@ def test_checkpointing_off_trains_tests_and_stops_without_writing_a_checkpoint(t
     data = str(tmp_path / "demo64")
     off = "+trainer.enable_checkpointing=false"
     launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--train", f"dataset.root_dir={data}", "tag=off",
-           *SMALL[:2], "trainer.max_steps=5", off)
+           *SMALL[:2], "trainer.max_steps=5", "+trainer.limit_test_batches=2", off)
     trial = glob.glob(str(tmp_path / "exp" / "nerf-demo" / "off@*"))[0]
     assert os.path.isfile(os.path.join(trial, "save", "it5-test.mp4")), "the test ran"
     assert not glob.glob(str(tmp_path / "exp" / "**" / "*.ckpt"), recursive=True)
