@@ -46,6 +46,7 @@ def setup_logging(verbose: bool) -> None:
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
+    logging.getLogger("pytorch_lightning.trainer.connectors.signal_connector").addFilter(acknowledge_lightning_sigterm)
     if not verbose:
         import warnings
 
@@ -56,6 +57,17 @@ def setup_logging(verbose: bool) -> None:
         # Lightning advertises its cloud services ("Tip: ... try installing litlogger / litmodels") at every run
         logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
             lambda record: not str(record.msg).startswith("💡 Tip"))
+
+
+def acknowledge_lightning_sigterm(record) -> bool:
+    """Lightning's handler logs "[rank: 0] Received SIGTERM: 15" outside training (where ours is not installed),
+    onto the progress bar's line; say it as Ctrl-C is said, on a line of its own, instead."""
+    if str(record.msg).startswith("[rank: ") and "Received SIGTERM" in str(record.msg):
+        from utils.callbacks import say_now
+
+        say_now("SIGTERM received: stopping after the batch under way.")
+        return False
+    return True
 
 
 def choose_devices(gpu: str | None):

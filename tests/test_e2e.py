@@ -238,7 +238,9 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_the_run(tmp_path, sig):
     assert re.search(rf"\n\[nsr\] Stopped by {sig.name} during the test: its outputs in \S+ are incomplete; the "
                      rf"checkpoint {re.escape(ckpt)} is whole\. Redo the test with: python launch.py --config \S+ "
                      rf"--resume {re.escape(ckpt)} --test", out), out[-3000:]  # on a line of its own, not the bar's
-    if sig != signal.SIGINT:
+    if sig != signal.SIGINT:  # Lightning's handler, acknowledged on a line of its own, not on the bar's
+        assert "\n[nsr] SIGTERM received: stopping after the batch under way.\n" in out, out[-3000:]
+        assert "Received SIGTERM" not in out
         return
     out = launch(tmp_path, "--config", parsed, "--resume", ckpt, "--train", f"trainer.max_steps={step + 10}",
                  "model.geometry.isosurface.resolution=32")
