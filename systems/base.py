@@ -55,6 +55,28 @@ def host_values(values: Dict[str, Any]) -> Dict[str, float]:
     return out
 
 
+MESH_METHODS = {"mc": "mc", "mc-cuda": "mc", "tsdf": "tsdf"}  # instant-nsr-pl's mc-cuda: the same zero level set
+MESH_FORMATS = ("obj", "ply")
+
+
+def check_export_options(config: Any) -> None:
+    """A ConfigError for a mesh or video option the export after training could not use."""
+    iso = config.model.get("geometry", {}).get("isosurface")
+    if iso is not None:
+        number_at_least(iso.get("resolution"), "model.geometry.isosurface.resolution", 2)
+        method = str(iso.get("method", "mc"))
+        if method not in MESH_METHODS:
+            raise ConfigError(f"model.geometry.isosurface.method={method!r} is not a meshing method; use mc "
+                              "(marching cubes on the field) or tsdf (fusion of rendered depth).")
+    export_cfg = config.get("export") or {}
+    fmt = str(export_cfg.get("mesh_format", "obj")).lower()
+    if fmt not in MESH_FORMATS:
+        raise ConfigError(f"export.mesh_format={fmt!r}; use obj or ply.")
+    for key, minimum in (("chunk_size", 1), ("video_fps", 1)):
+        if export_cfg.get(key) is not None:
+            number_at_least(export_cfg.get(key), f"export.{key}", minimum)
+
+
 class BaseSystem(pl.LightningModule):
     """mode: 'train' (fit then test), 'test' (metrics + video + mesh) or 'export' (video + mesh only)."""
 
@@ -72,9 +94,7 @@ class BaseSystem(pl.LightningModule):
         self.progress_bar_values: Dict[str, float] = {}  # what utils.callbacks.ProgressBar shows while training
         self._progress_pending: Dict[str, Any] = {}
         self.loss_guard = FiniteLossGuard()  # systems record each step's loss in it
-        iso = config.model.get("geometry", {}).get("isosurface")
-        if iso is not None:  # checked now, not when the mesh is due after training
-            number_at_least(iso.get("resolution"), "model.geometry.isosurface.resolution", 2)
+        check_export_options(config)  # now, not when the mesh is due after training
         if mode == "train":
             self.check_loss_weights(config.system.get("loss", {}))
 
@@ -298,7 +318,8 @@ class BaseSystem(pl.LightningModule):
         iso = self.config.model.geometry.isosurface
         res = int(iso.resolution)
         try:
-            mesh = self.fuse_mesh(iso) if str(iso.get("method", "mc")) == "tsdf" else self.model.export(export_cfg)
+            tsdf = MESH_METHODS[str(iso.get("method", "mc"))] == "tsdf"
+            mesh = self.fuse_mesh(iso) if tsdf else self.model.export(export_cfg)
         except MeshError as err:
             log.error(f"Mesh export skipped: {err}")
             return
@@ -309,13 +330,14 @@ class BaseSystem(pl.LightningModule):
             log.info(f"Kept the largest connected component: {len(faces)} of {n_before} faces")
         world = self.trainer.datamodule.world_from_scene()
         world_verts = verts @ world[:3, :3].T + world[:3, 3]
-        path = self.save_path(f"it{self.step}-mc{res}.obj")
+        fmt = str(export_cfg.get("mesh_format", "obj")).lower()
+        path = self.save_path(f"it{self.step}-mc{res}.{fmt}")
         write_mesh(path, world_verts, faces, colours)
         if export_cfg.get("save_normalized", False):
-            write_mesh(self.save_path(f"it{self.step}-mc{res}-normalized.obj"), verts, faces, colours)
+            write_mesh(self.save_path(f"it{self.step}-mc{res}-normalized.{fmt}"), verts, faces, colours)
         write_json(self.save_path("normalization.json"), {
             "world_from_scene": np.asarray(world).tolist(),
-            "note": "meshes are in the dataset's world frame (*-normalized.obj: the model's frame); "
+            "note": f"meshes are in the dataset's world frame (*-normalized.{fmt}: the model's frame); "
                     "x_scene = inverse(world_from_scene) @ x_world"})
         log.info(f"Mesh: {path} ({len(verts)} vertices, {len(faces)} faces)")
         scores = self.trainer.datamodule.score_mesh(world_verts, faces)

@@ -160,6 +160,14 @@ def test_export_writes_video_and_mesh_without_metrics(trained, tmp_path):
     assert "test/psnr" not in out
     assert "no effect" not in out  # the trial's parsed.yaml (paths and trial name added) is read in full
 
+    launch(tmp, "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, "--export",
+           f"save_dir={tmp_path / 'ply'}", "export.mesh_format=ply", "+trainer.limit_test_batches=1")
+    obj = trimesh.load(tmp_path / "it400-mc64.obj", process=False)
+    ply = trimesh.load(tmp_path / "ply" / "it400-mc64.ply", process=False)
+    assert ply.visual.kind == "vertex" and np.array_equal(ply.faces, obj.faces)
+    assert np.abs(ply.vertices - obj.vertices).max() < 1e-5  # float32 in PLY, 6 decimals in OBJ
+    assert np.abs(ply.visual.vertex_colors.astype(int) - obj.visual.vertex_colors.astype(int)).max() <= 1
+
 
 @pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_good_weights(tmp_path):

@@ -46,6 +46,26 @@ def test_obj_with_vertex_colours_reads_back(tmp_path):
     assert len(first_v.split()) == 7, "MeshLab reads colours from 'v x y z r g b'"
 
 
+def test_mesh_and_video_options_are_checked_before_training():
+    """A typo in an export option fails at start-up in one sentence, not after hours of training."""
+    from omegaconf import OmegaConf
+
+    from systems.base import check_export_options
+    from utils.config import ConfigError
+
+    def config(iso=None, export=None):
+        return OmegaConf.create({"model": {"geometry": {"isosurface": {"resolution": 64, **(iso or {})}}},
+                                 "export": export or {}})
+
+    check_export_options(config({"method": "mc-cuda"}, {"mesh_format": "PLY", "video_fps": 12}))  # accepted
+    for bad, words in (((({"method": "tdsf"}), None), "isosurface.method='tdsf' is not a meshing method"),
+                       ((None, {"mesh_format": "stl"}), "export.mesh_format='stl'; use obj or ply"),
+                       ((None, {"video_fps": 0}), "export.video_fps"),
+                       ((None, {"chunk_size": "big"}), "export.chunk_size")):
+        with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(".", r"\.")):
+            check_export_options(config(*bad))
+
+
 def test_video_of_odd_size_plays(tmp_path):
     frames = [np.full((37, 50, 3), i * 20, np.uint8) for i in range(10)]
     path = str(tmp_path / "v.mp4")
