@@ -331,10 +331,11 @@ class BaseSystem(pl.LightningModule):
         world = self.trainer.datamodule.world_from_scene()
         world_verts = verts @ world[:3, :3].T + world[:3, 3]
         fmt = str(export_cfg.get("mesh_format", "obj")).lower()
-        path = self.save_path(f"it{self.step}-mc{res}.{fmt}")
+        stem = f"it{self.step}-{'tsdf' if tsdf else 'mc'}{res}"  # instant-nsr-pl's it{step}-{method}{resolution}
+        path = self.save_path(f"{stem}.{fmt}")
         write_mesh(path, world_verts, faces, colours)
         if export_cfg.get("save_normalized", False):
-            write_mesh(self.save_path(f"it{self.step}-mc{res}-normalized.{fmt}"), verts, faces, colours)
+            write_mesh(self.save_path(f"{stem}-normalized.{fmt}"), verts, faces, colours)
         write_json(self.save_path("normalization.json"), {
             "world_from_scene": np.asarray(world).tolist(),
             "note": f"meshes are in the dataset's world frame (*-normalized.{fmt}: the model's frame); "

@@ -351,7 +351,7 @@ def test_tsdf_export_is_as_close_to_the_true_surface_as_marching_cubes(trained, 
            f"save_dir={tmp_path}", "model.geometry.isosurface.method=tsdf")
     mc = json.load(open(os.path.join(trial, "save", "it400-mesh-metrics.json")))
     tsdf = json.load(open(tmp_path / "it400-mesh-metrics.json"))
-    assert trimesh.load(tmp_path / "it400-mc64.obj", process=False).visual.kind == "vertex"
+    assert trimesh.load(tmp_path / "it400-tsdf64.obj", process=False).visual.kind == "vertex"
     assert tsdf["chamfer"] < 1.5 * mc["chamfer"], (tsdf, mc)  # same order, without a density threshold
 
 
