@@ -40,8 +40,20 @@ def parse_args(argv=None):
     return args, overrides
 
 
+class BarAwareHandler(logging.StreamHandler):
+    """Log lines printed above the progress bars (tqdm clears and redraws them), not glued to a bar's line."""
+
+    def emit(self, record) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def setup_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stdout)
+    handler = BarAwareHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("[nsr] %(message)s"))
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -54,9 +66,10 @@ def setup_logging(verbose: bool) -> None:
                         ".*TensorBoard support.*", ".*You called `self.log.*",
                         ".*isinstance\\(treespec, LeafSpec\\).*"):  # Lightning's own use of torch's pytree
             warnings.filterwarnings("ignore", message=pattern)
-        # Lightning advertises its cloud services ("Tip: ... try installing litlogger / litmodels") at every run
+        # Lightning advertises its cloud services ("Tip: ... try installing litlogger / litmodels") at every run,
+        # and says "`Trainer.fit` stopped: `max_steps=N` reached." on the bar's line when training ends as planned
         logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-            lambda record: not str(record.msg).startswith("💡 Tip"))
+            lambda record: not str(record.msg).startswith(("💡 Tip", "`Trainer.fit` stopped: `max_steps=")))
 
 
 def acknowledge_lightning_sigterm(record) -> bool:

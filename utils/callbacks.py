@@ -64,6 +64,7 @@ class ProgressBar(TQDMProgressBar):
 
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)  # the last 4 characters of the logger's version: "logs", meaningless here
         if trainer.training:
             metrics.update({k: f"{v:.4g}" for k, v in getattr(pl_module, "progress_bar_values", {}).items()})
         return metrics
