@@ -194,6 +194,7 @@ def run(argv=None) -> int:
     accelerator, n_devices = choose_devices(args.gpu)
 
     import pytorch_lightning as pl
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
     from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
     from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -290,6 +291,18 @@ def run(argv=None) -> int:
             return report_stopped_output("SIGINT", mode, tested_ckpt, config)
     except (UserError, ConfigError, DatasetError, MeshError) as err:
         log.error(str(err))
+        remove_empty(created)
+        return 2
+    except (ConfigAttributeError, ConfigKeyError) as err:  # a key the YAML lacks, read where it has no default
+        if args.verbose:
+            raise
+        key = err.full_key
+        if "." not in key:
+            log.error(f"The config has no {key} section, which every run needs; start from one of the shipped "
+                      "configs/*.yaml, which have every section.")
+        else:
+            log.error(f"The config has no {key}, which this run needs; add it to the YAML (the shipped "
+                      f"configs/*.yaml have every key) or on the command line as +{key}=VALUE.")
         remove_empty(created)
         return 2
     except KeyboardInterrupt:  # outside Lightning's stages: while loading, building, or between training and test

@@ -315,7 +315,10 @@ class BaseSystem(pl.LightningModule):
         export.largest_component_only keeps the biggest connected piece (drops floaters).
         """
         export_cfg = self.config.get("export", {})
-        iso = self.config.model.geometry.isosurface
+        iso = self.config.model.get("geometry", {}).get("isosurface")
+        if iso is None:
+            log.info("No mesh: the config has no model.geometry.isosurface.")
+            return
         res = int(iso.resolution)
         try:
             tsdf = MESH_METHODS[str(iso.get("method", "mc"))] == "tsdf"

@@ -46,6 +46,21 @@ def test_a_tag_is_the_text_typed_not_what_yaml_reads_in_it(path, tmp_path):
     assert load_config(str(saved)).tag == "off", "and stays text in parsed.yaml"
 
 
+def test_yaml_mistakes_are_one_line_naming_the_place(tmp_path):
+    tab = tmp_path / "tab.yaml"
+    tab.write_text("name: x\ndataset:\n\tname: demo\n")
+    with pytest.raises(ConfigError, match=r"is not valid YAML: a tab at line 3, column 1 \(YAML indents with spaces\)\.$"):
+        load_config(str(tab))
+    bracket = tmp_path / "bracket.yaml"
+    bracket.write_text("name: x\ndataset: {a: [1, 2}\n")
+    with pytest.raises(ConfigError, match=r"did not find expected ',' or '\]' at line 2, column 19\.$"):
+        load_config(str(bracket))
+    dangling = tmp_path / "dangling.yaml"
+    dangling.write_text("model:\n  geometry:\n    radius: ${model.radius}\n")
+    with pytest.raises(ConfigError, match=r"Interpolation key 'model.radius' not found \(in model.geometry.radius\)\.$"):
+        load_config(str(dangling))
+
+
 def test_misspelled_override_names_the_closest_key(path):
     with pytest.raises(ConfigError, match="did you mean system.loss.lambda_rgb"):
         load_config(path, ["system.loss.lamda_rgb=2"])

@@ -332,6 +332,11 @@ def test_bad_command_lines_are_one_sentence(tmp_path):
     out = launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--gpu", "0", "--train", "trainer.max_stepz=1",
                  expect=2)
     assert "running on the CPU instead" in out and "did you mean trainer.max_steps?" in out
+    partial = tmp_path / "partial.yaml"
+    partial.write_text(f"name: partial\ndataset:\n  name: demo\n  root_dir: {tmp_path / 'demo64'}\n")
+    out = launch(tmp_path, "--config", str(partial), "--train", expect=2)
+    assert "The config has no system section, which every run needs" in out and "Traceback" not in out
+    assert not os.path.exists(tmp_path / "exp" / "partial"), "no empty trial folder left behind"
 
 
 @pytest.mark.slow

@@ -158,7 +158,7 @@ def load_config(path: str, overrides: Iterable[str] = (), resolve: bool = True) 
     try:
         cfg = OmegaConf.load(path)
     except Exception as err:  # YAML syntax errors carry a line number
-        raise ConfigError(f"Config file '{path}' is not valid YAML: {err}") from None
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {yaml_problem(err, path)}.") from None
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"Config file '{path}' must hold a mapping at its top level.")
     words = _words_for_numbers(cfg, list(overrides))
@@ -173,8 +173,24 @@ def load_config(path: str, overrides: Iterable[str] = (), resolve: bool = True) 
             key, value, old = words[0]
             raise ConfigError(f"Override {key}={value} puts a word where the config has a number ({old}), and "
                               "an interpolation computes with it; give a number.") from None
-        raise ConfigError(f"Config '{path}' has an interpolation that cannot be resolved: {err}") from None
+        where = f" (in {err.full_key})" if getattr(err, "full_key", None) else ""
+        raise ConfigError(f"Config '{path}' has an interpolation that cannot be resolved: "
+                          f"{str(err).splitlines()[0]}{where}.") from None
     return cfg
+
+
+def yaml_problem(err: Exception, path: str) -> str:
+    """A YAML parser error in one line: what is wrong and where (PyYAML's own message spans four)."""
+    mark = getattr(err, "problem_mark", None)
+    if mark is None:
+        return " ".join(str(err).split())
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        lines = handle.read().splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    if line[mark.column:mark.column + 1] == "\t":
+        return f"a tab at {where} (YAML indents with spaces)"
+    return f"{err.problem} at {where}"
 
 
 def to_primitive(cfg: Any) -> Any:
