@@ -298,7 +298,7 @@ def run(argv=None) -> int:
             raise
         key = err.full_key
         if "." not in key:
-            log.error(f"The config has no {key} section, which every run needs; start from one of the shipped "
+            log.error(f"The config has no top-level {key}, which every run needs; start from one of the shipped "
                       "configs/*.yaml, which have every section.")
         else:
             log.error(f"The config has no {key}, which this run needs; add it to the YAML (the shipped "

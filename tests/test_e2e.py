@@ -335,7 +335,7 @@ def test_bad_command_lines_are_one_sentence(tmp_path):
     partial = tmp_path / "partial.yaml"
     partial.write_text(f"name: partial\ndataset:\n  name: demo\n  root_dir: {tmp_path / 'demo64'}\n")
     out = launch(tmp_path, "--config", str(partial), "--train", expect=2)
-    assert "The config has no system section, which every run needs" in out and "Traceback" not in out
+    assert "The config has no top-level system, which every run needs" in out and "Traceback" not in out
     assert not os.path.exists(tmp_path / "exp" / "partial"), "no empty trial folder left behind"
 
 
