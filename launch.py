@@ -191,6 +191,14 @@ def main(argv=None) -> int:
 def run(argv=None) -> int:
     args, overrides = parse_args(argv)
     setup_logging(args.verbose)
+    from utils.config import ConfigError, load_config
+
+    try:  # before torch and Lightning are imported (seconds): a mistyped option is answered at once
+        raw_config = load_config(args.config, overrides, resolve=False)
+        config = load_config(args.config, overrides)
+    except ConfigError as err:
+        log.error(str(err))
+        return 2
     accelerator, n_devices = choose_devices(args.gpu)
 
     import pytorch_lightning as pl
@@ -204,15 +212,13 @@ def run(argv=None) -> int:
     from datasets.base import DatasetError
     from systems.finite_guard import NonFiniteLossError
     from utils.callbacks import AtomicCheckpointIO, ProgressBar, SaveOnSignal, StopOnSignal, TrialSnapshot
-    from utils.config import ConfigError, load_config, to_primitive, whole_step_counts
+    from utils.config import to_primitive, whole_step_counts
     from utils.config_keys import describe as describe_unread, unread_keys
     from utils.mesh import MeshError
 
     mode = "train" if args.train else "validate" if args.validate else "test" if args.test else "export"
     created = []
     try:
-        raw_config = load_config(args.config, overrides, resolve=False)
-        config = load_config(args.config, overrides)
         unread = unread_keys(raw_config)
         if unread:
             log.warning(describe_unread(unread))

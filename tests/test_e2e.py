@@ -331,11 +331,13 @@ def test_bad_command_lines_are_one_sentence(tmp_path):
     assert "no.ckpt' does not exist" in out and "Traceback" not in out
     out = launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--gpu", "0", "--train", "trainer.max_stepz=1",
                  expect=2)
-    assert "running on the CPU instead" in out and "did you mean trainer.max_steps?" in out
+    assert "did you mean trainer.max_steps?" in out and "Device" not in out, "answered before torch is imported"
+    out = launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--gpu", "0", "--test", expect=2)
+    assert "running on the CPU instead" in out and "--test needs a checkpoint" in out
     partial = tmp_path / "partial.yaml"
-    partial.write_text(f"name: partial\ndataset:\n  name: demo\n  root_dir: {tmp_path / 'demo64'}\n")
+    partial.write_text("name: partial\nseed: 1\n")
     out = launch(tmp_path, "--config", str(partial), "--train", expect=2)
-    assert "The config has no top-level system, which every run needs" in out and "Traceback" not in out
+    assert "The config has no top-level dataset, which every run needs" in out and "Traceback" not in out
     assert not os.path.exists(tmp_path / "exp" / "partial"), "no empty trial folder left behind"
 
 
