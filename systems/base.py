@@ -320,8 +320,8 @@ class BaseSystem(pl.LightningModule):
             log.info("No mesh: the config has no model.geometry.isosurface.")
             return
         res = int(iso.resolution)
+        tsdf = MESH_METHODS[str(iso.get("method", "mc"))] == "tsdf"
         try:
-            tsdf = MESH_METHODS[str(iso.get("method", "mc"))] == "tsdf"
             mesh = self.fuse_mesh(iso) if tsdf else self.model.export(export_cfg)
         except MeshError as err:
             log.error(f"Mesh export skipped: {err}")
