@@ -181,10 +181,11 @@ def test_nan_loss_stops_and_keeps_the_good_weights(tmp_path):
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def launch_then_signal(tmp, sig, after_step: int, *args, bar: str = "Epoch 0", again_after: str = ""):
-    """Run launch.py and send it ``sig`` once its progress bar (``bar``: training's, or "Testing DataLoader 0")
-    has passed ``after_step``, and, with ``again_after``, a second time once the output shows that text.
-    Returns (exit status, output)."""
+def launch_then_signal(tmp, sig, after_step: int, *args, bar: str = "Epoch 0", again_after: str = "",
+                       delay: float = 0.0):
+    """Run launch.py and send it ``sig`` ``delay`` seconds after its progress bar (``bar``: training's, or
+    "Testing DataLoader 0") has passed ``after_step``, and, with ``again_after``, a second time once the output
+    shows that text. Returns (exit status, output)."""
     cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--exp_dir", str(tmp / "exp"), "--runs_dir",
            str(tmp / "runs"), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -201,6 +202,7 @@ def launch_then_signal(tmp, sig, after_step: int, *args, bar: str = "Epoch 0", a
     while proc.poll() is None and time.monotonic() < deadline:
         steps = [int(n) for n in re.findall(re.escape(bar) + r":\s+\d+%\|[^|]*\|\s*(\d+)/", "".join(chunks))]
         if steps and max(steps) >= after_step:
+            time.sleep(delay)
             proc.send_signal(sig)
             break
         time.sleep(0.2)
@@ -270,7 +272,8 @@ def test_second_ctrl_c_quits_at_once_and_names_the_last_checkpoint(tmp_path):
                                      "checkpoint.every_n_train_steps=1", "model.train_num_rays=16384",
                                      "model.dynamic_ray_sampling=false", "model.grid_prune=false",
                                      again_after="SIGINT received: finishing the step under way, then saving a "
-                                                 "checkpoint (Ctrl-C again quits without one).")
+                                                 "checkpoint (Ctrl-C again quits without one).",
+                                     delay=1.0)  # into the next step: the bar moves before the step's callbacks end
     assert status == 130 and "Traceback" not in out, out[-3000:]
     quit_ = re.search(r"Quit by Ctrl-C after step (\d+), saving nothing\. The last checkpoint is (\S+); "
                       r"continue with: python launch.py --config \S+ --resume \2 --train", out)
