@@ -190,7 +190,7 @@ def yaml_problem(err: Exception, path: str) -> str:
     line = lines[mark.line] if mark.line < len(lines) else ""
     if line[mark.column:mark.column + 1] == "\t":
         return f"a tab at {where} (YAML indents with spaces)"
-    return f"{err.problem} at {where}"
+    return f"{getattr(err, 'problem', None) or getattr(err, 'context', None) or 'a syntax error'} at {where}"
 
 
 def to_primitive(cfg: Any) -> Any:
