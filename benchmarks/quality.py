@@ -42,7 +42,7 @@ def run_config(config: str, overrides: list[str], exp_dir: str) -> dict:
     tests = glob.glob(os.path.join(trial, "save", "it*-test"))
     if tests:  # it{step}-test: the step the tested weights are at
         row["steps"] = int(os.path.basename(tests[0])[2:-len("-test")])
-    metrics = glob.glob(os.path.join(trial, "save", "*-mesh-metrics.json"))
+    metrics = glob.glob(os.path.join(trial, "save", "*-metrics.json"))
     if metrics:
         scores = json.load(open(metrics[0]))
         row.update({k: scores[k] for k in ("chamfer", "chamfer_percent_of_diagonal", "fscore") if k in scores})

@@ -345,6 +345,6 @@ class BaseSystem(pl.LightningModule):
                     "x_scene = inverse(world_from_scene) @ x_world"})
         log.info(f"Mesh: {path} ({len(verts)} vertices, {len(faces)} faces)")
         scores = self.trainer.datamodule.score_mesh(world_verts, faces)
-        if scores is not None:
-            write_json(self.save_path(f"it{self.step}-mesh-metrics.json"), scores)
+        if scores is not None:  # named after its mesh: meshes of other resolutions or methods keep their own
+            write_json(self.save_path(f"{stem}-metrics.json"), {"mesh": os.path.basename(path), **scores})
             log.info("Mesh vs ground truth: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))

@@ -357,11 +357,15 @@ def test_incompatible_checkpoint_is_refused(trained):
 def test_tsdf_export_is_as_close_to_the_true_surface_as_marching_cubes(trained, tmp_path):
     tmp, data, trial, _ = trained
     ckpt = glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))[0]
+    save = os.path.join(trial, "save")
+    mc_before = open(os.path.join(save, "it400-mc64-metrics.json")).read()
     launch(tmp, "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, "--export",
-           f"save_dir={tmp_path}", "model.geometry.isosurface.method=tsdf")
-    mc = json.load(open(os.path.join(trial, "save", "it400-mesh-metrics.json")))
-    tsdf = json.load(open(tmp_path / "it400-mesh-metrics.json"))
-    assert trimesh.load(tmp_path / "it400-tsdf64.obj", process=False).visual.kind == "vertex"
+           "model.geometry.isosurface.method=tsdf")
+    mc = json.load(open(os.path.join(save, "it400-mc64-metrics.json")))
+    tsdf = json.load(open(os.path.join(save, "it400-tsdf64-metrics.json")))
+    assert open(os.path.join(save, "it400-mc64-metrics.json")).read() == mc_before  # each mesh keeps its figures
+    assert (mc["mesh"], tsdf["mesh"]) == ("it400-mc64.obj", "it400-tsdf64.obj")
+    assert trimesh.load(os.path.join(save, "it400-tsdf64.obj"), process=False).visual.kind == "vertex"
     assert tsdf["chamfer"] < 1.5 * mc["chamfer"], (tsdf, mc)  # same order, without a density threshold
 
 

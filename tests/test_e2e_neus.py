@@ -44,7 +44,8 @@ def test_neus_demo_mesh_is_within_one_percent_of_the_true_surface(neus_demo):
     save = os.path.join(trial, "save")
     chamfer, diag = chamfer_to_demo_surface(os.path.join(save, "it1500-mc128.obj"))
     assert chamfer < 0.01 * diag, f"Chamfer {chamfer:.3f} = {100 * chamfer / diag:.2f}% of the diagonal {diag:.1f}"
-    reported = json.load(open(os.path.join(save, "it1500-mesh-metrics.json")))  # the test stage's own figure
+    reported = json.load(open(os.path.join(save, "it1500-mc128-metrics.json")))  # the test stage's own figure
+    assert reported["mesh"] == "it1500-mc128.obj" and reported["fscore_threshold"] == pytest.approx(0.01 * diag)
     assert reported["chamfer"] == pytest.approx(chamfer, rel=0.1) and reported["fscore"] > 0.5
     world = np.array(json.load(open(os.path.join(save, "normalization.json")))["world_from_scene"])
     np.testing.assert_allclose(world, DEMO_WORLD_FROM_SCENE)

@@ -96,6 +96,7 @@ def score_against_surface(verts: np.ndarray, faces: np.ndarray, gt_verts: np.nda
                                threshold=0.01 * diag)
     scores["chamfer_percent_of_diagonal"] = 100.0 * scores["chamfer"] / diag
     scores["bbox_diagonal"] = diag
+    scores["fscore_threshold"] = 0.01 * diag
     return scores
 
 
