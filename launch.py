@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import logging
 import os
@@ -174,6 +175,20 @@ class UserError(RuntimeError):
     """A problem with the user's input; printed as one sentence, no traceback."""
 
 
+@contextlib.contextmanager
+def lightning_refusals(section: str, taker: str):
+    """Lightning's refusal of an option the config's ``section`` passes to its ``taker`` (an unknown keyword, a
+    value it rejects) as one sentence instead of a traceback from inside Lightning."""
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    try:
+        yield
+    except TypeError as err:
+        raise UserError(f"The config's {section} has an option Lightning's {taker} does not take ({err}).") from None
+    except MisconfigurationException as err:
+        raise UserError(f"Lightning's {taker} refuses the config's {section}: {err}") from None
+
+
 def main(argv=None) -> int:
     """Exit status of one run. What a run sets for itself is put back when it returns, so that a later run or
     code in the same process (a notebook, a sweep script, the tests) starts clean: the trial name passed to DDP
@@ -191,11 +206,12 @@ def main(argv=None) -> int:
 def run(argv=None) -> int:
     args, overrides = parse_args(argv)
     setup_logging(args.verbose)
-    from utils.config import ConfigError, load_config
+    from utils.config import ConfigError, check_trainer_options, load_config
 
     try:  # before torch and Lightning are imported (seconds): a mistyped option is answered at once
         raw_config = load_config(args.config, overrides, resolve=False)
         config = load_config(args.config, overrides)
+        check_trainer_options(config)
     except ConfigError as err:
         log.error(str(err))
         return 2
@@ -243,8 +259,9 @@ def run(argv=None) -> int:
         callbacks, stop_on_signal = [], StopOnSignal()
         if mode == "train":
             if checkpointing:
-                callbacks.append(ModelCheckpoint(dirpath=config.ckpt_dir,
-                                                 **dict(to_primitive(config.get("checkpoint", {})) or {})))
+                with lightning_refusals("checkpoint section", "ModelCheckpoint"):
+                    callbacks.append(ModelCheckpoint(dirpath=config.ckpt_dir,
+                                                     **dict(to_primitive(config.get("checkpoint", {})) or {})))
                 stop_on_signal = SaveOnSignal(config.ckpt_dir)  # after ModelCheckpoint: it may reuse that one's file
             callbacks += [LearningRateMonitor(logging_interval="step"),
                           TrialSnapshot(config, raw_config, config.config_dir, config.code_dir)]
@@ -258,11 +275,9 @@ def run(argv=None) -> int:
             from pytorch_lightning.strategies import DDPStrategy
 
             strategy = DDPStrategy(find_unused_parameters=False)
-        try:
+        with lightning_refusals("trainer section", "Trainer"):
             trainer = pl.Trainer(accelerator=accelerator, devices=n_devices, strategy=strategy, callbacks=callbacks,
                                  logger=loggers, plugins=[AtomicCheckpointIO()], **trainer_cfg)
-        except TypeError as err:
-            raise UserError(f"The config's trainer section has an option Lightning's Trainer does not take ({err}).") from None
         log.info(f"Trial folder: {os.path.join(config.exp_dir, config.trial_name)}")
 
         if mode == "train":

@@ -1,8 +1,11 @@
 """Config loading: strict overrides with suggestions, +new keys, resolvers, scheduled scalars."""
+import re
+
 import pytest
 from omegaconf import OmegaConf
 
-from utils.config import ConfigError, load_config, number_at_least, scheduled, whole_step_counts
+from utils.config import (ConfigError, check_trainer_options, load_config, number_at_least, scheduled,
+                          whole_step_counts)
 
 YAML = """
 name: demo-${dataset.scene}
@@ -86,6 +89,24 @@ def test_step_counts_written_as_floats_become_ints():
     assert all(type(fixed[k]) is int for k in ("max_steps", "val_check_interval"))
     assert whole_step_counts({"val_check_interval": 0.5, "max_steps": 2.5}) == {"val_check_interval": 0.5,
                                                                                  "max_steps": 2.5}
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("trainer.max_steps", 2.5, "trainer.max_steps must be a whole number >= 1, not 2.5"),  # Lightning rounds it
+    ("trainer.max_steps", -1, "trainer.max_steps must be a whole number >= 1, not -1"),
+    ("trainer.val_check_interval", 0, "trainer.val_check_interval must be a whole number >= 1, not 0"),
+    ("trainer.val_check_interval", 0.5, "not 0.5"),  # a fraction of the endless epoch would never come
+    ("checkpoint.save_top_k", -5, "checkpoint.save_top_k must be a whole number >= -1, not -5"),
+    ("checkpoint.every_n_train_steps", "abc", "checkpoint.every_n_train_steps must be a whole number >= 0"),
+])
+def test_step_counts_lightning_would_refuse_late_are_refused_at_start_up(option, value, message):
+    section, key = option.split(".")
+    config = OmegaConf.create({"trainer": {"max_steps": 2e5, "val_check_interval": 5000},
+                               "checkpoint": {"save_top_k": -1, "every_n_train_steps": "${trainer.max_steps}"}})
+    check_trainer_options(config)  # the shipped configs' values (2e5 is a whole number)
+    config[section][key] = value
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_trainer_options(config)
 
 
 def test_plus_adds_a_new_key(path):

@@ -337,6 +337,8 @@ def test_bad_command_lines_are_one_sentence(tmp_path):
     assert "did you mean trainer.max_steps?" in out and "Device" not in out, "answered before torch is imported"
     out = launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--gpu", "0", "--test", expect=2)
     assert "running on the CPU instead" in out and "--test needs a checkpoint" in out
+    out = launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--train", "trainer.max_steps=2.5", expect=2)
+    assert "trainer.max_steps must be a whole number >= 1, not 2.5." in out and "Traceback" not in out
     partial = tmp_path / "partial.yaml"
     partial.write_text("name: partial\nseed: 1\n")
     out = launch(tmp_path, "--config", str(partial), "--train", expect=2)
@@ -367,6 +369,21 @@ def test_tsdf_export_is_as_close_to_the_true_surface_as_marching_cubes(trained, 
     assert (mc["mesh"], tsdf["mesh"]) == ("it400-mc64.obj", "it400-tsdf64.obj")
     assert trimesh.load(os.path.join(save, "it400-tsdf64.obj"), process=False).visual.kind == "vertex"
     assert tsdf["chamfer"] < 1.5 * mc["chamfer"], (tsdf, mc)  # same order, without a density threshold
+
+
+def test_lightning_refusing_a_trainer_or_checkpoint_option_is_one_sentence():
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    import launch as launcher
+
+    with pytest.raises(launcher.UserError, match=r"^Lightning's ModelCheckpoint refuses the config's checkpoint "
+                                                 r"section: `mode` can be min, max but got sideways$"):
+        with launcher.lightning_refusals("checkpoint section", "ModelCheckpoint"):
+            ModelCheckpoint(monitor="val/psnr", mode="sideways")
+    with pytest.raises(launcher.UserError, match=r"^The config's checkpoint section has an option Lightning's "
+                                                 r"ModelCheckpoint does not take \(.*'every_n_step'\)\.$"):
+        with launcher.lightning_refusals("checkpoint section", "ModelCheckpoint"):
+            ModelCheckpoint(every_n_step=5)
 
 
 def test_runs_started_in_the_same_second_get_their_own_trial(tmp_path, monkeypatch):

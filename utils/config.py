@@ -212,6 +212,22 @@ def whole_step_counts(trainer_cfg: dict) -> dict:
     return fixed
 
 
+def check_trainer_options(config: DictConfig) -> None:
+    """The step counts in ``trainer`` and ``checkpoint``, checked at start-up: Lightning refuses some with a
+    traceback (``checkpoint.save_top_k: -5``), divides by zero during training on others
+    (``trainer.val_check_interval: 0``) and rounds ``max_steps: 2.5`` silently. The training stream is endless,
+    so ``val_check_interval`` counts steps; Lightning's fraction of an epoch would never come."""
+    trainer = whole_step_counts(dict(to_primitive(config.get("trainer")) or {}))
+    checkpoint = dict(to_primitive(config.get("checkpoint")) or {})
+    for section, options, minima in (("trainer", trainer, {"max_steps": 1, "val_check_interval": 1,
+                                                           "log_every_n_steps": 1}),
+                                     ("checkpoint", checkpoint, {"every_n_train_steps": 0, "every_n_epochs": 0,
+                                                                 "save_top_k": -1})):
+        for key, minimum in minima.items():
+            if options.get(key) is not None:
+                number_at_least(options[key], f"{section}.{key}", minimum)
+
+
 def number_at_least(value: Any, name: str, minimum: float, kind: type = int, exclusive: bool = False):
     """``value`` as ``kind`` (int or float); a ConfigError naming ``name`` when it is not a number
     >= ``minimum`` (> with ``exclusive``), so a zero or negative size fails at start-up in one
