@@ -334,10 +334,13 @@ def run(argv=None) -> int:
 
 
 def remove_empty(folders) -> None:
-    """Remove the trial folders this run created and left empty (it failed before writing anything)."""
+    """Remove the trial folders this run created and left without a file (it failed before writing anything;
+    the loggers may have made their empty folders by then)."""
+    import shutil
+
     for folder in folders:
-        if os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)
+        if os.path.isdir(folder) and not any(files for _, _, files in os.walk(folder)):
+            shutil.rmtree(folder)
 
 
 def final_checkpoint(trainer, ckpt_dir: str) -> str:

@@ -50,18 +50,29 @@ def make_optimizer(config: Any, model: nn.Module, fused_default: bool = True) ->
         groups = [{"params": list(model.parameters()), "name": "all"}]
     optimizer_class = getattr(torch.optim, name)
     check_group_options(groups, optimizer_class)
+    optimizer = checked_optimizer(optimizer_class, groups, args)
     if "fused" not in inspect.signature(optimizer_class).parameters or {"fused", "foreach"} & args.keys():
-        return optimizer_class(groups, **args)
+        return optimizer
     if not fused_default:
         log.info(f"Optimizer: {name}, torch's default implementation (gradients are clipped)")
-        return optimizer_class(groups, **args)
+        return optimizer
     try:
         optimizer = optimizer_class(groups, **args, fused=True)
         log.info(f"Optimizer: {name}, fused")
         return optimizer
     except (RuntimeError, ValueError) as error:  # a device or dtype without the fused kernel (CPU before torch 2.4)
         log.info(f"Optimizer: {name}, torch's default implementation (no fused one here: {error})")
+        return optimizer
+
+
+def checked_optimizer(optimizer_class: type, groups: list, args: dict) -> torch.optim.Optimizer:
+    """``optimizer_class(groups, **args)`` (it allocates no state yet), with torch's refusal of a value
+    (``lr: -1``, ``betas: [0.9, 1.5]``) or of an ``args`` key as one sentence instead of a traceback."""
+    try:
         return optimizer_class(groups, **args)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"torch.optim.{optimizer_class.__name__} refuses the config's system.optimizer: "
+                          f"{str(err).rstrip('.')}.") from None
 
 
 def check_group_options(groups: list, optimizer_class: type) -> None:

@@ -386,6 +386,20 @@ def test_lightning_refusing_a_trainer_or_checkpoint_option_is_one_sentence():
             ModelCheckpoint(every_n_step=5)
 
 
+def test_a_failed_run_removes_the_folders_it_made_only_while_they_hold_no_file(tmp_path):
+    """A run refused in configure_optimizers (lr: -1) has had its loggers make csv_logs/ by then."""
+    import launch as launcher
+
+    exp, trial = tmp_path / "exp" / "nerf-demo", tmp_path / "exp" / "nerf-demo" / "@20260102-030405"
+    (trial / "csv_logs").mkdir(parents=True)
+    launcher.remove_empty([str(trial), str(exp)])
+    assert not exp.exists()
+    (trial / "config").mkdir(parents=True)
+    (trial / "config" / "parsed.yaml").write_text("name: nerf-demo\n")
+    launcher.remove_empty([str(trial), str(exp)])
+    assert (trial / "config" / "parsed.yaml").is_file()
+
+
 def test_runs_started_in_the_same_second_get_their_own_trial(tmp_path, monkeypatch):
     """A sweep launched in parallel used to have every run of a tag write into one trial folder."""
     import argparse

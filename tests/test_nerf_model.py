@@ -1,4 +1,6 @@
 """NeRF model plumbing: step updates reach the occupancy grid, rendering shapes, backend choice on CPU."""
+import re
+
 import pytest
 import torch
 
@@ -75,6 +77,24 @@ def test_a_misspelt_group_option_is_an_error_not_the_default_rate():
         make_optimizer(cfg, small_model())
     cfg.params.geometry = {"lr": 0.02, "weight_decay": 0.1}  # any option the optimiser takes is fine
     assert make_optimizer(cfg, small_model()).param_groups[0]["weight_decay"] == 0.1
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"lr": -1}, "torch.optim.Adam refuses the config's system.optimizer: Invalid learning rate: -1."),
+    ({"lr": 0.01, "betas": [0.9, 1.5]}, "Invalid beta parameter at index 1: 1.5."),
+    ({"lr": 0.01, "foo": 1}, "unexpected keyword argument 'foo'."),
+])
+def test_values_torch_refuses_are_one_sentence_fused_or_not(args, message):
+    """The fused attempt used to take torch's ValueError for 'no fused kernel here' and retry, then fail with a
+    traceback."""
+    from omegaconf import OmegaConf
+
+    from systems.optim import make_optimizer
+    from utils.config import ConfigError
+
+    for fused_default in (True, False):
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            make_optimizer(OmegaConf.create({"name": "Adam", "args": args}), small_model(), fused_default)
 
 
 def test_adam_is_fused_unless_the_config_says_otherwise_and_steps_like_the_reference():
