@@ -50,7 +50,7 @@ def make_optimizer(config: Any, model: nn.Module, fused_default: bool = True) ->
         groups = [{"params": list(model.parameters()), "name": "all"}]
     optimizer_class = getattr(torch.optim, name)
     check_group_options(groups, optimizer_class)
-    optimizer = checked_optimizer(optimizer_class, groups, args)
+    optimizer = checked_optimizer(optimizer_class, [dict(g) for g in groups], args)  # it fills in its groups
     if "fused" not in inspect.signature(optimizer_class).parameters or {"fused", "foreach"} & args.keys():
         return optimizer
     if not fused_default:
