@@ -95,7 +95,7 @@ class NeuSModel(BaseModel):
                                             warmup_steps=int(cfg.get("grid_warmup_steps", 256)))
         self.randomized = bool(cfg.get("randomized", True))
         self.ray_chunk = number_at_least(cfg.get("ray_chunk", 2048), "model.ray_chunk", 1)
-        self.cos_anneal_end = int(cfg.get("cos_anneal_end", 0))
+        self.cos_anneal_end = number_at_least(cfg.get("cos_anneal_end", 0), "model.cos_anneal_end", 0)  # 0: no anneal
         self.register_buffer("cos_anneal_ratio", torch.tensor(1.0 if self.cos_anneal_end == 0 else 0.0))
         self.backend = backends.resolve("rendering", cfg.get("rendering_backend", "auto"), ("nerfacc", "triton"))
         self.learned_background = bool(cfg.get("learned_background", False))

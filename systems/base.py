@@ -23,7 +23,7 @@ from datasets.rays import opencv_to_opengl
 from models.base import update_module_step
 from systems.finite_guard import FiniteLossGuard
 from systems.optim import make_optimizer, make_scheduler
-from utils.config import ConfigError, number_at_least, peak, scheduled, to_primitive
+from utils.config import ConfigError, number_at_least, peak, schedule_values, scheduled, to_primitive
 from utils.io import colorize_depth, image_grid, to_uint8, write_image, write_json, write_video
 from utils.mesh import MeshError, largest_component, write_mesh
 from utils.metrics import ImageMetrics
@@ -99,8 +99,20 @@ class BaseSystem(pl.LightningModule):
             self.check_loss_weights(config.system.get("loss", {}))
 
     def check_loss_weights(self, loss_cfg: Any) -> None:
-        """Warn once about non-zero weights of losses this system does not have (an instant-nsr-pl
-        YAML may carry some), rather than silently training without them."""
+        """Every weight is a number or a schedule, none negative (that would reward its loss); warn once about
+        non-zero weights of losses this system does not have (an instant-nsr-pl YAML may carry some), rather
+        than silently training without them."""
+        for key, value in loss_cfg.items():
+            if not key.startswith("lambda_"):
+                continue
+            try:
+                values = schedule_values(value)
+            except ConfigError:
+                raise ConfigError(f"system.loss.{key} = {to_primitive(value)!r} must be a number or "
+                                  "[start_step, start_value, end_value, end_step].") from None
+            if min(values) < 0:
+                raise ConfigError(f"system.loss.{key} = {to_primitive(value)} is negative, which would reward "
+                                  "that loss instead of penalising it; 0 switches a loss off.")
         for key, value in loss_cfg.items():
             if key.startswith("lambda_") and key not in self.loss_weights and peak(value) > 0:
                 log.warning(f"system.loss.{key} = {to_primitive(value)} is not a loss of {type(self).__name__}; "

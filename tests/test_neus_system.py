@@ -50,6 +50,17 @@ def test_unknown_loss_weights_are_reported_not_silently_dropped(caplog):
     assert "lambda_adaptive" not in caplog.text  # a zero weight is no surprise
 
 
+def test_loss_weights_are_checked_at_start_up_not_mid_training():
+    with pytest.raises(ConfigError, match=r"system.loss.lambda_eikonal = -0.1 is negative, which would reward"):
+        neus_system("system.loss.lambda_eikonal=-0.1")
+    with pytest.raises(ConfigError, match=r"lambda_mask = \[0, 0.0, -1.0, 100\] is negative"):
+        neus_system("system.loss.lambda_mask=[0,0.0,-1.0,100]")  # a schedule's end counts too
+    with pytest.raises(ConfigError, match=r"system.loss.lambda_rgb_l1 = 'abc' must be a number or \[start_step, "):
+        neus_system("system.loss.lambda_rgb_l1=abc")  # used to fail at the first step, after the data had loaded
+    with pytest.raises(ConfigError, match=r"model.cos_anneal_end must be a whole number >= 0, not -1"):
+        neus_system("model.cos_anneal_end=-1")  # used to leave the anneal at 0 for good
+
+
 def test_background_parts_are_optimised_only_when_the_background_is_learned():
     for learned, expected in ((False, {"geometry", "texture", "variance"}),
                               (True, {"geometry", "texture", "geometry_bg", "texture_bg", "variance"})):

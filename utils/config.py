@@ -272,9 +272,16 @@ def scheduled(value: Any, global_step: int) -> float:
     return float(start_value + (end_value - start_value) * t)
 
 
+def schedule_values(value: Any) -> tuple:
+    """The values a possibly scheduled scalar goes between: (value,) for a number, (start_value, end_value)
+    for a schedule; a ConfigError for anything else."""
+    scheduled(value, 0)  # checks the form
+    value = to_primitive(value)
+    if isinstance(value, (list, tuple)):
+        return (float(value[1]), float(value[2])) if len(value) == 4 else (float(value[0]), float(value[1]))
+    return (float(value),)
+
+
 def peak(value: Any) -> float:
     """Largest value a possibly scheduled scalar takes (0 for a weight that is never on)."""
-    value = to_primitive(value)
-    if isinstance(value, (list, tuple)) and len(value) in (3, 4):
-        return float(max(value[-3], value[-2])) if len(value) == 4 else float(max(value[0], value[1]))
-    return scheduled(value, 0)
+    return max(schedule_values(value))
