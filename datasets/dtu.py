@@ -70,7 +70,9 @@ def read_cameras(path: str) -> tuple[List[int], Dict[str, np.ndarray]]:
         raise DatasetError(f"{path} has no world_mat_<i> entries; it is not a NeuS/IDR cameras file.")
     missing = [f"scale_mat_{i}" for i in indices if f"scale_mat_{i}" not in cams]
     if missing:
-        raise DatasetError(f"{path} has world_mat entries without scale_mat, the first being {missing[0]}.")
+        raise DatasetError(f"{path} has world_mat entries without scale_mat, the first being {missing[0]}; each "
+                           "view needs the scale_mat that maps the unit sphere to the object's bounding sphere "
+                           "(scripts/gen_cameras.py writes both for a COLMAP capture).")
     return indices, cams
 
 

@@ -83,6 +83,10 @@ def test_mismatched_counts_name_the_first_missing_file(scene_dir, tmp_path):
     with pytest.raises(DatasetError, match="no world_mat"):
         np.savez(bad / "empty.npz", foo=np.eye(4))
         load_dtu_split(cfg(str(bad), cameras_file="empty.npz"), "train")
+    cams = dict(np.load(bad / "cameras_sphere.npz"))
+    np.savez(bad / "unscaled.npz", **{k: v for k, v in cams.items() if k != "scale_mat_3"})
+    with pytest.raises(DatasetError, match="without scale_mat, the first being scale_mat_3; each view needs"):
+        load_dtu_split(cfg(str(bad), cameras_file="unscaled.npz"), "train")
 
 
 def test_orbit_trajectory_up_follows_the_cameras():
