@@ -57,6 +57,17 @@ class SceneData:
     world_from_scene: np.ndarray = field(default_factory=lambda: np.eye(4))
     has_gt: bool = True  # False for a camera trajectory without images (video only, no metrics)
 
+    def __post_init__(self) -> None:
+        """A camera with a NaN or infinite entry, or a focal length <= 0, would fail deep inside training;
+        every loader's split is checked here, naming the first such view."""
+        bad = ~(torch.isfinite(self.c2w).flatten(1).all(1) & torch.isfinite(self.intrinsics).all(1)
+                & (self.intrinsics[:, :2] > 0).all(1))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            name = self.names[i] if i < len(self.names) else f"#{i}"
+            raise DatasetError(f"The camera of view {name} has a pose or intrinsics that is not finite, or a focal "
+                               "length <= 0; fix that camera in the scene's cameras file or remove the view.")
+
     @property
     def n_images(self) -> int:
         return self.images.shape[0]

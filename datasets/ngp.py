@@ -102,7 +102,8 @@ def frame_intrinsics(meta: Dict[str, Any], frame: Dict[str, Any], width: int, he
         fx = 0.5 * width / np.tan(0.5 * float(get("camera_angle_x")))
         fy = 0.5 * height / np.tan(0.5 * float(get("camera_angle_y"))) if get("camera_angle_y") is not None else fx
     else:
-        raise DatasetError("The transforms file gives no focal length (camera_angle_x or fl_x).")
+        raise DatasetError(f"The transforms file gives no focal length for {frame.get('file_path', 'a frame')}; "
+                           "add camera_angle_x (Blender) or fl_x (instant-ngp, nerfstudio) to it.")
     cx = float(get("cx")) if get("cx") is not None else width / 2.0
     cy = float(get("cy")) if get("cy") is not None else height / 2.0
     return np.array([fx, fy, cx, cy], dtype=np.float64)

@@ -74,3 +74,22 @@ def test_bad_inputs_are_one_clear_sentence(scene_dir, tmp_path):
     imageio.imwrite(bad / "train" / "r_1.png", np.zeros((10, 10, 4), np.uint8))
     with pytest.raises(DatasetError, match="mixed sizes"):
         load_blender_split(cfg(str(bad)), "train")
+
+
+@pytest.mark.parametrize("corrupt", ["nan pose", "inf pose", "negative focal"])
+def test_a_camera_that_is_not_finite_is_named_at_load(scene_dir, tmp_path, corrupt):
+    """A NaN in one transform_matrix used to load, then fail in the first steps with an IndexError."""
+    import json
+
+    root, _ = scene_dir
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    meta = json.load(open(bad / "transforms_train.json"))
+    if corrupt == "negative focal":
+        meta["camera_angle_x"] = -float(meta["camera_angle_x"])
+    else:
+        meta["frames"][1]["transform_matrix"][0][3] = float(corrupt.split()[0])
+    json.dump(meta, open(bad / "transforms_train.json", "w"))
+    view = "train/r_0.png" if corrupt == "negative focal" else "train/r_1.png"
+    with pytest.raises(DatasetError, match=f"The camera of view {view} has a pose or intrinsics that is not finite"):
+        load_blender_split(cfg(str(bad)), "train")
