@@ -50,19 +50,20 @@ def make_optimizer(config: Any, model: nn.Module, fused_default: bool = True) ->
         groups = [{"params": list(model.parameters()), "name": "all"}]
     optimizer_class = getattr(torch.optim, name)
     check_group_options(groups, optimizer_class)
-    optimizer = checked_optimizer(optimizer_class, [dict(g) for g in groups], args)  # it fills in its groups
+    # built from copies: torch fills its defaults (fused: None) into the group dicts it is given
+    as_configured = checked_optimizer(optimizer_class, [dict(g) for g in groups], args)
     if "fused" not in inspect.signature(optimizer_class).parameters or {"fused", "foreach"} & args.keys():
-        return optimizer
+        return as_configured
     if not fused_default:
         log.info(f"Optimizer: {name}, torch's default implementation (gradients are clipped)")
-        return optimizer
+        return as_configured
     try:
-        optimizer = optimizer_class(groups, **args, fused=True)
-        log.info(f"Optimizer: {name}, fused")
-        return optimizer
+        fused = optimizer_class(groups, **args, fused=True)
     except (RuntimeError, ValueError) as error:  # a device or dtype without the fused kernel (CPU before torch 2.4)
         log.info(f"Optimizer: {name}, torch's default implementation (no fused one here: {error})")
-        return optimizer
+        return as_configured
+    log.info(f"Optimizer: {name}, fused")
+    return fused
 
 
 def checked_optimizer(optimizer_class: type, groups: list, args: dict) -> torch.optim.Optimizer:
