@@ -23,7 +23,7 @@ from datasets.rays import opencv_to_opengl
 from models.base import update_module_step
 from systems.finite_guard import FiniteLossGuard
 from systems.optim import make_optimizer, make_scheduler
-from utils.config import ConfigError, number_at_least, peak, schedule_values, scheduled, to_primitive
+from utils.config import ConfigError, number_at_least, schedule_values, scheduled, to_primitive
 from utils.io import colorize_depth, image_grid, to_uint8, write_image, write_json, write_video
 from utils.mesh import MeshError, largest_component, write_mesh
 from utils.metrics import ImageMetrics
@@ -113,8 +113,7 @@ class BaseSystem(pl.LightningModule):
             if min(values) < 0:
                 raise ConfigError(f"system.loss.{key} = {to_primitive(value)} is negative, which would reward "
                                   "that loss instead of penalising it; 0 switches a loss off.")
-        for key, value in loss_cfg.items():
-            if key.startswith("lambda_") and key not in self.loss_weights and peak(value) > 0:
+            if key not in self.loss_weights and max(values) > 0:
                 log.warning(f"system.loss.{key} = {to_primitive(value)} is not a loss of {type(self).__name__}; "
                             f"it is ignored (known: {', '.join(self.loss_weights)}).")
 
