@@ -8,7 +8,9 @@ and match their image by stem, whatever the extension (``img_0012.png`` or
 COLMAP's ``img_0012.jpg.png`` for ``img_0012.jpg``).
 
 Normalisation (instant-nsr-pl's keys): the up direction from the cameras
-(``up_est_method: camera``, the mean of their up vectors) or from a plane
+(``up_est_method: camera``, the mean of the directions the photos are shown
+as up: their top row, or, for phone photos with an EXIF orientation, the side
+a viewer turns to the top) or from a plane
 fitted to the sparse points about the object (``ground``) becomes +z; the
 centre is the cameras' mean (``center_est_method: camera``), the point their
 optical axes pass closest to (``lookat``) or the centre of the region of
@@ -18,7 +20,10 @@ instant-nsr-pl's ``cam_downscale: s``, divides the centred capture by s.
 ``world_from_scene`` undoes it, so meshes come out in the capture's frame.
 
 ``holdout_every: k`` holds out every k-th image for val/test metrics; the test
-video is an orbit at the cameras' mean height (``n_test_traj_steps`` frames).
+video is an orbit at the cameras' mean height (``n_test_traj_steps`` frames),
+framed as most photos are shown (portrait for phone photos held upright).
+Images are used as stored, as COLMAP read them; a mask drawn on a photo as
+shown (its width and height swapped) is turned back to the stored pixels.
 ``write_overview(path)`` writes cameras, sparse points and the region of
 interest as one PLY in the normalised frame (the trial's ``save/`` folder).
 """
@@ -34,10 +39,11 @@ import torch
 
 import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_split
-from datasets.images import IMAGE_EXTENSIONS, common_target_size, load_images, missing_root_message
+from datasets.images import (EXIF_QUARTER_TURNS, IMAGE_EXTENSIONS, common_target_size, exif_orientation, load_images,
+                             missing_root_message)
 from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
                                    read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
-from datasets.rays import opencv_look_at, opencv_to_opengl
+from datasets.rays import cameras_up, opencv_look_at, opencv_to_opengl, turn_camera_clockwise
 from utils.config import number_at_least
 
 log = logging.getLogger("nsr")
@@ -71,11 +77,14 @@ def fit_plane(points: np.ndarray, threshold: float, iterations: int = 500, seed:
     return np.linalg.svd(sel - sel.mean(0))[2][-1]
 
 
-def normalisation(c2w: np.ndarray, xyz: np.ndarray, track: np.ndarray, config: Any) -> np.ndarray:
-    """(4, 4) similarity scene_from_world: up -> +z, centre -> origin, scaled (see module docstring)."""
+def normalisation(c2w: np.ndarray, xyz: np.ndarray, track: np.ndarray, config: Any,
+                  quarter_turns: Optional[np.ndarray] = None) -> np.ndarray:
+    """(4, 4) similarity scene_from_world: up -> +z, centre -> origin, scaled (see module docstring).
+
+    c2w: (N, 4, 4) OpenCV; quarter_turns: (N,) how each photo is turned to be shown (EXIF), for the cameras' up.
+    """
     centres = c2w[:, :3, 3]
-    camera_up = -c2w[:, :3, 1].mean(0)  # OpenCV y points down
-    camera_up /= np.linalg.norm(camera_up)
+    camera_up = cameras_up(c2w, quarter_turns)
     roi_centre, roi_radius, roi_keep = region_of_interest(xyz, track, c2w)
     method = config.get("up_est_method", "camera")
     if method == "ground":
@@ -174,7 +183,10 @@ class Capture:
         self.views = registered_views(rec)
         self.xyz, self.rgb, self.track = sparse_points(rec)
         c2w = np.stack([v.c2w for v in self.views])
-        self.scene_from_world = normalisation(c2w, self.xyz, self.track, config)
+        # phone photos shown turned (EXIF orientation): their up is the way they are shown, not their top row
+        self.quarter_turns = np.array([EXIF_QUARTER_TURNS[exif_orientation(os.path.join(self.image_dir, v.name))]
+                                       for v in self.views])
+        self.scene_from_world = normalisation(c2w, self.xyz, self.track, config, self.quarter_turns)
         self.c2w = transform_poses(self.scene_from_world, c2w)  # normalised, OpenCV
         self.undistorters = {}
         for v in self.views:
@@ -207,6 +219,9 @@ class Capture:
         mask = np.full(image.shape[:2], 255, np.uint8)
         if self.masks:
             raw = load_images([self.masks[view.name]])[0][..., 0]
+            turns = int(self.quarter_turns[k])
+            if turns % 2 and raw.shape == (cam.width, cam.height) != (cam.height, cam.width):
+                raw = np.rot90(raw, turns).copy()  # drawn on the photo as shown: back to the stored pixels
             if raw.shape != (cam.height, cam.width):
                 raw = cv2.resize(raw, (cam.width, cam.height), interpolation=cv2.INTER_NEAREST)
             mask = und(raw, nearest=True)
@@ -232,7 +247,11 @@ def load_colmap_split(config: Any, split: str, capture: Optional[Capture] = None
     else:
         steps = int(config.get("n_test_traj_steps", 60))
         c2w_cv = orbit_at_mean_height(capture.c2w, steps)
-        intr = np.tile(capture.intrinsics(0), (steps, 1))
+        fx, fy, cx, cy = capture.intrinsics(0)
+        # framed as most photos are shown: a capture of phone photos held upright gives an upright video
+        turns = int(np.bincount(capture.quarter_turns % 4, minlength=4).argmax())
+        K, _, (w, h) = turn_camera_clockwise(np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]]), np.eye(4), w, h, turns)
+        intr = np.tile([K[0, 0], K[1, 1], K[0, 2], K[1, 2]], (steps, 1))
         images = torch.full((steps, h, w, 3), 255, dtype=torch.uint8)
         masks = torch.full((steps, h, w), 255, dtype=torch.uint8)
         names, has_gt = [f"orbit_{k}" for k in range(steps)], False
@@ -256,6 +275,10 @@ class ColmapDataModule(SceneDataModule):
                      f"({', '.join(sorted({u.camera.model.name for u in self._capture.undistorters.values()}))}), "
                      f"{len(self._capture.xyz)} sparse points, training size {self._capture.size[0]}x"
                      f"{self._capture.size[1]}")
+            turned = int((self._capture.quarter_turns != 0).sum())
+            if turned:
+                log.info(f"{turned} of {len(self._capture.views)} photos are shown turned (EXIF orientation): up is "
+                         "the way they are shown; training and test images stay as stored, as COLMAP reads them.")
         return self._capture
 
     def load_split(self, config: Any, split: str) -> SceneData:  # a method: all splits share one Capture

@@ -29,7 +29,7 @@ import torch
 import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_split
 from datasets.images import load_images, missing_root_message, target_size
-from datasets.rays import opencv_look_at, opencv_to_opengl
+from datasets.rays import cameras_up, opencv_look_at, opencv_to_opengl
 from utils.mesh_metrics import dtu_protocol, load_dtu_evaluation, uniform_surface_points
 
 log = logging.getLogger("nsr")
@@ -85,8 +85,7 @@ def orbit_trajectory(c2w_cv: np.ndarray, n_frames: int) -> np.ndarray:
     centres = c2w_cv[:, :3, 3]
     mean = centres.mean(0)
     normal = np.linalg.svd(centres - mean)[2][-1]
-    up = -c2w_cv[:, :3, 1].mean(0)  # OpenCV y points down
-    if normal @ up < 0:
+    if normal @ cameras_up(c2w_cv) < 0:
         normal = -normal
     height = mean @ normal
     in_plane = centres - np.outer(centres @ normal, normal)

@@ -3,6 +3,10 @@
 Images come back as uint8 (16-bit files rescaled, grey expanded to RGB).
 The training size is ``dataset.img_wh`` (same aspect as the images) or the
 images' size divided by ``dataset.img_downscale``; intrinsics scale with it.
+
+Pixels are read as stored, as COLMAP reads them: a phone photo's EXIF
+orientation tag is not applied. ``exif_orientation`` reads the tag, for the
+loaders and scripts that need to know which way the photo is shown.
 """
 from __future__ import annotations
 
@@ -16,6 +20,23 @@ from datasets.base import DatasetError
 from utils.config import ConfigError, number_at_least
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
+
+# EXIF orientation (tag 0x0112) -> clockwise quarter turns a viewer gives the stored pixels to show the photo.
+# Phones store the sensor's rows and set 6 (shown turned a quarter clockwise: held upright, "portrait"), 8 or 3.
+# The mirrored values (2, 4, 5, 7), which no phone's main camera writes, count as their turn without the mirror.
+EXIF_QUARTER_TURNS = {1: 0, 2: 0, 3: 2, 4: 2, 5: 1, 6: 1, 7: 3, 8: 3}
+
+
+def exif_orientation(path: str) -> int:
+    """The photo's EXIF orientation, 1 to 8; 1 (as stored) when it has no tag or cannot be read."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            value = image.getexif().get(0x0112, 1)
+    except Exception:  # unreadable files are reported by whoever reads their pixels
+        return 1
+    return value if value in EXIF_QUARTER_TURNS else 1
 
 
 def missing_root_message(root: str, layout: str) -> str:

@@ -29,6 +29,39 @@ def opencv_look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray) -> np.nd
     return pose
 
 
+# The direction a photo is shown as up, in its stored camera axes (OpenCV: x right, y down), per clockwise
+# quarter turn a viewer gives it (``datasets.images.EXIF_QUARTER_TURNS``).
+SHOWN_UP = np.array([[0.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+
+
+def cameras_up(c2w_cv: np.ndarray, quarter_turns=None) -> np.ndarray:
+    """(3,) unit mean, in the world, of the direction each photo is shown as up.
+
+    c2w_cv: (N, 4, 4) OpenCV camera-to-world; quarter_turns: (N,) ints, how each photo is turned to be shown
+    (None: as stored, up is the camera's -y).
+    """
+    turns = np.zeros(len(c2w_cv), int) if quarter_turns is None else np.asarray(quarter_turns) % 4
+    up = np.einsum("nij,nj->i", c2w_cv[:, :3, :3], SHOWN_UP[turns])
+    return up / max(np.linalg.norm(up), 1e-12)
+
+
+def turn_camera_clockwise(K: np.ndarray, c2w_cv: np.ndarray, width: int, height: int, quarter_turns: int = 1):
+    """The camera that sees an image turned ``quarter_turns`` times a quarter clockwise (``np.rot90(image,
+    -quarter_turns)``): same centre and rays, rolled about its optical axis.
+
+    K: (3, 3) intrinsics; c2w_cv: (4, 4) OpenCV camera-to-world; width x height: the image before turning.
+    Returns (K, c2w_cv, (width, height)) after turning. One turn: the pixel (u, v) goes to (height - v, u),
+    so the new x axis is the old -y and the new y axis the old x.
+    """
+    K, c2w_cv = K.copy(), c2w_cv.copy()
+    for _ in range(quarter_turns % 4):
+        fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
+        K[0, 0], K[1, 1], K[0, 2], K[1, 2] = fy, fx, height - cy, cx
+        c2w_cv[:3, 0], c2w_cv[:3, 1] = -c2w_cv[:3, 1].copy(), c2w_cv[:3, 0].copy()
+        width, height = height, width
+    return K, c2w_cv, (width, height)
+
+
 def pixel_directions(x: torch.Tensor, y: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
     """Camera-space ray directions through pixel centres, OpenGL convention (z = -1).
 

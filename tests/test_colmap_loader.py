@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 import datasets
 from datasets.base import DatasetError
+from datasets.rays import turn_camera_clockwise
 from datasets.synthetic import Camera, DemoScene, demo_surface, orbit_cameras, render_rays, write_colmap_text
 from helpers import max_ray_angle_deg, opencv_distort, opencv_undistort
 from utils.config import ConfigError
@@ -204,3 +205,75 @@ def test_missing_model_and_image_are_one_sentence(tmp_path):
     os.remove(tmp_path / "images" / "img_001.png")
     with pytest.raises(DatasetError, match="img_001.png"):
         load(tmp_path).split("train")
+
+
+def phone_held_upright(n=8):
+    """Portrait photos (48x64 as shown) stored as the sensor reads them (64x48) with EXIF orientation 6.
+
+    Half an orbit (the front of an object against a wall). Returns the upright cameras (as the photos are
+    shown) and the stored ones (what COLMAP solves for)."""
+    shown = orbit_cameras(2 * n, 2.6, [20, 40, 60], H, W)[:n]
+    stored = []
+    for cam in shown:
+        K, c2w, (w, h) = turn_camera_clockwise(cam.K, cam.c2w, cam.width, cam.height, quarter_turns=3)
+        stored.append(Camera(K=K, c2w=c2w, width=w, height=h))
+    return shown, stored
+
+
+def write_phone_capture(root, stored, orientation):
+    from PIL import Image
+
+    os.makedirs(root / "images")
+    for i, cam in enumerate(stored):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(pinhole_render(cam)).save(root / "images" / f"IMG_{i:04d}.png", exif=exif)
+    K = stored[0].K
+    write_colmap_text(str(root / "sparse" / "0"), [("PINHOLE", W, H, [K[0, 0], K[1, 1], K[0, 2], K[1, 2]])],
+                      [(f"IMG_{i:04d}.png", 0, cam.c2w) for i, cam in enumerate(stored)], scene_points())
+
+
+def test_a_camera_turned_a_quarter_sees_the_image_turned_a_quarter():
+    shown, stored = phone_held_upright(n=2)
+    for up, side in zip(shown, stored):
+        assert (side.width, side.height) == (W, H)
+        turned = np.rot90(pinhole_render(side), -1)  # a quarter clockwise, as a viewer shows orientation 6
+        assert np.abs(turned.astype(int) - pinhole_render(up).astype(int)).max() <= 1
+
+
+def test_phone_photos_shown_turned_keep_the_world_up_and_give_an_upright_video(tmp_path):
+    shown, stored = phone_held_upright()
+    up_in_world = {}
+    for orientation in (6, 1):  # 1: the same pixels without the tag
+        root = tmp_path / f"orientation{orientation}"
+        write_phone_capture(root, stored, orientation)
+        data = load(root, n_test_traj_steps=6).split("train")
+        assert data.images.shape[1:3] == (H, W)  # trained on the pixels COLMAP saw
+        scene_z = data.world_from_scene[:3, :3] @ [0.0, 0.0, 1.0]
+        up_in_world[orientation] = scene_z / np.linalg.norm(scene_z)
+    # up_est_method=camera: the mean up of the photos as shown (near the world's +z); without the tag, the
+    # mean of the sensors' rows, which points sideways
+    shown_up = -np.stack([cam.c2w[:3, 1] for cam in shown]).mean(0)  # OpenCV y points down
+    shown_up /= np.linalg.norm(shown_up)
+    assert shown_up[2] > 0.85  # cameras above the object look down: their up leans towards it
+    assert up_in_world[6] @ shown_up > 1 - 1e-9
+    assert abs(up_in_world[1] @ shown_up) < 0.2
+
+    dm = load(tmp_path / "orientation6", n_test_traj_steps=6)
+    orbit = dm.split("trajectory")
+    assert orbit.images.shape == (6, W, H, 3)  # portrait, as the photos are shown
+    np.testing.assert_allclose(orbit.intrinsics[0].numpy(), [shown[0].K[0, 0], shown[0].K[1, 1], H / 2, W / 2],
+                               atol=1e-4)
+    image_up = orbit.c2w[:, :3, 1].numpy()  # OpenGL camera y in the scene, whose +z is the world's up
+    assert image_up[:, 2].min() > 0.5
+
+    # a mask drawn on the photo as shown (portrait) is turned back onto the stored pixels
+    masks = tmp_path / "orientation6" / "masks"
+    masks.mkdir()
+    shown_mask = np.zeros((W, H), np.uint8)
+    shown_mask[:20] = 255  # the top of the photo as shown
+    for i in range(len(stored)):
+        write_image(str(masks / f"IMG_{i:04d}.png"), shown_mask)
+    data = load(tmp_path / "orientation6").split("train")
+    np.testing.assert_array_equal(data.masks[0].numpy(), np.rot90(shown_mask, 1))
+    assert data.masks[0, :, :20].float().mean() == 255  # the left of the stored pixels
