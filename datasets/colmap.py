@@ -40,7 +40,7 @@ import torch
 import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_split
 from datasets.images import (EXIF_QUARTER_TURNS, IMAGE_EXTENSIONS, common_target_size, exif_orientation, load_images,
-                             missing_root_message)
+                             mask_as_stored, missing_root_message)
 from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
                                    read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
 from datasets.rays import cameras_up, opencv_look_at, opencv_to_opengl, turn_camera_clockwise
@@ -219,9 +219,7 @@ class Capture:
         mask = np.full(image.shape[:2], 255, np.uint8)
         if self.masks:
             raw = load_images([self.masks[view.name]])[0][..., 0]
-            turns = int(self.quarter_turns[k])
-            if turns % 2 and raw.shape == (cam.width, cam.height) != (cam.height, cam.width):
-                raw = np.rot90(raw, turns).copy()  # drawn on the photo as shown: back to the stored pixels
+            raw = mask_as_stored(raw, int(self.quarter_turns[k]), (cam.height, cam.width))
             if raw.shape != (cam.height, cam.width):
                 raw = cv2.resize(raw, (cam.width, cam.height), interpolation=cv2.INTER_NEAREST)
             mask = und(raw, nearest=True)

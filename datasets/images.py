@@ -39,6 +39,14 @@ def exif_orientation(path: str) -> int:
     return value if value in EXIF_QUARTER_TURNS else 1
 
 
+def mask_as_stored(mask: np.ndarray, quarter_turns: int, stored_hw: Tuple[int, int]) -> np.ndarray:
+    """(H, W) mask of a photo shown turned ``quarter_turns`` (clockwise), on the stored pixels: a mask drawn on the
+    photo as shown (width and height swapped) is turned back; any other mask is returned as it is."""
+    if quarter_turns % 2 and mask.shape[:2] == stored_hw[::-1] != stored_hw:
+        return np.ascontiguousarray(np.rot90(mask, quarter_turns))
+    return mask
+
+
 def missing_root_message(root: str, layout: str) -> str:
     return (f"Dataset folder '{root}' does not exist. Put the scene there ({layout}) or set dataset.root_dir=..., "
             "or try the embedded demo: python launch.py --config configs/nerf-demo.yaml --train")

@@ -13,6 +13,13 @@ user cropped one (NeuS's workflow), otherwise estimated from the sparse points
 seen by most cameras (robust percentiles) and written to
 ``<out>/sparse_points_interest.ply`` for inspection. The output folder is
 written whole or not at all.
+
+Phone photos that a viewer shows turned (EXIF orientation, e.g. portrait
+shots stored as landscape sensor rows) are written as shown, with their
+cameras turned to match, when all are shown the same way: the format has no
+orientation tag, and upright images give an upright scene and video. Photos
+shown in different ways are written as stored, with a note. A mask drawn on a
+photo as shown (width and height swapped) is taken as such.
 """
 from __future__ import annotations
 
@@ -38,7 +45,8 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
     import imageio.v2 as imageio
     from tqdm import tqdm
 
-    from datasets.images import load_images
+    from datasets.images import EXIF_QUARTER_TURNS, exif_orientation, load_images, mask_as_stored
+    from datasets.rays import turn_camera_clockwise
     from datasets.colmap import match_masks
     from datasets.colmap_model import (Undistorter, box_from_points, find_sparse_dir, read_points_ply,
                                        read_reconstruction, region_of_interest, registered_views, sparse_points,
@@ -56,6 +64,8 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
     if len(sizes) > 1:
         raise DatasetError(f"The cameras undistort to different sizes ({', '.join(f'{w}x{h}' for w, h in sizes)}); "
                            "NeuS-format scenes need one image size: compute the poses with one shared camera.")
+    turns = [EXIF_QUARTER_TURNS[exif_orientation(os.path.join(image_dir, n))] for n in names]
+    upright = turns[0] if len(set(turns)) == 1 else 0  # clockwise quarter turns given to every image and camera
     interest = os.path.join(root, "sparse_points_interest.ply")
     xyz, rgb, track = sparse_points(rec)
     if os.path.isfile(interest):
@@ -78,25 +88,25 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
             if image.shape[:2] != (view.camera.height, view.camera.width):
                 raise DatasetError(f"{view.name} is {image.shape[1]}x{image.shape[0]} but COLMAP's camera for it is "
                                    f"{view.camera.width}x{view.camera.height}; use the images the poses came from.")
-            imageio.imwrite(os.path.join(tmp, "image", f"{i:0{padding}d}.png"), und(image))
             if masks:
                 mask = load_images([masks[view.name]])[0][..., 0]
-                mask = und(mask, nearest=True)
+                mask = und(mask_as_stored(mask, turns[i], image.shape[:2]), nearest=True)
             else:
                 mask = np.full(und.size[::-1], 255, np.uint8)
+            imageio.imwrite(os.path.join(tmp, "image", f"{i:0{padding}d}.png"), np.rot90(und(image), -upright))
             imageio.imwrite(os.path.join(tmp, "mask", f"{i:0{mask_padding}d}.png"),
-                            np.repeat(mask[..., None], 3, axis=-1))
+                            np.repeat(np.rot90(mask, -upright)[..., None], 3, axis=-1))
             K = np.eye(4)
-            K[:3, :3] = und.K
-            cams[f"world_mat_{i}"] = K @ np.linalg.inv(view.c2w)
+            K[:3, :3], c2w, size = turn_camera_clockwise(und.K, view.c2w, *und.size, upright)
+            cams[f"world_mat_{i}"] = K @ np.linalg.inv(c2w)
             cams[f"scale_mat_{i}"] = scale_mat
         np.savez(os.path.join(tmp, "cameras_sphere.npz"), **cams)
         with open(os.path.join(tmp, "names.txt"), "w") as f:
             f.writelines(f"{i:0{padding}d} {n}\n" for i, n in enumerate(names))
         if not os.path.isfile(interest):
             write_points_ply(os.path.join(tmp, "sparse_points_interest.ply"), xyz[keep], rgb[keep])
-    return {"images": len(views), "size": sorted(sizes)[0], "centre": centre.tolist(), "radius": radius,
-            "roi": source, "masks": bool(masks)}
+    return {"images": len(views), "size": size, "centre": centre.tolist(), "radius": radius,
+            "roi": source, "masks": bool(masks), "turned": upright, "shown_turned": sum(t != 0 for t in turns)}
 
 
 def main(argv=None) -> int:
@@ -124,6 +134,12 @@ def main(argv=None) -> int:
     print(f"Wrote {info['images']} views ({w}x{h}, {'given masks' if info['masks'] else 'all-foreground masks'}) "
           f"to {out}; region of interest: centre {np.round(info['centre'], 4).tolist()}, radius "
           f"{info['radius']:.4g} ({info['roi']}).")
+    if info["turned"]:
+        print(f"The photos are shown turned (EXIF orientation): written as shown, {90 * info['turned']} degrees "
+              "clockwise from the stored pixels, with their cameras turned to match.")
+    elif info["shown_turned"]:
+        print(f"{info['shown_turned']} of {info['images']} photos are shown turned (EXIF orientation) and the others "
+              "not: all are written as stored, so some look sideways; the cameras match the pixels either way.")
     return 0
 
 

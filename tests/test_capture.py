@@ -194,6 +194,41 @@ def test_too_few_registered_names_the_images(tmp_path, capsys):
     assert sorted(os.listdir(root)) == ["images"]  # no sparse/, no database, no work folder
 
 
+def test_phone_photos_shown_turned_become_an_upright_neus_scene(tmp_path, capsys):
+    from test_colmap_loader import phone_held_upright, pinhole_render, write_phone_capture
+
+    shown, stored = phone_held_upright()
+    write_phone_capture(tmp_path, stored, orientation=6)
+    masks = tmp_path / "masks"  # drawn on the photos as shown: the top fifth of each is background
+    masks.mkdir()
+    shown_mask = np.full((shown[0].height, shown[0].width), 255, np.uint8)
+    shown_mask[:12] = 0
+    for i in range(len(stored)):
+        write_image(str(masks / f"IMG_{i:04d}.png"), shown_mask)
+    assert gen_cameras.main([str(tmp_path), "--masks", str(masks)]) == 0
+    assert "written as shown, 90 degrees clockwise" in capsys.readouterr().out
+    pre = tmp_path / "preprocessed"
+    data = datasets.make("dtu", OmegaConf.create({"name": "dtu", "root_dir": str(pre)})).split("train")
+    assert data.images.shape == (len(shown), shown[0].height, shown[0].width, 3)  # portrait
+    np.testing.assert_array_equal(data.masks[3].numpy(), shown_mask)
+    for k, cam in enumerate(shown):
+        assert np.abs(data.images[k].numpy().astype(int) - pinhole_render(cam).astype(int)).max() <= 1
+        w = data.world_from_scene
+        rays = data.image_rays(k)
+        o = rays["rays_o"].double().numpy() @ w[:3, :3].T + w[:3, 3]
+        d = torch.from_numpy(rays["rays_d"].double().numpy() @ w[:3, :3].T)
+        o_true, d_true = (t.double() for t in cam.rays())
+        assert np.abs(o - o_true.numpy()).max() < 1e-5
+        assert max_ray_angle_deg(d, d_true) < 1e-3
+    # one photo without the tag: the orientations disagree, so every image is written as stored
+    write_image(str(tmp_path / "images" / "IMG_0000.png"), pinhole_render(stored[0]))
+    assert gen_cameras.main([str(tmp_path), "--overwrite"]) == 0
+    assert "7 of 8 photos are shown turned" in capsys.readouterr().out
+    data = datasets.make("dtu", OmegaConf.create({"name": "dtu", "root_dir": str(pre)})).split("train")
+    assert data.images.shape == (len(stored), stored[0].height, stored[0].width, 3)
+    assert np.abs(data.images[1].numpy().astype(int) - pinhole_render(stored[1]).astype(int)).max() <= 1
+
+
 def test_gen_cameras_refuses_unmatched_masks_and_existing_output(tmp_path, capsys):
     from datasets.synthetic import orbit_cameras
 
