@@ -155,6 +155,32 @@ def test_frame_selection_keeps_sharp_frames_and_drops_still_ones():
         assert np.array_equal(frame, truth)
 
 
+def test_a_phone_video_filmed_upright_gives_upright_frames(tmp_path):
+    """Phones store a portrait video as landscape frames plus a display rotation; ffmpeg applies it."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    rng = np.random.default_rng(0)
+    frames = []
+    for k in range(8):  # texture that moves (no near-duplicates), a red top and a green left edge
+        frame = np.roll((rng.random((96, 160, 3)) * 80).astype(np.uint8), 9 * k, axis=1)
+        frame[:16] = [255, 0, 0]
+        frame[:, :16] = [0, 255, 0]
+        frames.append(frame)
+    write_video(str(tmp_path / "sensor.mp4"), frames, fps=8)
+    done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-display_rotation", "90", "-i",
+                           str(tmp_path / "sensor.mp4"), "-c", "copy", str(tmp_path / "phone.mp4")])
+    if done.returncode:
+        pytest.skip("this ffmpeg cannot tag a display rotation (-display_rotation needs ffmpeg 6.1 or later)")
+    stats = imgs2poses.extract_frames(str(tmp_path / "phone.mp4"), str(tmp_path / "images"), fps=8, max_size=1000)
+    first = imageio.imread(sorted(glob.glob(str(tmp_path / "images" / "*.jpg")))[0])
+    assert stats["kept"] >= 3 and first.shape == (160, 96, 3)
+    # turned a quarter counter-clockwise, as the tag says: the red top is now the left edge, the green left the bottom
+    assert first[80, 4].tolist() == pytest.approx([255, 0, 0], abs=40)
+    assert first[156, 48].tolist() == pytest.approx([0, 255, 0], abs=40)
+
+
 def test_bad_inputs_are_one_sentence_and_leave_nothing(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
