@@ -96,6 +96,7 @@ def test_step_counts_written_as_floats_become_ints():
     ("trainer.max_steps", -1, "trainer.max_steps must be a whole number >= 1, not -1"),
     ("trainer.val_check_interval", 0, "trainer.val_check_interval must be a whole number >= 1, not 0"),
     ("trainer.val_check_interval", 0.5, "not 0.5"),  # a fraction of the endless epoch would never come
+    ("trainer.val_check_interval", 1.0, "1.0 is Lightning's 'once per epoch', which never comes"),
     ("checkpoint.save_top_k", -5, "checkpoint.save_top_k must be a whole number >= -1, not -5"),
     ("checkpoint.every_n_train_steps", "abc", "checkpoint.every_n_train_steps must be a whole number >= 0"),
 ])

@@ -219,6 +219,9 @@ def check_trainer_options(config: DictConfig) -> None:
     so ``val_check_interval`` counts steps; Lightning's fraction of an epoch would never come."""
     trainer = whole_step_counts(dict(to_primitive(config.get("trainer")) or {}))
     checkpoint = dict(to_primitive(config.get("checkpoint")) or {})
+    if isinstance(trainer.get("val_check_interval"), float) and trainer["val_check_interval"] == 1.0:
+        raise ConfigError("trainer.val_check_interval=1.0 is Lightning's 'once per epoch', which never comes in "
+                          "this endless training stream; give a step count (e.g. 5000), or 1 for every step.")
     for section, options, minima in (("trainer", trainer, {"max_steps": 1, "val_check_interval": 1,
                                                            "log_every_n_steps": 1}),
                                      ("checkpoint", checkpoint, {"every_n_train_steps": 0, "every_n_epochs": 0,
