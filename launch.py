@@ -20,7 +20,8 @@ log = logging.getLogger("nsr")
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="path to a YAML config")
-    parser.add_argument("--gpu", default=None, help="CUDA devices, e.g. 0 or 0,1 (default: 0 when CUDA is present)")
+    parser.add_argument("--gpu", default=None, type=gpu_list,
+                        help="CUDA devices, e.g. 0 or 0,1 (default: 0 when CUDA is present)")
     parser.add_argument("--resume", default=None, help="checkpoint to resume training from, or to test/export")
     parser.add_argument("--resume_weights_only", action="store_true",
                         help="with --train --resume: load the weights only, start a fresh optimiser and step count")
@@ -38,7 +39,18 @@ def parse_args(argv=None):
     unknown = [o for o in overrides if o.startswith("--")]
     if unknown:
         parser.error(f"unknown option {unknown[0]}; config overrides are written key=value, without dashes")
+    if args.resume_weights_only and not args.resume:
+        parser.error("--resume_weights_only loads the weights of the checkpoint given by --resume; add --resume "
+                     "exp/<name>/<trial>/ckpt/<file>.ckpt")
     return args, overrides
+
+
+def gpu_list(text: str) -> str:
+    """``--gpu``'s value: CUDA device numbers separated by commas (``0``, ``0,1``), as CUDA_VISIBLE_DEVICES."""
+    devices = text.replace(" ", "").split(",")
+    if not all(d.isdigit() for d in devices) or len(set(devices)) != len(devices):
+        raise argparse.ArgumentTypeError(f"takes CUDA device numbers such as 0 or 0,1 (each once), not {text!r}")
+    return ",".join(devices)
 
 
 class BarAwareHandler(logging.StreamHandler):
@@ -146,7 +158,7 @@ def load_weights(system, path: str) -> dict:
     import torch
 
     if not os.path.isfile(path):
-        raise UserError(f"Checkpoint '{path}' does not exist; the trial's checkpoints are in exp/<name>/<trial>/ckpt/.")
+        raise UserError(missing_checkpoint_message(path))
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
@@ -169,6 +181,21 @@ def load_weights(system, path: str) -> dict:
     if "global_step" in ckpt:  # the step the weights are at names the outputs (it{step}-...)
         system.trained_steps.fill_(int(ckpt["global_step"]))
     return ckpt
+
+
+def missing_checkpoint_message(path: str) -> str:
+    """What to say when ``--resume path`` is not a file: a folder (a trial, its ckpt/) or a mistyped name gets the
+    newest checkpoint found there as the suggestion."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    found = []
+    for where in (folder, os.path.join(folder, "ckpt")):
+        if os.path.isdir(where):
+            found += [os.path.join(where, f) for f in os.listdir(where) if f.endswith(".ckpt")]
+    what = "is a folder" if os.path.isdir(path) else "does not exist"
+    if found:
+        newest = max(found, key=os.path.getmtime)
+        return f"Checkpoint '{path}' {what}; give a checkpoint file, e.g. --resume {newest} (the newest there)."
+    return f"Checkpoint '{path}' {what}; the trial's checkpoints are in exp/<name>/<trial>/ckpt/."
 
 
 class UserError(RuntimeError):

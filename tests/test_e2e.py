@@ -346,6 +346,21 @@ def test_bad_command_lines_are_one_sentence(tmp_path):
     assert not os.path.exists(tmp_path / "exp" / "partial"), "no empty trial folder left behind"
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--gpu", "abc"], "--gpu: takes CUDA device numbers such as 0 or 0,1 (each once), not 'abc'"),
+    (["--gpu", "0,0"], "(each once), not '0,0'"),
+    (["--resume_weights_only"], "--resume_weights_only loads the weights of the checkpoint given by --resume"),
+])
+def test_command_line_mistakes_argparse_can_see_are_refused_before_anything_runs(argv, message, capsys):
+    import launch as launch_module
+
+    with pytest.raises(SystemExit) as stop:
+        launch_module.parse_args(["--config", "configs/nerf-demo.yaml", "--train", *argv])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    args, _ = launch_module.parse_args(["--config", "c.yaml", "--train", "--gpu", "0, 1"])
+    assert args.gpu == "0,1"
+
+
 @pytest.mark.slow
 def test_incompatible_checkpoint_is_refused(trained):
     tmp, data, trial, _ = trained
@@ -353,6 +368,11 @@ def test_incompatible_checkpoint_is_refused(trained):
     out = launch(tmp, "--config", "configs/nerf-demo.yaml", "--test", "--resume", ckpt, f"dataset.root_dir={data}",
                  "model.geometry.xyz_encoding_config.n_levels=4", expect=2)
     assert "does not match this config" in out and "Traceback" not in out
+    # the trial folder instead of a file in it: the newest checkpoint there is suggested
+    out = launch(tmp, "--config", "configs/nerf-demo.yaml", "--test", "--resume", trial, f"dataset.root_dir={data}",
+                 expect=2)
+    newest = max(glob.glob(os.path.join(trial, "ckpt", "*.ckpt")), key=os.path.getmtime)
+    assert f"Checkpoint '{trial}' is a folder; give a checkpoint file, e.g. --resume {newest}" in out
 
 
 @pytest.mark.slow
