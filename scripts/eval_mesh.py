@@ -36,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from utils.config import argument_at_least  # noqa: E402
 from utils.mesh_metrics import (dtu_protocol, in_any_frustum, load_dtu_evaluation, sample_surface,  # noqa: E402
                                 surface_distances, uniform_surface_points)
 
@@ -49,7 +50,11 @@ def load_mesh(path: str):
 
     if not os.path.isfile(path):
         raise EvalError(f"Mesh {path} does not exist.")
-    mesh = trimesh.load(path, process=False, force="mesh")
+    try:
+        mesh = trimesh.load(path, process=False, force="mesh")
+    except Exception as err:
+        raise EvalError(f"{path} cannot be read as a mesh ({type(err).__name__}: {str(err).splitlines()[0][:100]}); "
+                        "give a triangle mesh (OBJ/PLY/OFF).") from None
     if len(mesh.faces) == 0:
         raise EvalError(f"{path} has no faces; give a triangle mesh (OBJ/PLY/OFF).")
     return np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces)
@@ -133,14 +138,17 @@ def main(argv=None) -> int:
     parser.add_argument("--protocol", choices=["dtu", "scene"], required=True)
     parser.add_argument("--dtu-dir")
     parser.add_argument("--scan", type=int)
-    parser.add_argument("--density", type=float, default=0.2, help="dtu: sampling distance (mm)")
-    parser.add_argument("--max-dist", type=float, default=20.0, help="dtu: outlier distance (mm)")
+    positive = argument_at_least(0, float, exclusive=True)
+    parser.add_argument("--density", type=positive, default=0.2, help="dtu: sampling distance (mm)")
+    parser.add_argument("--max-dist", type=positive, default=20.0, help="dtu: outlier distance (mm)")
     parser.add_argument("--gt", help="scene: ground-truth mesh")
-    parser.add_argument("--threshold", type=float, default=0.05, help="scene: F-score distance")
-    parser.add_argument("--samples", type=int, default=200_000, help="scene: points sampled on each mesh")
-    parser.add_argument("--crop-margin", type=float, help="scene: drop predicted points this far outside the GT box")
+    parser.add_argument("--threshold", type=positive, default=0.05, help="scene: F-score distance")
+    parser.add_argument("--samples", type=argument_at_least(1, int), default=200_000,
+                        help="scene: points sampled on each mesh")
+    parser.add_argument("--crop-margin", type=argument_at_least(0), help="scene: drop predicted points this far "
+                        "outside the GT box")
     parser.add_argument("--frusta", help="scene: keep points seen by these cameras (ScanNet folder or .npz)")
-    parser.add_argument("--max-depth", type=float, help="scene: with --frusta, the cameras' depth range")
+    parser.add_argument("--max-depth", type=positive, help="scene: with --frusta, the cameras' depth range")
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
     try:

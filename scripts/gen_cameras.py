@@ -32,6 +32,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets.base import DatasetError  # noqa: E402
+from utils.config import argument_at_least  # noqa: E402
 
 
 def scale_matrix(centre: np.ndarray, radius: float) -> np.ndarray:
@@ -114,8 +115,8 @@ def main(argv=None) -> int:
     parser.add_argument("root", help="capture folder with images/ and sparse/0 (from imgs2poses.py)")
     parser.add_argument("--out", help="output folder (default <root>/preprocessed)")
     parser.add_argument("--masks", help="folder of masks named after the images (default: all foreground)")
-    parser.add_argument("--padding", type=int, default=3, help="digits in image file names (DTU: 6)")
-    parser.add_argument("--mask-padding", type=int, help="digits in mask file names (default: --padding)")
+    parser.add_argument("--padding", type=argument_at_least(1, int), default=3, help="digits in image file names (DTU: 6)")
+    parser.add_argument("--mask-padding", type=argument_at_least(1, int), help="digits in mask file names (default: --padding)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
     out = args.out or os.path.join(args.root, "preprocessed")

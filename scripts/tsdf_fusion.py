@@ -21,6 +21,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from utils.config import argument_at_least  # noqa: E402
+
 
 class FusionError(RuntimeError):
     """Bad input, said in one sentence."""
@@ -105,10 +107,10 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("scene")
-    parser.add_argument("--voxel-sizes", type=float, nargs="+", default=[0.04, 0.08, 0.16])
-    parser.add_argument("--truncation", type=float, default=3.0, help="in voxels")
-    parser.add_argument("--every", type=int, default=1, help="use every k-th frame")
-    parser.add_argument("--max-depth", type=float, default=3.0, help="metres; farther depth is ignored")
+    parser.add_argument("--voxel-sizes", type=argument_at_least(0, float, exclusive=True), nargs="+", default=[0.04, 0.08, 0.16])
+    parser.add_argument("--truncation", type=argument_at_least(0, float, exclusive=True), default=3.0, help="in voxels")
+    parser.add_argument("--every", type=argument_at_least(1, int), default=1, help="use every k-th frame")
+    parser.add_argument("--max-depth", type=argument_at_least(0, float, exclusive=True), default=3.0, help="metres; farther depth is ignored")
     parser.add_argument("--out", help="output folder (default SCENE/tsdf)")
     args = parser.parse_args(argv)
     try:

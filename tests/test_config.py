@@ -4,8 +4,8 @@ import re
 import pytest
 from omegaconf import OmegaConf
 
-from utils.config import (ConfigError, check_trainer_options, load_config, number_at_least, scheduled,
-                          whole_step_counts)
+from utils.config import (ConfigError, argument_at_least, check_trainer_options, load_config, number_at_least,
+                          scheduled, whole_step_counts)
 
 YAML = """
 name: demo-${dataset.scene}
@@ -130,6 +130,18 @@ def test_scheduled_scalars():
     assert scheduled([10, 1.0, 3.0, 20], 5) == 1.0 and scheduled([10, 1.0, 3.0, 20], 30) == 3.0
     assert scheduled([1.0, 3.0, 10], 5) == pytest.approx(2.0)
     assert scheduled([3, 1.0, float("nan"), 4], 3) == 1.0, "the end value does not leak into the start (nan * 0)"
+
+
+def test_script_options_say_the_rule_and_the_text_typed():
+    import argparse
+
+    assert argument_at_least(1, int)("1e5") == 100000 and type(argument_at_least(1, int)("7")) is int
+    assert argument_at_least(0, float, exclusive=True)("0.25") == 0.25
+    for parse, text, rule in ((argument_at_least(1, int), "2.5", "must be a whole number >= 1, not 2.5"),
+                              (argument_at_least(0, float, exclusive=True), "0", "must be a number > 0, not 0"),
+                              (argument_at_least(0), "abc", "must be a number >= 0, not abc")):
+        with pytest.raises(argparse.ArgumentTypeError, match=re.escape(rule)):
+            parse(text)
 
 
 def test_number_at_least_names_the_key_and_the_bound():

@@ -105,6 +105,13 @@ def test_bad_input_is_one_sentence(tmp_path, dtu_dir):
     assert "stl007_total.ply is missing" in out.stderr and "Traceback" not in out.stderr
     out = run(tmp_path / "m.obj", "--protocol", "dtu", "--dtu-dir", dtu_dir, "--scan", 1, expect=2)
     assert "DTU world frame" in out.stderr  # a mesh at the origin is nowhere near the observed volume
+    (tmp_path / "photo.png").write_bytes(b"not a mesh")
+    out = run(tmp_path / "m.obj", "--protocol", "scene", "--gt", tmp_path / "photo.png", expect=2)
+    assert "photo.png cannot be read as a mesh" in out.stderr and "Traceback" not in out.stderr
+    out = run(tmp_path / "m.obj", "--protocol", "scene", "--gt", tmp_path / "m.obj", "--threshold", "-1", expect=2)
+    assert "argument --threshold: must be a number > 0, not -1" in out.stderr  # was an F-score of 0
+    out = run(tmp_path / "m.obj", "--protocol", "scene", "--gt", tmp_path / "m.obj", "--samples", "0", expect=2)
+    assert "argument --samples: must be a whole number >= 1, not 0" in out.stderr  # was NaN, invalid JSON
 
 
 def test_dtu_data_scores_its_meshes_when_given_the_evaluation_folder(dtu_dir, tmp_path):

@@ -247,6 +247,26 @@ def number_at_least(value: Any, name: str, minimum: float, kind: type = int, exc
     return number
 
 
+def argument_at_least(minimum: float, kind: type = float, exclusive: bool = False):
+    """An argparse ``type`` for a script's numeric option: ``number_at_least``'s rule, said as argparse says it
+    (``--threshold: must be a number > 0, not '-1'``)."""
+    import argparse
+
+    def parse(text: str):
+        try:
+            value = float(text)  # 1e5 is a whole number too
+        except ValueError:
+            value = text
+        try:
+            return number_at_least(value, "it", minimum, kind, exclusive)
+        except ConfigError as err:
+            rule = str(err)[len("it "):].rsplit(", not ", 1)[0]
+            raise argparse.ArgumentTypeError(f"{rule}, not {text}") from None
+
+    parse.__name__ = f"{kind.__name__} {'>' if exclusive else '>='} {minimum}"
+    return parse
+
+
 def scheduled(value: Any, global_step: int) -> float:
     """Value of a possibly scheduled scalar at ``global_step``.
 
