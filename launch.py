@@ -80,9 +80,13 @@ def setup_logging(verbose: bool) -> None:
                         ".*isinstance\\(treespec, LeafSpec\\).*"):  # Lightning's own use of torch's pytree
             warnings.filterwarnings("ignore", message=pattern)
         # Lightning advertises its cloud services ("Tip: ... try installing litlogger / litmodels") at every run,
-        # and says "`Trainer.fit` stopped: `max_steps=N` reached." on the bar's line when training ends as planned
+        # says "`Trainer.fit` stopped: `max_steps=N` reached." on the bar's line when training ends as planned,
+        # "GPU available: False, used: False" / "TPU available ..." (our Device line says it) and
+        # "`Trainer(limit_train_batches=1.0)` was configured so 100% of the batches ..." (the configs' default)
         logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-            lambda record: not str(record.msg).startswith(("💡 Tip", "`Trainer.fit` stopped: `max_steps=")))
+            lambda record: not str(record.msg).startswith(("💡 Tip", "`Trainer.fit` stopped: `max_steps=",
+                                                           "GPU available:", "TPU available:", "HPU available:",
+                                                           "`Trainer(limit_")))
 
 
 def acknowledge_lightning_sigterm(record) -> bool:
@@ -278,6 +282,11 @@ def run(argv=None) -> int:
 
         trainer_cfg = whole_step_counts(dict(to_primitive(config.get("trainer", {})) or {}))
         trainer_cfg.setdefault("inference_mode", False)  # SDF normals need autograd while testing
+        # Lightning's table (with a FLOPs column of zeros) only with --verbose; one line of ours otherwise
+        trainer_cfg.setdefault("enable_model_summary", args.verbose)
+        if not trainer_cfg["enable_model_summary"]:
+            n_params = sum(p.numel() for p in system.parameters() if p.requires_grad)
+            log.info(f"Model: {type(system.model).__name__}, {n_params / 1e6:.2f} M trainable parameters")
         if accelerator == "cpu":
             trainer_cfg["precision"] = "32-true"
         elif str(trainer_cfg.get("precision", "32")) in ("16", "16-mixed"):

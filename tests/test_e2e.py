@@ -63,6 +63,9 @@ def test_train_writes_the_instant_nsr_pl_tree(trained):
     assert os.path.isfile(os.path.join(save, "it400-0.png"))
     assert len(glob.glob(os.path.join(save, "it400-test", "*.png"))) == 24
     assert "Device: CPU" in out
+    # the log says device and model once, in our words: not Lightning's GPU/TPU lines and summary table
+    assert re.search(r"\[nsr\] Model: NeRFModel, \d+\.\d\d M trainable parameters", out)
+    assert "GPU available" not in out and "Total params" not in out and "was configured so 100%" not in out
     assert [os.path.basename(p) for p in glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))] == ["epoch=0-step=400.ckpt"]
 
 
