@@ -303,7 +303,10 @@ def run(args) -> dict:
                   f"dropped {stats['blurred']} blurred and {stats['duplicates']} near-duplicates) -> {image_dir}")
     names = list_images(image_dir)
     if not names:
-        raise CaptureError(f"No images (.png/.jpg) in {image_dir}; put the photos there or pass --video.")
+        others = sorted({os.path.splitext(f)[1] for f in os.listdir(image_dir)} - {""}) if os.path.isdir(image_dir) \
+            else []
+        found = f" (found {', '.join(others[:4])} files: convert them to JPEG or PNG first)" if others else ""
+        raise CaptureError(f"No images (.png/.jpg) in {image_dir}{found}; put the photos there or pass --video.")
     if len(names) < 3:
         raise CaptureError(f"Only {len(names)} images in {image_dir}; structure from motion needs at least 3 "
                            "(20 or more all around the object work well).")

@@ -187,6 +187,11 @@ def test_bad_inputs_are_one_sentence_and_leave_nothing(tmp_path, capsys):
     assert imgs2poses.main([str(empty)]) == 2
     assert "No images" in capsys.readouterr().err
     assert os.listdir(empty) == []
+    (empty / "images").mkdir()
+    for name in ("IMG_0001.HEIC", "IMG_0002.HEIC", ".DS_Store"):  # an iPhone's default format
+        (empty / "images" / name).write_bytes(b"")
+    assert imgs2poses.main([str(empty)]) == 2
+    assert "(found .HEIC files: convert them to JPEG or PNG first)" in capsys.readouterr().err
 
     bad_video = tmp_path / "broken.mp4"
     bad_video.write_bytes(b"\x00\x01 this is not a video" * 100)
