@@ -90,6 +90,7 @@ class BaseSystem(pl.LightningModule):
         self.model = models.make(config.model.name, config.model)
         self.metrics = ImageMetrics(lpips=False)  # validation: PSNR for the progress bar
         self.test_metrics = None  # built at the first test step (LPIPS may load a network)
+        self.validated_views = 0  # in the validation under way (trainer.limit_val_batches may cut it short)
         self.register_buffer("trained_steps", torch.tensor(0, dtype=torch.long))
         self.progress_bar_values: Dict[str, float] = {}  # what utils.callbacks.ProgressBar shows while training
         self._progress_pending: Dict[str, Any] = {}
@@ -237,12 +238,20 @@ class BaseSystem(pl.LightningModule):
                                 rays["rgb"].view(data.height, data.width, 3))
         write_image(self.save_path(f"it{self.step}-{index}.png"),
                     image_grid(self.eval_panels(out, data, data.has_gt, rays["rgb"])))
+        self.validated_views += 1
 
     def on_validation_epoch_end(self):
-        if self.data("val").has_gt:  # no held-out views: no metric against blank images
+        data, psnr = self.data("val"), ""
+        if data.has_gt:  # no held-out views: no metric against blank images
             scores = self.metrics.compute()
             self.log("val/psnr", scores["psnr"], prog_bar=True, sync_dist=True)
+            psnr = f", PSNR {float(scores['psnr']):.2f}"
         self.metrics.reset()
+        if self.mode == "validate" and self.trainer.is_global_zero:  # training's validations show on the bar
+            what = "held-out views" if data.has_gt else "views along the video trajectory (no views held out)"
+            log.info(f"Validation: {self.validated_views} {what}{psnr}: "
+                     f"{self.save_path(f'it{self.step}-<view>.png')}")
+        self.validated_views = 0
 
     def test_step(self, batch, batch_idx):
         index = int(batch["index"][0])

@@ -131,10 +131,13 @@ def test_validate_reproduces_the_training_runs_validation(trained):
     tmp, data, trial, _ = trained
     ckpt = glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))[0]
     during_training = logged(trial, "val/psnr")
-    launch(tmp, "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, "--validate")
+    out = launch(tmp, "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, "--validate")
     after = logged(trial, "val/psnr")
     assert len(after) == len(during_training) + 1
     assert abs(after[-1] - during_training[-1]) < 1e-3
+    said = re.search(r"Validation: (\d+) held-out views, PSNR ([\d.]+): (\S+)it400-<view>\.png", out)
+    assert said and abs(float(said.group(2)) - after[-1]) < 0.01
+    assert len(glob.glob(said.group(3) + "it400-*.png")) == int(said.group(1))  # limit_val_batches' number
 
 
 @pytest.mark.slow
