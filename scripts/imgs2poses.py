@@ -271,13 +271,17 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="scene folder: images in <root>/images (or made from --video)")
     parser.add_argument("--video", help="extract frames from this video into <root>/images first")
-    parser.add_argument("--fps", type=argument_at_least(0, float, exclusive=True), default=3.0, help="frames kept per second of video")
-    parser.add_argument("--max-size", type=argument_at_least(1, int), default=1600, help="longest side of extracted frames (px)")
+    parser.add_argument("--fps", type=argument_at_least(0, float, exclusive=True), default=3.0,
+                        help="frames kept per second of video")
+    parser.add_argument("--max-size", type=argument_at_least(1, int), default=1600,
+                        help="longest side of extracted frames (px)")
     parser.add_argument("--matcher", choices=["auto", "exhaustive", "sequential"], default="auto")
-    parser.add_argument("--overlap", type=argument_at_least(1, int), default=10, help="sequential matching: neighbours matched per frame")
+    parser.add_argument("--overlap", type=argument_at_least(1, int), default=10,
+                        help="sequential matching: neighbours matched per frame")
     parser.add_argument("--camera-model", default="SIMPLE_RADIAL", help="COLMAP camera model (OPENCV, PINHOLE, ...)")
     parser.add_argument("--per-image-cameras", action="store_true", help="one camera per image (mixed devices)")
-    parser.add_argument("--min-registered", type=argument_at_least(0), default=0.6, help="fail below this fraction registered")
+    parser.add_argument("--min-registered", type=argument_at_least(0), default=0.6,
+                        help="fail below this fraction registered")
     parser.add_argument("--threads", type=int, default=-1,
                         help="CPU threads for COLMAP (-1: all); 1 gives the same poses on every run, as multi-threaded matching and bundle adjustment do not")
     parser.add_argument("--overwrite", action="store_true", help="redo frames and poses that already exist")

@@ -249,7 +249,7 @@ def number_at_least(value: Any, name: str, minimum: float, kind: type = int, exc
 
 def argument_at_least(minimum: float, kind: type = float, exclusive: bool = False):
     """An argparse ``type`` for a script's numeric option: ``number_at_least``'s rule, said as argparse says it
-    (``--threshold: must be a number > 0, not '-1'``)."""
+    (``argument --threshold: must be a number > 0, not -1``)."""
     import argparse
 
     def parse(text: str):
