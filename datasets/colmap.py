@@ -22,8 +22,10 @@ instant-nsr-pl's ``cam_downscale: s``, divides the centred capture by s.
 ``holdout_every: k`` holds out every k-th image for val/test metrics; the test
 video is an orbit at the cameras' mean height (``n_test_traj_steps`` frames),
 framed as most photos are shown (portrait for phone photos held upright).
-Images are used as stored, as COLMAP read them; a mask drawn on a photo as
-shown (its width and height swapped) is turned back to the stored pixels.
+Photos that are all shown turned the same way are used as shown, their
+cameras turned to match (``img_wh`` is then the size as shown); photos of
+mixed orientations are used as stored, as COLMAP read them. A mask may be
+drawn on the photo as stored or as shown (its width and height swapped).
 ``write_overview(path)`` writes cameras, sparse points and the region of
 interest as one PLY in the normalised frame (the trial's ``save/`` folder).
 """
@@ -43,7 +45,8 @@ from datasets.images import (EXIF_QUARTER_TURNS, IMAGE_EXTENSIONS, common_target
                              mask_as_stored, missing_root_message)
 from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
                                    read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
-from datasets.rays import cameras_up, opencv_look_at, opencv_to_opengl, turn_camera_clockwise
+from datasets.rays import (cameras_up, opencv_look_at, opencv_to_opengl, turn_intrinsics_clockwise,
+                          turn_pose_clockwise)
 from utils.config import number_at_least
 
 log = logging.getLogger("nsr")
@@ -183,11 +186,15 @@ class Capture:
         self.views = registered_views(rec)
         self.xyz, self.rgb, self.track = sparse_points(rec)
         c2w = np.stack([v.c2w for v in self.views])
-        # phone photos shown turned (EXIF orientation): their up is the way they are shown, not their top row
+        # Phone photos shown turned (EXIF orientation): their up is the way they are shown, not their top row.
+        # When all are shown the same way, images and cameras are turned that way too (``upright`` quarter turns
+        # clockwise): renders look like the photos, and img_wh is the size as shown.
         self.quarter_turns = np.array([EXIF_QUARTER_TURNS[exif_orientation(os.path.join(self.image_dir, v.name))]
                                        for v in self.views])
+        self.upright = int(self.quarter_turns[0]) if len(set(self.quarter_turns.tolist())) == 1 else 0
         self.scene_from_world = normalisation(c2w, self.xyz, self.track, config, self.quarter_turns)
-        self.c2w = transform_poses(self.scene_from_world, c2w)  # normalised, OpenCV
+        self.c2w = np.stack([turn_pose_clockwise(pose, self.upright)  # normalised, OpenCV
+                             for pose in transform_poses(self.scene_from_world, c2w)])
         self.undistorters = {}
         for v in self.views:
             key = v.camera.camera_id
@@ -195,19 +202,23 @@ class Capture:
                 self.undistorters[key] = Undistorter(v.camera)
         self.names = [v.name for v in self.views]
         sizes = [self.undistorters[v.camera.camera_id].size for v in self.views]
-        self.size = common_target_size(config, sizes, self.names)
+        if self.upright % 2:
+            sizes = [(h, w) for w, h in sizes]
+        self.size = common_target_size(config, sizes, self.names)  # (w, h) as the images are used
+        self.stored_size = self.size[::-1] if self.upright % 2 else self.size  # before turning
         mask_dir = os.path.join(root, config.get("mask_dir", "masks"))
         self.masks = match_masks(mask_dir, self.names) if os.path.isdir(mask_dir) else {}
 
     def intrinsics(self, k: int) -> np.ndarray:
         """(fx, fy, cx, cy) of view k at the training size."""
         und = self.undistorters[self.views[k].camera.camera_id]
-        sx, sy = self.size[0] / und.size[0], self.size[1] / und.size[1]
-        K = und.K
-        return np.array([K[0, 0] * sx, K[1, 1] * sy, K[0, 2] * sx, K[1, 2] * sy])
+        scale = np.diag([self.stored_size[0] / und.size[0], self.stored_size[1] / und.size[1], 1.0])
+        K, _ = turn_intrinsics_clockwise(scale @ und.K, *self.stored_size, self.upright)
+        return np.array([K[0, 0], K[1, 1], K[0, 2], K[1, 2]])
 
     def load(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(H, W, 3) uint8 undistorted image and (H, W) uint8 mask of view k at the training size."""
+        """(H, W, 3) uint8 undistorted image and (H, W) uint8 mask of view k at the training size, turned
+        ``upright``."""
         view = self.views[k]
         image = load_images([os.path.join(self.image_dir, view.name)])[0][..., :3]
         cam = view.camera
@@ -223,10 +234,11 @@ class Capture:
             if raw.shape != (cam.height, cam.width):
                 raw = cv2.resize(raw, (cam.width, cam.height), interpolation=cv2.INTER_NEAREST)
             mask = und(raw, nearest=True)
-        if image.shape[1::-1] != self.size:
-            image = cv2.resize(image, self.size, interpolation=cv2.INTER_AREA)
-            mask = cv2.resize(mask, self.size, interpolation=cv2.INTER_AREA)
-        return image, mask
+        if image.shape[1::-1] != self.stored_size:
+            image = cv2.resize(image, self.stored_size, interpolation=cv2.INTER_AREA)
+            mask = cv2.resize(mask, self.stored_size, interpolation=cv2.INTER_AREA)
+        return (np.ascontiguousarray(np.rot90(image, -self.upright)),
+                np.ascontiguousarray(np.rot90(mask, -self.upright)))
 
 
 def load_colmap_split(config: Any, split: str, capture: Optional[Capture] = None) -> SceneData:
@@ -246,9 +258,9 @@ def load_colmap_split(config: Any, split: str, capture: Optional[Capture] = None
         steps = int(config.get("n_test_traj_steps", 60))
         c2w_cv = orbit_at_mean_height(capture.c2w, steps)
         fx, fy, cx, cy = capture.intrinsics(0)
-        # framed as most photos are shown: a capture of phone photos held upright gives an upright video
-        turns = int(np.bincount(capture.quarter_turns % 4, minlength=4).argmax())
-        K, _, (w, h) = turn_camera_clockwise(np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]]), np.eye(4), w, h, turns)
+        # framed as most photos are shown (photos of mixed orientations are used as stored)
+        turns = int(np.bincount((capture.quarter_turns - capture.upright) % 4, minlength=4).argmax())
+        K, (w, h) = turn_intrinsics_clockwise(np.array([[fx, 0, cx], [0, fy, cy], [0, 0, 1]]), w, h, turns)
         intr = np.tile([K[0, 0], K[1, 1], K[0, 2], K[1, 2]], (steps, 1))
         images = torch.full((steps, h, w, 3), 255, dtype=torch.uint8)
         masks = torch.full((steps, h, w), 255, dtype=torch.uint8)
@@ -273,10 +285,13 @@ class ColmapDataModule(SceneDataModule):
                      f"({', '.join(sorted({u.camera.model.name for u in self._capture.undistorters.values()}))}), "
                      f"{len(self._capture.xyz)} sparse points, training size {self._capture.size[0]}x"
                      f"{self._capture.size[1]}")
-            turned = int((self._capture.quarter_turns != 0).sum())
-            if turned:
-                log.info(f"{turned} of {len(self._capture.views)} photos are shown turned (EXIF orientation): up is "
-                         "the way they are shown; training and test images stay as stored, as COLMAP reads them.")
+            turned, n = int((self._capture.quarter_turns != 0).sum()), len(self._capture.views)
+            if self._capture.upright:
+                log.info(f"The photos are shown turned (EXIF orientation): used as shown, {90 * self._capture.upright} "
+                         "degrees clockwise from the stored pixels COLMAP read, with their cameras turned to match.")
+            elif turned:
+                log.info(f"{turned} of {n} photos are shown turned (EXIF orientation) and the others not: all are used "
+                         "as stored, so some look sideways; up is the way each is shown.")
         return self._capture
 
     def load_split(self, config: Any, split: str) -> SceneData:  # a method: all splits share one Capture

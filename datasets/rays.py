@@ -45,21 +45,25 @@ def cameras_up(c2w_cv: np.ndarray, quarter_turns=None) -> np.ndarray:
     return up / max(np.linalg.norm(up), 1e-12)
 
 
-def turn_camera_clockwise(K: np.ndarray, c2w_cv: np.ndarray, width: int, height: int, quarter_turns: int = 1):
-    """The camera that sees an image turned ``quarter_turns`` times a quarter clockwise (``np.rot90(image,
-    -quarter_turns)``): same centre and rays, rolled about its optical axis.
+def turn_pose_clockwise(c2w_cv: np.ndarray, quarter_turns: int = 1) -> np.ndarray:
+    """(4, 4) OpenCV camera-to-world of the camera that sees its image turned ``quarter_turns`` times a quarter
+    clockwise (``np.rot90(image, -quarter_turns)``): same centre and rays, rolled about the optical axis. Each
+    turn makes the new x axis the old -y and the new y axis the old x."""
+    c2w_cv = c2w_cv.copy()
+    for _ in range(quarter_turns % 4):
+        c2w_cv[:3, 0], c2w_cv[:3, 1] = -c2w_cv[:3, 1].copy(), c2w_cv[:3, 0].copy()
+    return c2w_cv
 
-    K: (3, 3) intrinsics; c2w_cv: (4, 4) OpenCV camera-to-world; width x height: the image before turning.
-    Returns (K, c2w_cv, (width, height)) after turning. One turn: the pixel (u, v) goes to (height - v, u),
-    so the new x axis is the old -y and the new y axis the old x.
-    """
-    K, c2w_cv = K.copy(), c2w_cv.copy()
+
+def turn_intrinsics_clockwise(K: np.ndarray, width: int, height: int, quarter_turns: int = 1):
+    """(3, 3) intrinsics and (width, height) of a width x height image turned ``quarter_turns`` times a quarter
+    clockwise, with ``turn_pose_clockwise``'s pose. Each turn takes the pixel (u, v) to (height - v, u)."""
+    K = K.copy()
     for _ in range(quarter_turns % 4):
         fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
         K[0, 0], K[1, 1], K[0, 2], K[1, 2] = fy, fx, height - cy, cx
-        c2w_cv[:3, 0], c2w_cv[:3, 1] = -c2w_cv[:3, 1].copy(), c2w_cv[:3, 0].copy()
         width, height = height, width
-    return K, c2w_cv, (width, height)
+    return K, (width, height)
 
 
 def pixel_directions(x: torch.Tensor, y: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,7 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
     from tqdm import tqdm
 
     from datasets.images import EXIF_QUARTER_TURNS, exif_orientation, load_images, mask_as_stored
-    from datasets.rays import turn_camera_clockwise
+    from datasets.rays import turn_intrinsics_clockwise, turn_pose_clockwise
     from datasets.colmap import match_masks
     from datasets.colmap_model import (Undistorter, box_from_points, find_sparse_dir, read_points_ply,
                                        read_reconstruction, region_of_interest, registered_views, sparse_points,
@@ -98,8 +98,8 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
             imageio.imwrite(os.path.join(tmp, "mask", f"{i:0{mask_padding}d}.png"),
                             np.repeat(np.rot90(mask, -upright)[..., None], 3, axis=-1))
             K = np.eye(4)
-            K[:3, :3], c2w, size = turn_camera_clockwise(und.K, view.c2w, *und.size, upright)
-            cams[f"world_mat_{i}"] = K @ np.linalg.inv(c2w)
+            K[:3, :3], size = turn_intrinsics_clockwise(und.K, *und.size, upright)
+            cams[f"world_mat_{i}"] = K @ np.linalg.inv(turn_pose_clockwise(view.c2w, upright))
             cams[f"scale_mat_{i}"] = scale_mat
         np.savez(os.path.join(tmp, "cameras_sphere.npz"), **cams)
         with open(os.path.join(tmp, "names.txt"), "w") as f:

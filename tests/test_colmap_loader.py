@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 import datasets
 from datasets.base import DatasetError
-from datasets.rays import turn_camera_clockwise
+from datasets.rays import turn_intrinsics_clockwise, turn_pose_clockwise
 from datasets.synthetic import Camera, DemoScene, demo_surface, orbit_cameras, render_rays, write_colmap_text
 from helpers import max_ray_angle_deg, opencv_distort, opencv_undistort
 from utils.config import ConfigError
@@ -215,8 +215,8 @@ def phone_held_upright(n=8):
     shown = orbit_cameras(2 * n, 2.6, [20, 40, 60], H, W)[:n]
     stored = []
     for cam in shown:
-        K, c2w, (w, h) = turn_camera_clockwise(cam.K, cam.c2w, cam.width, cam.height, quarter_turns=3)
-        stored.append(Camera(K=K, c2w=c2w, width=w, height=h))
+        K, (w, h) = turn_intrinsics_clockwise(cam.K, cam.width, cam.height, quarter_turns=3)
+        stored.append(Camera(K=K, c2w=turn_pose_clockwise(cam.c2w, quarter_turns=3), width=w, height=h))
     return shown, stored
 
 
@@ -241,14 +241,13 @@ def test_a_camera_turned_a_quarter_sees_the_image_turned_a_quarter():
         assert np.abs(turned.astype(int) - pinhole_render(up).astype(int)).max() <= 1
 
 
-def test_phone_photos_shown_turned_keep_the_world_up_and_give_an_upright_video(tmp_path):
+def test_phone_photos_shown_turned_are_used_as_shown_with_the_world_up(tmp_path):
     shown, stored = phone_held_upright()
-    up_in_world = {}
+    up_in_world, loaded = {}, {}
     for orientation in (6, 1):  # 1: the same pixels without the tag
         root = tmp_path / f"orientation{orientation}"
         write_phone_capture(root, stored, orientation)
-        data = load(root, n_test_traj_steps=6).split("train")
-        assert data.images.shape[1:3] == (H, W)  # trained on the pixels COLMAP saw
+        loaded[orientation] = data = load(root, n_test_traj_steps=6).split("train")
         scene_z = data.world_from_scene[:3, :3] @ [0.0, 0.0, 1.0]
         up_in_world[orientation] = scene_z / np.linalg.norm(scene_z)
     # up_est_method=camera: the mean up of the photos as shown (near the world's +z); without the tag, the
@@ -259,21 +258,42 @@ def test_phone_photos_shown_turned_keep_the_world_up_and_give_an_upright_video(t
     assert up_in_world[6] @ shown_up > 1 - 1e-9
     assert abs(up_in_world[1] @ shown_up) < 0.2
 
-    dm = load(tmp_path / "orientation6", n_test_traj_steps=6)
-    orbit = dm.split("trajectory")
+    # with the tag: the photos as shown (portrait) and the rays of the upright cameras; without: as stored
+    for orientation, cams in ((6, shown), (1, stored)):
+        data = loaded[orientation]
+        assert data.images.shape == (len(cams), cams[0].height, cams[0].width, 3)
+        for k in (0, 5):
+            assert np.abs(data.images[k].numpy().astype(int) - pinhole_render(cams[k]).astype(int)).max() <= 1
+            o, d = world_rays(data, k, data.world_from_scene)
+            o_true, d_true = (t.double().numpy() for t in cams[k].rays())
+            assert np.abs(o - o_true).max() < 1e-5
+            assert max_ray_angle_deg(torch.from_numpy(d), torch.from_numpy(d_true)) < 1e-3
+
+    orbit = load(tmp_path / "orientation6", n_test_traj_steps=6).split("trajectory")
     assert orbit.images.shape == (6, W, H, 3)  # portrait, as the photos are shown
     np.testing.assert_allclose(orbit.intrinsics[0].numpy(), [shown[0].K[0, 0], shown[0].K[1, 1], H / 2, W / 2],
                                atol=1e-4)
     image_up = orbit.c2w[:, :3, 1].numpy()  # OpenGL camera y in the scene, whose +z is the world's up
     assert image_up[:, 2].min() > 0.5
+    # img_wh is the size as shown
+    half = load(tmp_path / "orientation6", img_wh=[H // 2, W // 2]).split("train")
+    assert half.images.shape[1:3] == (W // 2, H // 2)
 
-    # a mask drawn on the photo as shown (portrait) is turned back onto the stored pixels
+    # a mask may be drawn on the photo as shown (portrait) or as stored (landscape)
     masks = tmp_path / "orientation6" / "masks"
     masks.mkdir()
     shown_mask = np.zeros((W, H), np.uint8)
     shown_mask[:20] = 255  # the top of the photo as shown
     for i in range(len(stored)):
-        write_image(str(masks / f"IMG_{i:04d}.png"), shown_mask)
+        write_image(str(masks / f"IMG_{i:04d}.png"), shown_mask if i % 2 else np.rot90(shown_mask, 1))
     data = load(tmp_path / "orientation6").split("train")
-    np.testing.assert_array_equal(data.masks[0].numpy(), np.rot90(shown_mask, 1))
-    assert data.masks[0, :, :20].float().mean() == 255  # the left of the stored pixels
+    for k in (0, 1):
+        np.testing.assert_array_equal(data.masks[k].numpy(), shown_mask)
+
+    # one photo without the tag: orientations disagree, so all are used as stored; the up still counts each
+    # photo the way it is shown (seven upright, one sideways)
+    write_image(str(tmp_path / "orientation6" / "images" / "IMG_0000.png"), pinhole_render(stored[0]))
+    mixed = load(tmp_path / "orientation6").split("train")
+    assert mixed.images.shape[1:3] == (H, W)
+    scene_z = mixed.world_from_scene[:3, :3] @ [0.0, 0.0, 1.0]
+    assert scene_z @ shown_up / np.linalg.norm(scene_z) > 0.98
