@@ -42,7 +42,7 @@ import torch
 import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_split
 from datasets.images import (EXIF_QUARTER_TURNS, IMAGE_EXTENSIONS, common_target_size, exif_orientation, load_images,
-                             mask_as_stored, missing_root_message)
+                             mask_as_stored, missing_root_message, quarter_turns_to_apply)
 from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
                                    read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
 from datasets.rays import (cameras_up, opencv_look_at, opencv_to_opengl, turn_intrinsics_clockwise,
@@ -191,7 +191,7 @@ class Capture:
         # clockwise): renders look like the photos, and img_wh is the size as shown.
         self.quarter_turns = np.array([EXIF_QUARTER_TURNS[exif_orientation(os.path.join(self.image_dir, v.name))]
                                        for v in self.views])
-        self.upright = int(self.quarter_turns[0]) if len(set(self.quarter_turns.tolist())) == 1 else 0
+        self.upright = quarter_turns_to_apply(self.quarter_turns)
         self.scene_from_world = normalisation(c2w, self.xyz, self.track, config, self.quarter_turns)
         self.c2w = np.stack([turn_pose_clockwise(pose, self.upright)  # normalised, OpenCV
                              for pose in transform_poses(self.scene_from_world, c2w)])

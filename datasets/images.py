@@ -39,6 +39,13 @@ def exif_orientation(path: str) -> int:
     return value if value in EXIF_QUARTER_TURNS else 1
 
 
+def quarter_turns_to_apply(quarter_turns) -> int:
+    """The turn loaders and scripts give every image and camera of a capture: the photos' own turn when all are
+    shown the same way, else 0 (a mix of portrait and landscape photos is used as stored: one image size)."""
+    turns = {int(q) % 4 for q in quarter_turns}
+    return turns.pop() if len(turns) == 1 else 0
+
+
 def mask_as_stored(mask: np.ndarray, quarter_turns: int, stored_hw: Tuple[int, int]) -> np.ndarray:
     """(H, W) mask of a photo shown turned ``quarter_turns`` (clockwise), on the stored pixels: a mask drawn on the
     photo as shown (width and height swapped) is turned back; any other mask is returned as it is."""

@@ -29,22 +29,6 @@ def opencv_look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray) -> np.nd
     return pose
 
 
-# The direction a photo is shown as up, in its stored camera axes (OpenCV: x right, y down), per clockwise
-# quarter turn a viewer gives it (``datasets.images.EXIF_QUARTER_TURNS``).
-SHOWN_UP = np.array([[0.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
-
-
-def cameras_up(c2w_cv: np.ndarray, quarter_turns=None) -> np.ndarray:
-    """(3,) unit mean, in the world, of the direction each photo is shown as up.
-
-    c2w_cv: (N, 4, 4) OpenCV camera-to-world; quarter_turns: (N,) ints, how each photo is turned to be shown
-    (None: as stored, up is the camera's -y).
-    """
-    turns = np.zeros(len(c2w_cv), int) if quarter_turns is None else np.asarray(quarter_turns) % 4
-    up = np.einsum("nij,nj->i", c2w_cv[:, :3, :3], SHOWN_UP[turns])
-    return up / max(np.linalg.norm(up), 1e-12)
-
-
 def turn_pose_clockwise(c2w_cv: np.ndarray, quarter_turns: int = 1) -> np.ndarray:
     """(4, 4) OpenCV camera-to-world of the camera that sees its image turned ``quarter_turns`` times a quarter
     clockwise (``np.rot90(image, -quarter_turns)``): same centre and rays, rolled about the optical axis. Each
@@ -64,6 +48,18 @@ def turn_intrinsics_clockwise(K: np.ndarray, width: int, height: int, quarter_tu
         K[0, 0], K[1, 1], K[0, 2], K[1, 2] = fy, fx, height - cy, cx
         width, height = height, width
     return K, (width, height)
+
+
+def cameras_up(c2w_cv: np.ndarray, quarter_turns=None) -> np.ndarray:
+    """(3,) unit mean, in the world, of the direction each photo is shown as up: the -y axis of its camera
+    turned as the photo is shown.
+
+    c2w_cv: (N, 4, 4) OpenCV camera-to-world; quarter_turns: (N,) ints, how each photo is turned clockwise to be
+    shown (EXIF; None: as stored).
+    """
+    turns = np.zeros(len(c2w_cv), int) if quarter_turns is None else np.asarray(quarter_turns)
+    up = -sum(turn_pose_clockwise(pose, int(q))[:3, 1] for pose, q in zip(c2w_cv, turns))
+    return up / max(np.linalg.norm(up), 1e-12)
 
 
 def pixel_directions(x: torch.Tensor, y: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:

@@ -46,7 +46,8 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
     import imageio.v2 as imageio
     from tqdm import tqdm
 
-    from datasets.images import EXIF_QUARTER_TURNS, exif_orientation, load_images, mask_as_stored
+    from datasets.images import (EXIF_QUARTER_TURNS, exif_orientation, load_images, mask_as_stored,
+                                 quarter_turns_to_apply)
     from datasets.rays import turn_intrinsics_clockwise, turn_pose_clockwise
     from datasets.colmap import match_masks
     from datasets.colmap_model import (Undistorter, box_from_points, find_sparse_dir, read_points_ply,
@@ -66,7 +67,7 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
         raise DatasetError(f"The cameras undistort to different sizes ({', '.join(f'{w}x{h}' for w, h in sizes)}); "
                            "NeuS-format scenes need one image size: compute the poses with one shared camera.")
     turns = [EXIF_QUARTER_TURNS[exif_orientation(os.path.join(image_dir, n))] for n in names]
-    upright = turns[0] if len(set(turns)) == 1 else 0  # clockwise quarter turns given to every image and camera
+    upright = quarter_turns_to_apply(turns)  # clockwise quarter turns given to every image and camera
     interest = os.path.join(root, "sparse_points_interest.ply")
     xyz, rgb, track = sparse_points(rec)
     if os.path.isfile(interest):
