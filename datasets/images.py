@@ -82,6 +82,24 @@ def target_size(config: Any, width: int, height: int) -> Tuple[int, int]:
     return int(round(width / scale)), int(round(height / scale))
 
 
+def read_image(path: str) -> np.ndarray:
+    """One image file as uint8 (H, W, 3|4): 16-bit rescaled, grey expanded to RGB (grey + alpha to RGBA). A file
+    that cannot be decoded (truncated by an interrupted download, not an image) is a DatasetError naming it."""
+    try:
+        img = np.asarray(imageio.imread(path))
+    except Exception as err:  # imageio/Pillow raise OSError, ValueError, struct.error, SyntaxError... by format
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DatasetError(f"{path} cannot be read as an image ({reason}); download or extract it again, "
+                           "or remove it (and its camera, for a cameras file that names it).") from None
+    if img.dtype != np.uint8:
+        img = (img.astype(np.float32) / np.iinfo(img.dtype).max * 255).round().astype(np.uint8)
+    if img.ndim == 2:
+        img = img[..., None]
+    if img.shape[-1] in (1, 2):  # grey, grey + alpha
+        img = np.concatenate([np.repeat(img[..., :1], 3, axis=-1), img[..., 1:]], axis=-1)
+    return img
+
+
 def load_images(paths: List[str], same_size: bool = True) -> List[np.ndarray]:
     """Read images, checking that all exist (and, unless told otherwise, have one size). Returns uint8 arrays
     (H, W, 3|4)."""
@@ -91,11 +109,7 @@ def load_images(paths: List[str], same_size: bool = True) -> List[np.ndarray]:
                            f"the first being {missing[0]}.")
     images = []
     for p in paths:
-        img = imageio.imread(p)
-        if img.dtype != np.uint8:
-            img = (img.astype(np.float32) / np.iinfo(img.dtype).max * 255).round().astype(np.uint8)
-        if img.ndim == 2:
-            img = np.repeat(img[..., None], 3, axis=-1)
+        img = read_image(p)
         if same_size and images and img.shape[:2] != images[0].shape[:2]:
             raise DatasetError(f"Images have mixed sizes: {p} is {img.shape[1]}x{img.shape[0]} but {paths[0]} is "
                                f"{images[0].shape[1]}x{images[0].shape[0]}; resize them to one size.")

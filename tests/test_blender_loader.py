@@ -76,6 +76,35 @@ def test_bad_inputs_are_one_clear_sentence(scene_dir, tmp_path):
         load_blender_split(cfg(str(bad)), "train")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
+def test_an_image_that_cannot_be_decoded_is_named(scene_dir, tmp_path, damage):
+    """An interrupted download or unzip used to end in a traceback from Pillow (image file is truncated)."""
+    root, _ = scene_dir
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    path = bad / "train" / "r_2.png"
+    whole = path.read_bytes()
+    path.write_bytes({"truncated": whole[:len(whole) // 2], "empty": b"", "text": b"<html>404</html>"}[damage])
+    with pytest.raises(DatasetError, match=rf"^{path} cannot be read as an image \(.+\); download or extract it "
+                                           "again, or remove it"):
+        load_blender_split(cfg(str(bad)), "train")
+
+
+def test_grey_grey_alpha_and_16_bit_images_load_as_the_rgb_they_show(tmp_path):
+    import imageio.v2 as imageio
+
+    from datasets.images import read_image
+
+    grey = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    alpha = np.full((3, 4), 200, np.uint8)
+    imageio.imwrite(tmp_path / "grey.png", grey)
+    imageio.imwrite(tmp_path / "grey_alpha.png", np.stack([grey, alpha], -1))
+    imageio.imwrite(tmp_path / "grey16.png", grey.astype(np.uint16) * 257)
+    np.testing.assert_array_equal(read_image(str(tmp_path / "grey.png")), np.stack([grey] * 3, -1))
+    np.testing.assert_array_equal(read_image(str(tmp_path / "grey_alpha.png")), np.stack([grey] * 3 + [alpha], -1))
+    np.testing.assert_array_equal(read_image(str(tmp_path / "grey16.png")), np.stack([grey] * 3, -1))
+
+
 @pytest.mark.parametrize("corrupt", ["nan pose", "inf pose", "negative focal"])
 def test_a_camera_that_is_not_finite_is_named_at_load(scene_dir, tmp_path, corrupt):
     """A NaN in one transform_matrix used to load, then fail in the first steps with an IndexError."""
