@@ -366,6 +366,9 @@ def run(argv=None) -> int:
         log.error("Stopped by SIGINT (Ctrl-C); every file written so far is whole.")
         remove_empty(created)
         return 130
+    except BaseException:  # a bug's traceback, or an exit re-raised above: still no empty trial folder left
+        remove_empty(created)
+        raise
     return 0
 
 

@@ -426,6 +426,21 @@ def test_a_failed_run_removes_the_folders_it_made_only_while_they_hold_no_file(t
     assert (trial / "config" / "parsed.yaml").is_file()
 
 
+def test_a_run_that_fails_with_a_bug_still_leaves_no_empty_trial_folder(tmp_path, monkeypatch):
+    """Only the errors launch.py words used to clean up; a traceback left an empty exp/<name>/<trial>/ behind."""
+    import datasets
+    import launch as launcher
+
+    def broken_loader(name, config):
+        raise RuntimeError("a bug in a loader")
+
+    monkeypatch.setattr(datasets, "make", broken_loader)
+    with pytest.raises(RuntimeError, match="a bug in a loader"):
+        launcher.main(["--config", "configs/nerf-demo.yaml", "--exp_dir", str(tmp_path / "exp"), "--runs_dir",
+                       str(tmp_path / "runs"), "--train"])
+    assert not (tmp_path / "exp").exists() or not os.listdir(tmp_path / "exp"), os.listdir(tmp_path / "exp")
+
+
 def test_runs_started_in_the_same_second_get_their_own_trial(tmp_path, monkeypatch):
     """A sweep launched in parallel used to have every run of a tag write into one trial folder."""
     import argparse
