@@ -60,11 +60,27 @@ def numbered_files(folder: str, pattern: Optional[str], indices: List[int]) -> D
     return found
 
 
+def read_npz(path: str, what: str, remedy: str) -> Dict[str, np.ndarray]:
+    """The named arrays of a NumPy .npz file; a file that is not one (a .npy or pickle under that name, a copy cut
+    short) is a DatasetError that says which and what to do (``remedy``)."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    reason = ("it holds one array (.npy), not named arrays" if magic == b"\x93NUMPY"
+              else "it is not a zip archive, as .npz files are" if not magic.startswith(b"PK") else None)
+    if reason is None:
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                return dict(archive)
+        except Exception as err:
+            reason = f"the archive is damaged or cut short: {str(err).split('. ')[0] or type(err).__name__}"
+    raise DatasetError(f"{path} cannot be read as a NumPy .npz {what} ({reason}); {remedy}.")
+
+
 def read_cameras(path: str) -> tuple[List[int], Dict[str, np.ndarray]]:
     if not os.path.isfile(path):
         raise DatasetError(f"Cameras file {path} does not exist; set dataset.cameras_file (cameras_sphere.npz for "
                            "NeuS data, cameras.npz for IDR data).")
-    cams = dict(np.load(path))
+    cams = read_npz(path, "cameras file", "copy it again from the dataset, or write it with scripts/gen_cameras.py")
     indices = sorted(int(k[len("world_mat_"):]) for k in cams if re.fullmatch(r"world_mat_\d+", k))
     if not indices:
         raise DatasetError(f"{path} has no world_mat_<i> entries; it is not a NeuS/IDR cameras file.")

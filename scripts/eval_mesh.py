@@ -65,11 +65,13 @@ def read_frusta(path: str) -> list:
     import imageio.v2 as imageio
 
     if path.endswith(".npz"):
-        from datasets.dtu import decompose_projection
+        from datasets.base import DatasetError
+        from datasets.dtu import decompose_projection, read_cameras
 
-        if not os.path.isfile(path):
-            raise EvalError(f"{path} does not exist.")
-        cams = np.load(path)
+        try:
+            _, cams = read_cameras(path)
+        except DatasetError as err:
+            raise EvalError(str(err)) from None
         images = sorted(os.listdir(os.path.join(os.path.dirname(path), "image"))) \
             if os.path.isdir(os.path.join(os.path.dirname(path), "image")) else []
         if not images:

@@ -89,6 +89,28 @@ def test_mismatched_counts_name_the_first_missing_file(scene_dir, tmp_path):
         load_dtu_split(cfg(str(bad), cameras_file="unscaled.npz"), "train")
 
 
+@pytest.mark.parametrize("damage, reason", [("truncated", "the archive is damaged or cut short: "),
+                                            ("npy", "it holds one array"),
+                                            ("pickle", "it is not a zip archive, as .npz files are")])
+def test_a_cameras_file_numpy_cannot_read_is_one_sentence(scene_dir, tmp_path, damage, reason):
+    """An interrupted copy of cameras_sphere.npz (or a .npy or pickle under its name) used to end in a traceback
+    from inside numpy or zipfile."""
+    import pickle
+
+    path = tmp_path / "cameras_sphere.npz"
+    whole = open(os.path.join(scene_dir, "cameras_sphere.npz"), "rb").read()
+    if damage == "truncated":
+        path.write_bytes(whole[:len(whole) // 2])
+    elif damage == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.eye(4))
+    else:
+        path.write_bytes(pickle.dumps({"world_mat_0": np.eye(4)}))
+    with pytest.raises(DatasetError, match=rf"^{path} cannot be read as a NumPy .npz cameras file \({reason}.*\); "
+                                           "copy it again"):
+        load_dtu_split(cfg(scene_dir, cameras_file=str(path)), "train")
+
+
 def test_orbit_trajectory_up_follows_the_cameras():
     cams = orbit_cameras(8, 3.0, [40], 10, 10)
     poses = orbit_trajectory(np.stack([c.c2w for c in cams]), 16)
