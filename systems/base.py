@@ -327,7 +327,7 @@ class BaseSystem(pl.LightningModule):
         if frames:
             path = self.save_path(f"it{self.step}-{kind}.mp4")
             write_video(path, frames, fps=int(self.config.get("export", {}).get("video_fps", 30)))
-            log.info(f"Test video: {path} ({len(frames)} frames)")
+            log.info(f"Test video: {path} ({len(frames)} frame{'s' * (len(frames) != 1)})")
 
     def export_mesh(self) -> None:
         """Marching-cubes mesh in the dataset's world frame (and, with export.save_normalized, the model's frame).

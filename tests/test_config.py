@@ -120,6 +120,8 @@ def test_plus_adds_a_new_key(path):
 def test_missing_file_and_bad_override(path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(path + ".missing")
+    with pytest.raises(ConfigError, match=r"^Config file 'configs' is a folder, not a YAML file; the shipped"):
+        load_config("configs")  # --config configs: a tab completion stopped one level short
     with pytest.raises(ConfigError, match="key=value"):
         load_config(path, ["trainer.max_steps"])
 

@@ -152,9 +152,8 @@ def load_config(path: str, overrides: Iterable[str] = (), resolve: bool = True) 
     """Load a YAML config, apply dotlist overrides, resolve interpolations (unless ``resolve`` is False)."""
     if not os.path.isfile(path):
         configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
-        raise ConfigError(
-            f"Config file '{path}' does not exist; the shipped configs are in {os.path.normpath(configs)}."
-        )
+        what = "is a folder, not a YAML file" if os.path.isdir(path) else "does not exist"
+        raise ConfigError(f"Config file '{path}' {what}; the shipped configs are in {os.path.normpath(configs)}.")
     try:
         cfg = OmegaConf.load(path)
     except Exception as err:  # YAML syntax errors carry a line number
