@@ -323,11 +323,11 @@ class BaseSystem(pl.LightningModule):
         folder = self.save_path(f"it{self.step}-{kind}")
         names = sorted((f for f in os.listdir(folder) if f[:-4].isdigit() and f.endswith(".png")),
                        key=lambda f: int(f[:-4]))
-        frames = [imageio.imread(os.path.join(folder, f)) for f in names]
-        if frames:
+        if names:  # read one frame at a time as it is encoded: 200 grids of 800x3200 would be 1.5 GB at once
             path = self.save_path(f"it{self.step}-{kind}.mp4")
-            write_video(path, frames, fps=int(self.config.get("export", {}).get("video_fps", 30)))
-            log.info(f"Test video: {path} ({len(frames)} frame{'s' * (len(frames) != 1)})")
+            count = write_video(path, (imageio.imread(os.path.join(folder, f)) for f in names),
+                                fps=int(self.config.get("export", {}).get("video_fps", 30)))
+            log.info(f"Test video: {path} ({count} frame{'s' * (count != 1)})")
 
     def export_mesh(self) -> None:
         """Marching-cubes mesh in the dataset's world frame (and, with export.save_normalized, the model's frame).

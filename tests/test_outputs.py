@@ -1,4 +1,5 @@
 """Marching cubes on a known surface, mesh/video writers that ordinary tools read back."""
+import os
 import re
 
 import imageio.v2 as imageio
@@ -69,13 +70,29 @@ def test_mesh_and_video_options_are_checked_before_training():
 
 
 def test_video_of_odd_size_plays(tmp_path):
-    frames = [np.full((37, 50, 3), i * 20, np.uint8) for i in range(10)]
+    frames = (np.full((37, 50, 3), i * 20, np.uint8) for i in range(10))  # a generator: encoded as they come
     path = str(tmp_path / "v.mp4")
-    write_video(path, frames, fps=10)
+    assert write_video(path, frames, fps=10) == 10
     reader = imageio.get_reader(path)
     got = [frame for frame in reader]
     assert len(got) == 10 and got[0].shape == (48, 64, 3)
     assert abs(float(got[5][:37, :50].mean()) - 100) < 3
+
+
+def test_a_video_whose_frames_fail_midway_or_never_come_leaves_the_old_one_whole(tmp_path):
+    path = str(tmp_path / "v.mp4")
+    write_video(path, [np.full((32, 32, 3), 90, np.uint8)] * 4, fps=10)
+    before = open(path, "rb").read()
+
+    def broken():
+        yield np.zeros((32, 32, 3), np.uint8)
+        raise OSError("frame 1 cannot be read")
+
+    with pytest.raises(OSError, match="frame 1"):
+        write_video(path, broken())
+    with pytest.raises(ValueError, match="No frames to write"):
+        write_video(path, iter(()))
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["v.mp4"]
 
 
 def test_largest_component_drops_the_smaller_piece_and_keeps_colours():

@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Iterator, List, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import cv2
 import imageio.v2 as imageio
@@ -98,10 +98,10 @@ def pad_to_macro_block(frame: np.ndarray, block: int = 16) -> np.ndarray:
     return np.pad(frame, ((0, ph), (0, pw), (0, 0)), mode="edge")
 
 
-def write_video(path: str, frames: List[np.ndarray], fps: int = 30) -> None:
-    """H.264/yuv420p MP4 from (H, W, 3) uint8 frames, sizes padded to the 16-pixel macro block."""
-    if not frames:
-        raise ValueError(f"No frames to write to {path}.")
+def write_video(path: str, frames: Iterable[np.ndarray], fps: int = 30) -> int:
+    """H.264/yuv420p MP4 from (H, W, 3) uint8 frames, sizes padded to the 16-pixel macro block. ``frames`` may be a
+    generator: each frame is encoded as it comes, so a long trajectory is never all in memory. Returns the count."""
+    count = 0
     with atomic_path(path) as tmp:
         writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
                                     pixelformat="yuv420p", macro_block_size=1, quality=8,
@@ -109,5 +109,9 @@ def write_video(path: str, frames: List[np.ndarray], fps: int = 30) -> None:
         try:
             for frame in frames:
                 writer.append_data(pad_to_macro_block(frame))
+                count += 1
         finally:
             writer.close()
+        if count == 0:
+            raise ValueError(f"No frames to write to {path}.")
+    return count
