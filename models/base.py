@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from utils.config import number_at_least
+from utils.mesh import points_per_call
 
 
 def update_module_step(module: nn.Module, epoch: int, global_step: int) -> None:
@@ -33,11 +34,12 @@ def chunk_batch(fn: Callable[..., Dict[str, Any]], chunk: int, *tensors: torch.T
     return merged
 
 
-def export_chunk(export_config: Any, default: int) -> int:
+def export_chunk(export_config: Any, default: int, device: torch.device) -> int:
     """Points per field query when colouring an exported mesh's vertices: ``export.chunk_size``, as in
-    instant-nsr-pl (larger is faster on a GPU, smaller needs less memory), else ``default``."""
+    instant-nsr-pl (larger is faster on a GPU, smaller needs less memory), else ``default``; on a CPU at most
+    ``utils.mesh.CPU_POINTS_PER_CALL``, which is faster there."""
     chunk = export_config.get("chunk_size")
-    return default if chunk is None else number_at_least(chunk, "export.chunk_size", 1)
+    return points_per_call(default if chunk is None else number_at_least(chunk, "export.chunk_size", 1), device)
 
 
 class BaseModel(nn.Module):

@@ -114,7 +114,7 @@ class NeRFModel(BaseModel):
             v = torch.from_numpy(verts).float().to(device)
             n = torch.from_numpy(np.array(normals, dtype=np.float32)).to(device)
             colours = []
-            chunk = export_chunk(config, self.ray_chunk)
+            chunk = export_chunk(config, self.ray_chunk, device)
             for i in range(0, len(v), chunk):
                 _, feature = self.geometry(v[i:i + chunk])
                 colours.append(self.texture(feature, -n[i:i + chunk]).clamp(0, 1))

@@ -191,7 +191,7 @@ class NeuSModel(BaseModel):
         if config.get("export_vertex_color", True):
             colours = []
             v = torch.from_numpy(verts).float().to(device)
-            chunk = export_chunk(config, self.ray_chunk)
+            chunk = export_chunk(config, self.ray_chunk, device)
             for i in range(0, len(v), chunk):
                 geo = self.geometry(v[i:i + chunk], with_grad=True)
                 normal, _ = unit_normal(geo["grad"], self.backend)

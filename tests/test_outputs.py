@@ -28,6 +28,28 @@ def test_marching_cubes_sphere_outward_and_accurate():
     assert trimesh.Trimesh(v2, f2).volume > 0
 
 
+def test_grid_queries_on_a_cpu_are_cache_sized_whatever_the_configs_gpu_chunk():
+    """The configs' isosurface.chunk (2^21) bounds memory on a GPU; on a CPU calls of that size ran 3x slower."""
+    from utils.mesh import CPU_POINTS_PER_CALL, evaluate_grid, points_per_call
+
+    sizes = []
+
+    def sdf(x):
+        sizes.append(len(x))
+        return x.norm(dim=-1) - 0.5
+
+    lo, hi = np.array([-1.0] * 3), np.array([1.0] * 3)
+    whole = evaluate_grid(sdf, lo, hi, 48, 2 ** 21, torch.device("cpu"))
+    assert CPU_POINTS_PER_CALL // 2 < max(sizes) <= CPU_POINTS_PER_CALL and sum(sizes) == 48 ** 3  # whole planes
+    sizes.clear()
+    small = evaluate_grid(sdf, lo, hi, 48, 1000, torch.device("cpu"))  # a smaller chunk is kept
+    assert max(sizes) == 1000 and np.array_equal(small, whole)
+    axis = np.linspace(-1, 1, 48)
+    x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
+    np.testing.assert_allclose(whole, np.sqrt(x ** 2 + y ** 2 + z ** 2) - 0.5, atol=1e-6)
+    assert points_per_call(2 ** 21, "cuda") == 2 ** 21 and points_per_call(2 ** 21, "cpu") == CPU_POINTS_PER_CALL
+
+
 def test_empty_and_nan_fields_raise_clear_errors():
     bounds = np.array([[-1, -1, -1], [1, 1, 1]], dtype=np.float32)
     with pytest.raises(MeshError, match="no surface at threshold"):

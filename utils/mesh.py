@@ -21,6 +21,18 @@ log = logging.getLogger("nsr")
 
 FieldFn = Callable[[torch.Tensor], torch.Tensor]
 
+# On a CPU a field query is fastest on a few ten thousand points: its intermediates (per level, per corner) then
+# stay in cache and the allocator reuses their memory. Queries of 2^21 points (the GPU-sized chunks of the
+# configs) allocate and fault in fresh pages every call: a NeRF density query ran at 0.2-0.3 M points/s with
+# 2^21 and 0.9 M with 2^15 on 2 cores, and the 384^3 grid of an export took 165 s instead of under a minute.
+CPU_POINTS_PER_CALL = 2 ** 15
+
+
+def points_per_call(chunk: int, device: torch.device | str) -> int:
+    """Points per field query: the config's ``chunk`` (a memory bound, sized for a GPU), at most
+    ``CPU_POINTS_PER_CALL`` on a CPU."""
+    return min(chunk, CPU_POINTS_PER_CALL) if torch.device(device).type == "cpu" else chunk
+
 
 class MeshError(RuntimeError):
     """The field has no extractable surface; the message says why."""
@@ -28,7 +40,9 @@ class MeshError(RuntimeError):
 
 def evaluate_grid(field: FieldFn, lo: np.ndarray, hi: np.ndarray, resolution: int, chunk: int,
                   device: torch.device) -> np.ndarray:
-    """Field values on a resolution^3 grid spanning [lo, hi] (inclusive). Returns (R, R, R) float32, [x, y, z]."""
+    """Field values on a resolution^3 grid spanning [lo, hi] (inclusive), ``points_per_call(chunk)`` points per
+    query. Returns (R, R, R) float32, [x, y, z]."""
+    chunk = points_per_call(chunk, device)
     axes = [torch.linspace(float(lo[d]), float(hi[d]), resolution, device=device) for d in range(3)]
     volume = np.empty((resolution,) * 3, dtype=np.float32)
     plane = resolution * resolution
