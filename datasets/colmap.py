@@ -42,7 +42,7 @@ import torch
 import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_split
 from datasets.images import (EXIF_QUARTER_TURNS, IMAGE_EXTENSIONS, common_target_size, exif_orientation, load_images,
-                             mask_as_stored, missing_root_message, quarter_turns_to_apply)
+                             mask_for_image, missing_root_message, quarter_turns_to_apply, read_image)
 from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
                                    read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
 from datasets.rays import (cameras_up, opencv_look_at, opencv_to_opengl, turn_intrinsics_clockwise,
@@ -229,10 +229,8 @@ class Capture:
         image = und(image)
         mask = np.full(image.shape[:2], 255, np.uint8)
         if self.masks:
-            raw = load_images([self.masks[view.name]])[0][..., 0]
-            raw = mask_as_stored(raw, int(self.quarter_turns[k]), (cam.height, cam.width))
-            if raw.shape != (cam.height, cam.width):
-                raw = cv2.resize(raw, (cam.width, cam.height), interpolation=cv2.INTER_NEAREST)
+            path = self.masks[view.name]
+            raw = mask_for_image(read_image(path)[..., 0], (cam.height, cam.width), path, int(self.quarter_turns[k]))
             mask = und(raw, nearest=True)
         if image.shape[1::-1] != self.stored_size:
             image = cv2.resize(image, self.stored_size, interpolation=cv2.INTER_AREA)

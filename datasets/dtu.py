@@ -28,7 +28,7 @@ import torch
 
 import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_split
-from datasets.images import load_images, missing_root_message, target_size
+from datasets.images import load_images, mask_for_image, missing_root_message, target_size
 from datasets.rays import cameras_up, opencv_look_at, opencv_to_opengl
 from utils.mesh_metrics import dtu_protocol, load_dtu_evaluation, uniform_surface_points
 
@@ -158,12 +158,12 @@ def load_dtu_split(config: Any, split: str) -> SceneData:
     if chosen:
         raw = load_images([images[i] for i in chosen])
         rgb, alpha = [], []
-        raw_masks = load_images([masks[i] for i in chosen]) if masks else None
+        raw_masks = load_images([masks[i] for i in chosen], same_size=False) if masks else None
         for k, img in enumerate(raw):
             rgb.append(cv2.resize(img[..., :3], (w, h), interpolation=cv2.INTER_AREA) if (w, h) != (width, height)
                        else img[..., :3])
             if raw_masks is not None:
-                m = raw_masks[k][..., 0]
+                m = mask_for_image(raw_masks[k][..., 0], (height, width), masks[chosen[k]])
                 alpha.append(cv2.resize(m, (w, h), interpolation=cv2.INTER_AREA) if (w, h) != (width, height) else m)
             else:
                 alpha.append(np.full((h, w), 255, np.uint8))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from typing import Any, List, Tuple
 
+import cv2
 import imageio.v2 as imageio
 import numpy as np
 
@@ -46,12 +47,27 @@ def quarter_turns_to_apply(quarter_turns) -> int:
     return turns.pop() if len(turns) == 1 else 0
 
 
-def mask_as_stored(mask: np.ndarray, quarter_turns: int, stored_hw: Tuple[int, int]) -> np.ndarray:
-    """(H, W) mask of a photo shown turned ``quarter_turns`` (clockwise), on the stored pixels: a mask drawn on the
-    photo as shown (width and height swapped) is turned back; any other mask is returned as it is."""
-    if quarter_turns % 2 and mask.shape[:2] == stored_hw[::-1] != stored_hw:
-        return np.ascontiguousarray(np.rot90(mask, quarter_turns))
-    return mask
+def mask_for_image(mask: np.ndarray, image_hw: Tuple[int, int], path: str, quarter_turns: int = 0) -> np.ndarray:
+    """(H, W) uint8 mask on its image's stored pixels, at the image's size ``image_hw``.
+
+    A mask drawn on a photo shown turned ``quarter_turns`` (clockwise) an odd number of times (width and height
+    swapped) is turned back; a mask saved at another resolution of the same aspect ratio (half-size masks) is
+    resized. A mask of another aspect ratio would be stretched over the wrong pixels: a DatasetError naming it.
+    """
+    h, w = image_hw
+
+    def aspect_is(hw: Tuple[int, int], ratio: float) -> bool:
+        return abs(hw[1] / hw[0] - ratio) <= 0.01 * ratio
+
+    if quarter_turns % 2 and aspect_is(mask.shape[:2], h / w) and not aspect_is(mask.shape[:2], w / h):
+        mask = np.ascontiguousarray(np.rot90(mask, quarter_turns))
+    if mask.shape[:2] == (h, w):
+        return mask
+    if not aspect_is(mask.shape[:2], w / h):
+        raise DatasetError(f"Mask {path} is {mask.shape[1]}x{mask.shape[0]} but its image is {w}x{h}, another aspect "
+                           "ratio; give each image a mask of its size (or a scaled copy).")
+    shrink = mask.shape[1] > w
+    return cv2.resize(mask, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_NEAREST)
 
 
 def missing_root_message(root: str, layout: str) -> str:

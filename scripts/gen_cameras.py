@@ -46,8 +46,8 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
     import imageio.v2 as imageio
     from tqdm import tqdm
 
-    from datasets.images import (EXIF_QUARTER_TURNS, exif_orientation, load_images, mask_as_stored,
-                                 quarter_turns_to_apply)
+    from datasets.images import (EXIF_QUARTER_TURNS, exif_orientation, load_images, mask_for_image,
+                                 quarter_turns_to_apply, read_image)
     from datasets.rays import turn_intrinsics_clockwise, turn_pose_clockwise
     from datasets.colmap import match_masks
     from datasets.colmap_model import (Undistorter, box_from_points, find_sparse_dir, read_points_ply,
@@ -91,8 +91,8 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
                 raise DatasetError(f"{view.name} is {image.shape[1]}x{image.shape[0]} but COLMAP's camera for it is "
                                    f"{view.camera.width}x{view.camera.height}; use the images the poses came from.")
             if masks:
-                mask = load_images([masks[view.name]])[0][..., 0]
-                mask = und(mask_as_stored(mask, turns[i], image.shape[:2]), nearest=True)
+                mask = read_image(masks[view.name])[..., 0]
+                mask = und(mask_for_image(mask, image.shape[:2], masks[view.name], turns[i]), nearest=True)
             else:
                 mask = np.full(und.size[::-1], 255, np.uint8)
             imageio.imwrite(os.path.join(tmp, "image", f"{i:0{padding}d}.png"), np.rot90(und(image), -upright))

@@ -151,6 +151,21 @@ def test_opencv_lens_is_undistorted_at_load(tmp_path, monkeypatch):
     assert np.mean(ignored) > 3 * np.mean(errors), (np.mean(ignored), np.mean(errors))
 
 
+def test_a_mask_is_brought_to_its_images_stored_pixels_and_size():
+    from datasets.images import mask_for_image
+
+    stored = np.zeros((48, 64), np.uint8)  # a landscape sensor image whose top rows (as stored) are foreground
+    stored[:12] = 255
+    shown = np.ascontiguousarray(np.rot90(stored, -1))  # the photo shown a quarter turn clockwise: 64x48
+    half_shown = shown[::2, ::2]
+    for mask, turns in ((stored, 0), (stored, 1), (shown, 1), (half_shown, 1), (stored[::2, ::2], 1)):
+        np.testing.assert_array_equal(mask_for_image(mask, (48, 64), "m.png", turns), stored)
+    square = np.zeros((32, 32), np.uint8)
+    assert mask_for_image(square[::2, ::2], (32, 32), "m.png", 1).shape == (32, 32)  # no turn to tell: as stored
+    with pytest.raises(DatasetError, match=r"^Mask m.png is 64x64 but its image is 64x48, another aspect ratio"):
+        mask_for_image(np.zeros((64, 64), np.uint8), (48, 64), "m.png", 1)
+
+
 def test_masks_by_stem_and_the_clear_errors(tmp_path):
     cams = cameras_with(50.0, 50.0, n=4)
     write_capture(tmp_path, cams, "PINHOLE", [50.0, 50.0, 31.0, 25.5], pinhole_render, image_ext=".jpg")

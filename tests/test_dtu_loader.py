@@ -111,6 +111,32 @@ def test_a_cameras_file_numpy_cannot_read_is_one_sentence(scene_dir, tmp_path, d
         load_dtu_split(cfg(scene_dir, cameras_file=str(path)), "train")
 
 
+def test_masks_saved_at_another_resolution_are_fitted_to_their_images(scene_dir, tmp_path):
+    """Half-size masks (as some BlendedMVS and hand-made sets have) used to end in an IndexError at the first
+    step; a mask of another aspect ratio would cover the wrong pixels and is refused."""
+    import shutil
+
+    import cv2
+    import imageio.v2 as imageio
+
+    whole = load_dtu_split(cfg(scene_dir), "train")
+    half = tmp_path / "half"
+    shutil.copytree(scene_dir, half)
+    for name in os.listdir(half / "mask"):
+        m = imageio.imread(half / "mask" / name)
+        imageio.imwrite(half / "mask" / name, cv2.resize(m, (m.shape[1] // 2, m.shape[0] // 2),
+                                                         interpolation=cv2.INTER_AREA))
+    fitted = load_dtu_split(cfg(str(half)), "train")
+    assert fitted.masks.shape == whole.masks.shape
+    a, b = fitted.masks > 127, whole.masks > 127
+    iou = ((a & b).sum() / (a | b).sum()).item()
+    assert iou > 0.9 and (a != b).float().mean().item() < 0.05, iou  # only the silhouettes' edge pixels differ
+    name = sorted(os.listdir(half / "mask"))[2]
+    imageio.imwrite(half / "mask" / name, np.zeros((32, 20, 3), np.uint8))
+    with pytest.raises(DatasetError, match=rf"^Mask .*{name} is 20x32 but its image is 40x32, another aspect"):
+        load_dtu_split(cfg(str(half)), "train")
+
+
 def test_orbit_trajectory_up_follows_the_cameras():
     cams = orbit_cameras(8, 3.0, [40], 10, 10)
     poses = orbit_trajectory(np.stack([c.c2w for c in cams]), 16)
