@@ -141,6 +141,8 @@ class SceneDataModule(pl.LightningDataModule):
         super().__init__()
         self.config = config
         self.splits: Dict[str, SceneData] = {}
+        if config.get("n_test_traj_steps") is not None:  # read at the test after training: checked before it
+            number_at_least(config.n_test_traj_steps, "dataset.n_test_traj_steps", 1)
 
     def split(self, stage: str) -> SceneData:
         name = {"train": self.config.get("train_split", "train"), "val": self.config.get("val_split", "val"),

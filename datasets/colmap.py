@@ -253,7 +253,7 @@ def load_colmap_split(config: Any, split: str, capture: Optional[Capture] = None
         c2w_cv = capture.c2w[chosen]
         names, has_gt = [capture.names[k] for k in chosen], True
     else:
-        steps = int(config.get("n_test_traj_steps", 60))
+        steps = number_at_least(config.get("n_test_traj_steps", 60), "dataset.n_test_traj_steps", 1)
         c2w_cv = orbit_at_mean_height(capture.c2w, steps)
         fx, fy, cx, cy = capture.intrinsics(0)
         # framed as most photos are shown (photos of mixed orientations are used as stored)

@@ -30,6 +30,7 @@ import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_split
 from datasets.images import load_images, mask_for_image, missing_root_message, target_size
 from datasets.rays import cameras_up, opencv_look_at, opencv_to_opengl
+from utils.config import number_at_least
 from utils.mesh_metrics import dtu_protocol, load_dtu_evaluation, uniform_surface_points
 
 log = logging.getLogger("nsr")
@@ -173,7 +174,7 @@ def load_dtu_split(config: Any, split: str) -> SceneData:
         images_t, masks_t, has_gt = torch.from_numpy(np.stack(rgb)), torch.from_numpy(np.stack(alpha)), True
         names = [os.path.relpath(images[i], root) for i in chosen]
     else:
-        n = int(config.get("n_test_traj_steps", 60))
+        n = number_at_least(config.get("n_test_traj_steps", 60), "dataset.n_test_traj_steps", 1)
         c2w_cv = orbit_trajectory(np.stack(c2ws), n)
         K = Ks[0]
         intr = np.tile([K[0, 0] * sx, K[1, 1] * sy, K[0, 2] * sx, K[1, 2] * sy], (n, 1))

@@ -11,7 +11,7 @@ import models
 from models.encodings import get_encoding
 from models.networks import get_activation, get_mlp, get_sdf_network
 from models.rendering import contract_to_unisphere
-from utils.config import ConfigError
+from utils.config import ConfigError, number_at_least
 
 
 @models.register("volume-density")
@@ -30,7 +30,7 @@ class VolumeDensity(nn.Module):
         self.config = config
         self.radius = float(config.radius)
         self.unbounded = False  # set by the model
-        self.n_output_dims = int(config.feature_dim)
+        self.n_output_dims = number_at_least(config.feature_dim, "model.geometry.feature_dim", 1)
         self.encoding = get_encoding(3, config.xyz_encoding_config)
         self.network = get_mlp(self.encoding.n_output_dims, self.n_output_dims, config.mlp_network_config)
         self.density_activation = get_activation(config.get("density_activation", "trunc_exp"))
@@ -64,7 +64,7 @@ class VolumeSDF(nn.Module):
         self.config = config
         self.radius = float(config.radius)
         self.unbounded = False
-        self.n_output_dims = int(config.feature_dim)
+        self.n_output_dims = number_at_least(config.feature_dim, "model.geometry.feature_dim", 1)
         self.encoding = get_encoding(3, config.xyz_encoding_config)
         self.grad_type = str(config.get("grad_type", "analytic"))
         if self.grad_type not in ("analytic", "finite_difference"):

@@ -23,7 +23,7 @@ from datasets.rays import opencv_to_opengl
 from models.base import update_module_step
 from systems.finite_guard import FiniteLossGuard
 from systems.optim import make_optimizer, make_scheduler
-from utils.config import ConfigError, number_at_least, schedule_values, scheduled, to_primitive
+from utils.config import ConfigError, finite_number, number_at_least, schedule_values, scheduled, to_primitive
 from utils.io import colorize_depth, image_grid, to_uint8, write_image, write_json, write_video
 from utils.mesh import MeshError, largest_component, write_mesh
 from utils.metrics import ImageMetrics
@@ -64,6 +64,12 @@ def check_export_options(config: Any) -> None:
     iso = config.model.get("geometry", {}).get("isosurface")
     if iso is not None:
         number_at_least(iso.get("resolution"), "model.geometry.isosurface.resolution", 2)
+        finite_number(iso.get("threshold", 0.0), "model.geometry.isosurface.threshold")
+        if iso.get("chunk") is not None:
+            number_at_least(iso.get("chunk"), "model.geometry.isosurface.chunk", 1)
+        if iso.get("tsdf_truncation") is not None:
+            number_at_least(iso.get("tsdf_truncation"), "model.geometry.isosurface.tsdf_truncation", 0, kind=float,
+                            exclusive=True)
         method = str(iso.get("method", "mc"))
         if method not in MESH_METHODS:
             raise ConfigError(f"model.geometry.isosurface.method={method!r} is not a meshing method; use mc "

@@ -53,6 +53,11 @@ def test_holdout_and_orbit_splits(scene_dir):
         load_dtu_split(cfg(scene_dir, holdout_every=1), "train")
     orbit = load_dtu_split(cfg(scene_dir, n_test_traj_steps=12), "test")
     assert orbit.n_images == 12 and not orbit.has_gt
+    # a video of no frames was a numpy error at the test after training; the data module refuses it at once
+    from datasets.dtu import DTUDataModule
+    from utils.config import ConfigError
+    with pytest.raises(ConfigError, match="dataset.n_test_traj_steps must be a whole number >= 1, not 0"):
+        DTUDataModule(cfg(scene_dir, holdout_every=2, n_test_traj_steps=0))
     # with views held out, the video still follows the orbit
     trajectory = load_dtu_split(cfg(scene_dir, holdout_every=2, n_test_traj_steps=12), "trajectory")
     assert not trajectory.has_gt

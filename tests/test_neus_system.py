@@ -26,6 +26,7 @@ def test_curvature_needs_finite_difference_normals():
     ("model.train_num_rays=0", "model.train_num_rays must be a whole number >= 1"),
     ("model.geometry.isosurface.resolution=1", "isosurface.resolution must be a whole number >= 2"),
     ("model.geometry.xyz_encoding_config.n_levels=0", "n_levels must be a whole number >= 1"),
+    ("model.geometry.feature_dim=0", "model.geometry.feature_dim must be a whole number >= 1, not 0"),
     ("model.geometry.xyz_encoding_config.n_features_per_level=3", "must be 1, 2, 4 or 8"),
     ("model.geometry.xyz_encoding_config.per_level_scale=0.9", "per_level_scale must be a number >= 1"),
     ("model.geometry.xyz_encoding_config.log2_hashmap_size=40 model.geometry.xyz_encoding_config.n_levels=16",

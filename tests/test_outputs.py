@@ -86,7 +86,10 @@ def test_mesh_and_video_options_are_checked_before_training():
     for bad, words in ((({"method": "tdsf"}, None), "isosurface.method='tdsf' is not a meshing method"),
                        ((None, {"mesh_format": "stl"}), "export.mesh_format='stl'; use obj or ply"),
                        ((None, {"video_fps": 0}), "export.video_fps"),
-                       ((None, {"chunk_size": "big"}), "export.chunk_size")):
+                       ((None, {"chunk_size": "big"}), "export.chunk_size"),
+                       (({"threshold": "abc"}, None), "isosurface.threshold must be a finite number, not 'abc'"),
+                       (({"chunk": 0}, None), "isosurface.chunk must be a whole number >= 1, not 0"),
+                       (({"tsdf_truncation": -3}, None), "isosurface.tsdf_truncation must be a number > 0")):
         with pytest.raises(ConfigError, match=re.escape(words)):
             check_export_options(config(*bad))
 

@@ -8,6 +8,7 @@ end_step]``) used for loss weights.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import warnings
 from typing import Any, Iterable, List, Sequence
@@ -243,6 +244,17 @@ def number_at_least(value: Any, name: str, minimum: float, kind: type = int, exc
     if not (fits and whole) or isinstance(value, bool):
         what = "a whole number" if kind is int else "a number"
         raise ConfigError(f"{name} must be {what} {'>' if exclusive else '>='} {minimum}, not {value!r}.")
+    return number
+
+
+def finite_number(value: Any, name: str) -> float:
+    """``value`` as a float; a ConfigError naming ``name`` when it is not a finite number (a word, a list, nan)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be a finite number, not {value!r}.")
     return number
 
 
