@@ -17,7 +17,6 @@ cameras (video only, no metrics). The test video follows that orbit
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 from typing import Any, Dict, List, Optional
@@ -31,9 +30,8 @@ from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_spli
 from datasets.images import load_images, mask_for_image, missing_root_message, target_size
 from datasets.rays import cameras_up, opencv_look_at, opencv_to_opengl
 from utils.config import number_at_least
-from utils.mesh_metrics import dtu_protocol, load_dtu_evaluation, uniform_surface_points
+from utils.mesh_metrics import dtu_evaluation_files, dtu_protocol, load_dtu_evaluation, uniform_surface_points
 
-log = logging.getLogger("nsr")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
 
@@ -190,25 +188,31 @@ def load_dtu_split(config: Any, split: str) -> SceneData:
 class DTUDataModule(SceneDataModule):
     load_split = staticmethod(load_dtu_split)
 
+    def __init__(self, config: Any):
+        super().__init__(config)
+        if config.get("eval_dir"):  # asked for: found missing before training, not in a warning after it
+            scan = self.eval_scan()
+            if scan is None:
+                raise DatasetError(f"dataset.eval_dir is set but the scan number is unknown: the scene folder "
+                                   f"{config.root_dir} does not end in one (dtu_scan24); set dataset.eval_scan.")
+            try:
+                dtu_evaluation_files(config.eval_dir, scan)
+            except FileNotFoundError as err:
+                raise DatasetError(f"dataset.eval_dir: {err}") from None
+
     def has_orbit(self) -> bool:
         return True
 
+    def eval_scan(self) -> int | None:
+        """``dataset.eval_scan``, or the number ending the scene folder's name (dtu_scan24 -> 24); None if neither."""
+        if self.config.get("eval_scan") is not None:
+            return number_at_least(self.config.eval_scan, "dataset.eval_scan", 1)
+        digits = re.search(r"(\d+)$", os.path.basename(os.path.normpath(self.config.root_dir)))
+        return int(digits.group(1)) if digits else None
+
     def score_mesh(self, vertices, faces):
-        """The DTU protocol when ``dataset.eval_dir`` points at the DTU evaluation data; the scan number is
-        ``dataset.eval_scan`` or the number ending the scene folder's name (dtu_scan24 -> 24)."""
-        eval_dir = self.config.get("eval_dir")
-        if not eval_dir:
+        """The DTU protocol when ``dataset.eval_dir`` points at the DTU evaluation data (checked at start-up)."""
+        if not self.config.get("eval_dir"):
             return None
-        scan = self.config.get("eval_scan")
-        if scan is None:
-            digits = re.search(r"(\d+)$", os.path.basename(os.path.normpath(self.config.root_dir)))
-            if digits is None:
-                log.warning("dataset.eval_dir is set but the scan number is unknown: set dataset.eval_scan.")
-                return None
-            scan = int(digits.group(1))
-        try:
-            truth = load_dtu_evaluation(eval_dir, int(scan))
-        except FileNotFoundError as err:
-            log.warning(f"DTU evaluation skipped: {err}")
-            return None
+        truth = load_dtu_evaluation(self.config.eval_dir, self.eval_scan())
         return dtu_protocol(uniform_surface_points(vertices, faces, 0.2), *truth)

@@ -124,6 +124,15 @@ def test_dtu_data_scores_its_meshes_when_given_the_evaluation_folder(dtu_dir, tm
     scores = scene.score_mesh(np.asarray(mesh.vertices), np.asarray(mesh.faces))  # scan number from the folder
     assert scores["chamfer"] == pytest.approx(0.5, abs=0.03)
     assert DTUDataModule(OmegaConf.create({"root_dir": str(tmp_path)})).score_mesh(mesh.vertices, mesh.faces) is None
+    # an evaluation asked for but not there is refused before training, not a warning after it
+    from datasets.base import DatasetError
+    with pytest.raises(DatasetError, match=r"^dataset.eval_dir: .*stl007_total.ply is missing"):
+        DTUDataModule(OmegaConf.create({"root_dir": str(tmp_path / "dtu_scan7"), "eval_dir": str(dtu_dir)}))
+    with pytest.raises(DatasetError, match=r"scan number is unknown: the scene folder .*mug does not end in one"):
+        DTUDataModule(OmegaConf.create({"root_dir": str(tmp_path / "mug"), "eval_dir": str(dtu_dir)}))
+    named = DTUDataModule(OmegaConf.create({"root_dir": str(tmp_path / "mug"), "eval_dir": str(dtu_dir),
+                                            "eval_scan": 1}))
+    assert named.score_mesh(np.asarray(mesh.vertices), np.asarray(mesh.faces)) == scores
 
 
 def test_scene_protocol_culls_to_the_camera_frusta(tmp_path):

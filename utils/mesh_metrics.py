@@ -100,11 +100,9 @@ def score_against_surface(verts: np.ndarray, faces: np.ndarray, gt_verts: np.nda
     return scores
 
 
-def load_dtu_evaluation(dtu_dir: str, scan: int):
-    """The DTU evaluation data of one scan -> (gt points (M, 3), obs_mask (X, Y, Z) bool, bounds (2, 3),
-    resolution, plane (4,)). Raises FileNotFoundError naming the first missing file."""
-    from scipy.io import loadmat
-
+def dtu_evaluation_files(dtu_dir: str, scan: int) -> dict:
+    """The files of one scan's DTU evaluation data by role (stl, obs, plane). Raises FileNotFoundError naming the
+    first missing one."""
     paths = {"stl": os.path.join(dtu_dir, "Points", "stl", f"stl{scan:03d}_total.ply"),
              "obs": os.path.join(dtu_dir, "ObsMask", f"ObsMask{scan}_10.mat"),
              "plane": os.path.join(dtu_dir, "ObsMask", f"Plane{scan}.mat")}
@@ -112,6 +110,15 @@ def load_dtu_evaluation(dtu_dir: str, scan: int):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing; the DTU evaluation folder holds Points/stl/stl<scan>_total.ply "
                                     "and ObsMask/ObsMask<scan>_10.mat, Plane<scan>.mat.")
+    return paths
+
+
+def load_dtu_evaluation(dtu_dir: str, scan: int):
+    """The DTU evaluation data of one scan -> (gt points (M, 3), obs_mask (X, Y, Z) bool, bounds (2, 3),
+    resolution, plane (4,)). Raises FileNotFoundError naming the first missing file."""
+    from scipy.io import loadmat
+
+    paths = dtu_evaluation_files(dtu_dir, scan)
     gt = np.asarray(trimesh.load(paths["stl"], process=False).vertices, dtype=np.float64)
     obs = loadmat(paths["obs"])
     plane = loadmat(paths["plane"])["P"].astype(np.float64).reshape(4)
