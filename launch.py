@@ -279,6 +279,11 @@ def run(argv=None) -> int:
         if args.resume:  # a full --train --resume checks the checkpoint here, then Lightning restores all of it
             ckpt = load_weights(system, args.resume)
             log.info(f"Loaded weights from {args.resume} (step {ckpt.get('global_step', '?')})")
+            reached = int(ckpt.get("global_step", 0))
+            if mode == "train" and not args.resume_weights_only and reached >= int(config.trainer.max_steps):
+                log.warning(f"The checkpoint is at step {reached}, already trainer.max_steps={config.trainer.max_steps}"
+                            f" or past it: nothing to train{'' if args.skip_test else ', testing it'}. Continue "
+                            f"training with a larger trainer.max_steps (the total, e.g. {reached + 1000}).")
 
         trainer_cfg = whole_step_counts(dict(to_primitive(config.get("trainer", {})) or {}))
         trainer_cfg.setdefault("inference_mode", False)  # SDF normals need autograd while testing

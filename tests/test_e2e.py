@@ -157,6 +157,20 @@ def test_resume_weights_only_starts_a_fresh_run_from_the_weights(trained):
 
 
 @pytest.mark.slow
+def test_continuing_a_run_to_a_step_count_it_has_reached_says_so(trained):
+    """--train --resume with trainer.max_steps at or below the checkpoint's step trains nothing; Lightning says
+    nothing about it, so a user who meant "1000 more steps" saw the old test figures again without a word."""
+    tmp, data, trial, _ = trained
+    ckpt = glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))[0]
+    before = sorted(os.listdir(os.path.join(trial, "ckpt")))
+    out = launch(tmp, "--config", os.path.join(trial, "config", "parsed.yaml"), "--train", "--resume", ckpt,
+                 "--skip_test", "trainer.max_steps=300")
+    assert ("The checkpoint is at step 400, already trainer.max_steps=300 or past it: nothing to train. Continue "
+            "training with a larger trainer.max_steps (the total, e.g. 1400).") in out
+    assert sorted(os.listdir(os.path.join(trial, "ckpt"))) == before
+
+
+@pytest.mark.slow
 def test_export_writes_video_and_mesh_without_metrics(trained, tmp_path):
     tmp, data, trial, _ = trained
     ckpt = glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))[0]
