@@ -66,6 +66,18 @@ def load_blender_split(config: Any, split: str) -> SceneData:
 class BlenderDataModule(SceneDataModule):
     load_split = staticmethod(load_blender_split)
 
+    def __init__(self, config: Any):
+        super().__init__(config)
+        root = config.root_dir
+        if os.path.isdir(root) and not capture_file(root):  # the test split is read after training: check it now
+            for stage in ("train", "val", "test"):
+                name = config.get(f"{stage}_split", stage)
+                if not os.path.isfile(os.path.join(root, f"transforms_{name}.json")):
+                    found = sorted(f[len("transforms_"):-len(".json")] for f in os.listdir(root)
+                                   if f.startswith("transforms_") and f.endswith(".json"))
+                    raise DatasetError(f"dataset.{stage}_split={name!r}: {root} has no transforms_{name}.json "
+                                       f"(its splits: {', '.join(found) or 'none'}).")
+
     def has_orbit(self) -> bool:
         """A transforms.json capture has one (its test split is held-out frames)."""
         return capture_file(self.config.root_dir) is not None

@@ -76,6 +76,17 @@ def test_bad_inputs_are_one_clear_sentence(scene_dir, tmp_path):
         load_blender_split(cfg(str(bad)), "train")
 
 
+def test_a_split_name_with_no_file_is_refused_before_training(scene_dir):
+    """The test split is read after training: a mistyped test_split used to fail only then."""
+    from datasets.blender import BlenderDataModule
+
+    root, _ = scene_dir
+    BlenderDataModule(cfg(root, test_split="val"))  # any split the folder has
+    with pytest.raises(DatasetError, match=rf"^dataset.test_split='tset': {root} has no transforms_tset.json "
+                                           r"\(its splits: test, train, val\)\.$"):
+        BlenderDataModule(cfg(root, test_split="tset"))
+
+
 @pytest.mark.parametrize("damage", ["truncated", "empty", "text"])
 def test_an_image_that_cannot_be_decoded_is_named(scene_dir, tmp_path, damage):
     """An interrupted download or unzip used to end in a traceback from Pillow (image file is truncated)."""
