@@ -11,6 +11,7 @@ import contextlib
 import glob
 import logging
 import os
+import shutil
 import sys
 from datetime import datetime
 
@@ -112,10 +113,23 @@ def choose_devices(gpu: str | None):
         log.info(f"Device: {n} CUDA GPU(s) ({names}), mixed precision where the config asks for it")
         return "gpu", n
     if gpu is not None:
-        log.warning(f"--gpu {gpu} was given but no CUDA device is available: running on the CPU instead (fp32).")
+        log.warning(f"--gpu {gpu} was given but {why_no_cuda(torch)}: running on the CPU instead (fp32).")
     else:
         log.info("Device: CPU (no CUDA device found), fp32")
     return "cpu", 1
+
+
+def why_no_cuda(torch) -> str:
+    """Why CUDA has no device for this run, in the words that say what to do: the commonest cause on a GPU
+    machine is a CPU-only PyTorch wheel, then a device number the machine does not have."""
+    if torch.version.cuda is None:
+        return (f"this PyTorch ({torch.__version__}) is a CPU-only build; install a CUDA build of PyTorch "
+                "(https://pytorch.org/get-started/locally/) to train on the GPU")
+    if not os.path.exists("/proc/driver/nvidia/version") and shutil.which("nvidia-smi") is None:
+        return "no NVIDIA driver is loaded on this machine"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    return (f"CUDA sees no device among CUDA_VISIBLE_DEVICES={visible!r}; give device numbers that nvidia-smi "
+            "lists (and check that the driver matches this PyTorch's CUDA " + str(torch.version.cuda) + ")")
 
 
 def trial_paths(config, args) -> list:
@@ -380,8 +394,6 @@ def run(argv=None) -> int:
 def remove_empty(folders) -> None:
     """Remove the trial folders this run created and left without a file (it failed before writing anything;
     the loggers may have made their empty folders by then)."""
-    import shutil
-
     for folder in folders:
         if os.path.isdir(folder) and not any(files for _, _, files in os.walk(folder)):
             shutil.rmtree(folder)

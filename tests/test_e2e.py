@@ -440,6 +440,25 @@ def test_a_failed_run_removes_the_folders_it_made_only_while_they_hold_no_file(t
     assert (trial / "config" / "parsed.yaml").is_file()
 
 
+def test_gpu_asked_for_but_unusable_says_why(monkeypatch):
+    """--gpu on a machine where CUDA has no device fell back to the CPU with "no CUDA device is available", whatever
+    the cause; the commonest on a GPU machine, a CPU-only PyTorch wheel, went unnamed."""
+    from types import SimpleNamespace
+
+    import launch as launcher
+
+    cpu_build = SimpleNamespace(__version__="2.13.0+cpu", version=SimpleNamespace(cuda=None))
+    assert "this PyTorch (2.13.0+cpu) is a CPU-only build; install a CUDA build" in launcher.why_no_cuda(cpu_build)
+    cuda_build = SimpleNamespace(__version__="2.13.0+cu128", version=SimpleNamespace(cuda="12.8"))
+    monkeypatch.setattr(launcher.os.path, "exists", lambda path: False)
+    monkeypatch.setattr(launcher.shutil, "which", lambda name: None)
+    assert launcher.why_no_cuda(cuda_build) == "no NVIDIA driver is loaded on this machine"
+    monkeypatch.setattr(launcher.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    assert launcher.why_no_cuda(cuda_build).startswith("CUDA sees no device among CUDA_VISIBLE_DEVICES='3'; give "
+                                                       "device numbers that nvidia-smi lists")
+
+
 def test_a_run_that_fails_with_a_bug_still_leaves_no_empty_trial_folder(tmp_path, monkeypatch):
     """Only the errors launch.py words used to clean up; a traceback left an empty exp/<name>/<trial>/ behind."""
     import datasets
