@@ -99,7 +99,7 @@ def target_size(config: Any, width: int, height: int) -> Tuple[int, int]:
 
 
 def read_image(path: str) -> np.ndarray:
-    """One image file as uint8 (H, W, 3|4): 16-bit rescaled, grey expanded to RGB (grey + alpha to RGBA). A file
+    """One image file as uint8 (H, W, 3|4): 16-bit and float rescaled, grey expanded to RGB (grey + alpha to RGBA). A file
     that cannot be decoded (truncated by an interrupted download, not an image) is a DatasetError naming it."""
     try:
         img = np.asarray(imageio.imread(path))
@@ -107,7 +107,9 @@ def read_image(path: str) -> np.ndarray:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DatasetError(f"{path} cannot be read as an image ({reason}); download or extract it again, "
                            "or remove it (and its camera, for a cameras file that names it).") from None
-    if img.dtype != np.uint8:
+    if np.issubdtype(img.dtype, np.floating):  # float TIFF/EXR: linear values in [0, 1]
+        img = (np.clip(np.nan_to_num(img), 0.0, 1.0) * 255).round().astype(np.uint8)
+    elif img.dtype != np.uint8:
         img = (img.astype(np.float32) / np.iinfo(img.dtype).max * 255).round().astype(np.uint8)
     if img.ndim == 2:
         img = img[..., None]

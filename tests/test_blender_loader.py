@@ -101,7 +101,7 @@ def test_an_image_that_cannot_be_decoded_is_named(scene_dir, tmp_path, damage):
         load_blender_split(cfg(str(bad)), "train")
 
 
-def test_grey_grey_alpha_and_16_bit_images_load_as_the_rgb_they_show(tmp_path):
+def test_grey_grey_alpha_16_bit_and_float_images_load_as_the_rgb_they_show(tmp_path):
     import imageio.v2 as imageio
 
     from datasets.images import read_image
@@ -114,6 +114,8 @@ def test_grey_grey_alpha_and_16_bit_images_load_as_the_rgb_they_show(tmp_path):
     np.testing.assert_array_equal(read_image(str(tmp_path / "grey.png")), np.stack([grey] * 3, -1))
     np.testing.assert_array_equal(read_image(str(tmp_path / "grey_alpha.png")), np.stack([grey] * 3 + [alpha], -1))
     np.testing.assert_array_equal(read_image(str(tmp_path / "grey16.png")), np.stack([grey] * 3, -1))
+    imageio.imwrite(tmp_path / "float.tif", np.stack([grey] * 3, -1).astype(np.float32) / 255)
+    np.testing.assert_array_equal(read_image(str(tmp_path / "float.tif")), np.stack([grey] * 3, -1))
 
 
 @pytest.mark.parametrize("corrupt", ["nan pose", "inf pose", "negative focal"])
