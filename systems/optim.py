@@ -35,13 +35,25 @@ def _module(model: nn.Module, path: str) -> nn.Module:
     return obj
 
 
+def closest_class(name: str, module: Any, base: type) -> str:
+    """The hint ' (did you mean X?)' naming the subclass of ``base`` in ``module`` closest to ``name``, case aside
+    (adamw -> AdamW); '' when none is close."""
+    import difflib
+
+    names = [n for n, obj in vars(module).items() if isinstance(obj, type) and issubclass(obj, base) and obj is not base]
+    by_lower = {n.lower(): n for n in names}
+    match = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean {by_lower[match[0]]}?)" if match else ""
+
+
 def make_optimizer(config: Any, model: nn.Module, fused_default: bool = True) -> torch.optim.Optimizer:
     """``fused_default=False`` keeps torch's default implementation unless the config asks for fused: for
     gradient clipping, which needs unscaled gradients before the step, and a fused optimiser under mixed
     precision unscales inside its step (Lightning refuses the combination)."""
     name = config.name
     if not hasattr(torch.optim, name):
-        raise ConfigError(f"Unknown optimizer '{name}' (system.optimizer.name); use a torch.optim class name.")
+        raise ConfigError(f"Unknown optimizer '{name}' (system.optimizer.name); use a torch.optim class name"
+                          f"{closest_class(name, torch.optim, torch.optim.Optimizer)}.")
     args = dict(to_primitive(config.get("args", {})) or {})
     if config.get("params") is not None:
         groups = [{"params": list(module.parameters()), "name": key, **dict(to_primitive(value) or {})}
@@ -97,7 +109,8 @@ def _scheduler(config: Any, optimizer: torch.optim.Optimizer):
             return sched.SequentialLR(optimizer, subs, milestones=list(config.milestones))
         return sched.ChainedScheduler(subs)
     if not hasattr(sched, name):
-        raise ConfigError(f"Unknown scheduler '{name}' (system.scheduler); use a torch.optim.lr_scheduler class name.")
+        raise ConfigError(f"Unknown scheduler '{name}' (system.scheduler); use a torch.optim.lr_scheduler class name"
+                          f"{closest_class(name, sched, sched.LRScheduler)}.")
     return getattr(sched, name)(optimizer, **dict(to_primitive(config.get("args", {})) or {}))
 
 

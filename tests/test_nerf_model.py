@@ -65,6 +65,21 @@ def test_optimizer_groups_and_sequential_scheduler():
     assert abs(opt.param_groups[0]["lr"] - 0.02 * 0.25) < 1e-9
 
 
+def test_a_misspelt_optimizer_or_scheduler_name_gets_the_closest_torch_class():
+    from omegaconf import OmegaConf
+
+    from systems.optim import make_optimizer, make_scheduler
+    from utils.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^Unknown optimizer 'adamw' .*class name \(did you mean AdamW\?\)\.$"):
+        make_optimizer(OmegaConf.create({"name": "adamw", "args": {"lr": 0.01}}), small_model())
+    opt = make_optimizer(OmegaConf.create({"name": "Adam", "args": {"lr": 0.01}}), small_model())
+    with pytest.raises(ConfigError, match=r"\(did you mean ExponentialLR\?\)\.$"):
+        make_scheduler(OmegaConf.create({"name": "ExponentialLr", "args": {"gamma": 0.9}}), opt)
+    with pytest.raises(ConfigError, match=r"use a torch.optim.lr_scheduler class name\.$"):
+        make_scheduler(OmegaConf.create({"name": "Sideways", "args": {}}), opt)
+
+
 def test_a_misspelt_group_option_is_an_error_not_the_default_rate():
     """torch stores any key of a parameter group, so ``lrr: 0.02`` would train geometry at args.lr."""
     from omegaconf import OmegaConf
