@@ -222,9 +222,9 @@ class ProgressiveBandHashGrid(HashGrid):
 
     def __init__(self, n_input_dims: int, config: Dict[str, Any], backend: str = "auto"):
         super().__init__(n_input_dims, config, backend)
-        self.start_level = int(config.get("start_level", 4))
-        self.start_step = int(config.get("start_step", 0))
-        self.update_steps = max(int(config.get("update_steps", 1000)), 1)
+        self.start_level = number_at_least(config.get("start_level", 4), "xyz_encoding_config.start_level", 1)
+        self.start_step = number_at_least(config.get("start_step", 0), "xyz_encoding_config.start_step", 0)
+        self.update_steps = number_at_least(config.get("update_steps", 1000), "xyz_encoding_config.update_steps", 1)
         self.register_buffer("current_level", torch.tensor(self.start_level, dtype=torch.long))
 
     def update_step(self, epoch: int, global_step: int) -> None:
@@ -340,7 +340,7 @@ class Frequency(nn.Module):
 
     def __init__(self, n_input_dims: int, config: Dict[str, Any]):
         super().__init__()
-        self.n_frequencies = int(config.get("n_frequencies", 12))
+        self.n_frequencies = number_at_least(config.get("n_frequencies", 12), "encoding_config.n_frequencies", 1)
         self.n_output_dims = n_input_dims * 2 * self.n_frequencies
         self.register_buffer("freqs", math.pi * 2.0 ** torch.arange(self.n_frequencies).float(), persistent=False)
 
@@ -355,7 +355,7 @@ class VanillaFrequency(nn.Module):
 
     def __init__(self, n_input_dims: int, config: Dict[str, Any]):
         super().__init__()
-        self.n_frequencies = int(config.get("n_frequencies", 6))
+        self.n_frequencies = number_at_least(config.get("n_frequencies", 6), "encoding_config.n_frequencies", 1)
         self.n_output_dims = n_input_dims * 2 * self.n_frequencies
         self.register_buffer("freqs", 2.0 ** torch.arange(self.n_frequencies).float(), persistent=False)
 

@@ -11,7 +11,7 @@ import trimesh
 import models
 from models import backends
 from models.base import BaseModel, export_chunk
-from models.occupancy import OccupancyGrid
+from models.occupancy import OccupancyGrid, grid_update_options
 from models.rendering import composite_density
 from utils.config import number_at_least
 from utils.mesh import marching_cubes
@@ -39,23 +39,22 @@ class NeRFModel(BaseModel):
         r = self.radius
         aabb = [-r, -r, -r, r, r, r]
         self.register_buffer("scene_aabb", torch.tensor(aabb, dtype=torch.float32), persistent=False)
+        self.near_plane = number_at_least(cfg.get("near_plane", 0.2 if self.learned_background else 0.0),
+                                          "model.near_plane", 0, kind=float)
+        self.far_plane = number_at_least(cfg.get("far_plane", 1e4 if self.learned_background else 1e10),
+                                         "model.far_plane", self.near_plane, kind=float, exclusive=True)
         if self.learned_background:
-            self.near_plane = float(cfg.get("near_plane", 0.2))
-            self.far_plane = float(cfg.get("far_plane", 1e4))
             self.cone_angle = 10 ** (math.log10(self.far_plane) / n_samples) - 1.0
-            self.render_step_size = float(cfg.get("render_step_size", 0.01))
-            levels = int(cfg.get("grid_levels", 4))
+            self.render_step_size = number_at_least(cfg.get("render_step_size", 0.01), "model.render_step_size", 0,
+                                                    kind=float, exclusive=True)
+            levels = number_at_least(cfg.get("grid_levels", 4), "model.grid_levels", 1)
         else:
-            self.near_plane = float(cfg.get("near_plane", 0.0))
-            self.far_plane = float(cfg.get("far_plane", 1e10))
             self.cone_angle = 0.0
             self.render_step_size = 1.732 * 2 * r / n_samples
             levels = 1
         self.grid_prune = bool(cfg.get("grid_prune", True))
         resolution = number_at_least(cfg.get("grid_resolution", 128), "model.grid_resolution", 1)
-        self.occupancy_grid = OccupancyGrid(aabb, resolution=resolution, levels=levels,
-                                            update_every_n_steps=int(cfg.get("grid_update_every", 16)),
-                                            warmup_steps=int(cfg.get("grid_warmup_steps", 256)))
+        self.occupancy_grid = OccupancyGrid(aabb, resolution=resolution, levels=levels, **grid_update_options(cfg))
         self.early_stop_eps = float(cfg.get("early_stop_eps", 1e-4))
         self.randomized = bool(cfg.get("randomized", True))
         self.ray_chunk = number_at_least(cfg.get("ray_chunk", 65536), "model.ray_chunk", 1)

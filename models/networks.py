@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models import backends
-from utils.config import ConfigError, to_primitive
+from utils.config import ConfigError, number_at_least, to_primitive
 
 
 class _TruncExp(torch.autograd.Function):
@@ -58,6 +58,13 @@ def get_activation(name: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     return table[key]
 
 
+def mlp_size(config: Any) -> tuple[int, int]:
+    """(n_neurons >= 1, n_hidden_layers >= 0) of an ``mlp_network_config``, checked (0 neurons was a division by
+    zero in the initialisation)."""
+    return (number_at_least(config.get("n_neurons", 64), "mlp_network_config.n_neurons", 1),
+            number_at_least(config.get("n_hidden_layers", 1), "mlp_network_config.n_hidden_layers", 0))
+
+
 class VanillaMLP(nn.Module):
     """Fully connected network: (N, dim_in) -> (N, dim_out).
 
@@ -67,8 +74,7 @@ class VanillaMLP(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int, config: Dict[str, Any]):
         super().__init__()
-        self.n_neurons = int(config.get("n_neurons", 64))
-        self.n_hidden_layers = int(config.get("n_hidden_layers", 1))
+        self.n_neurons, self.n_hidden_layers = mlp_size(config)
         self.sphere_init = bool(config.get("sphere_init", False))
         self.sphere_init_radius = float(config.get("sphere_init_radius", 0.5))
         self.inside_out = bool(config.get("inside_out", False))
@@ -115,8 +121,7 @@ class TCNNMLP(nn.Module):
             "otype": config.get("otype", "FullyFusedMLP"),
             "activation": config.get("activation", "ReLU"),
             "output_activation": "None",
-            "n_neurons": int(config.get("n_neurons", 64)),
-            "n_hidden_layers": int(config.get("n_hidden_layers", 1)),
+            **dict(zip(("n_neurons", "n_hidden_layers"), mlp_size(config))),
         }
         self.network = tcnn.Network(dim_in, dim_out, tcnn_config)
         self.output_activation = get_activation(config.get("output_activation", None))
@@ -195,7 +200,7 @@ def get_sdf_network(dim_in: int, dim_out: int, config: Any, analytic_gradient: b
         return get_mlp(dim_in, dim_out, config)
     from models.triton_mlp import unsupported
 
-    why = unsupported(dim_in, int(config.get("n_neurons", 64)), int(config.get("n_hidden_layers", 1)), dim_out)
+    why = unsupported(dim_in, *mlp_size(config), dim_out)
     if str(config.get("output_activation", "none")).lower() not in ("none", "identity"):
         why = f"its output must be linear (got output_activation: {config.get('output_activation')})"
     if why:
@@ -213,7 +218,7 @@ def _triton_unsupported(dim_in: int, dim_out: int, config: Dict[str, Any]) -> st
         return "it has ReLU hidden layers only (sphere_init uses Softplus(100))"
     if str(config.get("activation", "ReLU")).lower() != "relu":
         return f"it has ReLU hidden layers only (got activation: {config.get('activation')})"
-    return unsupported(dim_in, int(config.get("n_neurons", 64)), int(config.get("n_hidden_layers", 1)), dim_out)
+    return unsupported(dim_in, *mlp_size(config), dim_out)
 
 
 def get_mlp(dim_in: int, dim_out: int, config: Any) -> nn.Module:

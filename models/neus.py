@@ -12,7 +12,7 @@ import models
 from models import backends
 from models.base import BaseModel, export_chunk
 from models.nerf import NeRFModel
-from models.occupancy import OccupancyGrid
+from models.occupancy import OccupancyGrid, grid_update_options
 from models.rendering import composite_alpha
 from utils.config import number_at_least
 from utils.mesh import marching_cubes
@@ -91,8 +91,7 @@ class NeuSModel(BaseModel):
         resolution = number_at_least(cfg.get("grid_resolution", 128), "model.grid_resolution", 1)
         self.occupancy_grid = OccupancyGrid([-r, -r, -r, r, r, r], resolution=resolution,
                                             occ_thre=float(cfg.get("grid_prune_occ_thre", 0.001)),
-                                            update_every_n_steps=int(cfg.get("grid_update_every", 16)),
-                                            warmup_steps=int(cfg.get("grid_warmup_steps", 256)))
+                                            **grid_update_options(cfg))
         self.randomized = bool(cfg.get("randomized", True))
         self.ray_chunk = number_at_least(cfg.get("ray_chunk", 2048), "model.ray_chunk", 1)
         self.cos_anneal_end = number_at_least(cfg.get("cos_anneal_end", 0), "model.cos_anneal_end", 0)  # 0: no anneal

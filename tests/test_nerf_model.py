@@ -14,6 +14,20 @@ def small_model():
     return models.make(cfg.model.name, cfg.model)
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["model.learned_background=true", "+model.far_plane=0.1"], "model.far_plane must be a number > 0.2, not 0.1"),
+    (["+model.near_plane=-1"], "model.near_plane must be a number >= 0, not -1"),
+    (["model.learned_background=true", "+model.render_step_size=0"], "model.render_step_size must be a number > 0"),
+    (["model.grid_warmup_steps=-5"], "model.grid_warmup_steps must be a whole number >= 0, not -5"),
+])
+def test_marching_options_that_cannot_work_are_refused_naming_the_key(overrides, message):
+    from utils.config import ConfigError
+
+    cfg = load_config("configs/nerf-demo.yaml", overrides)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        models.make(cfg.model.name, cfg.model)
+
+
 def test_step_updates_reach_the_occupancy_grid():
     model = small_model()
     assert float(model.occupancy_grid.occs.abs().sum()) == 0

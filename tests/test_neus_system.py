@@ -27,6 +27,11 @@ def test_curvature_needs_finite_difference_normals():
     ("model.geometry.isosurface.resolution=1", "isosurface.resolution must be a whole number >= 2"),
     ("model.geometry.xyz_encoding_config.n_levels=0", "n_levels must be a whole number >= 1"),
     ("model.geometry.feature_dim=0", "model.geometry.feature_dim must be a whole number >= 1, not 0"),
+    ("model.geometry.mlp_network_config.n_neurons=0", "mlp_network_config.n_neurons must be a whole number >= 1"),
+    ("model.texture.mlp_network_config.n_hidden_layers=-1", "n_hidden_layers must be a whole number >= 0, not -1"),
+    ("+model.grid_update_every=0", "model.grid_update_every must be a whole number >= 1, not 0"),
+    ("model.geometry.xyz_encoding_config.otype=ProgressiveBandHashGrid "
+     "+model.geometry.xyz_encoding_config.update_steps=0", "xyz_encoding_config.update_steps must be a whole number"),
     ("model.geometry.xyz_encoding_config.n_features_per_level=3", "must be 1, 2, 4 or 8"),
     ("model.geometry.xyz_encoding_config.per_level_scale=0.9", "per_level_scale must be a number >= 1"),
     ("model.geometry.xyz_encoding_config.log2_hashmap_size=40 model.geometry.xyz_encoding_config.n_levels=16",
@@ -34,7 +39,7 @@ def test_curvature_needs_finite_difference_normals():
 ])
 def test_sizes_that_cannot_work_fail_at_start_up_naming_the_key(override, message):
     """Each of these used to fail deep in a step or at the mesh export after training (ZeroDivisionError,
-    an empty torch.cat), or trained on a grid the fast backends cannot run."""
+    an empty torch.cat, a modulo by zero), or trained on a grid the fast backends cannot run."""
     with pytest.raises(ConfigError, match=message):
         neus_system(*override.split())
 
