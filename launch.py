@@ -359,6 +359,9 @@ def run(argv=None) -> int:
                 trainer.validate(system, datamodule=dm)
             else:
                 trainer.test(system, datamodule=dm, verbose=mode in ("train", "test"))
+            if mode == "export" and system.mesh_error:  # the mesh is what --export is for: a script must see it
+                log.error("--export wrote the video but no mesh (see above).")
+                return 1
         except SIGTERMException:  # Lightning ends its test loop at SIGTERM, then exits with status 0
             return report_stopped_output("SIGTERM", mode, tested_ckpt, config)
         except SystemExit:  # Lightning's exit at Ctrl-C, with status 1

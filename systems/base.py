@@ -93,6 +93,7 @@ class BaseSystem(pl.LightningModule):
         super().__init__()
         self.config = config
         self.mode = mode
+        self.mesh_error: str | None = None  # why the export wrote no mesh (launch's --export exits non-zero)
         self.model = models.make(config.model.name, config.model)
         self.metrics = ImageMetrics(lpips=False)  # validation: PSNR for the progress bar
         self.test_metrics = None  # built at the first test step (LPIPS may load a network)
@@ -350,6 +351,7 @@ class BaseSystem(pl.LightningModule):
         try:
             mesh = self.fuse_mesh(iso) if tsdf else self.model.export(export_cfg)
         except MeshError as err:
+            self.mesh_error = str(err)
             log.error(f"Mesh export skipped: {err}")
             return
         verts, faces, colours = mesh["v_pos"], mesh["t_pos_idx"], mesh.get("v_rgb")

@@ -187,6 +187,13 @@ def test_export_writes_video_and_mesh_without_metrics(trained, tmp_path):
     assert ply.visual.kind == "vertex" and np.array_equal(ply.faces, obj.faces)
     assert np.abs(ply.vertices - obj.vertices).max() < 1e-5  # float32 in PLY, 6 decimals in OBJ
     assert np.abs(ply.visual.vertex_colors.astype(int) - obj.visual.vertex_colors.astype(int)).max() <= 1
+    # no surface at the threshold: the video is written, and the exit status says the mesh is not (it was 0)
+    out = launch(tmp, "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, "--export",
+                 f"save_dir={tmp_path / 'none'}", "model.geometry.isosurface.threshold=1e9",
+                 "+trainer.limit_test_batches=1", expect=1)
+    assert "Mesh export skipped: The field has no surface at threshold 1000000000.0" in out
+    assert "--export wrote the video but no mesh (see above)." in out
+    assert sorted(os.listdir(tmp_path / "none")) == ["it400-test", "it400-test.mp4"]
 
 
 @pytest.mark.slow
