@@ -117,11 +117,13 @@ class TCNNMLP(nn.Module):
         super().__init__()
         import tinycudann as tcnn
 
+        n_neurons, n_hidden_layers = mlp_size(config)
         tcnn_config = {
             "otype": config.get("otype", "FullyFusedMLP"),
             "activation": config.get("activation", "ReLU"),
             "output_activation": "None",
-            **dict(zip(("n_neurons", "n_hidden_layers"), mlp_size(config))),
+            "n_neurons": n_neurons,
+            "n_hidden_layers": n_hidden_layers,
         }
         self.network = tcnn.Network(dim_in, dim_out, tcnn_config)
         self.output_activation = get_activation(config.get("output_activation", None))

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from models.rendering import ray_aabb_intersect, visibility_from_density
+from utils.config import number_at_least
 
 SigmaFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -33,8 +34,6 @@ SigmaFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 def grid_update_options(cfg) -> dict:
     """``OccupancyGrid``'s update schedule from a model config (``grid_update_every`` >= 1 step,
     ``grid_warmup_steps`` >= 0), checked: 0 was a modulo by zero at the first step."""
-    from utils.config import number_at_least
-
     return {"update_every_n_steps": number_at_least(cfg.get("grid_update_every", 16), "model.grid_update_every", 1),
             "warmup_steps": number_at_least(cfg.get("grid_warmup_steps", 256), "model.grid_warmup_steps", 0)}
 
