@@ -119,6 +119,18 @@ def choose_devices(gpu: str | None):
     return "cpu", 1
 
 
+def folder_problem(path: str) -> str | None:
+    """Why the folder ``path`` cannot be made or written into (None when it can), found without making it."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable by this user"
+    return None
+
+
 def why_no_cuda(torch) -> str:
     """Why CUDA has no device for this run, in the words that say what to do: the commonest cause on a GPU
     machine is a CPU-only PyTorch wheel, then a device number the machine does not have."""
@@ -260,6 +272,12 @@ def run(argv=None) -> int:
     except ConfigError as err:
         log.error(str(err))
         return 2
+    exp_dir = ("exp_dir (in the config)", config.exp_dir) if config.get("exp_dir") else ("--exp_dir", args.exp_dir)
+    for option, folder in (exp_dir, ("--runs_dir", args.runs_dir)):
+        problem = folder_problem(folder)
+        if problem:  # found before anything runs, not as a traceback from a logger after the model is built
+            log.error(f"{option} {folder} cannot be written: {problem}; give a folder you can write to.")
+            return 2
     accelerator, n_devices = choose_devices(args.gpu)
 
     import pytorch_lightning as pl

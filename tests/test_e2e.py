@@ -447,6 +447,23 @@ def test_a_failed_run_removes_the_folders_it_made_only_while_they_hold_no_file(t
     assert (trial / "config" / "parsed.yaml").is_file()
 
 
+def test_output_folders_that_cannot_be_written_are_refused_before_anything_runs(tmp_path, capsys):
+    """A file where --exp_dir or --runs_dir needs a folder was a NotADirectoryError traceback from the trial's
+    makedirs, or from TensorBoard's logger once the model was built."""
+    import launch as launcher
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    for option in ("--exp_dir", "--runs_dir"):
+        others = {"--exp_dir": str(tmp_path / "exp"), "--runs_dir": str(tmp_path / "runs"), option: str(blocker / "x")}
+        argv = ["--config", "configs/nerf-demo.yaml", "--train", *[v for kv in others.items() for v in kv]]
+        assert launcher.main(argv) == 2
+        said = "".join(capsys.readouterr())
+        assert f"{option} {blocker / 'x'} cannot be written: {blocker} is a file, not a folder" in said
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+    assert launcher.folder_problem(str(tmp_path / "new" / "deeper")) is None
+
+
 def test_gpu_asked_for_but_unusable_says_why(monkeypatch):
     """--gpu on a machine where CUDA has no device fell back to the CPU with "no CUDA device is available", whatever
     the cause; the commonest on a GPU machine, a CPU-only PyTorch wheel, went unnamed."""
