@@ -123,7 +123,8 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(args.root, "preprocessed")
     try:
         if not os.path.isdir(args.root):
-            raise DatasetError(f"{args.root} does not exist; give the capture folder (images/ and sparse/0).")
+            raise DatasetError(f"{args.root} {'is a file' if os.path.exists(args.root) else 'does not exist'}; give the "
+                               "capture folder (images/ and sparse/0).")
         if os.path.exists(out) and not args.overwrite:
             raise DatasetError(f"{out} already exists; pass --overwrite to replace it.")
         if args.masks and not os.path.isdir(args.masks):

@@ -61,7 +61,8 @@ def load_frames(scene: str, every: int, max_depth: float):
     import imageio.v2 as imageio
 
     if not os.path.isdir(scene):
-        raise FusionError(f"{scene} does not exist; give a scene folder in the ScanNet export layout.")
+        raise FusionError(f"{scene} {'is a file' if os.path.exists(scene) else 'does not exist'}; give a scene folder in "
+                          "the ScanNet export layout.")
     K_depth = read_intrinsics(os.path.join(scene, "intrinsic", "intrinsic_depth.txt"))
     for stem in list_frames(scene)[::every]:
         pose_path = os.path.join(scene, "pose", stem + ".txt")
