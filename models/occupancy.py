@@ -70,7 +70,10 @@ class OccupancyGrid(nn.Module):
             x = lo + x * (hi - lo)
             occ = torch.cat([occ_eval_fn(x[i:i + chunk]).reshape(-1).float() for i in range(0, len(x), chunk)])
             ids = level * self.cells_per_level + cells
-            self.occs[ids] = torch.maximum(self.occs[ids] * self.ema_decay, occ)
+            # a cell drawn twice (uniformly and among the occupied) keeps the larger of its samples: an assignment
+            # would keep whichever write came last, which differs from run to run on several threads
+            self.occs.scatter_reduce_(0, ids, torch.maximum(self.occs[ids] * self.ema_decay, occ), "amax",
+                                      include_self=False)
         threshold = torch.clamp(self.occs.mean(), max=self.occ_thre)  # occs >= 0: no cell is marked invalid
         self.binaries.copy_((self.occs > threshold).view(self.binaries.shape))
         return True

@@ -119,3 +119,18 @@ def test_uniform_marching_starts_each_ray_at_its_entry_and_waits_only_for_its_pa
         torch.testing.assert_close(mine_e - mine_s, torch.full_like(mine_s, step))
         assert float(t_far[r]) - step / 2 <= float(mine_e[-1]) < float(t_far[r]) + step / 2 + 1e-5
     assert hits > 30
+
+
+def test_a_cell_sampled_twice_keeps_its_larger_sample_on_every_run():
+    """After warm-up a cell can be drawn both uniformly and among the occupied ones. An indexed assignment kept
+    whichever write landed last, which varied between runs on several CPU threads (same seed, other grids)."""
+    grid = OccupancyGrid([-1, -1, -1, 1, 1, 1], resolution=8, warmup_steps=0, update_every_n_steps=1)
+    grid.binaries.fill_(True)  # every cell occupied: the second half of the draw repeats cells of the first
+    drawn, values = [], []
+    draw = grid._cells_to_update
+    grid._cells_to_update = lambda level, step: drawn.append(draw(level, step)) or drawn[-1]
+    grid.update(0, lambda x: values.append(x[:, 0] + 2.0) or values[-1])  # differs within a cell: x is jittered
+    cells, samples = drawn[0], values[0]
+    assert len(torch.unique(cells)) < len(cells)
+    expected = torch.zeros(grid.cells_per_level).scatter_reduce(0, cells, samples, "amax", include_self=False)
+    torch.testing.assert_close(grid.occs, expected, rtol=0, atol=0)
