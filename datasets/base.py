@@ -144,9 +144,12 @@ class SceneDataModule(pl.LightningDataModule):
         if config.get("n_test_traj_steps") is not None:  # read at the test after training: checked before it
             number_at_least(config.n_test_traj_steps, "dataset.n_test_traj_steps", 1)
 
+    def split_name(self, stage: str) -> str:
+        """The split a stage reads: ``dataset.<stage>_split`` (instant-nsr-pl's keys), else the stage's own name."""
+        return "trajectory" if stage == "trajectory" else str(self.config.get(f"{stage}_split", stage))
+
     def split(self, stage: str) -> SceneData:
-        name = {"train": self.config.get("train_split", "train"), "val": self.config.get("val_split", "val"),
-                "test": self.config.get("test_split", "test"), "trajectory": "trajectory"}[stage]
+        name = self.split_name(stage)
         if name not in self.splits:
             self.splits[name] = self.load_split(self.config, name)
         return self.splits[name]

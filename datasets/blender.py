@@ -71,7 +71,7 @@ class BlenderDataModule(SceneDataModule):
         root = config.root_dir
         if os.path.isdir(root) and not capture_file(root):  # the test split is read after training: check it now
             for stage in ("train", "val", "test"):
-                name = config.get(f"{stage}_split", stage)
+                name = self.split_name(stage)
                 if not os.path.isfile(os.path.join(root, f"transforms_{name}.json")):
                     found = sorted(f[len("transforms_"):-len(".json")] for f in os.listdir(root)
                                    if f.startswith("transforms_") and f.endswith(".json"))

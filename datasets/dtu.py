@@ -59,9 +59,9 @@ def numbered_files(folder: str, pattern: Optional[str], indices: List[int]) -> D
     return found
 
 
-def read_npz(path: str, what: str, remedy: str) -> Dict[str, np.ndarray]:
-    """The named arrays of a NumPy .npz file; a file that is not one (a .npy or pickle under that name, a copy cut
-    short) is a DatasetError that says which and what to do (``remedy``)."""
+def camera_arrays(path: str) -> Dict[str, np.ndarray]:
+    """The named arrays of a cameras .npz file; a file that is not one (a .npy or pickle under that name, a copy
+    cut short) is a DatasetError that says which."""
     with open(path, "rb") as f:
         magic = f.read(6)
     reason = ("it holds one array (.npy), not named arrays" if magic == b"\x93NUMPY"
@@ -72,14 +72,15 @@ def read_npz(path: str, what: str, remedy: str) -> Dict[str, np.ndarray]:
                 return dict(archive)
         except Exception as err:
             reason = f"the archive is damaged or cut short: {str(err).split('. ')[0] or type(err).__name__}"
-    raise DatasetError(f"{path} cannot be read as a NumPy .npz {what} ({reason}); {remedy}.")
+    raise DatasetError(f"{path} cannot be read as a NumPy .npz cameras file ({reason}); copy it again from the "
+                       "dataset, or write it with scripts/gen_cameras.py.")
 
 
 def read_cameras(path: str) -> tuple[List[int], Dict[str, np.ndarray]]:
     if not os.path.isfile(path):
         raise DatasetError(f"Cameras file {path} does not exist; set dataset.cameras_file (cameras_sphere.npz for "
                            "NeuS data, cameras.npz for IDR data).")
-    cams = read_npz(path, "cameras file", "copy it again from the dataset, or write it with scripts/gen_cameras.py")
+    cams = camera_arrays(path)
     indices = sorted(int(k[len("world_mat_"):]) for k in cams if re.fullmatch(r"world_mat_\d+", k))
     if not indices:
         raise DatasetError(f"{path} has no world_mat_<i> entries; it is not a NeuS/IDR cameras file.")
