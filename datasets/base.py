@@ -145,8 +145,10 @@ class SceneDataModule(pl.LightningDataModule):
             number_at_least(config.n_test_traj_steps, "dataset.n_test_traj_steps", 1)
 
     def split_name(self, stage: str) -> str:
-        """The split a stage reads: ``dataset.<stage>_split`` (instant-nsr-pl's keys), else the stage's own name."""
-        return "trajectory" if stage == "trajectory" else str(self.config.get(f"{stage}_split", stage))
+        """The split a stage reads: ``dataset.<stage>_split`` (instant-nsr-pl's keys), else the stage's own name.
+        The keys are spelt out: the unread-key check finds the options the code reads by their names."""
+        key = {"train": "train_split", "val": "val_split", "test": "test_split"}.get(stage)
+        return str(self.config.get(key, stage)) if key else stage
 
     def split(self, stage: str) -> SceneData:
         name = self.split_name(stage)
