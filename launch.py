@@ -20,10 +20,11 @@ log = logging.getLogger("nsr")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="path to a YAML config")
+    home = os.path.expanduser  # --resume=~/x.ckpt: a shell expands ~ only at the start of a word
+    parser.add_argument("--config", required=True, type=home, help="path to a YAML config")
     parser.add_argument("--gpu", default=None, type=gpu_list,
                         help="CUDA devices, e.g. 0 or 0,1 (default: 0 when CUDA is present)")
-    parser.add_argument("--resume", default=None, help="checkpoint to resume training from, or to test/export")
+    parser.add_argument("--resume", default=None, type=home, help="checkpoint to resume training from, or to test/export")
     parser.add_argument("--resume_weights_only", action="store_true",
                         help="with --train --resume: load the weights only, start a fresh optimiser and step count")
     group = parser.add_mutually_exclusive_group(required=True)
@@ -33,8 +34,8 @@ def parse_args(argv=None):
     group.add_argument("--predict", action="store_true", help="same as --export")
     group.add_argument("--export", action="store_true", help="video and mesh of a checkpoint, no metrics")
     parser.add_argument("--skip_test", action="store_true", help="with --train: do not test/export afterwards")
-    parser.add_argument("--exp_dir", default="./exp")
-    parser.add_argument("--runs_dir", default="./runs")
+    parser.add_argument("--exp_dir", default="./exp", type=home)
+    parser.add_argument("--runs_dir", default="./runs", type=home)
     parser.add_argument("--verbose", action="store_true")
     args, overrides = parser.parse_known_args(argv)
     unknown = [o for o in overrides if o.startswith("--")]

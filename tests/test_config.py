@@ -39,6 +39,18 @@ def test_resolvers_and_overrides(path):
     assert abs(cfg.derived.rate ** 500 - 0.1) < 1e-9
 
 
+def test_a_path_typed_with_a_trailing_slash_or_a_tilde(path, monkeypatch, tmp_path):
+    """Tab completion leaves load/lego/ (the trial name must still be lego); a shell leaves
+    dataset.root=~/x unexpanded (not a variable assignment), so the config expands it."""
+    assert load_config(path, ["dataset.root=./load/chair/"]).derived.base == "chair"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(path, ["+dataset.root_dir=~/scans/dtu_scan24", "+dataset.eval_dir=~/DTU-eval",
+                             "+exp_dir=~/exp", "+other=~/left"])
+    assert cfg.dataset.root_dir == str(tmp_path / "scans" / "dtu_scan24")
+    assert cfg.dataset.eval_dir == str(tmp_path / "DTU-eval") and cfg.exp_dir == str(tmp_path / "exp")
+    assert cfg.other == "~/left", "only path options are expanded"
+
+
 def test_a_tag_is_the_text_typed_not_what_yaml_reads_in_it(path, tmp_path):
     """tag=off would be YAML's false (a trial folder named "@<time>"), tag=0123 the octal 83."""
     for text in ("off", "yes", "0123", "1e-3"):

@@ -388,6 +388,16 @@ def test_command_line_mistakes_argparse_can_see_are_refused_before_anything_runs
     assert args.gpu == "0,1"
 
 
+def test_a_tilde_the_shell_left_in_a_path_option_is_the_home_folder(monkeypatch, tmp_path):
+    import launch as launch_module
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args, _ = launch_module.parse_args(["--config=~/c.yaml", "--test", "--resume=~/last.ckpt", "--exp_dir=~/exp",
+                                        "--runs_dir=~/runs"])
+    assert (args.config, args.resume) == (str(tmp_path / "c.yaml"), str(tmp_path / "last.ckpt"))
+    assert (args.exp_dir, args.runs_dir) == (str(tmp_path / "exp"), str(tmp_path / "runs"))
+
+
 @pytest.mark.slow
 def test_incompatible_checkpoint_is_refused(trained):
     tmp, data, trial, _ = trained

@@ -27,7 +27,7 @@ def _register_resolvers() -> None:
         "mul": lambda a, b: a * b,
         "div": lambda a, b: a / b,
         "idiv": lambda a, b: a // b,
-        "basename": lambda p: os.path.basename(p),
+        "basename": lambda p: os.path.basename(os.path.normpath(p)),  # load/mug/ (tab-completed) -> mug
         "calc_exp_lr_decay_rate": lambda factor, n: factor ** (1.0 / n) if n > 0 else 1.0,
     }
     with warnings.catch_warnings():  # omegaconf 2.4 renamed the call; both spellings behave the same here
@@ -164,6 +164,7 @@ def load_config(path: str, overrides: Iterable[str] = (), resolve: bool = True) 
     words = _words_for_numbers(cfg, list(overrides))
     cfg = apply_overrides(cfg, list(overrides))
     _require_mandatory(cfg, path)
+    expand_home(cfg)
     if not resolve:
         return cfg
     try:
@@ -177,6 +178,18 @@ def load_config(path: str, overrides: Iterable[str] = (), resolve: bool = True) 
         raise ConfigError(f"Config '{path}' has an interpolation that cannot be resolved: "
                           f"{str(err).splitlines()[0]}{where}.") from None
     return cfg
+
+
+PATH_OPTIONS = ("dataset.root_dir", "dataset.eval_dir", "exp_dir")
+
+
+def expand_home(cfg: DictConfig) -> None:
+    """``~`` at the start of a path option is the home folder, as a shell has it; the shell itself leaves
+    ``dataset.root_dir=~/scan24`` alone (not a variable assignment), and YAML never expands it."""
+    for key in PATH_OPTIONS:
+        value = _raw_value(cfg, key)
+        if isinstance(value, str) and value.startswith("~"):
+            OmegaConf.update(cfg, key, os.path.expanduser(value), merge=False)
 
 
 def yaml_problem(err: Exception, path: str) -> str:
