@@ -204,7 +204,8 @@ class Capture:
         sizes = [self.undistorters[v.camera.camera_id].size for v in self.views]
         if self.upright % 2:
             sizes = [(h, w) for w, h in sizes]
-        self.size = common_target_size(config, sizes, self.names)  # (w, h) as the images are used
+        # (w, h) as the images are used
+        self.size = common_target_size(config, sizes, self.names, "Images after undistortion")
         self.stored_size = self.size[::-1] if self.upright % 2 else self.size  # before turning
         mask_dir = os.path.join(root, config.get("mask_dir", "masks"))
         self.masks = match_masks(mask_dir, self.names) if os.path.isdir(mask_dir) else {}

@@ -27,7 +27,7 @@ import torch
 
 import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_split
-from datasets.images import load_images, mask_for_image, missing_root_message, target_size
+from datasets.images import common_target_size, load_images, mask_for_image, missing_root_message, stored_size
 from datasets.rays import cameras_up, opencv_look_at, opencv_to_opengl
 from utils.config import number_at_least
 from utils.mesh_metrics import dtu_evaluation_files, dtu_protocol, load_dtu_evaluation, uniform_surface_points
@@ -150,33 +150,37 @@ def load_dtu_split(config: Any, split: str) -> SceneData:
         K, c2w = decompose_projection(P)
         Ks.append(K)
         c2ws.append(c2w)
-    first = load_images([images[indices[0]]])[0]
-    height, width = first.shape[:2]
-    w, h = target_size(config, width, height)
-    sx, sy = w / width, h / height
+    sizes = {i: stored_size(images[i]) for i in indices}  # (w, h); headers only
+    w, h = common_target_size(config, [sizes[i] for i in indices], [images[i] for i in indices])
+
+    def intrinsics(i: int) -> List[float]:
+        """fx, fy, cx, cy of camera ``i`` at the training size: each camera scales with its own image."""
+        sx, sy = w / sizes[i][0], h / sizes[i][1]
+        K = Ks[indices.index(i)]
+        return [K[0, 0] * sx, K[1, 1] * sy, K[0, 2] * sx, K[1, 2] * sy]
 
     if chosen:
-        raw = load_images([images[i] for i in chosen])
-        rgb, alpha = [], []
         raw_masks = load_images([masks[i] for i in chosen], same_size=False) if masks else None
-        for k, img in enumerate(raw):
-            rgb.append(cv2.resize(img[..., :3], (w, h), interpolation=cv2.INTER_AREA) if (w, h) != (width, height)
-                       else img[..., :3])
+        rgb, alpha = [], []
+        for k, img in enumerate(load_images([images[i] for i in chosen], same_size=False)):
+            stored_hw = img.shape[:2]
+
+            def fit(a: np.ndarray) -> np.ndarray:
+                return cv2.resize(a, (w, h), interpolation=cv2.INTER_AREA) if stored_hw != (h, w) else a
+
+            rgb.append(fit(img[..., :3]))
             if raw_masks is not None:
-                m = mask_for_image(raw_masks[k][..., 0], (height, width), masks[chosen[k]])
-                alpha.append(cv2.resize(m, (w, h), interpolation=cv2.INTER_AREA) if (w, h) != (width, height) else m)
+                alpha.append(fit(mask_for_image(raw_masks[k][..., 0], stored_hw, masks[chosen[k]])))
             else:
                 alpha.append(np.full((h, w), 255, np.uint8))
-        pos = [indices.index(i) for i in chosen]
-        intr = np.stack([[Ks[p][0, 0] * sx, Ks[p][1, 1] * sy, Ks[p][0, 2] * sx, Ks[p][1, 2] * sy] for p in pos])
-        c2w_cv = np.stack([c2ws[p] for p in pos])
+        intr = np.array([intrinsics(i) for i in chosen])
+        c2w_cv = np.stack([c2ws[indices.index(i)] for i in chosen])
         images_t, masks_t, has_gt = torch.from_numpy(np.stack(rgb)), torch.from_numpy(np.stack(alpha)), True
         names = [os.path.relpath(images[i], root) for i in chosen]
     else:
         n = number_at_least(config.get("n_test_traj_steps", 60), "dataset.n_test_traj_steps", 1)
         c2w_cv = orbit_trajectory(np.stack(c2ws), n)
-        K = Ks[0]
-        intr = np.tile([K[0, 0] * sx, K[1, 1] * sy, K[0, 2] * sx, K[1, 2] * sy], (n, 1))
+        intr = np.tile(intrinsics(indices[0]), (n, 1))
         images_t = torch.full((n, h, w, 3), 255, dtype=torch.uint8)
         masks_t = torch.full((n, h, w), 255, dtype=torch.uint8)
         has_gt, names = False, [f"orbit_{k}" for k in range(n)]

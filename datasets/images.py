@@ -135,14 +135,27 @@ def load_images(paths: List[str], same_size: bool = True) -> List[np.ndarray]:
     return images
 
 
-def common_target_size(config: Any, sizes: List[tuple], names: List[str]) -> tuple[int, int]:
-    """One training size: ``img_wh`` for images of mixed sizes, else the shared rules (``target_size``)."""
+def stored_size(path: str) -> Tuple[int, int]:
+    """(width, height) of an image file as stored, from its header (the pixels are not decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except Exception:  # a format Pillow does not know, or a damaged file: read_image decodes it or names it
+        img = read_image(path)
+        return img.shape[1], img.shape[0]
+
+
+def common_target_size(config: Any, sizes: List[tuple], names: List[str], whose: str = "Images") -> tuple[int, int]:
+    """One training size for images of sizes ``sizes`` ((w, h) each): ``img_wh`` for images of mixed sizes (each
+    scaled on its own), else the shared rules (``target_size``). ``whose`` starts the mixed-sizes message."""
     if config.get("img_wh") is not None and len(set(sizes)) > 1:
         return requested_size(config)
     odd = [k for k, s in enumerate(sizes) if s != sizes[0]]
     if odd:
         k = odd[0]
-        raise DatasetError(f"Images have mixed sizes after undistortion: {names[k]} is {sizes[k][0]}x{sizes[k][1]} "
+        raise DatasetError(f"{whose} have mixed sizes: {names[k]} is {sizes[k][0]}x{sizes[k][1]} "
                            f"but {names[0]} is {sizes[0][0]}x{sizes[0][1]}; set dataset.img_wh=[W,H] to train on "
                            "one size.")
     return target_size(config, *sizes[0])
