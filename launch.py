@@ -103,14 +103,24 @@ def acknowledge_lightning_sigterm(record) -> bool:
 
 
 def choose_devices(gpu: str | None):
-    """(accelerator, devices, precision note). CUDA_VISIBLE_DEVICES must be set before torch touches CUDA."""
-    if gpu is not None:
-        os.environ.setdefault("CUDA_VISIBLE_DEVICES", gpu)
+    """(accelerator, number of devices). CUDA_VISIBLE_DEVICES must be set before torch touches CUDA.
+
+    A CUDA_VISIBLE_DEVICES set before launch (a scheduler's allocation, e.g. SLURM's) is kept: ``--gpu`` then
+    only says how many of those devices to use."""
+    preset = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if gpu is not None and preset is None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     import torch
 
     if torch.cuda.is_available():
-        n = len(gpu.split(",")) if gpu else 1
-        names = ", ".join(torch.cuda.get_device_name(i) for i in range(min(n, torch.cuda.device_count())))
+        wanted, visible = len(gpu.split(",")) if gpu else 1, torch.cuda.device_count()
+        if gpu is not None and preset is not None and preset.replace(" ", "") != gpu:
+            log.warning(f"CUDA_VISIBLE_DEVICES={preset} was set before launch and is kept; --gpu {gpu} only says "
+                        f"how many of its devices to use ({wanted}).")
+        if wanted > visible:
+            log.warning(f"--gpu {gpu} asks for {wanted} GPUs but CUDA shows {visible}: training on {visible}.")
+        n = min(wanted, visible)
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(n))
         log.info(f"Device: {n} CUDA GPU(s) ({names}), mixed precision where the config asks for it")
         return "gpu", n
     if gpu is not None:

@@ -493,6 +493,34 @@ def test_gpu_asked_for_but_unusable_says_why(monkeypatch):
                                                        "device numbers that nvidia-smi lists")
 
 
+@pytest.mark.parametrize("preset, gpu, visible, expected, said", [
+    (None, "1", 2, 1, None),
+    (None, "0,1", 1, 1, "--gpu 0,1 asks for 2 GPUs but CUDA shows 1: training on 1."),
+    ("3", "0,1", 1, 1, "CUDA_VISIBLE_DEVICES=3 was set before launch and is kept; --gpu 0,1 only says how many"),
+    ("3,5", "0,1", 2, 2, "CUDA_VISIBLE_DEVICES=3,5 was set before launch and is kept"),
+    ("0,1", "0,1", 2, 2, None),
+])
+def test_gpu_count_fits_the_devices_cuda_shows(monkeypatch, caplog, preset, gpu, visible, expected, said):
+    """A scheduler's CUDA_VISIBLE_DEVICES (SLURM's allocation) is kept, so --gpu 0,1 on a one-GPU allocation asked
+    Lightning for two devices and stopped in its device check; it now trains on what CUDA shows, and says so."""
+    import launch as launcher
+
+    if preset is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", preset)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU{i}")
+    monkeypatch.setattr(launcher.log, "propagate", True)  # an in-process launch before this one turned it off
+    with caplog.at_level("INFO", logger="nsr"):
+        assert launcher.choose_devices(gpu) == ("gpu", expected)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == (preset or gpu)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert (said is None and not warnings) or (said is not None and any(said in w for w in warnings)), warnings
+    assert f"Device: {expected} CUDA GPU(s)" in caplog.text
+
+
 def test_a_run_that_fails_with_a_bug_still_leaves_no_empty_trial_folder(tmp_path, monkeypatch):
     """Only the errors launch.py words used to clean up; a traceback left an empty exp/<name>/<trial>/ behind."""
     import datasets
