@@ -24,7 +24,8 @@ def parse_args(argv=None):
     parser.add_argument("--config", required=True, type=home, help="path to a YAML config")
     parser.add_argument("--gpu", default=None, type=gpu_list,
                         help="CUDA devices, e.g. 0 or 0,1 (default: 0 when CUDA is present)")
-    parser.add_argument("--resume", default=None, type=home, help="checkpoint to resume training from, or to test/export")
+    parser.add_argument("--resume", default=None, type=home,
+                        help="checkpoint to resume training from, or to test/export")
     parser.add_argument("--resume_weights_only", action="store_true",
                         help="with --train --resume: load the weights only, start a fresh optimiser and step count")
     group = parser.add_mutually_exclusive_group(required=True)
@@ -413,6 +414,15 @@ def run(argv=None) -> int:
                       f"configs/*.yaml have every key) or on the command line as +{key}=VALUE.")
         remove_empty(created)
         return 2
+    except OSError as err:  # a full disk (or quota) while writing checkpoints, logs or outputs: said, not a traceback
+        from utils.io import disk_full_error
+
+        full = disk_full_error(err, err.filename or os.path.join(config.exp_dir, "x"))
+        if full is None or args.verbose:
+            remove_empty(created)
+            raise
+        remove_empty(created)
+        return report_disk_full(full, mode, config, args.resume)
     except KeyboardInterrupt:  # outside Lightning's stages: while loading, building, or between training and test
         log.error("Stopped by SIGINT (Ctrl-C); every file written so far is whole.")
         remove_empty(created)
@@ -494,6 +504,24 @@ def report_quit(step: int, config, checkpointing: bool = True) -> int:
         message += " No checkpoint had been written yet."
     log.error(message)
     return 130
+
+
+def report_disk_full(err: OSError, mode: str, config, resumed: str | None) -> int:
+    """Message and exit status (1) of a run whose disk filled up: every file already written is whole (the writes
+    are atomic); say what to run once there is space, from the newest checkpoint."""
+    import re
+
+    ckpts = glob.glob(os.path.join(glob.escape(config.get("ckpt_dir", "")), "*.ckpt")) if mode == "train" else []
+    ckpt = max(ckpts, key=os.path.getmtime) if ckpts else resumed
+    message = f"{err.strerror}. Free some space or give --exp_dir/--runs_dir on another disk"
+    if ckpt:
+        step = re.search(r"step=(\d+)", os.path.basename(ckpt))
+        trained = mode == "train" and step is not None and int(step.group(1)) >= int(config.trainer.max_steps)
+        action = ("--test" if trained else "--train") if mode == "train" else f"--{mode}"
+        what = "continue" if action == "--train" else "redo it"
+        message += f"; then {what} with: {resume_command(config, ckpt, action)}"
+    log.error(message + ".")
+    return 1
 
 
 def resume_command(config, ckpt: str, action: str) -> str:

@@ -162,9 +162,14 @@ def main(argv=None) -> int:
     for key, value in result.items():
         print(f"{key:>18s}  {value:.5g}" if isinstance(value, float) else f"{key:>18s}  {value}")
     if args.json:
-        from utils.io import write_json
+        from utils.io import DiskFullError, write_json
 
-        write_json(args.json, result)
+        try:
+            write_json(args.json, result)
+        except DiskFullError as err:
+            print(f"eval_mesh: {err.strerror}; the result is the JSON line below.", file=sys.stderr)
+            print(json.dumps(result))
+            return 1
     print(json.dumps(result))
     return 0
 

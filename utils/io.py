@@ -7,8 +7,11 @@ video where a good one was.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
+import sys
 import tempfile
 from typing import Iterable, Iterator, Sequence
 
@@ -17,9 +20,36 @@ import imageio.v2 as imageio
 import numpy as np
 
 
+class DiskFullError(OSError):
+    """A write stopped because its disk (or the user's quota) is full; the message names the folder."""
+
+
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def disk_full_error(err: BaseException, path: str) -> DiskFullError | None:
+    """The DiskFullError to raise for ``err``, a failed write of ``path``, when a full disk caused it; else None.
+
+    The cause is an ENOSPC/EDQUOT OSError, or any failure while the disk has under 1 MiB free: torch's zip
+    writer words a full disk as "unexpected pos 8320 vs 8216", and ffmpeg only prints it."""
+    if isinstance(err, DiskFullError):
+        return err
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    if getattr(err, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and (free is None or free >= NEARLY_FULL_BYTES):
+        return None
+    left = f" ({free / 2 ** 20:.1f} MiB free)" if free is not None else ""
+    return DiskFullError(errno.ENOSPC, f"The disk holding {folder} is full{left}: {os.path.basename(path)} could not "
+                                       "be written, and no file written before was touched")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path in the destination folder; rename it to ``path`` on success."""
+    """Yield a temporary path in the destination folder; rename it to ``path`` on success. A write that fails
+    for want of disk space is a DiskFullError (see ``disk_full_error``)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     suffix = os.path.splitext(path)[1]
@@ -28,6 +58,11 @@ def atomic_path(path: str) -> Iterator[str]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except Exception as err:
+        full = disk_full_error(err, path)  # asked while the partial file still fills the disk
+        if full is not None and full is not err:
+            raise full from err
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -40,8 +75,6 @@ def atomic_folder(path: str, prefix: str = ".tmp-") -> Iterator[str]:
     For outputs made of many files (a rendered scene, extracted frames, a NeuS-format scene): a failed or
     interrupted run never leaves a half-filled folder, and the old one stays until the new one is complete.
     """
-    import shutil
-
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
@@ -50,9 +83,24 @@ def atomic_folder(path: str, prefix: str = ".tmp-") -> Iterator[str]:
         if os.path.isdir(path):
             shutil.rmtree(path)
         os.replace(tmp, path)
+    except Exception as err:
+        full = disk_full_error(err, path)
+        if full is not None and full is not err:
+            raise full from err
+        raise
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
+
+
+def script_status_if_disk_full(err: Exception, path: str, program: str) -> int | None:
+    """For a script's main: when ``err`` comes of a full disk where ``path`` is written, print that in one sentence
+    and return the exit status (1); None for any other error, which the script raises on."""
+    full = disk_full_error(err, path)
+    if full is None:
+        return None
+    print(f"{program}: {full.strerror}; free some space and run it again.", file=sys.stderr)
+    return 1
 
 
 def write_json(path: str, data) -> None:
@@ -62,8 +110,9 @@ def write_json(path: str, data) -> None:
 
 def write_image(path: str, image: np.ndarray) -> None:
     """Write an (H, W, 3) or (H, W) uint8 image (PNG/JPG by extension)."""
-    with atomic_path(path) as tmp:
-        imageio.imwrite(tmp, image, format=os.path.splitext(path)[1][1:] or "png")
+    encoded = imageio.imwrite("<bytes>", image, format=os.path.splitext(path)[1][1:] or "png")
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # imageio's own file, failing to close on a full disk,
+        f.write(encoded)                                 # raised again from its finaliser, after the report
 
 
 def to_uint8(img: np.ndarray, data_range=(0.0, 1.0)) -> np.ndarray:
@@ -100,7 +149,12 @@ def pad_to_macro_block(frame: np.ndarray, block: int = 16) -> np.ndarray:
 
 def write_video(path: str, frames: Iterable[np.ndarray], fps: int = 30) -> int:
     """H.264/yuv420p MP4 from (H, W, 3) uint8 frames, sizes padded to the 16-pixel macro block. ``frames`` may be a
-    generator: each frame is encoded as it comes, so a long trajectory is never all in memory. Returns the count."""
+    generator: each frame is encoded as it comes, so a long trajectory is never all in memory. Returns the count.
+
+    ffmpeg's exit status is not reported by imageio (a full disk left a truncated MP4 that looked written), so
+    the file's frames are counted before it takes ``path``'s place."""
+    import imageio_ffmpeg
+
     count = 0
     with atomic_path(path) as tmp:
         writer = imageio.get_writer(tmp, format="FFMPEG", mode="I", fps=fps, codec="libx264",
@@ -114,4 +168,10 @@ def write_video(path: str, frames: Iterable[np.ndarray], fps: int = 30) -> int:
             writer.close()
         if count == 0:
             raise ValueError(f"No frames to write to {path}.")
+        try:
+            readable = imageio_ffmpeg.count_frames_and_secs(tmp)[0]
+        except RuntimeError:
+            readable = 0
+        if readable != count:
+            raise OSError(f"ffmpeg did not finish {path}: {readable} of its {count} frames can be read back.")
     return count

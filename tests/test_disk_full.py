@@ -1,0 +1,136 @@
+"""A disk (or quota) that fills up during a write: one sentence naming the folder, no partial file, and every file
+written before, the one being replaced included, left whole."""
+import errno
+import glob
+import os
+import shutil
+import subprocess
+from collections import namedtuple
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+
+from utils.callbacks import AtomicCheckpointIO
+from utils.io import DiskFullError, write_image, write_video
+
+DiskUsage = namedtuple("DiskUsage", "total used free")
+TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 8320 vs 8216"  # how torch.save says it
+
+
+@pytest.fixture
+def disk_reports_full(monkeypatch):
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: DiskUsage(1 << 30, (1 << 30) - 4096, 4096))
+
+
+def noise_frames(n, size=128, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_torch_cut_short_on_a_full_disk_is_said_as_a_full_disk_and_the_old_checkpoint_stays(
+        tmp_path, monkeypatch, disk_reports_full):
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, path)
+
+    def cut_short(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 partial")
+        raise RuntimeError(TORCH_FULL_DISK)
+
+    monkeypatch.setattr(torch, "save", cut_short)
+    with pytest.raises(DiskFullError) as caught:
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
+    assert caught.value.strerror == (f"The disk holding {tmp_path} is full (0.0 MiB free): last.ckpt could not be "
+                                     "written, and no file written before was touched")
+    assert caught.value.errno == errno.ENOSPC
+    assert os.listdir(tmp_path) == ["last.ckpt"] and torch.load(path, weights_only=True) == {"step": 1}
+
+
+def test_a_failure_with_space_left_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="^a bug$"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, tmp_path / "a.ckpt")
+    quota = OSError(errno.EDQUOT, "Disk quota exceeded")  # a quota fills with the disk half empty
+    monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(quota))
+    with pytest.raises(DiskFullError, match="a.ckpt could not be written"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, tmp_path / "a.ckpt")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_video_ffmpeg_could_not_finish_is_not_put_in_place(tmp_path, monkeypatch, disk_reports_full):
+    """imageio does not report ffmpeg's exit status: on a full disk a truncated MP4 was renamed into place."""
+    import imageio_ffmpeg
+
+    path = str(tmp_path / "orbit.mp4")
+    assert write_video(path, noise_frames(5)) == 5
+    before = open(path, "rb").read()
+    real_count = imageio_ffmpeg.count_frames_and_secs
+    monkeypatch.setattr(imageio_ffmpeg, "count_frames_and_secs", lambda p: (real_count(p)[0] - 2, 0.0))
+    with pytest.raises(DiskFullError, match="orbit.mp4 could not be written"):
+        write_video(path, noise_frames(5, seed=1))
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["orbit.mp4"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 384 KiB file system (tmpfs), where the machine lets this user mount one."""
+    folder = tmp_path / "small"
+    folder.mkdir()
+    mounted = shutil.which("mount") and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=384k", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("mounting a small tmpfs needs root; the simulated full disks above are still tested")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)  # detached now, freed once nothing holds it
+
+
+def test_writes_on_a_disk_that_really_fills_up(small_disk):
+    image = noise_frames(1, 64)[0]
+    write_image(str(small_disk / "small.png"), image)
+    AtomicCheckpointIO().save_checkpoint({"w": torch.ones(8)}, small_disk / "last.ckpt")
+    with pytest.raises(DiskFullError, match=rf"^\[Errno 28\] The disk holding {small_disk} is full"):
+        write_image(str(small_disk / "large.png"), noise_frames(1, 512)[0])  # 768 KiB of noise
+    with pytest.raises(DiskFullError, match="last.ckpt could not be written"):
+        AtomicCheckpointIO().save_checkpoint({"w": torch.randn(200_000)}, small_disk / "last.ckpt")
+    with pytest.raises(DiskFullError, match="orbit.mp4 could not be written"):
+        write_video(str(small_disk / "orbit.mp4"), noise_frames(30, 256))
+    assert sorted(os.listdir(small_disk)) == ["last.ckpt", "small.png"]
+    assert np.array_equal(imageio.imread(small_disk / "small.png"), image)
+    assert torch.equal(torch.load(small_disk / "last.ckpt", weights_only=True)["w"], torch.ones(8))
+
+
+def test_launch_says_the_disk_is_full_and_how_to_redo_the_test(tmp_path, monkeypatch, capsys, disk_reports_full):
+    import imageio_ffmpeg
+
+    import launch as launcher
+
+    monkeypatch.setattr(imageio_ffmpeg, "count_frames_and_secs", lambda p: (0, 0.0))  # the video is cut short
+    status = launcher.main(["--config", "configs/nerf-demo.yaml", "--exp_dir", str(tmp_path / "exp"), "--runs_dir",
+                            str(tmp_path / "runs"), "--train", "trainer.max_steps=2", "+trainer.limit_test_batches=1",
+                            "model.geometry.isosurface.resolution=32"])
+    said = "".join(capsys.readouterr())
+    assert status == 1 and "Traceback" not in said, said[-2000:]
+    ckpt = glob.glob(str(tmp_path / "exp" / "nerf-demo" / "*" / "ckpt" / "*.ckpt"))
+    assert len(ckpt) == 1 and torch.load(ckpt[0], weights_only=True)["global_step"] == 2
+    line = [ln for ln in said.splitlines() if "is full" in ln]
+    assert len(line) == 1, said[-2000:]
+    assert ("-test.mp4 could not be written, and no file written before was touched. Free some space or give "
+            "--exp_dir/--runs_dir on another disk; then redo it with: python launch.py --config ") in line[0]
+    assert line[0].endswith(f"--resume {ckpt[0]} --test."), line[0]
+    assert not glob.glob(str(tmp_path / "exp" / "**" / ".tmp-*"), recursive=True)
+
+
+def test_a_capture_script_on_a_disk_that_fills_up_says_so_and_leaves_no_half_filled_folder(small_disk, tmp_path,
+                                                                                             capsys):
+    from scripts import imgs2poses
+
+    rng = np.random.default_rng(0)
+    video = str(tmp_path / "noise.mp4")
+    write_video(video, (rng.integers(0, 256, (240, 320, 3), dtype=np.uint8) for _ in range(60)))
+    assert imgs2poses.main([str(small_disk / "scene"), "--video", video, "--fps", "10"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"imgs2poses: The disk holding {small_disk / 'scene'} is full (0.0 MiB free): images could not be "
+                   "written, and no file written before was touched; free some space and run it again."), err
+    assert os.listdir(small_disk / "scene") == []
