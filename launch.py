@@ -417,7 +417,7 @@ def run(argv=None) -> int:
     except OSError as err:  # a full disk (or quota) while writing checkpoints, logs or outputs: said, not a traceback
         from utils.io import disk_full_error
 
-        full = disk_full_error(err, err.filename or os.path.join(config.exp_dir, "x"))
+        full = disk_full_error(err, err.filename or os.path.join(config.exp_dir, "x"), atomic=False)
         if full is None or args.verbose:
             remove_empty(created)
             raise

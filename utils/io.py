@@ -27,11 +27,12 @@ class DiskFullError(OSError):
 NEARLY_FULL_BYTES = 1 << 20
 
 
-def disk_full_error(err: BaseException, path: str) -> DiskFullError | None:
+def disk_full_error(err: BaseException, path: str, atomic: bool = True) -> DiskFullError | None:
     """The DiskFullError to raise for ``err``, a failed write of ``path``, when a full disk caused it; else None.
 
     The cause is an ENOSPC/EDQUOT OSError, or any failure while the disk has under 1 MiB free: torch's zip
-    writer words a full disk as "unexpected pos 8320 vs 8216", and ffmpeg only prints it."""
+    writer words a full disk as "unexpected pos 8320 vs 8216", and ffmpeg only prints it. ``atomic``: the write
+    was to a temporary file (``atomic_path``), so the message can say that nothing written before was touched."""
     if isinstance(err, DiskFullError):
         return err
     folder = os.path.dirname(os.path.abspath(path))
@@ -42,8 +43,9 @@ def disk_full_error(err: BaseException, path: str) -> DiskFullError | None:
     if getattr(err, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and (free is None or free >= NEARLY_FULL_BYTES):
         return None
     left = f" ({free / 2 ** 20:.1f} MiB free)" if free is not None else ""
+    untouched = ", and no file written before was touched" if atomic else ""
     return DiskFullError(errno.ENOSPC, f"The disk holding {folder} is full{left}: {os.path.basename(path)} could not "
-                                       "be written, and no file written before was touched")
+                                       f"be written{untouched}")
 
 
 @contextlib.contextmanager
