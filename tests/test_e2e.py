@@ -337,7 +337,7 @@ def test_stop_message_is_a_command_to_paste(caplog):
     """The command printed after Ctrl-C survives a space in the experiment folder."""
     from omegaconf import OmegaConf
 
-    from launch import report_stopped
+    from utils.stops import report_stopped
 
     ckpt = "/data/my runs/neus/t@1/ckpt/epoch=0-step=5.ckpt"
     config = OmegaConf.create({"config_dir": "/data/my runs/neus/t@1/config"})
