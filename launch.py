@@ -306,10 +306,11 @@ def run(argv=None) -> int:
     from utils.config import to_primitive, whole_step_counts
     from utils.config_keys import describe as describe_unread, unread_keys
     from utils.mesh import MeshError
-    from utils.stops import report_disk_full, report_non_finite, report_quit, report_stopped, report_stopped_output
+    from utils.stops import (failed_stage, memory_exhausted, report_disk_full, report_non_finite,
+                             report_out_of_memory, report_quit, report_stopped, report_stopped_output)
 
     mode = "train" if args.train else "validate" if args.validate else "test" if args.test else "export"
-    created = []
+    created, trainer = [], None
     try:
         unread = unread_keys(raw_config)
         if unread:
@@ -424,6 +425,12 @@ def run(argv=None) -> int:
             raise
         remove_empty(created)
         return report_disk_full(full, mode, config, args.resume)
+    except (MemoryError, RuntimeError) as err:  # RuntimeError: torch's OutOfMemoryError, a CPU allocation refused
+        device = memory_exhausted(err)
+        remove_empty(created)
+        if device is None or args.verbose:
+            raise
+        return report_out_of_memory(err, device, failed_stage(err, trainer), mode, config, args.resume)
     except KeyboardInterrupt:  # outside Lightning's stages: while loading, building, or between training and test
         log.error("Stopped by SIGINT (Ctrl-C); every file written so far is whole.")
         remove_empty(created)

@@ -108,3 +108,97 @@ def report_non_finite(err, trainer, system, ckpt_dir: str | None) -> int:
     message += " Lower the learning rate or check the data, then --resume."
     log.error(message)
     return 3
+
+
+MESH_FUNCTIONS = ("evaluate_grid", "marching_cubes", "fuse_mesh", "export_mesh")
+
+
+def memory_exhausted(err: BaseException) -> str | None:
+    """'GPU' or 'CPU' when ``err`` is an allocation that did not fit in that memory, else None."""
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError):
+        return "GPU"
+    if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err)):
+        return "CPU"
+    return None
+
+
+def allocation_size(err: BaseException) -> str | None:
+    """How much the failed allocation asked for, as its message says it (torch on CUDA or CPU, NumPy)."""
+    text = str(err)
+    found = re.search(r"(?:[Tt]ried|Unable) to allocate ([\d.]+) ?([KMGTP]iB)", text)
+    if found:  # NumPy writes "256. GiB"
+        return f"{float(found.group(1)):g} {found.group(2)}"
+    found = re.search(r"tried to allocate (\d+) bytes", text)
+    return f"{int(found.group(1)) / 2 ** 30:.2f} GiB" if found else None
+
+
+def raised_in(err: BaseException, functions: tuple) -> bool:
+    """Whether a function of one of these names is on ``err``'s traceback."""
+    tb = err.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name in functions:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def failed_stage(err: BaseException, trainer) -> str | None:
+    """The stage ``err`` was raised in: 'train', 'validate', 'test' or 'predict' (as Lightning names them), from
+    the functions on its traceback (Lightning resets its own stage before re-raising); None outside them."""
+    if raised_in(err, ("validation_step", "on_validation_epoch_end")):
+        return "validate"
+    if raised_in(err, ("test_step", "on_test_epoch_end")):
+        return "test"
+    if raised_in(err, ("predict_step", "on_predict_epoch_end")):
+        return "predict"
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    return "train" if fn is not None and fn.value == "fit" else None
+
+
+def memory_options(err: BaseException, device: str, stage: str | None, config) -> list:
+    """(option, value now) pairs that bound the memory of what ran out, the first being the one to halve."""
+    model = config.model
+    if stage == "train":
+        rays = "model.max_train_num_rays" if model.get("dynamic_ray_sampling") else "model.train_num_rays"
+        return [(rays, model.get(rays.split(".")[1])), ("model.num_samples_per_ray", model.get("num_samples_per_ray"))]
+    if stage is None:
+        return []
+    if raised_in(err, MESH_FUNCTIONS):
+        iso = model.geometry.get("isosurface") or {}
+        if device == "CPU":  # the grid of field values is a NumPy array of resolution^3 floats
+            return [("model.geometry.isosurface.resolution", iso.get("resolution"))]
+        return [("model.geometry.isosurface.chunk", iso.get("chunk")), ("export.chunk_size",
+                                                                       config.get("export", {}).get("chunk_size"))]
+    return [("model.ray_chunk", model.get("ray_chunk"))]
+
+
+def report_out_of_memory(err: BaseException, device: str, stage: str | None, mode: str, config,
+                         resumed: str | None) -> int:
+    """Message and exit status (1) of a run that ran out of GPU or CPU memory: where, how much was asked for,
+    which option bounds it (with half its value to try), and the command that goes on from the newest checkpoint.
+    ``stage``: Lightning's stage when it happened ('train', 'validate', 'test', ...; None before any)."""
+    doing = {"train": "training", "validate": "rendering the validation images",
+             "test": "rendering the test images and video", "predict": "rendering the test images and video"
+             }.get(stage, "loading the data and building the model")
+    if stage in ("test", "predict") and raised_in(err, MESH_FUNCTIONS):
+        doing = "extracting the mesh"
+    asked = allocation_size(err)
+    message = f"Out of {device} memory while {doing}{f' (it asked for {asked} more)' if asked else ''}"
+    options = [(key, value) for key, value in memory_options(err, device, stage, config) if value is not None]
+    override = ""
+    if options:
+        key, value = options[0]
+        override = f"{key}={max(int(value) // 2, 1)}"
+        others = "".join(f" or {k} (now {v})" for k, v in options[1:])
+        message += f"; lower {key} (now {value}){others}, e.g. {override}"
+    ckpts = glob.glob(os.path.join(glob.escape(config.get("ckpt_dir", "")), "*.ckpt")) if mode == "train" else []
+    ckpt = max(ckpts, key=os.path.getmtime) if ckpts else resumed
+    if ckpt:
+        during_fit = mode == "train" and stage in ("train", "validate")
+        action = "--train" if during_fit else "--test" if mode == "train" else f"--{mode}"
+        what = "continue" if action == "--train" else "redo it"
+        message += f"; then {what} with: {resume_command(config, ckpt, action)} {override}".rstrip()
+    log.error(message + ".")
+    return 1
