@@ -114,6 +114,9 @@ def choose_devices(gpu: str | None):
     import torch
 
     if torch.cuda.is_available():
+        problem = unusable_gpu(torch)
+        if problem:
+            raise UserError(problem)
         wanted, visible = len(gpu.split(",")) if gpu else 1, torch.cuda.device_count()
         if gpu is not None and preset is not None and preset.replace(" ", "") != gpu:
             log.warning(f"CUDA_VISIBLE_DEVICES={preset} was set before launch and is kept; --gpu {gpu} only says "
@@ -129,6 +132,26 @@ def choose_devices(gpu: str | None):
     else:
         log.info("Device: CPU (no CUDA device found), fp32")
     return "cpu", 1
+
+
+def unusable_gpu(torch) -> str | None:
+    """Why CUDA's first device cannot run this PyTorch's kernels (None when it can), found with one tiny kernel
+    before the model is built: a GPU older than the build supports ("no kernel image is available"), or one
+    another process holds in exclusive mode ("busy or unavailable")."""
+    index = int(os.environ.get("LOCAL_RANK", 0))  # a DDP rank checks its own device, making no context on GPU 0
+    try:
+        torch.ones(1, device=f"cuda:{index}").add_(1).cpu()
+        return None
+    except RuntimeError as err:
+        name, (major, minor) = torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
+        cpu_run = "to run on the CPU instead, start with CUDA_VISIBLE_DEVICES= (empty)"
+        built = sorted(int(a[3:]) for a in torch.cuda.get_arch_list() if a.startswith("sm_"))
+        if built and 10 * major + minor < built[0]:
+            return (f"GPU {name} (compute capability {major}.{minor}) is older than this PyTorch "
+                    f"{torch.__version__} supports (sm_{built[0]} and newer); install a PyTorch build for it "
+                    f"(https://pytorch.org/get-started/previous-versions/), or, {cpu_run}.")
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"CUDA cannot run on GPU {name} ({reason}); check nvidia-smi, or, {cpu_run}."
 
 
 def folder_problem(path: str) -> str | None:
@@ -290,7 +313,11 @@ def run(argv=None) -> int:
         if problem:  # found before anything runs, not as a traceback from a logger after the model is built
             log.error(f"{option} {folder} cannot be written: {problem}; give a folder you can write to.")
             return 2
-    accelerator, n_devices = choose_devices(args.gpu)
+    try:
+        accelerator, n_devices = choose_devices(args.gpu)
+    except UserError as err:
+        log.error(str(err))
+        return 2
 
     import pytorch_lightning as pl
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError

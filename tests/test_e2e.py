@@ -513,12 +513,44 @@ def test_gpu_count_fits_the_devices_cuda_shows(monkeypatch, caplog, preset, gpu,
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU{i}")
     monkeypatch.setattr(launcher.log, "propagate", True)  # an in-process launch before this one turned it off
+    monkeypatch.setattr(launcher, "unusable_gpu", lambda torch: None)  # its kernel would need a real GPU
     with caplog.at_level("INFO", logger="nsr"):
         assert launcher.choose_devices(gpu) == ("gpu", expected)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == (preset or gpu)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert (said is None and not warnings) or (said is not None and any(said in w for w in warnings)), warnings
     assert f"Device: {expected} CUDA GPU(s)" in caplog.text
+
+
+def test_a_gpu_this_pytorch_cannot_run_is_named_before_anything_is_built(monkeypatch, tmp_path, capsys):
+    """An old GPU with a new PyTorch wheel (or a GPU held in exclusive mode) failed at the model's first kernel with
+    "CUDA error: no kernel image is available for execution on the device", as a traceback."""
+    from types import SimpleNamespace
+
+    import launch as launcher
+
+    def fake_torch(error, capability):
+        def ones(*args, **kwargs):
+            raise RuntimeError(error)
+        return SimpleNamespace(__version__="2.13.0+cu128", ones=ones, cuda=SimpleNamespace(
+            get_device_name=lambda i: "Tesla P100-PCIE-16GB", get_device_capability=lambda i: capability,
+            get_arch_list=lambda: ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]))
+
+    old = fake_torch("CUDA error: no kernel image is available for execution on the device\nCUDA kernel errors...",
+                     (6, 0))
+    assert launcher.unusable_gpu(old) == (
+        "GPU Tesla P100-PCIE-16GB (compute capability 6.0) is older than this PyTorch 2.13.0+cu128 supports (sm_75 "
+        "and newer); install a PyTorch build for it (https://pytorch.org/get-started/previous-versions/), or, to run "
+        "on the CPU instead, start with CUDA_VISIBLE_DEVICES= (empty).")
+    busy = fake_torch("CUDA error: CUDA-capable device(s) is/are busy or unavailable", (8, 0))
+    assert launcher.unusable_gpu(busy).startswith("CUDA cannot run on GPU Tesla P100-PCIE-16GB (CUDA error: "
+                                                  "CUDA-capable device(s) is/are busy or unavailable); check nvidia-smi")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(launcher, "unusable_gpu", lambda torch: "GPU X is older than this PyTorch supports.")
+    assert launcher.main(["--config", "configs/nerf-demo.yaml", "--exp_dir", str(tmp_path / "exp"), "--runs_dir",
+                          str(tmp_path / "runs"), "--train"]) == 2
+    assert "GPU X is older than this PyTorch supports." in capsys.readouterr().out
+    assert not (tmp_path / "exp").exists(), "refused before any folder is made"
 
 
 def test_a_run_that_fails_with_a_bug_still_leaves_no_empty_trial_folder(tmp_path, monkeypatch):
