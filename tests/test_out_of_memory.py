@@ -14,8 +14,8 @@ CUDA_OOM = ("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total c
 
 
 def test_what_counts_as_running_out_of_memory_and_how_much_was_asked_for():
-    assert memory_exhausted(torch.OutOfMemoryError(CUDA_OOM)) == "GPU" and allocation_size(
-        torch.OutOfMemoryError(CUDA_OOM)) == "2 GiB"
+    assert memory_exhausted(torch.cuda.OutOfMemoryError(CUDA_OOM)) == "GPU" and allocation_size(
+        torch.cuda.OutOfMemoryError(CUDA_OOM)) == "2 GiB"
     with pytest.raises(RuntimeError) as cpu:
         torch.empty(2 ** 50, dtype=torch.uint8)  # 1 PiB: more than any address space
     assert memory_exhausted(cpu.value) == "CPU" and allocation_size(cpu.value) == f"{2 ** 20:.2f} GiB"
@@ -45,7 +45,7 @@ def test_gpu_memory_running_out_in_training_names_the_ray_budget_and_the_command
 
     def step_that_runs_out_at_step_3(self, batch, batch_idx):
         if self.global_step == 3:
-            raise torch.OutOfMemoryError(CUDA_OOM)
+            raise torch.cuda.OutOfMemoryError(CUDA_OOM)
         return real_step(self, batch, batch_idx)
 
     monkeypatch.setattr(NeRFSystem, "training_step", step_that_runs_out_at_step_3)
@@ -90,10 +90,10 @@ def test_rendering_and_mesh_stages_name_their_own_chunk(caplog):
                                "model": {"ray_chunk": 4096, "geometry": {"isosurface": {"chunk": 2097152}}}})
 
     def test_step():
-        raise torch.OutOfMemoryError(CUDA_OOM)
+        raise torch.cuda.OutOfMemoryError(CUDA_OOM)
 
     def export_mesh():
-        raise torch.OutOfMemoryError(CUDA_OOM)
+        raise torch.cuda.OutOfMemoryError(CUDA_OOM)
 
     def on_test_epoch_end():
         export_mesh()
@@ -102,7 +102,7 @@ def test_rendering_and_mesh_stages_name_their_own_chunk(caplog):
     for name, stage_fn in (("render", test_step), ("mesh", on_test_epoch_end)):
         try:
             stage_fn()
-        except torch.OutOfMemoryError as err:
+        except torch.cuda.OutOfMemoryError as err:
             assert failed_stage(err, None) == "test"
             caplog.clear()
             with caplog.at_level("ERROR", logger="nsr"):

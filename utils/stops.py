@@ -117,7 +117,7 @@ def memory_exhausted(err: BaseException) -> str | None:
     """'GPU' or 'CPU' when ``err`` is an allocation that did not fit in that memory, else None."""
     import torch
 
-    if isinstance(err, torch.OutOfMemoryError):
+    if isinstance(err, torch.cuda.OutOfMemoryError):
         return "GPU"
     if isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "can't allocate memory" in str(err)):
         return "CPU"
