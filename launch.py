@@ -443,15 +443,23 @@ def run(argv=None) -> int:
                       f"configs/*.yaml have every key) or on the command line as +{key}=VALUE.")
         remove_empty(created)
         return 2
-    except OSError as err:  # a full disk (or quota) while writing checkpoints, logs or outputs: said, not a traceback
+    except OSError as err:  # a full disk, a read-only or forbidden folder: said, not a traceback
+        import errno
+
         from utils.io import disk_full_error
 
-        full = disk_full_error(err, err.filename or os.path.join(config.exp_dir, "x"), atomic=False)
-        if full is None or args.verbose:
-            remove_empty(created)
-            raise
         remove_empty(created)
-        return report_disk_full(full, mode, config, args.resume)
+        full = disk_full_error(err, err.filename or os.path.join(config.exp_dir, "x"), atomic=False)
+        if args.verbose or (full is None and not (err.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+                                                  and err.filename)):
+            raise
+        if full is not None:
+            return report_disk_full(full, mode, config, args.resume)
+        path = str(err.filename)  # a temporary file's name (.tmp-*, .demo-*) says less than its folder
+        path = os.path.dirname(path) if os.path.basename(path).startswith(".") else path
+        log.error(f"{path}: {err.strerror}; give paths this user can read, and folders it can write to "
+                  "(--exp_dir, --runs_dir, and dataset.root_dir, where the demo scene is rendered on first use).")
+        return 2
     except (MemoryError, RuntimeError) as err:  # RuntimeError: torch's OutOfMemoryError, a CPU allocation refused
         device = memory_exhausted(err)
         remove_empty(created)

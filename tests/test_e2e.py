@@ -553,6 +553,31 @@ def test_a_gpu_this_pytorch_cannot_run_is_named_before_anything_is_built(monkeyp
     assert not (tmp_path / "exp").exists(), "refused before any folder is made"
 
 
+def test_a_folder_that_cannot_be_written_is_named_not_a_traceback(monkeypatch, tmp_path, capsys):
+    """The demo scene is rendered into dataset.root_dir on first use: on a read-only checkout (or a folder of
+    another user) that was a traceback from tempfile.mkdtemp."""
+    import errno
+    import tempfile
+
+    import launch as launcher
+
+    real_mkdtemp = tempfile.mkdtemp
+
+    def read_only(*args, **kwargs):
+        if kwargs.get("prefix", "").startswith(".demo"):
+            raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "ro" / ".demo-x1y2"))
+        return real_mkdtemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    status = launcher.main(["--config", "configs/nerf-demo.yaml", "--exp_dir", str(tmp_path / "exp"), "--runs_dir",
+                            str(tmp_path / "runs"), "--train", f"dataset.root_dir={tmp_path / 'ro' / 'demo'}"])
+    out = "".join(capsys.readouterr())
+    assert status == 2 and "Traceback" not in out
+    assert f"[nsr] {tmp_path / 'ro'}: Read-only file system; give paths this user can read, and folders it can " \
+           "write to (--exp_dir, --runs_dir, and dataset.root_dir, where the demo scene" in out, out[-1500:]
+    assert not (tmp_path / "exp").exists() or not os.listdir(tmp_path / "exp")
+
+
 def test_a_run_that_fails_with_a_bug_still_leaves_no_empty_trial_folder(tmp_path, monkeypatch):
     """Only the errors launch.py words used to clean up; a traceback left an empty exp/<name>/<trial>/ behind."""
     import datasets
