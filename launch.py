@@ -444,20 +444,16 @@ def run(argv=None) -> int:
         remove_empty(created)
         return 2
     except OSError as err:  # a full disk, a read-only or forbidden folder: said, not a traceback
-        import errno
-
-        from utils.io import disk_full_error
+        from utils.io import access_problem, disk_full_error
 
         remove_empty(created)
         full = disk_full_error(err, err.filename or os.path.join(config.exp_dir, "x"), atomic=False)
-        if args.verbose or (full is None and not (err.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
-                                                  and err.filename)):
+        problem = access_problem(err)
+        if args.verbose or (full is None and problem is None):
             raise
         if full is not None:
             return report_disk_full(full, mode, config, args.resume)
-        path = str(err.filename)  # a temporary file's name (.tmp-*, .demo-*) says less than its folder
-        path = os.path.dirname(path) if os.path.basename(path).startswith(".") else path
-        log.error(f"{path}: {err.strerror}; give paths this user can read, and folders it can write to "
+        log.error(f"{problem}; give paths this user can read, and folders it can write to "
                   "(--exp_dir, --runs_dir, and dataset.root_dir, where the demo scene is rendered on first use).")
         return 2
     except (MemoryError, RuntimeError) as err:  # RuntimeError: torch's OutOfMemoryError, a CPU allocation refused

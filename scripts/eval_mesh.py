@@ -162,12 +162,16 @@ def main(argv=None) -> int:
     for key, value in result.items():
         print(f"{key:>18s}  {value:.5g}" if isinstance(value, float) else f"{key:>18s}  {value}")
     if args.json:
-        from utils.io import DiskFullError, write_json
+        from utils.io import access_problem, disk_full_error, write_json
 
         try:
             write_json(args.json, result)
-        except DiskFullError as err:
-            print(f"eval_mesh: {err.strerror}; the result is the JSON line below.", file=sys.stderr)
+        except OSError as err:
+            problem = disk_full_error(err, args.json)
+            problem = problem.strerror if problem is not None else access_problem(err)
+            if problem is None:
+                raise
+            print(f"eval_mesh: {problem}; the result is the JSON line below.", file=sys.stderr)
             print(json.dumps(result))
             return 1
     print(json.dumps(result))

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets.base import DatasetError  # noqa: E402
 from utils.config import argument_at_least  # noqa: E402
-from utils.io import script_status_if_disk_full  # noqa: E402
+from utils.io import script_status_for_os_error  # noqa: E402
 
 
 def scale_matrix(centre: np.ndarray, radius: float) -> np.ndarray:
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
         print(f"gen_cameras: {err}", file=sys.stderr)
         return 2
     except Exception as err:
-        status = script_status_if_disk_full(err, out, "gen_cameras")
+        status = script_status_for_os_error(err, out, "gen_cameras")
         if status is None:
             raise
         return status

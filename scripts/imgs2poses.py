@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets.images import IMAGE_EXTENSIONS  # noqa: E402
 from utils.config import argument_at_least  # noqa: E402
-from utils.io import script_status_if_disk_full  # noqa: E402
+from utils.io import script_status_for_os_error  # noqa: E402
 
 SEED = 0  # COLMAP's random seed (RANSAC in matching and mapping): the same images give the same poses
 
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
         print(f"imgs2poses: {err}", file=sys.stderr)
         return 2
     except Exception as err:  # frames, COLMAP's database and model are written under the scene folder
-        status = script_status_if_disk_full(err, os.path.join(args.root, "images"), "imgs2poses")
+        status = script_status_for_os_error(err, os.path.join(args.root, "images"), "imgs2poses")
         if status is None:
             raise
         return status

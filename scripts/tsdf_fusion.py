@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.config import argument_at_least  # noqa: E402
-from utils.io import script_status_if_disk_full  # noqa: E402
+from utils.io import script_status_for_os_error  # noqa: E402
 
 
 class FusionError(RuntimeError):
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
         print(f"tsdf_fusion: {err}", file=sys.stderr)
         return 2
     except Exception as err:
-        status = script_status_if_disk_full(err, os.path.join(args.out or os.path.join(args.scene, "tsdf"), "x"),
+        status = script_status_for_os_error(err, os.path.join(args.out or os.path.join(args.scene, "tsdf"), "x"),
                                             "tsdf_fusion")
         if status is None:
             raise

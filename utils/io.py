@@ -30,8 +30,8 @@ NEARLY_FULL_BYTES = 1 << 20
 def disk_full_error(err: BaseException, path: str, atomic: bool = True) -> DiskFullError | None:
     """The DiskFullError to raise for ``err``, a failed write of ``path``, when a full disk caused it; else None.
 
-    The cause is an ENOSPC/EDQUOT OSError, or any failure while the disk has under 1 MiB free: torch's zip
-    writer words a full disk as "unexpected pos 8320 vs 8216", and ffmpeg only prints it. ``atomic``: the write
+    The cause is an ENOSPC/EDQUOT OSError, or a failure without an errno while the disk has under 1 MiB free:
+    torch's zip writer words a full disk as "unexpected pos 8320 vs 8216", and ffmpeg only prints it. ``atomic``: the write
     was to a temporary file (``atomic_path``), so the message can say that nothing written before was touched."""
     if isinstance(err, DiskFullError):
         return err
@@ -40,7 +40,9 @@ def disk_full_error(err: BaseException, path: str, atomic: bool = True) -> DiskF
         free = shutil.disk_usage(folder).free
     except OSError:
         free = None
-    if getattr(err, "errno", None) not in (errno.ENOSPC, errno.EDQUOT) and (free is None or free >= NEARLY_FULL_BYTES):
+    code = getattr(err, "errno", None)  # an errno says the cause; only errors without one are judged by the space
+    if (code is not None and code not in (errno.ENOSPC, errno.EDQUOT)) or (
+            code is None and (free is None or free >= NEARLY_FULL_BYTES)):
         return None
     left = f" ({free / 2 ** 20:.1f} MiB free)" if free is not None else ""
     untouched = ", and no file written before was touched" if atomic else ""
@@ -95,14 +97,28 @@ def atomic_folder(path: str, prefix: str = ".tmp-") -> Iterator[str]:
             shutil.rmtree(tmp)
 
 
-def script_status_if_disk_full(err: Exception, path: str, program: str) -> int | None:
-    """For a script's main: when ``err`` comes of a full disk where ``path`` is written, print that in one sentence
-    and return the exit status (1); None for any other error, which the script raises on."""
-    full = disk_full_error(err, path)
-    if full is None:
+def access_problem(err: BaseException) -> str | None:
+    """"<path>: <reason>" for an OSError from a path this user may not read or write (read-only file system,
+    another user's folder), naming the folder when the path is a temporary name (.tmp-*); else None."""
+    if getattr(err, "errno", None) not in (errno.EACCES, errno.EPERM, errno.EROFS) or not err.filename:
         return None
-    print(f"{program}: {full.strerror}; free some space and run it again.", file=sys.stderr)
-    return 1
+    path = str(err.filename)
+    return f"{os.path.dirname(path) if os.path.basename(path).startswith('.') else path}: {err.strerror}"
+
+
+def script_status_for_os_error(err: Exception, path: str, program: str) -> int | None:
+    """For a script's main: when ``err`` comes of a full disk where ``path`` is written, or of a folder it may not
+    write, print that in one sentence and return the exit status (1, or 2); None for any other error, which the
+    script raises on."""
+    full = disk_full_error(err, path)
+    if full is not None:
+        print(f"{program}: {full.strerror}; free some space and run it again.", file=sys.stderr)
+        return 1
+    problem = access_problem(err)
+    if problem is not None:
+        print(f"{program}: {problem}; give a folder this user can write to.", file=sys.stderr)
+        return 2
+    return None
 
 
 def write_json(path: str, data) -> None:

@@ -1,5 +1,6 @@
-"""A disk (or quota) that fills up during a write: one sentence naming the folder, no partial file, and every file
-written before, the one being replaced included, left whole."""
+"""Writes that fail for the machine's reasons. A disk (or quota) that fills up: one sentence naming the folder, no
+partial file, and every file written before, the one being replaced included, left whole. A folder this user may
+not write (read-only, another user's): one sentence naming it."""
 import errno
 import glob
 import os
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from utils.callbacks import AtomicCheckpointIO
-from utils.io import DiskFullError, write_image, write_video
+from utils.io import DiskFullError, access_problem, write_image, write_video
 
 DiskUsage = namedtuple("DiskUsage", "total used free")
 TORCH_FULL_DISK = "[enforce fail at inline_container.cc:672] . unexpected pos 8320 vs 8216"  # how torch.save says it
@@ -134,3 +135,38 @@ def test_a_capture_script_on_a_disk_that_fills_up_says_so_and_leaves_no_half_fil
     assert err == (f"imgs2poses: The disk holding {small_disk / 'scene'} is full (0.0 MiB free): images could not be "
                    "written, and no file written before was touched; free some space and run it again."), err
     assert os.listdir(small_disk / "scene") == []
+
+
+def test_a_folder_that_may_not_be_written_is_named_and_a_temporary_name_is_its_folder():
+    assert access_problem(OSError(errno.EROFS, "Read-only file system", "/mnt/ro/.tmp-abc.json")) == \
+        "/mnt/ro: Read-only file system"
+    assert access_problem(PermissionError(errno.EACCES, "Permission denied", "/data/alice/scan24")) == \
+        "/data/alice/scan24: Permission denied"
+    assert access_problem(OSError(errno.ENOENT, "No such file or directory", "/x")) is None
+    assert access_problem(OSError(errno.EACCES, "Permission denied")) is None, "no path to name"
+
+
+def test_capture_scripts_into_a_read_only_folder_say_so(tmp_path, capsys):
+    from scripts import eval_mesh, imgs2poses
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if not shutil.which("mount") or subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                                                   capture_output=True).returncode != 0:
+        pytest.skip("mounting a read-only tmpfs needs root; access_problem is tested above")
+    try:
+        rng = np.random.default_rng(0)
+        video = str(tmp_path / "noise.mp4")
+        write_video(video, (rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(60)))
+        assert imgs2poses.main([str(folder / "scene"), "--video", video, "--fps", "10"]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == (
+            f"imgs2poses: {folder / 'scene'}: Read-only file system; give a folder this user can write to.")
+        bunny = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "bunny.obj")
+        if os.path.isfile(bunny):  # the score is still printed, as the JSON line scripts read
+            assert eval_mesh.main([bunny, "--protocol", "scene", "--gt", bunny, "--samples", "500", "--json",
+                                   str(folder / "r.json")]) == 1
+            out, err = capsys.readouterr()
+            assert err.strip() == f"eval_mesh: {folder}: Read-only file system; the result is the JSON line below."
+            assert '"fscore": 1.0' in out.strip().splitlines()[-1]
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
