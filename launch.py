@@ -263,6 +263,35 @@ def missing_checkpoint_message(path: str) -> str:
     return f"Checkpoint '{path}' {what}; the trial's checkpoints are in exp/<name>/<trial>/ckpt/."
 
 
+class Terminated(BaseException):
+    """SIGTERM (a job scheduler's stop, ``kill``) outside Lightning's stages: loading data, rendering the demo
+    scene, building the model. Raised so that the atomic writers clean up their temporary files and folders,
+    where Python's default would end the process at once and leave them."""
+
+
+class SigtermRaises:
+    """While on (from creation until ``restore``), SIGTERM raises Terminated; main thread only."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self.raise_terminated)
+
+    @staticmethod
+    def raise_terminated(signum, frame):
+        raise Terminated
+
+    def restore(self) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+
 class UserError(RuntimeError):
     """A problem with the user's input; printed as one sentence, no traceback."""
 
@@ -338,6 +367,7 @@ def run(argv=None) -> int:
 
     mode = "train" if args.train else "validate" if args.validate else "test" if args.test else "export"
     created, trainer = [], None
+    sigterm = SigtermRaises()  # until Lightning's stages, whose own handling (and StopOnSignal's) ends them cleanly
     try:
         unread = unread_keys(raw_config)
         if unread:
@@ -393,6 +423,7 @@ def run(argv=None) -> int:
             trainer = pl.Trainer(accelerator=accelerator, devices=n_devices, strategy=strategy, callbacks=callbacks,
                                  logger=loggers, plugins=[AtomicCheckpointIO()], **trainer_cfg)
         log.info(f"Trial folder: {os.path.join(config.exp_dir, config.trial_name)}")
+        sigterm.restore()
 
         if mode == "train":
             ckpt_path = args.resume if args.resume and not args.resume_weights_only else None
@@ -462,6 +493,10 @@ def run(argv=None) -> int:
         if device is None or args.verbose:
             raise
         return report_out_of_memory(err, device, failed_stage(err, trainer), mode, config, args.resume)
+    except Terminated:
+        log.error("Stopped by SIGTERM before training or testing began; every file written so far is whole.")
+        remove_empty(created)
+        return 143
     except KeyboardInterrupt:  # outside Lightning's stages: while loading, building, or between training and test
         log.error("Stopped by SIGINT (Ctrl-C); every file written so far is whole.")
         remove_empty(created)
@@ -469,6 +504,8 @@ def run(argv=None) -> int:
     except BaseException:  # a bug's traceback, or an exit re-raised above: still no empty trial folder left
         remove_empty(created)
         raise
+    finally:
+        sigterm.restore()
     return 0
 
 

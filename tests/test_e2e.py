@@ -244,6 +244,21 @@ def launch_then_signal(tmp, sig, after_step: int, *args, bar: str = "Epoch 0", a
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sig, status, said", [
+    (signal.SIGINT, 130, "Stopped by SIGINT (Ctrl-C); every file written so far is whole."),
+    (signal.SIGTERM, 143, "Stopped by SIGTERM before training or testing began; every file written so far is whole."),
+])
+def test_a_signal_while_the_demo_scene_renders_leaves_no_half_rendered_folder(tmp_path, sig, status, said):
+    """SIGTERM outside Lightning's stages ended the process at once (Python's default): the demo scene's
+    temporary .demo-* folder and an empty trial folder stayed behind."""
+    data = tmp_path / "data" / "demo"
+    code, out = launch_then_signal(tmp_path, sig, 3, "--config", "configs/nerf-demo.yaml", "--train",
+                                   f"dataset.root_dir={data}", bar="rendering train views")
+    assert code == status and f"[nsr] {said}" in out and "Traceback" not in out, out[-2000:]
+    assert not (tmp_path / "data").exists() or os.listdir(tmp_path / "data") == []
+    assert not (tmp_path / "exp").exists() or not any(files for _, _, files in os.walk(tmp_path / "exp"))
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_saves_a_checkpoint_that_resumes_the_run(tmp_path, sig):
     """Lightning alone exits at Ctrl-C saving nothing; here the step under way finishes, a resumable checkpoint
