@@ -263,35 +263,6 @@ def missing_checkpoint_message(path: str) -> str:
     return f"Checkpoint '{path}' {what}; the trial's checkpoints are in exp/<name>/<trial>/ckpt/."
 
 
-class Terminated(BaseException):
-    """SIGTERM (a job scheduler's stop, ``kill``) outside Lightning's stages: loading data, rendering the demo
-    scene, building the model. Raised so that the atomic writers clean up their temporary files and folders,
-    where Python's default would end the process at once and leave them."""
-
-
-class SigtermRaises:
-    """While on (from creation until ``restore``), SIGTERM raises Terminated; main thread only."""
-
-    def __init__(self):
-        import signal
-        import threading
-
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGTERM, self.raise_terminated)
-
-    @staticmethod
-    def raise_terminated(signum, frame):
-        raise Terminated
-
-    def restore(self) -> None:
-        import signal
-
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-            self.previous = None
-
-
 class UserError(RuntimeError):
     """A problem with the user's input; printed as one sentence, no traceback."""
 
@@ -362,8 +333,9 @@ def run(argv=None) -> int:
     from utils.config import to_primitive, whole_step_counts
     from utils.config_keys import describe as describe_unread, unread_keys
     from utils.mesh import MeshError
-    from utils.stops import (failed_stage, memory_exhausted, report_disk_full, report_non_finite,
-                             report_out_of_memory, report_quit, report_stopped, report_stopped_output)
+    from utils.stops import (SigtermRaises, Terminated, failed_stage, memory_exhausted, report_disk_full,
+                             report_non_finite, report_out_of_memory, report_quit, report_stopped,
+                             report_stopped_output)
 
     mode = "train" if args.train else "validate" if args.validate else "test" if args.test else "export"
     created, trainer = [], None

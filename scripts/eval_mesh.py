@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from utils.config import argument_at_least  # noqa: E402
 from utils.mesh_metrics import (dtu_protocol, in_any_frustum, load_dtu_evaluation, sample_surface,  # noqa: E402
                                 surface_distances, uniform_surface_points)
+from utils.stops import stops_cleanly  # noqa: E402
 
 
 class EvalError(RuntimeError):
@@ -134,6 +135,7 @@ def evaluate(args) -> dict:
     return surface_distances(pred, gt, threshold=args.threshold)
 
 
+@stops_cleanly("eval_mesh")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mesh")

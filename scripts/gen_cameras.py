@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from datasets.base import DatasetError  # noqa: E402
 from utils.config import argument_at_least  # noqa: E402
 from utils.io import script_status_for_os_error  # noqa: E402
+from utils.stops import stops_cleanly  # noqa: E402
 
 
 def scale_matrix(centre: np.ndarray, radius: float) -> np.ndarray:
@@ -112,6 +113,7 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
             "roi": source, "masks": bool(masks), "turned": upright, "shown_turned": sum(t != 0 for t in turns)}
 
 
+@stops_cleanly("gen_cameras")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="capture folder with images/ and sparse/0 (from imgs2poses.py)")

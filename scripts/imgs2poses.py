@@ -19,8 +19,10 @@ nothing is left half-written when a step fails.
 from __future__ import annotations
 
 import argparse
+import glob
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -32,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from datasets.images import IMAGE_EXTENSIONS  # noqa: E402
 from utils.config import argument_at_least  # noqa: E402
 from utils.io import script_status_for_os_error  # noqa: E402
+from utils.stops import stops_cleanly  # noqa: E402
 
 SEED = 0  # COLMAP's random seed (RANSAC in matching and mapping): the same images give the same poses
 
@@ -268,6 +271,7 @@ def print_report(stats: dict) -> None:
           f"reprojection error {stats['mean_reprojection_error_px']:.3f} px.")
 
 
+@stops_cleanly("imgs2poses")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="scene folder: images in <root>/images (or made from --video)")
@@ -325,6 +329,10 @@ def run(args) -> dict:
         import pycolmap
     except ImportError:
         raise CaptureError("pycolmap is not installed: pip install pycolmap.") from None
+    # COLMAP installs glog's handler, which prints a stack dump at a scheduler's SIGTERM: a stop inside COLMAP
+    # ends the process at once and quietly instead (a Python handler would wait for the C++ call to return), and
+    # the next run removes the work folder it left
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if os.path.isfile(os.path.join(sparse, "cameras.bin")) and not args.overwrite:
         rec = pycolmap.Reconstruction(sparse)
         stats = report(rec, names)
@@ -338,6 +346,9 @@ def run(args) -> dict:
         matcher = "sequential" if args.video or all(n.startswith("frame_") for n in names) else "exhaustive"
     if not args.verbose:
         pycolmap.logging.minloglevel = 2  # COLMAP's info lines would bury the progress bars
+    for stale in glob.glob(os.path.join(glob.escape(root), ".colmap-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+        print(f"Removed {stale}, left by an interrupted run.")
     work = tempfile.mkdtemp(prefix=".colmap-", dir=root)
     try:
         rec = run_sfm(root, image_dir, names, work, matcher, args.camera_model, shared, args.overlap, args.threads)

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.config import argument_at_least  # noqa: E402
 from utils.io import script_status_for_os_error  # noqa: E402
+from utils.stops import stops_cleanly  # noqa: E402
 
 
 class FusionError(RuntimeError):
@@ -101,6 +102,7 @@ def scene_bounds(frames, margin: float) -> np.ndarray:
     return np.stack([np.percentile(points, 1, axis=0) - margin, np.percentile(points, 99, axis=0) + margin])
 
 
+@stops_cleanly("tsdf_fusion")
 def main(argv=None) -> int:
     from tqdm import tqdm
 

@@ -31,8 +31,9 @@ def disk_full_error(err: BaseException, path: str, atomic: bool = True) -> DiskF
     """The DiskFullError to raise for ``err``, a failed write of ``path``, when a full disk caused it; else None.
 
     The cause is an ENOSPC/EDQUOT OSError, or a failure without an errno while the disk has under 1 MiB free:
-    torch's zip writer words a full disk as "unexpected pos 8320 vs 8216", and ffmpeg only prints it. ``atomic``: the write
-    was to a temporary file (``atomic_path``), so the message can say that nothing written before was touched."""
+    torch's zip writer words a full disk as "unexpected pos 8320 vs 8216", and ffmpeg only prints it.
+    ``atomic``: the write was to a temporary file (``atomic_path``), so the message can say that nothing written
+    before was touched."""
     if isinstance(err, DiskFullError):
         return err
     folder = os.path.dirname(os.path.abspath(path))

@@ -6,13 +6,59 @@ whatever a report names is whole.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import os
 import re
 import signal
+import sys
+import threading
 
 log = logging.getLogger("nsr")
+
+
+class Terminated(BaseException):
+    """SIGTERM (a job scheduler's stop, ``kill``) outside Lightning's stages: loading data, rendering the demo
+    scene, building the model. Raised so that the atomic writers clean up their temporary files and folders,
+    where Python's default would end the process at once and leave them."""
+
+
+class SigtermRaises:
+    """While on (from creation until ``restore``), SIGTERM raises Terminated; main thread only."""
+
+    def __init__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self.raise_terminated)
+
+    @staticmethod
+    def raise_terminated(signum, frame):
+        raise Terminated
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+            self.previous = None
+
+
+def stops_cleanly(program: str):
+    """Decorator for a script's ``main(argv) -> int``: SIGTERM raises Terminated, so its atomic writers clean up,
+    and Ctrl-C or SIGTERM end it with one line and a shell's status (130, 143) instead of a traceback."""
+    def decorate(main):
+        @functools.wraps(main)
+        def stoppable(argv=None) -> int:
+            sigterm = SigtermRaises()
+            try:
+                return main(argv)
+            except (KeyboardInterrupt, Terminated) as stop:
+                name = "SIGINT (Ctrl-C)" if isinstance(stop, KeyboardInterrupt) else "SIGTERM"
+                print(f"{program}: stopped by {name}; nothing half-written was left.", file=sys.stderr)
+                return 130 if isinstance(stop, KeyboardInterrupt) else 143
+            finally:
+                sigterm.restore()
+        return stoppable
+    return decorate
 
 
 CHECKPOINTING_OFF = "checkpointing is off (trainer.enable_checkpointing: false)"
