@@ -9,6 +9,9 @@ undistorted pinhole images. COLMAP's conventions: OpenCV camera axes
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -28,10 +31,23 @@ def find_sparse_dir(root: str) -> str:
                        f"python scripts/imgs2poses.py {root} first.")
 
 
+def import_pycolmap():
+    """pycolmap, keeping the process's SIGTERM handler: importing it installs glog's, which prints a stack dump and
+    ends the process, so a run's clean stop at a scheduler's SIGTERM (temporary files removed) would be lost."""
+    if "pycolmap" in sys.modules:
+        return sys.modules["pycolmap"]
+    handler = signal.getsignal(signal.SIGTERM)
+    import pycolmap
+
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+    return pycolmap
+
+
 def read_reconstruction(sparse_dir: str):
     """pycolmap.Reconstruction from a binary or text model folder."""
     try:
-        import pycolmap
+        pycolmap = import_pycolmap()
     except ImportError:
         raise DatasetError("Reading COLMAP models needs pycolmap: pip install pycolmap.") from None
     try:
@@ -86,8 +102,7 @@ class Undistorter:
     """
 
     def __init__(self, camera):
-        import pycolmap
-
+        pycolmap = import_pycolmap()
         self.camera = camera
         self.identity = camera.model.name in PINHOLE_MODELS
         target = camera if self.identity else pycolmap.undistort_camera(pycolmap.UndistortCameraOptions(), camera)

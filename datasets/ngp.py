@@ -38,7 +38,7 @@ import torch
 from datasets.base import DatasetError, SceneData, holdout_split
 from datasets.images import IMAGE_EXTENSIONS, common_target_size, load_images
 from datasets.colmap import orbit_at_mean_height, transform_poses, z_up_similarity
-from datasets.colmap_model import Undistorter, lookat_point, region_of_interest
+from datasets.colmap_model import Undistorter, import_pycolmap, lookat_point, region_of_interest
 from datasets.rays import opencv_to_opengl
 from utils.config import number_at_least
 
@@ -111,7 +111,7 @@ def frame_intrinsics(meta: Dict[str, Any], frame: Dict[str, Any], width: int, he
 
 def lens_camera(meta: Dict[str, Any], frame: Dict[str, Any], width: int, height: int):
     """pycolmap.Camera of a frame's lens at its image's actual size (width, height)."""
-    import pycolmap
+    pycolmap = import_pycolmap()
 
     def get(key, default=None):
         value = frame.get(key, meta.get(key))

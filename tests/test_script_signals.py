@@ -28,3 +28,20 @@ def test_a_stopped_script_cleans_up_and_says_so(tmp_path, capsys, sig, status, n
     assert capsys.readouterr().err == f"demo-script: stopped by {name}; nothing half-written was left.\n"
     assert os.listdir(tmp_path) == []
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_importing_pycolmap_keeps_the_processs_sigterm_handler():
+    """COLMAP installs glog's signal handler at import: a SIGTERM then printed a stack dump and ended the process
+    before a run or script could remove its temporary files."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("pycolmap")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    code = ("import os, signal, sys; sys.path.insert(0, os.getcwd()); "
+            "signal.signal(signal.SIGTERM, lambda s, f: print('handled', flush=True)); "
+            "from datasets.colmap_model import import_pycolmap; import_pycolmap(); "
+            "os.kill(os.getpid(), signal.SIGTERM); print('alive', flush=True)")  # a plain import: a stack dump, dead
+    kept = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert kept.returncode == 0 and kept.stdout.split() == ["handled", "alive"], kept.stderr[-1000:]
