@@ -135,7 +135,7 @@ def choose_devices(gpu: str | None):
 
 
 def unusable_gpu(torch) -> str | None:
-    """Why CUDA's first device cannot run this PyTorch's kernels (None when it can), found with one tiny kernel
+    """Why this process's CUDA device cannot run this PyTorch's kernels (None when it can), found with one tiny kernel
     before the model is built: a GPU older than the build supports ("no kernel image is available"), or one
     another process holds in exclusive mode ("busy or unavailable")."""
     index = int(os.environ.get("LOCAL_RANK", 0))  # a DDP rank checks its own device, making no context on GPU 0
@@ -450,7 +450,8 @@ def run(argv=None) -> int:
         from utils.io import access_problem, disk_full_error
 
         remove_empty(created)
-        full = disk_full_error(err, err.filename or os.path.join(config.exp_dir, "x"), atomic=False)
+        full = disk_full_error(err, err.filename or os.path.join(config.get("exp_dir") or args.exp_dir, "x"),
+                               atomic=False)
         problem = access_problem(err)
         if args.verbose or (full is None and problem is None):
             raise

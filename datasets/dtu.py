@@ -160,17 +160,15 @@ def load_dtu_split(config: Any, split: str) -> SceneData:
         return [K[0, 0] * sx, K[1, 1] * sy, K[0, 2] * sx, K[1, 2] * sy]
 
     if chosen:
+        def at_training_size(a: np.ndarray) -> np.ndarray:
+            return a if a.shape[:2] == (h, w) else cv2.resize(a, (w, h), interpolation=cv2.INTER_AREA)
+
         raw_masks = load_images([masks[i] for i in chosen], same_size=False) if masks else None
         rgb, alpha = [], []
         for k, img in enumerate(load_images([images[i] for i in chosen], same_size=False)):
-            stored_hw = img.shape[:2]
-
-            def fit(a: np.ndarray) -> np.ndarray:
-                return cv2.resize(a, (w, h), interpolation=cv2.INTER_AREA) if stored_hw != (h, w) else a
-
-            rgb.append(fit(img[..., :3]))
+            rgb.append(at_training_size(img[..., :3]))
             if raw_masks is not None:
-                alpha.append(fit(mask_for_image(raw_masks[k][..., 0], stored_hw, masks[chosen[k]])))
+                alpha.append(at_training_size(mask_for_image(raw_masks[k][..., 0], img.shape[:2], masks[chosen[k]])))
             else:
                 alpha.append(np.full((h, w), 255, np.uint8))
         intr = np.array([intrinsics(i) for i in chosen])

@@ -96,10 +96,9 @@ def report_stopped_output(signal_name: str, mode: str, ckpt: str | None, config)
 def report_quit(step: int, config, checkpointing: bool = True) -> int:
     """Message and exit status (130) of a training run quit at once by Ctrl-C (a second one; on several GPUs, the
     first): the steps since its last checkpoint are lost, and that checkpoint is what it continues from."""
-    ckpts = glob.glob(os.path.join(glob.escape(config.ckpt_dir), "*.ckpt"))
+    last = newest_checkpoint(config)
     message = f"Quit by Ctrl-C after step {step}, saving nothing."
-    if ckpts:
-        last = max(ckpts, key=os.path.getmtime)
+    if last:
         message += f" The last checkpoint is {last}; continue with: {resume_command(config, last, '--train')}"
     elif not checkpointing:
         message += f" No checkpoint exists: {CHECKPOINTING_OFF}."
@@ -109,11 +108,16 @@ def report_quit(step: int, config, checkpointing: bool = True) -> int:
     return 130
 
 
+def newest_checkpoint(config) -> str | None:
+    """The trial's newest checkpoint file; None when there is none (or no trial folder yet)."""
+    ckpts = glob.glob(os.path.join(glob.escape(config.ckpt_dir), "*.ckpt")) if config.get("ckpt_dir") else []
+    return max(ckpts, key=os.path.getmtime) if ckpts else None
+
+
 def report_disk_full(err: OSError, mode: str, config, resumed: str | None) -> int:
     """Message and exit status (1) of a run whose disk filled up: every file already written is whole (the writes
     are atomic); say what to run once there is space, from the newest checkpoint."""
-    ckpts = glob.glob(os.path.join(glob.escape(config.get("ckpt_dir", "")), "*.ckpt")) if mode == "train" else []
-    ckpt = max(ckpts, key=os.path.getmtime) if ckpts else resumed
+    ckpt = (newest_checkpoint(config) if mode == "train" else None) or resumed
     message = f"{err.strerror}. Free some space or give --exp_dir/--runs_dir on another disk"
     if ckpt:
         step = re.search(r"step=(\d+)", os.path.basename(ckpt))
@@ -239,8 +243,7 @@ def report_out_of_memory(err: BaseException, device: str, stage: str | None, mod
         override = f"{key}={max(int(value) // 2, 1)}"
         others = "".join(f" or {k} (now {v})" for k, v in options[1:])
         message += f"; lower {key} (now {value}){others}, e.g. {override}"
-    ckpts = glob.glob(os.path.join(glob.escape(config.get("ckpt_dir", "")), "*.ckpt")) if mode == "train" else []
-    ckpt = max(ckpts, key=os.path.getmtime) if ckpts else resumed
+    ckpt = (newest_checkpoint(config) if mode == "train" else None) or resumed
     if ckpt:
         during_fit = mode == "train" and stage in ("train", "validate")
         action = "--train" if during_fit else "--test" if mode == "train" else f"--{mode}"
