@@ -255,7 +255,8 @@ def missing_checkpoint_message(path: str) -> str:
     found = []
     for where in (folder, os.path.join(folder, "ckpt")):
         if os.path.isdir(where):
-            found += [os.path.join(where, f) for f in os.listdir(where) if f.endswith(".ckpt")]
+            found += [os.path.join(where, f) for f in os.listdir(where)  # not a write cut short by a kill
+                      if f.endswith(".ckpt") and not f.startswith(".tmp-")]
     what = "is a folder" if os.path.isdir(path) else "does not exist"
     if found:
         newest = max(found, key=os.path.getmtime)

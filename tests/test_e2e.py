@@ -537,6 +537,21 @@ def test_gpu_count_fits_the_devices_cuda_shows(monkeypatch, caplog, preset, gpu,
     assert f"Device: {expected} CUDA GPU(s)" in caplog.text
 
 
+def test_a_checkpoint_write_cut_short_by_a_kill_is_never_suggested(tmp_path):
+    """A SIGKILL mid-write leaves the atomic writer's .tmp-*.ckpt; --resume given the folder suggested it as the
+    newest checkpoint."""
+    import launch as launcher
+
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "epoch=0-step=100.ckpt").write_bytes(b"whole")
+    time.sleep(0.05)
+    (ckpt / ".tmp-k2j4x.ckpt").write_bytes(b"cut")
+    assert launcher.missing_checkpoint_message(str(tmp_path)) == (
+        f"Checkpoint '{tmp_path}' is a folder; give a checkpoint file, e.g. --resume {ckpt / 'epoch=0-step=100.ckpt'} "
+        "(the newest there).")
+
+
 def test_a_gpu_this_pytorch_cannot_run_is_named_before_anything_is_built(monkeypatch, tmp_path, capsys):
     """An old GPU with a new PyTorch wheel (or a GPU held in exclusive mode) failed at the model's first kernel with
     "CUDA error: no kernel image is available for execution on the device", as a traceback."""

@@ -152,7 +152,8 @@ def report_non_finite(err, trainer, system, ckpt_dir: str | None) -> int:
         path = os.path.join(ckpt_dir, f"last-good-step{err.step}.ckpt")
         trainer.save_checkpoint(path, weights_only=False)  # optimiser state too, so --resume continues the run
         message += f" The weights from before that step are saved in {path}."
-    existing = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".ckpt")) if os.path.isdir(ckpt_dir) else []
+    existing = [f for f in os.listdir(ckpt_dir) if f.endswith(".ckpt") and not f.startswith(".tmp-")] \
+        if os.path.isdir(ckpt_dir) else []
     if existing and not params_ok:
         message += f" Earlier checkpoints are untouched in {ckpt_dir}."
     message += " Lower the learning rate or check the data, then --resume."
