@@ -25,6 +25,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -332,7 +333,8 @@ def run(args) -> dict:
     # COLMAP installs glog's handler, which prints a stack dump at a scheduler's SIGTERM: a stop inside COLMAP
     # ends the process at once and quietly instead (a Python handler would wait for the C++ call to return), and
     # the next run removes the work folder it left
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if threading.current_thread() is threading.main_thread():  # signal.signal refuses other threads
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if os.path.isfile(os.path.join(sparse, "cameras.bin")) and not args.overwrite:
         rec = pycolmap.Reconstruction(sparse)
         stats = report(rec, names)
