@@ -51,6 +51,13 @@ def disk_full_error(err: BaseException, path: str, atomic: bool = True) -> DiskF
                                        f"be written{untouched}")
 
 
+def raise_if_disk_full(err: Exception, path: str) -> None:
+    """Raise the DiskFullError ``err`` amounts to (see ``disk_full_error``), if it does."""
+    full = disk_full_error(err, path)
+    if full is not None and full is not err:
+        raise full from err
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path in the destination folder; rename it to ``path`` on success. A write that fails
@@ -64,9 +71,7 @@ def atomic_path(path: str) -> Iterator[str]:
         yield tmp
         os.replace(tmp, path)
     except Exception as err:
-        full = disk_full_error(err, path)  # asked while the partial file still fills the disk
-        if full is not None and full is not err:
-            raise full from err
+        raise_if_disk_full(err, path)  # asked while the partial file still fills the disk
         raise
     finally:
         if os.path.exists(tmp):
@@ -89,9 +94,7 @@ def atomic_folder(path: str, prefix: str = ".tmp-") -> Iterator[str]:
             shutil.rmtree(path)
         os.replace(tmp, path)
     except Exception as err:
-        full = disk_full_error(err, path)
-        if full is not None and full is not err:
-            raise full from err
+        raise_if_disk_full(err, path)
         raise
     finally:
         if os.path.isdir(tmp):

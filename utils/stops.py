@@ -123,10 +123,15 @@ def report_disk_full(err: OSError, mode: str, config, resumed: str | None) -> in
         step = re.search(r"step=(\d+)", os.path.basename(ckpt))
         trained = mode == "train" and step is not None and int(step.group(1)) >= int(config.trainer.max_steps)
         action = ("--test" if trained else "--train") if mode == "train" else f"--{mode}"
-        what = "continue" if action == "--train" else "redo it"
-        message += f"; then {what} with: {resume_command(config, ckpt, action)}"
+        message += then_run(config, ckpt, action)
     log.error(message + ".")
     return 1
+
+
+def then_run(config, ckpt: str, action: str, override: str = "") -> str:
+    """"; then continue with: <command>" (or "redo it", for a test or export) with ``override`` appended."""
+    what = "continue" if action == "--train" else "redo it"
+    return f"; then {what} with: {resume_command(config, ckpt, action)} {override}".rstrip()
 
 
 def resume_command(config, ckpt: str, action: str) -> str:
@@ -248,7 +253,6 @@ def report_out_of_memory(err: BaseException, device: str, stage: str | None, mod
     if ckpt:
         during_fit = mode == "train" and stage in ("train", "validate")
         action = "--train" if during_fit else "--test" if mode == "train" else f"--{mode}"
-        what = "continue" if action == "--train" else "redo it"
-        message += f"; then {what} with: {resume_command(config, ckpt, action)} {override}".rstrip()
+        message += then_run(config, ckpt, action, override)
     log.error(message + ".")
     return 1
