@@ -110,7 +110,10 @@ def read_image(path: str) -> np.ndarray:
     if np.issubdtype(img.dtype, np.floating):  # float TIFF/EXR: linear values in [0, 1]
         img = (np.clip(np.nan_to_num(img), 0.0, 1.0) * 255).round().astype(np.uint8)
     elif img.dtype != np.uint8:
-        img = (img.astype(np.float32) / np.iinfo(img.dtype).max * 255).round().astype(np.uint8)
+        # Pillow before 10 gives 16-bit grey PNGs as int32 ("I" mode): values up to 65535 are 16-bit ones
+        sixteen_bit = img.dtype.itemsize > 2 and img.size and 0 <= img.min() and img.max() <= 65535
+        full_scale = 65535 if sixteen_bit else np.iinfo(img.dtype).max
+        img = (img.astype(np.float32) / full_scale * 255).round().astype(np.uint8)
     if img.ndim == 2:
         img = img[..., None]
     if img.shape[-1] in (1, 2):  # grey, grey + alpha
