@@ -296,6 +296,19 @@ def main(argv=None) -> int:
         log.handlers[:], log.level, log.propagate = logger_state
 
 
+def seed_quietly(seed: int) -> None:
+    """Lightning's seed_everything without its "Seed set to" line (its ``verbose`` flag only exists from 2.3)."""
+    import pytorch_lightning as pl
+
+    seed_logger = logging.getLogger("lightning_fabric.utilities.seed")
+    level = seed_logger.level
+    seed_logger.setLevel(logging.WARNING)
+    try:
+        pl.seed_everything(seed, workers=True)
+    finally:
+        seed_logger.setLevel(level)
+
+
 def run(argv=None) -> int:
     args, overrides = parse_args(argv)
     setup_logging(args.verbose)
@@ -348,7 +361,7 @@ def run(argv=None) -> int:
         created = trial_paths(config, args)
         if mode != "train" and not args.resume:
             raise UserError(f"--{mode} needs a checkpoint: add --resume exp/<name>/<trial>/ckpt/<file>.ckpt.")
-        pl.seed_everything(int(config.get("seed", 42)), workers=True, verbose=False)
+        seed_quietly(int(config.get("seed", 42)))
         dm = datasets.make(config.dataset.name, config.dataset)
         dm.setup({"train": "fit", "validate": "validate"}.get(mode, "test"))
         system = systems.make(config.system.name, config, mode=mode)
@@ -401,7 +414,7 @@ def run(argv=None) -> int:
         if mode == "train":
             ckpt_path = args.resume if args.resume and not args.resume_weights_only else None
             try:
-                trainer.fit(system, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+                trainer.fit(system, datamodule=dm, ckpt_path=ckpt_path)  # AtomicCheckpointIO loads weights only
             except NonFiniteLossError as err:
                 return report_non_finite(err, trainer, system, config.ckpt_dir if checkpointing else None)
             except SystemExit:  # Lightning's exit at a second Ctrl-C (at the first, on several GPUs)
