@@ -69,3 +69,13 @@ def fisheye_undistort(xy_d: np.ndarray, coeffs, iterations: int = 50) -> np.ndar
         t2 = theta * theta
         theta = theta_d / (1 + k1 * t2 + k2 * t2 ** 2 + k3 * t2 ** 3 + k4 * t2 ** 4)
     return xy_d * np.where(theta_d > 1e-12, np.tan(theta) / np.maximum(theta_d, 1e-12), 1.0)
+
+
+def import_triton_or_skip():
+    """triton, or a skip saying why: not installed, or older than the kernels need (torch < 2.7 ships one)."""
+    import pytest
+
+    from models.backends import MIN_TRITON
+
+    return pytest.importorskip("triton", minversion=".".join(map(str, MIN_TRITON)),
+                               reason="triton is not installed (pip install triton; it ships with CUDA torch)")

@@ -14,7 +14,9 @@ import sys
 
 import pytest
 
-pytest.importorskip("triton", reason="triton is not installed (pip install triton; it ships with CUDA torch)")
+from helpers import import_triton_or_skip
+
+import_triton_or_skip()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = (80, 90)  # A100, H100

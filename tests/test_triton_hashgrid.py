@@ -7,7 +7,9 @@ one, at full size on the device too.
 import pytest
 import torch
 
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton; it ships with CUDA torch)")
+from helpers import import_triton_or_skip
+
+triton = import_triton_or_skip()
 
 from models.encodings import HashGrid  # noqa: E402
 

@@ -7,9 +7,10 @@ tensor-core products, held to TF32's 10-bit mantissa, at full size too.
 import pytest
 import torch
 
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton; it ships with CUDA torch)")
+from helpers import import_triton_or_skip, rays_from_orbit
 
-from helpers import rays_from_orbit  # noqa: E402
+triton = import_triton_or_skip()
+
 from models.networks import TritonMLP, VanillaMLP, get_mlp  # noqa: E402
 from models.triton_mlp import MLPShape, fused_mlp  # noqa: E402
 from utils.config import ConfigError  # noqa: E402

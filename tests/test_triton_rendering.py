@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton; it ships with CUDA torch)")
+from helpers import import_triton_or_skip, rays_from_orbit
+
+triton = import_triton_or_skip()
 
 import models  # noqa: E402
 from models import triton_rendering  # noqa: E402
@@ -16,7 +18,6 @@ from models.neus import neus_alpha  # noqa: E402
 from models.occupancy import OccupancyGrid  # noqa: E402
 from models.rendering import (composite_alpha, composite_density, ray_aabb_intersect,  # noqa: E402
                               render_weight_from_density, visibility_from_density)
-from helpers import rays_from_orbit  # noqa: E402
 from utils.config import load_config  # noqa: E402
 from utils.host_sync import HostSyncCounter  # noqa: E402
 

@@ -8,10 +8,11 @@ to fp32 rounding; on a GPU they run TF32 tensor-core products, held to TF32's 10
 import pytest
 import torch
 
-triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton; it ships with CUDA torch)")
+from helpers import import_triton_or_skip, rays_from_orbit
+
+triton = import_triton_or_skip()
 
 import models  # noqa: E402
-from helpers import rays_from_orbit  # noqa: E402
 from models.networks import TritonMLP, TritonSDFNetwork, VanillaMLP, get_sdf_network  # noqa: E402
 from models.triton_mlp import MLPShape, fused_mlp  # noqa: E402
 from models.triton_sdf_network import sdf_network_with_gradient  # noqa: E402
