@@ -220,12 +220,12 @@ def csv_log_version(config, mode: str) -> str:
 
 def load_weights(system, path: str) -> dict:
     """Load a checkpoint's weights into ``system`` with clear errors. Returns the checkpoint."""
-    import torch
+    from utils.callbacks import load_checkpoint_file
 
     if not os.path.isfile(path):
         raise UserError(missing_checkpoint_message(path))
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_checkpoint_file(path)
     except Exception as err:
         raise UserError(f"Checkpoint '{path}' cannot be read ({type(err).__name__}); is it a file this project "
                         "wrote, and complete?") from None

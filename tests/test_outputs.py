@@ -131,3 +131,46 @@ def test_largest_component_drops_the_smaller_piece_and_keeps_colours():
     assert np.all(c == 1.0) and np.linalg.norm(v, axis=1).max() < 1.01
     kept = trimesh.Trimesh(v, f, process=False)
     assert kept.is_watertight and abs(kept.area - big.area) < 1e-9
+
+
+def test_a_multistep_schedulers_checkpoint_loads_weights_only_and_resumes_its_steps(tmp_path):
+    """MultiStepLR keeps its milestones in a collections.Counter, which torch before 2.4 refuses to load with
+    weights_only=True: every --resume and --test of such a run failed there. Checkpoints now hold no Counter,
+    and loading gives the scheduler its Counter back (it reads missing epochs as 0)."""
+    import zipfile
+    from collections import Counter
+
+    from utils.callbacks import AtomicCheckpointIO, load_checkpoint_file
+
+    def scheduler():
+        weight = torch.nn.Parameter(torch.ones(2))
+        optimizer = torch.optim.Adam([weight], lr=0.1)
+        return optimizer, torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[4, 6, 6], gamma=0.5)
+
+    optimizer, running = scheduler()
+    for _ in range(3):
+        optimizer.step()
+        running.step()
+    path = tmp_path / "epoch=0-step=3.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"lr_schedulers": [running.state_dict()], "state_dict": {}}, path)
+    with zipfile.ZipFile(path) as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    assert b"Counter" not in pickled  # the name torch before 2.4 refuses
+
+    state = load_checkpoint_file(str(path))["lr_schedulers"][0]
+    assert state["milestones"] == Counter({4: 1, 6: 2}) and isinstance(state["milestones"], Counter)
+    resumed_optimizer, resumed = scheduler()
+    resumed.load_state_dict(state)
+    resumed_optimizer.load_state_dict(optimizer.state_dict())
+    rates = []
+    for opt, sched in ((optimizer, running), (resumed_optimizer, resumed)):
+        for _ in range(5):
+            opt.step()
+            sched.step()
+        rates.append([group["lr"] for group in opt.param_groups])
+    assert rates[0] == rates[1] == [0.1 * 0.5 ** 3]  # halved at 4 and twice at 6
+
+    legacy = tmp_path / "legacy.ckpt"  # written before this change: torch >= 2.4 reads its Counter as it is
+    if hasattr(torch.serialization, "add_safe_globals"):
+        torch.save({"lr_schedulers": [running.state_dict()]}, legacy)
+        assert isinstance(load_checkpoint_file(str(legacy))["lr_schedulers"][0]["milestones"], Counter)

@@ -2,6 +2,7 @@
 a clean stop on Ctrl-C."""
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import shutil
@@ -9,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from typing import Any
 
 import torch
@@ -25,15 +27,58 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CODE_FOLDERS = ("configs", "datasets", "models", "systems", "utils", "scripts")
 
 
+COUNTER_KEY = "__counts__"  # a collections.Counter is saved as {COUNTER_KEY: dict(counter)}
+
+
+def _map_items(value: Any, fn) -> Any:
+    """``value`` (a dict, list or tuple) with ``fn`` applied to its items; the same object when nothing changed,
+    else a shallow copy of its own class (Lightning's AttributeDict, an OrderedDict)."""
+    items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+    mapped = [(k, fn(v)) for k, v in items]
+    if all(new is old for (_, new), (_, old) in zip(mapped, items)):
+        return value
+    if isinstance(value, dict):
+        out = copy.copy(value)
+        out.update(mapped)
+        return out
+    return type(value)(v for _, v in mapped) if type(value) in (list, tuple) else value
+
+
+def counters_as_dicts(value: Any) -> Any:
+    """``value`` with every ``collections.Counter`` (MultiStepLR keeps its milestones in one) replaced by a tagged
+    dict: torch before 2.4 refuses Counters in ``torch.load(weights_only=True)``, and so could not resume. Tensors
+    and other leaves are kept as they are, not copied."""
+    if isinstance(value, Counter):
+        return {COUNTER_KEY: dict(value)}
+    if isinstance(value, (dict, list, tuple)):
+        return _map_items(value, counters_as_dicts)
+    return value
+
+
+def counters_restored(value: Any) -> Any:
+    """The inverse of ``counters_as_dicts`` (a checkpoint holding real Counters passes through)."""
+    if isinstance(value, dict) and len(value) == 1 and COUNTER_KEY in value:
+        return Counter(value[COUNTER_KEY])
+    if isinstance(value, (dict, list, tuple)) and not isinstance(value, Counter):
+        return _map_items(value, counters_restored)
+    return value
+
+
+def load_checkpoint_file(path: str, map_location: Any = "cpu") -> Any:
+    """A checkpoint this project wrote, loaded with ``weights_only=True`` (no code runs from the file)."""
+    return counters_restored(torch.load(path, map_location=map_location or "cpu", weights_only=True))
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written to a temporary file and renamed, so a crash never leaves a truncated one."""
+    """Checkpoints written to a temporary file and renamed, so a crash never leaves a truncated one; every torch
+    the requirements allow loads them with ``weights_only=True``."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options: Any = None) -> None:
         with atomic_path(str(path)) as tmp:
-            torch.save(checkpoint, tmp)
+            torch.save(counters_as_dicts(checkpoint), tmp)
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
-        return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        return load_checkpoint_file(path, map_location)
 
 
 class TrialSnapshot(Callback):
