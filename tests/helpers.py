@@ -79,3 +79,35 @@ def import_triton_or_skip():
 
     return pytest.importorskip("triton", minversion=".".join(map(str, MIN_TRITON)),
                                reason="triton is not installed (pip install triton; it ships with CUDA torch)")
+
+
+def fused_adam_runs_on_the_cpu() -> bool:
+    """torch's fused Adam has a CPU kernel from 2.4; before, the optimiser falls back and the loss guard reads the
+    loss every step (both what users of those versions get, tested on their own)."""
+    try:
+        torch.optim.Adam([torch.zeros(1, requires_grad=True)], fused=True)
+    except RuntimeError:
+        return False
+    return True
+
+
+def needs_fused_cpu_adam(test):
+    import pytest
+
+    return pytest.mark.skipif(not fused_adam_runs_on_the_cpu(),
+                              reason=f"torch {torch.__version__} has no fused Adam on the CPU (2.4 has)")(test)
+
+
+def needs_cpu_grad_scaler(test):
+    import pytest
+
+    return pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"),
+                              reason=f"torch {torch.__version__} has no GradScaler for the CPU (2.3 has)")(test)
+
+
+def lightning_mixed_precision(scaler):
+    """Lightning's 16-mixed plugin on the CPU with ``scaler`` (named MixedPrecisionPlugin before Lightning 2.2)."""
+    from pytorch_lightning.plugins import precision
+
+    plugin = getattr(precision, "MixedPrecision", None) or precision.MixedPrecisionPlugin
+    return plugin("16-mixed", "cpu", scaler)

@@ -3,7 +3,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from helpers import training_system
+from helpers import needs_fused_cpu_adam, training_system
 from systems.base import masked_mean
 from utils.callbacks import ProgressBar
 from utils.host_sync import HostSyncCounter, step_sync_callback
@@ -73,6 +73,7 @@ def count_training_syncs(tmp_path, config, *overrides, steps=16):
                                 "+model.geometry.xyz_encoding_config.update_steps=5",
                                 "+system.loss.lambda_curvature=1e-4"), 1, 610),
 ])
+@needs_fused_cpu_adam
 def test_training_step_keeps_its_host_sync_and_operator_budgets(tmp_path, config, overrides, budget,
                                                                   operator_budget):
     """On a GPU each sync idles the device and each operator costs the host microseconds: both bound how fast

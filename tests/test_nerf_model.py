@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import models
+from helpers import needs_fused_cpu_adam
 from models.base import update_module_step
 from utils.config import load_config
 
@@ -126,6 +127,7 @@ def test_values_torch_refuses_are_one_sentence_fused_or_not(args, message):
             make_optimizer(OmegaConf.create({"name": "Adam", "args": args}), small_model(), fused_default)
 
 
+@needs_fused_cpu_adam
 def test_adam_is_fused_unless_the_config_says_otherwise_and_steps_like_the_reference():
     """The fused optimiser (one kernel per group on a GPU) is chosen by default and takes the same steps as
     torch's for-loop implementation; ``fused``/``foreach`` in the config are the user's choice and kept."""

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import systems
-from helpers import training_system
+from helpers import lightning_mixed_precision, needs_cpu_grad_scaler, needs_fused_cpu_adam, training_system
 from systems.optim import make_optimizer
 from utils.config import ConfigError, load_config
 
@@ -95,6 +95,8 @@ def test_training_runs_under_mixed_precision(tmp_path, config):
     assert all(torch.isfinite(p).all() for p in system.parameters())
 
 
+@needs_cpu_grad_scaler
+@needs_fused_cpu_adam
 @pytest.mark.parametrize("clip", [None, 1.0])
 def test_fp16_with_a_gradient_scaler_as_on_a_gpu(tmp_path, clip):
     """A GPU trains configs' precision 16 as 16-mixed: fp16 autocast and a gradient scaler. Lightning's plugin
@@ -102,14 +104,13 @@ def test_fp16_with_a_gradient_scaler_as_on_a_gpu(tmp_path, clip):
     which needs them unscaled before the step: Lightning refuses clipping with a fused one."""
     import pytorch_lightning as pl
     import torch
-    from pytorch_lightning.plugins.precision import MixedPrecision
 
     def train(*overrides, steps=8):
         system, dm = training_system("configs/neus-demo.yaml", tmp_path, "model.grid_resolution=16",
                                      "model.grid_warmup_steps=4", *overrides)
         before = [p.detach().clone() for p in system.parameters()]
         scaler = torch.amp.GradScaler("cpu")
-        trainer = pl.Trainer(accelerator="cpu", plugins=[MixedPrecision("16-mixed", "cpu", scaler)], max_steps=steps,
+        trainer = pl.Trainer(accelerator="cpu", plugins=[lightning_mixed_precision(scaler)], max_steps=steps,
                              gradient_clip_val=clip, logger=False, enable_checkpointing=False, limit_val_batches=0,
                              num_sanity_val_steps=0, enable_model_summary=False, enable_progress_bar=False)
         trainer.fit(system, datamodule=dm)
@@ -180,7 +181,7 @@ def test_the_same_seed_trains_the_same_weights_on_several_threads(tmp_path):
     try:
         runs = []
         for run in range(2):
-            pl.seed_everything(7, verbose=False)
+            pl.seed_everything(7)
             system, dm = training_system("configs/neus-demo.yaml", tmp_path / str(run), "model.grid_warmup_steps=8")
             pl.Trainer(accelerator="cpu", max_steps=100, logger=False, enable_checkpointing=False, limit_val_batches=0,
                        num_sanity_val_steps=0, enable_model_summary=False, enable_progress_bar=False).fit(system, dm)
