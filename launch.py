@@ -89,6 +89,7 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
             lambda record: not str(record.msg).startswith(("💡 Tip", "`Trainer.fit` stopped: `max_steps=",
                                                            "GPU available:", "TPU available:", "HPU available:",
+                                                           "IPU available:",  # Lightning < 2.2
                                                            "`Trainer(limit_")))
 
 

@@ -107,6 +107,16 @@ class ProgressBar(TQDMProgressBar):
     """Lightning's bar, plus the system's ``progress_bar_values``: Python floats the system reads every few
     steps (``BaseSystem.show_on_progress_bar``), so refreshing the bar never reads the device."""
 
+    @property
+    def total_train_batches(self):
+        """The steps left to ``max_steps`` for the endless ray sampler, as Lightning >= 2.2 counts them: 2.1 showed
+        no total, so no percentage and no time left."""
+        total = super().total_train_batches
+        max_steps = self.trainer.max_steps
+        if total == float("inf") and max_steps is not None and max_steps > 0:
+            return max_steps - self.trainer.global_step
+        return total
+
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
         metrics.pop("v_num", None)  # the last 4 characters of the logger's version: "logs", meaningless here
