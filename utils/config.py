@@ -174,10 +174,30 @@ def load_config(path: str, overrides: Iterable[str] = (), resolve: bool = True) 
             key, value, old = words[0]
             raise ConfigError(f"Override {key}={value} puts a word where the config has a number ({old}), and "
                               "an interpolation computes with it; give a number.") from None
-        where = f" (in {err.full_key})" if getattr(err, "full_key", None) else ""
+        full_key = getattr(err, "full_key", None) or unresolvable_key(cfg)
+        where = f" (in {full_key})" if full_key else ""
         raise ConfigError(f"Config '{path}' has an interpolation that cannot be resolved: "
                           f"{str(err).splitlines()[0]}{where}.") from None
     return cfg
+
+
+def unresolvable_key(cfg, prefix: str = "") -> str | None:
+    """The first key (``a.b`` or ``a.b[0]``) of a DictConfig/ListConfig whose interpolation fails: OmegaConf
+    before 2.4 does not name it in the error."""
+    keys = cfg.keys() if isinstance(cfg, DictConfig) else range(len(cfg))
+    for key in keys:
+        path = f"{prefix}[{key}]" if isinstance(cfg, ListConfig) else f"{prefix}.{key}" if prefix else str(key)
+        node = cfg._get_node(key)
+        if isinstance(node, (DictConfig, ListConfig)) and not node._is_interpolation():
+            found = unresolvable_key(node, path)
+            if found:
+                return found
+            continue
+        try:
+            cfg[key]
+        except Exception:
+            return path
+    return None
 
 
 PATH_OPTIONS = ("dataset.root_dir", "dataset.eval_dir", "exp_dir")
