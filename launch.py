@@ -80,7 +80,8 @@ def setup_logging(verbose: bool) -> None:
 
         for pattern in (".*does not have many workers.*", ".*LightningModule.*log.*", ".*sync_dist.*",
                         ".*TensorBoard support.*", ".*You called `self.log.*",
-                        ".*isinstance\\(treespec, LeafSpec\\).*"):  # Lightning's own use of torch's pytree
+                        ".*isinstance\\(treespec, LeafSpec\\).*",  # Lightning's own use of torch's pytree
+                        "TypedStorage is deprecated"):  # torch 2.1's own weights-only loading
             warnings.filterwarnings("ignore", message=pattern)
         # Lightning advertises its cloud services ("Tip: ... try installing litlogger / litmodels") at every run,
         # says "`Trainer.fit` stopped: `max_steps=N` reached." on the bar's line when training ends as planned,
@@ -421,8 +422,10 @@ def run(argv=None) -> int:
             except SystemExit:  # Lightning's exit at a second Ctrl-C (at the first, on several GPUs)
                 if not stop_on_signal.interrupted:
                     raise
-                if not stop_on_signal.stopped:  # else the first one's stop happened: reported just below
-                    return report_quit(trainer.global_step, config, checkpointing)
+            # Lightning < 2.2 returns from the stage it ended at Ctrl-C instead of exiting; either way, unless the
+            # first signal's stop happened (reported just below), nothing more runs
+            if stop_on_signal.interrupted and not stop_on_signal.stopped:
+                return report_quit(trainer.global_step, config, checkpointing)
             if stop_on_signal.stopped:
                 return report_stopped(stop_on_signal.received, trainer.global_step, int(trainer.max_steps),
                                       stop_on_signal.saved, config)
@@ -436,6 +439,8 @@ def run(argv=None) -> int:
                 trainer.validate(system, datamodule=dm)
             else:
                 trainer.test(system, datamodule=dm, verbose=mode in ("train", "test"))
+            if stop_on_signal.interrupted:  # Lightning < 2.2 returns from a test ended by Ctrl-C
+                return report_stopped_output("SIGINT", mode, tested_ckpt, config)
             if mode == "export" and system.mesh_error:  # the mesh is what --export is for: a script must see it
                 log.error("--export wrote the video but no mesh (see above).")
                 return 1
