@@ -1,5 +1,6 @@
 """Shared test measurements and set-up."""
 import numpy as np
+import pytest
 import torch
 
 
@@ -73,8 +74,6 @@ def fisheye_undistort(xy_d: np.ndarray, coeffs, iterations: int = 50) -> np.ndar
 
 def import_triton_or_skip():
     """triton, or a skip saying why: not installed, or older than the kernels need (torch < 2.7 ships one)."""
-    import pytest
-
     from models.backends import MIN_TRITON
 
     return pytest.importorskip("triton", minversion=".".join(map(str, MIN_TRITON)),
@@ -91,18 +90,10 @@ def fused_adam_runs_on_the_cpu() -> bool:
     return True
 
 
-def needs_fused_cpu_adam(test):
-    import pytest
-
-    return pytest.mark.skipif(not fused_adam_runs_on_the_cpu(),
-                              reason=f"torch {torch.__version__} has no fused Adam on the CPU (2.4 has)")(test)
-
-
-def needs_cpu_grad_scaler(test):
-    import pytest
-
-    return pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"),
-                              reason=f"torch {torch.__version__} has no GradScaler for the CPU (2.3 has)")(test)
+needs_fused_cpu_adam = pytest.mark.skipif(not fused_adam_runs_on_the_cpu(),
+                                          reason=f"torch {torch.__version__} has no fused Adam on the CPU (2.4 has)")
+needs_cpu_grad_scaler = pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"),
+                                           reason=f"torch {torch.__version__} has no GradScaler for the CPU (2.3 has)")
 
 
 def lightning_mixed_precision(scaler):

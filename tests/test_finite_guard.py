@@ -5,7 +5,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from helpers import lightning_mixed_precision, needs_fused_cpu_adam, training_system
+from helpers import lightning_mixed_precision, needs_cpu_grad_scaler, needs_fused_cpu_adam, training_system
 from systems.finite_guard import FiniteLossGuard, NonFiniteLossError
 from utils.host_sync import HostSyncCounter
 
@@ -46,12 +46,10 @@ def assert_weights_from_before_the_bad_step(system, snapshots):
 
 
 @needs_fused_cpu_adam
-@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("mixed", [False, pytest.param(True, marks=needs_cpu_grad_scaler)])
 def test_fused_optimiser_skips_every_update_from_the_bad_step_until_the_check(tmp_path, mixed):
     plugins = ()
     if mixed:  # a GPU's 16-mixed: the scaler's own flag is combined with the guard's
-        if not hasattr(torch.amp, "GradScaler"):
-            pytest.skip(f"torch {torch.__version__} has no GradScaler for the CPU (2.3 has)")
         plugins = (lightning_mixed_precision(torch.amp.GradScaler("cpu")),)
     system, trainer, snapshots = train_into_a_bad_loss(tmp_path, plugins=plugins)
     assert system.loss_guard.deferred
