@@ -32,7 +32,7 @@ COUNTER_KEY = "__counts__"  # a collections.Counter is saved as {COUNTER_KEY: di
 
 def _map_items(value: Any, fn) -> Any:
     """``value`` (a dict, list or tuple) with ``fn`` applied to its items; the same object when nothing changed,
-    else a shallow copy of its own class (Lightning's AttributeDict, an OrderedDict)."""
+    else a copy of its own class (Lightning's AttributeDict, an OrderedDict, a namedtuple)."""
     items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
     mapped = [(k, fn(v)) for k, v in items]
     if all(new is old for (_, new), (_, old) in zip(mapped, items)):
@@ -41,7 +41,8 @@ def _map_items(value: Any, fn) -> Any:
         out = copy.copy(value)
         out.update(mapped)
         return out
-    return type(value)(v for _, v in mapped) if type(value) in (list, tuple) else value
+    values = [v for _, v in mapped]
+    return type(value)(*values) if hasattr(value, "_fields") else type(value)(values)  # a namedtuple, or not
 
 
 def counters_as_dicts(value: Any) -> Any:
