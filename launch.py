@@ -110,6 +110,9 @@ def choose_devices(gpu: str | None):
 
     A CUDA_VISIBLE_DEVICES set before launch (a scheduler's allocation, e.g. SLURM's) is kept: ``--gpu`` then
     only says how many of those devices to use."""
+    problem = numpy_too_new_for_torch()
+    if problem:
+        raise UserError(problem)
     preset = os.environ.get("CUDA_VISIBLE_DEVICES")
     if gpu is not None and preset is None:
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
@@ -134,6 +137,27 @@ def choose_devices(gpu: str | None):
     else:
         log.info("Device: CPU (no CUDA device found), fp32")
     return "cpu", 1
+
+
+def numpy_too_new_for_torch() -> str | None:
+    """Why the installed PyTorch cannot use the installed NumPy (None when it can), from the packages' versions,
+    before torch is imported: PyTorch < 2.3 was built for NumPy 1, and with NumPy 2 (which a fresh
+    ``pip install -r requirements.txt`` beside a kept older PyTorch brings in) it prints a page of import warnings
+    and every loader then fails at ``torch.from_numpy`` ("Numpy is not available")."""
+    from importlib import metadata
+
+    def major_minor(package: str):
+        try:
+            return tuple(int(part) for part in metadata.version(package).split(".")[:2])
+        except (metadata.PackageNotFoundError, ValueError):  # not installed by pip, or an unusual version string
+            return None
+
+    torch_version, numpy_version = major_minor("torch"), major_minor("numpy")
+    if torch_version is None or numpy_version is None or torch_version >= (2, 3) or numpy_version < (2, 0):
+        return None
+    return (f"PyTorch {metadata.version('torch')} was built for NumPy 1 and cannot use the installed NumPy "
+            f"{metadata.version('numpy')} (PyTorch reads NumPy 2 from 2.3 on); run pip install 'numpy<2' "
+            "'opencv-python-headless<4.12', or install PyTorch 2.3 or newer.")
 
 
 def unusable_gpu(torch) -> str | None:

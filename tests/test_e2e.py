@@ -583,6 +583,35 @@ def test_a_gpu_this_pytorch_cannot_run_is_named_before_anything_is_built(monkeyp
     assert not (tmp_path / "exp").exists(), "refused before any folder is made"
 
 
+@pytest.mark.parametrize("torch_version, numpy_version, refused", [
+    ("2.1.2+cu121", "2.2.6", True), ("2.2.0a0+git8ac9b20", "2.0.0rc1", True),
+    ("2.1.2+cu121", "1.26.4", False), ("2.3.0", "2.2.6", False), ("2.13.0+cpu", "2.4.1", False),
+])
+def test_a_pytorch_too_old_for_the_installed_numpy_is_one_sentence(monkeypatch, tmp_path, capsys, torch_version,
+                                                                   numpy_version, refused):
+    """README invites keeping an installed PyTorch >= 2.1; with 2.1 or 2.2, pip install -r requirements.txt brings
+    NumPy 2, which those cannot read: a page of import warnings, then "RuntimeError: Numpy is not available" from
+    the first loader (seen in a venv of torch 2.1.2 and numpy 2.2.6). Now one sentence says what to install."""
+    from importlib import metadata
+
+    import launch as launcher
+
+    versions = {"torch": torch_version, "numpy": numpy_version}
+    real_version = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: versions.get(name) or real_version(name))
+    problem = launcher.numpy_too_new_for_torch()
+    if not refused:
+        assert problem is None
+        return
+    assert problem == (f"PyTorch {torch_version} was built for NumPy 1 and cannot use the installed NumPy "
+                       f"{numpy_version} (PyTorch reads NumPy 2 from 2.3 on); run pip install 'numpy<2' "
+                       "'opencv-python-headless<4.12', or install PyTorch 2.3 or newer.")
+    assert launcher.main(["--config", "configs/nerf-demo.yaml", "--exp_dir", str(tmp_path / "exp"), "--runs_dir",
+                          str(tmp_path / "runs"), "--train"]) == 2
+    assert problem in capsys.readouterr().out
+    assert not (tmp_path / "exp").exists(), "refused before any folder is made"
+
+
 def test_a_folder_that_cannot_be_written_is_named_not_a_traceback(monkeypatch, tmp_path, capsys):
     """The demo scene is rendered into dataset.root_dir on first use: on a read-only checkout (or a folder of
     another user) that was a traceback from tempfile.mkdtemp."""
