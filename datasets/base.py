@@ -46,6 +46,10 @@ class SceneData:
     c2w: (N, 3, 4) float32 OpenGL; intrinsics: (N, 4) (fx, fy, cx, cy).
     ``world_from_scene`` (4, 4) maps the normalised frame the model works in
     back to the dataset's own world frame (identity when none was applied).
+    ``trained_pixels``: (N, H, W) bool, the pixels training may sample (a
+    nerfstudio ``mask_path``: a car's hood, the photographer, a crop's border
+    are never trained on); None: all. Unlike a foreground mask, it says
+    nothing about what is there.
     """
 
     images: torch.Tensor
@@ -56,6 +60,7 @@ class SceneData:
     names: List[str]
     world_from_scene: np.ndarray = field(default_factory=lambda: np.eye(4))
     has_gt: bool = True  # False for a camera trajectory without images (video only, no metrics)
+    trained_pixels: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         """A camera with a NaN or infinite entry, or a focal length <= 0, would fail deep inside training;
@@ -67,6 +72,12 @@ class SceneData:
             name = self.names[i] if i < len(self.names) else f"#{i}"
             raise DatasetError(f"The camera of view {name} has a pose or intrinsics that is not finite, or a focal "
                                "length <= 0; fix that camera in the scene's cameras file or remove the view.")
+        if self.trained_pixels is not None:
+            empty = ~self.trained_pixels.flatten(1).any(1)
+            if bool(empty.any()):
+                name = self.names[int(empty.nonzero()[0])]
+                raise DatasetError(f"The mask of view {name} leaves no pixel to train on (0 everywhere); a mask "
+                                   "is 0 where training must not look and 255 elsewhere: fix it or remove the view.")
 
     @property
     def n_images(self) -> int:
@@ -87,7 +98,32 @@ class SceneData:
         index = torch.randint(0, self.n_images, (n_idx,), generator=generator).expand(n_rays)
         x = torch.randint(0, self.width, (n_rays,), generator=generator)
         y = torch.randint(0, self.height, (n_rays,), generator=generator)
+        if self.trained_pixels is not None:
+            index, x, y = self._resample_untrained(index, x, y, batch_image_sampling, generator)
         return self._rays_at(index, x, y)
+
+    def _resample_untrained(self, index: torch.Tensor, x: torch.Tensor, y: torch.Tensor, batch_image_sampling: bool,
+                            generator: Optional[torch.Generator], rounds: int = 64):
+        """(index, x, y) (n_rays,) each, every ray on a trained pixel: rays that fell outside ``trained_pixels``
+        are drawn again (from any image, or from the batch's one image), so the rays stay uniform over the
+        trained pixels. Rays still outside after ``rounds`` (a mask that keeps a sliver) are drawn from their
+        image's trained pixels directly."""
+        index = index.clone()
+        for _ in range(rounds):
+            redo = (~self.trained_pixels[index, y, x]).nonzero()[:, 0]
+            if len(redo) == 0:
+                return index, x, y
+            if batch_image_sampling:
+                index[redo] = torch.randint(0, self.n_images, (len(redo),), generator=generator)
+            x[redo] = torch.randint(0, self.width, (len(redo),), generator=generator)
+            y[redo] = torch.randint(0, self.height, (len(redo),), generator=generator)
+        redo = (~self.trained_pixels[index, y, x]).nonzero()[:, 0]
+        for image in index[redo].unique():
+            rays = redo[index[redo] == image]
+            ys, xs = self.trained_pixels[image].nonzero(as_tuple=True)
+            pick = torch.randint(0, len(ys), (len(rays),), generator=generator)
+            x[rays], y[rays] = xs[pick], ys[pick]
+        return index, x, y
 
     def image_rays(self, index: int) -> Dict[str, torch.Tensor]:
         """All rays of image ``index``, row-major: (H*W, 3) origins/directions, rgb, fg_mask."""

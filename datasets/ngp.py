@@ -9,7 +9,11 @@ the ``colmap`` loader does. Images smaller than the declared ``w`` x ``h``
 (nerfstudio's ``images_2/``) get their intrinsics scaled to fit. Frames are
 ``file_path`` + ``transform_matrix`` (OpenGL camera-to-world); an RGBA
 image's alpha is its mask. Every ``holdout_every``-th frame (default 8, in
-file-name order) is held out for val/test.
+file-name order) is held out for val/test. A frame's ``mask_path`` (nerfstudio:
+one channel, 0 where training must not look, e.g. the photographer or a
+crop's border) keeps those pixels out of the training rays; it is not a
+foreground mask (that is the RGBA image's alpha), and held-out frames are
+scored on their whole image, as nerfstudio does.
 
 Normalisation (``normalize``, default true). Such files come in whatever
 frame their tool left: nerfstudio's ``ns-process-data`` keeps COLMAP's, whose
@@ -36,7 +40,7 @@ import numpy as np
 import torch
 
 from datasets.base import DatasetError, SceneData, holdout_split
-from datasets.images import IMAGE_EXTENSIONS, common_target_size, load_images
+from datasets.images import IMAGE_EXTENSIONS, common_target_size, load_images, mask_for_image, read_image
 from datasets.colmap import orbit_at_mean_height, transform_poses, z_up_similarity
 from datasets.colmap_model import Undistorter, import_pycolmap, lookat_point, region_of_interest
 from datasets.rays import opencv_to_opengl
@@ -224,29 +228,49 @@ def load_ngp_split(config: Any, path: str, split: str) -> SceneData:
         return _orbit(config, root, meta, frames, c2w_scene, world_from_scene)
     paths = [image_path(root, frames[i].get("file_path", "")) for i in chosen]
     undistorters: Dict[tuple, Undistorter] = {}
-    pinhole = []  # (undistorted image, its Undistorter)
+    pinhole = []  # (undistorted image, its undistorted mask_path mask or None, its Undistorter)
     for i, image in zip(chosen, load_images(paths, same_size=False)):
         cam = lens_camera(meta, frames[i], image.shape[1], image.shape[0])
         und = undistorters.setdefault((cam.model.name, cam.width, cam.height, tuple(cam.params)), Undistorter(cam))
-        pinhole.append((und(image), und))
-    w, h = common_target_size(config, [und.size for _, und in pinhole], paths)
-    images, masks, intrinsics = [], [], []
-    for image, und in pinhole:
+        keep = frame_mask(root, frames[i], image.shape[:2]) if split == "train" else None
+        pinhole.append((und(image), None if keep is None else und(keep, nearest=True), und))
+    w, h = common_target_size(config, [und.size for _, _, und in pinhole], paths)
+    images, masks, kept, intrinsics = [], [], [], []
+    for image, keep, und in pinhole:
         if und.size != (w, h):
             image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+            keep = None if keep is None else cv2.resize(keep, (w, h), interpolation=cv2.INTER_AREA)
         images.append(image[..., :3])
         masks.append(image[..., 3] if image.shape[-1] == 4 else np.full((h, w), 255, np.uint8))
+        kept.append(np.ones((h, w), bool) if keep is None else keep > 127)
         intrinsics.append(pinhole_intrinsics(und, w, h))
+    n_masked = sum(keep is not None for _, keep, _ in pinhole)
     if split == "train":
         lenses = sorted({key[0] for key in undistorters})
-        log.info(f"transforms.json: {len(frames)} frames, {len(chosen)} to train on, lens {', '.join(lenses)}"
-                 f"{' (undistorted to pinhole)' if lenses != ['PINHOLE'] else ''}, training size {w}x{h}, "
-                 f"{framing(config, c2w_scene)}")
+        masked = f", {n_masked} with a mask_path (its 0 pixels not trained on)" if n_masked else ""
+        log.info(f"transforms.json: {len(frames)} frames, {len(chosen)} to train on{masked}, lens "
+                 f"{', '.join(lenses)}{' (undistorted to pinhole)' if lenses != ['PINHOLE'] else ''}, training size "
+                 f"{w}x{h}, {framing(config, c2w_scene)}")
     return SceneData(images=torch.from_numpy(np.stack(images)), masks=torch.from_numpy(np.stack(masks)),
                      c2w=torch.from_numpy(c2w_scene[chosen, :3, :4]).float(),
                      intrinsics=torch.tensor(np.stack(intrinsics), dtype=torch.float32),
                      has_mask=pinhole[0][0].shape[-1] == 4, names=[os.path.relpath(p, root) for p in paths],
-                     world_from_scene=world_from_scene)
+                     world_from_scene=world_from_scene, trained_pixels=torch.from_numpy(np.stack(kept)) if n_masked
+                     else None)
+
+
+def frame_mask(root: str, frame: Dict[str, Any], image_hw: Tuple[int, int]) -> Optional[np.ndarray]:
+    """(H, W) uint8 of a frame's ``mask_path`` at its image's stored size ``image_hw``: 255 where training may
+    look (any non-zero value in the file, as nerfstudio reads it), 0 where not; None when the frame has none."""
+    name = frame.get("mask_path")
+    if not name:
+        return None
+    path = os.path.normpath(os.path.join(root, name))
+    if not os.path.isfile(path):
+        raise DatasetError(f"The mask {path} (the mask_path of {frame.get('file_path')}) is missing; put it "
+                           "there or remove mask_path from that frame in transforms.json.")
+    keep = np.where(read_image(path)[..., 0] > 0, 255, 0).astype(np.uint8)
+    return mask_for_image(keep, image_hw, path)
 
 
 def pinhole_intrinsics(und: Undistorter, width: int, height: int) -> np.ndarray:

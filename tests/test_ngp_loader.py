@@ -231,3 +231,78 @@ def test_bad_cameras_are_one_clear_sentence(tmp_path):
     upside_down = (np.array(first["transform_matrix"]) * [1, -1, -1, 1]).tolist()  # the same place, turned over
     expect("cannot tell which way is up",
            frames=[first, {"file_path": "images/frame_0001.png", "transform_matrix": upside_down}])
+
+
+MAGENTA = np.array([255, 0, 255], np.uint8)
+
+
+def test_mask_path_pixels_are_never_trained_on(tmp_path):
+    """nerfstudio's per-frame mask_path (0: do not train here; ns-process-data writes one for a crop, people
+    paint out the photographer) was ignored: training sampled the masked pixels, here painted magenta. Now no
+    training ray lands on one, and the rays stay uniform over the trained pixels (each view's share of the rays
+    follows its count of them); held-out views keep their whole image."""
+    cams = orbit_cameras(4, 2.6, [25, 40], W, H, fov_x_deg=50)
+    images = [render(cam) for cam in cams]
+    assert not any((image == MAGENTA).all(-1).any() for image in images), "the scene itself shows no magenta"
+    keep = np.full((4, H, W), 255, np.uint8)
+    keep[1, :, : W // 2] = 0  # the left half of view 1
+    keep[2, -H // 4:] = 0  # a crop's bottom quarter in view 2; view 3 has no mask_path
+    os.makedirs(tmp_path / "masks")
+    for k in (1, 2):
+        images[k][keep[k] == 0] = MAGENTA
+        small = keep[k, ::2, ::2] if k == 2 else keep[k]  # nerfstudio's masks_2: half size, same aspect
+        write_image(str(tmp_path / "masks" / f"mask_{k}.png"), (small > 0).astype(np.uint8))  # 0/1, as ns writes
+    write_capture(tmp_path, cams, similarity(2.0, 5), images=images)
+    meta = json.load(open(tmp_path / "transforms.json"))
+    for k in (1, 2):
+        meta["frames"][k]["mask_path"] = f"masks/mask_{k}.png"
+    json.dump(meta, open(tmp_path / "transforms.json", "w"))
+
+    dm = load(tmp_path, holdout_every=4)  # view 0 is held out
+    train = dm.split("train")
+    assert train.trained_pixels is not None and dm.split("test").trained_pixels is None
+    np.testing.assert_array_equal(train.trained_pixels.numpy(), keep[1:] > 0)
+    generator = torch.Generator().manual_seed(0)
+    rays = train.train_rays(30000, True, generator)
+    on_magenta = (rays["rgb"] == torch.tensor([1.0, 0.0, 1.0])).all(1)
+    assert not bool(on_magenta.any()), f"{int(on_magenta.sum())} training rays on masked pixels"
+    centres = train.c2w[:, :, 3]
+    view = torch.cdist(rays["rays_o"], centres).argmin(1)
+    share = torch.bincount(view, minlength=3).double() / len(view)
+    kept = torch.tensor([(keep[k] > 0).sum() for k in (1, 2, 3)], dtype=torch.float64)
+    np.testing.assert_allclose(share.numpy(), (kept / kept.sum()).numpy(), atol=0.015)
+
+    one_image = train.train_rays(4096, False, generator)  # instant-nsr-pl's batch_image_sampling: false
+    assert not bool((one_image["rgb"] == torch.tensor([1.0, 0.0, 1.0])).all(1).any())
+    assert len(torch.cdist(one_image["rays_o"], centres).argmin(1).unique()) == 1
+
+
+def test_a_mask_that_keeps_a_sliver_or_nothing(tmp_path):
+    """A mask that keeps three pixels of one view still gives rays there (not a thousand rounds of redraws, nor
+    rays on masked pixels); one that keeps none, or a missing mask file, is one sentence naming it."""
+    cams = orbit_cameras(2, 2.6, [30], W, H)
+    write_capture(tmp_path, cams)
+    meta = json.load(open(tmp_path / "transforms.json"))
+    os.makedirs(tmp_path / "masks")
+    sliver = np.zeros((H, W), np.uint8)
+    sliver[10, [5, 6, 40]] = 255
+    write_image(str(tmp_path / "masks" / "sliver.png"), sliver)
+    meta["frames"][0]["mask_path"] = "masks/sliver.png"
+    json.dump(meta, open(tmp_path / "transforms.json", "w"))
+    train = load(tmp_path, holdout_every=0).split("train")
+    for batch_image_sampling in (True, False):
+        rays = train.train_rays(2000, batch_image_sampling, torch.Generator().manual_seed(1))
+        full = train.image_rays(0)
+        in_view_0 = torch.cdist(rays["rays_o"], train.c2w[:, :, 3]).argmin(1) == 0
+        angles = rays["rays_d"][in_view_0] @ full["rays_d"].T  # each ray is one of view 0's pixel rays
+        pixels = angles.argmax(1)
+        assert set(pixels.tolist()) <= {10 * W + 5, 10 * W + 6, 10 * W + 40}
+        assert batch_image_sampling or len(pixels) in (0, 2000)
+
+    write_image(str(tmp_path / "masks" / "sliver.png"), np.zeros((H, W), np.uint8))
+    with pytest.raises(DatasetError, match="The mask of view images/frame_0000.png leaves no pixel to train on"):
+        load(tmp_path, holdout_every=0).split("train")
+    os.remove(tmp_path / "masks" / "sliver.png")
+    with pytest.raises(DatasetError, match=r"The mask .*sliver.png \(the mask_path of images/frame_0000.png\) is "
+                                           "missing"):
+        load(tmp_path, holdout_every=0).split("train")
