@@ -262,6 +262,8 @@ def test_mask_path_pixels_are_never_trained_on(tmp_path):
     train = dm.split("train")
     assert train.trained_pixels is not None and dm.split("test").trained_pixels is None
     np.testing.assert_array_equal(train.trained_pixels.numpy(), keep[1:] > 0)
+    half = load(tmp_path, holdout_every=4, img_wh=[W // 2, H // 2]).split("train")  # masks resized with images
+    np.testing.assert_array_equal(half.trained_pixels.numpy(), keep[1:, ::2, ::2] > 0)
     generator = torch.Generator().manual_seed(0)
     rays = train.train_rays(30000, True, generator)
     on_magenta = (rays["rgb"] == torch.tensor([1.0, 0.0, 1.0])).all(1)
