@@ -109,15 +109,15 @@ class SceneData:
         trained pixels. Rays still outside after ``rounds`` (a mask that keeps a sliver) are drawn from their
         image's trained pixels directly."""
         index = index.clone()
+        redo = (~self.trained_pixels[index, y, x]).nonzero()[:, 0]
         for _ in range(rounds):
-            redo = (~self.trained_pixels[index, y, x]).nonzero()[:, 0]
             if len(redo) == 0:
                 return index, x, y
             if batch_image_sampling:
                 index[redo] = torch.randint(0, self.n_images, (len(redo),), generator=generator)
             x[redo] = torch.randint(0, self.width, (len(redo),), generator=generator)
             y[redo] = torch.randint(0, self.height, (len(redo),), generator=generator)
-        redo = (~self.trained_pixels[index, y, x]).nonzero()[:, 0]
+            redo = redo[~self.trained_pixels[index[redo], y[redo], x[redo]]]  # only the redrawn rays are checked
         for image in index[redo].unique():
             rays = redo[index[redo] == image]
             ys, xs = self.trained_pixels[image].nonzero(as_tuple=True)
