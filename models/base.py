@@ -1,7 +1,7 @@
 """Shared model plumbing: step updates and chunked evaluation."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,18 +20,38 @@ def update_module_step(module: nn.Module, epoch: int, global_step: int) -> None:
 def chunk_batch(fn: Callable[..., Dict[str, Any]], chunk: int, *tensors: torch.Tensor) -> Dict[str, Any]:
     """Run ``fn`` over row chunks of ``tensors`` and concatenate tensor outputs (sums for scalars)."""
     n = tensors[0].shape[0]
-    parts: Dict[str, list] = {}
-    for i in range(0, n, chunk):
-        out = fn(*(t[i:i + chunk] for t in tensors))
-        for k, v in out.items():
-            parts.setdefault(k, []).append(v)
+    return merge_outputs([fn(*(t[i:i + chunk] for t in tensors)) for i in range(0, n, chunk)])
+
+
+def merge_outputs(parts: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per-ray outputs of consecutive groups of rays as one: tensors concatenated, counts (ints, 0-d) summed."""
     merged: Dict[str, Any] = {}
-    for k, vs in parts.items():
-        if torch.is_tensor(vs[0]) and vs[0].dim() > 0:
-            merged[k] = torch.cat(vs, dim=0)
-        else:
-            merged[k] = sum(vs)
+    for k in parts[0]:
+        vs = [part[k] for part in parts]
+        merged[k] = torch.cat(vs, dim=0) if torch.is_tensor(vs[0]) and vs[0].dim() > 0 else sum(vs)
     return merged
+
+
+def in_slices(fn: Callable[..., torch.Tensor], rows: int, *tensors: torch.Tensor) -> torch.Tensor:
+    """``fn(*tensors)`` computed ``rows`` rows at a time and concatenated (for work without a gradient, whose
+    memory grows with the rows)."""
+    n = tensors[0].shape[0]
+    if n <= rows:
+        return fn(*tensors)
+    return torch.cat([fn(*(t[i:i + rows] for t in tensors)) for i in range(0, n, rows)])
+
+
+def ray_groups(ray_indices: torch.Tensor, n_rays: int, samples: int) -> List[Tuple[int, int, int, int]]:
+    """Consecutive groups of rays holding about ``samples`` packed samples each (at most that plus one ray's).
+
+    ray_indices: (S,) sorted, each sample's ray in [0, n_rays). Returns [(first ray, end ray, first sample,
+    end sample)] covering every ray, those without samples included."""
+    ends = torch.bincount(ray_indices, minlength=n_rays).cumsum(0)  # (n_rays,) samples of rays 0..i
+    multiples = torch.arange(samples, max(len(ray_indices), samples), samples, device=ends.device)
+    cuts = torch.searchsorted(ends, multiples, right=True)  # the first ray past each multiple
+    bounds = sorted({0, n_rays, *cuts.tolist()})
+    offsets = torch.cat([ends.new_zeros(1), ends])[bounds].tolist()
+    return [(bounds[g], bounds[g + 1], offsets[g], offsets[g + 1]) for g in range(len(bounds) - 1)]
 
 
 def export_chunk(export_config: Any, default: int, device: torch.device) -> int:
@@ -45,13 +65,18 @@ def export_chunk(export_config: Any, default: int, device: torch.device) -> int:
 class BaseModel(nn.Module):
     """A radiance-field model: ``forward(rays_o, rays_d) -> dict``, ``export() -> mesh``.
 
-    Subclasses implement ``_render`` for one batch of rays; evaluation renders in
-    chunks of ``self.ray_chunk`` rays.
+    Subclasses implement ``_march`` (where along each ray to sample) and ``_shade`` (the field at those samples,
+    composited per ray). Training renders its batch in one piece. Evaluation renders in chunks of
+    ``self.ray_chunk`` rays, and shades each chunk's samples in groups of rays holding about
+    ``model.sample_chunk`` samples: memory stays bounded however many samples the rays take (every step of
+    ``num_samples_per_ray`` while the occupancy grid is still full, in an early validation).
     """
 
     def __init__(self, config: Any):
         super().__init__()
         self.config = config
+        sample_chunk = config.get("sample_chunk")
+        self.sample_chunk = None if sample_chunk is None else number_at_least(sample_chunk, "model.sample_chunk", 1)
         self.setup()
 
     def setup(self) -> None:
@@ -65,5 +90,27 @@ class BaseModel(nn.Module):
             return self._render(rays_o, rays_d)
         return chunk_batch(self._render, self.ray_chunk, rays_o, rays_d)
 
+    def samples_per_query(self, device: torch.device) -> int:
+        """Samples per field query outside training: ``model.sample_chunk`` (default 2^20, a GPU's memory
+        bound), at most ``utils.mesh.CPU_POINTS_PER_CALL`` on a CPU, which is faster there."""
+        return points_per_call(self.sample_chunk or 2 ** 20, device)
+
     def _render(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, Any]:
+        """rays_o, rays_d (N, 3) -> per-ray outputs (N, ...) and sample counts."""
+        ray_indices, t_starts, t_ends = self._march(rays_o, rays_d)
+        group = self.samples_per_query(rays_o.device)
+        if self.training or len(t_starts) <= group:  # a host int: no device read
+            return self._shade(rays_o, rays_d, ray_indices, t_starts, t_ends)
+        return merge_outputs([self._shade(rays_o[r0:r1], rays_d[r0:r1], ray_indices[s0:s1] - r0, t_starts[s0:s1],
+                                          t_ends[s0:s1])
+                              for r0, r1, s0, s1 in ray_groups(ray_indices, len(rays_o), group)])
+
+    def _march(self, rays_o: torch.Tensor, rays_d: torch.Tensor
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Packed samples: (ray_indices (S,) integers, sorted; t_starts (S,); t_ends (S,))."""
+        raise NotImplementedError
+
+    def _shade(self, rays_o: torch.Tensor, rays_d: torch.Tensor, ray_indices: torch.Tensor, t_starts: torch.Tensor,
+               t_ends: torch.Tensor) -> Dict[str, Any]:
+        """The rays' outputs (N, ...) from their packed samples (ray_indices index rays_o)."""
         raise NotImplementedError

@@ -10,7 +10,7 @@ import trimesh
 
 import models
 from models import backends
-from models.base import BaseModel, export_chunk
+from models.base import BaseModel, export_chunk, in_slices
 from models.occupancy import OccupancyGrid, grid_update_options
 from models.rendering import composite_density
 from utils.config import number_at_least
@@ -67,18 +67,26 @@ class NeRFModel(BaseModel):
             self.occupancy_grid.update(global_step, lambda x: self.geometry.density(x) * self.render_step_size)
 
     # -------------------------------------------------------------- rendering
-    def _render(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, Any]:
-        n_rays = rays_o.shape[0]
+    def _march(self, rays_o: torch.Tensor, rays_d: torch.Tensor):
+        chunk = self.samples_per_query(rays_o.device)
 
-        def sigma_fn(t_starts, t_ends, ray_indices):
+        def density(t_starts, t_ends, ray_indices):
             mid = 0.5 * (t_starts + t_ends)
             return self.geometry.density(rays_o[ray_indices] + rays_d[ray_indices] * mid[:, None])
+
+        def sigma_fn(t_starts, t_ends, ray_indices):  # the early-stop pass: every sample the grid leaves
+            if self.training:
+                return density(t_starts, t_ends, ray_indices)
+            return in_slices(density, chunk, t_starts, t_ends, ray_indices)
 
         ray_indices, t_starts, t_ends = self.occupancy_grid.march(
             rays_o, rays_d, self.near_plane, self.far_plane, self.render_step_size, self.cone_angle,
             stratified=self.training and self.randomized, sigma_fn=sigma_fn if self.early_stop_eps > 0 else None,
             early_stop_eps=self.early_stop_eps, use_grid=self.grid_prune, backend=self.backend)
-        ray_indices = ray_indices.long()
+        return ray_indices.long(), t_starts, t_ends
+
+    def _shade(self, rays_o, rays_d, ray_indices, t_starts, t_ends) -> Dict[str, Any]:
+        n_rays = rays_o.shape[0]
         mid = 0.5 * (t_starts + t_ends)
         dirs = rays_d[ray_indices]
         positions = rays_o[ray_indices] + dirs * mid[:, None]

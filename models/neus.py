@@ -127,11 +127,13 @@ class NeuSModel(BaseModel):
                           self.variance.inv_s.clamp(1e-6, 1e6), 1.0)
 
     # -------------------------------------------------------------- rendering
-    def _render(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, Any]:
-        n_rays = rays_o.shape[0]
-        ray_indices, t_starts, t_ends = self.occupancy_grid.march(
+    def _march(self, rays_o: torch.Tensor, rays_d: torch.Tensor):
+        return self.occupancy_grid.march(
             rays_o, rays_d, 0.0, 1e10, self.render_step_size, 0.0, stratified=self.training and self.randomized,
             use_grid=self.grid_prune, backend=self.backend)
+
+    def _shade(self, rays_o, rays_d, ray_indices, t_starts, t_ends) -> Dict[str, Any]:
+        n_rays = rays_o.shape[0]
         mid = 0.5 * (t_starts + t_ends)
         dirs = rays_d[ray_indices]
         positions = rays_o[ray_indices] + dirs * mid[:, None]
@@ -208,6 +210,7 @@ def _background_config(cfg: Any):
         "learned_background": True, "near_plane": 0.1, "far_plane": 1e3, "grid_prune": cfg.get("grid_prune", True),
         "grid_resolution": cfg.get("grid_resolution_bg", 64), "grid_levels": 4, "early_stop_eps": 0.0,
         "randomized": cfg.get("randomized", True), "ray_chunk": cfg.get("ray_chunk", 2048),
+        "sample_chunk": cfg.get("sample_chunk"),
         "rendering_backend": cfg.get("rendering_backend", "auto"),
         "grid_update_every": cfg.get("grid_update_every", 16), "grid_warmup_steps": cfg.get("grid_warmup_steps", 256),
         "geometry": cfg.geometry_bg, "texture": cfg.texture_bg,

@@ -112,6 +112,14 @@ def test_rendering_and_mesh_stages_name_their_own_chunk(caplog):
                               "lower model.ray_chunk (now 4096), e.g. model.ray_chunk=2048; then redo it with: python "
                               "launch.py --config /x/config/parsed.yaml --resume /x/ckpt/a.ckpt --test "
                               "model.ray_chunk=2048.")
+    config.model.sample_chunk = 1048576  # the shipped configs' bound on the samples per query comes first
+    try:
+        test_step()
+    except torch.cuda.OutOfMemoryError as err:
+        with caplog.at_level("ERROR", logger="nsr"):
+            report_out_of_memory(err, "GPU", "test", "test", config, "/x/ckpt/a.ckpt")
+        assert "; lower model.sample_chunk (now 1048576) or model.ray_chunk (now 4096), e.g. model.sample_chunk=" \
+               "524288; then" in caplog.records[-1].getMessage()
     assert said["mesh"].startswith("Out of GPU memory while extracting the mesh (it asked for 2 GiB more); lower "
                                    "model.geometry.isosurface.chunk (now 2097152) or export.chunk_size (now 65536), "
                                    "e.g. model.geometry.isosurface.chunk=1048576; then redo it with: "), said["mesh"]

@@ -227,7 +227,9 @@ def memory_options(err: BaseException, device: str, stage: str | None, config) -
             return [("model.geometry.isosurface.resolution", iso.get("resolution"))]
         return [("model.geometry.isosurface.chunk", iso.get("chunk")), ("export.chunk_size",
                                                                        config.get("export", {}).get("chunk_size"))]
-    return [("model.ray_chunk", model.get("ray_chunk"))]
+    rendering = [("model.sample_chunk", model.get("sample_chunk")), ("model.ray_chunk", model.get("ray_chunk"))]
+    # a CPU's queries are already small (utils.mesh.CPU_POINTS_PER_CALL): what is left grows with the rays
+    return rendering[::-1] if device == "CPU" else rendering
 
 
 def report_out_of_memory(err: BaseException, device: str, stage: str | None, mode: str, config,
