@@ -236,6 +236,15 @@ def trial_paths(config, args) -> list:
     return created
 
 
+def report_stale_temporaries(trial: str) -> None:
+    from utils.io import remove_stale_temporaries
+
+    removed, freed = remove_stale_temporaries(trial)
+    if removed:
+        log.info(f"Removed {removed} temporary file(s) ({freed / 2 ** 20:.1f} MiB) left in {trial} by a run "
+                 "killed while writing them (the finished files were never touched).")
+
+
 def csv_log_version(config, mode: str) -> str:
     """``csv_logs`` for a trial's first run; a later run in the same trial (resumed training, --test) gets
     ``csv_logs/<mode>@<time>``, because Lightning's CSV logger deletes the metrics.csv it finds."""
@@ -385,6 +394,8 @@ def run(argv=None) -> int:
         if unread:
             log.warning(describe_unread(unread))
         created = trial_paths(config, args)
+        if not created:  # a trial run before: what a killed write of it left behind goes
+            report_stale_temporaries(os.path.join(config.exp_dir, config.trial_name))
         if mode != "train" and not args.resume:
             raise UserError(f"--{mode} needs a checkpoint: add --resume exp/<name>/<trial>/ckpt/<file>.ckpt.")
         seed_quietly(int(config.get("seed", 42)))

@@ -174,8 +174,20 @@ def test_continuing_a_run_to_a_step_count_it_has_reached_says_so(trained):
 def test_export_writes_video_and_mesh_without_metrics(trained, tmp_path):
     tmp, data, trial, _ = trained
     ckpt = glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))[0]
+    # what a kill mid-write (the out-of-memory killer) leaves in the trial goes at its next run, unless fresh
+    left = [os.path.join(trial, "ckpt", ".tmp-cut.ckpt"), os.path.join(trial, "save", ".tmp-frames")]
+    os.makedirs(left[1])
+    for path in (left[0], os.path.join(left[1], "0.png"), os.path.join(trial, "ckpt", ".tmp-writing.ckpt")):
+        with open(path, "wb") as f:
+            f.write(b"x" * 4096)
+    for path in (*left, os.path.join(left[1], "0.png")):
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
     out = launch(tmp, "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, "--export",
                  f"save_dir={tmp_path}")
+    assert not any(os.path.exists(path) for path in left) and os.path.isfile(os.path.join(trial, "ckpt",
+                                                                                        ".tmp-writing.ckpt"))
+    assert f"Removed 2 temporary file(s) (0.0 MiB) left in {trial} by a run killed while writing them" in out
+    os.remove(os.path.join(trial, "ckpt", ".tmp-writing.ckpt"))
     assert os.path.isfile(tmp_path / "it400-test.mp4") and os.path.isfile(tmp_path / "it400-mc64.obj")
     assert "test/psnr" not in out
     assert "no effect" not in out  # the trial's parsed.yaml (paths and trial name added) is read in full

@@ -170,3 +170,25 @@ def test_capture_scripts_into_a_read_only_folder_say_so(tmp_path, capsys):
             assert '"fscore": 1.0' in out.strip().splitlines()[-1]
     finally:
         subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def test_only_stale_temporaries_are_removed(tmp_path):
+    """A kill mid-write leaves .tmp-* behind (no ``finally`` runs); one still being written is kept."""
+    import time
+
+    from utils.io import remove_stale_temporaries
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "save" / ".tmp-scene" / "images").mkdir(parents=True)
+    files = {"ckpt/.tmp-a1.ckpt": 1000, "ckpt/.tmp-b2.ckpt": 10, "ckpt/epoch=0-step=5.ckpt": 7,
+             "save/.tmp-scene/images/0.png": 300, "save/it5-0.png": 5}
+    for name, size in files.items():
+        (tmp_path / name).write_bytes(b"x" * size)
+    old = time.time() - 7200
+    for name in ("ckpt/.tmp-a1.ckpt", "ckpt/epoch=0-step=5.ckpt", "save/.tmp-scene", "save/it5-0.png"):
+        os.utime(tmp_path / name, (old, old))
+    assert remove_stale_temporaries(str(tmp_path)) == (1, 1000)  # the folder's file is still new
+    os.utime(tmp_path / "save/.tmp-scene/images/0.png", (old, old))
+    assert remove_stale_temporaries(str(tmp_path)) == (1, 300)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
+        "ckpt/.tmp-b2.ckpt", "ckpt/epoch=0-step=5.ckpt", "save/it5-0.png"]

@@ -101,6 +101,37 @@ def atomic_folder(path: str, prefix: str = ".tmp-") -> Iterator[str]:
             shutil.rmtree(tmp)
 
 
+STALE_TEMPORARY_SECONDS = 3600
+
+
+def remove_stale_temporaries(folder: str, older_than: float = STALE_TEMPORARY_SECONDS) -> tuple[int, int]:
+    """Remove the ``.tmp-*`` files and folders under ``folder`` that nothing has written for ``older_than``
+    seconds (a folder counts as written when any file in it is): what ``atomic_path`` / ``atomic_folder`` leave when a run is killed mid-write (SIGKILL, the
+    out-of-memory killer, a power cut), where no ``finally`` runs. A write in progress keeps its file's time
+    recent, so a run still writing into the same trial is left alone. Returns (entries removed, bytes freed)."""
+    import time
+
+    removed, freed = 0, 0
+    now = time.time()
+    for parent, dirs, files in os.walk(folder):
+        for name in [d for d in dirs if d.startswith(".tmp-")] + [f for f in files if f.startswith(".tmp-")]:
+            path = os.path.join(parent, name)
+            try:
+                inside = [os.path.join(p, f) for p, _, fs in os.walk(path) for f in fs]  # [] for a file
+                if now - max(os.path.getmtime(f) for f in [path, *inside]) < older_than:
+                    continue
+                size = sum(os.path.getsize(f) for f in inside or [path])
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    os.remove(path)
+            except OSError:  # gone meanwhile, or not ours to remove: nothing to do
+                continue
+            removed, freed = removed + 1, freed + size
+        dirs[:] = [d for d in dirs if not d.startswith(".tmp-")]
+    return removed, freed
+
+
 def access_problem(err: BaseException) -> str | None:
     """"<path>: <reason>" for an OSError from a path this user may not read or write (read-only file system,
     another user's folder), naming the folder when the path is a temporary name (.tmp-*); else None."""
