@@ -327,3 +327,28 @@ def test_an_interpreted_launch_counts_as_one_operator():
         triton_rendering.composite(alphas, values, ray_indices, 2)
     # arange + searchsorted, three output buffers, one kernel; no sync
     assert counter.operators == 6 and counter.total == 0
+
+
+@pytest.mark.parametrize("config", ["configs/neus-demo.yaml", "configs/nerf-demo.yaml"])
+def test_an_image_shaded_in_groups_is_the_whole_render_on_the_triton_backend(config, monkeypatch):
+    """Evaluation shades each chunk's samples in groups of rays (``model.sample_chunk``); the kernels are handed
+    the groups' slices, re-indexed from their first ray."""
+    cfg = load_config(config, ["model.grid_resolution=16", "model.learned_background=true",
+                               "model.rendering_backend=triton"])
+    torch.manual_seed(0)
+    model = models.make(cfg.model.name, cfg.model).to(DEVICE).eval()
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    rays_o, rays_d = rays_from_orbit(48, g, spread=0.3)
+    monkeypatch.setattr(models.base, "points_per_call", lambda chunk, device: chunk)
+    outs = []
+    for sample_chunk in (10 ** 9, 300):
+        for module in model.modules():
+            if isinstance(module, models.base.BaseModel):
+                module.sample_chunk = sample_chunk
+        with torch.no_grad():
+            outs.append(model(rays_o, rays_d))
+    whole, grouped = outs
+    assert whole["num_samples"] == grouped["num_samples"] > 3 * 300
+    for key, value in whole.items():
+        if torch.is_tensor(value) and value.dim() > 0:
+            torch.testing.assert_close(grouped[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{key}: {m}")
