@@ -23,7 +23,7 @@ for stage in "$@"; do
     case $stage in
         env) cmd="nvidia-smi; python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())'; python3 -c 'from models import backends; print({k: f() for k, f in backends._STATUS.items()})'" ;;
         parity) cmd="python3 -m pytest -q -rs tests/test_triton_hashgrid.py tests/test_triton_rendering.py tests/test_triton_mlp.py tests/test_triton_sdf_network.py tests/test_nerfacc_parity.py tests/test_hashgrid.py tests/test_host_syncs.py" ;;
-        render) cmd="for b in torch triton nerfacc; do python3 benchmarks/bench_step.py --configs configs/nerf-blender.yaml configs/neus-blender.yaml $demo --steps 100 -- model.rendering_backend=\$b; done" ;;
+        render) cmd="for b in torch triton nerfacc; do python3 benchmarks/bench_step.py --configs configs/nerf-blender.yaml configs/neus-blender.yaml $demo --steps 100 -- model.rendering_backend=\$b; done; python3 benchmarks/bench_render.py --size 800 800" ;;
         mlp) cmd="python3 benchmarks/bench_mlp.py; python3 benchmarks/bench_step.py --configs configs/nerf-blender.yaml $demo --steps 100 -- +model.geometry.mlp_network_config.backend=triton +model.texture.mlp_network_config.backend=triton; python3 benchmarks/bench_step.py --configs configs/neus-blender.yaml $demo --steps 100 -- +model.geometry.mlp_network_config.backend=triton +model.texture.mlp_network_config.backend=triton" ;;
         encoding) cmd="python3 benchmarks/bench_encoding.py" ;;
         step) cmd="python3 benchmarks/bench_step.py --configs configs/nerf-blender.yaml configs/neus-blender.yaml $demo --steps 100" ;;
