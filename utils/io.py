@@ -106,9 +106,10 @@ STALE_TEMPORARY_SECONDS = 3600
 
 def remove_stale_temporaries(folder: str, older_than: float = STALE_TEMPORARY_SECONDS) -> tuple[int, int]:
     """Remove the ``.tmp-*`` files and folders under ``folder`` that nothing has written for ``older_than``
-    seconds (a folder counts as written when any file in it is): what ``atomic_path`` / ``atomic_folder`` leave when a run is killed mid-write (SIGKILL, the
-    out-of-memory killer, a power cut), where no ``finally`` runs. A write in progress keeps its file's time
-    recent, so a run still writing into the same trial is left alone. Returns (entries removed, bytes freed)."""
+    seconds (a folder counts as written when any file in it is): what ``atomic_path`` / ``atomic_folder`` leave
+    when a run is killed mid-write (SIGKILL, the out-of-memory killer, a power cut), where no ``finally`` runs.
+    A write in progress keeps its file's time recent, so a run still writing into the same trial is left alone.
+    Returns (entries removed, bytes freed)."""
     import time
 
     removed, freed = 0, 0
