@@ -102,3 +102,14 @@ def lightning_mixed_precision(scaler):
 
     plugin = getattr(precision, "MixedPrecision", None) or precision.MixedPrecisionPlugin
     return plugin("16-mixed", "cpu", scaler)
+
+
+def set_sample_chunk(model, sample_chunk: int, monkeypatch) -> None:
+    """Every model inside ``model`` (a NeuS background too) shades ``sample_chunk`` samples per group, not capped
+    on a CPU."""
+    import models.base
+
+    monkeypatch.setattr(models.base, "points_per_call", lambda chunk, device: chunk)
+    for module in model.modules():
+        if isinstance(module, models.base.BaseModel):
+            module.sample_chunk = sample_chunk

@@ -13,6 +13,7 @@ import torch
 
 import models
 from datasets.rays import get_rays, image_directions
+from helpers import set_sample_chunk
 from models.base import ray_groups
 from utils.config import load_config
 
@@ -40,8 +41,8 @@ class LargestQuery:
 
     def __init__(self, model):
         self.rows = 0
-        for model in (model, getattr(model, "background", model)):  # every query goes through the encoding
-            model.geometry.encoding.register_forward_pre_hook(self.hook)
+        for part in (model, getattr(model, "background", model)):  # every query goes through the encoding
+            part.geometry.encoding.register_forward_pre_hook(self.hook)
 
     def hook(self, module, inputs):
         self.rows = max(self.rows, inputs[0].shape[0])
@@ -61,10 +62,7 @@ def test_an_image_is_shaded_in_bounded_groups_and_matches_the_whole_render(confi
     rays_o, rays_d = get_rays(image_directions(w, h, torch.tensor([40.0, 40.0, w / 2, h / 2])), c2w)
 
     def render(sample_chunk):
-        monkeypatch.setattr(models.base, "points_per_call", lambda chunk, device: chunk)  # no CPU cap
-        for module in model.modules():
-            if isinstance(module, models.base.BaseModel):
-                module.sample_chunk = sample_chunk
+        set_sample_chunk(model, sample_chunk, monkeypatch)
         largest = LargestQuery(model)
         with torch.no_grad():
             return model(rays_o, rays_d), largest.rows

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import import_triton_or_skip, rays_from_orbit
+from helpers import import_triton_or_skip, rays_from_orbit, set_sample_chunk
 
 triton = import_triton_or_skip()
 
@@ -339,12 +339,9 @@ def test_an_image_shaded_in_groups_is_the_whole_render_on_the_triton_backend(con
     model = models.make(cfg.model.name, cfg.model).to(DEVICE).eval()
     g = torch.Generator(device=DEVICE).manual_seed(5)
     rays_o, rays_d = rays_from_orbit(48, g, spread=0.3)
-    monkeypatch.setattr(models.base, "points_per_call", lambda chunk, device: chunk)
     outs = []
     for sample_chunk in (10 ** 9, 300):
-        for module in model.modules():
-            if isinstance(module, models.base.BaseModel):
-                module.sample_chunk = sample_chunk
+        set_sample_chunk(model, sample_chunk, monkeypatch)
         with torch.no_grad():
             outs.append(model(rays_o, rays_d))
     whole, grouped = outs
