@@ -26,6 +26,9 @@ import subprocess
 import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import describe_device  # noqa: E402  (also puts the project on the path)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = ["configs/nerf-colmap.yaml", "configs/neus-colmap.yaml", "configs/nerf-blender.yaml",
            "configs/neus-dtu.yaml"]
@@ -37,20 +40,20 @@ def rss_mib() -> float:
 
 
 def render_once(config: str, width: int, height: int, grid: str, device: str, overrides: list) -> dict:
-    sys.path.insert(0, ROOT)
     import numpy as np
     import torch
 
     import models
     from datasets.rays import get_rays, image_directions, opencv_to_opengl
     from datasets.synthetic import look_at
+    from models.occupancy import OccupancyGrid
     from utils.config import load_config
 
     torch.manual_seed(0)
     cfg = load_config(os.path.join(ROOT, config), list(overrides))
     model = models.make(cfg.model.name, cfg.model).to(device).eval()
     r = float(cfg.model.radius)
-    for occupancy in [m for m in model.modules() if type(m).__name__ == "OccupancyGrid"]:
+    for occupancy in [m for m in model.modules() if isinstance(m, OccupancyGrid)]:
         occupancy.binaries.fill_(grid == "full")
         if grid == "sphere":  # level 0's cells within half its box's half-width of the centre
             res = occupancy.resolution
@@ -83,7 +86,7 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=CONFIGS)
     parser.add_argument("--size", nargs=2, type=int, default=[500, 375], metavar=("W", "H"))
     parser.add_argument("--grids", nargs="+", default=["sphere", "full"], choices=["sphere", "full"])
-    parser.add_argument("--device", default="cuda" if "--cpu" not in sys.argv and _has_cuda() else "cpu")
+    parser.add_argument("--device", default="cuda" if _has_cuda() else "cpu")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # (config, grid): run one case in this process
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
@@ -91,7 +94,9 @@ def main() -> None:
     if args.one:
         print(json.dumps(render_once(args.one[0], w, h, args.one[1], args.device, args.overrides)))
         return
-    print(f"device: {args.device}, image {w}x{h}, overrides {args.overrides or 'none'}")
+    import torch
+
+    print(f"{describe_device(torch.device(args.device))}, image {w}x{h}, overrides {args.overrides or 'none'}")
     print(f"{'config':<34}{'grid':<8}{'samples':>12}{'seconds':>10}{'peak MiB':>10}")
     for config in args.configs:
         for grid in args.grids:
