@@ -371,14 +371,15 @@ def run(argv=None) -> int:
     import pytorch_lightning as pl
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    from pytorch_lightning.loggers import TensorBoardLogger
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     import datasets
     import systems
     from datasets.base import DatasetError
     from systems.finite_guard import NonFiniteLossError
-    from utils.callbacks import AtomicCheckpointIO, ProgressBar, SaveOnSignal, StopOnSignal, TrialSnapshot
+    from utils.callbacks import (AtomicCheckpointIO, AtomicCSVLogger, ProgressBar, SaveOnSignal, StopOnSignal,
+                                 TrialSnapshot)
     from utils.config import to_primitive, whole_step_counts
     from utils.config_keys import describe as describe_unread, unread_keys
     from utils.mesh import MeshError
@@ -436,7 +437,7 @@ def run(argv=None) -> int:
         if trainer_cfg.get("enable_progress_bar", True):
             callbacks.append(ProgressBar())
         loggers = [TensorBoardLogger(args.runs_dir, name=config.name, version=config.trial_name),
-                   CSVLogger(config.exp_dir, name=config.trial_name, version=csv_log_version(config, mode))]
+                   AtomicCSVLogger(config.exp_dir, name=config.trial_name, version=csv_log_version(config, mode))]
         strategy = "auto"
         if n_devices > 1:
             from pytorch_lightning.strategies import DDPStrategy

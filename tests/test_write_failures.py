@@ -1,6 +1,7 @@
 """Writes that fail for the machine's reasons. A disk (or quota) that fills up: one sentence naming the folder, no
 partial file, and every file written before, the one being replaced included, left whole. A folder this user may
 not write (read-only, another user's): one sentence naming it."""
+import csv
 import errno
 import glob
 import os
@@ -192,3 +193,32 @@ def test_only_stale_temporaries_are_removed(tmp_path):
     assert remove_stale_temporaries(str(tmp_path)) == (1, 300)
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
         "ckpt/.tmp-b2.ckpt", "ckpt/epoch=0-step=5.ckpt", "save/it5-0.png"]
+
+
+def test_a_csv_log_rewritten_on_a_full_disk_keeps_its_rows_and_takes_the_new_ones_later(small_disk):
+    """Lightning rewrites metrics.csv in place when a column appears: on a full disk that left the file short."""
+    from utils.callbacks import AtomicCSVLogger
+
+    logger = AtomicCSVLogger(str(small_disk), name="trial", version="csv_logs")
+    for step in range(2100):  # the rewrite below adds two commas a row: more than a 4 KiB block
+        logger.log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+    logger.save()
+    path = small_disk / "trial" / "csv_logs" / "metrics.csv"
+    before = path.read_text()
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as handle:  # fill the disk to its last block
+        with pytest.raises(OSError):
+            while True:
+                handle.write(b"\0" * 4096)
+    logger.log_metrics({"val/psnr": 25.0, "val/ssim": 0.9}, step=2100)  # new columns: the whole file is rewritten
+    with pytest.raises(DiskFullError, match="metrics.csv could not be written"):
+        logger.save()
+    assert path.read_text() == before
+    assert not glob.glob(str(small_disk / "trial" / "csv_logs" / ".tmp-*"))
+    os.remove(filler)
+    logger.save()
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2101 and set(rows[0]) == {"step", "train/loss", "val/psnr", "val/ssim"}
+    assert [float(row["train/loss"]) for row in rows[:2100]] == [1.0 / (step + 1) for step in range(2100)]
+    assert rows[2100] == {"step": "2100", "train/loss": "", "val/psnr": "25.0", "val/ssim": "0.9"}

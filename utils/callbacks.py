@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback, Checkpoint, TQDMProgressBar
+from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -80,6 +81,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         return load_checkpoint_file(path, map_location)
+
+
+class AtomicCSVLogger(CSVLogger):
+    """Lightning's CSV logger, its ``metrics.csv`` replaced whole at every save. Lightning rewrites the file in
+    place whenever a new column appears (the first validation's metrics, the test's), so a full disk or a kill
+    during that rewrite left it short and the rows logged before were lost. Here each save works on a copy in
+    the same folder (a few KiB) and renames it over the file; a full disk is a ``DiskFullError``."""
+
+    @rank_zero_only
+    def save(self) -> None:
+        writer = self.experiment
+        if not writer.metrics:  # nothing new: Lightning writes no row either (but still the hparams)
+            return super().save()
+        path, columns = writer.metrics_file_path, list(writer.metrics_keys)
+        try:
+            with atomic_path(path) as tmp:
+                if os.path.exists(path):
+                    shutil.copyfile(path, tmp)
+                else:
+                    os.remove(tmp)  # Lightning writes the header only into a file that does not exist yet
+                writer.metrics_file_path = tmp
+                super().save()
+        except BaseException:
+            writer.metrics_keys[:] = columns  # the file kept its old header: a later save adds the new columns
+            raise
+        finally:
+            writer.metrics_file_path = path
 
 
 class TrialSnapshot(Callback):
