@@ -93,6 +93,10 @@ class NeuSModel(BaseModel):
                                             occ_thre=float(cfg.get("grid_prune_occ_thre", 0.001)),
                                             **grid_update_options(cfg))
         self.randomized = bool(cfg.get("randomized", True))
+        # nothing is sampled nearer than near_plane or past far_plane along a ray, the background included
+        self.near_plane = number_at_least(cfg.get("near_plane", 0.0), "model.near_plane", 0, kind=float)
+        self.far_plane = number_at_least(cfg.get("far_plane", 1e10), "model.far_plane", self.near_plane, kind=float,
+                                         exclusive=True)
         self.ray_chunk = number_at_least(cfg.get("ray_chunk", 2048), "model.ray_chunk", 1)
         self.cos_anneal_end = number_at_least(cfg.get("cos_anneal_end", 0), "model.cos_anneal_end", 0)  # 0: no anneal
         self.register_buffer("cos_anneal_ratio", torch.tensor(1.0 if self.cos_anneal_end == 0 else 0.0))
@@ -101,7 +105,7 @@ class NeuSModel(BaseModel):
         if self.learned_background:
             for key, default in (("num_samples_per_ray_bg", 256), ("grid_resolution_bg", 64)):
                 number_at_least(cfg.get(key, default), f"model.{key}", 1)
-            self.background = NeRFModel(_background_config(cfg))
+            self.background = NeRFModel(_background_config(cfg, self.near_plane, self.far_plane))
         self.register_buffer("background_color", torch.ones(3), persistent=False)
 
     # instant-nsr-pl configs name the background's parts in optimizer.params (None: no learned background)
@@ -129,7 +133,8 @@ class NeuSModel(BaseModel):
     # -------------------------------------------------------------- rendering
     def _march(self, rays_o: torch.Tensor, rays_d: torch.Tensor):
         return self.occupancy_grid.march(
-            rays_o, rays_d, 0.0, 1e10, self.render_step_size, 0.0, stratified=self.training and self.randomized,
+            rays_o, rays_d, self.near_plane, self.far_plane, self.render_step_size, 0.0,
+            stratified=self.training and self.randomized,
             use_grid=self.grid_prune, backend=self.backend)
 
     def _shade(self, rays_o, rays_d, ray_indices, t_starts, t_ends) -> Dict[str, Any]:
@@ -201,13 +206,15 @@ class NeuSModel(BaseModel):
         return out
 
 
-def _background_config(cfg: Any):
-    """The NeRF config of the background: unbounded field from geometry_bg / texture_bg."""
+def _background_config(cfg: Any, near_plane: float, far_plane: float):
+    """The NeRF config of the background: unbounded field from geometry_bg / texture_bg, marched from 0.1 to 1000
+    along each ray, or within the foreground's near_plane and far_plane where those are tighter."""
     from omegaconf import OmegaConf
 
     return OmegaConf.create({
         "radius": cfg.radius, "num_samples_per_ray": cfg.get("num_samples_per_ray_bg", 256),
-        "learned_background": True, "near_plane": 0.1, "far_plane": 1e3, "grid_prune": cfg.get("grid_prune", True),
+        "learned_background": True, "near_plane": max(0.1, near_plane), "far_plane": min(1e3, far_plane),
+        "grid_prune": cfg.get("grid_prune", True),
         "grid_resolution": cfg.get("grid_resolution_bg", 64), "grid_levels": 4, "early_stop_eps": 0.0,
         "randomized": cfg.get("randomized", True), "ray_chunk": cfg.get("ray_chunk", 2048),
         "sample_chunk": cfg.get("sample_chunk"),

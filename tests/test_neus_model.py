@@ -79,3 +79,22 @@ def test_export_colours_the_vertices_in_chunks_of_export_chunk_size():
     torch.testing.assert_close(torch.from_numpy(chunked["v_rgb"]), torch.from_numpy(whole["v_rgb"]))
     with pytest.raises(ConfigError, match="export.chunk_size must be a whole number >= 1, not 0"):
         model.export(OmegaConf.create({"chunk_size": 0}))
+
+
+def test_near_and_far_planes_bound_the_samples_of_the_surface_and_the_background():
+    """Rays from z = 3 straight down through the radius-1 box (entered at t = 2, left at t = 4)."""
+    rays_o = torch.tensor([[0.0, 0.0, 3.0], [0.3, -0.2, 3.0]])
+    rays_d = torch.tensor([[0.0, 0.0, -1.0], [0.0, 0.0, -1.0]])
+    model = small_neus("model.learned_background=true").eval()
+    ray_indices, t_starts, t_ends = model._march(rays_o, rays_d)
+    assert float(t_starts.min()) < 2.01 and float(t_ends.max()) > 3.99  # the whole box by default
+    model = small_neus("model.learned_background=true", "+model.near_plane=2.5", "+model.far_plane=3.25").eval()
+    ray_indices, t_starts, t_ends = model._march(rays_o, rays_d)
+    mid = 0.5 * (t_starts + t_ends)
+    assert set(ray_indices.tolist()) == {0, 1}
+    step = model.render_step_size
+    assert 2.5 <= float(mid.min()) < 2.5 + step and 3.25 - step < float(mid.max()) < 3.25
+    _, bg_starts, bg_ends = model.background._march(rays_o, rays_d)
+    assert float(bg_starts.min()) >= 2.5 - 1e-6 and float(bg_ends.max()) <= 3.25 + 1e-6 and len(bg_starts) > 0
+    out = model(rays_o, rays_d)
+    assert torch.isfinite(out["comp_rgb_full"]).all() and float(out["depth"].max()) < 3.25
