@@ -21,6 +21,7 @@ def misspelt_neus_config(tmp_path):
     encoding = cfg.model.geometry.xyz_encoding_config
     encoding.n_level = encoding.pop("n_levels")
     cfg.model.geometry.radious = 0.8
+    cfg.dataset.near_plane = 2.0  # instant-nsr-pl's Blender configs: nothing reads it there either
     cfg.model.geometry.sdf2weight = "neus"  # instant-nsr-pl: only NeuS exists there either
     cfg.model.geometry.use_distortion = False  # instant-nsr-pl's; close to a name the code uses ("distortion")
     cfg.system.loss.sparsity_scal = 2.0
@@ -39,16 +40,18 @@ def test_misspelt_and_foreign_keys_are_named_with_the_likely_intended_key(tmp_pa
     path = misspelt_neus_config(tmp_path)
     unread = dict(unread_keys(load_config(path, ["+dataset.camera_distnce=3"], resolve=False)))
     assert unread == {
-        "dataset.camera_distnce": "camera_distance",
-        "model.geometry.radious": "radius",
+        "dataset.camera_distnce": "did you mean camera_distance?",
+        "dataset.near_plane": "read under model, not dataset",  # although the NeRF model reads a near_plane
+        "model.geometry.radious": "did you mean radius?",
         "model.geometry.sdf2weight": None,
         "model.geometry.use_distortion": None,
-        "model.geometry.xyz_encoding_config.n_level": "n_levels",
-        "system.loss.sparsity_scal": "sparsity_scale",
+        "model.geometry.xyz_encoding_config.n_level": "did you mean n_levels?",
+        "system.loss.sparsity_scal": "did you mean sparsity_scale?",
         "system.loss.curvature_warmup_steps": None,
     }
     sentence = describe(sorted(unread.items()))
     assert "model.geometry.radious (did you mean radius?)" in sentence
+    assert "dataset.near_plane (read under model, not dataset)" in sentence
     typos, upstream = sentence.split(" instant-nsr-pl options this framework does not implement, also without effect: ")
     assert "sdf2weight" not in typos and "model.geometry.sdf2weight, model.geometry.use_distortion, " in upstream
     assert "curvature_warmup_steps (write the warm-up into the weight: lambda_curvature: [0, 0.0, " in sentence

@@ -5,10 +5,12 @@ OmegaConf accepts any key in a YAML file, and components read their settings wit
 overrides are checked against the YAML (``utils.config.apply_overrides``); this module checks the
 YAML itself, and keys added with ``+key=value``.
 
-A key counts as read when its name occurs in the framework's own source (as a string constant, an
-attribute or a parameter name) or when an interpolation refers to it
-(instant-nsr-pl's ``${system.constant_steps}``). This errs on the quiet side: a misspelling that
-happens to be another name used in the code is not caught. Sections that a library checks itself
+A key counts as read when its name occurs in the source of the code that reads its section (as a
+string constant, an attribute or a parameter name: ``SECTION_READERS``; the whole framework for the
+top-level keys) or when an interpolation refers to it (instant-nsr-pl's ``${system.constant_steps}``).
+So ``dataset.near_plane`` (instant-nsr-pl's Blender configs carry it, and nothing there reads it either)
+is named although the NeRF model reads a ``model.near_plane``. This still errs on the quiet side: a
+misspelling that happens to be another name used in the same code is not caught. Sections that a library checks itself
 are skipped: ``trainer`` and ``checkpoint`` (Lightning's Trainer and ModelCheckpoint take them as
 keyword arguments), any ``args`` (torch optimiser and scheduler arguments),
 ``system.optimizer.params`` (``systems.optim`` checks the group options against the optimiser), and
@@ -46,16 +48,35 @@ def _names_in_source(path: str) -> set:
     return names
 
 
-@functools.lru_cache(maxsize=1)
-def known_names() -> FrozenSet[str]:
-    """Every key name the framework can read, from its source (not from the shipped configs: those are
-    checked against it, so a key they carry that nothing reads is found too)."""
-    names = _names_in_source(os.path.join(ROOT, "launch.py"))
-    for package in SOURCE_PACKAGES:
-        for path in glob.glob(os.path.join(ROOT, package, "*.py")):
+# the code that reads each section's keys (``launch`` is launch.py), its own package first: the datasets never
+# see the model's section, while the systems read the model's ray sampling options and the dataset's apply_mask
+SECTION_READERS = {
+    "dataset": ("datasets", "launch", "systems", "utils"),
+    "model": ("models", "systems", "utils"),
+    "system": ("systems", "launch", "utils"),
+    "export": ("systems", "models", "utils"),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def known_names(readers: Tuple[str, ...] = ("launch",) + SOURCE_PACKAGES) -> FrozenSet[str]:
+    """Every key name the ``readers`` (packages, or ``launch`` for launch.py; all by default) can read, from
+    their source (not from the shipped configs: those are checked against it, so a key they carry that
+    nothing reads is found too)."""
+    names = set()
+    for reader in readers:
+        paths = [os.path.join(ROOT, "launch.py")] if reader == "launch" else glob.glob(os.path.join(ROOT, reader,
+                                                                                                   "*.py"))
+        for path in paths:
             if os.path.abspath(path) != os.path.abspath(__file__):  # its hints name keys nothing reads
                 names |= _names_in_source(path)
     return frozenset(names)
+
+
+def _read_elsewhere(name: str, section: str) -> List[str]:
+    """The other sections whose own package (``datasets`` for ``dataset``, ...) reads a key called ``name``."""
+    return [other for other, readers in SECTION_READERS.items()
+            if other != section and name in known_names(readers[:1])]
 
 
 def _referenced_keys(cfg: Any) -> set:
@@ -79,22 +100,30 @@ def _skipped(path: str) -> bool:
 
 
 def unread_keys(raw_config: DictConfig) -> List[Tuple[str, Optional[str]]]:
-    """``(dotted key, closest known name or None)`` for each key of ``raw_config`` (the config before
-    interpolations are resolved) that nothing reads. A key whose name is unknown is reported, and its
-    contents are not looked into."""
-    known = known_names()
+    """``(dotted key, hint or None)`` for each key of ``raw_config`` (the config before interpolations are
+    resolved) that nothing reads; the hint names the closest known name ("did you mean n_levels?") or the
+    sections that read that name. A key whose name is unknown is reported, and its contents are not
+    looked into."""
     referenced = _referenced_keys(raw_config)
     found: List[Tuple[str, Optional[str]]] = []
 
     def visit(node: DictConfig, prefix: str) -> None:
+        section = prefix.split(".", 1)[0]
+        known = known_names(SECTION_READERS[section]) if section in SECTION_READERS else known_names()
         for key in node.keys():
             path = f"{prefix}.{key}" if prefix else str(key)
             if _skipped(path):
                 continue
             if str(key) not in known and path not in referenced:
-                close = None if str(key) in UPSTREAM_OPTIONS else difflib.get_close_matches(str(key), known, n=1,
-                                                                                           cutoff=0.8)
-                found.append((path, close[0] if close else None))
+                elsewhere = _read_elsewhere(str(key), section)
+                if elsewhere:
+                    hint = f"read under {' or '.join(elsewhere)}, not {section}"
+                elif str(key) in UPSTREAM_OPTIONS:
+                    hint = None
+                else:
+                    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.8)
+                    hint = f"did you mean {close[0]}?" if close else None
+                found.append((path, hint))
                 continue
             child = node._get_node(key)
             if isinstance(child, DictConfig):
@@ -124,9 +153,9 @@ def describe(unread: List[Tuple[str, Optional[str]]]) -> str:
     """Names the keys nothing reads, each with its likely intended name or a hint: one sentence for unknown keys
     (typos, most likely) and one for instant-nsr-pl's options this framework does not implement."""
     unknown, upstream = [], []
-    for path, suggestion in unread:
+    for path, hint in unread:
         name = path.rsplit(".", 1)[-1]
-        hint = UPSTREAM_HINTS.get(name) or (f"did you mean {suggestion}?" if suggestion else None)
+        hint = UPSTREAM_HINTS.get(name) or hint
         (upstream if name in UPSTREAM_OPTIONS else unknown).append(f"{path} ({hint})" if hint else path)
     sentences = []
     if unknown:
