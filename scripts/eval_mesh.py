@@ -1,6 +1,6 @@
 """Score a reconstructed mesh against ground truth with the protocols papers quote.
 
-    python scripts/eval_mesh.py MESH --protocol dtu --dtu-dir DIR --scan N
+    python scripts/eval_mesh.py MESH --protocol dtu --dtu-dir DIR --scan N [--cull-masks SCENE]
     python scripts/eval_mesh.py MESH --protocol scene --gt GT_MESH [--threshold 0.05] [--crop-margin 0.1]
                                 [--frusta SCANNET_SCENE_OR_CAMERAS_NPZ] [--max-depth 3]
 
@@ -10,7 +10,14 @@ dtu: the DTU MVS object evaluation. DIR is the DTU evaluation data
 project's meshes are). The mesh is sampled at ``--density`` (0.2 mm), points
 outside the observation mask are not scored for accuracy, ground-truth points
 below the table not for completeness, distances of ``--max-dist`` (20 mm) or
-more are left out as outliers. Units: millimetres.
+more are left out as outliers. Units: millimetres. ``--cull-masks SCENE``
+first cuts the mesh to the visual hull of a NeuS-format scene's masks
+(``cameras_sphere.npz``, ``image/``, ``mask/``): a vertex stays when in every
+view it projects outside the image or onto the mask dilated by
+``--cull-dilation`` (12) pixels, a face when its three vertices stay. This is
+the culling UNISURF, VolSDF, MonoSDF and 2DGS apply before the DTU figures
+they publish; without it, background a run without masks reconstructs is
+scored too.
 
 scene: mesh to mesh (NeuralRecon / TransformerFusion style): both surfaces
 sampled uniformly by area, accuracy / completeness / Chamfer, and precision /
@@ -37,8 +44,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from utils.config import argument_at_least  # noqa: E402
-from utils.mesh_metrics import (dtu_protocol, in_any_frustum, load_dtu_evaluation, sample_surface,  # noqa: E402
-                                surface_distances, uniform_surface_points)
+from utils.mesh_metrics import (dtu_protocol, in_any_frustum, inside_mask_hull, load_dtu_evaluation,  # noqa: E402
+                                sample_surface, surface_distances, uniform_surface_points)
 from utils.stops import stops_cleanly  # noqa: E402
 
 
@@ -101,8 +108,61 @@ def read_frusta(path: str) -> list:
     return out
 
 
+def read_masked_views(scene: str) -> tuple[list, list]:
+    """A NeuS-format scene's views: ([(K, c2w OpenCV, width, height)], [(h, w) bool mask]), the image and mask
+    files matched to ``cameras_sphere.npz`` (or ``cameras.npz``) by the number in their names."""
+    from datasets.base import DatasetError
+    from datasets.dtu import decompose_projection, numbered_files, read_cameras
+    from datasets.images import read_image, stored_size
+
+    cameras_file = next((os.path.join(scene, name) for name in ("cameras_sphere.npz", "cameras.npz")
+                         if os.path.isfile(os.path.join(scene, name))), os.path.join(scene, "cameras_sphere.npz"))
+    folders = {name: os.path.join(scene, name) for name in ("image", "mask")}
+    missing = [f for f in folders.values() if not os.path.isdir(f)]
+    if missing:
+        raise EvalError(f"--cull-masks {scene}: {missing[0]} does not exist; give a NeuS-format scene folder "
+                        "(cameras_sphere.npz, image/, mask/).")
+    try:
+        indices, cams = read_cameras(cameras_file)
+        images = numbered_files(folders["image"], None, indices)
+        masks = numbered_files(folders["mask"], None, indices)
+        lacking = [i for i in indices if i not in images or i not in masks]
+        if lacking:
+            raise EvalError(f"--cull-masks {scene}: camera {lacking[0]} has no "
+                            f"{'image' if lacking[0] not in images else 'mask'} ({len(lacking)} of {len(indices)} "
+                            "cameras lack one); every view's mask takes part in the culling.")
+        views, silhouettes = [], []
+        for i in indices:
+            K, c2w = decompose_projection(cams[f"world_mat_{i}"][:3, :4].astype(np.float64))
+            width, height = stored_size(images[i])
+            views.append((K, c2w, width, height))
+            silhouettes.append(read_image(masks[i])[..., :3].max(axis=-1) > 127)
+    except DatasetError as err:
+        raise EvalError(str(err)) from None
+    return views, silhouettes
+
+
+def cull_to_masks(verts: np.ndarray, faces: np.ndarray, scene: str, dilation_px: float
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+    """The faces of the mesh inside the visual hull of ``scene``'s masks: (verts, kept faces, faces culled)."""
+    views, silhouettes = read_masked_views(scene)
+    keep = inside_mask_hull(verts, views, silhouettes, dilation_px)[faces].all(axis=1)
+    if not keep.any():
+        raise EvalError(f"No face of the mesh lies inside the masks of {scene}; are the mesh and the cameras in "
+                        "the same frame (this project's meshes are in the DTU world frame)?")
+    return verts, faces[keep], int((~keep).sum())
+
+
 def evaluate(args) -> dict:
     verts, faces = load_mesh(args.mesh)
+    culled = {}
+    if args.cull_masks is not None:
+        verts, faces, n_culled = cull_to_masks(verts, faces, args.cull_masks, args.cull_dilation)
+        culled = {"culled_faces": n_culled}
+    return {**culled, **score(args, verts, faces)}
+
+
+def score(args, verts: np.ndarray, faces: np.ndarray) -> dict:
     if args.protocol == "dtu":
         if args.dtu_dir is None or args.scan is None:
             raise EvalError("--protocol dtu needs --dtu-dir and --scan.")
@@ -153,6 +213,10 @@ def main(argv=None) -> int:
                         "outside the GT box")
     parser.add_argument("--frusta", help="scene: keep points seen by these cameras (ScanNet folder or .npz)")
     parser.add_argument("--max-depth", type=positive, help="scene: with --frusta, the cameras' depth range")
+    parser.add_argument("--cull-masks", metavar="SCENE", help="first cut the mesh to the visual hull of this "
+                        "NeuS-format scene's masks (cameras_sphere.npz, image/, mask/)")
+    parser.add_argument("--cull-dilation", type=argument_at_least(0, float), default=12.0,
+                        help="with --cull-masks: the masks' dilation in image pixels")
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
     try:

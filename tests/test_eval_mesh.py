@@ -4,12 +4,13 @@ import os
 import subprocess
 import sys
 
+import cv2
 import numpy as np
 import pytest
 import trimesh
 from scipy.io import savemat
 
-from utils.mesh_metrics import dtu_protocol
+from utils.mesh_metrics import dtu_protocol, inside_mask_hull
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CENTRE = np.array([3.0, -2.0, 650.0])  # millimetres, as DTU
@@ -163,3 +164,68 @@ def test_scene_protocol_culls_to_the_camera_frusta(tmp_path):
     assert plain["recall"] < 0.6 and plain["precision"] < 0.5
     assert culled["recall"] == 1.0 and culled["precision"] == 1.0
     run(tmp_path / "pred.obj", "--protocol", "scene", "--gt", tmp_path / "gt.obj", "--frusta", tmp_path, expect=2)
+
+
+def write_masked_scene(root, centre, radius, eyes, size=(640, 480), focal=1000.0):
+    """A NeuS-format scene of a sphere: cameras_sphere.npz (world frame, scale_mat the identity), image/ and
+    mask/ (the sphere's silhouette, ray-cast per pixel). Returns the views [(K, c2w, width, height)] and masks."""
+    import imageio.v2 as imageio
+
+    from datasets.synthetic import look_at
+
+    width, height = size
+    K = np.array([[focal, 0, (width - 1) / 2], [0, focal, (height - 1) / 2], [0, 0, 1]])
+    os.makedirs(root / "image")
+    os.makedirs(root / "mask")
+    cameras, views, masks = {}, [], []
+    u, v = np.meshgrid(np.arange(width), np.arange(height))
+    for i, eye in enumerate(eyes):
+        c2w = look_at(np.asarray(eye, float), centre)  # OpenCV
+        dirs = np.stack([(u - K[0, 2]) / focal, (v - K[1, 2]) / focal, np.ones_like(u, float)], -1) @ c2w[:3, :3].T
+        dirs /= np.linalg.norm(dirs, axis=-1, keepdims=True)
+        to_centre = centre - c2w[:3, 3]
+        along = dirs @ to_centre
+        hit = (along > 0) & (np.linalg.norm(to_centre) ** 2 - along ** 2 <= radius ** 2)
+        imageio.imwrite(root / "image" / f"{i:03d}.png", np.zeros((height, width, 3), np.uint8))
+        imageio.imwrite(root / "mask" / f"{i:03d}.png", np.repeat(hit[..., None] * np.uint8(255), 3, -1))
+        P = np.eye(4)
+        P[:3, :3] = K
+        cameras[f"world_mat_{i}"] = P @ np.linalg.inv(c2w)
+        cameras[f"scale_mat_{i}"] = np.eye(4)
+        views.append((K, c2w, width, height))
+        masks.append(hit)
+    np.savez(root / "cameras_sphere.npz", **cameras)
+    return views, masks
+
+
+def test_dtu_protocol_culled_to_the_masks_drops_a_floater_outside_the_silhouettes(dtu_dir, tmp_path):
+    """A floater 5 mm off the 20 mm sphere, where the observation mask counts it: it spoils the accuracy, and
+    culling to the masks of views that see it beside the sphere removes it and nothing else."""
+    eyes = [CENTRE + d for d in ([-200.0, 0, 60], [0, -200.0, 80], [150.0, 150.0, 100], [0, 30, 200])]
+    views, masks = write_masked_scene(tmp_path / "scan1", CENTRE, 20.0, eyes)
+    clean = sphere(20.5)
+    floater = sphere(2.0, CENTRE + [0.0, -27.0, 0.0], 2)
+    trimesh.util.concatenate([clean, floater]).export(tmp_path / "floater.obj")
+    clean.export(tmp_path / "clean.obj")
+
+    def score(mesh, *options):
+        return json.loads(run(tmp_path / mesh, "--protocol", "dtu", "--dtu-dir", dtu_dir, "--scan", 1, *options)
+                          .stdout.strip().splitlines()[-1])
+
+    reference, spoilt = score("clean.obj"), score("floater.obj")
+    culled = score("floater.obj", "--cull-masks", tmp_path / "scan1")
+    assert spoilt["accuracy"] > reference["accuracy"] + 0.05
+    assert culled["culled_faces"] == len(floater.faces)
+    assert culled["accuracy"] == pytest.approx(reference["accuracy"], abs=1e-9)
+    assert inside_mask_hull(clean.vertices, views, masks).all()  # the hull holds the sphere
+    assert not inside_mask_hull(floater.vertices, views, masks).any()
+    # undilated, the silhouettes are cut to whole pixels and the sphere's own rim starts to go
+    assert not inside_mask_hull(clean.vertices, views, masks, dilation_px=0).all()
+    half = [cv2.resize(m.astype(np.uint8), (320, 240), interpolation=cv2.INTER_AREA) > 0 for m in masks]
+    assert inside_mask_hull(clean.vertices, views, half).all()  # half-size masks cover the same image pixels
+    assert not inside_mask_hull(floater.vertices, views, half).any()
+    os.remove(tmp_path / "scan1" / "mask" / "002.png")
+    said = run(tmp_path / "floater.obj", "--protocol", "dtu", "--dtu-dir", dtu_dir, "--scan", 1, "--cull-masks",
+               tmp_path / "scan1", expect=2).stderr
+    assert said == (f"eval_mesh: --cull-masks {tmp_path / 'scan1'}: camera 2 has no mask (1 of 4 cameras lack one); "
+                    "every view's mask takes part in the culling.\n")

@@ -142,3 +142,37 @@ def in_any_frustum(points: np.ndarray, cameras, max_depth: float | None = None, 
             inside = front & (uv[:, 0] >= 0) & (uv[:, 0] < width) & (uv[:, 1] >= 0) & (uv[:, 1] < height)
             seen[s:s + chunk] |= inside
     return seen
+
+
+def inside_mask_hull(points: np.ndarray, cameras, masks, dilation_px: float = 12.0,
+                     chunk: int = 200_000) -> np.ndarray:
+    """(P,) bool: in every view the point projects outside the image or onto the view's mask dilated by
+    ``dilation_px`` image pixels: the visual hull DTU meshes are culled to before scoring (UNISURF, VolSDF,
+    MonoSDF, 2DGS: 12 px at 1600x1200), which removes what lies outside the object's silhouette.
+
+    points: (P, 3); cameras: (K (3, 3), c2w (4, 4) OpenCV, width, height) per view; masks: (h, w) bool per view,
+    at the image's size or a scaled copy (a half-size mask). A point behind a camera is outside its image.
+    """
+    import cv2
+
+    keep = np.ones(len(points), bool)
+    for (K, c2w, width, height), mask in zip(cameras, masks):
+        mh, mw = mask.shape
+        radius = int(round(dilation_px * mw / width))
+        if radius > 0:
+            disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+            mask = cv2.dilate(mask.astype(np.uint8), disk) > 0
+        w2c = np.linalg.inv(c2w)
+        for s in range(0, len(points), chunk):
+            p = points[s:s + chunk] @ w2c[:3, :3].T + w2c[:3, 3]
+            front = p[:, 2] > 1e-6
+            uvw = p @ K.T
+            uv = uvw[:, :2] / np.where(front, uvw[:, 2], 1.0)[:, None]
+            # pixel centres lie at whole coordinates (OpenCV); a scaled mask's pixel covers several of the image's
+            col = np.floor((uv[:, 0] + 0.5) * mw / width).astype(np.int64)
+            row = np.floor((uv[:, 1] + 0.5) * mh / height).astype(np.int64)
+            seen = front & (col >= 0) & (col < mw) & (row >= 0) & (row < mh)
+            on_mask = np.zeros(len(p), bool)
+            on_mask[seen] = mask[row[seen], col[seen]]
+            keep[s:s + chunk] &= ~seen | on_mask
+    return keep
