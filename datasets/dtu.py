@@ -27,10 +27,12 @@ import torch
 
 import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_split
-from datasets.images import common_target_size, load_images, mask_for_image, missing_root_message, stored_size
+from datasets.images import (common_target_size, load_images, mask_for_image, missing_root_message, read_image,
+                             stored_size)
 from datasets.rays import cameras_up, opencv_look_at, opencv_to_opengl
 from utils.config import number_at_least
-from utils.mesh_metrics import dtu_evaluation_files, dtu_protocol, load_dtu_evaluation, uniform_surface_points
+from utils.mesh_metrics import (dtu_evaluation_files, dtu_protocol, inside_mask_hull, load_dtu_evaluation,
+                                uniform_surface_points)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
@@ -90,6 +92,34 @@ def read_cameras(path: str) -> tuple[List[int], Dict[str, np.ndarray]]:
                            "view needs the scale_mat that maps the unit sphere to the object's bounding sphere "
                            "(scripts/gen_cameras.py writes both for a COLMAP capture).")
     return indices, cams
+
+
+def masked_views(root: str, cameras_file: Optional[str] = None) -> tuple[list, list]:
+    """A NeuS-format scene's views as stored: ([(K, c2w OpenCV, width, height)] in the world frame of its
+    ``world_mat``, [(h, w) bool mask]). Image and mask files are matched to the cameras by the number in their
+    name; ``cameras_file`` defaults to ``cameras_sphere.npz``, else ``cameras.npz``. A view without its
+    image or mask is a DatasetError: each view's silhouette bounds the object (``inside_mask_hull``)."""
+    if cameras_file is None:
+        cameras_file = next((name for name in ("cameras_sphere.npz", "cameras.npz")
+                             if os.path.isfile(os.path.join(root, name))), "cameras_sphere.npz")
+    folders = [os.path.join(root, name) for name in ("image", "mask")]
+    missing = [f for f in folders if not os.path.isdir(f)]
+    if missing:
+        raise DatasetError(f"{missing[0]} does not exist; a NeuS-format scene keeps its cameras file, image/ and "
+                           "mask/ together.")
+    indices, cams = read_cameras(os.path.join(root, cameras_file))
+    images, masks = (numbered_files(folder, None, indices) for folder in folders)
+    lacking = [i for i in indices if i not in images or i not in masks]
+    if lacking:
+        raise DatasetError(f"camera {lacking[0]} has no {'image' if lacking[0] not in images else 'mask'} "
+                           f"({len(lacking)} of {len(indices)} cameras lack one); every view's mask takes part.")
+    views, silhouettes = [], []
+    for i in indices:
+        K, c2w = decompose_projection(cams[f"world_mat_{i}"][:3, :4].astype(np.float64))
+        width, height = stored_size(images[i])
+        views.append((K, c2w, width, height))
+        silhouettes.append(read_image(masks[i])[..., :3].max(axis=-1) > 127)
+    return views, silhouettes
 
 
 def orbit_trajectory(c2w_cv: np.ndarray, n_frames: int) -> np.ndarray:
@@ -214,8 +244,24 @@ class DTUDataModule(SceneDataModule):
         return int(digits.group(1)) if digits else None
 
     def score_mesh(self, vertices, faces):
-        """The DTU protocol when ``dataset.eval_dir`` points at the DTU evaluation data (checked at start-up)."""
+        """The DTU protocol when ``dataset.eval_dir`` points at the DTU evaluation data (checked at start-up); when
+        the scene has masks for every view, also of the mesh cut to their visual hull (``*_culled``, as the
+        published figures of UNISURF, VolSDF, MonoSDF and 2DGS are)."""
         if not self.config.get("eval_dir"):
             return None
         truth = load_dtu_evaluation(self.config.eval_dir, self.eval_scan())
-        return dtu_protocol(uniform_surface_points(vertices, faces, 0.2), *truth)
+        scores = dtu_protocol(uniform_surface_points(vertices, faces, 0.2), *truth)
+        try:
+            views, masks = masked_views(self.config.root_dir, self.config.get("cameras_file", "cameras_sphere.npz"))
+        except DatasetError:  # no masks (or not one per view): the uncut figures only
+            return scores
+        kept = inside_mask_hull(vertices, views, masks)[faces].all(axis=1)
+        scores["culled_faces"] = int((~kept).sum())
+        if not kept.any():
+            return scores
+        try:
+            culled = dtu_protocol(uniform_surface_points(vertices, faces[kept], 0.2), *truth)
+        except ValueError:  # nothing of the mesh is left inside the hull and the observation mask
+            return scores
+        scores.update({f"{key}_culled": value for key, value in culled.items()})
+        return scores

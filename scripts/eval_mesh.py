@@ -108,44 +108,16 @@ def read_frusta(path: str) -> list:
     return out
 
 
-def read_masked_views(scene: str) -> tuple[list, list]:
-    """A NeuS-format scene's views: ([(K, c2w OpenCV, width, height)], [(h, w) bool mask]), the image and mask
-    files matched to ``cameras_sphere.npz`` (or ``cameras.npz``) by the number in their names."""
-    from datasets.base import DatasetError
-    from datasets.dtu import decompose_projection, numbered_files, read_cameras
-    from datasets.images import read_image, stored_size
-
-    cameras_file = next((os.path.join(scene, name) for name in ("cameras_sphere.npz", "cameras.npz")
-                         if os.path.isfile(os.path.join(scene, name))), os.path.join(scene, "cameras_sphere.npz"))
-    folders = {name: os.path.join(scene, name) for name in ("image", "mask")}
-    missing = [f for f in folders.values() if not os.path.isdir(f)]
-    if missing:
-        raise EvalError(f"--cull-masks {scene}: {missing[0]} does not exist; give a NeuS-format scene folder "
-                        "(cameras_sphere.npz, image/, mask/).")
-    try:
-        indices, cams = read_cameras(cameras_file)
-        images = numbered_files(folders["image"], None, indices)
-        masks = numbered_files(folders["mask"], None, indices)
-        lacking = [i for i in indices if i not in images or i not in masks]
-        if lacking:
-            raise EvalError(f"--cull-masks {scene}: camera {lacking[0]} has no "
-                            f"{'image' if lacking[0] not in images else 'mask'} ({len(lacking)} of {len(indices)} "
-                            "cameras lack one); every view's mask takes part in the culling.")
-        views, silhouettes = [], []
-        for i in indices:
-            K, c2w = decompose_projection(cams[f"world_mat_{i}"][:3, :4].astype(np.float64))
-            width, height = stored_size(images[i])
-            views.append((K, c2w, width, height))
-            silhouettes.append(read_image(masks[i])[..., :3].max(axis=-1) > 127)
-    except DatasetError as err:
-        raise EvalError(str(err)) from None
-    return views, silhouettes
-
-
 def cull_to_masks(verts: np.ndarray, faces: np.ndarray, scene: str, dilation_px: float
                   ) -> tuple[np.ndarray, np.ndarray, int]:
     """The faces of the mesh inside the visual hull of ``scene``'s masks: (verts, kept faces, faces culled)."""
-    views, silhouettes = read_masked_views(scene)
+    from datasets.base import DatasetError
+    from datasets.dtu import masked_views
+
+    try:
+        views, silhouettes = masked_views(scene)
+    except DatasetError as err:
+        raise EvalError(f"--cull-masks {scene}: {err}") from None
     keep = inside_mask_hull(verts, views, silhouettes, dilation_px)[faces].all(axis=1)
     if not keep.any():
         raise EvalError(f"No face of the mesh lies inside the masks of {scene}; are the mesh and the cameras in "

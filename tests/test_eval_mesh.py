@@ -134,6 +134,14 @@ def test_dtu_data_scores_its_meshes_when_given_the_evaluation_folder(dtu_dir, tm
     named = DTUDataModule(OmegaConf.create({"root_dir": str(tmp_path / "mug"), "eval_dir": str(dtu_dir),
                                             "eval_scan": 1}))
     assert named.score_mesh(np.asarray(mesh.vertices), np.asarray(mesh.faces)) == scores
+    # a scene with masks for every view: the figures of the mesh cut to their visual hull too
+    eyes = [CENTRE + d for d in ([-200.0, 0, 60], [0, -200.0, 80], [150.0, 150.0, 100], [0, 30, 200])]
+    write_masked_scene(tmp_path / "dtu_scan1", CENTRE, 20.0, eyes)
+    floater = sphere(2.0, CENTRE + [0.0, -27.0, 0.0], 2)
+    messy = trimesh.util.concatenate([mesh, floater])
+    masked = scene.score_mesh(np.asarray(messy.vertices), np.asarray(messy.faces))
+    assert masked["culled_faces"] == len(floater.faces) and masked["accuracy"] > scores["accuracy"] + 0.05
+    assert {key: masked[f"{key}_culled"] for key in scores} == scores
 
 
 def test_scene_protocol_culls_to_the_camera_frusta(tmp_path):
@@ -228,4 +236,4 @@ def test_dtu_protocol_culled_to_the_masks_drops_a_floater_outside_the_silhouette
     said = run(tmp_path / "floater.obj", "--protocol", "dtu", "--dtu-dir", dtu_dir, "--scan", 1, "--cull-masks",
                tmp_path / "scan1", expect=2).stderr
     assert said == (f"eval_mesh: --cull-masks {tmp_path / 'scan1'}: camera 2 has no mask (1 of 4 cameras lack one); "
-                    "every view's mask takes part in the culling.\n")
+                    "every view's mask takes part.\n")
