@@ -246,7 +246,7 @@ class DTUDataModule(SceneDataModule):
     def score_mesh(self, vertices, faces):
         """The DTU protocol when ``dataset.eval_dir`` points at the DTU evaluation data (checked at start-up); when
         the scene has masks for every view, also of the mesh cut to their visual hull (``*_culled``, as the
-        published figures of UNISURF, VolSDF, MonoSDF and 2DGS are)."""
+        published figures of MonoSDF and 2DGS are)."""
         if not self.config.get("eval_dir"):
             return None
         truth = load_dtu_evaluation(self.config.eval_dir, self.eval_scan())

@@ -15,7 +15,7 @@ first cuts the mesh to the visual hull of a NeuS-format scene's masks
 (``cameras_sphere.npz``, ``image/``, ``mask/``): a vertex stays when in every
 view it projects outside the image or onto the mask dilated by
 ``--cull-dilation`` (12) pixels, a face when its three vertices stay. This is
-the culling UNISURF, VolSDF, MonoSDF and 2DGS apply before the DTU figures
+the culling MonoSDF and 2DGS (after UNISURF) apply before the DTU figures
 they publish; without it, background a run without masks reconstructs is
 scored too.
 

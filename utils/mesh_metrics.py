@@ -147,8 +147,8 @@ def in_any_frustum(points: np.ndarray, cameras, max_depth: float | None = None, 
 def inside_mask_hull(points: np.ndarray, cameras, masks, dilation_px: float = 12.0,
                      chunk: int = 200_000) -> np.ndarray:
     """(P,) bool: in every view the point projects outside the image or onto the view's mask dilated by
-    ``dilation_px`` image pixels: the visual hull DTU meshes are culled to before scoring (UNISURF, VolSDF,
-    MonoSDF, 2DGS: 12 px at 1600x1200), which removes what lies outside the object's silhouette.
+    ``dilation_px`` image pixels: the visual hull DTU meshes are culled to before scoring (MonoSDF and 2DGS,
+    after UNISURF: 12 px at 1600x1200), which removes what lies outside the object's silhouette.
 
     points: (P, 3); cameras: (K (3, 3), c2w (4, 4) OpenCV, width, height) per view; masks: (h, w) bool per view,
     at the image's size or a scaled copy (a half-size mask). A point behind a camera is outside its image.
