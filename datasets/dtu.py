@@ -94,11 +94,13 @@ def read_cameras(path: str) -> tuple[List[int], Dict[str, np.ndarray]]:
     return indices, cams
 
 
-def masked_views(root: str, cameras_file: Optional[str] = None) -> tuple[list, list]:
+def masked_views(root: str, cameras_file: Optional[str] = None, image_pattern: Optional[str] = None,
+                 mask_pattern: Optional[str] = None) -> tuple[list, list]:
     """A NeuS-format scene's views as stored: ([(K, c2w OpenCV, width, height)] in the world frame of its
     ``world_mat``, [(h, w) bool mask]). Image and mask files are matched to the cameras by the number in their
-    name; ``cameras_file`` defaults to ``cameras_sphere.npz``, else ``cameras.npz``. A view without its
-    image or mask is a DatasetError: each view's silhouette bounds the object (``inside_mask_hull``)."""
+    name or by the patterns (``numbered_files``); ``cameras_file`` defaults to ``cameras_sphere.npz``, else
+    ``cameras.npz``. A view without its image or mask is a DatasetError: each view's silhouette bounds the
+    object (``inside_mask_hull``)."""
     if cameras_file is None:
         cameras_file = next((name for name in ("cameras_sphere.npz", "cameras.npz")
                              if os.path.isfile(os.path.join(root, name))), "cameras_sphere.npz")
@@ -108,7 +110,8 @@ def masked_views(root: str, cameras_file: Optional[str] = None) -> tuple[list, l
         raise DatasetError(f"{missing[0]} does not exist; a NeuS-format scene keeps its cameras file, image/ and "
                            "mask/ together.")
     indices, cams = read_cameras(os.path.join(root, cameras_file))
-    images, masks = (numbered_files(folder, None, indices) for folder in folders)
+    images = numbered_files(folders[0], image_pattern, indices)
+    masks = numbered_files(folders[1], mask_pattern, indices)
     lacking = [i for i in indices if i not in images or i not in masks]
     if lacking:
         raise DatasetError(f"camera {lacking[0]} has no {'image' if lacking[0] not in images else 'mask'} "
@@ -252,7 +255,8 @@ class DTUDataModule(SceneDataModule):
         truth = load_dtu_evaluation(self.config.eval_dir, self.eval_scan())
         scores = dtu_protocol(uniform_surface_points(vertices, faces, 0.2), *truth)
         try:
-            views, masks = masked_views(self.config.root_dir, self.config.get("cameras_file", "cameras_sphere.npz"))
+            views, masks = masked_views(self.config.root_dir, self.config.get("cameras_file", "cameras_sphere.npz"),
+                                        self.config.get("image_pattern"), self.config.get("mask_pattern"))
         except DatasetError:  # no masks (or not one per view): the uncut figures only
             return scores
         kept = inside_mask_hull(vertices, views, masks)[faces].all(axis=1)
