@@ -38,9 +38,12 @@ def misspelt_neus_config(tmp_path):
 
 def test_misspelt_and_foreign_keys_are_named_with_the_likely_intended_key(tmp_path):
     path = misspelt_neus_config(tmp_path)
-    unread = dict(unread_keys(load_config(path, ["+dataset.camera_distnce=3"], resolve=False)))
+    unread = dict(unread_keys(load_config(path, ["+dataset.holdout_evry=8", "+dataset.up_est_method=camera",
+                                                 "+dataset.camera_distance=3"], resolve=False)))
     assert unread == {
-        "dataset.camera_distnce": "did you mean camera_distance?",
+        "dataset.holdout_evry": "did you mean holdout_every?",
+        "dataset.up_est_method": "an option of the colmap loader, not dtu",  # each loader reads its own options
+        "dataset.camera_distance": "an option of the blender loader, not dtu",
         "dataset.near_plane": "read under model, not dataset",  # although the NeRF model reads a near_plane
         "model.geometry.radious": "did you mean radius?",
         "model.geometry.sdf2weight": None,

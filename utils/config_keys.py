@@ -9,7 +9,9 @@ A key counts as read when its name occurs in the source of the code that reads i
 string constant, an attribute or a parameter name: ``SECTION_READERS``; the whole framework for the
 top-level keys) or when an interpolation refers to it (instant-nsr-pl's ``${system.constant_steps}``).
 So ``dataset.near_plane`` (instant-nsr-pl's Blender configs carry it, and nothing there reads it either)
-is named although the NeRF model reads a ``model.near_plane``. This still errs on the quiet side: a
+is named although the NeRF model reads a ``model.near_plane``. The dataset section is read by the loader
+``dataset.name`` registers and the dataset modules it imports: ``up_est_method`` in a ``dtu`` config is
+named as the colmap loader's. This still errs on the quiet side: a
 misspelling that happens to be another name used in the same code is not caught. Sections that a library checks itself
 are skipped: ``trainer`` and ``checkpoint`` (Lightning's Trainer and ModelCheckpoint take them as
 keyword arguments), any ``args`` (torch optimiser and scheduler arguments),
@@ -34,7 +36,8 @@ SKIPPED_SECTIONS = ("trainer", "checkpoint", "system.optimizer.params")
 _INTERPOLATION = re.compile(r"\$\{([A-Za-z_][\w.]*)\s*[},]")  # ${a.b} and the a.b inside ${sub:${a.b},...}
 
 
-def _names_in_source(path: str) -> set:
+@functools.lru_cache(maxsize=None)
+def _names_in_source(path: str) -> FrozenSet[str]:
     with open(path, encoding="utf-8") as handle:
         tree = ast.parse(handle.read(), filename=path)
     names = set()
@@ -45,7 +48,7 @@ def _names_in_source(path: str) -> set:
             names.add(node.attr)
         elif isinstance(node, (ast.arg, ast.keyword)) and node.arg:
             names.add(node.arg)
-    return names
+    return frozenset(names)
 
 
 # the code that reads each section's keys (``launch`` is launch.py), its own package first: the datasets never
@@ -60,17 +63,90 @@ SECTION_READERS = {
 
 @functools.lru_cache(maxsize=None)
 def known_names(readers: Tuple[str, ...] = ("launch",) + SOURCE_PACKAGES) -> FrozenSet[str]:
-    """Every key name the ``readers`` (packages, or ``launch`` for launch.py; all by default) can read, from
-    their source (not from the shipped configs: those are checked against it, so a key they carry that
-    nothing reads is found too)."""
+    """Every key name the ``readers`` can read, from their source (not from the shipped configs: those are
+    checked against it, so a key they carry that nothing reads is found too). A reader is a package, ``launch``
+    (launch.py) or a module file (``datasets/dtu.py``); all of the framework by default."""
     names = set()
     for reader in readers:
-        paths = [os.path.join(ROOT, "launch.py")] if reader == "launch" else glob.glob(os.path.join(ROOT, reader,
-                                                                                                   "*.py"))
+        if reader.endswith(".py"):
+            paths = [os.path.join(ROOT, reader)]
+        else:
+            paths = [os.path.join(ROOT, "launch.py")] if reader == "launch" else glob.glob(os.path.join(ROOT, reader,
+                                                                                                       "*.py"))
         for path in paths:
             if os.path.abspath(path) != os.path.abspath(__file__):  # its hints name keys nothing reads
                 names |= _names_in_source(path)
     return frozenset(names)
+
+
+@functools.lru_cache(maxsize=None)
+def registered_modules(package: str) -> Tuple[Tuple[str, str], ...]:
+    """((registry name, module file relative to the root), ...) of ``@<package>.register("name")`` in a package."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(ROOT, package, "*.py"))):
+        with open(path, encoding="utf-8") as handle:
+            tree = ast.parse(handle.read(), filename=path)
+        for node in ast.walk(tree):
+            for decorator in getattr(node, "decorator_list", []):
+                if (isinstance(decorator, ast.Call) and isinstance(decorator.func, ast.Attribute)
+                        and decorator.func.attr == "register" and decorator.args
+                        and isinstance(decorator.args[0], ast.Constant)):
+                    found.append((str(decorator.args[0].value), os.path.relpath(path, ROOT)))
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=None)
+def _package_imports(module: str) -> FrozenSet[str]:
+    """The modules of ``module``'s own package that it imports (files relative to the root)."""
+    package = os.path.dirname(module)
+    with open(os.path.join(ROOT, module), encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == package:  # from datasets import dtu
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(package + "."):
+            names.add(node.module.split(".", 1)[1])
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".", 1)[1] for a in node.names if a.name.startswith(package + "."))
+    paths = {os.path.join(package, name + ".py") for name in names}
+    return frozenset(p for p in paths if os.path.isfile(os.path.join(ROOT, p)))
+
+
+def _import_closure(module: str) -> set:
+    """``module`` and the modules of its package it imports, transitively."""
+    seen, todo = set(), [module]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(_package_imports(current))
+    return seen
+
+
+@functools.lru_cache(maxsize=None)
+def loader_readers(name: str) -> Optional[Tuple[str, ...]]:
+    """The code that reads the dataset section when ``dataset.name`` is ``name``: its loader's module and the
+    dataset modules that one imports (transitively), with launch.py, the systems and utils; None for a name no
+    loader registers."""
+    module = dict(registered_modules("datasets")).get(name)
+    if module is None:
+        return None
+    return tuple(sorted(_import_closure(module))) + SECTION_READERS["dataset"][1:]
+
+
+def _loaders_reading(key: str) -> List[str]:
+    """The loaders whose own code reads a key called ``key``: their modules, less what they borrow from another
+    loader's (the blender loader imports the colmap loader's pose helpers, not its options)."""
+    modules = dict(registered_modules("datasets"))
+    owners = []
+    for name, module in modules.items():
+        own = _import_closure(module)
+        for other in own & set(modules.values()) - {module}:
+            own -= _import_closure(other)
+        if key in known_names(tuple(sorted(own))):
+            owners.append(name)
+    return owners
 
 
 def _read_elsewhere(name: str, section: str) -> List[str]:
@@ -93,6 +169,17 @@ def _referenced_keys(cfg: Any) -> set:
     return found
 
 
+def _plain_value(cfg: DictConfig, *keys: str) -> Optional[str]:
+    """The string at ``keys`` in the raw config when it is written out (not an interpolation); else None."""
+    node = cfg
+    for key in keys:
+        if not isinstance(node, DictConfig) or key not in node:
+            return None
+        node = node._get_node(key)
+    value = node._value() if not isinstance(node, (DictConfig, ListConfig)) else None
+    return value if isinstance(value, str) and "${" not in value else None
+
+
 def _skipped(path: str) -> bool:
     parts = path.split(".")
     return ("args" in parts or parts[-1].startswith("lambda_") and path.startswith("system.loss.")
@@ -106,18 +193,25 @@ def unread_keys(raw_config: DictConfig) -> List[Tuple[str, Optional[str]]]:
     looked into."""
     referenced = _referenced_keys(raw_config)
     found: List[Tuple[str, Optional[str]]] = []
+    loader = _plain_value(raw_config, "dataset", "name")
+    readers = dict(SECTION_READERS)
+    if loader is not None and loader_readers(loader) is not None:
+        readers["dataset"] = loader_readers(loader)
 
     def visit(node: DictConfig, prefix: str) -> None:
         section = prefix.split(".", 1)[0]
-        known = known_names(SECTION_READERS[section]) if section in SECTION_READERS else known_names()
+        known = known_names(readers[section]) if section in readers else known_names()
         for key in node.keys():
             path = f"{prefix}.{key}" if prefix else str(key)
             if _skipped(path):
                 continue
             if str(key) not in known and path not in referenced:
                 elsewhere = _read_elsewhere(str(key), section)
+                other_loaders = _loaders_reading(str(key)) if section == "dataset" else []
                 if elsewhere:
                     hint = f"read under {' or '.join(elsewhere)}, not {section}"
+                elif other_loaders:
+                    hint = f"an option of the {' and '.join(other_loaders)} loader, not {loader}"
                 elif str(key) in UPSTREAM_OPTIONS:
                     hint = None
                 else:
