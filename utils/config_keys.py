@@ -70,9 +70,10 @@ def known_names(readers: Tuple[str, ...] = ("launch",) + SOURCE_PACKAGES) -> Fro
     for reader in readers:
         if reader.endswith(".py"):
             paths = [os.path.join(ROOT, reader)]
+        elif reader == "launch":
+            paths = [os.path.join(ROOT, "launch.py")]
         else:
-            paths = [os.path.join(ROOT, "launch.py")] if reader == "launch" else glob.glob(os.path.join(ROOT, reader,
-                                                                                                       "*.py"))
+            paths = glob.glob(os.path.join(ROOT, reader, "*.py"))
         for path in paths:
             if os.path.abspath(path) != os.path.abspath(__file__):  # its hints name keys nothing reads
                 names |= _names_in_source(path)
