@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from utils.mesh_metrics import bbox_diagonal, sample_surface, surface_distances
+from utils.mesh_metrics import bbox_diagonal, nearest_tree, sample_surface, surface_distances, uniform_surface_points
 
 
 def sphere_points(radius, n=40000, seed=0):
@@ -33,3 +33,24 @@ def test_missing_half_hurts_completeness_not_accuracy():
     assert d["completeness"] == pytest.approx(expected, abs=0.005)
     assert 0.45 < d["recall"] < 0.55
     assert bbox_diagonal(full) == pytest.approx(2 * np.sqrt(3), rel=0.01)
+
+
+def test_uniform_samples_keep_one_point_per_cell_of_every_cell_the_surface_crosses():
+    mesh = trimesh.creation.icosphere(subdivisions=4, radius=20.0)
+    mesh.vertices += [3.0, -2.0, 650.0]  # DTU-like millimetres, far from the origin
+    points = uniform_surface_points(mesh.vertices, mesh.faces, 0.5)
+    cells = np.floor(points / 0.5).astype(np.int64)
+    assert len(np.unique(cells, axis=0)) == len(points)  # one point per cell
+    # the reference: the first of the 4-per-cell area samples in each cell, by a row-wise unique
+    dense = sample_surface(mesh.vertices, mesh.faces, int(4 * mesh.area / 0.25), seed=0)
+    first = np.unique(np.floor(dense / 0.5).astype(np.int64), axis=0, return_index=True)[1]
+    np.testing.assert_array_equal(points, dense[np.sort(first)])
+
+
+def test_nearest_distances_are_exact_for_points_near_and_far_from_the_surface():
+    rng = np.random.default_rng(0)
+    surface = sphere_points(1.0, n=5000)
+    queries = np.concatenate([sphere_points(1.02, n=200, seed=3), rng.uniform(-0.5, 0.5, (200, 3)),
+                              rng.normal(0, 5.0, (200, 3))])  # on it, inside it, far off
+    brute = np.sqrt(((queries[:, None, :] - surface[None]) ** 2).sum(-1)).min(axis=1)
+    np.testing.assert_allclose(nearest_tree(surface).query(queries)[0], brute, rtol=1e-12)

@@ -22,10 +22,17 @@ def sample_surface(vertices: np.ndarray, faces: np.ndarray, n: int, seed: int = 
     return np.asarray(points)
 
 
+def nearest_tree(points: np.ndarray) -> cKDTree:
+    """A k-d tree for nearest-neighbour distances to surface samples. SciPy's default ``compact_nodes`` made
+    queries from points far off such a surface (a mesh that missed part of the object, or background the
+    object sits in) about 20x slower: 400k ground-truth points took 10 minutes against a 2.7M-point mesh."""
+    return cKDTree(points, balanced_tree=False, compact_nodes=False)
+
+
 def surface_distances(pred: np.ndarray, gt: np.ndarray, threshold: float | None = None) -> Dict[str, float]:
     """pred (N, 3), gt (M, 3) surface samples -> accuracy, completeness, chamfer (+ precision, recall, fscore)."""
-    d_pred = cKDTree(gt).query(pred, workers=-1)[0]
-    d_gt = cKDTree(pred).query(gt, workers=-1)[0]
+    d_pred = nearest_tree(gt).query(pred, workers=-1)[0]
+    d_gt = nearest_tree(pred).query(gt, workers=-1)[0]
     out = {"accuracy": float(d_pred.mean()), "completeness": float(d_gt.mean())}
     out["chamfer"] = 0.5 * (out["accuracy"] + out["completeness"])
     if threshold is not None:
@@ -49,7 +56,13 @@ def uniform_surface_points(vertices: np.ndarray, faces: np.ndarray, spacing: flo
     area = trimesh.Trimesh(vertices, faces, process=False).area
     n = int(min(max(4 * area / spacing ** 2, 1000), max_points))
     points = sample_surface(vertices, faces, n, seed)
-    _, keep = np.unique(np.floor(points / spacing).astype(np.int64), axis=0, return_index=True)
+    cells = np.floor(points / spacing).astype(np.int64)
+    cells -= cells.min(axis=0)
+    extent = cells.max(axis=0) + 1
+    if float(np.prod(extent.astype(np.float64))) < 2.0 ** 62:  # one int64 per voxel: a 1-D unique, ~10x faster
+        _, keep = np.unique((cells[:, 0] * extent[1] + cells[:, 1]) * extent[2] + cells[:, 2], return_index=True)
+    else:
+        _, keep = np.unique(cells, axis=0, return_index=True)
     return points[np.sort(keep)]
 
 
@@ -79,8 +92,9 @@ def dtu_protocol(pred_points: np.ndarray, gt_points: np.ndarray, obs_mask: np.nd
     gt_above = gt_points[above]
     if len(pred_obs) == 0:
         raise ValueError("no predicted point lies inside the observation mask: is the mesh in the DTU world frame?")
-    d_pred = cKDTree(gt_points).query(pred_obs, workers=-1)[0]
-    d_gt = cKDTree(pred_near).query(gt_above, workers=-1)[0]
+    # a search never looks past max_dist: a point with no neighbour nearer is an outlier (inf) either way
+    d_pred = nearest_tree(gt_points).query(pred_obs, workers=-1, distance_upper_bound=max_dist)[0]
+    d_gt = nearest_tree(pred_near).query(gt_above, workers=-1, distance_upper_bound=max_dist)[0]
     accuracy = float(d_pred[d_pred < max_dist].mean()) if np.any(d_pred < max_dist) else float("inf")
     completeness = float(d_gt[d_gt < max_dist].mean()) if np.any(d_gt < max_dist) else float("inf")
     return {"accuracy": accuracy, "completeness": completeness, "chamfer": 0.5 * (accuracy + completeness),
