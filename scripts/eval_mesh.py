@@ -14,7 +14,8 @@ more are left out as outliers. Units: millimetres. ``--cull-masks SCENE``
 first cuts the mesh to the visual hull of a NeuS-format scene's masks
 (``cameras_sphere.npz``, ``image/``, ``mask/``): a vertex stays when in every
 view it projects outside the image or onto the mask dilated by
-``--cull-dilation`` (12) pixels, a face when its three vertices stay. This is
+``--cull-dilation`` (12) pixels of a 1600-pixel-wide image (DTU's; scaled to
+the images' width), a face when its three vertices stay. This is
 the culling MonoSDF and 2DGS (after UNISURF) apply before the DTU figures
 they publish; without it, background a run without masks reconstructs is
 scored too.
@@ -188,7 +189,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cull-masks", metavar="SCENE", help="first cut the mesh to the visual hull of this "
                         "NeuS-format scene's masks (cameras_sphere.npz, image/, mask/)")
     parser.add_argument("--cull-dilation", type=argument_at_least(0, float), default=12.0,
-                        help="with --cull-masks: the masks' dilation in image pixels")
+                        help="with --cull-masks: the masks' dilation in pixels of a 1600-pixel-wide image "
+                        "(DTU's), scaled to the images' width")
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args(argv)
     try:

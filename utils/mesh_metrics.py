@@ -158,11 +158,16 @@ def in_any_frustum(points: np.ndarray, cameras, max_depth: float | None = None, 
     return seen
 
 
-def inside_mask_hull(points: np.ndarray, cameras, masks, dilation_px: float = 12.0,
+# the DTU culling's mask dilation: 12 pixels of DTU's 1600-pixel-wide images, scaled to other image sizes
+DTU_DILATION_PX, DTU_IMAGE_WIDTH = 12.0, 1600
+
+
+def inside_mask_hull(points: np.ndarray, cameras, masks, dilation_px: float = DTU_DILATION_PX,
                      chunk: int = 200_000) -> np.ndarray:
     """(P,) bool: in every view the point projects outside the image or onto the view's mask dilated by
-    ``dilation_px`` image pixels: the visual hull DTU meshes are culled to before scoring (MonoSDF and 2DGS,
-    after UNISURF: 12 px at 1600x1200), which removes what lies outside the object's silhouette.
+    ``dilation_px`` pixels of a 1600-pixel-wide image (scaled to each image's width: 12 at DTU's 1600x1200, 6 at
+    800x600): the visual hull DTU meshes are culled to before scoring (MonoSDF and 2DGS, after UNISURF), which
+    removes what lies outside the object's silhouette.
 
     points: (P, 3); cameras: (K (3, 3), c2w (4, 4) OpenCV, width, height) per view; masks: (h, w) bool per view,
     at the image's size or a scaled copy (a half-size mask). A point behind a camera is outside its image.
@@ -172,7 +177,7 @@ def inside_mask_hull(points: np.ndarray, cameras, masks, dilation_px: float = 12
     keep = np.ones(len(points), bool)
     for (K, c2w, width, height), mask in zip(cameras, masks):
         mh, mw = mask.shape
-        radius = int(round(dilation_px * mw / width))
+        radius = int(round(dilation_px * mw / DTU_IMAGE_WIDTH))  # in the mask's pixels
         if radius > 0:
             disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
             mask = cv2.dilate(mask.astype(np.uint8), disk) > 0
