@@ -109,9 +109,8 @@ def read_frusta(path: str) -> list:
     return out
 
 
-def cull_to_masks(verts: np.ndarray, faces: np.ndarray, scene: str, dilation_px: float
-                  ) -> tuple[np.ndarray, np.ndarray, int]:
-    """The faces of the mesh inside the visual hull of ``scene``'s masks: (verts, kept faces, faces culled)."""
+def cull_to_masks(verts: np.ndarray, faces: np.ndarray, scene: str, dilation_px: float) -> tuple[np.ndarray, int]:
+    """The faces of the mesh inside the visual hull of ``scene``'s masks, and how many were culled."""
     from datasets.base import DatasetError
     from datasets.dtu import masked_views
 
@@ -123,14 +122,14 @@ def cull_to_masks(verts: np.ndarray, faces: np.ndarray, scene: str, dilation_px:
     if not keep.any():
         raise EvalError(f"No face of the mesh lies inside the masks of {scene}; are the mesh and the cameras in "
                         "the same frame (this project's meshes are in the DTU world frame)?")
-    return verts, faces[keep], int((~keep).sum())
+    return faces[keep], int((~keep).sum())
 
 
 def evaluate(args) -> dict:
     verts, faces = load_mesh(args.mesh)
     culled = {}
     if args.cull_masks is not None:
-        verts, faces, n_culled = cull_to_masks(verts, faces, args.cull_masks, args.cull_dilation)
+        faces, n_culled = cull_to_masks(verts, faces, args.cull_masks, args.cull_dilation)
         culled = {"culled_faces": n_culled}
     return {**culled, **score(args, verts, faces)}
 

@@ -375,4 +375,5 @@ class BaseSystem(pl.LightningModule):
         scores = self.trainer.datamodule.score_mesh(world_verts, faces)
         if scores is not None:  # named after its mesh: meshes of other resolutions or methods keep their own
             write_json(self.save_path(f"{stem}-metrics.json"), {"mesh": os.path.basename(path), **scores})
-            log.info("Mesh vs ground truth: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
+            log.info("Mesh vs ground truth: " + ", ".join(f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4g}"
+                                                          for k, v in scores.items()))
