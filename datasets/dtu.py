@@ -94,35 +94,45 @@ def read_cameras(path: str) -> tuple[List[int], Dict[str, np.ndarray]]:
     return indices, cams
 
 
-def masked_views(root: str, cameras_file: Optional[str] = None, image_pattern: Optional[str] = None,
-                 mask_pattern: Optional[str] = None) -> tuple[list, list]:
-    """A NeuS-format scene's views as stored: ([(K, c2w OpenCV, width, height)] in the world frame of its
-    ``world_mat``, [(h, w) bool mask]). Image and mask files are matched to the cameras by the number in their
-    name or by the patterns (``numbered_files``); ``cameras_file`` defaults to ``cameras_sphere.npz``, else
-    ``cameras.npz``. A view without its image or mask is a DatasetError: each view's silhouette bounds the
-    object (``inside_mask_hull``)."""
+def stored_views(root: str, cameras_file: Optional[str] = None, image_pattern: Optional[str] = None
+                 ) -> tuple[List[int], list, Dict[int, str]]:
+    """A NeuS-format scene's cameras at its images' stored size: (camera indices, [(K, c2w OpenCV, width,
+    height)] in the world frame of its ``world_mat``, {index: image file}). ``cameras_file`` defaults to
+    ``cameras_sphere.npz``, else ``cameras.npz``; images are matched as the loader does (``numbered_files``).
+    A camera without its image is a DatasetError."""
     if cameras_file is None:
         cameras_file = next((name for name in ("cameras_sphere.npz", "cameras.npz")
                              if os.path.isfile(os.path.join(root, name))), "cameras_sphere.npz")
-    folders = [os.path.join(root, name) for name in ("image", "mask")]
-    missing = [f for f in folders if not os.path.isdir(f)]
-    if missing:
-        raise DatasetError(f"{missing[0]} does not exist; a NeuS-format scene keeps its cameras file, image/ and "
-                           "mask/ together.")
+    image_dir = os.path.join(root, "image")
+    if not os.path.isdir(image_dir):
+        raise DatasetError(f"{image_dir} does not exist; a NeuS-format scene keeps its images in image/ beside "
+                           f"{cameras_file}.")
     indices, cams = read_cameras(os.path.join(root, cameras_file))
-    images = numbered_files(folders[0], image_pattern, indices)
-    masks = numbered_files(folders[1], mask_pattern, indices)
-    lacking = [i for i in indices if i not in images or i not in masks]
+    images = numbered_files(image_dir, image_pattern, indices)
+    lacking = [i for i in indices if i not in images]
     if lacking:
-        raise DatasetError(f"camera {lacking[0]} has no {'image' if lacking[0] not in images else 'mask'} "
-                           f"({len(lacking)} of {len(indices)} cameras lack one); every view's mask takes part.")
-    views, silhouettes = [], []
+        raise DatasetError(f"camera {lacking[0]} has no image ({len(lacking)} of {len(indices)} cameras lack one).")
+    views = []
     for i in indices:
         K, c2w = decompose_projection(cams[f"world_mat_{i}"][:3, :4].astype(np.float64))
-        width, height = stored_size(images[i])
-        views.append((K, c2w, width, height))
-        silhouettes.append(read_image(masks[i])[..., :3].max(axis=-1) > 127)
-    return views, silhouettes
+        views.append((K, c2w, *stored_size(images[i])))
+    return indices, views, images
+
+
+def masked_views(root: str, cameras_file: Optional[str] = None, image_pattern: Optional[str] = None,
+                 mask_pattern: Optional[str] = None) -> tuple[list, list]:
+    """``stored_views`` with each view's mask: ([(K, c2w, width, height)], [(h, w) bool]). A camera without its
+    mask is a DatasetError: each view's silhouette bounds the object (``inside_mask_hull``)."""
+    mask_dir = os.path.join(root, "mask")
+    if not os.path.isdir(mask_dir):
+        raise DatasetError(f"{mask_dir} does not exist; the scene has no masks.")
+    indices, views, _ = stored_views(root, cameras_file, image_pattern)
+    masks = numbered_files(mask_dir, mask_pattern, indices)
+    lacking = [i for i in indices if i not in masks]
+    if lacking:
+        raise DatasetError(f"camera {lacking[0]} has no mask ({len(lacking)} of {len(indices)} cameras lack one); "
+                           "every view's mask takes part.")
+    return views, [read_image(masks[i])[..., :3].max(axis=-1) > 127 for i in indices]
 
 
 def orbit_trajectory(c2w_cv: np.ndarray, n_frames: int) -> np.ndarray:

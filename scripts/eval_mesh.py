@@ -75,22 +75,12 @@ def read_frusta(path: str) -> list:
 
     if path.endswith(".npz"):
         from datasets.base import DatasetError
-        from datasets.dtu import decompose_projection, read_cameras
+        from datasets.dtu import stored_views
 
         try:
-            _, cams = read_cameras(path)
+            return stored_views(os.path.dirname(path) or ".", os.path.basename(path))[1]
         except DatasetError as err:
-            raise EvalError(str(err)) from None
-        images = sorted(os.listdir(os.path.join(os.path.dirname(path), "image"))) \
-            if os.path.isdir(os.path.join(os.path.dirname(path), "image")) else []
-        if not images:
-            raise EvalError(f"No image/ folder beside {path} to tell the image size.")
-        h, w = imageio.imread(os.path.join(os.path.dirname(path), "image", images[0])).shape[:2]
-        out = []
-        for key in sorted(k for k in cams if k.startswith("world_mat_")):
-            K, c2w = decompose_projection(cams[key][:3, :4].astype(np.float64))
-            out.append((K, c2w, w, h))
-        return out
+            raise EvalError(f"--frusta {path}: {err}") from None
     pose_dir, depth_dir = os.path.join(path, "pose"), os.path.join(path, "depth")
     K_path = os.path.join(path, "intrinsic", "intrinsic_depth.txt")
     if not (os.path.isdir(pose_dir) and os.path.isdir(depth_dir) and os.path.isfile(K_path)):

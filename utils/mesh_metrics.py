@@ -8,7 +8,7 @@ threshold.
 from __future__ import annotations
 
 import os
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 import trimesh
@@ -140,6 +140,16 @@ def load_dtu_evaluation(dtu_dir: str, scan: int):
             plane)
 
 
+def project(points: np.ndarray, K: np.ndarray, c2w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """points (P, 3) world -> (uv (P, 2) pixel coordinates, pixel centres at whole numbers as OpenCV has them;
+    depth (P,)) for a camera K (3, 3), c2w (4, 4) OpenCV. The uv of a point at or behind the camera (depth
+    <= 1e-6) means nothing."""
+    w2c = np.linalg.inv(c2w)
+    p = points @ w2c[:3, :3].T + w2c[:3, 3]
+    uvw = p @ K.T
+    return uvw[:, :2] / np.where(p[:, 2] > 1e-6, uvw[:, 2], 1.0)[:, None], p[:, 2]
+
+
 def in_any_frustum(points: np.ndarray, cameras, max_depth: float | None = None, chunk: int = 200_000) -> np.ndarray:
     """(P,) bool: the point projects inside the image of at least one camera (in front of it, within max_depth).
 
@@ -147,12 +157,9 @@ def in_any_frustum(points: np.ndarray, cameras, max_depth: float | None = None, 
     """
     seen = np.zeros(len(points), bool)
     for K, c2w, width, height in cameras:
-        w2c = np.linalg.inv(c2w)
         for s in range(0, len(points), chunk):
-            p = points[s:s + chunk] @ w2c[:3, :3].T + w2c[:3, 3]
-            z = p[:, 2]
+            uv, z = project(points[s:s + chunk], K, c2w)
             front = z > 1e-6 if max_depth is None else (z > 1e-6) & (z < max_depth)
-            uv = p[:, :2] / np.where(front, z, 1.0)[:, None] * K[[0, 1], [0, 1]] + K[:2, 2]
             inside = front & (uv[:, 0] >= 0) & (uv[:, 0] < width) & (uv[:, 1] >= 0) & (uv[:, 1] < height)
             seen[s:s + chunk] |= inside
     return seen
@@ -181,17 +188,13 @@ def inside_mask_hull(points: np.ndarray, cameras, masks, dilation_px: float = DT
         if radius > 0:
             disk = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
             mask = cv2.dilate(mask.astype(np.uint8), disk) > 0
-        w2c = np.linalg.inv(c2w)
         for s in range(0, len(points), chunk):
-            p = points[s:s + chunk] @ w2c[:3, :3].T + w2c[:3, 3]
-            front = p[:, 2] > 1e-6
-            uvw = p @ K.T
-            uv = uvw[:, :2] / np.where(front, uvw[:, 2], 1.0)[:, None]
-            # pixel centres lie at whole coordinates (OpenCV); a scaled mask's pixel covers several of the image's
+            uv, z = project(points[s:s + chunk], K, c2w)
+            # the mask pixel holding uv (a scaled mask's pixel covers several of the image's)
             col = np.floor((uv[:, 0] + 0.5) * mw / width).astype(np.int64)
             row = np.floor((uv[:, 1] + 0.5) * mh / height).astype(np.int64)
-            seen = front & (col >= 0) & (col < mw) & (row >= 0) & (row < mh)
-            on_mask = np.zeros(len(p), bool)
+            seen = (z > 1e-6) & (col >= 0) & (col < mw) & (row >= 0) & (row < mh)
+            on_mask = np.zeros(len(uv), bool)
             on_mask[seen] = mask[row[seen], col[seen]]
             keep[s:s + chunk] &= ~seen | on_mask
     return keep
