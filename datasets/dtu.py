@@ -95,9 +95,9 @@ def read_cameras(path: str) -> tuple[List[int], Dict[str, np.ndarray]]:
 
 
 def stored_views(root: str, cameras_file: Optional[str] = None, image_pattern: Optional[str] = None
-                 ) -> tuple[List[int], list, Dict[int, str]]:
+                 ) -> tuple[List[int], list]:
     """A NeuS-format scene's cameras at its images' stored size: (camera indices, [(K, c2w OpenCV, width,
-    height)] in the world frame of its ``world_mat``, {index: image file}). ``cameras_file`` defaults to
+    height)] in the world frame of its ``world_mat``). ``cameras_file`` defaults to
     ``cameras_sphere.npz``, else ``cameras.npz``; images are matched as the loader does (``numbered_files``).
     A camera without its image is a DatasetError."""
     if cameras_file is None:
@@ -116,7 +116,7 @@ def stored_views(root: str, cameras_file: Optional[str] = None, image_pattern: O
     for i in indices:
         K, c2w = decompose_projection(cams[f"world_mat_{i}"][:3, :4].astype(np.float64))
         views.append((K, c2w, *stored_size(images[i])))
-    return indices, views, images
+    return indices, views
 
 
 def masked_views(root: str, cameras_file: Optional[str] = None, image_pattern: Optional[str] = None,
@@ -126,7 +126,7 @@ def masked_views(root: str, cameras_file: Optional[str] = None, image_pattern: O
     mask_dir = os.path.join(root, "mask")
     if not os.path.isdir(mask_dir):
         raise DatasetError(f"{mask_dir} does not exist; the scene has no masks.")
-    indices, views, _ = stored_views(root, cameras_file, image_pattern)
+    indices, views = stored_views(root, cameras_file, image_pattern)
     masks = numbered_files(mask_dir, mask_pattern, indices)
     lacking = [i for i in indices if i not in masks]
     if lacking:

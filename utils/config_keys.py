@@ -11,12 +11,12 @@ top-level keys) or when an interpolation refers to it (instant-nsr-pl's ``${syst
 So ``dataset.near_plane`` (instant-nsr-pl's Blender configs carry it, and nothing there reads it either)
 is named although the NeRF model reads a ``model.near_plane``. The dataset section is read by the loader
 ``dataset.name`` registers and the dataset modules it imports: ``up_est_method`` in a ``dtu`` config is
-named as the colmap loader's. This still errs on the quiet side: a
-misspelling that happens to be another name used in the same code is not caught. Sections that a library checks itself
-are skipped: ``trainer`` and ``checkpoint`` (Lightning's Trainer and ModelCheckpoint take them as
-keyword arguments), any ``args`` (torch optimiser and scheduler arguments),
-``system.optimizer.params`` (``systems.optim`` checks the group options against the optimiser), and
-``system.loss.lambda_*`` (the system warns about losses it does not have).
+named as the colmap loader's. This still errs on the quiet side: a misspelling that happens to be
+another name used in the same code is not caught. Sections that a library checks itself are skipped:
+``trainer`` and ``checkpoint`` (Lightning's Trainer and ModelCheckpoint take them as keyword arguments),
+any ``args`` (torch optimiser and scheduler arguments), ``system.optimizer.params`` (``systems.optim``
+checks the group options against the optimiser), and ``system.loss.lambda_*`` (the system warns about
+losses it does not have).
 """
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def _loaders_reading(key: str) -> List[str]:
     owners = []
     for name, module in modules.items():
         own = _import_closure(module)
-        for other in own & set(modules.values()) - {module}:
+        for other in own & (set(modules.values()) - {module}):
             own -= _import_closure(other)
         if key in known_names(tuple(sorted(own))):
             owners.append(name)

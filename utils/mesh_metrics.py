@@ -24,8 +24,9 @@ def sample_surface(vertices: np.ndarray, faces: np.ndarray, n: int, seed: int = 
 
 def nearest_tree(points: np.ndarray) -> cKDTree:
     """A k-d tree for nearest-neighbour distances to surface samples. SciPy's default ``compact_nodes`` made
-    queries from points far off such a surface (a mesh that missed part of the object, or background the
-    object sits in) about 20x slower: 400k ground-truth points took 10 minutes against a 2.7M-point mesh."""
+    queries from points inside a surrounding surface (an object a NeuS run without masks lost to its
+    background) 8 to 20 times slower: a DTU score of 400k ground-truth points ran over 7 minutes against a
+    2.7M-point mesh, and takes 25 s with this tree (``benchmarks/bench_eval.py``)."""
     return cKDTree(points, balanced_tree=False, compact_nodes=False)
 
 
