@@ -7,7 +7,10 @@ Points/s for forward, forward+backward (table and input gradients) and
 forward+backward with the second-order term (eikonal loss through analytic
 normals), for L=16, F=2, T=2^19, per backend: torch always, tcnn and triton
 where usable (triton twice: reading the table in fp32, and in fp16 with
-``table_dtype: float16``). Prints the device and the peak memory of each run.
+``table_dtype: float16``). On a CPU, ``torch-pm`` is the torch backend in the
+point-major layout it uses on CUDA (every gradient by autograd), against which
+the CPU's corner-major layout (``torch``) is measured. Prints the device and the
+peak memory of each run (GPU only).
 """
 from __future__ import annotations
 
@@ -58,10 +61,15 @@ def main():
                   per_level_scale=1.447269237440378)
     print(f"\nhash grid L=16 F=2 T=2^19 base {args.base_resolution}; points/s (peak MiB)")
     print(f"{'backend':10s} {'N':>9s} {'fwd':>20s} {'fwd+bwd':>20s} {'fwd+bwd+2nd order':>20s}")
-    variants = [(b, "float32") for b in present] + ([("triton", "float16")] if "triton" in present else [])
-    for backend, table_dtype in variants:
+    variants = [(b, "float32", b) for b in present]  # (backend, table dtype, label)
+    if "triton" in present:
+        variants.append(("triton", "float16", "triton-16"))
+    if device.type == "cpu":
+        variants.insert(1, ("torch", "float32", "torch-pm"))
+    for backend, table_dtype, label in variants:
         grid = HashGrid(3, {**config, "table_dtype": table_dtype}, backend=backend).to(device)
-        label = backend if table_dtype == "float32" else f"{backend}-16"
+        if label == "torch-pm":
+            grid._forward_torch = grid._forward_autograd
         for log2n in sizes:
             cells = []
             for mode in ("fwd", "fwd+bwd", "second"):
