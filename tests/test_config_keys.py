@@ -60,6 +60,17 @@ def test_misspelt_and_foreign_keys_are_named_with_the_likely_intended_key(tmp_pa
     assert "curvature_warmup_steps (write the warm-up into the weight: lambda_curvature: [0, 0.0, " in sentence
 
 
+def test_model_keys_are_checked_against_the_model_the_config_names():
+    """A NeuS option carried into a NeRF config, and a geometry option written one level too high, are named
+    with where they belong; NeRF's own options in a NeRF config are not."""
+    nerf = dict(unread_keys(load_config("configs/nerf-blender.yaml", [
+        "+model.cos_anneal_end=20000", "+model.feature_dim=3", "+model.cone_angle=0.004"], resolve=False)))
+    assert nerf == {"model.cos_anneal_end": "an option of the neus model, not nerf",
+                    "model.feature_dim": "read under model.geometry, not model"}
+    neus = dict(unread_keys(load_config("configs/neus-dtu.yaml", ["+model.feature_dim=13"], resolve=False)))
+    assert neus == {"model.feature_dim": "read under model.geometry or model.geometry_bg, not model"}
+
+
 def test_launch_warns_before_anything_else_can_fail(tmp_path, capsys):
     path = misspelt_neus_config(tmp_path)
     logger_before = (launch.log.handlers[:], launch.log.propagate)

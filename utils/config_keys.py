@@ -11,8 +11,11 @@ top-level keys) or when an interpolation refers to it (instant-nsr-pl's ``${syst
 So ``dataset.near_plane`` (instant-nsr-pl's Blender configs carry it, and nothing there reads it either)
 is named although the NeRF model reads a ``model.near_plane``. The dataset section is read by the loader
 ``dataset.name`` registers and the dataset modules it imports: ``up_est_method`` in a ``dtu`` config is
-named as the colmap loader's. This still errs on the quiet side: a misspelling that happens to be
-another name used in the same code is not caught. Sections that a library checks itself are skipped:
+named as the colmap loader's. Likewise the model section's own keys are read by the model ``model.name``
+registers and the modules it imports: ``cos_anneal_end`` in a ``nerf`` config is named as the neus model's,
+and ``model.feature_dim`` as read under ``model.geometry``. NeuS imports the NeRF model (its background), so
+a NeRF-only key in a NeuS config stays quiet. This still errs on the quiet side: a misspelling that happens
+to be another name used in the same code is not caught. Sections that a library checks itself are skipped:
 ``trainer`` and ``checkpoint`` (Lightning's Trainer and ModelCheckpoint take them as keyword arguments),
 any ``args`` (torch optimiser and scheduler arguments), ``system.optimizer.params`` (``systems.optim``
 checks the group options against the optimiser), and ``system.loss.lambda_*`` (the system warns about
@@ -125,21 +128,26 @@ def _import_closure(module: str) -> set:
     return seen
 
 
+# the sections whose code is chosen by their ``name`` key: the registry package that holds it
+REGISTRY_OF_SECTION = {"dataset": "datasets", "model": "models"}
+
+
 @functools.lru_cache(maxsize=None)
-def loader_readers(name: str) -> Optional[Tuple[str, ...]]:
-    """The code that reads the dataset section when ``dataset.name`` is ``name``: its loader's module and the
-    dataset modules that one imports (transitively), with launch.py, the systems and utils; None for a name no
-    loader registers."""
-    module = dict(registered_modules("datasets")).get(name)
+def registered_readers(section: str, name: str) -> Optional[Tuple[str, ...]]:
+    """The code that reads ``section`` (dataset or model) when its ``name`` is ``name``: the module registering
+    that name and the modules of its package it imports (transitively), then the section's other readers
+    (launch.py, the systems, utils); None for a name nothing registers."""
+    module = dict(registered_modules(REGISTRY_OF_SECTION[section])).get(name)
     if module is None:
         return None
-    return tuple(sorted(_import_closure(module))) + SECTION_READERS["dataset"][1:]
+    return tuple(sorted(_import_closure(module))) + SECTION_READERS[section][1:]
 
 
-def _loaders_reading(key: str) -> List[str]:
-    """The loaders whose own code reads a key called ``key``: their modules, less what they borrow from another
-    loader's (the blender loader imports the colmap loader's pose helpers, not its options)."""
-    modules = dict(registered_modules("datasets"))
+def _registered_owners(section: str, key: str) -> List[str]:
+    """The registered names (loaders, models) whose own code reads a key called ``key``: their modules, less what
+    they borrow from another registered module (the blender loader imports the colmap loader's pose helpers, not
+    its options; NeuS imports the NeRF model for its background)."""
+    modules = dict(registered_modules(REGISTRY_OF_SECTION[section]))
     owners = []
     for name, module in modules.items():
         own = _import_closure(module)
@@ -194,31 +202,54 @@ def unread_keys(raw_config: DictConfig) -> List[Tuple[str, Optional[str]]]:
     looked into."""
     referenced = _referenced_keys(raw_config)
     found: List[Tuple[str, Optional[str]]] = []
-    loader = _plain_value(raw_config, "dataset", "name")
-    readers = dict(SECTION_READERS)
-    if loader is not None and loader_readers(loader) is not None:
-        readers["dataset"] = loader_readers(loader)
+    # the dataset section, and the model section's own keys (not its geometry's or texture's), are read by the
+    # code their ``name`` registers
+    chosen = {section: _plain_value(raw_config, section, "name") for section in REGISTRY_OF_SECTION}
+    own_readers = {section: registered_readers(section, name) for section, name in chosen.items()
+                   if name is not None and registered_readers(section, name) is not None}
+
+    def readers_of(prefix: str, section: str) -> Optional[Tuple[str, ...]]:
+        if section in own_readers and (section == "dataset" or prefix == section):
+            return own_readers[section]
+        return SECTION_READERS.get(section)
+
+    # the subsections naming a registered class (model.geometry: volume-sdf), for keys written a level too high
+    named_in = {}
+    if isinstance(raw_config.get("model"), DictConfig):
+        for key in raw_config.model.keys():
+            name = _plain_value(raw_config, "model", key, "name")
+            if name is not None:
+                named_in.setdefault(name, []).append(f"model.{key}")
+
+    def hint_for(key: str, section: str, known: FrozenSet[str], by_name: bool) -> Optional[str]:
+        """``by_name``: ``known`` is what the code that ``section.name`` registers reads."""
+        owners = _registered_owners(section, key) if by_name else []
+        elsewhere = _read_elsewhere(key, section)
+        subsections = [path for name, paths in named_in.items() if name in owners for path in paths
+                       if section == "model"]
+        if subsections:
+            return f"read under {' or '.join(subsections)}, not model"
+        if owners and (section == "model" or not elsewhere):  # a model's option may share a name with a system's
+            kind = {"dataset": "loader", "model": "model"}[section]
+            return f"an option of the {' and '.join(owners)} {kind}, not {chosen[section]}"
+        if elsewhere:
+            return f"read under {' or '.join(elsewhere)}, not {section}"
+        if key in UPSTREAM_OPTIONS:
+            return None
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
+        return f"did you mean {close[0]}?" if close else None
 
     def visit(node: DictConfig, prefix: str) -> None:
         section = prefix.split(".", 1)[0]
-        known = known_names(readers[section]) if section in readers else known_names()
+        readers = readers_of(prefix, section)
+        known = known_names(readers) if readers is not None else known_names()
+        by_name = section in own_readers and readers is own_readers[section]
         for key in node.keys():
             path = f"{prefix}.{key}" if prefix else str(key)
             if _skipped(path):
                 continue
             if str(key) not in known and path not in referenced:
-                elsewhere = _read_elsewhere(str(key), section)
-                other_loaders = _loaders_reading(str(key)) if section == "dataset" else []
-                if elsewhere:
-                    hint = f"read under {' or '.join(elsewhere)}, not {section}"
-                elif other_loaders:
-                    hint = f"an option of the {' and '.join(other_loaders)} loader, not {loader}"
-                elif str(key) in UPSTREAM_OPTIONS:
-                    hint = None
-                else:
-                    close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.8)
-                    hint = f"did you mean {close[0]}?" if close else None
-                found.append((path, hint))
+                found.append((path, hint_for(str(key), section, known, by_name)))
                 continue
             child = node._get_node(key)
             if isinstance(child, DictConfig):
