@@ -214,7 +214,7 @@ def unread_keys(raw_config: DictConfig) -> List[Tuple[str, Optional[str]]]:
         return SECTION_READERS.get(section)
 
     # the subsections naming a registered class (model.geometry: volume-sdf), for keys written a level too high
-    named_in = {}
+    named_in = {}  # registered name -> the model subsections naming it
     if isinstance(raw_config.get("model"), DictConfig):
         for key in raw_config.model.keys():
             name = _plain_value(raw_config, "model", key, "name")
@@ -225,8 +225,8 @@ def unread_keys(raw_config: DictConfig) -> List[Tuple[str, Optional[str]]]:
         """``by_name``: ``known`` is what the code that ``section.name`` registers reads."""
         owners = _registered_owners(section, key) if by_name else []
         elsewhere = _read_elsewhere(key, section)
-        subsections = [path for name, paths in named_in.items() if name in owners for path in paths
-                       if section == "model"]
+        # loaders are never named under model, so only a model section's owners can be found here
+        subsections = [path for name, paths in named_in.items() if name in owners for path in paths]
         if subsections:
             return f"read under {' or '.join(subsections)}, not model"
         if owners and (section == "model" or not elsewhere):  # a model's option may share a name with a system's
