@@ -39,6 +39,7 @@ def run(config: str, overrides: list, steps: int, profile_steps: int, save_dir: 
 
     import datasets
     import systems
+    from launch import seed_quietly
     from utils.config import load_config
     from utils.callbacks import ProgressBar
     from utils.host_sync import step_sync_callback
@@ -81,6 +82,9 @@ def run(config: str, overrides: list, steps: int, profile_steps: int, save_dir: 
                 sync(device)
                 self.profiler.__exit__(None, None, None)
 
+    # the config's seed, as launch.py: the dynamic ray count (and with it a step's work) then follows the same
+    # path from run to run, so two runs of this benchmark compare the code, not the random draws
+    seed_quietly(int(cfg.get("seed", 42)))
     dm = datasets.make(cfg.dataset.name, cfg.dataset)
     dm.setup("fit")
     system = systems.make(cfg.system.name, cfg, mode="train")
