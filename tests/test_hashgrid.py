@@ -181,3 +181,26 @@ def test_cpu_layout_matches_the_autograd_layout_in_every_gradient(dims, features
     assert grid(torch.zeros(0, dims)).shape == (0, grid.n_output_dims)
     with torch.no_grad():
         assert grid(torch.zeros(0, dims)).shape == (0, grid.n_output_dims)
+
+
+def test_cpu_values_without_gradients_come_in_blocks_with_the_same_figures(monkeypatch):
+    """Grid updates, meshing and rendering encode up to millions of points without gradients: the CPU layout takes
+    them in blocks of CPU_LOOKUPS_PER_BLOCK (corner, level, point) lookups, to the same bits as in one piece."""
+    import models.encodings as encodings
+
+    grid = make_grid(dict(CFG, log2_hashmap_size=10))  # dense and hashed levels
+    monkeypatch.setattr(encodings, "CPU_LOOKUPS_PER_BLOCK", 8 * grid.n_levels * 100)  # blocks of 100 points
+    x = torch.rand(1234, 3) * 1.2 - 0.1
+    whole = grid._forward_corner_major(x)
+    sizes = []
+    layout = grid._forward_corner_major
+    monkeypatch.setattr(grid, "_forward_corner_major", lambda part: sizes.append(len(part)) or layout(part))
+    with torch.no_grad():
+        blocked = grid(x)
+    assert sizes == [100] * 12 + [34]
+    torch.testing.assert_close(blocked, whole, rtol=1e-6, atol=1e-6)  # rounding: the corner sum vectorises by block size
+    sizes.clear()
+    x.requires_grad_(True)
+    values = grid(x)  # with gradients: one piece (faster there), and its graph reaches x
+    assert sizes == [1234] and values.requires_grad
+    torch.testing.assert_close(values.detach(), whole)
