@@ -367,6 +367,10 @@ def run(argv=None) -> int:
     except UserError as err:
         log.error(str(err))
         return 2
+    if accelerator == "cpu":  # a CPU step's tensors are host memory, freed and allocated again every step
+        from utils.host_memory import keep_freed_host_memory
+
+        log.info(keep_freed_host_memory())
 
     import pytorch_lightning as pl
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError

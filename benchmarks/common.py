@@ -31,8 +31,12 @@ def time_calls(step: Callable[[], None], device: torch.device, repeats: int) -> 
 
 
 def describe_device(device: torch.device) -> str:
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    return f"device: {name}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    """The benchmark's device in one line; on a CPU it first keeps freed host memory, as launch.py does."""
+    if device.type == "cuda":
+        return f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    from utils.host_memory import keep_freed_host_memory
+
+    return f"device: CPU, torch {torch.__version__}, threads {torch.get_num_threads()}; {keep_freed_host_memory()}"
 
 
 def demo_scene_overrides(resolution: int) -> list:
