@@ -147,6 +147,26 @@ def test_progress_bar_shows_loss_rays_and_inv_s_without_prog_bar_logging(tmp_pat
     assert float(shown["loss"]) == pytest.approx(system.progress_bar_values["loss"], rel=1e-3)
 
 
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bar_into_a_log_file_redraws_a_few_times_not_every_step(tmp_path, capsys, monkeypatch, terminal):
+    import re
+
+    import pytorch_lightning as pl
+
+    import utils.callbacks as callbacks
+
+    system, dm = training_system("configs/nerf-demo.yaml", tmp_path, "model.grid_resolution=16",
+                                 "model.grid_warmup_steps=4")
+    monkeypatch.setattr(callbacks.ProgressBar, "REDRAWS_INTO_A_FILE", 4)  # 20 steps: every 5th
+    monkeypatch.setattr(callbacks, "_is_terminal", lambda stream: terminal)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=20, callbacks=[callbacks.ProgressBar()], logger=False,
+                         enable_checkpointing=False, limit_val_batches=0, num_sanity_val_steps=0,
+                         enable_model_summary=False)
+    trainer.fit(system, datamodule=dm)
+    shown = {int(n) for n in re.findall(r"(\d+)/20\b", capsys.readouterr().out)}
+    assert shown == (set(range(21)) if terminal else {0, 5, 10, 15, 20})
+
+
 def test_a_step_whose_rays_all_miss_has_finite_zero_sample_losses():
     """Rays that miss every occupied cell leave no samples; per-sample means (eikonal, sparsity, curvature)
     over nothing were NaN and stopped training with a non-finite loss (seen with 4 rays per step)."""
