@@ -21,6 +21,31 @@ def test_update_keeps_ema_maximum_and_thresholds_by_mean():
     assert grid.update(3, blob) is False and grid.update(4, blob) is True
 
 
+def test_occupied_at_finds_the_finest_level_and_cell_of_each_point():
+    """Against a per-point reference, on an off-centre, non-cubic box with one level (bounded scenes: its own
+    code path) and with three; points inside, outside and on the box's faces."""
+    import math
+
+    for levels in (1, 3):
+        grid = OccupancyGrid([-1.0, -0.5, -2.0, 1.0, 1.5, 0.0], resolution=8, levels=levels)
+        grid.binaries.copy_(torch.rand_like(grid.binaries, dtype=torch.float) < 0.5)
+        grid.binaries[0, 0, 2, 4] = grid.binaries[0, 7, 7, 7] = grid.binaries[0, 7, 0, 0] = True  # the faces' cells
+        faces = torch.tensor([[-1.0, 0.0, -1.0], [1.0, 1.5, 0.0], [1.0, -0.5, -2.0], [1.0001, 0.0, -1.0]])
+        pts = torch.cat([torch.randn(3000, 3) * 1.5 + torch.tensor([0.0, 0.5, -1.0]), faces])
+        expected = []
+        for p in pts.tolist():
+            hit = False
+            for level in range(levels):
+                lo, hi = grid.aabbs[level, :3].tolist(), grid.aabbs[level, 3:].tolist()
+                if all(a <= v <= b for a, v, b in zip(lo, p, hi)):
+                    cell = [min(max(math.floor((v - a) / (b - a) * 8), 0), 7) for a, v, b in zip(lo, p, hi)]
+                    hit = bool(grid.binaries[level, cell[0], cell[1], cell[2]])
+                    break
+            expected.append(hit)
+        assert grid.occupied_at(pts).tolist() == expected
+        assert 0 < sum(expected) < len(expected)
+
+
 def brute_force_cells(grid, rays_o, rays_d, t0, t1, n=20000):
     """Occupied cells each ray passes through, with the length of ray inside each (fine sampling)."""
     t = torch.linspace(0, 1, n)
