@@ -227,7 +227,9 @@ def launch_then_signal(tmp, sig, after_step: int, *args, bar: str = "Epoch 0", a
     shows that text. Returns (exit status, output)."""
     cmd = [sys.executable, os.path.join(ROOT, "launch.py"), "--exp_dir", str(tmp / "exp"), "--runs_dir",
            str(tmp / "runs"), *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # every step's bar redraw, as on a terminal, though the output is a pipe: the signal goes at the step asked
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(os.environ, TQDM_MINITERS="1"))
     chunks = []
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 

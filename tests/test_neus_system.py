@@ -165,6 +165,14 @@ def test_progress_bar_into_a_log_file_redraws_a_few_times_not_every_step(tmp_pat
     trainer.fit(system, datamodule=dm)
     shown = {int(n) for n in re.findall(r"(\d+)/20\b", capsys.readouterr().out)}
     assert shown == (set(range(21)) if terminal else {0, 5, 10, 15, 20})
+    if not terminal:  # Lightning's TQDM_MINITERS sets the rate itself, into a file too
+        monkeypatch.setenv("TQDM_MINITERS", "2")
+        assert callbacks.ProgressBar().refresh_rate == 2
+        bar = callbacks.ProgressBar()
+        bar._trainer = trainer
+        assert bar.refresh_rate == 2
+        monkeypatch.delenv("TQDM_MINITERS")
+        assert callbacks.ProgressBar().refresh_rate == 1 and bar.refresh_rate == 5
 
 
 def test_a_step_whose_rays_all_miss_has_finite_zero_sample_losses():

@@ -138,7 +138,8 @@ class ProgressBar(TQDMProgressBar):
 
     Written to a file or a pipe (a cluster job's log, ``> train.log``) rather than a terminal, it redraws about
     ``REDRAWS_INTO_A_FILE`` times per stage instead of at every step: every redraw stays in such a log (the
-    3-minute demo's was 356 KB of them, a 20k-step run's megabytes)."""
+    3-minute demo's was 356 KB of them, a 20k-step run's megabytes). ``TQDM_MINITERS=n`` (Lightning's variable)
+    sets every n-th step instead, wherever the output goes."""
 
     REDRAWS_INTO_A_FILE = 100
 
@@ -146,7 +147,7 @@ class ProgressBar(TQDMProgressBar):
     def refresh_rate(self) -> int:
         rate = self._refresh_rate
         trainer = getattr(self, "_trainer", None)
-        if rate <= 0 or trainer is None or _is_terminal(sys.stdout):
+        if rate <= 0 or trainer is None or "TQDM_MINITERS" in os.environ or _is_terminal(sys.stdout):
             return rate
         steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else 0
         return max(rate, steps // self.REDRAWS_INTO_A_FILE)
