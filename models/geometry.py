@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import models
 from models.encodings import get_encoding
-from models.networks import get_activation, get_mlp, get_sdf_network
+from models.networks import VanillaMLP, get_activation, get_mlp, get_sdf_network
 from models.rendering import contract_to_unisphere
 from utils.config import ConfigError, number_at_least
 
@@ -76,6 +76,10 @@ class VolumeSDF(nn.Module):
         if self.fused_gradient and str(config.get("sdf_activation", "none")).lower() not in ("none", "identity"):
             raise ConfigError("geometry mlp_network_config.backend: triton needs the SDF to be the network's output "
                               f"(got sdf_activation: {config.get('sdf_activation')}); use backend=auto or torch.")
+        # on a CPU a VanillaMLP writes out its own input gradient, when the SDF is its channel 0 as it is: the
+        # eikonal loss then differentiates that once instead of autograd differentiating its backward
+        self.written_gradient = (isinstance(self.network, VanillaMLP) and self.network.linear_output
+                                 and str(config.get("sdf_activation", "none")).lower() in ("none", "identity"))
         eps = config.get("finite_difference_eps", 1e-3)
         self.progressive_eps = eps == "progressive"
         if self.progressive_eps and not hasattr(self.encoding.encoding, "current_level"):
@@ -113,9 +117,11 @@ class VolumeSDF(nn.Module):
         with torch.enable_grad() if analytic else contextlib.nullcontext():
             if analytic and not points.requires_grad:
                 points = points.detach().requires_grad_(True)
-            if analytic and self.fused_gradient:  # the network's own input gradient, back through the encoding
-                feature = self.encoding(contract_to_unisphere(points, self.radius, self.unbounded))
-                out, feature_grad = self.network.value_and_input_gradient(feature)
+            written = self.written_gradient and points.device.type == "cpu"
+            if analytic and (self.fused_gradient or written):  # the network's own input gradient, back through
+                feature = self.encoding(contract_to_unisphere(points, self.radius, self.unbounded))  # the encoding
+                out, feature_grad = (self.network.value_and_input_gradient(feature) if self.fused_gradient
+                                     else self.network.value_and_first_input_gradient(feature))
                 sdf = self._sdf_of(out)
                 (grad,) = torch.autograd.grad(feature, points, feature_grad.to(feature.dtype), create_graph=True)
             else:

@@ -93,3 +93,37 @@ def test_a_fully_fused_sdf_network_never_goes_to_tiny_cuda_nn_with_analytic_norm
     assert float(geo.network.layers[0].weight.grad.abs().max()) > 0  # the eikonal term reaches the network
     with pytest.raises(ConfigError, match="no second derivative"):
         models.make("volume-sdf", sdf_config(mlp_network_config={**fused, "backend": "tcnn"}))
+
+
+@pytest.mark.parametrize("network", [
+    {},  # Softplus(100) hidden layers with weight norm, as the NeuS configs
+    {"sphere_init": False, "weight_norm": False, "n_hidden_layers": 2, "activation": "ReLU"},
+    {"n_hidden_layers": 0},
+])
+def test_the_written_out_network_gradient_trains_as_autograd_twice(network):
+    """On a CPU the SDF network writes out its input gradient (``value_and_first_input_gradient``): the SDF,
+    its gradient and every parameter's gradient of an eikonal + SDF + feature loss are autograd's, through a
+    hash grid (its own input gradient) and the raw xyz."""
+    torch.manual_seed(0)
+    mlp = dict(sdf_config().mlp_network_config, **network)
+    hash_grid = {"otype": "HashGrid", "n_levels": 4, "n_features_per_level": 2, "log2_hashmap_size": 10,
+                 "base_resolution": 4, "per_level_scale": 1.5, "include_xyz": True}
+    geo = models.make("volume-sdf", sdf_config(xyz_encoding_config=hash_grid, mlp_network_config=mlp))
+    with torch.no_grad():
+        for p in geo.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert geo.written_gradient
+    x = (torch.rand(500, 3) * 2 - 1) * 0.9
+
+    def train_once(written: bool):
+        geo.written_gradient = written
+        geo.zero_grad()
+        out = geo(x, with_grad=True)
+        loss = (out["grad"].norm(dim=-1) - 1).square().mean() + out["sdf"].square().mean() + out["feature"].mean()
+        loss.backward()
+        return [out["sdf"].detach(), out["grad"].detach(), out["feature"].detach()] + \
+            [p.grad.clone() for p in geo.parameters()]
+
+    for written, reference in zip(train_once(True), train_once(False)):
+        torch.testing.assert_close(written, reference, rtol=1e-4, atol=1e-6 * float(reference.abs().max()) + 1e-9)
+    assert not models.make("volume-sdf", sdf_config(sdf_activation="relu")).written_gradient  # not channel 0 as it is
