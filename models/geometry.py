@@ -118,8 +118,9 @@ class VolumeSDF(nn.Module):
             if analytic and not points.requires_grad:
                 points = points.detach().requires_grad_(True)
             written = self.written_gradient and points.device.type == "cpu"
-            if analytic and (self.fused_gradient or written):  # the network's own input gradient, back through
-                feature = self.encoding(contract_to_unisphere(points, self.radius, self.unbounded))  # the encoding
+            # the network's own input gradient (fused kernels, or written out on a CPU), back through the encoding
+            if analytic and (self.fused_gradient or written):
+                feature = self.encoding(contract_to_unisphere(points, self.radius, self.unbounded))
                 out, feature_grad = (self.network.value_and_input_gradient(feature) if self.fused_gradient
                                      else self.network.value_and_first_input_gradient(feature))
                 sdf = self._sdf_of(out)

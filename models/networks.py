@@ -94,7 +94,7 @@ class VanillaMLP(nn.Module):
 
         The input gradient is written out layer by layer (the hidden activations' slopes times the weights),
         so a loss on it (the eikonal term) is differentiated once, instead of autograd differentiating its own
-        backward graph: a 40k-point step of the NeuS demo's network takes 28 ms instead of 35-41 (2 cores)."""
+        backward graph: a 40k-point step of the NeuS demo's network takes 26-28 ms instead of 35-47 (2 cores)."""
         h, slopes = x.float(), []
         linears = [m for m in self.layers if isinstance(m, nn.Linear)]
         for linear in linears[:-1]:

@@ -7,8 +7,9 @@ with the dynamic ray count, and frees them before the next step; so the heap is 
 kernel maps, faults in and zeroes the same pages step after step.
 
 ``keep_freed_host_memory()`` fixes the mmap threshold at glibc's ceiling (32 MiB on 64-bit systems; blocks above
-it still get their own mapping, returned when freed) and never trims the heap, so freed pages are reused. The
-process then holds its heap's high-water mark, which default glibc reaches too, until it exits. Other C libraries
+it still get their own mapping, returned when freed) and trims the heap only past 2 GiB of free top (mallopt's
+largest value), so freed pages are reused. The process then holds its heap's high-water mark, which default glibc
+reaches too, until it exits. Other C libraries
 (musl, macOS, Windows) are left as they are. Calls after the first do nothing.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 M_TRIM_THRESHOLD = -1  # free bytes at the heap's top before glibc returns them to the kernel
 M_MMAP_THRESHOLD = -3  # blocks at least this large get their own mmap, unmapped when freed
 MMAP_THRESHOLD_MAX = 32 * 2 ** 20  # glibc's ceiling for it on 64-bit systems
-_NEVER = 2 ** 31 - 1  # mallopt takes a C int: the largest trim threshold it can be given
+TRIM_THRESHOLD_MAX = 2 ** 31 - 1  # mallopt takes a C int: the largest trim threshold it can be given
 
 _result: str | None = None
 
@@ -40,7 +41,7 @@ def _configure() -> str:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         done = (libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) == 1
-                and libc.mallopt(M_TRIM_THRESHOLD, _NEVER) == 1)
+                and libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_MAX) == 1)
     except (OSError, AttributeError):
         done = False
     if not done:
