@@ -47,6 +47,14 @@ class VolumeDensity(nn.Module):
         return self.forward(points)[0]
 
 
+def _cpu_autocast() -> bool:
+    """Whether CPU autocast is on (launch.py trains fp32 on a CPU; tests run fp16 there as a GPU would)."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled()
+
+
 @models.register("volume-sdf")
 class VolumeSDF(nn.Module):
     """Signed distance field on a hash grid (instant-nsr-pl / NeuS ``volume-sdf``).
@@ -76,8 +84,8 @@ class VolumeSDF(nn.Module):
         if self.fused_gradient and str(config.get("sdf_activation", "none")).lower() not in ("none", "identity"):
             raise ConfigError("geometry mlp_network_config.backend: triton needs the SDF to be the network's output "
                               f"(got sdf_activation: {config.get('sdf_activation')}); use backend=auto or torch.")
-        # on a CPU a VanillaMLP writes out its own input gradient, when the SDF is its channel 0 as it is: the
-        # eikonal loss then differentiates that once instead of autograd differentiating its backward
+        # on a CPU in fp32 a VanillaMLP writes out its own input gradient, when the SDF is its channel 0 as it is:
+        # the eikonal loss then differentiates that once instead of autograd differentiating its backward
         self.written_gradient = (isinstance(self.network, VanillaMLP) and self.network.linear_output
                                  and str(config.get("sdf_activation", "none")).lower() in ("none", "identity"))
         eps = config.get("finite_difference_eps", 1e-3)
@@ -117,7 +125,7 @@ class VolumeSDF(nn.Module):
         with torch.enable_grad() if analytic else contextlib.nullcontext():
             if analytic and not points.requires_grad:
                 points = points.detach().requires_grad_(True)
-            written = self.written_gradient and points.device.type == "cpu"
+            written = self.written_gradient and points.device.type == "cpu" and not _cpu_autocast()
             # the network's own input gradient (fused kernels, or written out on a CPU), back through the encoding
             if analytic and (self.fused_gradient or written):
                 feature = self.encoding(contract_to_unisphere(points, self.radius, self.unbounded))
