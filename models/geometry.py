@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import models
 from models.encodings import get_encoding
-from models.networks import VanillaMLP, get_activation, get_mlp, get_sdf_network
+from models.networks import VanillaMLP, get_activation, get_mlp, get_sdf_network, is_identity
 from models.rendering import contract_to_unisphere
 from utils.config import ConfigError, number_at_least
 
@@ -81,13 +81,13 @@ class VolumeSDF(nn.Module):
                                        analytic_gradient=self.grad_type == "analytic")
         # the network gives its own input gradient (fused kernels): the SDF must be its channel 0 as it is
         self.fused_gradient = hasattr(self.network, "value_and_input_gradient")
-        if self.fused_gradient and str(config.get("sdf_activation", "none")).lower() not in ("none", "identity"):
+        if self.fused_gradient and not is_identity(config.get("sdf_activation")):
             raise ConfigError("geometry mlp_network_config.backend: triton needs the SDF to be the network's output "
                               f"(got sdf_activation: {config.get('sdf_activation')}); use backend=auto or torch.")
         # on a CPU in fp32 a VanillaMLP writes out its own input gradient, when the SDF is its channel 0 as it is:
         # the eikonal loss then differentiates that once instead of autograd differentiating its backward
         self.written_gradient = (isinstance(self.network, VanillaMLP) and self.network.linear_output
-                                 and str(config.get("sdf_activation", "none")).lower() in ("none", "identity"))
+                                 and is_identity(config.get("sdf_activation")))
         eps = config.get("finite_difference_eps", 1e-3)
         self.progressive_eps = eps == "progressive"
         if self.progressive_eps and not hasattr(self.encoding.encoding, "current_level"):

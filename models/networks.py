@@ -35,6 +35,11 @@ def trunc_exp(x: torch.Tensor) -> torch.Tensor:
     return _TruncExp.apply(x)
 
 
+def is_identity(activation: Any) -> bool:
+    """Whether a config's activation name (None, 'none', 'identity', any case) leaves its input as it is."""
+    return activation is None or str(activation).lower() in ("none", "identity")
+
+
 def get_activation(name: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     """Activation by config name (case-insensitive); None/'none' is the identity."""
     if name is None:
@@ -87,7 +92,7 @@ class VanillaMLP(nn.Module):
                 layers.append(nn.Softplus(beta=100) if self.sphere_init else nn.ReLU(inplace=True))
         self.layers = nn.Sequential(*layers)
         self.output_activation = get_activation(config.get("output_activation", None))
-        self.linear_output = str(config.get("output_activation", "none")).lower() in ("none", "identity")
+        self.linear_output = is_identity(config.get("output_activation"))
 
     def value_and_first_input_gradient(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """x (N, dim_in) -> (output (N, dim_out), d output[:, 0] / d x (N, dim_in)), with a linear output.
@@ -227,7 +232,7 @@ def get_sdf_network(dim_in: int, dim_out: int, config: Any, analytic_gradient: b
     from models.triton_mlp import unsupported
 
     why = unsupported(dim_in, *mlp_size(config), dim_out)
-    if str(config.get("output_activation", "none")).lower() not in ("none", "identity"):
+    if not is_identity(config.get("output_activation")):
         why = f"its output must be linear (got output_activation: {config.get('output_activation')})"
     if why:
         raise ConfigError(f"geometry mlp_network_config.backend: triton cannot run this network: {why}; use "
