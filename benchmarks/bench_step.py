@@ -10,7 +10,9 @@ Each config trains through Lightning (the real step: sampling, rendering,
 losses, backward, optimiser, logging) past the occupancy grid's warm-up, then:
 
 - steps/s over ``--steps`` steady steps (device synchronised only at the ends), and the median
-  step (occupancy-grid updates, every 16 steps, fall outside it);
+  step (occupancy-grid updates, every 16 steps, fall outside it); over the same steps, the process's minor
+  page faults and kernel (system) time per step: memory the allocator hands back to the OS and faults in
+  again shows there, not in the operator table (``utils/host_memory.py``);
 - host syncs and device operators (~kernel launches) per step over the next 20 steps (``utils.host_sync``: device
   reads, data-dependent shapes, synchronous copies), with the lines that cause them. ``drains`` are
   the syncs with device work queued behind them: each leaves the GPU idle
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -58,6 +61,7 @@ def run(config: str, overrides: list, steps: int, profile_steps: int, save_dir: 
 
         def __init__(self):
             self.t0 = self.t1 = self.profiler = None
+            self.usage = []  # getrusage at the timed window's two ends: page faults and kernel time
             self.starts = []  # host clock at each timed step's start: the median interval skips grid updates
 
         def on_train_batch_start(self, trainer, module, batch, batch_idx):
@@ -66,6 +70,7 @@ def run(config: str, overrides: list, steps: int, profile_steps: int, save_dir: 
                 self.starts.append(time.perf_counter())
             if step in (warmup, warmup + steps):
                 sync(device)
+                self.usage.append(resource.getrusage(resource.RUSAGE_SELF))
                 if step == warmup:
                     self.t0 = time.perf_counter()
                 else:
@@ -106,6 +111,10 @@ def run(config: str, overrides: list, steps: int, profile_steps: int, save_dir: 
     intervals = sorted(b - a for a, b in zip(probe.starts, probe.starts[1:]))
     print(f"steps/s {steps / (probe.t1 - probe.t0):.2f} over {steps} steps after {warmup}, median step "
           f"{1e3 * intervals[len(intervals) // 2]:.2f} ms (rays per step at the end: {system.train_num_rays})")
+    start, end = probe.usage
+    print(f"per step: {(end.ru_minflt - start.ru_minflt) / steps:.0f} minor page faults, "
+          f"{1e3 * (end.ru_stime - start.ru_stime) / steps:.2f} ms kernel time "
+          f"({100 * (end.ru_stime - start.ru_stime) / (probe.t1 - probe.t0):.0f} % of the wall time)")
     print(f"host syncs per step: mean {sum(counts) / len(counts):.1f}, max {max(counts)}; "
           f"drains mean {sum(drains) / len(drains):.1f}; device operators per step "
           f"(non-view aten ops, ~kernel launches): mean {sum(c.operators for c in per_step) / len(per_step):.0f}")
