@@ -16,6 +16,10 @@ import torch.nn.functional as F
 from models import backends
 from utils.config import ConfigError, number_at_least, to_primitive
 
+# the hidden activation of a VanillaMLP with sphere_init is Softplus(beta): one place for the layers, the written
+# input gradient and the fused Triton SDF network
+SPHERE_INIT_SOFTPLUS_BETA = 100.0
+
 
 class _TruncExp(torch.autograd.Function):
     """exp(x) with the gradient clamped at x = 15 (instant-ngp's density activation)."""
@@ -73,7 +77,7 @@ def mlp_size(config: Any) -> tuple[int, int]:
 class VanillaMLP(nn.Module):
     """Fully connected network: (N, dim_in) -> (N, dim_out).
 
-    ``n_hidden_layers`` hidden layers of ``n_neurons`` with ReLU (Softplus(100)
+    ``n_hidden_layers`` hidden layers of ``n_neurons`` with ReLU (Softplus(SPHERE_INIT_SOFTPLUS_BETA = 100)
     when ``sphere_init``), then ``output_activation``.
     """
 
@@ -89,7 +93,8 @@ class VanillaMLP(nn.Module):
         for i in range(len(dims) - 1):
             layers.append(self._make_linear(dims[i], dims[i + 1], is_first=i == 0, is_last=i == len(dims) - 2))
             if i < len(dims) - 2:
-                layers.append(nn.Softplus(beta=100) if self.sphere_init else nn.ReLU(inplace=True))
+                layers.append(nn.Softplus(beta=SPHERE_INIT_SOFTPLUS_BETA) if self.sphere_init
+                              else nn.ReLU(inplace=True))
         self.layers = nn.Sequential(*layers)
         self.output_activation = get_activation(config.get("output_activation", None))
         self.linear_output = is_identity(config.get("output_activation"))
@@ -105,8 +110,9 @@ class VanillaMLP(nn.Module):
         for linear in linears[:-1]:
             weight = linear.weight  # computed once: weight norm recomputes it at every access
             z = F.linear(h, weight, linear.bias)
-            if self.sphere_init:  # Softplus(beta=100), whose slope is sigmoid(100 z)
-                h, slope = F.softplus(z, beta=100), torch.sigmoid(100 * z)
+            if self.sphere_init:  # Softplus(beta), whose slope is sigmoid(beta z)
+                beta = SPHERE_INIT_SOFTPLUS_BETA
+                h, slope = F.softplus(z, beta=beta), torch.sigmoid(beta * z)
             else:
                 h, slope = F.relu(z), (z > 0).to(z.dtype)
             slopes.append((weight, slope))
@@ -193,7 +199,7 @@ class TritonSDFNetwork(VanillaMLP):
         from models import triton_mlp, triton_sdf_network
 
         self.shape = triton_mlp.MLPShape(dim_in, self.n_neurons, self.n_hidden_layers, dim_out)
-        self.beta = triton_sdf_network.SOFTPLUS_BETA if self.sphere_init else triton_sdf_network.RELU
+        self.beta = SPHERE_INIT_SOFTPLUS_BETA if self.sphere_init else triton_sdf_network.RELU
         self.linears = [m for m in self.layers if isinstance(m, nn.Linear)]
 
     def value_and_input_gradient(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,7 @@ from typing import Sequence, Tuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from models.networks import SPHERE_INIT_SOFTPLUS_BETA as SOFTPLUS_BETA
 from models.triton_hashgrid import LAUNCH_OPTIONS
 from models.triton_mlp import BACKWARD_BLOCK_ROWS, BACKWARD_OPTIONS, BLOCK_ROWS, MLPShape, pack, sum_partials
 
@@ -38,7 +39,6 @@ try:
 except ImportError:  # pragma: no cover - the backend switch reports it
     triton = None
 
-SOFTPLUS_BETA = 100.0  # VanillaMLP's hidden activation with sphere_init
 RELU = 0.0  # beta 0 in the kernels: ReLU hidden layers (slope 0 or 1, no second derivative)
 
 if triton is not None:
