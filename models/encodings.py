@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Dict
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from models import backends
 from utils.config import ConfigError, number_at_least, to_primitive
@@ -68,6 +69,78 @@ class _InputJacobian(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = (jacobian * grad.reshape(n, l, f).permute(2, 1, 0)).sum((1, 2)).t()
         return grad_x, grad, None
+
+
+def _lerp_corners(gathered: torch.Tensor, frac: torch.Tensor, scale: torch.Tensor,
+                  with_slopes: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Interpolates corner features one input dimension at a time, the slopes sharing the values' partial lerps.
+
+    gathered (F, 2^D, L, N) corner features (dimension 0 the slowest in the corner index), frac (D, L, N) the
+    position in the cell, scale (L,) each level's cells per unit -> values (F, L, N) and, ``with_slopes``, their
+    derivatives along each input dimension (D, F, L, N), else None: the derivative along d takes that dimension's
+    difference times the scale where the values take its lerp. 7 lerps of shrinking size for D = 3 instead of a
+    product with 8 corner weights (and 3 more weight tensors for the slopes): a third of the memory traffic."""
+    features, _, levels, n = gathered.shape
+    nodes = {None: gathered}  # None: the values so far; d: the derivative along d so far
+    for d, f in enumerate(frac):
+        merged = {}
+        for key, g in nodes.items():
+            g = g.view(features, 2, g.shape[1] // 2, levels, n)
+            lower, upper = g[:, 0], g[:, 1]
+            delta = upper - lower
+            merged[key] = torch.mul(delta, f).add_(lower)  # two exact ops: the same bits in any block or thread
+            if with_slopes and key is None:
+                merged[d] = delta.mul_(scale[:, None])
+        nodes = merged
+    values = nodes[None].view(features, levels, n)
+    if not with_slopes:
+        return values, None
+    return values, torch.stack([nodes[d].view(features, levels, n) for d in range(len(frac))])
+
+
+def _lerp_corners_transposed(grad_values: torch.Tensor, grad_slopes: Optional[torch.Tensor], frac: torch.Tensor,
+                             scale: torch.Tensor) -> torch.Tensor:
+    """The gradient ``_lerp_corners`` gives its corner features: grad_values (F, L, N), grad_slopes (D, F, L, N)
+    or None -> (F, 2^D, L, N), its steps taken back in reverse order."""
+    features, levels, n = grad_values.shape
+    grads = {None: grad_values.view(features, 1, levels, n)}
+    if grad_slopes is not None:
+        grads.update({d: g.view(features, 1, levels, n) for d, g in enumerate(grad_slopes)})
+    for d in reversed(range(len(frac))):
+        split = {}
+        for key, g in grads.items():
+            if key == d:  # taken with the values, whose difference it was
+                continue
+            pair = g.new_empty(features, 2, g.shape[1], levels, n)  # written in place: no stack's copy
+            upper = torch.mul(g, frac[d], out=pair[:, 1])
+            lower = torch.sub(g, upper, out=pair[:, 0])
+            if key is None and d in grads:
+                difference = grads[d] * scale[:, None]
+                upper.add_(difference)
+                lower.sub_(difference)
+            split[key] = pair.view(features, 2 * g.shape[1], levels, n)
+        grads = split
+    return grads[None]
+
+
+class _LerpCorners(torch.autograd.Function):
+    """``_lerp_corners`` with its transpose as the backward (the corner features' gradient, for the table's):
+    no graph of a dozen elementwise ops per step. Differentiable once, which is all the table needs (the eikonal
+    term reaches it through the slopes, differentiated once)."""
+
+    @staticmethod
+    def forward(ctx, gathered, frac, scale, with_slopes: bool):
+        ctx.save_for_backward(frac, scale)
+        ctx.with_slopes = with_slopes
+        values, slopes = _lerp_corners(gathered, frac, scale, with_slopes)
+        return values, (slopes if with_slopes else values.new_empty(0))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_values, grad_slopes):
+        frac, scale = ctx.saved_tensors
+        return _lerp_corners_transposed(grad_values, grad_slopes if ctx.with_slopes else None, frac, scale), \
+            None, None, None
 
 
 def _outer(per_dim, op) -> torch.Tensor:
@@ -212,12 +285,12 @@ class HashGrid(nn.Module):
     def _forward_corner_major(self, x: torch.Tensor) -> torch.Tensor:
         """The CPU layout: (corner, level, point) tensors, so every elementwise op runs along the points (the
         point-major layout's innermost dims of 2 defeat the CPU's vector units), and the input gradient comes
-        from interpolation slopes computed with the values (``_InputJacobian``), not from autograd's graph of
-        the weights. A NeuS step's encoding with the eikonal term takes 1.6-1.8x less time than with
+        from interpolation slopes computed with the values (``_lerp_corners``, ``_InputJacobian``), not from
+        autograd's graph of the weights. A NeuS step's encoding with the eikonal term takes 1.6-1.8x less time than with
         ``_forward_autograd`` (2 cores; L=8, T=2^16, 40k points and L=16, T=2^19, 64k points); values alone,
         and the table gradient alone, take as long. The same figures to rounding (tests)."""
         x = x.float()
-        n, dims = x.shape
+        n = x.shape[0]
         levels, features = self.n_levels, self.n_features_per_level
         with_jacobian = torch.is_grad_enabled() and x.requires_grad
         with_table_grad = torch.is_grad_enabled() and self.params.requires_grad
@@ -239,16 +312,14 @@ class HashGrid(nn.Module):
             index = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (C, L, N)
             if not with_table_grad:  # int32 halves the bytes and gathers 2x faster; index_add (the table's
                 index = index.int()  # gradient) takes 3x longer with it
-            factors = [torch.stack([1.0 - f, f]) for f in frac]  # per dim (2, L, N)
-            weights = [_outer(factors, torch.mul)]  # interpolation weights (C, L, N)
-            if with_jacobian:  # their derivatives along each input dim: that dim's factor becomes -/+ scale
-                slope = torch.stack([-self.scale, self.scale])[:, :, None].expand(2, levels, n)
-                weights += [_outer(factors[:d] + [slope] + factors[d + 1:], torch.mul) for d in range(dims)]
         # (F, C, L, N); its backward is an index_add along each feature, faster than a row gather's
         gathered = self.table().t().index_select(1, index.reshape(-1)).view(features, index.shape[0], levels, n)
-        rows = [(w * gathered).sum(1) for w in weights]  # per row (F, L, N): one row's temporary at a time
-        values = rows[0].permute(2, 1, 0).reshape(n, self.n_output_dims)
-        return _InputJacobian.apply(x, values, torch.stack(rows[1:])) if with_jacobian else values
+        if gathered.requires_grad:
+            values, slopes = _LerpCorners.apply(gathered, frac, self.scale, with_jacobian)
+        else:
+            values, slopes = _lerp_corners(gathered, frac, self.scale, with_jacobian)
+        values = values.permute(2, 1, 0).reshape(n, self.n_output_dims)
+        return _InputJacobian.apply(x, values, slopes) if with_jacobian else values
 
     def _forward_autograd(self, x: torch.Tensor) -> torch.Tensor:
         """The CUDA layout (with ``backend: torch``): (point, level, corner) tensors, every gradient by autograd.
