@@ -146,8 +146,10 @@ class ProgressBar(TQDMProgressBar):
     @property
     def refresh_rate(self) -> int:
         rate = self._refresh_rate
+        if rate > 0 and "TQDM_MINITERS" in os.environ:  # Lightning 2.1 ignores it; later ones apply it as here
+            return max(int(os.environ["TQDM_MINITERS"]), rate)
         trainer = getattr(self, "_trainer", None)
-        if rate <= 0 or trainer is None or "TQDM_MINITERS" in os.environ or _is_terminal(sys.stdout):
+        if rate <= 0 or trainer is None or _is_terminal(sys.stdout):
             return rate
         steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else 0
         return max(rate, steps // self.REDRAWS_INTO_A_FILE)
