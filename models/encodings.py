@@ -79,7 +79,7 @@ def _lerp_corners(gathered: torch.Tensor, frac: torch.Tensor, scale: torch.Tenso
     position in the cell, scale (L,) each level's cells per unit -> values (F, L, N) and, ``with_slopes``, their
     derivatives along each input dimension (D, F, L, N), else None: the derivative along d takes that dimension's
     difference times the scale where the values take its lerp. 7 lerps of shrinking size for D = 3 instead of a
-    product with 8 corner weights (and 3 more weight tensors for the slopes): a third of the memory traffic."""
+    product with 8 corner weights (and 3 more weight tensors for the slopes): about a third of the work."""
     features, _, levels, n = gathered.shape
     nodes = {None: gathered}  # None: the values so far; d: the derivative along d so far
     for d, f in enumerate(frac):
@@ -286,9 +286,9 @@ class HashGrid(nn.Module):
         """The CPU layout: (corner, level, point) tensors, so every elementwise op runs along the points (the
         point-major layout's innermost dims of 2 defeat the CPU's vector units), and the input gradient comes
         from interpolation slopes computed with the values (``_lerp_corners``, ``_InputJacobian``), not from
-        autograd's graph of the weights. A NeuS step's encoding with the eikonal term takes 1.6-1.8x less time than with
-        ``_forward_autograd`` (2 cores; L=8, T=2^16, 40k points and L=16, T=2^19, 64k points); values alone,
-        and the table gradient alone, take as long. The same figures to rounding (tests)."""
+        autograd's graph of corner weights. A NeuS step's encoding with the eikonal term took 1.6-1.8x less time
+        than with ``_forward_autograd`` with corner weights (2 cores; L=8, T=2^16, 40k points and L=16, T=2^19,
+        64k points), and the lerps took 1.45-1.55x off that again. The same figures to rounding (tests)."""
         x = x.float()
         n = x.shape[0]
         levels, features = self.n_levels, self.n_features_per_level
