@@ -222,3 +222,27 @@ def test_a_csv_log_rewritten_on_a_full_disk_keeps_its_rows_and_takes_the_new_one
     assert len(rows) == 2101 and set(rows[0]) == {"step", "train/loss", "val/psnr", "val/ssim"}
     assert [float(row["train/loss"]) for row in rows[:2100]] == [1.0 / (step + 1) for step in range(2100)]
     assert rows[2100] == {"step": "2100", "train/loss": "", "val/psnr": "25.0", "val/ssim": "0.9"}
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_atomic_outputs_get_the_modes_a_plain_write_would_give(tmp_path, mask):
+    """The temporary files and folders the atomic writers rename into place are owner-only (mkstemp, mkdtemp);
+    what they become is readable as the user's umask allows, like any file the user writes, not 0600 / 0700."""
+    from utils.io import atomic_folder, umask
+
+    previous = os.umask(mask)
+    try:
+        assert umask() == mask
+        AtomicCheckpointIO().save_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+        write_image(str(tmp_path / "view.png"), np.zeros((4, 4, 3), np.uint8))
+        with atomic_folder(str(tmp_path / "scene")) as folder:
+            write_image(os.path.join(folder, "0.png"), np.zeros((4, 4, 3), np.uint8))
+        with open(tmp_path / "plain.txt", "w"):
+            pass
+        os.mkdir(tmp_path / "plain")
+    finally:
+        os.umask(previous)
+    mode = {name: os.stat(tmp_path / name).st_mode & 0o777
+            for name in ("last.ckpt", "view.png", "scene", "scene/0.png", "plain.txt", "plain")}
+    assert mode == {"last.ckpt": 0o666 & ~mask, "view.png": 0o666 & ~mask, "scene": 0o777 & ~mask,
+                    "scene/0.png": 0o666 & ~mask, "plain.txt": 0o666 & ~mask, "plain": 0o777 & ~mask}

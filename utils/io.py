@@ -58,6 +58,28 @@ def raise_if_disk_full(err: Exception, path: str) -> None:
         raise full from err
 
 
+def umask() -> int:
+    """The process's file-mode creation mask: read from /proc where Linux has it (setting it to read it back
+    opens a moment in which other threads, TensorBoard's writer, create files with another mask)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_usual_mode(tmp: str) -> None:
+    """Give a temporary file or folder the mode a plain ``open`` or ``mkdir`` would have: ``mkstemp`` and ``mkdtemp``
+    make them owner-only (0600, 0700), which the rename would carry to every checkpoint, mesh and image, so that
+    others who share the machine or the results (a cluster's group, a web server) could not open them."""
+    os.chmod(tmp, (0o777 if os.path.isdir(tmp) else 0o666) & ~umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
     """Yield a temporary path in the destination folder; rename it to ``path`` on success. A write that fails
@@ -69,6 +91,7 @@ def atomic_path(path: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        give_usual_mode(tmp)
         os.replace(tmp, path)
     except Exception as err:
         raise_if_disk_full(err, path)  # asked while the partial file still fills the disk
@@ -90,6 +113,7 @@ def atomic_folder(path: str, prefix: str = ".tmp-") -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
     try:
         yield tmp
+        give_usual_mode(tmp)
         if os.path.isdir(path):
             shutil.rmtree(path)
         os.replace(tmp, path)
