@@ -24,9 +24,9 @@ from utils.config import ConfigError, number_at_least, to_primitive
 # tcnn's coherent prime hash (first dimension is not multiplied).
 HASH_PRIMES = (1, 2654435761, 805459861, 3674653429, 2097192037, 1434869437, 2165219737)
 # Without gradients (grid updates, meshing, rendering) the CPU layout looks up at most this many (corner, level,
-# point) entries at a time: its int64 indices (16 MiB) and weights then stay in cache and under glibc's mmap
-# threshold, so no block maps and faults in fresh pages. 2.9x faster on 2 cores (L=8 or 16, T=2^16, 262k points);
-# the same time when the table (T=2^19) itself is the cache miss.
+# point) entries at a time: its indices and gathered features then stay under glibc's mmap threshold, so no block
+# maps and faults in fresh pages. 2.9x faster on 2 cores (L=8 or 16, T=2^16, 262k points) than whole batches;
+# the same time when the table (T=2^19) itself is the cache miss. 2^20 was within 5 % of it, 2^22 5-16 % slower.
 CPU_LOOKUPS_PER_BLOCK = 2 ** 21
 
 
@@ -49,8 +49,47 @@ class _GatherRows(torch.autograd.Function):
         return table_grad.index_add(0, index.reshape(-1).long(), flat), None
 
 
+def _as_entries(table: torch.Tensor) -> torch.Tensor:
+    """(T, F) float32 features -> the same memory as T entries: (T,) float32 for F = 1, (T,) complex64 for F = 2
+    (one 8-byte element per entry), (T, F / 2) complex64 for F >= 4. A gather or an index_add along dimension 0 of
+    that view moves whole entries, so the CPU path never transposes the table (two copies of it per step)."""
+    if table.shape[-1] == 1:
+        return table.reshape(table.shape[:-1])
+    entries = torch.view_as_complex(table.reshape(*table.shape[:-1], table.shape[-1] // 2, 2))
+    return entries.squeeze(-1) if table.shape[-1] == 2 else entries
+
+
+class _GatherEntries(torch.autograd.Function):
+    """table (T, F), index (K,) int32 or int64 -> table[index] (K, F), by whole entries (``_as_entries``); the
+    backward adds the gradient's rows into a zero table (index_add: the same bits on every run and thread count).
+    On 2 cores the gather took 1.3x (within a training step) to 4x (alone) less time than gathering each feature
+    from a transposed copy of the table, and the backward needs no transposing copy back.
+    Differentiable once: the eikonal term reaches the table through the lerps' slopes, differentiated once."""
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.table_shape = table.shape
+        gathered = _as_entries(table).index_select(0, index)
+        return (gathered if table.shape[-1] == 1 else torch.view_as_real(gathered)).reshape(len(index), table.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        table_grad = grad.new_zeros(ctx.table_shape)
+        grad = grad.contiguous()
+        if grad.storage_offset() % 2:  # a complex view needs its first float on an 8-byte boundary
+            grad = grad.clone()
+        entries = _as_entries(table_grad)
+        if entries.dim() > 1:  # rows (F >= 4): torch's fast row index_add takes int64 indices only (int32: 6x slower)
+            index = index.long()
+        entries.index_add_(0, index, _as_entries(grad))
+        return table_grad, None
+
+
 class _InputJacobian(torch.autograd.Function):
-    """Passes ``values`` (N, L * F) through and gives ``x`` (N, D) the gradient ``jacobian`` (D, F, L, N) implies.
+    """Passes ``values`` (N, L * F) through and gives ``x`` (N, D) the gradient ``jacobian`` (D, L, N, F) implies.
 
     The input gradient is built from differentiable ops on ``jacobian``, whose graph reaches the table, so the
     eikonal loss's second-order term reaches the table as it does through tiny-cuda-nn and the Triton kernels;
@@ -64,10 +103,13 @@ class _InputJacobian(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (jacobian,) = ctx.saved_tensors
-        d, f, l, n = jacobian.shape
+        d, l, n, f = jacobian.shape
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (jacobian * grad.reshape(n, l, f).permute(2, 1, 0)).sum((1, 2)).t()
+            per_level = grad.reshape(n, l, f).transpose(0, 1).contiguous()  # (L, N, F), as the jacobian
+            # levels, then features (one reduction over both dims 1 and 3 took 4x longer); contiguous (N, D): the
+            # eikonal loss's norm over D took 30x longer on a transposed gradient
+            grad_x = (jacobian * per_level).sum(1).sum(-1).t().contiguous()
         return grad_x, grad, None
 
 
@@ -75,50 +117,48 @@ def _lerp_corners(gathered: torch.Tensor, frac: torch.Tensor, scale: torch.Tenso
                   with_slopes: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Interpolates corner features one input dimension at a time, the slopes sharing the values' partial lerps.
 
-    gathered (F, 2^D, L, N) corner features (dimension 0 the slowest in the corner index), frac (D, L, N) the
-    position in the cell, scale (L,) each level's cells per unit -> values (F, L, N) and, ``with_slopes``, their
-    derivatives along each input dimension (D, F, L, N), else None: the derivative along d takes that dimension's
-    difference times the scale where the values take its lerp. 7 lerps of shrinking size for D = 3 instead of a
-    product with 8 corner weights (and 3 more weight tensors for the slopes): about a third of the work."""
-    features, _, levels, n = gathered.shape
+    gathered (2^D, L, N, F) corner features (dimension 0 the slowest in the corner index), frac (D, L, N, F) the
+    position in the cell (repeated over the features: every operand then has the same contiguous layout, which the
+    CPU's vector units need), scale (L,) each level's cells per unit -> values (L, N, F) and, ``with_slopes``,
+    their derivatives along each input dimension (D, L, N, F), else None: the derivative along d takes that
+    dimension's difference times the scale where the values take its lerp. 7 lerps of shrinking size for D = 3
+    instead of a product with 8 corner weights (and 3 more weight tensors for the slopes): a third of the work."""
     nodes = {None: gathered}  # None: the values so far; d: the derivative along d so far
     for d, f in enumerate(frac):
         merged = {}
         for key, g in nodes.items():
-            g = g.view(features, 2, g.shape[1] // 2, levels, n)
-            lower, upper = g[:, 0], g[:, 1]
+            lower, upper = g.view(2, g.shape[0] // 2, *g.shape[1:]).unbind(0)
             delta = upper - lower
             merged[key] = torch.mul(delta, f).add_(lower)  # two exact ops: the same bits in any block or thread
             if with_slopes and key is None:
-                merged[d] = delta.mul_(scale[:, None])
+                merged[d] = delta.mul_(scale[:, None, None])
         nodes = merged
-    values = nodes[None].view(features, levels, n)
+    values = nodes[None][0]
     if not with_slopes:
         return values, None
-    return values, torch.stack([nodes[d].view(features, levels, n) for d in range(len(frac))])
+    return values, torch.stack([nodes[d][0] for d in range(len(frac))])
 
 
 def _lerp_corners_transposed(grad_values: torch.Tensor, grad_slopes: Optional[torch.Tensor], frac: torch.Tensor,
                              scale: torch.Tensor) -> torch.Tensor:
-    """The gradient ``_lerp_corners`` gives its corner features: grad_values (F, L, N), grad_slopes (D, F, L, N)
-    or None -> (F, 2^D, L, N), its steps taken back in reverse order."""
-    features, levels, n = grad_values.shape
-    grads = {None: grad_values.view(features, 1, levels, n)}
+    """The gradient ``_lerp_corners`` gives its corner features: grad_values (L, N, F), grad_slopes (D, L, N, F)
+    or None -> (2^D, L, N, F), its steps taken back in reverse order."""
+    grads = {None: grad_values[None]}
     if grad_slopes is not None:
-        grads.update({d: g.view(features, 1, levels, n) for d, g in enumerate(grad_slopes)})
+        grads.update({d: g[None] for d, g in enumerate(grad_slopes)})
     for d in reversed(range(len(frac))):
         split = {}
         for key, g in grads.items():
             if key == d:  # taken with the values, whose difference it was
                 continue
-            pair = g.new_empty(features, 2, g.shape[1], levels, n)  # written in place: no stack's copy
-            upper = torch.mul(g, frac[d], out=pair[:, 1])
-            lower = torch.sub(g, upper, out=pair[:, 0])
+            pair = g.new_empty(2, *g.shape)  # written in place: no stack's copy
+            upper = torch.mul(g, frac[d], out=pair[1])
+            lower = torch.sub(g, upper, out=pair[0])
             if key is None and d in grads:
-                difference = grads[d] * scale[:, None]
+                difference = grads[d] * scale[:, None, None]
                 upper.add_(difference)
                 lower.sub_(difference)
-            split[key] = pair.view(features, 2 * g.shape[1], levels, n)
+            split[key] = pair.view(2 * g.shape[0], *g.shape[1:])
         grads = split
     return grads[None]
 
@@ -139,8 +179,8 @@ class _LerpCorners(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_values, grad_slopes):
         frac, scale = ctx.saved_tensors
-        return _lerp_corners_transposed(grad_values, grad_slopes if ctx.with_slopes else None, frac, scale), \
-            None, None, None
+        return _lerp_corners_transposed(grad_values.contiguous(), grad_slopes if ctx.with_slopes else None, frac,
+                                        scale), None, None, None
 
 
 def _outer(per_dim, op) -> torch.Tensor:
@@ -283,42 +323,46 @@ class HashGrid(nn.Module):
         return torch.cat([self._forward_corner_major(part) for part in x.split(block)])
 
     def _forward_corner_major(self, x: torch.Tensor) -> torch.Tensor:
-        """The CPU layout: (corner, level, point) tensors, so every elementwise op runs along the points (the
-        point-major layout's innermost dims of 2 defeat the CPU's vector units), and the input gradient comes
-        from interpolation slopes computed with the values (``_lerp_corners``, ``_InputJacobian``), not from
-        autograd's graph of corner weights. A NeuS step's encoding with the eikonal term took 1.6-1.8x less time
-        than with ``_forward_autograd`` with corner weights (2 cores; L=8, T=2^16, 40k points and L=16, T=2^19,
-        64k points), and the lerps took 1.45-1.55x off that again. The same figures to rounding (tests)."""
+        """The CPU layout: (corner, level, point, feature) tensors, so every elementwise op runs along points and
+        features, all operands alike in layout (the point-major layout's innermost corner dims of 2, broadcast
+        against weights, defeat the CPU's vector units), and the input gradient comes from interpolation slopes
+        computed with the values (``_lerp_corners``, ``_InputJacobian``), not from autograd's graph of corner
+        weights. A NeuS step's encoding with the eikonal term took 1.6-1.8x less time than with
+        ``_forward_autograd`` with corner weights (2 cores; L=8, T=2^16, 40k points and L=16, T=2^19, 64k points),
+        the lerps took 1.45-1.55x off that again, and gathering whole entries (``_GatherEntries``) with int32
+        indices 1.2x more (1.4x without the eikonal term, 1.5x without gradients). The same figures to rounding
+        (tests)."""
         x = x.float()
         n = x.shape[0]
         levels, features = self.n_levels, self.n_features_per_level
         with_jacobian = torch.is_grad_enabled() and x.requires_grad
-        with_table_grad = torch.is_grad_enabled() and self.params.requires_grad
         with torch.no_grad():
             pos = x.t()[:, None, :] * self.scale[None, :, None] + 0.5  # (D, L, N)
             lower = torch.floor(pos)
             frac = pos - lower
             lower = lower.long()
             k = self.n_dense_levels
-            parts = []
+            # (C, L, N) int32 (half the bytes of int64, and the gather and its index_add are as fast with it): each
+            # level's entry index, written in place (no concatenation of the dense and hashed parts)
+            index = torch.empty(2 ** len(lower), levels, n, dtype=torch.int32, device=x.device)
             if k > 0:  # index = sum_d coord_d * res^d, wrapped modulo the level size as tcnn does
-                per_dim = [torch.stack([c, c + 1]) * self.dense_stride[:k, dim, None]
+                per_dim = [(torch.stack([c, c + 1]) * self.dense_stride[:k, dim, None]).int()
                            for dim, c in enumerate(lower[:, :k])]
-                parts.append(torch.remainder(_outer(per_dim, torch.add), self.size[:k, None]) + self.offset[:k, None])
+                torch.add(torch.remainder(_outer(per_dim, torch.add), self.size_i32[:k, None]),
+                          self.offset_i32[:k, None], out=index[:, :k])
             if k < levels:  # index = xor_d (coord_d * prime_d mod 2^32), modulo the power-of-two size
-                per_dim = [(torch.stack([c, c + 1]) * self.primes[dim]) & self.hash_mask[k:, None]
+                per_dim = [((torch.stack([c, c + 1]) * self.primes[dim]) & self.hash_mask[k:, None]).int()
                            for dim, c in enumerate(lower[:, k:])]
-                parts.append(_outer(per_dim, torch.bitwise_xor) + self.offset[k:, None])
-            index = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)  # (C, L, N)
-            if not with_table_grad:  # int32 halves the bytes and gathers 2x faster; index_add (the table's
-                index = index.int()  # gradient) takes 3x longer with it
-        # (F, C, L, N); its backward is an index_add along each feature, faster than a row gather's
-        gathered = self.table().t().index_select(1, index.reshape(-1)).view(features, index.shape[0], levels, n)
+                torch.add(_outer(per_dim, torch.bitwise_xor), self.offset_i32[k:, None], out=index[:, k:])
+            # every lerp operand in the gathered features' (L, N, F) layout: a broadcast over F made each lerp 5x
+            # slower; stack writes the copy 2x faster than expand().contiguous()
+            frac = torch.stack([frac] * features, dim=-1)  # (D, L, N, F)
+        gathered = _GatherEntries.apply(self.table(), index.reshape(-1)).view(*index.shape, features)  # (C, L, N, F)
         if gathered.requires_grad:
             values, slopes = _LerpCorners.apply(gathered, frac, self.scale, with_jacobian)
         else:
             values, slopes = _lerp_corners(gathered, frac, self.scale, with_jacobian)
-        values = values.permute(2, 1, 0).reshape(n, self.n_output_dims)
+        values = values.transpose(0, 1).reshape(n, self.n_output_dims)
         return _InputJacobian.apply(x, values, slopes) if with_jacobian else values
 
     def _forward_autograd(self, x: torch.Tensor) -> torch.Tensor:

@@ -183,6 +183,26 @@ def test_cpu_layout_matches_the_autograd_layout_in_every_gradient(dims, features
         assert grid(torch.zeros(0, dims)).shape == (0, grid.n_output_dims)
 
 
+@pytest.mark.parametrize("features", [1, 2, 4, 8])
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+def test_cpu_entry_gather_and_its_gradient_match_plain_indexing(features, index_dtype):
+    """The CPU path reads each table entry's F features as one element (a complex number for F = 2); its values and
+    its gradient (entries gathered twice add up) against plain row indexing, including an upstream gradient that
+    starts at an odd float offset, where a complex view of it would be refused."""
+    from models.encodings import _GatherEntries
+
+    torch.manual_seed(0)
+    table = torch.randn(50, features, requires_grad=True)
+    index = torch.randint(50, (300,), dtype=index_dtype)
+    gathered = _GatherEntries.apply(table, index)
+    torch.testing.assert_close(gathered, table.detach()[index.long()], rtol=0, atol=0)
+    upstream = torch.randn(300 * features + 1)[1:].view(300, features)
+    assert upstream.storage_offset() % 2 == 1
+    gathered.backward(upstream)
+    expected = torch.zeros(50, features).index_add_(0, index.long(), upstream)
+    torch.testing.assert_close(table.grad, expected)
+
+
 def test_cpu_values_without_gradients_come_in_blocks_with_the_same_figures(monkeypatch):
     """Grid updates, meshing and rendering encode up to millions of points without gradients: the CPU layout takes
     them in blocks of CPU_LOOKUPS_PER_BLOCK (corner, level, point) lookups, to the same bits as in one piece."""
