@@ -297,31 +297,47 @@ def demo_dtu_cameras(resolution: int = 128, n_views: int = 48) -> List[Camera]:
 
 
 def ensure_demo_scene(root: str, resolution: int = 128, layout: str = "blender") -> str:
-    """Render the demo scene into ``root`` unless a current render is there.
+    """Render the demo scene into ``root`` unless a current, whole render is there.
 
     layout: "blender" (NeRF-synthetic: RGBA on transparent background, train/
     val/test splits) or "dtu" (NeuS format: images over the textured
     environment, masks, cameras in a millimetre world frame given by
     ``DEMO_WORLD_FROM_SCENE``). Renders into a temporary folder beside
     ``root`` and renames it into place, so an interrupted render never leaves
-    a half-filled scene.
+    a half-filled scene. The marker file lists what the render wrote; a render
+    with a file missing is redone. ``root`` is replaced only when it is empty or
+    holds a demo render: a folder of other files (a ``dataset.root_dir`` given
+    to a demo config by mistake) is refused, never deleted.
     """
+    from datasets.base import DatasetError
+
     if layout not in ("blender", "dtu"):
         raise ValueError(f"unknown demo layout {layout!r}")
     marker = os.path.join(root, "demo_scene.json")
     expected = {"version": SCENE_VERSION, "resolution": resolution, "layout": layout}
     if os.path.isfile(marker):
         with open(marker) as f:
-            if json.load(f) == expected:
-                return root
+            written = json.load(f)
+        missing = [name for name in written.get("files", []) if not os.path.isfile(os.path.join(root, name))]
+        if {key: written.get(key) for key in expected} == expected and not missing:
+            return root
+        if missing:
+            log.warning(f"The demo scene in {root} lacks {len(missing)} of its files ({missing[0]}, ...): "
+                        "rendering it again.")
+    elif os.path.isdir(root) and os.listdir(root):
+        raise DatasetError(f"{root} holds files that are not the demo scene (no demo_scene.json), and the demo "
+                           "would replace them; give the demo a folder of its own (dataset.root_dir=...) or use "
+                           "the loader for your data (dataset.name=blender, dtu or colmap).")
     with atomic_folder(root, prefix=".demo-") as tmp:
         log.info(f"Rendering the demo scene ({layout} layout) into {root} (first use only)")
         if layout == "blender":
             write_blender(tmp, DemoScene(), demo_cameras(resolution), progress=True)
         else:
             write_dtu(tmp, DemoScene(), demo_dtu_cameras(resolution), DEMO_WORLD_FROM_SCENE, progress=True)
+        files = sorted(os.path.relpath(os.path.join(parent, name), tmp)
+                       for parent, _, names in os.walk(tmp) for name in names)
         with open(os.path.join(tmp, "demo_scene.json"), "w") as f:
-            json.dump(expected, f)
+            json.dump({**expected, "files": files}, f)
     return root
 
 

@@ -1,0 +1,42 @@
+"""The embedded demo scene's folder: rendered once, rendered again when a file of it is missing, and never put in
+place of a folder that holds something else."""
+import json
+import os
+
+import pytest
+
+from datasets.base import DatasetError
+from datasets.synthetic import ensure_demo_scene
+
+
+def test_a_demo_render_missing_a_file_is_rendered_again_and_a_whole_one_is_kept(tmp_path):
+    root = str(tmp_path / "demo-dtu")
+    ensure_demo_scene(root, resolution=16, layout="dtu")
+    with open(os.path.join(root, "demo_scene.json")) as f:
+        files = json.load(f)["files"]
+    assert "cameras_sphere.npz" in files and len([f for f in files if f.startswith("image")]) == 48
+    image = os.path.join(root, files[-1])
+    written_at = os.stat(image).st_mtime_ns
+    ensure_demo_scene(root, resolution=16, layout="dtu")  # whole: left as it is
+    assert os.stat(image).st_mtime_ns == written_at
+
+    os.remove(os.path.join(root, "cameras_sphere.npz"))  # before: "set dataset.cameras_file", with no way out
+    os.remove(image)
+    ensure_demo_scene(root, resolution=16, layout="dtu")
+    assert all(os.path.isfile(os.path.join(root, name)) for name in files)
+
+
+def test_the_demo_refuses_a_folder_of_other_files_and_leaves_it_as_it_was(tmp_path):
+    """A dataset.root_dir pointed at the user's own scene with a demo config deleted that scene before."""
+    root = tmp_path / "my_capture"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "0001.jpg").write_bytes(b"not a demo file")
+    with pytest.raises(DatasetError, match="not the demo scene"):
+        ensure_demo_scene(str(root), resolution=16, layout="blender")
+    assert (root / "images" / "0001.jpg").read_bytes() == b"not a demo file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_capture"]  # no temporary left beside it
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ensure_demo_scene(str(empty), resolution=16, layout="blender")  # an empty folder is the demo's to fill
+    assert (empty / "transforms_train.json").is_file()
