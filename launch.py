@@ -39,6 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--runs_dir", default="./runs", type=home)
     parser.add_argument("--verbose", action="store_true")
     args, overrides = parser.parse_known_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    args.exp_dir_given = any(a == "--exp_dir" or a.startswith("--exp_dir=") for a in given)
     unknown = [o for o in overrides if o.startswith("--")]
     if unknown:
         parser.error(f"unknown option {unknown[0]}; config overrides are written key=value, without dashes")
@@ -203,6 +205,30 @@ def why_no_cuda(torch) -> str:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
     return (f"CUDA sees no device among CUDA_VISIBLE_DEVICES={visible!r}; give device numbers that nvidia-smi "
             "lists (and check that the driver matches this PyTorch's CUDA " + str(torch.version.cuda) + ")")
+
+
+def trial_of(config_path: str) -> str | None:
+    """The trial folder whose ``config/parsed.yaml`` ``config_path`` is, as a path like the one given; None for
+    any other config file."""
+    folder = os.path.dirname(os.path.normpath(config_path))
+    if os.path.basename(config_path) != "parsed.yaml" or os.path.basename(folder) != "config":
+        return None
+    return os.path.dirname(folder) or "."
+
+
+def reuse_trial_folder(config, trial: str, args) -> None:
+    """A trial's parsed.yaml names its folders as they were written (``./exp/...``, relative to where that run
+    started, or absolute on the machine it ran on); the trial's outputs go to the folder the file is in, wherever
+    the command runs from and wherever the trial was moved to."""
+    exp_dir, trial_name = os.path.split(os.path.normpath(trial))
+    if args.exp_dir_given and os.path.abspath(args.exp_dir) != os.path.abspath(os.path.dirname(exp_dir) or "."):
+        log.warning(f"--exp_dir {args.exp_dir} is not used: the config is the parsed.yaml of the trial {trial}, "
+                    "which takes this run's outputs.")
+    recorded = os.path.join(str(config.get("exp_dir") or ""), str(config.trial_name))
+    config.exp_dir, config.trial_name = exp_dir or ".", trial_name
+    for key in ("save", "ckpt", "code", "config"):
+        if config.get(f"{key}_dir") in (None, os.path.join(recorded, key)):  # not set otherwise (save_dir=...)
+            config[f"{key}_dir"] = os.path.join(trial, key)
 
 
 def trial_paths(config, args) -> list:
@@ -385,7 +411,7 @@ def run(argv=None) -> int:
     from utils.callbacks import (AtomicCheckpointIO, AtomicCSVLogger, ProgressBar, SaveOnSignal, StopOnSignal,
                                  TrialSnapshot)
     from utils.config import to_primitive, whole_step_counts
-    from utils.config_keys import describe as describe_unread, unread_keys
+    from utils.config_keys import describe as describe_unread, keys_interpolated_in, unread_keys
     from utils.mesh import MeshError
     from utils.stops import (SigtermRaises, Terminated, failed_stage, memory_exhausted, report_disk_full,
                              report_non_finite, report_out_of_memory, report_quit, report_stopped,
@@ -395,9 +421,16 @@ def run(argv=None) -> int:
     created, trainer = [], None
     sigterm = SigtermRaises()  # until Lightning's stages, whose own handling (and StopOnSignal's) ends them cleanly
     try:
-        unread = unread_keys(raw_config)
+        trial = trial_of(args.config)
+        raw_yaml = os.path.join(trial, "config", "raw.yaml") if trial else None
+        kept_raw = bool(raw_yaml and os.path.isfile(raw_yaml))
+        # keys the trial's config as written used in interpolations, resolved away in its parsed.yaml
+        interpolated = keys_interpolated_in(raw_yaml) if kept_raw else set()
+        unread = unread_keys(raw_config, also_referenced=interpolated)
         if unread:
             log.warning(describe_unread(unread))
+        if trial and config.get("trial_name"):
+            reuse_trial_folder(config, trial, args)
         created = trial_paths(config, args)
         if not created:  # a trial run before: what a killed write of it left behind goes
             report_stale_temporaries(os.path.join(config.exp_dir, config.trial_name))
@@ -436,7 +469,8 @@ def run(argv=None) -> int:
                                                      **dict(to_primitive(config.get("checkpoint", {})) or {})))
                 stop_on_signal = SaveOnSignal(config.ckpt_dir)  # after ModelCheckpoint: it may reuse that one's file
             callbacks += [LearningRateMonitor(logging_interval="step"),
-                          TrialSnapshot(config, raw_config, config.config_dir, config.code_dir)]
+                          TrialSnapshot(config, raw_config, config.config_dir, config.code_dir,
+                                        keep_raw=kept_raw)]
         callbacks.append(stop_on_signal)
         if trainer_cfg.get("enable_progress_bar", True):
             callbacks.append(ProgressBar())

@@ -83,3 +83,19 @@ def test_launch_warns_before_anything_else_can_fail(tmp_path, capsys):
     assert "NSR_TRIAL_NAME" not in os.environ
     assert (launch.log.handlers, launch.log.propagate) == logger_before
     assert "have no effect: " in out and "xyz_encoding_config.n_level (did you mean n_levels?)" in out
+
+
+def test_a_trials_parsed_yaml_counts_the_keys_its_raw_yaml_reads_through_interpolations(tmp_path):
+    """parsed.yaml has its interpolations resolved: system.warmup_steps, which neus-demo reads only through
+    ${system.warmup_steps} in its scheduler, was called unread on every --test of a demo trial. launch.py passes
+    the trial's raw.yaml's interpolations; a key nothing reads is still named."""
+    from utils.config_keys import keys_interpolated_in
+
+    raw = tmp_path / "raw.yaml"
+    OmegaConf.save(OmegaConf.load("configs/neus-demo.yaml"), raw)
+    parsed = load_config("configs/neus-demo.yaml")  # resolved, as parsed.yaml is written
+    assert [key for key, _ in unread_keys(parsed)] == ["system.warmup_steps"]
+    assert unread_keys(parsed, also_referenced=keys_interpolated_in(str(raw))) == []
+    parsed.model.geometry.radious = 0.8
+    assert [key for key, _ in unread_keys(parsed, also_referenced=keys_interpolated_in(str(raw)))] == \
+        ["model.geometry.radious"]

@@ -3,6 +3,9 @@ and `--test --resume` reproducing the export (also with the Neuralangelo progres
 import glob
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import imageio.v2 as imageio
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 import trimesh
 
 from datasets.synthetic import DEMO_WORLD_FROM_SCENE, demo_surface
-from test_e2e import launch, metrics_from_csv
+from test_e2e import ROOT, launch, metrics_from_csv
 from utils.mesh_metrics import bbox_diagonal, sample_surface, surface_distances
 
 
@@ -56,15 +59,30 @@ def test_neus_demo_mesh_is_within_one_percent_of_the_true_surface(neus_demo):
 
 
 @pytest.mark.slow
-def test_neus_resume_then_test_reproduces_the_export(neus_demo):
-    tmp, trial = neus_demo
-    save = os.path.join(trial, "save")
-    before = trimesh.load(os.path.join(save, "it1500-mc128.obj"), process=False)
-    os.remove(os.path.join(save, "it1500-mc128.obj"))
-    ckpt = glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))[0]
-    launch(tmp, "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, "--test",
-           "dataset.n_test_traj_steps=4")  # the mesh is what is compared: a short video saves ~25 s of CI
-    after = trimesh.load(os.path.join(save, "it1500-mc128.obj"), process=False)
+def test_neus_resume_then_test_reproduces_the_export(neus_demo, tmp_path):
+    """From the trial's parsed.yaml, in a copy of the trial moved elsewhere (results brought back from a cluster)
+    and run from another folder: the outputs go to that copy (they went to ./exp/... under the working folder,
+    a new half-filled trial), and system.warmup_steps, read through an interpolation that parsed.yaml has
+    resolved, is not called unread (it was, on every --test of the demo)."""
+    _, trial = neus_demo
+    moved = tmp_path / "results" / "neus-demo" / os.path.basename(trial)
+    shutil.copytree(trial, moved)
+    save = moved / "save"
+    before = trimesh.load(save / "it1500-mc128.obj", process=False)
+    os.remove(save / "it1500-mc128.obj")
+    ckpt = glob.glob(str(moved / "ckpt" / "*.ckpt"))[0]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), "--config",
+                           os.path.join("..", "results", "neus-demo", moved.name, "config", "parsed.yaml"),
+                           "--resume", ckpt, "--test", "--runs_dir", str(tmp_path / "runs"),
+                           "dataset.n_test_traj_steps=4"],  # the mesh is what is compared: a short video saves ~25 s
+                          cwd=elsewhere, capture_output=True, text=True, timeout=1200)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "no effect" not in out
+    assert os.listdir(elsewhere) == []
+    after = trimesh.load(save / "it1500-mc128.obj", process=False)
     assert len(after.vertices) == len(before.vertices)
     np.testing.assert_allclose(after.vertices, before.vertices, atol=1e-4)  # world frame: millimetres
 

@@ -111,16 +111,20 @@ class AtomicCSVLogger(CSVLogger):
 
 
 class TrialSnapshot(Callback):
-    """At the start of training: config/parsed.yaml, config/raw.yaml and a copy of the code."""
+    """At the start of training: config/parsed.yaml, config/raw.yaml and a copy of the code. ``keep_raw``: a run
+    that reuses the trial's parsed.yaml keeps the trial's raw.yaml, the config as first written, whose
+    interpolations the parsed one has resolved."""
 
-    def __init__(self, config, raw_config, config_dir: str, code_dir: str):
+    def __init__(self, config, raw_config, config_dir: str, code_dir: str, keep_raw: bool = False):
         self.config, self.raw_config = config, raw_config
         self.config_dir, self.code_dir = config_dir, code_dir
+        self.keep_raw = keep_raw
 
     @rank_zero_only
     def on_fit_start(self, trainer, pl_module):
         os.makedirs(self.config_dir, exist_ok=True)
-        for name, cfg in (("parsed.yaml", self.config), ("raw.yaml", self.raw_config)):
+        written = [("parsed.yaml", self.config)] + ([] if self.keep_raw else [("raw.yaml", self.raw_config)])
+        for name, cfg in written:
             with atomic_path(os.path.join(self.config_dir, name)) as tmp:
                 OmegaConf.save(cfg, tmp)
         os.makedirs(self.code_dir, exist_ok=True)

@@ -29,7 +29,7 @@ import functools
 import glob
 import os
 import re
-from typing import Any, FrozenSet, List, Optional, Tuple
+from typing import Any, FrozenSet, Iterable, List, Optional, Tuple
 
 from omegaconf import DictConfig, ListConfig
 
@@ -195,12 +195,20 @@ def _skipped(path: str) -> bool:
             or any(path == s or path.startswith(s + ".") for s in SKIPPED_SECTIONS))
 
 
-def unread_keys(raw_config: DictConfig) -> List[Tuple[str, Optional[str]]]:
+def keys_interpolated_in(path: str) -> set:
+    """Dotted keys that an interpolation in the YAML file at ``path`` refers to (a trial's raw.yaml: its
+    parsed.yaml has them resolved, so a key read only through them would look unread there)."""
+    from omegaconf import OmegaConf
+
+    return _referenced_keys(OmegaConf.load(path))
+
+
+def unread_keys(raw_config: DictConfig, also_referenced: Iterable[str] = ()) -> List[Tuple[str, Optional[str]]]:
     """``(dotted key, hint or None)`` for each key of ``raw_config`` (the config before interpolations are
     resolved) that nothing reads; the hint names the closest known name ("did you mean n_levels?") or the
     sections that read that name. A key whose name is unknown is reported, and its contents are not
-    looked into."""
-    referenced = _referenced_keys(raw_config)
+    looked into. Keys in ``also_referenced`` count as read (interpolations of the config it was resolved from)."""
+    referenced = _referenced_keys(raw_config) | set(also_referenced)
     found: List[Tuple[str, Optional[str]]] = []
     # the dataset section, and the model section's own keys (not its geometry's or texture's), are read by the
     # code their ``name`` registers
