@@ -197,10 +197,14 @@ def _skipped(path: str) -> bool:
 
 def keys_interpolated_in(path: str) -> set:
     """Dotted keys that an interpolation in the YAML file at ``path`` refers to (a trial's raw.yaml: its
-    parsed.yaml has them resolved, so a key read only through them would look unread there)."""
+    parsed.yaml has them resolved, so a key read only through them would look unread there). A file that cannot
+    be read adds none: the check then names such keys, as it did before raw.yaml was consulted."""
     from omegaconf import OmegaConf
 
-    return _referenced_keys(OmegaConf.load(path))
+    try:
+        return _referenced_keys(OmegaConf.load(path))
+    except Exception:  # a hand-edited raw.yaml that is no longer YAML: the run itself reads parsed.yaml only
+        return set()
 
 
 def unread_keys(raw_config: DictConfig, also_referenced: Iterable[str] = ()) -> List[Tuple[str, Optional[str]]]:
