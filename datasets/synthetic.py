@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from datasets.rays import opencv_to_opengl
-from utils.io import atomic_folder, to_uint8, write_image
+from utils.io import atomic_folder, files_not_written_by, first_few, to_uint8, write_image
 
 log = logging.getLogger("nsr")
 
@@ -306,7 +306,7 @@ def ensure_demo_scene(root: str, resolution: int = 128, layout: str = "blender")
     ``root`` and renames it into place, so an interrupted render never leaves
     a half-filled scene. The marker file lists what the render wrote; a render
     with a file missing is redone. ``root`` is replaced only when it is empty or
-    holds a demo render: a folder of other files (a ``dataset.root_dir`` given
+    holds a demo render and nothing else: a folder of other files (a ``dataset.root_dir`` given
     to a demo config by mistake) is refused, never deleted.
     """
     from datasets.base import DatasetError
@@ -321,8 +321,14 @@ def ensure_demo_scene(root: str, resolution: int = 128, layout: str = "blender")
         missing = [name for name in written.get("files", []) if not os.path.isfile(os.path.join(root, name))]
         if {key: written.get(key) for key in expected} == expected and not missing:
             return root
+        rendered = set(written.get("files", [])) | {"demo_scene.json"}
+        others = files_not_written_by(root, rendered.__contains__) if "files" in written else []
+        if others:
+            raise DatasetError(f"The demo scene in {root} must be rendered again, but the folder also holds files "
+                               f"the demo did not write ({first_few(others)}); move them out, or give the demo "
+                               "another folder (dataset.root_dir=...).")
         if missing:
-            log.warning(f"The demo scene in {root} lacks {len(missing)} of its files ({missing[0]}, ...): "
+            log.warning(f"The demo scene in {root} lacks {len(missing)} of its files ({first_few(missing, 1)}): "
                         "rendering it again.")
     elif os.path.isdir(root) and os.listdir(root):
         raise DatasetError(f"{root} holds files that are not the demo scene (no demo_scene.json), and the demo "

@@ -12,7 +12,8 @@ region of interest: the box of ``<root>/sparse_points_interest.ply`` when the
 user cropped one (NeuS's workflow), otherwise estimated from the sparse points
 seen by most cameras (robust percentiles) and written to
 ``<out>/sparse_points_interest.ply`` for inspection. The output folder is
-written whole or not at all.
+written whole or not at all, and ``--overwrite`` replaces only a folder that
+holds nothing but those files.
 
 Phone photos that a viewer shows turned (EXIF orientation, e.g. portrait
 shots stored as landscape sensor rows) are written as shown, with their
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import numpy as np
@@ -33,8 +35,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets.base import DatasetError  # noqa: E402
 from utils.config import argument_at_least  # noqa: E402
-from utils.io import script_status_for_os_error  # noqa: E402
+from utils.io import files_not_written_by, first_few, script_status_for_os_error  # noqa: E402
 from utils.stops import stops_cleanly  # noqa: E402
+
+
+# What gen_cameras writes: --overwrite replaces only a folder that holds nothing else
+OUTPUT_NAME = re.compile(r"(image|mask)/\d+\.png|cameras_sphere\.npz|names\.txt|sparse_points_interest\.ply")
 
 
 def scale_matrix(centre: np.ndarray, radius: float) -> np.ndarray:
@@ -130,6 +136,10 @@ def main(argv=None) -> int:
                                "capture folder (images/ and sparse/0).")
         if os.path.exists(out) and not args.overwrite:
             raise DatasetError(f"{out} already exists; pass --overwrite to replace it.")
+        others = files_not_written_by(out, lambda name: OUTPUT_NAME.fullmatch(name) is not None)
+        if others:
+            raise DatasetError(f"{out} holds files gen_cameras did not write ({first_few(others)}), and --overwrite "
+                               "replaces that folder whole: give --out a folder of its own.")
         if args.masks and not os.path.isdir(args.masks):
             raise DatasetError(f"Mask folder {args.masks} does not exist.")
         info = generate(args.root, out, args.masks, args.padding, args.mask_padding or args.padding)

@@ -14,13 +14,15 @@ folder), incremental mapping; one camera shared by all images unless
 ``<root>/sparse_points.ply`` (crop it in MeshLab and save the selection as
 ``<root>/sparse_points_interest.ply`` to fix the region of interest for
 gen_cameras.py). Existing frames and poses are reused unless ``--overwrite``;
-nothing is left half-written when a step fails.
+nothing is left half-written when a step fails. ``--video`` refuses an
+``images/`` folder holding anything but frames it extracted (your photos).
 """
 from __future__ import annotations
 
 import argparse
 import glob
 import os
+import re
 import shutil
 import signal
 import sys
@@ -34,10 +36,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets.images import IMAGE_EXTENSIONS  # noqa: E402
 from utils.config import argument_at_least  # noqa: E402
-from utils.io import script_status_for_os_error  # noqa: E402
+from utils.io import files_not_written_by, first_few, script_status_for_os_error  # noqa: E402
 from utils.stops import stops_cleanly  # noqa: E402
 
 SEED = 0  # COLMAP's random seed (RANSAC in matching and mapping): the same images give the same poses
+FRAME_PATTERN = "frame_{:05d}.jpg"  # the frames taken from a video; --video replaces only a folder of these
+FRAME_NAME = re.compile(r"frame_\d{5,}\.jpg")
 
 
 class CaptureError(RuntimeError):
@@ -143,7 +147,7 @@ def extract_frames(video: str, image_dir: str, fps: float, max_size: int) -> dic
 
     with atomic_folder(image_dir, prefix=".frames-") as tmp:
         for k, frame in enumerate(frames):
-            imageio.imwrite(os.path.join(tmp, f"frame_{k:05d}.jpg"), frame, quality=95)
+            imageio.imwrite(os.path.join(tmp, FRAME_PATTERN.format(k)), frame, quality=95)
     stats["video_fps"] = video_fps
     return stats
 
@@ -310,6 +314,11 @@ def run(args) -> dict:
     root = args.root
     image_dir = os.path.join(root, "images")
     if args.video:
+        others = files_not_written_by(image_dir, lambda name: FRAME_NAME.fullmatch(name) is not None)
+        if others:
+            raise CaptureError(f"{image_dir} holds files that were not extracted from a video ({first_few(others)}), "
+                               "and --video would replace them: move them out, or give the video a scene folder of "
+                               "its own.")
         if list_images(image_dir) and not args.overwrite:
             print(f"Reusing the {len(list_images(image_dir))} frames in {image_dir} (--overwrite to extract again).")
         else:

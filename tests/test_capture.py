@@ -203,6 +203,15 @@ def test_bad_inputs_are_one_sentence_and_leave_nothing(tmp_path, capsys):
     assert "Could not decode" in err and err.count("\n") == 1
     assert not (root / "images").exists() and not glob.glob(str(root / ".frames-*"))
 
+    photos = tmp_path / "photos"  # the user's photos, then --video by mistake: refused, whatever their format
+    (photos / "images").mkdir(parents=True)
+    for name in ("IMG_0001.HEIC", "frame_00000.jpg", ".DS_Store"):
+        (photos / "images" / name).write_bytes(b"mine")
+    for extra in ([], ["--overwrite"]):
+        assert imgs2poses.main([str(photos), "--video", str(bad_video), *extra]) == 2
+        assert "not extracted from a video (IMG_0001.HEIC)" in capsys.readouterr().err
+    assert sorted(os.listdir(photos / "images")) == [".DS_Store", "IMG_0001.HEIC", "frame_00000.jpg"]
+
     mixed = tmp_path / "mixed"
     (mixed / "images").mkdir(parents=True)
     for i, (w, h) in enumerate([(64, 48), (64, 48), (48, 64)]):
@@ -292,6 +301,18 @@ def test_gen_cameras_refuses_unmatched_masks_and_existing_output(tmp_path, capsy
     assert np.allclose(uv[:2] / uv[2], (K @ np.linalg.inv(cams[2].c2w)[:3] @ x)[:2] / uv[2], atol=1e-6)
     assert gen_cameras.main([str(root)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    assert gen_cameras.main([str(root), "--overwrite", "--out", str(root / "images")]) == 2  # a slip of --out
+    assert "did not write (v0.png, v1.png, ...)" in capsys.readouterr().err
+    assert gen_cameras.main([str(root), "--overwrite", "--out", str(root)]) == 2
+    assert "did not write (images/v0.png, images/v1.png, ...)" in capsys.readouterr().err
+    assert sorted(os.listdir(root)) == ["images", "preprocessed", "sparse"]
+    assert len(os.listdir(root / "images")) == 4
+    (root / "preprocessed" / "image" / "notes.txt").write_text("mine")
+    assert gen_cameras.main([str(root), "--overwrite"]) == 2
+    assert "(image/notes.txt)" in capsys.readouterr().err
+    os.remove(root / "preprocessed" / "image" / "notes.txt")
+    assert gen_cameras.main([str(root), "--overwrite"]) == 0  # its own output: replaced
+    assert sorted(os.listdir(root / "preprocessed" / "image"))[0] == "000.png"
 
 
 NEUS_COLMAP_SMALL = [  # neus-colmap.yaml at CPU size: the demo's sampling and grids, a short run

@@ -40,3 +40,20 @@ def test_the_demo_refuses_a_folder_of_other_files_and_leaves_it_as_it_was(tmp_pa
     empty.mkdir()
     ensure_demo_scene(str(empty), resolution=16, layout="blender")  # an empty folder is the demo's to fill
     assert (empty / "transforms_train.json").is_file()
+
+
+def test_a_demo_render_to_redo_keeps_a_file_the_user_added(tmp_path):
+    """A render to redo (a file of it gone, or an older version) replaces the folder whole: not with the user's
+    file in it."""
+    root = tmp_path / "demo"
+    ensure_demo_scene(str(root), resolution=16, layout="blender")
+    (root / "notes.txt").write_text("mine")
+    (root / ".DS_Store").write_bytes(b"")  # a file browser's: not the user's work
+    ensure_demo_scene(str(root), resolution=16, layout="blender")  # whole: nothing to redo, no question asked
+    os.remove(root / "transforms_test.json")
+    with pytest.raises(DatasetError, match=r"did not write \(notes.txt\)"):
+        ensure_demo_scene(str(root), resolution=16, layout="blender")
+    assert (root / "notes.txt").read_text() == "mine"
+    os.remove(root / "notes.txt")
+    ensure_demo_scene(str(root), resolution=16, layout="blender")
+    assert (root / "transforms_test.json").is_file()

@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import imageio.v2 as imageio
@@ -123,6 +123,33 @@ def atomic_folder(path: str, prefix: str = ".tmp-") -> Iterator[str]:
     finally:
         if os.path.isdir(tmp):
             shutil.rmtree(tmp)
+
+
+# Files an operating system's file browser leaves in any folder it shows: never the user's work
+OS_LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+
+
+def files_not_written_by(folder: str, ours: Callable[[str], bool]) -> list[str]:
+    """The files under ``folder`` (paths relative to it, '/'-separated, sorted) that ``ours`` does not claim.
+
+    Ask this before ``atomic_folder`` replaces ``folder`` whole: a tool replaces only what it wrote itself, and
+    refuses (naming the first of these) a folder the user pointed it at by mistake. A missing folder gives [],
+    a file in its place [its name]. ``OS_LITTER`` counts as ours."""
+    if not os.path.isdir(folder):
+        return [os.path.basename(folder)] if os.path.exists(folder) else []
+    found = []
+    for parent, dirs, names in os.walk(folder):
+        dirs.sort()
+        for name in sorted(names):
+            relative = os.path.relpath(os.path.join(parent, name), folder).replace(os.sep, "/")
+            if name not in OS_LITTER and not ours(relative):
+                found.append(relative)
+    return found
+
+
+def first_few(names: Sequence[str], count: int = 2) -> str:
+    """'a, b, ...' for a message: the first ``count`` of ``names``, then whether more follow."""
+    return ", ".join(names[:count]) + (", ..." if len(names) > count else "")
 
 
 STALE_TEMPORARY_SECONDS = 3600
