@@ -309,6 +309,14 @@ def load_weights(system, path: str) -> dict:
     return ckpt
 
 
+def check_resume(resume: str | None, mode: str) -> None:
+    """Refuse (UserError) an action without the checkpoint it needs, or a ``--resume`` that names no file."""
+    if mode != "train" and not resume:
+        raise UserError(f"--{mode} needs a checkpoint: add --resume exp/<name>/<trial>/ckpt/<file>.ckpt.")
+    if resume and not os.path.isfile(resume):
+        raise UserError(missing_checkpoint_message(resume))
+
+
 def missing_checkpoint_message(path: str) -> str:
     """What to say when ``--resume path`` is not a file: a folder (a trial, its ckpt/) or a mistyped name gets the
     newest checkpoint found there as the suggestion."""
@@ -388,8 +396,10 @@ def run(argv=None) -> int:
         if problem:  # found before anything runs, not as a traceback from a logger after the model is built
             log.error(f"{option} {folder} cannot be written: {problem}; give a folder you can write to.")
             return 2
+    mode = "train" if args.train else "validate" if args.validate else "test" if args.test else "export"
     try:
         accelerator, n_devices = choose_devices(args.gpu)
+        check_resume(args.resume, mode)  # before the scene's images are read and the model built
     except UserError as err:
         log.error(str(err))
         return 2
@@ -417,7 +427,6 @@ def run(argv=None) -> int:
                              report_non_finite, report_out_of_memory, report_quit, report_stopped,
                              report_stopped_output)
 
-    mode = "train" if args.train else "validate" if args.validate else "test" if args.test else "export"
     created, trainer = [], None
     sigterm = SigtermRaises()  # until Lightning's stages, whose own handling (and StopOnSignal's) ends them cleanly
     try:
@@ -434,8 +443,6 @@ def run(argv=None) -> int:
         created = trial_paths(config, args)
         if not created:  # a trial run before: what a killed write of it left behind goes
             report_stale_temporaries(os.path.join(config.exp_dir, config.trial_name))
-        if mode != "train" and not args.resume:
-            raise UserError(f"--{mode} needs a checkpoint: add --resume exp/<name>/<trial>/ckpt/<file>.ckpt.")
         seed_quietly(int(config.get("seed", 42)))
         dm = datasets.make(config.dataset.name, config.dataset)
         dm.setup({"train": "fit", "validate": "validate"}.get(mode, "test"))

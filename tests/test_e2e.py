@@ -386,8 +386,9 @@ def test_bad_command_lines_are_one_sentence(tmp_path):
     out = launch(tmp_path, "--config", "configs/nerf-blender.yaml", "--train", "dataset.scene=nothere", expect=2)
     assert "load/nerf_synthetic/nothere" in out and "nerf-demo" in out and "Traceback" not in out
     out = launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--test", "--resume", str(tmp_path / "no.ckpt"),
-                 expect=2)
+                 f"dataset.root_dir={tmp_path / 'scene'}", expect=2)
     assert "no.ckpt' does not exist" in out and "Traceback" not in out
+    assert not (tmp_path / "scene").exists(), "refused before the scene is read (or the demo rendered)"
     out = launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--gpu", "0", "--train", "trainer.max_stepz=1",
                  expect=2)
     assert "did you mean trainer.max_steps?" in out and "Device" not in out, "answered before torch is imported"
