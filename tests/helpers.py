@@ -1,7 +1,22 @@
 """Shared test measurements and set-up."""
+import os
+
 import numpy as np
 import pytest
 import torch
+
+DEMO_DATA = None  # a session's temporary folder for the demo scenes (set by conftest)
+
+
+def demo_root(config: str) -> str:
+    """Where the tests keep the demo scene a demo config trains on: its own folder under the session's temporary
+    folder, rendered on first use (as ``load/demo`` and ``load/demo-dtu`` would be for a user)."""
+    return os.path.join(DEMO_DATA, "demo-dtu" if "neus-demo" in config else "demo")
+
+
+def demo_data(config: str) -> str:
+    """The override that points a demo config at ``demo_root``, for a launch.py command line."""
+    return f"dataset.root_dir={demo_root(config)}"
 
 
 def max_ray_angle_deg(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -27,7 +42,7 @@ def training_system(config: str, save_dir, *overrides):
     import systems
     from utils.config import load_config
 
-    cfg = load_config(config, list(overrides))
+    cfg = load_config(config, [demo_data(config), *overrides] if "-demo" in config else list(overrides))
     with open_dict(cfg):
         cfg.save_dir = str(save_dir)
     dm = datasets.make(cfg.dataset.name, cfg.dataset)

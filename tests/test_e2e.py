@@ -17,6 +17,8 @@ import pytest
 import torch
 import trimesh
 
+from helpers import demo_data
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SMALL = ["dataset.render_resolution=64", "dataset.img_wh=[64,64]", "trainer.max_steps=400",
@@ -593,7 +595,7 @@ def test_a_gpu_this_pytorch_cannot_run_is_named_before_anything_is_built(monkeyp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(launcher, "unusable_gpu", lambda torch: "GPU X is older than this PyTorch supports.")
     assert launcher.main(["--config", "configs/nerf-demo.yaml", "--exp_dir", str(tmp_path / "exp"), "--runs_dir",
-                          str(tmp_path / "runs"), "--train"]) == 2
+                          str(tmp_path / "runs"), "--train", demo_data("configs/nerf-demo.yaml")]) == 2
     assert "GPU X is older than this PyTorch supports." in capsys.readouterr().out
     assert not (tmp_path / "exp").exists(), "refused before any folder is made"
 
@@ -622,7 +624,7 @@ def test_a_pytorch_too_old_for_the_installed_numpy_is_one_sentence(monkeypatch, 
                        f"{numpy_version} (PyTorch reads NumPy 2 from 2.3 on); run pip install 'numpy<2' "
                        "'opencv-python-headless<4.12', or install PyTorch 2.3 or newer.")
     assert launcher.main(["--config", "configs/nerf-demo.yaml", "--exp_dir", str(tmp_path / "exp"), "--runs_dir",
-                          str(tmp_path / "runs"), "--train"]) == 2
+                          str(tmp_path / "runs"), "--train", demo_data("configs/nerf-demo.yaml")]) == 2
     assert problem in capsys.readouterr().out
     assert not (tmp_path / "exp").exists(), "refused before any folder is made"
 
@@ -663,7 +665,7 @@ def test_a_run_that_fails_with_a_bug_still_leaves_no_empty_trial_folder(tmp_path
     monkeypatch.setattr(datasets, "make", broken_loader)
     with pytest.raises(RuntimeError, match="a bug in a loader"):
         launcher.main(["--config", "configs/nerf-demo.yaml", "--exp_dir", str(tmp_path / "exp"), "--runs_dir",
-                       str(tmp_path / "runs"), "--train"])
+                       str(tmp_path / "runs"), "--train", demo_data("configs/nerf-demo.yaml")])
     assert not (tmp_path / "exp").exists() or not os.listdir(tmp_path / "exp"), os.listdir(tmp_path / "exp")
 
 

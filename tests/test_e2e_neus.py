@@ -13,6 +13,7 @@ import pytest
 import trimesh
 
 from datasets.synthetic import DEMO_WORLD_FROM_SCENE, demo_surface
+from helpers import demo_root
 from test_e2e import ROOT, launch, metrics_from_csv
 from utils.mesh_metrics import bbox_diagonal, sample_surface, surface_distances
 
@@ -27,8 +28,8 @@ def chamfer_to_demo_surface(mesh_path):
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("neus-data") / "demo-dtu")
+def data_root():
+    return demo_root("configs/neus-demo.yaml")
 
 
 @pytest.fixture(scope="module")

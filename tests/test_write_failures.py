@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import demo_data
 from utils.callbacks import AtomicCheckpointIO
 from utils.io import DiskFullError, access_problem, write_image, write_video
 
@@ -110,7 +111,8 @@ def test_launch_says_the_disk_is_full_and_how_to_redo_the_test(tmp_path, monkeyp
 
     monkeypatch.setattr(imageio_ffmpeg, "count_frames_and_secs", lambda p: (0, 0.0))  # the video is cut short
     status = launcher.main(["--config", "configs/nerf-demo.yaml", "--exp_dir", str(tmp_path / "exp"), "--runs_dir",
-                            str(tmp_path / "runs"), "--train", "trainer.max_steps=2", "+trainer.limit_test_batches=1",
+                            str(tmp_path / "runs"), "--train", demo_data("configs/nerf-demo.yaml"), "trainer.max_steps=2",
+                            "+trainer.limit_test_batches=1",
                             "model.geometry.isosurface.resolution=32"])
     said = "".join(capsys.readouterr())
     assert status == 1 and "Traceback" not in said, said[-2000:]
