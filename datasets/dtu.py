@@ -162,7 +162,8 @@ def orbit_trajectory(c2w_cv: np.ndarray, n_frames: int) -> np.ndarray:
 def load_dtu_split(config: Any, split: str) -> SceneData:
     root = config.root_dir
     if not os.path.isdir(root):
-        raise DatasetError(missing_root_message(root, "NeuS/IDR format: <root>/cameras_sphere.npz, image/, mask/"))
+        raise DatasetError(missing_root_message(root, "NeuS/IDR format: <root>/cameras_sphere.npz, image/, mask/",
+                                                demo="neus-demo"))
     indices, cams = read_cameras(os.path.join(root, config.get("cameras_file", "cameras_sphere.npz")))
     image_dir = os.path.join(root, "image")
     if not os.path.isdir(image_dir):

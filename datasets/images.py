@@ -70,9 +70,10 @@ def mask_for_image(mask: np.ndarray, image_hw: Tuple[int, int], path: str, quart
     return cv2.resize(mask, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_NEAREST)
 
 
-def missing_root_message(root: str, layout: str) -> str:
+def missing_root_message(root: str, layout: str, demo: str = "nerf-demo") -> str:
+    """``demo``: the demo config in this loader's format (neus-demo is a DTU-format scene)."""
     return (f"Dataset folder '{root}' does not exist. Put the scene there ({layout}) or set dataset.root_dir=..., "
-            "or try the embedded demo: python launch.py --config configs/nerf-demo.yaml --train")
+            f"or try the embedded demo: python launch.py --config configs/{demo}.yaml --train")
 
 
 def requested_size(config: Any) -> Tuple[int, int] | None:

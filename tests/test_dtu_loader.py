@@ -53,6 +53,8 @@ def test_holdout_and_orbit_splits(scene_dir):
         load_dtu_split(cfg(scene_dir, holdout_every=1), "train")
     orbit = load_dtu_split(cfg(scene_dir, n_test_traj_steps=12), "test")
     assert orbit.n_images == 12 and not orbit.has_gt
+    with pytest.raises(DatasetError, match=r"does not exist.*--config configs/neus-demo.yaml --train$"):
+        load_dtu_split(cfg(os.path.join(scene_dir, "nothere")), "train")  # the demo in this format
     # a video of no frames was a numpy error at the test after training; the data module refuses it at once
     from datasets.dtu import DTUDataModule
     from utils.config import ConfigError
