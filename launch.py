@@ -381,11 +381,12 @@ def seed_quietly(seed: int) -> None:
 def run(argv=None) -> int:
     args, overrides = parse_args(argv)
     setup_logging(args.verbose)
-    from utils.config import ConfigError, check_trainer_options, load_config
+    from utils.config import ConfigError, check_sections, check_trainer_options, load_config
 
     try:  # before torch and Lightning are imported (seconds): a mistyped option is answered at once
         raw_config = load_config(args.config, overrides, resolve=False)
         config = load_config(args.config, overrides)
+        check_sections(config)
         check_trainer_options(config)
     except ConfigError as err:
         log.error(str(err))
@@ -444,9 +445,11 @@ def run(argv=None) -> int:
         if not created:  # a trial run before: what a killed write of it left behind goes
             report_stale_temporaries(os.path.join(config.exp_dir, config.trial_name))
         seed_quietly(int(config.get("seed", 42)))
+        # the model first: a wrong model option is refused before the scene's images are read (or the demo
+        # rendered); the data module draws nothing from the seeded generators, so the weights are the same
+        system = systems.make(config.system.name, config, mode=mode)
         dm = datasets.make(config.dataset.name, config.dataset)
         dm.setup({"train": "fit", "validate": "validate"}.get(mode, "test"))
-        system = systems.make(config.system.name, config, mode=mode)
         if args.resume:  # a full --train --resume checks the checkpoint here, then Lightning restores all of it
             ckpt = load_weights(system, args.resume)
             log.info(f"Loaded weights from {args.resume} (step {ckpt.get('global_step', '?')})")

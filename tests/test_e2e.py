@@ -391,6 +391,10 @@ def test_bad_command_lines_are_one_sentence(tmp_path):
                  f"dataset.root_dir={tmp_path / 'scene'}", expect=2)
     assert "no.ckpt' does not exist" in out and "Traceback" not in out
     assert not (tmp_path / "scene").exists(), "refused before the scene is read (or the demo rendered)"
+    out = launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--train", "model.num_samples_per_ray=0",
+                 f"dataset.root_dir={tmp_path / 'scene'}", expect=2)
+    assert "model.num_samples_per_ray must be a whole number >= 1, not 0." in out and "Traceback" not in out
+    assert not (tmp_path / "scene").exists(), "a model option is checked before the scene is read"
     out = launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--gpu", "0", "--train", "trainer.max_stepz=1",
                  expect=2)
     assert "did you mean trainer.max_steps?" in out and "Device" not in out, "answered before torch is imported"
@@ -401,7 +405,8 @@ def test_bad_command_lines_are_one_sentence(tmp_path):
     partial = tmp_path / "partial.yaml"
     partial.write_text("name: partial\nseed: 1\n")
     out = launch(tmp_path, "--config", str(partial), "--train", expect=2)
-    assert "The config has no top-level dataset, which every run needs" in out and "Traceback" not in out
+    assert "The config has no top-level dataset, model and system, which every run needs" in out
+    assert "Traceback" not in out and "Device" not in out, "answered before torch is imported"
     assert not os.path.exists(tmp_path / "exp" / "partial"), "no empty trial folder left behind"
 
 

@@ -245,6 +245,19 @@ def whole_step_counts(trainer_cfg: dict) -> dict:
     return fixed
 
 
+REQUIRED_SECTIONS = ("dataset", "model", "system")
+
+
+def check_sections(config: DictConfig) -> None:
+    """The top-level sections every run reads, all named at once when some are missing (a config written from
+    scratch, or a fragment given to --config)."""
+    missing = [key for key in REQUIRED_SECTIONS if not isinstance(config.get(key), DictConfig)]
+    if missing:
+        named = ", ".join(missing[:-1]) + (" and " if len(missing) > 1 else "") + missing[-1]
+        raise ConfigError(f"The config has no top-level {named}, which every run needs; start from one of the "
+                          "shipped configs/*.yaml, which have every section.")
+
+
 def check_trainer_options(config: DictConfig) -> None:
     """The step counts in ``trainer`` and ``checkpoint``, checked at start-up: Lightning refuses some with a
     traceback (``checkpoint.save_top_k: -5``), divides by zero during training on others
