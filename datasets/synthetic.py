@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from datasets.rays import opencv_to_opengl
-from utils.io import atomic_folder, files_not_written_by, first_few, to_uint8, write_image
+from utils.io import atomic_folder, files_not_written_by, first_few, folder_lock, to_uint8, write_image
 
 log = logging.getLogger("nsr")
 
@@ -304,15 +304,23 @@ def ensure_demo_scene(root: str, resolution: int = 128, layout: str = "blender")
     environment, masks, cameras in a millimetre world frame given by
     ``DEMO_WORLD_FROM_SCENE``). Renders into a temporary folder beside
     ``root`` and renames it into place, so an interrupted render never leaves
-    a half-filled scene. The marker file lists what the render wrote; a render
+    a half-filled scene, and under a lock on the parent folder, so that runs started
+    together render it once. The marker file lists what the render wrote; a render
     with a file missing is redone. ``root`` is replaced only when it is empty or
     holds a demo render and nothing else: a folder of other files (a ``dataset.root_dir`` given
     to a demo config by mistake) is refused, never deleted.
     """
-    from datasets.base import DatasetError
-
     if layout not in ("blender", "dtu"):
         raise ValueError(f"unknown demo layout {layout!r}")
+    # runs started together (a sweep on a fresh checkout) render it once: the others wait, then find it there
+    with folder_lock(os.path.dirname(os.path.abspath(root)),
+                     f"Waiting for another run to finish rendering the demo scene into {root}"):
+        return _ensure_demo_scene_locked(root, resolution, layout)
+
+
+def _ensure_demo_scene_locked(root: str, resolution: int, layout: str) -> str:
+    from datasets.base import DatasetError
+
     marker = os.path.join(root, "demo_scene.json")
     expected = {"version": SCENE_VERSION, "resolution": resolution, "layout": layout}
     if os.path.isfile(marker):

@@ -125,6 +125,37 @@ def atomic_folder(path: str, prefix: str = ".tmp-") -> Iterator[str]:
             shutil.rmtree(tmp)
 
 
+@contextlib.contextmanager
+def folder_lock(folder: str, waiting_message: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (created if missing) for the block: runs started together (a sweep)
+    take turns at making what they share, instead of each making it and replacing the others'. An advisory
+    ``flock`` on the folder itself, so no lock file is left; where the system or the file system has none
+    (Windows, some network mounts) the block runs unlocked. ``waiting_message`` is logged when another process
+    holds the lock."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    os.makedirs(folder, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY) if fcntl else None
+    try:
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if waiting_message:
+                    import logging
+
+                    logging.getLogger("nsr").info(waiting_message)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # ENOLCK, EOPNOTSUPP: no locks here
+                pass
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
 # Files an operating system's file browser leaves in any folder it shows: never the user's work
 OS_LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 
