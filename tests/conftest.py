@@ -29,8 +29,10 @@ def _session_demo_folder(tmp_path_factory):
 
 
 # The suite writes only under pytest's temporary folder: a test that wrote into the checkout (a demo render into
-# load/, a trial into exp/) fails the run, named by what it left
-WATCHED = ("", "load", "exp", "runs")  # the checkout's top level: new entries; the others: new or rewritten ones
+# load/, a trial into exp/) fails the run, named by what it left. Watched: new entries at the checkout's top level
+# and in exp/ and runs/ (not what a run of yours adds meanwhile inside an existing exp/<name>/), and new or
+# rewritten ones in load/ (a demo render replaces its folder).
+WATCHED = ("", "load", "exp", "runs")
 LEFT_BY_PYTHON = {"__pycache__", ".pytest_cache"}
 
 
@@ -41,7 +43,7 @@ def checkout_state() -> dict:
         if os.path.isdir(path):
             for name in set(os.listdir(path)) - LEFT_BY_PYTHON:
                 entry = os.path.join(folder, name)
-                state[entry] = os.stat(os.path.join(ROOT, entry)).st_mtime_ns if folder else None
+                state[entry] = os.stat(os.path.join(ROOT, entry)).st_mtime_ns if folder == "load" else None
     return state
 
 
