@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import shutil
 import sys
@@ -18,6 +19,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import cv2
 import imageio.v2 as imageio
 import numpy as np
+
+log = logging.getLogger("nsr")
 
 
 class DiskFullError(OSError):
@@ -144,9 +147,7 @@ def folder_lock(folder: str, waiting_message: str = "") -> Iterator[None]:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 if waiting_message:
-                    import logging
-
-                    logging.getLogger("nsr").info(waiting_message)
+                    log.info(waiting_message)
                 fcntl.flock(fd, fcntl.LOCK_EX)
             except OSError:  # ENOLCK, EOPNOTSUPP: no locks here
                 pass
