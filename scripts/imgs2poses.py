@@ -42,6 +42,7 @@ from utils.stops import stops_cleanly  # noqa: E402
 SEED = 0  # COLMAP's random seed (RANSAC in matching and mapping): the same images give the same poses
 FRAME_PATTERN = "frame_{:05d}.jpg"  # the frames taken from a video; --video replaces only a folder of these
 FRAME_NAME = re.compile(r"frame_\d{5,}\.jpg")
+FRAMES_SOURCE = "frames.json"  # in the scene folder: the video and options the frames in images/ came from
 
 
 class CaptureError(RuntimeError):
@@ -150,6 +151,33 @@ def extract_frames(video: str, image_dir: str, fps: float, max_size: int) -> dic
             imageio.imwrite(os.path.join(tmp, FRAME_PATTERN.format(k)), frame, quality=95)
     stats["video_fps"] = video_fps
     return stats
+
+
+def frames_source(video: str, fps: float, max_size: int) -> dict:
+    """What the frames in images/ are taken from, as ``<root>/frames.json`` records it: the video (its name and
+    size in bytes, which tell a re-filmed capture from a moved file) and the extraction's options."""
+    return {"video": os.path.basename(video), "bytes": os.path.getsize(video) if os.path.isfile(video) else None,
+            "fps": fps, "max_size": max_size}
+
+
+def check_frames_source(root: str, wanted: dict) -> None:
+    """Refuse to reuse frames taken from another video, or with other options, than this run asks for: their
+    poses would be reused too, so the scene would silently stay the old capture. Frames without a record (an
+    older version's, or your own ``frame_*.jpg``) are reused as before."""
+    import json
+
+    try:
+        with open(os.path.join(root, FRAMES_SOURCE)) as f:
+            found = json.load(f)
+    except (OSError, ValueError):
+        return
+    compared = [key for key in wanted if wanted[key] is not None]  # a video gone since: its name still counts
+    if any(found.get(key) != wanted[key] for key in compared):
+        def said(source):
+            return f"{source.get('video')} at {source.get('fps')} fps, --max-size {source.get('max_size')}"
+
+        raise CaptureError(f"The frames in {os.path.join(root, 'images')} were taken from {said(found)}, not from "
+                           f"{said(wanted)}; pass --overwrite to extract them again (and compute their poses again).")
 
 
 # ---------------------------------------------------------------------------------------------------- SfM
@@ -319,10 +347,15 @@ def run(args) -> dict:
             raise CaptureError(f"{image_dir} holds files that were not extracted from a video ({first_few(others)}), "
                                "and --video would replace them: move them out, or give the video a scene folder of "
                                "its own.")
+        source = frames_source(args.video, args.fps, args.max_size)
         if list_images(image_dir) and not args.overwrite:
+            check_frames_source(root, source)
             print(f"Reusing the {len(list_images(image_dir))} frames in {image_dir} (--overwrite to extract again).")
         else:
             stats = extract_frames(args.video, image_dir, args.fps, args.max_size)
+            from utils.io import write_json
+
+            write_json(os.path.join(root, FRAMES_SOURCE), source)
             print(f"Kept {stats['kept']} frames of {stats['read']} ({stats['windows']} windows at {args.fps} fps; "
                   f"dropped {stats['blurred']} blurred and {stats['duplicates']} near-duplicates) -> {image_dir}")
     names = list_images(image_dir)

@@ -6,6 +6,7 @@ scripts/imgs2poses.py must keep the sharp frames and recover the cameras,
 gen_cameras.py must write a NeuS scene whose rays are the colmap loader's.
 """
 import glob
+import json
 import os
 
 import imageio.v2 as imageio
@@ -219,6 +220,33 @@ def test_bad_inputs_are_one_sentence_and_leave_nothing(tmp_path, capsys):
     assert imgs2poses.main([str(mixed)]) == 2
     assert "mixed sizes" in capsys.readouterr().err
     assert sorted(os.listdir(mixed)) == ["images"]
+
+
+def test_frames_of_another_video_or_other_options_are_not_reused(tmp_path, capsys):
+    """Re-filming the object and running --video again reused the old frames, and with them the old poses."""
+    rng = np.random.default_rng(0)
+    for name in ("first.mp4", "second.mp4"):  # 12 frames of noise at 12 fps: 3 frames kept at --fps 3
+        write_video(str(tmp_path / name), [(rng.random((48, 64, 3)) * 255).astype(np.uint8) for _ in range(12)],
+                    fps=12)
+    root = tmp_path / "scene"
+    imgs2poses.main([str(root), "--video", str(tmp_path / "first.mp4"), "--threads", "1"])  # noise: poses or not
+    frames = sorted(os.listdir(root / "images"))
+    assert len(frames) == 3 and (root / "frames.json").is_file()
+    capsys.readouterr()
+    assert imgs2poses.main([str(root), "--video", str(tmp_path / "second.mp4")]) == 2
+    err = capsys.readouterr().err
+    assert "were taken from first.mp4 at 3.0 fps, --max-size 1600, not from second.mp4 at 3.0 fps" in err, err
+    assert imgs2poses.main([str(root), "--video", str(tmp_path / "first.mp4"), "--fps", "6"]) == 2
+    assert "not from first.mp4 at 6.0 fps" in capsys.readouterr().err
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    os.replace(tmp_path / "first.mp4", moved / "first.mp4")  # the same video elsewhere: its frames are reused
+    imgs2poses.main([str(root), "--video", str(moved / "first.mp4"), "--threads", "1"])
+    assert "Reusing the 3 frames" in capsys.readouterr().out
+    first_frame = (root / "images" / frames[0]).read_bytes()
+    imgs2poses.main([str(root), "--video", str(tmp_path / "second.mp4"), "--overwrite", "--threads", "1"])
+    assert (root / "images" / frames[0]).read_bytes() != first_frame  # the second video's frames now
+    assert json.loads((root / "frames.json").read_text())["video"] == "second.mp4"
 
 
 def test_too_few_registered_names_the_images(tmp_path, capsys):
