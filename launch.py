@@ -419,6 +419,7 @@ def run(argv=None) -> int:
     import systems
     from datasets.base import DatasetError
     from systems.finite_guard import NonFiniteLossError
+    from systems.optim import check_optimization_config
     from utils.callbacks import (AtomicCheckpointIO, AtomicCSVLogger, ProgressBar, SaveOnSignal, StopOnSignal,
                                  TrialSnapshot)
     from utils.config import to_primitive, whole_step_counts
@@ -448,6 +449,8 @@ def run(argv=None) -> int:
         # the model first: a wrong model option is refused before the scene's images are read (or the demo
         # rendered); the data module draws nothing from the seeded generators, so the weights are the same
         system = systems.make(config.system.name, config, mode=mode)
+        if mode == "train":
+            check_optimization_config(config.system, system.model)
         dm = datasets.make(config.dataset.name, config.dataset)
         dm.setup({"train": "fit", "validate": "validate"}.get(mode, "test"))
         if args.resume:  # a full --train --resume checks the checkpoint here, then Lightning restores all of it

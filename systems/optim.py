@@ -46,10 +46,9 @@ def closest_class(name: str, module: Any, base: type) -> str:
     return f" (did you mean {by_lower[match[0]]}?)" if match else ""
 
 
-def make_optimizer(config: Any, model: nn.Module, fused_default: bool = True) -> torch.optim.Optimizer:
-    """``fused_default=False`` keeps torch's default implementation unless the config asks for fused: for
-    gradient clipping, which needs unscaled gradients before the step, and a fused optimiser under mixed
-    precision unscales inside its step (Lightning refuses the combination)."""
+def configured_optimizer(config: Any, model: nn.Module):
+    """(optimizer class, parameter groups, args, the optimiser built as configured): every option of
+    ``system.optimizer`` checked (a ConfigError names a wrong one), torch's default implementation."""
     name = config.name
     if not hasattr(torch.optim, name):
         raise ConfigError(f"Unknown optimizer '{name}' (system.optimizer.name); use a torch.optim class name"
@@ -63,7 +62,23 @@ def make_optimizer(config: Any, model: nn.Module, fused_default: bool = True) ->
     optimizer_class = getattr(torch.optim, name)
     check_group_options(groups, optimizer_class)
     # built from copies: torch fills its defaults (fused: None) into the group dicts it is given
-    as_configured = checked_optimizer(optimizer_class, [dict(g) for g in groups], args)
+    return optimizer_class, groups, args, checked_optimizer(optimizer_class, [dict(g) for g in groups], args)
+
+
+def check_optimization_config(system_config: Any, model: nn.Module) -> None:
+    """Build the optimiser and scheduler ``system_config`` asks for, and drop them: a misspelt option or a value
+    torch refuses is one ConfigError at start-up, before the data is read, not when training starts."""
+    optimizer = configured_optimizer(system_config.optimizer, model)[-1]
+    if system_config.get("scheduler") is not None:
+        make_scheduler(system_config.scheduler, optimizer)
+
+
+def make_optimizer(config: Any, model: nn.Module, fused_default: bool = True) -> torch.optim.Optimizer:
+    """``fused_default=False`` keeps torch's default implementation unless the config asks for fused: for
+    gradient clipping, which needs unscaled gradients before the step, and a fused optimiser under mixed
+    precision unscales inside its step (Lightning refuses the combination)."""
+    optimizer_class, groups, args, as_configured = configured_optimizer(config, model)
+    name = config.name
     if "fused" not in inspect.signature(optimizer_class).parameters or {"fused", "foreach"} & args.keys():
         return as_configured
     if not fused_default:
@@ -111,7 +126,10 @@ def _scheduler(config: Any, optimizer: torch.optim.Optimizer):
     if not hasattr(sched, name):
         raise ConfigError(f"Unknown scheduler '{name}' (system.scheduler); use a torch.optim.lr_scheduler class name"
                           f"{closest_class(name, sched, sched.LRScheduler)}.")
-    return getattr(sched, name)(optimizer, **dict(to_primitive(config.get("args", {})) or {}))
+    try:
+        return getattr(sched, name)(optimizer, **dict(to_primitive(config.get("args", {})) or {}))
+    except (TypeError, ValueError) as err:  # an argument it does not take, or a value it refuses
+        raise ConfigError(f"torch.optim.lr_scheduler.{name} refuses the config's system.scheduler: {err}.") from None
 
 
 def make_scheduler(config: Any, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:

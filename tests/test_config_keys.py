@@ -77,7 +77,8 @@ def test_launch_warns_before_anything_else_can_fail(tmp_path, capsys):
     rc = launch.main(["--config", path, "--train", f"dataset.root_dir={tmp_path / 'missing'}",
                       "--exp_dir", str(tmp_path / "exp"), "--runs_dir", str(tmp_path / "runs")])
     out = capsys.readouterr().out
-    assert rc == 2  # the missing data folder, after the warning
+    assert rc == 2  # the scheduler's argument torch refuses, checked before the data is read, after the warning
+    assert "LinearLR refuses the config's system.scheduler: LinearLR.__init__() got an unexpected keyword " in out
     # what the run set for itself is undone: a later launch (the e2e tests' subprocesses) gets its own trial,
     # and the logger is not left writing to this test's captured (then closed) stdout
     assert "NSR_TRIAL_NAME" not in os.environ

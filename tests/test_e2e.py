@@ -395,6 +395,10 @@ def test_bad_command_lines_are_one_sentence(tmp_path):
                  f"dataset.root_dir={tmp_path / 'scene'}", expect=2)
     assert "model.num_samples_per_ray must be a whole number >= 1, not 0." in out and "Traceback" not in out
     assert not (tmp_path / "scene").exists(), "a model option is checked before the scene is read"
+    out = launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--train", "system.optimizer.args.lr=-1",
+                 f"dataset.root_dir={tmp_path / 'scene'}", expect=2)
+    assert "torch.optim.Adam refuses the config's system.optimizer: Invalid learning rate: -1." in out
+    assert not (tmp_path / "scene").exists(), "and so is the optimiser's"
     out = launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--gpu", "0", "--train", "trainer.max_stepz=1",
                  expect=2)
     assert "did you mean trainer.max_steps?" in out and "Device" not in out, "answered before torch is imported"
