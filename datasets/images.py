@@ -72,7 +72,8 @@ def mask_for_image(mask: np.ndarray, image_hw: Tuple[int, int], path: str, quart
 
 def missing_root_message(root: str, layout: str, demo: str = "nerf-demo") -> str:
     """``demo``: the demo config in this loader's format (neus-demo is a DTU-format scene)."""
-    return (f"Dataset folder '{root}' does not exist. Put the scene there ({layout}) or set dataset.root_dir=..., "
+    what = "is a file, not a folder" if os.path.isfile(root) else "does not exist"  # transforms.json, say
+    return (f"Dataset folder '{root}' {what}. Put the scene there ({layout}) or set dataset.root_dir=..., "
             f"or try the embedded demo: python launch.py --config configs/{demo}.yaml --train")
 
 

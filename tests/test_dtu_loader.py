@@ -55,6 +55,8 @@ def test_holdout_and_orbit_splits(scene_dir):
     assert orbit.n_images == 12 and not orbit.has_gt
     with pytest.raises(DatasetError, match=r"does not exist.*--config configs/neus-demo.yaml --train$"):
         load_dtu_split(cfg(os.path.join(scene_dir, "nothere")), "train")  # the demo in this format
+    with pytest.raises(DatasetError, match=r"cameras_sphere.npz' is a file, not a folder\. Put the scene there"):
+        load_dtu_split(cfg(os.path.join(scene_dir, "cameras_sphere.npz")), "train")  # the scene's file given
     # a video of no frames was a numpy error at the test after training; the data module refuses it at once
     from datasets.dtu import DTUDataModule
     from utils.config import ConfigError
