@@ -6,12 +6,13 @@ cameras are OpenGL camera-to-world matrices, the project's own convention, in
 the frame the scene was made in (no normalisation: ``model.radius`` 1.5 holds
 the objects). A folder with one ``transforms.json`` instead is an instant-ngp
 or nerfstudio capture, read by ``datasets.ngp`` (lens undistortion,
-normalisation).
+normalisation); ``dataset.root_dir`` may also name that file itself (any name,
+as nerfstudio's ``--data`` takes it).
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional, Tuple
 
 import cv2
 import numpy as np
@@ -27,13 +28,24 @@ BLENDER_LAYOUT = ("NeRF-synthetic: unpack nerf_synthetic.zip into load/ so that 
                   "load/nerf_synthetic/<scene>/transforms_train.json exists")
 
 
+def scene_source(root_dir: str) -> Tuple[str, Optional[str]]:
+    """(scene folder, its one-file capture or None) for ``dataset.root_dir``: a scene folder or, as nerfstudio's
+    ``--data`` takes, a capture's transforms JSON file itself (a NeRF-synthetic scene's ``transforms_train.json``
+    stands for its folder)."""
+    if os.path.isfile(root_dir) and root_dir.lower().endswith(".json"):
+        folder = os.path.dirname(root_dir) or "."
+        if os.path.isfile(os.path.join(folder, "transforms_train.json")):
+            return folder, None
+        return folder, root_dir
+    return root_dir, capture_file(root_dir)
+
+
 def load_blender_split(config: Any, split: str) -> SceneData:
-    root = config.root_dir
-    if not os.path.isdir(root):
-        raise DatasetError(missing_root_message(root, BLENDER_LAYOUT))
-    single = capture_file(root)
+    root, single = scene_source(config.root_dir)
     if single:
         return load_ngp_split(config, single, split)
+    if not os.path.isdir(root):
+        raise DatasetError(missing_root_message(root, BLENDER_LAYOUT))
     per_split = os.path.join(root, f"transforms_{split}.json")
     if not os.path.isfile(per_split):
         raise DatasetError(f"Neither {per_split} nor {os.path.join(root, 'transforms.json')} exists; is "
@@ -68,8 +80,8 @@ class BlenderDataModule(SceneDataModule):
 
     def __init__(self, config: Any):
         super().__init__(config)
-        root = config.root_dir
-        if os.path.isdir(root) and not capture_file(root):  # the test split is read after training: check it now
+        root, single = scene_source(config.root_dir)
+        if os.path.isdir(root) and not single:  # the test split is read after training: check it now
             for stage in ("train", "val", "test"):
                 name = self.split_name(stage)
                 if not os.path.isfile(os.path.join(root, f"transforms_{name}.json")):
@@ -80,4 +92,4 @@ class BlenderDataModule(SceneDataModule):
 
     def has_orbit(self) -> bool:
         """A transforms.json capture has one (its test split is held-out frames)."""
-        return capture_file(self.config.root_dir) is not None
+        return scene_source(self.config.root_dir)[1] is not None

@@ -36,6 +36,9 @@ def test_rays_match_renderer_cameras(scene_dir):
         torch.testing.assert_close(rays["rays_o"], ref_o, atol=1e-5, rtol=0)
         angle = max_ray_angle_deg(rays["rays_d"], ref_d)
         assert angle < 1e-3, f"max ray angle error {angle:.5f} deg"
+    # a split file given for the scene stands for its folder (read as NeRF-synthetic, not as a one-file capture)
+    by_file = load_blender_split(cfg(os.path.join(root, "transforms_train.json")), "test")
+    torch.testing.assert_close(by_file.c2w, load_blender_split(cfg(root), "test").c2w, rtol=0, atol=0)
 
 
 def test_alpha_is_mask_and_background_is_empty(scene_dir):

@@ -209,6 +209,10 @@ def test_holdout_and_the_video_orbit(tmp_path):
     assert no_holdout.trajectory() is None and not no_holdout.split("test").has_gt
     with pytest.raises(DatasetError, match="holds out all 6 view.s., leaving none to train on"):
         load(tmp_path, holdout_every=1).split("train")
+    os.replace(tmp_path / "transforms.json", tmp_path / "transforms_ns.json")  # named as nerfstudio's --data takes
+    by_file = load(tmp_path / "transforms_ns.json", holdout_every=3, n_test_traj_steps=5)
+    assert by_file.split("test").names == test.names and by_file.trajectory().n_images == 5
+    torch.testing.assert_close(by_file.split("train").image_rays(1), train.image_rays(1), rtol=0, atol=0)
 
 
 def test_bad_cameras_are_one_clear_sentence(tmp_path):
