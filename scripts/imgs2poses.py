@@ -13,7 +13,8 @@ folder), incremental mapping; one camera shared by all images unless
 ``<root>/sparse/0`` (binary), plus ``<root>/database.db`` and
 ``<root>/sparse_points.ply`` (crop it in MeshLab and save the selection as
 ``<root>/sparse_points_interest.ply`` to fix the region of interest for
-gen_cameras.py). Existing frames and poses are reused unless ``--overwrite``;
+gen_cameras.py). Existing frames and poses are reused unless ``--overwrite``
+(poses only while ``images/`` holds the images they were computed from);
 nothing is left half-written when a step fails. ``--video`` refuses an
 ``images/`` folder holding anything but frames it extracted (your photos).
 """
@@ -178,6 +179,31 @@ def check_frames_source(root: str, wanted: dict) -> None:
 
         raise CaptureError(f"The frames in {os.path.join(root, 'images')} were taken from {said(found)}, not from "
                            f"{said(wanted)}; pass --overwrite to extract them again (and compute their poses again).")
+
+
+def check_posed_images(root: str, sparse: str, names: list[str]) -> None:
+    """Refuse to reuse poses computed from another set of images than ``images/`` holds now: photos added since
+    would be left out of the scene without a word, and removed ones break the loaders. The set is the one COLMAP's
+    ``database.db`` holds (every image fed to it, registered or not); poses without it are reused as before."""
+    import sqlite3
+
+    database = os.path.join(root, "database.db")
+    if not os.path.isfile(database):
+        return
+    try:
+        connection = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
+        try:
+            posed = {row[0] for row in connection.execute("SELECT name FROM images")}
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        return
+    added, removed = sorted(set(names) - posed), sorted(posed - set(names))
+    if added or removed:
+        changes = ([f"{len(added)} added since ({first_few(added)})"] if added else []) + \
+                  ([f"{len(removed)} gone ({first_few(removed)})"] if removed else [])
+        raise CaptureError(f"The poses in {sparse} were computed from other images than {os.path.join(root, 'images')}"
+                           f" holds now ({'; '.join(changes)}); pass --overwrite to compute them again.")
 
 
 # ---------------------------------------------------------------------------------------------------- SfM
@@ -378,6 +404,7 @@ def run(args) -> dict:
     if threading.current_thread() is threading.main_thread():  # signal.signal refuses other threads
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if os.path.isfile(os.path.join(sparse, "cameras.bin")) and not args.overwrite:
+        check_posed_images(root, sparse, names)
         rec = pycolmap.Reconstruction(sparse)
         stats = report(rec, names)
         print(f"Reusing the poses in {sparse} (--overwrite to recompute).")

@@ -249,6 +249,33 @@ def test_frames_of_another_video_or_other_options_are_not_reused(tmp_path, capsy
     assert json.loads((root / "frames.json").read_text())["video"] == "second.mp4"
 
 
+def test_poses_of_another_set_of_images_are_not_reused(tmp_path, capsys):
+    """Photos added to images/ after the poses were computed were left out of the scene without a word."""
+    import sqlite3
+
+    import pycolmap
+
+    root = tmp_path / "photos"
+    (root / "images").mkdir(parents=True)
+    for name in ("a.png", "b.png", "c.png"):
+        write_image(str(root / "images" / name), np.zeros((24, 32, 3), np.uint8))
+    (root / "sparse" / "0").mkdir(parents=True)
+    pycolmap.Reconstruction().write_binary(str(root / "sparse" / "0"))  # poses of nothing: what is checked is the set
+    connection = sqlite3.connect(root / "database.db")  # the table COLMAP's database lists its images in
+    connection.execute("CREATE TABLE images (image_id INTEGER PRIMARY KEY, name TEXT, camera_id INTEGER)")
+    connection.executemany("INSERT INTO images (name, camera_id) VALUES (?, 1)", [("a.png",), ("b.png",), ("c.png",)])
+    connection.commit()
+    connection.close()
+    assert imgs2poses.main([str(root)]) == 0
+    assert "Reusing the poses" in capsys.readouterr().out
+    write_image(str(root / "images" / "d.png"), np.zeros((24, 32, 3), np.uint8))
+    os.remove(root / "images" / "a.png")
+    assert imgs2poses.main([str(root)]) == 2
+    err = capsys.readouterr().err
+    assert "were computed from other images than" in err, err
+    assert "holds now (1 added since (d.png); 1 gone (a.png)); pass --overwrite" in err, err
+
+
 def test_too_few_registered_names_the_images(tmp_path, capsys):
     root = tmp_path / "half"
     (root / "images").mkdir(parents=True)
