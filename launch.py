@@ -280,11 +280,10 @@ def csv_log_version(config, mode: str) -> str:
 
 
 def load_weights(system, path: str) -> dict:
-    """Load a checkpoint's weights into ``system`` with clear errors. Returns the checkpoint."""
+    """Load a checkpoint's weights into ``system`` with clear errors (a missing file was refused by ``check_resume``
+    at start-up). Returns the checkpoint."""
     from utils.callbacks import load_checkpoint_file
 
-    if not os.path.isfile(path):
-        raise UserError(missing_checkpoint_message(path))
     try:
         ckpt = load_checkpoint_file(path)
     except Exception as err:
