@@ -130,6 +130,24 @@ def test_plus_adds_a_new_key(path):
         load_config(path, ["dataset.unheard_of=3"])
 
 
+def test_an_override_reaches_into_a_list_by_index():
+    """neus-demo's decay is the second of its SequentialLR's schedulers. OmegaConf's dotlist, merged whole, reads
+    the 1 as a mapping key and stopped with a TypeError traceback; each override is now applied on its own."""
+    cfg = load_config("configs/neus-demo.yaml", ["system.scheduler.schedulers.1.args.gamma=0.999",
+                                                 "system.scheduler.schedulers.0.args.total_iters=${mul:2,25}"])
+    assert cfg.system.scheduler.schedulers[1].args.gamma == 0.999
+    assert cfg.system.scheduler.schedulers[0] == {"name": "LinearLR", "args": {
+        "start_factor": 0.01, "end_factor": 1.0, "total_iters": 50}}  # the rest of the entry kept
+    assert cfg.system.scheduler.milestones == [100]
+    with pytest.raises(ConfigError, match=r"^Override '\+system.scheduler.schedulers.2.name=StepLR' cannot be "
+                                          r"applied \(list index out of range\): the config has a list of 2 at "
+                                          r"system.scheduler.schedulers \(indices 0 to 1\).$"):
+        load_config("configs/neus-demo.yaml", ["+system.scheduler.schedulers.2.name=StepLR"])
+    with pytest.raises(ConfigError, match=r"^Override 'system.scheduler=\[1,2\]' cannot be applied .*: the config "
+                                          r"has a mapping at system.scheduler.$"):
+        load_config("configs/neus-demo.yaml", ["system.scheduler=[1,2]"])
+
+
 def test_missing_file_and_bad_override(path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(path + ".missing")

@@ -7,6 +7,7 @@ end_step]``) used for loss weights.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import os
@@ -106,6 +107,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     ``+key=value`` adds a key that the YAML does not have.
     """
     checked: List[str] = []
+    typed = {}  # checked item -> as typed (with its +)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(
@@ -119,20 +121,45 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             raise ConfigError(f"Override '{item}' has a value that is not valid YAML ({reason}).") from None
         if key.startswith("+"):
             checked.append(f"{key[1:]}={value}")
+            typed[checked[-1]] = item
             continue
         if _raw_value(cfg, key) is _MISSING:
             hint = closest_key(cfg, key)
             suggestion = f"; did you mean {hint}?" if hint else f"; use +{key}=... to add a new key."
             raise ConfigError(f"Override key '{key}' does not exist in the config{suggestion}")
         checked.append(item)
+        typed[item] = item
     if not checked:
         return cfg
-    merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(checked))
+    merged = copy.deepcopy(cfg)
     for item in checked:
         key, value = item.split("=", 1)
+        # one key at a time: a dotlist merged whole reads the 1 of schedulers.1.args.gamma as a dict key, and
+        # cannot merge it into the list of schedulers
+        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={value}"]), resolve=False)["value"]
+        try:
+            OmegaConf.update(merged, key, parsed, merge=True, force_add=True)
+        except Exception as err:  # a list where the YAML has a mapping, an index past a list's end
+            raise ConfigError(f"Override '{typed[item]}' cannot be applied ({str(err).splitlines()[0]}): the "
+                              f"config has {_describe_node(cfg, key)}.") from None
         if key in NAME_KEYS and isinstance(merged[key], (bool, int, float)):
             merged[key] = value  # YAML would read tag=off as false and tag=0123 as 83: a folder name is the text
     return merged
+
+
+def _describe_node(cfg: DictConfig, key: str) -> str:
+    """What the config holds at the deepest part of a dotted key it has, for an override's error:
+    'a mapping at system.scheduler', 'a list of 2 at system.scheduler.schedulers (indices 0 to 1)'."""
+    parts = key.split(".")
+    while parts and _raw_value(cfg, ".".join(parts)) is _MISSING:
+        parts.pop()
+    value = _raw_value(cfg, ".".join(parts)) if parts else cfg
+    where = f"at {'.'.join(parts)}" if parts else "at the top level"
+    if isinstance(value, DictConfig):
+        return f"a mapping {where}"
+    if isinstance(value, ListConfig):
+        return f"a list of {len(value)} {where} (indices 0 to {len(value) - 1})"
+    return f"the value {value!r} {where}"
 
 
 NAME_KEYS = ("tag", "name")  # top-level keys that name the trial's folders
