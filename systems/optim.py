@@ -70,7 +70,28 @@ def check_optimization_config(system_config: Any, model: nn.Module) -> None:
     torch refuses is one ConfigError at start-up, before the data is read, not when training starts."""
     optimizer = configured_optimizer(system_config.optimizer, model)[-1]
     if system_config.get("scheduler") is not None:
-        make_scheduler(system_config.scheduler, optimizer)
+        step_each_scheduler_once(make_scheduler(system_config.scheduler, optimizer)["scheduler"],
+                                 system_config.scheduler)
+
+
+def step_each_scheduler_once(scheduler: Any, config: Any) -> None:
+    """Step ``scheduler``, and each one a SequentialLR or ChainedScheduler holds, once on its throwaway
+    optimiser: torch takes some values at construction that its first step cannot use (ExponentialLR's
+    ``gamma: abc``, StepLR's ``step_size: 2.5k``), which would stop the run at step 1 with a traceback."""
+    import warnings
+
+    held = list(getattr(scheduler, "_schedulers", []))
+    leaves = [(scheduler, config, "system.scheduler")] + [
+        (sub, config.schedulers[i], f"system.scheduler.schedulers.{i}") for i, sub in enumerate(held)]
+    with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": there is no training here
+        warnings.simplefilter("ignore")
+        for leaf, leaf_config, key in leaves:
+            try:
+                leaf.step()
+            except (TypeError, ValueError, ZeroDivisionError) as err:
+                args = to_primitive(leaf_config.get("args", {})) or {}
+                raise ConfigError(f"torch.optim.lr_scheduler.{type(leaf).__name__} cannot step with {key}.args "
+                                  f"{args} ({err}); check those values' types and ranges.") from None
 
 
 def make_optimizer(config: Any, model: nn.Module, fused_default: bool = True) -> torch.optim.Optimizer:

@@ -218,3 +218,22 @@ def test_the_same_seed_trains_the_same_weights_on_several_threads(tmp_path):
         torch.set_num_threads(threads)
     moved = [k for k in runs[0] if runs[0][k].is_floating_point() and not torch.equal(runs[0][k], runs[1][k])]
     assert moved == [], moved
+
+
+@pytest.mark.parametrize("override, message", [
+    ("system.scheduler.schedulers.1.args.gamma=abc",
+     r"ExponentialLR cannot step with system.scheduler.schedulers.1.args \{'gamma': 'abc'\} \(can't multiply"),
+    ("system.scheduler={name: StepLR, args: {step_size: 0}}",
+     r"StepLR cannot step with system.scheduler.args \{'step_size': 0\} \(integer modulo by zero\)"),
+])
+def test_a_scheduler_value_its_first_step_cannot_use_is_refused_at_start_up(override, message):
+    """torch builds these schedulers without a word and fails at their first step: training stopped at step 1
+    with a traceback, after the data had loaded. launch.py's check builds and steps them on a throwaway
+    optimiser."""
+    from systems.optim import check_optimization_config
+
+    system = neus_system(override)
+    with pytest.raises(ConfigError, match=message):
+        check_optimization_config(system.config.system, system.model)
+    system = neus_system()
+    check_optimization_config(system.config.system, system.model)  # the demo's own schedule steps
