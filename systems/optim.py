@@ -86,8 +86,11 @@ def step_each_scheduler_once(scheduler: Any, config: Any) -> None:
     with warnings.catch_warnings():  # "lr_scheduler.step() before optimizer.step()": there is no training here
         warnings.simplefilter("ignore")
         for leaf, leaf_config, key in leaves:
+            if isinstance(leaf, torch.optim.lr_scheduler.ReduceLROnPlateau):  # steps on a metric, not on its own
+                continue
             try:
-                leaf.step()
+                while leaf.last_epoch < 1:  # torch < 2.2's SequentialLR sets its later schedulers back to -1
+                    leaf.step()
             except (TypeError, ValueError, ZeroDivisionError) as err:
                 args = to_primitive(leaf_config.get("args", {})) or {}
                 raise ConfigError(f"torch.optim.lr_scheduler.{type(leaf).__name__} cannot step with {key}.args "
