@@ -160,13 +160,34 @@ class ProgressBar(TQDMProgressBar):
 
     @property
     def total_train_batches(self):
-        """The steps left to ``max_steps`` for the endless ray sampler, as Lightning >= 2.2 counts them: 2.1 showed
-        no total, so no percentage and no time left."""
+        """``max_steps`` for the endless ray sampler: training is one epoch, whose batch index the bar shows, and
+        a continued run's goes on from the checkpoint's step. Lightning 2.1 showed no total (so no percentage and
+        no time left); later ones show the steps left, which a continued run's count overshoots."""
         total = super().total_train_batches
         max_steps = self.trainer.max_steps
-        if total == float("inf") and max_steps is not None and max_steps > 0:
-            return max_steps - self.trainer.global_step
+        if max_steps is not None and max_steps > 0 and (total == float("inf") or self.trainer.max_epochs == -1):
+            return max_steps
         return total
+
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        if _batches_done(trainer):  # continued mid-epoch: Lightning >= 2.2 calls no on_train_epoch_start
+            self._continue_bar(trainer)
+
+    def on_train_epoch_start(self, trainer, *args):
+        if _batches_done(trainer) and self.train_progress_bar is not None and not getattr(self, "_leave", False):
+            self._continue_bar(trainer)  # Lightning 2.1 calls it when continuing, and would set the bar to 0
+        else:
+            super().on_train_epoch_start(trainer, *args)
+
+    def _continue_bar(self, trainer) -> None:
+        """Name the bar and start it at the batch a continued run (--train --resume) goes on from: it read
+        'Training: 11/?', with no percentage or time left (Lightning 2.1: '0/20', then 11/20 at a negative rate)."""
+        bar, total = self.train_progress_bar, self.total_train_batches
+        bar.total = None if total == float("inf") else total
+        bar.initial = bar.n = bar.last_print_n = _batches_done(trainer)  # the rate counts this run's batches
+        bar.start_t = bar.last_print_t = time.time()
+        bar.set_description(f"Epoch {trainer.current_epoch}")  # draws it
 
     def get_metrics(self, trainer, pl_module):
         metrics = super().get_metrics(trainer, pl_module)
@@ -182,6 +203,11 @@ class ProgressBar(TQDMProgressBar):
                     self._predict_progress_bar):
             if bar is not None:
                 bar.close()
+
+
+def _batches_done(trainer) -> int:
+    """Batches of the current epoch done before this fit: a continued run's (training is one endless epoch)."""
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
 
 
 def _is_terminal(stream) -> bool:
