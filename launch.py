@@ -231,6 +231,20 @@ def reuse_trial_folder(config, trial: str, args) -> None:
             config[f"{key}_dir"] = os.path.join(trial, key)
 
 
+def start_beside_trial(config, trial: str, args) -> None:
+    """``--train --resume_weights_only`` from a trial's parsed.yaml is a new run (its steps count from 0 again):
+    it gets a trial folder of its own, beside that one (or under ``--exp_dir``), instead of writing its
+    it{step} outputs over the old run's and its config over the record of how the old weights were trained."""
+    recorded = os.path.join(str(config.get("exp_dir") or ""), str(config.trial_name))
+    config.exp_dir = (os.path.join(args.exp_dir, config.name) if args.exp_dir_given
+                      else os.path.dirname(os.path.normpath(trial)) or ".")
+    config.trial_name = None
+    for key in ("save", "ckpt", "code", "config"):
+        if config.get(f"{key}_dir") == os.path.join(recorded, key):  # the old trial's, not set otherwise
+            config[f"{key}_dir"] = None
+    log.info(f"--resume_weights_only starts a new trial in {config.exp_dir}; {trial} is left as it is.")
+
+
 def trial_paths(config, args) -> list:
     """instant-nsr-pl's trial layout; a parsed.yaml that already names its trial keeps it. A new trial's
     folder is created here, so that a second run started in the same second (a sweep launched in parallel)
@@ -440,7 +454,11 @@ def run(argv=None) -> int:
         if unread:
             log.warning(describe_unread(unread))
         if trial and config.get("trial_name"):
-            reuse_trial_folder(config, trial, args)
+            if args.train and args.resume_weights_only:
+                start_beside_trial(config, trial, args)
+                kept_raw = False  # the new trial's raw.yaml: the config this run was given
+            else:
+                reuse_trial_folder(config, trial, args)
         created = trial_paths(config, args)
         if not created:  # a trial run before: what a killed write of it left behind goes
             report_stale_temporaries(os.path.join(config.exp_dir, config.trial_name))

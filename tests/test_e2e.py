@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from omegaconf import OmegaConf
 
 from helpers import demo_data
 
@@ -143,16 +145,33 @@ def test_validate_reproduces_the_training_runs_validation(trained):
 
 
 @pytest.mark.slow
-def test_resume_weights_only_starts_a_fresh_run_from_the_weights(trained):
+def test_resume_weights_only_starts_a_fresh_run_from_the_weights(trained, tmp_path):
+    """From the trial's own parsed.yaml, as a fine-tune is usually started: the new run gets a trial folder beside
+    the old one. It used to write into the old one: its config over the old run's record, its it{step} outputs
+    over the old run's of the same step."""
     tmp, data, trial, _ = trained
     ckpt = glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))[0]
-    launch(tmp, "--config", "configs/nerf-demo.yaml", "--train", "--resume", ckpt, "--resume_weights_only",
-           f"dataset.root_dir={data}", "tag=again", *SMALL[:2], "trainer.max_steps=5", "trainer.val_check_interval=5",
-           "trainer.limit_val_batches=1", "model.geometry.isosurface.resolution=32")
-    again = glob.glob(str(tmp / "exp" / "nerf-demo" / "again@*"))[0]
+    moved = tmp_path / "results" / os.path.basename(trial)  # beside the trial wherever it is, not under ./exp
+    shutil.copytree(trial, moved)
+    before = {path: open(path, "rb").read() for path in glob.glob(str(moved / "**" / "*"), recursive=True)
+              if os.path.isfile(path)}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), "--config",
+                           str(moved / "config" / "parsed.yaml"), "--train", "--resume", ckpt, "--resume_weights_only",
+                           "--runs_dir", str(tmp_path / "runs"), "tag=again", "trainer.max_steps=5",
+                           "trainer.val_check_interval=5", "model.geometry.isosurface.resolution=32"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=1200)  # no --exp_dir
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert f"--resume_weights_only starts a new trial in {tmp_path / 'results'}; {moved} is left as it is." in out
+    after = {path: open(path, "rb").read() for path in glob.glob(str(moved / "**" / "*"), recursive=True)
+             if os.path.isfile(path)}
+    assert after == before
+    again = glob.glob(str(tmp_path / "results" / "again@*"))[0]
     fresh = glob.glob(os.path.join(again, "ckpt", "*.ckpt"))
     assert [os.path.basename(f) for f in fresh] == ["epoch=0-step=5.ckpt"], "the step count starts at 0"
     assert os.path.isfile(os.path.join(again, "save", "it5-test.mp4"))
+    assert OmegaConf.load(os.path.join(again, "config", "parsed.yaml")).trainer.max_steps == 5
+    assert OmegaConf.load(os.path.join(again, "config", "raw.yaml")).trainer.max_steps == 5
     # 5 steps from scratch give about 11 dB on this scene. From the trained weights (28 dB) a fresh Adam's first
     # steps, each moving every weight by about the learning rate, cost 2 to 3 dB
     assert logged(again, "test/psnr")[-1] > logged(trial, "test/psnr")[0] - 5.0
