@@ -231,6 +231,27 @@ def reuse_trial_folder(config, trial: str, args) -> None:
             config[f"{key}_dir"] = os.path.join(trial, key)
 
 
+def keep_what_the_checkpoint_restores(config, ignored: list) -> None:
+    """Say which optimiser and scheduler options of ``config`` a continued run ignores ((key, this config's value,
+    the checkpoint's) from ``systems.optim.options_a_continued_run_ignores``), and set them in ``config`` to the
+    values restored, so that the trial's parsed.yaml records what the run trained with."""
+    from omegaconf import OmegaConf
+
+    from systems.optim import shown_option
+
+    if not ignored:
+        return
+    said = "; ".join(f"{key}: {shown_option(ours)} here, {shown_option(restored)} restored"
+                     for key, ours, restored in ignored)
+    log.warning(f"Continuing the run restores the checkpoint's optimiser and learning-rate schedule whole, so these "
+                f"options of this config have no effect: {said}. The trial's config/parsed.yaml records the restored "
+                "values. To train with them, start afresh from the weights with --resume_weights_only (steps from "
+                "0).")
+    for key, _, restored in ignored:
+        if OmegaConf.select(config, key, default=None) is not None:
+            OmegaConf.update(config, key, restored, merge=False)
+
+
 def start_beside_trial(config, trial: str, args) -> None:
     """``--train --resume_weights_only`` from a trial's parsed.yaml is a new run (its steps count from 0 again):
     it gets a trial folder of its own, beside that one (or under ``--exp_dir``), instead of writing its
@@ -432,7 +453,7 @@ def run(argv=None) -> int:
     import systems
     from datasets.base import DatasetError
     from systems.finite_guard import NonFiniteLossError
-    from systems.optim import check_optimization_config
+    from systems.optim import check_optimization_config, options_a_continued_run_ignores
     from utils.callbacks import (AtomicCheckpointIO, AtomicCSVLogger, ProgressBar, SaveOnSignal, StopOnSignal,
                                  TrialSnapshot)
     from utils.config import to_primitive, whole_step_counts
@@ -453,9 +474,11 @@ def run(argv=None) -> int:
         unread = unread_keys(raw_config, also_referenced=interpolated)
         if unread:
             log.warning(describe_unread(unread))
-        if trial and config.get("trial_name"):
+        reusing_trial = bool(trial and config.get("trial_name"))
+        if reusing_trial:
             if args.train and args.resume_weights_only:
                 start_beside_trial(config, trial, args)
+                reusing_trial = False
                 kept_raw = False  # the new trial's raw.yaml: the config this run was given
             else:
                 reuse_trial_folder(config, trial, args)
@@ -468,16 +491,23 @@ def run(argv=None) -> int:
         system = systems.make(config.system.name, config, mode=mode)
         if mode == "train":
             check_optimization_config(config.system, system.model)
-        dm = datasets.make(config.dataset.name, config.dataset)
-        dm.setup({"train": "fit", "validate": "validate"}.get(mode, "test"))
+        nothing_to_train = False
         if args.resume:  # a full --train --resume checks the checkpoint here, then Lightning restores all of it
             ckpt = load_weights(system, args.resume)
             log.info(f"Loaded weights from {args.resume} (step {ckpt.get('global_step', '?')})")
             reached = int(ckpt.get("global_step", 0))
+            if mode == "train" and not args.resume_weights_only:
+                keep_what_the_checkpoint_restores(config, options_a_continued_run_ignores(config.system,
+                                                                                          system.model, ckpt))
             if mode == "train" and not args.resume_weights_only and reached >= int(config.trainer.max_steps):
                 log.warning(f"The checkpoint is at step {reached}, already trainer.max_steps={config.trainer.max_steps}"
                             f" or past it: nothing to train{'' if args.skip_test else ', testing it'}. Continue "
                             f"training with a larger trainer.max_steps (the total, e.g. {reached + 1000}).")
+                nothing_to_train = True
+            del ckpt  # the optimiser's state in it: as large as the model, twice over
+        # the scene last: a checkpoint that does not fit the config is said before its images are read
+        dm = datasets.make(config.dataset.name, config.dataset)
+        dm.setup({"train": "fit", "validate": "validate"}.get(mode, "test"))
 
         trainer_cfg = whole_step_counts(dict(to_primitive(config.get("trainer", {})) or {}))
         trainer_cfg.setdefault("inference_mode", False)  # SDF normals need autograd while testing
@@ -498,9 +528,10 @@ def run(argv=None) -> int:
                     callbacks.append(ModelCheckpoint(dirpath=config.ckpt_dir,
                                                      **dict(to_primitive(config.get("checkpoint", {})) or {})))
                 stop_on_signal = SaveOnSignal(config.ckpt_dir)  # after ModelCheckpoint: it may reuse that one's file
-            callbacks += [LearningRateMonitor(logging_interval="step"),
-                          TrialSnapshot(config, raw_config, config.config_dir, config.code_dir,
-                                        keep_raw=kept_raw)]
+            callbacks.append(LearningRateMonitor(logging_interval="step"))
+            if not (nothing_to_train and reusing_trial):  # the trial's record stays that of its checkpoints
+                callbacks.append(TrialSnapshot(config, raw_config, config.config_dir, config.code_dir,
+                                               keep_raw=kept_raw))
         callbacks.append(stop_on_signal)
         if trainer_cfg.get("enable_progress_bar", True):
             callbacks.append(ProgressBar())

@@ -159,3 +159,83 @@ def _scheduler(config: Any, optimizer: torch.optim.Optimizer):
 def make_scheduler(config: Any, optimizer: torch.optim.Optimizer) -> Dict[str, Any]:
     """Lightning's lr_scheduler dict: scheduler plus interval ('step' or 'epoch')."""
     return {"scheduler": _scheduler(config, optimizer), "interval": config.get("interval", "step")}
+
+
+NOT_OPTIONS = {"params", "name", "lr", "fused", "foreach", "capturable", "differentiable"}  # lr: where it is now
+SCHEDULE_POSITION = {"last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step",
+                     "verbose", "base_lrs", "_schedulers"}  # base_lrs: the optimiser's lr
+
+
+def _scheduler_options(state: dict, where: str) -> Dict[str, Any]:
+    """{'<config key>': value} of a scheduler's state_dict without its position (SequentialLR's and
+    ChainedScheduler's own under ``<where>``, their schedulers' under ``<where>.schedulers.<i>``)."""
+    composite = "_schedulers" in state
+    options = {f"{where}.{key.lstrip('_')}" if composite else f"{where}.args.{key}": value
+               for key, value in state.items() if key not in SCHEDULE_POSITION}
+    for i, sub in enumerate(state.get("_schedulers") or []):
+        options.update(_scheduler_options(sub, f"{where}.schedulers.{i}"))
+    return options
+
+
+def _optimization_options(optimizer_state: dict, scheduler_state: dict | None) -> Dict[str, Any]:
+    """{'<config key>': value} of the options an optimiser and its scheduler were built with."""
+    options = {}
+    for group in optimizer_state["param_groups"]:
+        where = "system.optimizer.args" if group.get("name", "all") == "all" else \
+            f"system.optimizer.params.{group['name']}"
+        options.update({f"{where}.{'lr' if key == 'initial_lr' else key}": value for key, value in group.items()
+                        if key not in NOT_OPTIONS})
+    if scheduler_state is not None:
+        options.update(_scheduler_options(scheduler_state, "system.scheduler"))
+    return options
+
+
+def options_a_continued_run_ignores(system_config: Any, model: nn.Module, ckpt: dict) -> list:
+    """[(config key, this config's value, the checkpoint's), ...]: the optimiser and scheduler options this
+    config sets otherwise than the run the checkpoint continues (values as ``shown_option`` gives them). ``--train --resume`` restores the
+    optimiser and the scheduler whole (Lightning), so these have no effect; a new learning rate, or a schedule
+    stretched to a larger ``trainer.max_steps`` (neus-demo's decay rate follows it), was dropped without a word.
+    A ConfigError when the two optimisers' parameter groups differ (Lightning fails on it with a traceback)."""
+    saved_optimizers, saved_schedulers = ckpt.get("optimizer_states") or [], ckpt.get("lr_schedulers") or []
+    if len(saved_optimizers) != 1:
+        return []
+    import warnings
+
+    optimizer = configured_optimizer(system_config.optimizer, model)[-1]
+    scheduler = None
+    if system_config.get("scheduler") is not None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scheduler = make_scheduler(system_config.scheduler, optimizer)["scheduler"]
+    ours, saved = optimizer.state_dict()["param_groups"], saved_optimizers[0]["param_groups"]
+    if [len(g["params"]) for g in ours] != [len(g["params"]) for g in saved]:
+        raise ConfigError(
+            f"The checkpoint's optimiser has the parameter groups {[g.get('name', '?') for g in saved]}, this "
+            f"config's system.optimizer.params gives {[g.get('name', '?') for g in ours]}: continue the run with "
+            "its trial's config/parsed.yaml, or start afresh from its weights with --resume_weights_only.")
+    now = _optimization_options(optimizer.state_dict(), None if scheduler is None else scheduler.state_dict())
+    then = _optimization_options(saved_optimizers[0], saved_schedulers[0] if saved_schedulers else None)
+    return [(key, option_value(now[key]), option_value(then[key])) for key in now
+            if key in then and shown_option(now[key]) != shown_option(then[key])]
+
+
+def option_value(value: Any) -> Any:
+    """A scheduler's or optimiser's state value as a config writes it: a Counter (MultiStepLR's milestones) as
+    its sorted elements, tuples as lists."""
+    from collections import Counter
+
+    if isinstance(value, Counter):
+        return sorted(value.elements())
+    if isinstance(value, (list, tuple)):
+        return [option_value(v) for v in value]
+    return value
+
+
+def shown_option(value: Any) -> str:
+    """A value as a message shows it, and as two are compared: numbers to 6 significant digits."""
+    value = option_value(value)
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list):
+        return "[" + ", ".join(shown_option(v) for v in value) + "]"
+    return str(value)

@@ -184,11 +184,13 @@ def test_continuing_a_run_to_a_step_count_it_has_reached_says_so(trained):
     tmp, data, trial, _ = trained
     ckpt = glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))[0]
     before = sorted(os.listdir(os.path.join(trial, "ckpt")))
+    record = open(os.path.join(trial, "config", "parsed.yaml")).read()
     out = launch(tmp, "--config", os.path.join(trial, "config", "parsed.yaml"), "--train", "--resume", ckpt,
                  "--skip_test", "trainer.max_steps=300")
     assert ("The checkpoint is at step 400, already trainer.max_steps=300 or past it: nothing to train. Continue "
             "training with a larger trainer.max_steps (the total, e.g. 1400).") in out
     assert sorted(os.listdir(os.path.join(trial, "ckpt"))) == before
+    assert open(os.path.join(trial, "config", "parsed.yaml")).read() == record  # it said max_steps: 300 after
 
 
 @pytest.mark.slow
@@ -462,14 +464,41 @@ def test_a_tilde_the_shell_left_in_a_path_option_is_the_home_folder(monkeypatch,
 def test_incompatible_checkpoint_is_refused(trained):
     tmp, data, trial, _ = trained
     ckpt = glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))[0]
-    out = launch(tmp, "--config", "configs/nerf-demo.yaml", "--test", "--resume", ckpt, f"dataset.root_dir={data}",
+    never = tmp / "never-rendered"
+    out = launch(tmp, "--config", "configs/nerf-demo.yaml", "--test", "--resume", ckpt, f"dataset.root_dir={never}",
                  "model.geometry.xyz_encoding_config.n_levels=4", expect=2)
     assert "does not match this config" in out and "Traceback" not in out
+    assert not never.exists()  # said before the scene is read (here: rendered)
     # the trial folder instead of a file in it: the newest checkpoint there is suggested
     out = launch(tmp, "--config", "configs/nerf-demo.yaml", "--test", "--resume", trial, f"dataset.root_dir={data}",
                  expect=2)
     newest = max(glob.glob(os.path.join(trial, "ckpt", "*.ckpt")), key=os.path.getmtime)
     assert f"Checkpoint '{trial}' is a folder; give a checkpoint file, e.g. --resume {newest}" in out
+
+
+@pytest.mark.slow
+def test_a_continued_run_names_the_options_its_checkpoint_overrides(trained, tmp_path):
+    """--train --resume restores the optimiser and the schedule whole (Lightning): a learning rate changed on the
+    command line was dropped without a word. Parameter groups that differ were a traceback from torch, after
+    the scene had loaded."""
+    _, data, trial, _ = trained
+    copy = tmp_path / os.path.basename(trial)  # the run below writes its parsed.yaml into the trial
+    shutil.copytree(trial, copy)
+    ckpt = glob.glob(str(copy / "ckpt" / "*.ckpt"))[0]
+    out = launch(tmp_path, "--config", str(copy / "config" / "parsed.yaml"), "--train", "--resume", ckpt,
+                 "--skip_test", "system.optimizer.args.lr=0.02")
+    assert ("so these options of this config have no effect: system.optimizer.args.lr: 0.02 here, 0.01 restored. "
+            "The trial's config/parsed.yaml records the restored values.") in out
+    assert OmegaConf.load(copy / "config" / "parsed.yaml").system.optimizer.args.lr == 0.01
+    out = launch(tmp_path, "--config", str(copy / "config" / "parsed.yaml"), "--train", "--resume", ckpt,
+                 "--skip_test")
+    assert "have no effect" not in out  # the trial's own config: nothing differs
+    never = tmp_path / "never-rendered"
+    out = launch(tmp_path, "--config", str(copy / "config" / "parsed.yaml"), "--train", "--resume", ckpt,
+                 f"dataset.root_dir={never}", "+system.optimizer.params.geometry.lr=0.01", expect=2)
+    assert ("The checkpoint's optimiser has the parameter groups ['all'], this config's system.optimizer.params "
+            "gives ['geometry']: continue the run with its trial's config/parsed.yaml") in out
+    assert "Traceback" not in out and not never.exists()
 
 
 @pytest.mark.slow

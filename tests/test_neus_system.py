@@ -272,3 +272,28 @@ def test_a_scheduler_value_its_first_step_cannot_use_is_refused_at_start_up(over
         check_optimization_config(system.config.system, system.model)
     system = neus_system()
     check_optimization_config(system.config.system, system.model)  # the demo's own schedule steps
+
+
+def test_a_continued_run_names_a_schedule_the_checkpoint_overrides_and_records_the_restored_one():
+    """neus-demo's decay rate follows trainer.max_steps: continuing a 1500-step run to 3000 from the shipped
+    config keeps the checkpoint's rate (Lightning restores the scheduler whole). The options that differ are
+    named, and the config (which parsed.yaml is written from) is set to what the run trains with."""
+    import launch
+    from systems.optim import make_scheduler, options_a_continued_run_ignores
+
+    trained = neus_system()
+    optimizer = make_optimizer(trained.config.system.optimizer, trained.model)
+    scheduler = make_scheduler(trained.config.system.scheduler, optimizer)["scheduler"]
+    ckpt = {"optimizer_states": [optimizer.state_dict()], "lr_schedulers": [scheduler.state_dict()]}
+    assert options_a_continued_run_ignores(trained.config.system, trained.model, ckpt) == []
+
+    longer = neus_system("trainer.max_steps=3000", "system.optimizer.params.geometry.lr=0.02")
+    ignored = options_a_continued_run_ignores(longer.config.system, longer.model, ckpt)
+    restored_gamma = trained.config.system.scheduler.schedulers[1].args.gamma
+    assert [key for key, _, _ in ignored] == ["system.optimizer.params.geometry.lr",
+                                              "system.scheduler.schedulers.1.args.gamma"]
+    assert ignored[0][1:] == (0.02, 0.01) and ignored[1][2] == pytest.approx(restored_gamma)
+    launch.keep_what_the_checkpoint_restores(longer.config, ignored)
+    assert longer.config.system.optimizer.params.geometry.lr == 0.01
+    assert longer.config.system.scheduler.schedulers[1].args.gamma == pytest.approx(restored_gamma)
+    assert options_a_continued_run_ignores(longer.config.system, longer.model, ckpt) == []
