@@ -83,17 +83,20 @@ def setup_logging(verbose: bool) -> None:
         for pattern in (".*does not have many workers.*", ".*LightningModule.*log.*", ".*sync_dist.*",
                         ".*TensorBoard support.*", ".*You called `self.log.*",
                         ".*isinstance\\(treespec, LeafSpec\\).*",  # Lightning's own use of torch's pytree
-                        "TypedStorage is deprecated"):  # torch 2.1's own weights-only loading
+                        "TypedStorage is deprecated",  # torch 2.1's own weights-only loading
+                        ".*Checkpoint directory .* exists and is not empty.*"):  # a continued trial's, named
             warnings.filterwarnings("ignore", message=pattern)
         # Lightning advertises its cloud services ("Tip: ... try installing litlogger / litmodels") at every run,
         # says "`Trainer.fit` stopped: `max_steps=N` reached." on the bar's line when training ends as planned,
         # "GPU available: False, used: False" / "TPU available ..." (our Device line says it) and
-        # "`Trainer(limit_train_batches=1.0)` was configured so 100% of the batches ..." (the configs' default)
+        # "`Trainer(limit_train_batches=1.0)` was configured so 100% of the batches ..." (the configs' default),
+        # and "Restoring states from the checkpoint path at ..." / "Restored all states ..." (ours says it first)
         logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
             lambda record: not str(record.msg).startswith(("💡 Tip", "`Trainer.fit` stopped: `max_steps=",
                                                            "GPU available:", "TPU available:", "HPU available:",
                                                            "IPU available:",  # Lightning < 2.2
-                                                           "`Trainer(limit_")))
+                                                           "`Trainer(limit_", "Restoring states from the checkpoint",
+                                                           "Restored all states from the checkpoint")))
 
 
 def acknowledge_lightning_sigterm(record) -> bool:
@@ -494,7 +497,9 @@ def run(argv=None) -> int:
         nothing_to_train = False
         if args.resume:  # a full --train --resume checks the checkpoint here, then Lightning restores all of it
             ckpt = load_weights(system, args.resume)
-            log.info(f"Loaded weights from {args.resume} (step {ckpt.get('global_step', '?')})")
+            continued = mode == "train" and not args.resume_weights_only
+            log.info(f"{'Continuing the run from' if continued else 'Loaded weights from'} {args.resume} (step "
+                     f"{ckpt.get('global_step', '?')}{': weights, optimiser and schedule' if continued else ''})")
             reached = int(ckpt.get("global_step", 0))
             if mode == "train" and not args.resume_weights_only:
                 keep_what_the_checkpoint_restores(config, options_a_continued_run_ignores(config.system,
