@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import logging
 import os
 import re
 import shutil
@@ -126,8 +127,18 @@ def extract_frames(video: str, image_dir: str, fps: float, max_size: int) -> dic
     if not os.path.isfile(video):
         raise CaptureError(f"Video {video} does not exist.")
     try:
-        reader = imageio.get_reader(video, format="FFMPEG")
+        quiet = logging.getLogger("imageio_ffmpeg")  # its warning on a rotated video, said below in our words
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            reader = imageio.get_reader(video, format="FFMPEG")
+        finally:
+            quiet.setLevel(level)
         meta = reader.get_meta_data()
+        if meta.get("source_size") and tuple(meta["source_size"]) != tuple(meta.get("size") or ()):
+            stored, shown = ("x".join(map(str, meta[key])) for key in ("source_size", "size"))
+            print(f"{os.path.basename(video)} is stored {stored} and shown {shown} (a rotation tag, as phones write "
+                  "it): its frames are extracted as shown.")
         video_fps = float(meta.get("fps") or 30.0)
         duration = meta.get("duration")
         total = int(round(duration * video_fps)) if duration and np.isfinite(duration) else None

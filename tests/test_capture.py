@@ -158,8 +158,10 @@ def test_frame_selection_keeps_sharp_frames_and_drops_still_ones():
         assert np.array_equal(frame, truth)
 
 
-def test_a_phone_video_filmed_upright_gives_upright_frames(tmp_path):
-    """Phones store a portrait video as landscape frames plus a display rotation; ffmpeg applies it."""
+def test_a_phone_video_filmed_upright_gives_upright_frames(tmp_path, capsys, caplog):
+    """Phones store a portrait video as landscape frames plus a display rotation; ffmpeg applies it. The script
+    says so in a line of its own (imageio-ffmpeg's warning, 'The frame size for reading (96, 160) is different
+    from the source frame size (160, 96)', read as a fault)."""
     import subprocess
 
     import imageio_ffmpeg
@@ -176,7 +178,11 @@ def test_a_phone_video_filmed_upright_gives_upright_frames(tmp_path):
                            str(tmp_path / "sensor.mp4"), "-c", "copy", str(tmp_path / "phone.mp4")])
     if done.returncode:
         pytest.skip("this ffmpeg cannot tag a display rotation (-display_rotation needs ffmpeg 6.1 or later)")
+    capsys.readouterr()
     stats = imgs2poses.extract_frames(str(tmp_path / "phone.mp4"), str(tmp_path / "images"), fps=8, max_size=1000)
+    assert ("phone.mp4 is stored 160x96 and shown 96x160 (a rotation tag, as phones write it): its frames are "
+            "extracted as shown.") in capsys.readouterr().out
+    assert "frame size" not in caplog.text
     first = imageio.imread(sorted(glob.glob(str(tmp_path / "images" / "*.jpg")))[0])
     assert stats["kept"] >= 3 and first.shape == (160, 96, 3)
     # turned a quarter counter-clockwise, as the tag says: the red top is now the left edge, the green left the bottom
