@@ -732,27 +732,26 @@ def test_runs_started_in_the_same_second_get_their_own_trial(tmp_path, monkeypat
     import argparse
     from datetime import datetime
 
-    import launch as launcher
-    from omegaconf import OmegaConf
+    import utils.trial as trial_folders
 
     class FrozenClock:
         @staticmethod
         def now():
             return datetime(2026, 1, 2, 3, 4, 5)
 
-    monkeypatch.setattr(launcher, "datetime", FrozenClock)
+    monkeypatch.setattr(trial_folders, "datetime", FrozenClock)
     monkeypatch.setenv("NSR_TRIAL_NAME", "unset at teardown")  # trial_paths sets it; later launches must not see it
     args = argparse.Namespace(exp_dir=str(tmp_path / "exp"))
     trials = []
     for _ in range(3):
         monkeypatch.delenv("NSR_TRIAL_NAME", raising=False)  # each run is its own process
         config = OmegaConf.create({"name": "sweep", "tag": "lr"})
-        created = launcher.trial_paths(config, args)
+        created = trial_folders.trial_paths(config, args)
         trials.append(config.trial_name)
         assert os.path.isdir(created[0]) and created[0].endswith(config.trial_name)
     assert trials == ["lr@20260102-030405", "lr@20260102-030405-2", "lr@20260102-030405-3"]
     assert created[1:] == [], "exp/sweep existed by then"
     # a DDP child process re-runs launch.py: it joins its parent's trial
     config = OmegaConf.create({"name": "sweep", "tag": "lr"})
-    launcher.trial_paths(config, args)
+    trial_folders.trial_paths(config, args)
     assert config.trial_name == trials[-1]
