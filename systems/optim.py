@@ -192,10 +192,11 @@ def _optimization_options(optimizer_state: dict, scheduler_state: dict | None) -
 
 def options_a_continued_run_ignores(system_config: Any, model: nn.Module, ckpt: dict) -> list:
     """[(config key, this config's value, the checkpoint's), ...]: the optimiser and scheduler options this
-    config sets otherwise than the run the checkpoint continues (values as ``shown_option`` gives them). ``--train --resume`` restores the
-    optimiser and the scheduler whole (Lightning), so these have no effect; a new learning rate, or a schedule
-    stretched to a larger ``trainer.max_steps`` (neus-demo's decay rate follows it), was dropped without a word.
-    A ConfigError when the two optimisers' parameter groups differ (Lightning fails on it with a traceback)."""
+    config sets otherwise (to 6 significant digits) than the run the checkpoint continues, values as a config
+    writes them (``option_value``). ``--train --resume`` restores the optimiser and the scheduler whole
+    (Lightning), so these have no effect; a new learning rate, or a schedule stretched to a larger
+    ``trainer.max_steps`` (neus-demo's decay rate follows it), was dropped without a word. A ConfigError when the
+    two optimisers' parameter groups differ (Lightning fails on it with a traceback)."""
     saved_optimizers, saved_schedulers = ckpt.get("optimizer_states") or [], ckpt.get("lr_schedulers") or []
     if len(saved_optimizers) != 1:
         return []
