@@ -29,6 +29,7 @@ from utils.mesh import MeshError, largest_component, write_mesh
 from utils.metrics import ImageMetrics
 
 log = logging.getLogger("nsr")
+TRAINING_STREAMS = "nsr_training_streams"  # the checkpoint key of BaseSystem.training_streams
 
 
 def masked_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -178,6 +179,41 @@ class BaseSystem(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         # callbacks save before this module's on_train_batch_end: record the step the weights are at
         checkpoint["state_dict"]["trained_steps"] = torch.tensor(checkpoint.get("global_step", self.global_step))
+        if self._trainer is not None:
+            checkpoint[TRAINING_STREAMS] = self.training_streams()
+
+    def training_streams(self) -> Dict[str, Any]:
+        """What a continued run needs, beyond what Lightning restores, to go on as if it had not stopped: the ray
+        sampler's and torch's random streams (the rays, the random background, the occupancy grid's samples) and
+        the dynamic ray count. With them, a run stopped at step k and continued trains the same weights as one
+        that ran through (bit for bit on a CPU)."""
+        streams = {"torch": torch.get_rng_state()}
+        if getattr(self, "ray_generator", None) is not None:
+            streams["rays"] = self.ray_generator.get_state()
+        if self.device.type == "cuda":
+            streams["cuda"] = torch.cuda.get_rng_state(self.device)
+        if hasattr(self, "train_num_rays"):
+            streams["train_num_rays"] = int(self.train_num_rays)
+        return streams
+
+    def on_load_checkpoint(self, checkpoint):
+        self._continued_streams = checkpoint.get(TRAINING_STREAMS)  # applied at on_train_start
+
+    def on_train_start(self):
+        streams, self._continued_streams = getattr(self, "_continued_streams", None), None
+        if not streams:  # a fresh run, or a checkpoint of an older version
+            return
+        if self.trainer.world_size > 1:  # only rank 0's streams are saved: each rank draws a stream of its own
+            self.ray_generator.manual_seed(int(self.config.get("seed", 42)) + self.global_rank
+                                           + 1_000_003 * self.global_step)
+        else:
+            torch.set_rng_state(streams["torch"])
+            if "rays" in streams:
+                self.ray_generator.set_state(streams["rays"])
+            if "cuda" in streams and self.device.type == "cuda":
+                torch.cuda.set_rng_state(streams["cuda"], self.device)
+        if "train_num_rays" in streams and hasattr(self, "train_num_rays"):
+            self.train_num_rays = int(streams["train_num_rays"])
 
     @property
     def is_logging_step(self) -> bool:

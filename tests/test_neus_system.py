@@ -255,6 +255,29 @@ def test_the_same_seed_trains_the_same_weights_on_several_threads(tmp_path):
     assert moved == [], moved
 
 
+def test_a_run_stopped_and_continued_trains_the_weights_of_one_that_ran_through(tmp_path):
+    """A cluster job preempted at step 12 and requeued (--train --resume) drew its rays, random backgrounds and
+    occupancy samples from the start of their streams again, and restarted the dynamic ray count: its weights
+    ended up to 1.0 apart from an uninterrupted run's. The checkpoint now carries those streams and the count."""
+    import pytorch_lightning as pl
+
+    def fit(steps, folder, ckpt_path=None):
+        pl.seed_everything(3)  # launch.py seeds every process so
+        system, dm = training_system("configs/neus-demo.yaml", tmp_path / folder, "model.grid_resolution=16",
+                                     "model.grid_warmup_steps=4", "+model.grid_update_every=4")
+        pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, default_root_dir=tmp_path / folder,
+                   limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
+                   enable_progress_bar=False).fit(system, datamodule=dm, ckpt_path=ckpt_path)
+        return system
+
+    through = fit(24, "through")
+    fit(12, "stopped")
+    continued = fit(24, "continued", glob.glob(str(tmp_path / "stopped" / "**" / "*step=12.ckpt"), recursive=True)[0])
+    assert continued.train_num_rays == through.train_num_rays
+    a, b = through.state_dict(), continued.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
 @pytest.mark.parametrize("override, message", [
     ("system.scheduler.schedulers.1.args.gamma=abc",
      r"ExponentialLR cannot step with system.scheduler.schedulers.1.args \{'gamma': 'abc'\} \(can't multiply"),
