@@ -213,9 +213,10 @@ def why_no_cuda(torch) -> str:
 
 
 def keep_what_the_checkpoint_restores(config, ignored: list) -> None:
-    """Say which optimiser and scheduler options of ``config`` a continued run ignores ((key, this config's value,
-    the checkpoint's) from ``systems.optim.options_a_continued_run_ignores``), and set them in ``config`` to the
-    values restored, so that the trial's parsed.yaml records what the run trained with."""
+    """Say which options of ``config`` a continued run ignores ((key, this config's value, the checkpoint's): the
+    optimiser's and scheduler's from ``systems.optim.options_a_continued_run_ignores``, and the seed, whose streams
+    go on from the checkpoint's), and set them in ``config`` to the values restored, so that the trial's
+    parsed.yaml records what the run trained with."""
     from omegaconf import OmegaConf
 
     from systems.optim import shown_option
@@ -224,8 +225,8 @@ def keep_what_the_checkpoint_restores(config, ignored: list) -> None:
         return
     said = "; ".join(f"{key}: {shown_option(ours)} here, {shown_option(restored)} restored"
                      for key, ours, restored in ignored)
-    log.warning(f"Continuing the run restores the checkpoint's optimiser and learning-rate schedule whole, so these "
-                f"options of this config have no effect: {said}. The trial's config/parsed.yaml records the restored "
+    log.warning(f"Continuing the run restores the checkpoint's optimiser, learning-rate schedule and random streams "
+                f"whole, so these options of this config have no effect: {said}. The trial's config/parsed.yaml records the restored "
                 "values. To train with them, start afresh from the weights with --resume_weights_only (steps from "
                 "0).")
     for key, _, restored in ignored:
@@ -372,6 +373,7 @@ def run(argv=None) -> int:
     import systems
     from datasets.base import DatasetError
     from systems.finite_guard import NonFiniteLossError
+    from systems.base import TRAINING_STREAMS
     from systems.optim import check_optimization_config, options_a_continued_run_ignores
     from utils.callbacks import (AtomicCheckpointIO, AtomicCSVLogger, ProgressBar, SaveOnSignal, StopOnSignal,
                                  TrialSnapshot)
@@ -418,8 +420,11 @@ def run(argv=None) -> int:
                      f"{ckpt.get('global_step', '?')}{': weights, optimiser and schedule' if continued else ''})")
             reached = int(ckpt.get("global_step", 0))
             if mode == "train" and not args.resume_weights_only:
-                keep_what_the_checkpoint_restores(config, options_a_continued_run_ignores(config.system,
-                                                                                          system.model, ckpt))
+                ignored = options_a_continued_run_ignores(config.system, system.model, ckpt)
+                seed = (ckpt.get(TRAINING_STREAMS) or {}).get("seed")  # the streams go on from the checkpoint's
+                if seed is not None and seed != int(config.get("seed", 42)):
+                    ignored.append(("seed", int(config.get("seed", 42)), seed))
+                keep_what_the_checkpoint_restores(config, ignored)
             if mode == "train" and not args.resume_weights_only and reached >= int(config.trainer.max_steps):
                 log.warning(f"The checkpoint is at step {reached}, already trainer.max_steps={config.trainer.max_steps}"
                             f" or past it: nothing to train{'' if args.skip_test else ', testing it'}. Continue "

@@ -187,7 +187,7 @@ class BaseSystem(pl.LightningModule):
         sampler's and torch's random streams (the rays, the random background, the occupancy grid's samples) and
         the dynamic ray count. With them, a run stopped at step k and continued trains the same weights as one
         that ran through (bit for bit on a CPU)."""
-        streams = {"torch": torch.get_rng_state()}
+        streams = {"torch": torch.get_rng_state(), "seed": int(self.config.get("seed", 42))}
         if getattr(self, "ray_generator", None) is not None:
             streams["rays"] = self.ray_generator.get_state()
         if self.device.type == "cuda":

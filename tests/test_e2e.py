@@ -487,10 +487,11 @@ def test_a_continued_run_names_the_options_its_checkpoint_overrides(trained, tmp
     shutil.copytree(trial, copy)
     ckpt = glob.glob(str(copy / "ckpt" / "*.ckpt"))[0]
     out = launch(tmp_path, "--config", str(copy / "config" / "parsed.yaml"), "--train", "--resume", ckpt,
-                 "--skip_test", "system.optimizer.args.lr=0.02")
-    assert ("so these options of this config have no effect: system.optimizer.args.lr: 0.02 here, 0.01 restored. "
-            "The trial's config/parsed.yaml records the restored values.") in out
-    assert OmegaConf.load(copy / "config" / "parsed.yaml").system.optimizer.args.lr == 0.01
+                 "--skip_test", "system.optimizer.args.lr=0.02", "seed=5", "trainer.max_steps=405")
+    assert ("so these options of this config have no effect: system.optimizer.args.lr: 0.02 here, 0.01 restored; "
+            "seed: 5 here, 42 restored. The trial's config/parsed.yaml records the restored values.") in out
+    record = OmegaConf.load(copy / "config" / "parsed.yaml")  # written by this run, which trained 5 steps
+    assert record.trainer.max_steps == 405 and record.system.optimizer.args.lr == 0.01 and record.seed == 42
     out = launch(tmp_path, "--config", str(copy / "config" / "parsed.yaml"), "--train", "--resume", ckpt,
                  "--skip_test")
     assert "have no effect" not in out  # the trial's own config: nothing differs
