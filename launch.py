@@ -225,10 +225,10 @@ def keep_what_the_checkpoint_restores(config, ignored: list) -> None:
         return
     said = "; ".join(f"{key}: {shown_option(ours)} here, {shown_option(restored)} restored"
                      for key, ours, restored in ignored)
-    log.warning(f"Continuing the run restores the checkpoint's optimiser, learning-rate schedule and random streams "
-                f"whole, so these options of this config have no effect: {said}. The trial's config/parsed.yaml records the restored "
-                "values. To train with them, start afresh from the weights with --resume_weights_only (steps from "
-                "0).")
+    log.warning("Continuing the run restores the checkpoint's optimiser, learning-rate schedule and random streams "
+                f"whole, so these options of this config have no effect: {said}. The trial's config/parsed.yaml "
+                "records the restored values. To train with them, start afresh from the weights with "
+                "--resume_weights_only (steps from 0).")
     for key, _, restored in ignored:
         if OmegaConf.select(config, key, default=None) is not None:
             OmegaConf.update(config, key, restored, merge=False)
@@ -416,16 +416,17 @@ def run(argv=None) -> int:
         if args.resume:  # a full --train --resume checks the checkpoint here, then Lightning restores all of it
             ckpt = load_weights(system, args.resume)
             continued = mode == "train" and not args.resume_weights_only
+            restored = ": weights, optimiser, schedule and random streams" if continued else ""
             log.info(f"{'Continuing the run from' if continued else 'Loaded weights from'} {args.resume} (step "
-                     f"{ckpt.get('global_step', '?')}{': weights, optimiser and schedule' if continued else ''})")
+                     f"{ckpt.get('global_step', '?')}{restored})")
             reached = int(ckpt.get("global_step", 0))
-            if mode == "train" and not args.resume_weights_only:
+            if continued:
                 ignored = options_a_continued_run_ignores(config.system, system.model, ckpt)
                 seed = (ckpt.get(TRAINING_STREAMS) or {}).get("seed")  # the streams go on from the checkpoint's
                 if seed is not None and seed != int(config.get("seed", 42)):
                     ignored.append(("seed", int(config.get("seed", 42)), seed))
                 keep_what_the_checkpoint_restores(config, ignored)
-            if mode == "train" and not args.resume_weights_only and reached >= int(config.trainer.max_steps):
+            if continued and reached >= int(config.trainer.max_steps):
                 log.warning(f"The checkpoint is at step {reached}, already trainer.max_steps={config.trainer.max_steps}"
                             f" or past it: nothing to train{'' if args.skip_test else ', testing it'}. Continue "
                             f"training with a larger trainer.max_steps (the total, e.g. {reached + 1000}).")

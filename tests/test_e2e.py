@@ -333,7 +333,8 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_the_run(tmp_path, sig):
         return
     out = launch(tmp_path, "--config", parsed, "--resume", ckpt, "--train", f"trainer.max_steps={step + 10}",
                  "model.geometry.isosurface.resolution=32")
-    assert f"[nsr] Continuing the run from {ckpt} (step {step}: weights, optimiser and schedule)" in out
+    assert (f"[nsr] Continuing the run from {ckpt} (step {step}: weights, optimiser, schedule and random "
+            "streams)") in out
     assert "have no effect" not in out  # nothing the checkpoint restores is set otherwise by parsed.yaml
     final = glob.glob(os.path.join(trial, "ckpt", f"*step={step + 10}.ckpt"))
     assert final and torch.load(final[0], weights_only=True)["global_step"] == step + 10
