@@ -158,7 +158,8 @@ def test_resume_weights_only_starts_a_fresh_run_from_the_weights(trained, tmp_pa
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), "--config",
                            str(moved / "config" / "parsed.yaml"), "--train", "--resume", ckpt, "--resume_weights_only",
                            "--runs_dir", str(tmp_path / "runs"), "tag=again", "trainer.max_steps=5",
-                           "trainer.val_check_interval=5", "model.geometry.isosurface.resolution=32"],
+                           "trainer.val_check_interval=5", "model.geometry.isosurface.resolution=32",
+                           "system.optimizer.args.lr=0.001"],  # a fine-tune's rate
                           cwd=tmp_path, capture_output=True, text=True, timeout=1200)  # no --exp_dir
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
@@ -172,9 +173,10 @@ def test_resume_weights_only_starts_a_fresh_run_from_the_weights(trained, tmp_pa
     assert os.path.isfile(os.path.join(again, "save", "it5-test.mp4"))
     assert OmegaConf.load(os.path.join(again, "config", "parsed.yaml")).trainer.max_steps == 5
     assert OmegaConf.load(os.path.join(again, "config", "raw.yaml")).trainer.max_steps == 5
-    # 5 steps from scratch give about 11 dB on this scene. From the trained weights (28 dB) a fresh Adam's first
-    # steps, each moving every weight by about the learning rate, cost 2 to 3 dB
-    assert logged(again, "test/psnr")[-1] > logged(trial, "test/psnr")[0] - 5.0
+    # 5 steps from scratch give about 11 dB on this scene. From the trained weights (28.7 dB) a fresh Adam's first
+    # steps move every weight by about the learning rate: at parsed.yaml's 0.01 (its schedule resolved for 400
+    # steps, so no decay within 5) they cost up to 6 dB, at a fine-tune's 0.001 0.02 to 0.09 dB
+    assert logged(again, "test/psnr")[-1] > logged(trial, "test/psnr")[0] - 1.0
 
 
 @pytest.mark.slow
