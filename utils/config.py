@@ -106,8 +106,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
 
     ``+key=value`` adds a key that the YAML does not have.
     """
-    checked: List[str] = []
-    typed = {}  # checked item -> as typed (with its +)
+    checked: List[tuple] = []  # (the override as typed, its key without the +, its text value, its YAML value)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(
@@ -115,32 +114,25 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             )
         key, value = item.split("=", 1)
         try:
-            OmegaConf.from_dotlist([f"value={value}"])
+            parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={value}"]), resolve=False)["value"]
         except Exception as err:  # a YAML parse error: an unclosed bracket or quote
             reason = str(err).splitlines()[0]
             raise ConfigError(f"Override '{item}' has a value that is not valid YAML ({reason}).") from None
-        if key.startswith("+"):
-            checked.append(f"{key[1:]}={value}")
-            typed[checked[-1]] = item
-            continue
-        if _raw_value(cfg, key) is _MISSING:
+        if not key.startswith("+") and _raw_value(cfg, key) is _MISSING:
             hint = closest_key(cfg, key)
             suggestion = f"; did you mean {hint}?" if hint else f"; use +{key}=... to add a new key."
             raise ConfigError(f"Override key '{key}' does not exist in the config{suggestion}")
-        checked.append(item)
-        typed[item] = item
+        checked.append((item, key.lstrip("+"), value, parsed))
     if not checked:
         return cfg
     merged = copy.deepcopy(cfg)
-    for item in checked:
-        key, value = item.split("=", 1)
+    for item, key, value, parsed in checked:
         # one key at a time: a dotlist merged whole reads the 1 of schedulers.1.args.gamma as a dict key, and
         # cannot merge it into the list of schedulers
-        parsed = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={value}"]), resolve=False)["value"]
         try:
             OmegaConf.update(merged, key, parsed, merge=True, force_add=True)
         except Exception as err:  # a list where the YAML has a mapping, an index past a list's end
-            raise ConfigError(f"Override '{typed[item]}' cannot be applied ({str(err).splitlines()[0]}): the "
+            raise ConfigError(f"Override '{item}' cannot be applied ({str(err).splitlines()[0]}): the "
                               f"config has {_describe_node(cfg, key)}.") from None
         if key in NAME_KEYS and isinstance(merged[key], (bool, int, float)):
             merged[key] = value  # YAML would read tag=off as false and tag=0123 as 83: a folder name is the text
