@@ -423,8 +423,8 @@ def run(argv=None) -> int:
             if continued:
                 ignored = options_a_continued_run_ignores(config.system, system.model, ckpt)
                 seed = (ckpt.get(TRAINING_STREAMS) or {}).get("seed")  # the streams go on from the checkpoint's
-                if seed is not None and seed != int(config.get("seed", 42)):
-                    ignored.append(("seed", int(config.get("seed", 42)), seed))
+                if seed is not None and seed != system.seed:
+                    ignored.append(("seed", system.seed, seed))
                 keep_what_the_checkpoint_restores(config, ignored)
             if continued and reached >= int(config.trainer.max_steps):
                 log.warning(f"The checkpoint is at step {reached}, already trainer.max_steps={config.trainer.max_steps}"

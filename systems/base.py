@@ -103,6 +103,8 @@ class BaseSystem(pl.LightningModule):
         self.progress_bar_values: Dict[str, float] = {}  # what utils.callbacks.ProgressBar shows while training
         self._progress_pending: Dict[str, Any] = {}
         self.loss_guard = FiniteLossGuard()  # systems record each step's loss in it
+        self.seed = int(config.get("seed", 42))
+        self._continued_streams = None  # a checkpoint's training_streams, applied at on_train_start
         check_export_options(config)  # now, not when the mesh is due after training
         if mode == "train":
             self.check_loss_weights(config.system.get("loss", {}))
@@ -155,7 +157,7 @@ class BaseSystem(pl.LightningModule):
 
     def on_fit_start(self):
         # rays are drawn on the CPU from this generator; one stream per DDP rank, so ranks see different rays
-        self.ray_generator = torch.Generator().manual_seed(int(self.config.get("seed", 42)) + self.global_rank)
+        self.ray_generator = torch.Generator().manual_seed(self.seed + self.global_rank)
         if self.trainer.is_global_zero and self.trainer.datamodule.write_overview(self.save_path("scene-overview.ply")):
             log.info(f"Cameras, sparse points and region of interest: {self.save_path('scene-overview.ply')}")
 
@@ -187,7 +189,7 @@ class BaseSystem(pl.LightningModule):
         sampler's and torch's random streams (the rays, the random background, the occupancy grid's samples) and
         the dynamic ray count. With them, a run stopped at step k and continued trains the same weights as one
         that ran through (bit for bit on a CPU)."""
-        streams = {"torch": torch.get_rng_state(), "seed": int(self.config.get("seed", 42))}
+        streams = {"torch": torch.get_rng_state(), "seed": self.seed}
         if getattr(self, "ray_generator", None) is not None:
             streams["rays"] = self.ray_generator.get_state()
         if self.device.type == "cuda":
@@ -197,15 +199,14 @@ class BaseSystem(pl.LightningModule):
         return streams
 
     def on_load_checkpoint(self, checkpoint):
-        self._continued_streams = checkpoint.get(TRAINING_STREAMS)  # applied at on_train_start
+        self._continued_streams = checkpoint.get(TRAINING_STREAMS)
 
     def on_train_start(self):
-        streams, self._continued_streams = getattr(self, "_continued_streams", None), None
+        streams, self._continued_streams = self._continued_streams, None
         if not streams:  # a fresh run, or a checkpoint of an older version
             return
         if self.trainer.world_size > 1:  # only rank 0's streams are saved: each rank draws a stream of its own
-            self.ray_generator.manual_seed(int(self.config.get("seed", 42)) + self.global_rank
-                                           + 1_000_003 * self.global_step)
+            self.ray_generator.manual_seed(self.seed + self.global_rank + 1_000_003 * self.global_step)
         else:
             torch.set_rng_state(streams["torch"])
             if "rays" in streams:
