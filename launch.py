@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import glob
 import logging
 import os
-import shutil
 import sys
 
+from utils.devices import DeviceError, choose_devices
+from utils.resume import CheckpointError, check_resume, final_checkpoint, start_from_checkpoint
 from utils.trial import (csv_log_version, remove_empty, report_stale_temporaries, reuse_trial_folder,
                          start_beside_trial, trial_of, trial_paths)
 
@@ -112,81 +112,6 @@ def acknowledge_lightning_sigterm(record) -> bool:
     return True
 
 
-def choose_devices(gpu: str | None):
-    """(accelerator, number of devices). CUDA_VISIBLE_DEVICES must be set before torch touches CUDA.
-
-    A CUDA_VISIBLE_DEVICES set before launch (a scheduler's allocation, e.g. SLURM's) is kept: ``--gpu`` then
-    only says how many of those devices to use."""
-    problem = numpy_too_new_for_torch()
-    if problem:
-        raise UserError(problem)
-    preset = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if gpu is not None and preset is None:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-    import torch
-
-    if torch.cuda.is_available():
-        problem = unusable_gpu(torch)
-        if problem:
-            raise UserError(problem)
-        wanted, visible = len(gpu.split(",")) if gpu else 1, torch.cuda.device_count()
-        if gpu is not None and preset is not None and preset.replace(" ", "") != gpu:
-            log.warning(f"CUDA_VISIBLE_DEVICES={preset} was set before launch and is kept; --gpu {gpu} only says "
-                        f"how many of its devices to use ({wanted}).")
-        if wanted > visible:
-            log.warning(f"--gpu {gpu} asks for {wanted} GPUs but CUDA shows {visible}: training on {visible}.")
-        n = min(wanted, visible)
-        names = ", ".join(torch.cuda.get_device_name(i) for i in range(n))
-        log.info(f"Device: {n} CUDA GPU(s) ({names}), mixed precision where the config asks for it")
-        return "gpu", n
-    if gpu is not None:
-        log.warning(f"--gpu {gpu} was given but {why_no_cuda(torch)}: running on the CPU instead (fp32).")
-    else:
-        log.info("Device: CPU (no CUDA device found), fp32")
-    return "cpu", 1
-
-
-def numpy_too_new_for_torch() -> str | None:
-    """Why the installed PyTorch cannot use the installed NumPy (None when it can), from the packages' versions,
-    before torch is imported: PyTorch < 2.3 was built for NumPy 1, and with NumPy 2 (which a fresh
-    ``pip install -r requirements.txt`` beside a kept older PyTorch brings in) it prints a page of import warnings
-    and every loader then fails at ``torch.from_numpy`` ("Numpy is not available")."""
-    from importlib import metadata
-
-    def major_minor(package: str):
-        try:
-            return tuple(int(part) for part in metadata.version(package).split(".")[:2])
-        except (metadata.PackageNotFoundError, ValueError):  # not installed by pip, or an unusual version string
-            return None
-
-    torch_version, numpy_version = major_minor("torch"), major_minor("numpy")
-    if torch_version is None or numpy_version is None or torch_version >= (2, 3) or numpy_version < (2, 0):
-        return None
-    return (f"PyTorch {metadata.version('torch')} was built for NumPy 1 and cannot use the installed NumPy "
-            f"{metadata.version('numpy')} (PyTorch reads NumPy 2 from 2.3 on); run pip install 'numpy<2' "
-            "'opencv-python-headless<4.12', or install PyTorch 2.3 or newer.")
-
-
-def unusable_gpu(torch) -> str | None:
-    """Why this process's CUDA device cannot run this PyTorch's kernels (None when it can), found with one tiny kernel
-    before the model is built: a GPU older than the build supports ("no kernel image is available"), or one
-    another process holds in exclusive mode ("busy or unavailable")."""
-    index = int(os.environ.get("LOCAL_RANK", 0))  # a DDP rank checks its own device, making no context on GPU 0
-    try:
-        torch.ones(1, device=f"cuda:{index}").add_(1).cpu()
-        return None
-    except RuntimeError as err:
-        name, (major, minor) = torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
-        cpu_run = "to run on the CPU instead, start with CUDA_VISIBLE_DEVICES= (empty)"
-        built = sorted(int(a[3:]) for a in torch.cuda.get_arch_list() if a.startswith("sm_"))
-        if built and 10 * major + minor < built[0]:
-            return (f"GPU {name} (compute capability {major}.{minor}) is older than this PyTorch "
-                    f"{torch.__version__} supports (sm_{built[0]} and newer); install a PyTorch build for it "
-                    f"(https://pytorch.org/get-started/previous-versions/), or, {cpu_run}.")
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        return f"CUDA cannot run on GPU {name} ({reason}); check nvidia-smi, or, {cpu_run}."
-
-
 def folder_problem(path: str) -> str | None:
     """Why the folder ``path`` cannot be made or written into (None when it can), found without making it."""
     existing = os.path.abspath(path)
@@ -197,94 +122,6 @@ def folder_problem(path: str) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{existing} is not writable by this user"
     return None
-
-
-def why_no_cuda(torch) -> str:
-    """Why CUDA has no device for this run, in the words that say what to do: the commonest cause on a GPU
-    machine is a CPU-only PyTorch wheel, then a device number the machine does not have."""
-    if torch.version.cuda is None:
-        return (f"this PyTorch ({torch.__version__}) is a CPU-only build; install a CUDA build of PyTorch "
-                "(https://pytorch.org/get-started/locally/) to train on the GPU")
-    if not os.path.exists("/proc/driver/nvidia/version") and shutil.which("nvidia-smi") is None:
-        return "no NVIDIA driver is loaded on this machine"
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-    return (f"CUDA sees no device among CUDA_VISIBLE_DEVICES={visible!r}; give device numbers that nvidia-smi "
-            "lists (and check that the driver matches this PyTorch's CUDA " + str(torch.version.cuda) + ")")
-
-
-def keep_what_the_checkpoint_restores(config, ignored: list) -> None:
-    """Say which options of ``config`` a continued run ignores ((key, this config's value, the checkpoint's): the
-    optimiser's and scheduler's from ``systems.optim.options_a_continued_run_ignores``, and the seed, whose streams
-    go on from the checkpoint's), and set them in ``config`` to the values restored, so that the trial's
-    parsed.yaml records what the run trained with."""
-    from omegaconf import OmegaConf
-
-    from systems.optim import shown_option
-
-    if not ignored:
-        return
-    said = "; ".join(f"{key}: {shown_option(ours)} here, {shown_option(restored)} restored"
-                     for key, ours, restored in ignored)
-    log.warning("Continuing the run restores the checkpoint's optimiser, learning-rate schedule and random streams "
-                f"whole, so these options of this config have no effect: {said}. The trial's config/parsed.yaml "
-                "records the restored values. To train with them, start afresh from the weights with "
-                "--resume_weights_only (steps from 0).")
-    for key, _, restored in ignored:
-        if OmegaConf.select(config, key, default=None) is not None:
-            OmegaConf.update(config, key, restored, merge=False)
-
-
-def load_weights(system, path: str) -> dict:
-    """Load a checkpoint's weights into ``system`` with clear errors (a missing file was refused by ``check_resume``
-    at start-up). Returns the checkpoint."""
-    from utils.callbacks import load_checkpoint_file
-
-    try:
-        ckpt = load_checkpoint_file(path)
-    except Exception as err:
-        raise UserError(f"Checkpoint '{path}' cannot be read ({type(err).__name__}); is it a file this project "
-                        "wrote, and complete?") from None
-    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if state is None:
-        raise UserError(f"Checkpoint '{path}' has no state_dict; it was not written by this project.")
-    own = system.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or mismatched:
-        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
-                  else f"shape of {mismatched[0]} is {tuple(state[mismatched[0]].shape)}, config gives "
-                       f"{tuple(own[mismatched[0]].shape)}")
-        raise UserError(f"Checkpoint '{path}' does not match this config ({detail}); use the config/parsed.yaml "
-                        "of the trial that wrote it.")
-    system.load_state_dict(state)
-    if "global_step" in ckpt:  # the step the weights are at names the outputs (it{step}-...)
-        system.trained_steps.fill_(int(ckpt["global_step"]))
-    return ckpt
-
-
-def check_resume(resume: str | None, mode: str) -> None:
-    """Refuse (UserError) an action without the checkpoint it needs, or a ``--resume`` that names no file."""
-    if mode != "train" and not resume:
-        raise UserError(f"--{mode} needs a checkpoint: add --resume exp/<name>/<trial>/ckpt/<file>.ckpt.")
-    if resume and not os.path.isfile(resume):
-        raise UserError(missing_checkpoint_message(resume))
-
-
-def missing_checkpoint_message(path: str) -> str:
-    """What to say when ``--resume path`` is not a file: a folder (a trial, its ckpt/) or a mistyped name gets the
-    newest checkpoint found there as the suggestion."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
-    found = []
-    for where in (folder, os.path.join(folder, "ckpt")):
-        if os.path.isdir(where):
-            found += [os.path.join(where, f) for f in os.listdir(where)  # not a write cut short by a kill
-                      if f.endswith(".ckpt") and not f.startswith(".tmp-")]
-    what = "is a folder" if os.path.isdir(path) else "does not exist"
-    if found:
-        newest = max(found, key=os.path.getmtime)
-        return f"Checkpoint '{path}' {what}; give a checkpoint file, e.g. --resume {newest} (the newest there)."
-    return f"Checkpoint '{path}' {what}; the trial's checkpoints are in exp/<name>/<trial>/ckpt/."
 
 
 class UserError(RuntimeError):
@@ -355,7 +192,7 @@ def run(argv=None) -> int:
     try:
         accelerator, n_devices = choose_devices(args.gpu)
         check_resume(args.resume, mode)  # before the scene's images are read and the model built
-    except UserError as err:
+    except (DeviceError, CheckpointError) as err:
         log.error(str(err))
         return 2
     if accelerator == "cpu":  # a CPU step's tensors are host memory, freed and allocated again every step
@@ -373,8 +210,7 @@ def run(argv=None) -> int:
     import systems
     from datasets.base import DatasetError
     from systems.finite_guard import NonFiniteLossError
-    from systems.base import TRAINING_STREAMS
-    from systems.optim import check_optimization_config, options_a_continued_run_ignores
+    from systems.optim import check_optimization_config
     from utils.callbacks import (AtomicCheckpointIO, AtomicCSVLogger, ProgressBar, SaveOnSignal, StopOnSignal,
                                  TrialSnapshot)
     from utils.config import to_primitive, whole_step_counts
@@ -414,24 +250,8 @@ def run(argv=None) -> int:
             check_optimization_config(config.system, system.model)
         nothing_to_train = False
         if args.resume:  # a full --train --resume checks the checkpoint here, then Lightning restores all of it
-            ckpt = load_weights(system, args.resume)
             continued = mode == "train" and not args.resume_weights_only
-            restored = ": weights, optimiser, schedule and random streams" if continued else ""
-            log.info(f"{'Continuing the run from' if continued else 'Loaded weights from'} {args.resume} (step "
-                     f"{ckpt.get('global_step', '?')}{restored})")
-            reached = int(ckpt.get("global_step", 0))
-            if continued:
-                ignored = options_a_continued_run_ignores(config.system, system.model, ckpt)
-                seed = (ckpt.get(TRAINING_STREAMS) or {}).get("seed")  # the streams go on from the checkpoint's
-                if seed is not None and seed != system.seed:
-                    ignored.append(("seed", system.seed, seed))
-                keep_what_the_checkpoint_restores(config, ignored)
-            if continued and reached >= int(config.trainer.max_steps):
-                log.warning(f"The checkpoint is at step {reached}, already trainer.max_steps={config.trainer.max_steps}"
-                            f" or past it: nothing to train{'' if args.skip_test else ', testing it'}. Continue "
-                            f"training with a larger trainer.max_steps (the total, e.g. {reached + 1000}).")
-                nothing_to_train = True
-            del ckpt  # the optimiser's state in it: as large as the model, twice over
+            nothing_to_train = start_from_checkpoint(system, config, args.resume, continued, args.skip_test)
         # the scene last: a checkpoint that does not fit the config is said before its images are read
         dm = datasets.make(config.dataset.name, config.dataset)
         dm.setup({"train": "fit", "validate": "validate"}.get(mode, "test"))
@@ -512,7 +332,7 @@ def run(argv=None) -> int:
             if not stop_on_signal.interrupted:
                 raise
             return report_stopped_output("SIGINT", mode, tested_ckpt, config)
-    except (UserError, ConfigError, DatasetError, MeshError) as err:
+    except (UserError, CheckpointError, ConfigError, DatasetError, MeshError) as err:
         log.error(str(err))
         remove_empty(created)
         return 2
@@ -562,19 +382,6 @@ def run(argv=None) -> int:
     finally:
         sigterm.restore()
     return 0
-
-
-def final_checkpoint(trainer, ckpt_dir: str) -> str:
-    """The checkpoint of the step training ended at: ModelCheckpoint's, or written here when its interval did not
-    fall on that step (e.g. a resumed run whose parsed.yaml fixed the interval)."""
-    step = trainer.global_step
-    saved = glob.glob(os.path.join(glob.escape(ckpt_dir), f"*step={step}.ckpt"))
-    if saved:
-        return saved[0]
-    epoch = max(trainer.current_epoch - 1, 0)  # fit's end has already counted the epoch as done
-    path = os.path.join(ckpt_dir, f"epoch={epoch}-step={step}.ckpt")
-    trainer.save_checkpoint(path, weights_only=False)
-    return path
 
 
 if __name__ == "__main__":

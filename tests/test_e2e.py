@@ -573,18 +573,18 @@ def test_gpu_asked_for_but_unusable_says_why(monkeypatch):
     the cause; the commonest on a GPU machine, a CPU-only PyTorch wheel, went unnamed."""
     from types import SimpleNamespace
 
-    import launch as launcher
+    import utils.devices as devices
 
     cpu_build = SimpleNamespace(__version__="2.13.0+cpu", version=SimpleNamespace(cuda=None))
-    assert "this PyTorch (2.13.0+cpu) is a CPU-only build; install a CUDA build" in launcher.why_no_cuda(cpu_build)
+    assert "this PyTorch (2.13.0+cpu) is a CPU-only build; install a CUDA build" in devices.why_no_cuda(cpu_build)
     cuda_build = SimpleNamespace(__version__="2.13.0+cu128", version=SimpleNamespace(cuda="12.8"))
-    monkeypatch.setattr(launcher.os.path, "exists", lambda path: False)
-    monkeypatch.setattr(launcher.shutil, "which", lambda name: None)
-    assert launcher.why_no_cuda(cuda_build) == "no NVIDIA driver is loaded on this machine"
-    monkeypatch.setattr(launcher.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+    monkeypatch.setattr(devices.os.path, "exists", lambda path: False)
+    monkeypatch.setattr(devices.shutil, "which", lambda name: None)
+    assert devices.why_no_cuda(cuda_build) == "no NVIDIA driver is loaded on this machine"
+    monkeypatch.setattr(devices.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
-    assert launcher.why_no_cuda(cuda_build).startswith("CUDA sees no device among CUDA_VISIBLE_DEVICES='3'; give "
-                                                       "device numbers that nvidia-smi lists")
+    assert devices.why_no_cuda(cuda_build).startswith("CUDA sees no device among CUDA_VISIBLE_DEVICES='3'; give "
+                                                      "device numbers that nvidia-smi lists")
 
 
 @pytest.mark.parametrize("preset, gpu, visible, expected, said", [
@@ -597,7 +597,7 @@ def test_gpu_asked_for_but_unusable_says_why(monkeypatch):
 def test_gpu_count_fits_the_devices_cuda_shows(monkeypatch, caplog, preset, gpu, visible, expected, said):
     """A scheduler's CUDA_VISIBLE_DEVICES (SLURM's allocation) is kept, so --gpu 0,1 on a one-GPU allocation asked
     Lightning for two devices and stopped in its device check; it now trains on what CUDA shows, and says so."""
-    import launch as launcher
+    import utils.devices as devices
 
     if preset is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -606,10 +606,10 @@ def test_gpu_count_fits_the_devices_cuda_shows(monkeypatch, caplog, preset, gpu,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: f"GPU{i}")
-    monkeypatch.setattr(launcher.log, "propagate", True)  # an in-process launch before this one turned it off
-    monkeypatch.setattr(launcher, "unusable_gpu", lambda torch: None)  # its kernel would need a real GPU
+    monkeypatch.setattr(devices.log, "propagate", True)  # an in-process launch before this one turned it off
+    monkeypatch.setattr(devices, "unusable_gpu", lambda torch: None)  # its kernel would need a real GPU
     with caplog.at_level("INFO", logger="nsr"):
-        assert launcher.choose_devices(gpu) == ("gpu", expected)
+        assert devices.choose_devices(gpu) == ("gpu", expected)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == (preset or gpu)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert (said is None and not warnings) or (said is not None and any(said in w for w in warnings)), warnings
@@ -619,14 +619,14 @@ def test_gpu_count_fits_the_devices_cuda_shows(monkeypatch, caplog, preset, gpu,
 def test_a_checkpoint_write_cut_short_by_a_kill_is_never_suggested(tmp_path):
     """A SIGKILL mid-write leaves the atomic writer's .tmp-*.ckpt; --resume given the folder suggested it as the
     newest checkpoint."""
-    import launch as launcher
+    from utils.resume import missing_checkpoint_message
 
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "epoch=0-step=100.ckpt").write_bytes(b"whole")
     time.sleep(0.05)
     (ckpt / ".tmp-k2j4x.ckpt").write_bytes(b"cut")
-    assert launcher.missing_checkpoint_message(str(tmp_path)) == (
+    assert missing_checkpoint_message(str(tmp_path)) == (
         f"Checkpoint '{tmp_path}' is a folder; give a checkpoint file, e.g. --resume {ckpt / 'epoch=0-step=100.ckpt'} "
         "(the newest there).")
 
@@ -637,6 +637,7 @@ def test_a_gpu_this_pytorch_cannot_run_is_named_before_anything_is_built(monkeyp
     from types import SimpleNamespace
 
     import launch as launcher
+    import utils.devices as devices
 
     def fake_torch(error, capability):
         def ones(*args, **kwargs):
@@ -647,15 +648,15 @@ def test_a_gpu_this_pytorch_cannot_run_is_named_before_anything_is_built(monkeyp
 
     old = fake_torch("CUDA error: no kernel image is available for execution on the device\nCUDA kernel errors...",
                      (6, 0))
-    assert launcher.unusable_gpu(old) == (
+    assert devices.unusable_gpu(old) == (
         "GPU Tesla P100-PCIE-16GB (compute capability 6.0) is older than this PyTorch 2.13.0+cu128 supports (sm_75 "
         "and newer); install a PyTorch build for it (https://pytorch.org/get-started/previous-versions/), or, to run "
         "on the CPU instead, start with CUDA_VISIBLE_DEVICES= (empty).")
     busy = fake_torch("CUDA error: CUDA-capable device(s) is/are busy or unavailable", (8, 0))
-    assert launcher.unusable_gpu(busy).startswith("CUDA cannot run on GPU Tesla P100-PCIE-16GB (CUDA error: "
-                                                  "CUDA-capable device(s) is/are busy or unavailable); check nvidia-smi")
+    assert devices.unusable_gpu(busy).startswith("CUDA cannot run on GPU Tesla P100-PCIE-16GB (CUDA error: "
+                                                 "CUDA-capable device(s) is/are busy or unavailable); check nvidia-smi")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(launcher, "unusable_gpu", lambda torch: "GPU X is older than this PyTorch supports.")
+    monkeypatch.setattr(devices, "unusable_gpu", lambda torch: "GPU X is older than this PyTorch supports.")
     assert launcher.main(["--config", "configs/nerf-demo.yaml", "--exp_dir", str(tmp_path / "exp"), "--runs_dir",
                           str(tmp_path / "runs"), "--train", demo_data("configs/nerf-demo.yaml")]) == 2
     assert "GPU X is older than this PyTorch supports." in capsys.readouterr().out
@@ -674,11 +675,12 @@ def test_a_pytorch_too_old_for_the_installed_numpy_is_one_sentence(monkeypatch, 
     from importlib import metadata
 
     import launch as launcher
+    import utils.devices as devices
 
     versions = {"torch": torch_version, "numpy": numpy_version}
     real_version = metadata.version
     monkeypatch.setattr(metadata, "version", lambda name: versions.get(name) or real_version(name))
-    problem = launcher.numpy_too_new_for_torch()
+    problem = devices.numpy_too_new_for_torch()
     if not refused:
         assert problem is None
         return

@@ -301,8 +301,8 @@ def test_a_continued_run_names_a_schedule_the_checkpoint_overrides_and_records_t
     """neus-demo's decay rate follows trainer.max_steps: continuing a 1500-step run to 3000 from the shipped
     config keeps the checkpoint's rate (Lightning restores the scheduler whole). The options that differ are
     named, and the config (which parsed.yaml is written from) is set to what the run trains with."""
-    import launch
     from systems.optim import make_scheduler, options_a_continued_run_ignores
+    from utils.resume import keep_what_the_checkpoint_restores
 
     trained = neus_system()
     optimizer = make_optimizer(trained.config.system.optimizer, trained.model)
@@ -316,7 +316,7 @@ def test_a_continued_run_names_a_schedule_the_checkpoint_overrides_and_records_t
     assert [key for key, _, _ in ignored] == ["system.optimizer.params.geometry.lr",
                                               "system.scheduler.schedulers.1.args.gamma"]
     assert ignored[0][1:] == (0.02, 0.01) and ignored[1][2] == pytest.approx(restored_gamma)
-    launch.keep_what_the_checkpoint_restores(longer.config, ignored)
+    keep_what_the_checkpoint_restores(longer.config, ignored)
     assert longer.config.system.optimizer.params.geometry.lr == 0.01
     assert longer.config.system.scheduler.schedulers[1].args.gamma == pytest.approx(restored_gamma)
     assert options_a_continued_run_ignores(longer.config.system, longer.model, ckpt) == []

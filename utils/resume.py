@@ -1,0 +1,130 @@
+"""Starting from a checkpoint (``--resume``): the file checked before anything is built, its weights loaded with
+clear errors, a continued run's options that the checkpoint's restored state overrides named, and the checkpoint a
+finished training run is tested from."""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+
+log = logging.getLogger("nsr")
+
+
+class CheckpointError(RuntimeError):
+    """A ``--resume`` checkpoint that is missing, unreadable or does not fit the config; said as one sentence."""
+
+
+def check_resume(resume: str | None, mode: str) -> None:
+    """Refuse (CheckpointError) an action without the checkpoint it needs, or a ``--resume`` that names no file."""
+    if mode != "train" and not resume:
+        raise CheckpointError(f"--{mode} needs a checkpoint: add --resume exp/<name>/<trial>/ckpt/<file>.ckpt.")
+    if resume and not os.path.isfile(resume):
+        raise CheckpointError(missing_checkpoint_message(resume))
+
+
+def missing_checkpoint_message(path: str) -> str:
+    """What to say when ``--resume path`` is not a file: a folder (a trial, its ckpt/) or a mistyped name gets the
+    newest checkpoint found there as the suggestion."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
+    found = []
+    for where in (folder, os.path.join(folder, "ckpt")):
+        if os.path.isdir(where):
+            found += [os.path.join(where, f) for f in os.listdir(where)  # not a write cut short by a kill
+                      if f.endswith(".ckpt") and not f.startswith(".tmp-")]
+    what = "is a folder" if os.path.isdir(path) else "does not exist"
+    if found:
+        newest = max(found, key=os.path.getmtime)
+        return f"Checkpoint '{path}' {what}; give a checkpoint file, e.g. --resume {newest} (the newest there)."
+    return f"Checkpoint '{path}' {what}; the trial's checkpoints are in exp/<name>/<trial>/ckpt/."
+
+
+def load_weights(system, path: str) -> dict:
+    """Load a checkpoint's weights into ``system`` with clear errors (a missing file was refused by ``check_resume``
+    at start-up). Returns the checkpoint."""
+    from utils.callbacks import load_checkpoint_file
+
+    try:
+        ckpt = load_checkpoint_file(path)
+    except Exception as err:
+        raise CheckpointError(f"Checkpoint '{path}' cannot be read ({type(err).__name__}); is it a file this project "
+                        "wrote, and complete?") from None
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if state is None:
+        raise CheckpointError(f"Checkpoint '{path}' has no state_dict; it was not written by this project.")
+    own = system.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+                  else f"shape of {mismatched[0]} is {tuple(state[mismatched[0]].shape)}, config gives "
+                       f"{tuple(own[mismatched[0]].shape)}")
+        raise CheckpointError(f"Checkpoint '{path}' does not match this config ({detail}); use the config/parsed.yaml "
+                        "of the trial that wrote it.")
+    system.load_state_dict(state)
+    if "global_step" in ckpt:  # the step the weights are at names the outputs (it{step}-...)
+        system.trained_steps.fill_(int(ckpt["global_step"]))
+    return ckpt
+
+
+def start_from_checkpoint(system, config, path: str, continued: bool, skip_test: bool) -> bool:
+    """Load the weights of the checkpoint at ``path`` into ``system`` and say so. ``continued`` (``--train --resume``
+    without ``--resume_weights_only``): Lightning restores the rest of it afterwards, so the options of ``config``
+    that its restored state overrides are named and set to the restored values. Returns whether a continued run has
+    nothing left to train (the checkpoint is at ``trainer.max_steps`` or past it)."""
+    from systems.base import TRAINING_STREAMS
+    from systems.optim import options_a_continued_run_ignores
+
+    ckpt = load_weights(system, path)
+    restored = ": weights, optimiser, schedule and random streams" if continued else ""
+    log.info(f"{'Continuing the run from' if continued else 'Loaded weights from'} {path} (step "
+             f"{ckpt.get('global_step', '?')}{restored})")
+    if not continued:
+        return False
+    ignored = options_a_continued_run_ignores(config.system, system.model, ckpt)
+    seed = (ckpt.get(TRAINING_STREAMS) or {}).get("seed")  # the streams go on from the checkpoint's
+    if seed is not None and seed != system.seed:
+        ignored.append(("seed", system.seed, seed))
+    keep_what_the_checkpoint_restores(config, ignored)
+    reached = int(ckpt.get("global_step", 0))
+    if reached < int(config.trainer.max_steps):
+        return False
+    log.warning(f"The checkpoint is at step {reached}, already trainer.max_steps={config.trainer.max_steps} or past "
+                f"it: nothing to train{'' if skip_test else ', testing it'}. Continue training with a larger "
+                f"trainer.max_steps (the total, e.g. {reached + 1000}).")
+    return True
+
+
+def keep_what_the_checkpoint_restores(config, ignored: list) -> None:
+    """Say which options of ``config`` a continued run ignores ((key, this config's value, the checkpoint's): the
+    optimiser's and scheduler's from ``systems.optim.options_a_continued_run_ignores``, and the seed, whose streams
+    go on from the checkpoint's), and set them in ``config`` to the values restored, so that the trial's
+    parsed.yaml records what the run trained with."""
+    from omegaconf import OmegaConf
+
+    from systems.optim import shown_option
+
+    if not ignored:
+        return
+    said = "; ".join(f"{key}: {shown_option(ours)} here, {shown_option(restored)} restored"
+                     for key, ours, restored in ignored)
+    log.warning("Continuing the run restores the checkpoint's optimiser, learning-rate schedule and random streams "
+                f"whole, so these options of this config have no effect: {said}. The trial's config/parsed.yaml "
+                "records the restored values. To train with them, start afresh from the weights with "
+                "--resume_weights_only (steps from 0).")
+    for key, _, restored in ignored:
+        if OmegaConf.select(config, key, default=None) is not None:
+            OmegaConf.update(config, key, restored, merge=False)
+
+
+def final_checkpoint(trainer, ckpt_dir: str) -> str:
+    """The checkpoint of the step training ended at: ModelCheckpoint's, or written here when its interval did not
+    fall on that step (e.g. a resumed run whose parsed.yaml fixed the interval)."""
+    step = trainer.global_step
+    saved = glob.glob(os.path.join(glob.escape(ckpt_dir), f"*step={step}.ckpt"))
+    if saved:
+        return saved[0]
+    epoch = max(trainer.current_epoch - 1, 0)  # fit's end has already counted the epoch as done
+    path = os.path.join(ckpt_dir, f"epoch={epoch}-step={step}.ckpt")
+    trainer.save_checkpoint(path, weights_only=False)
+    return path
