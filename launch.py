@@ -72,9 +72,23 @@ class BarAwareHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+def launched_rank() -> int:
+    """This process's rank among the processes of a run on several devices, from the environment the launcher
+    (Lightning's for ``--gpu 0,1``, torchrun, SLURM's srun) gives each one before anything runs; 0 alone."""
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
 def setup_logging(verbose: bool) -> None:
+    """Our lines as ``[nsr] ...`` on stdout. On several devices every rank runs this script; rank 0 says what
+    the run does, the others only their errors (``[nsr rank N] ...``), so each line is said once."""
+    rank = launched_rank()
     handler = BarAwareHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("[nsr] %(message)s"))
+    handler.setFormatter(logging.Formatter(f"[nsr rank {rank}] %(message)s" if rank else "[nsr] %(message)s"))
+    if rank:
+        handler.setLevel(logging.ERROR)
     log.handlers[:] = [handler]
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
@@ -258,6 +272,8 @@ def run(argv=None) -> int:
 
         trainer_cfg = whole_step_counts(dict(to_primitive(config.get("trainer", {})) or {}))
         trainer_cfg.setdefault("inference_mode", False)  # SDF normals need autograd while testing
+        # on several devices the data module shares the views out itself, each scored once (datasets.base)
+        trainer_cfg.setdefault("use_distributed_sampler", False)
         # Lightning's table (with a FLOPs column of zeros) only with --verbose; one line of ours otherwise
         trainer_cfg.setdefault("enable_model_summary", args.verbose)
         if not trainer_cfg["enable_model_summary"]:

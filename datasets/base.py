@@ -154,14 +154,20 @@ class _TrainIndices(IterableDataset):
 
 
 class _EvalIndices(Dataset):
-    def __init__(self, n: int):
-        self.n = n
+    """The views of an evaluation split one rank renders, as ``{"index": i}``. On several devices rank r of w
+    takes views r, r + w, r + 2w, ...; the ranks with one view fewer end with index -1 (nothing to render), so
+    every rank runs the same number of steps and each view is scored once. (Lightning's DistributedSampler evens
+    the shares by repeating views, which then count twice in the metrics.)"""
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
+        share = list(range(rank, n, world_size))
+        self.indices = share + [-1] * (-(-n // world_size) - len(share))
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.indices)
 
     def __getitem__(self, i: int) -> Dict[str, Any]:
-        return {"index": i}
+        return {"index": self.indices[i]}
 
 
 class SceneDataModule(pl.LightningDataModule):
@@ -224,10 +230,17 @@ class SceneDataModule(pl.LightningDataModule):
         return DataLoader(_TrainIndices(), batch_size=None, num_workers=0)
 
     def val_dataloader(self):
-        return DataLoader(_EvalIndices(self.val_data.n_images), batch_size=1, num_workers=0)
+        return self._views_of_this_rank(self.val_data.n_images)
 
     def test_dataloader(self):
-        return DataLoader(_EvalIndices(self.test_data.n_images), batch_size=1, num_workers=0)
+        return self._views_of_this_rank(self.test_data.n_images)
+
+    def _views_of_this_rank(self, n: int) -> DataLoader:
+        """The loader of this rank's share of ``n`` views (all of them on one device). The trainer is made with
+        ``use_distributed_sampler=False``, so Lightning leaves the shares as they are."""
+        trainer = getattr(self, "trainer", None)
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return DataLoader(_EvalIndices(n, rank, world_size), batch_size=1, num_workers=0)
 
     def predict_dataloader(self):
         return self.test_dataloader()

@@ -97,7 +97,7 @@ class BaseSystem(pl.LightningModule):
         self.mesh_error: str | None = None  # why the export wrote no mesh (launch's --export exits non-zero)
         self.model = models.make(config.model.name, config.model)
         self.metrics = ImageMetrics(lpips=False)  # validation: PSNR for the progress bar
-        self.test_metrics = None  # built at the first test step (LPIPS may load a network)
+        self.test_metrics = None  # built as the test starts (LPIPS may load a network), on the model's device
         self.validated_views = 0  # in the validation under way (trainer.limit_val_batches may cut it short)
         self.register_buffer("trained_steps", torch.tensor(0, dtype=torch.long))
         self.progress_bar_values: Dict[str, float] = {}  # what utils.callbacks.ProgressBar shows while training
@@ -275,6 +275,8 @@ class BaseSystem(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         index = int(batch["index"][0])
+        if index < 0:  # on several devices, a rank whose share of the views is one short (datasets.base)
+            return
         data = self.data("val")
         out, rays = self.render_image("val", index)
         if data.has_gt:
@@ -291,21 +293,28 @@ class BaseSystem(pl.LightningModule):
             self.log("val/psnr", scores["psnr"], prog_bar=True, sync_dist=True)
             psnr = f", PSNR {float(scores['psnr']):.2f}"
         self.metrics.reset()
-        if self.mode == "validate" and self.trainer.is_global_zero:  # training's validations show on the bar
+        if self.mode == "validate":  # training's validations show on the bar
+            views = int(self.trainer.strategy.reduce(torch.tensor(self.validated_views, device=self.device),
+                                                     reduce_op="sum"))  # every rank's share
             what = "held-out views" if data.has_gt else "views along the video trajectory (no views held out)"
-            log.info(f"Validation: {self.validated_views} {what}{psnr}: "
-                     f"{self.save_path(f'it{self.step}-<view>.png')}")
+            if self.trainer.is_global_zero:
+                log.info(f"Validation: {views} {what}{psnr}: {self.save_path(f'it{self.step}-<view>.png')}")
         self.validated_views = 0
+
+    def on_test_epoch_start(self):
+        if self.mode != "export" and self.data("test").has_gt and self.test_metrics is None:
+            # torchmetrics keeps its sums where the module is: on the GPU with the images it scores
+            self.test_metrics = ImageMetrics(lpips=self.config.system.get("lpips", True)).to(self.device)
 
     def test_step(self, batch, batch_idx):
         index = int(batch["index"][0])
+        if index < 0:  # on several devices, a rank whose share of the views is one short (datasets.base)
+            return
         data = self.data("test")
         out, rays = self.render_image("test", index)
         with_gt = self.mode != "export" and data.has_gt
         if with_gt:
             h, w = data.height, data.width
-            if self.test_metrics is None:
-                self.test_metrics = ImageMetrics(lpips=self.config.system.get("lpips", True))
             self.test_metrics.update(out[self.rgb_key].view(h, w, 3), rays["rgb"].view(h, w, 3))
         write_image(self.save_path(f"it{self.step}-test/{index}.png"),
                     image_grid(self.eval_panels(out, data, with_gt, rays["rgb"])))
