@@ -52,9 +52,12 @@ class CaptureError(RuntimeError):
 
 
 def list_images(folder: str) -> list[str]:
+    """The photos in ``folder``: PNG and JPEG files, but not hidden ones (macOS writes ``._IMG_0001.jpg`` beside
+    each photo copied to a FAT or exFAT drive, holding no image)."""
     if not os.path.isdir(folder):
         return []
-    return sorted(f for f in os.listdir(folder) if os.path.splitext(f)[1] in IMAGE_EXTENSIONS)
+    return sorted(f for f in os.listdir(folder)
+                  if os.path.splitext(f)[1] in IMAGE_EXTENSIONS and not f.startswith("."))
 
 
 # ---------------------------------------------------------------------------------------------------- video
@@ -401,6 +404,11 @@ def run(args) -> dict:
             else []
         found = f" (found {', '.join(others[:4])} files: convert them to JPEG or PNG first)" if others else ""
         raise CaptureError(f"No images (.png/.jpg) in {image_dir}{found}; put the photos there or pass --video.")
+    left_out = [f for f in files_not_written_by(image_dir, lambda name: os.path.splitext(name)[1] in IMAGE_EXTENSIONS)
+                if not os.path.basename(f).startswith(".")]
+    if left_out:  # an iPhone's HEIC photos beside JPEG ones: said, not dropped without a word
+        print(f"Left out of the poses: {len(left_out)} file(s) in {image_dir} that are not PNG or JPEG "
+              f"({first_few(left_out, 3)}); convert photos to JPEG to include them.")
     if len(names) < 3:
         raise CaptureError(f"Only {len(names)} images in {image_dir}; structure from motion needs at least 3 "
                            "(20 or more all around the object work well).")

@@ -219,6 +219,16 @@ def test_bad_inputs_are_one_sentence_and_leave_nothing(tmp_path, capsys):
         assert "not extracted from a video (IMG_0001.HEIC)" in capsys.readouterr().err
     assert sorted(os.listdir(photos / "images")) == [".DS_Store", "IMG_0001.HEIC", "frame_00000.jpg"]
 
+    some_heic = tmp_path / "some_heic"  # photos the loaders cannot read beside ones they can: named, not dropped
+    (some_heic / "images").mkdir(parents=True)
+    for name in ("IMG_0001.jpg", "IMG_0002.jpg", "IMG_0003.HEIC", "IMG_0004.HEIC", ".DS_Store", "._IMG_0001.jpg"):
+        (some_heic / "images" / name).write_bytes(b"")
+    assert imgs2poses.main([str(some_heic)]) == 2
+    said = capsys.readouterr()
+    assert ("Left out of the poses: 2 file(s) in " + str(some_heic / "images") + " that are not PNG or JPEG "
+            "(IMG_0003.HEIC, IMG_0004.HEIC); convert photos to JPEG to include them.") in said.out
+    assert "Only 2 images" in said.err
+
     mixed = tmp_path / "mixed"
     (mixed / "images").mkdir(parents=True)
     for i, (w, h) in enumerate([(64, 48), (64, 48), (48, 64)]):
