@@ -232,7 +232,7 @@ def run(argv=None) -> int:
     from utils.mesh import MeshError
     from utils.stops import (SigtermRaises, Terminated, failed_stage, memory_exhausted, report_disk_full,
                              report_non_finite, report_out_of_memory, report_quit, report_stopped,
-                             report_stopped_output)
+                             report_stopped_output, report_trained)
 
     created, trainer = [], None
     sigterm = SigtermRaises()  # until Lightning's stages, whose own handling (and StopOnSignal's) ends them cleanly
@@ -284,6 +284,9 @@ def run(argv=None) -> int:
         elif str(trainer_cfg.get("precision", "32")) in ("16", "16-mixed"):
             trainer_cfg["precision"] = "16-mixed"
         checkpointing = bool(trainer_cfg.get("enable_checkpointing", True))  # false: no checkpoint is written
+        if mode == "train" and args.skip_test and not checkpointing:
+            log.warning("With --skip_test and trainer.enable_checkpointing: false, nothing of the trained field is "
+                        "kept: no checkpoint, test images or mesh, only the logs.")
         callbacks, stop_on_signal = [], StopOnSignal()
         if mode == "train":
             if checkpointing:
@@ -329,7 +332,7 @@ def run(argv=None) -> int:
                                       stop_on_signal.saved, config)
             tested_ckpt = final_checkpoint(trainer, config.ckpt_dir) if checkpointing else None
             if args.skip_test:
-                return 0
+                return report_trained(trainer.global_step, tested_ckpt, config)
         else:
             tested_ckpt = args.resume
         try:

@@ -493,6 +493,9 @@ def test_a_continued_run_names_the_options_its_checkpoint_overrides(trained, tmp
                  "--skip_test", "system.optimizer.args.lr=0.02", "seed=5", "trainer.max_steps=405")
     assert ("so these options of this config have no effect: system.optimizer.args.lr: 0.02 here, 0.01 restored; "
             "seed: 5 here, 42 restored. The trial's config/parsed.yaml records the restored values.") in out
+    parsed, last = shlex.quote(str(copy / "config" / "parsed.yaml")), copy / "ckpt" / "epoch=0-step=405.ckpt"
+    assert (f"[nsr] Trained to step 405: {last}. Test and export it with: python launch.py --config {parsed} "
+            f"--resume {shlex.quote(str(last))} --test") in out  # --skip_test's last line
     record = OmegaConf.load(copy / "config" / "parsed.yaml")  # written by this run, which trained 5 steps
     assert record.trainer.max_steps == 405 and record.system.optimizer.args.lr == 0.01 and record.seed == 42
     out = launch(tmp_path, "--config", str(copy / "config" / "parsed.yaml"), "--train", "--resume", ckpt,

@@ -108,6 +108,17 @@ def report_quit(step: int, config, checkpointing: bool = True) -> int:
     return 130
 
 
+def report_trained(step: int, ckpt: str | None, config) -> int:
+    """The last line of a ``--skip_test`` run: the checkpoint it ended with and the command that tests and exports
+    it (None: checkpointing was off, and nothing holds the weights). Exit status 0."""
+    if ckpt is None:
+        log.warning(f"Trained to step {step}; {CHECKPOINTING_OFF} and --skip_test was given, so nothing holds the "
+                    "trained weights.")
+    else:
+        log.info(f"Trained to step {step}: {ckpt}. Test and export it with: {resume_command(config, ckpt, '--test')}")
+    return 0
+
+
 def newest_checkpoint(config) -> str | None:
     """The trial's newest checkpoint file; None when there is none (or no trial folder yet)."""
     ckpts = glob.glob(os.path.join(glob.escape(config.ckpt_dir), "*.ckpt")) if config.get("ckpt_dir") else []
