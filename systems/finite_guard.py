@@ -21,15 +21,37 @@ import torch
 
 
 class NonFiniteLossError(RuntimeError):
-    def __init__(self, step: int, losses: Dict[str, float]):
+    """``losses``: this process's loss terms at ``step``; None when the loss was not finite on another device of
+    a run on several (whose own error names its terms)."""
+
+    def __init__(self, step: int, losses: Optional[Dict[str, float]]):
         self.step = step
-        bad = ", ".join(f"{k}={v}" for k, v in losses.items())
+        bad = "on another device" if losses is None else ", ".join(f"{k}={v}" for k, v in losses.items())
         super().__init__(f"The training loss is not finite at step {step} ({bad}).")
+
+
+def on_several_devices() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def largest_across_devices(value: torch.Tensor) -> torch.Tensor:
+    """``value`` made, in place, the largest of its values on the devices of a run on several (a collective
+    every rank calls at the same step; no host read); as it is on one device."""
+    if on_several_devices():
+        import torch.distributed as dist
+
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
 
 
 def skips_on_device_flag(optimizer: torch.optim.Optimizer) -> bool:
     """Whether the optimiser honours ``optimizer.found_inf`` (torch's fused implementations do)."""
     return bool(optimizer.defaults.get("fused")) and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+NEVER = 2 ** 62  # a step no run reaches
 
 
 class FiniteLossGuard:
@@ -75,6 +97,10 @@ class FiniteLossGuard:
         terms = {k: v.detach() for k, v in terms.items()}
         if self.deferred:
             self.flag.masked_fill_(torch.isfinite(loss).logical_not_(), 1.0)
+            # on several devices a non-finite loss on one reaches every device's weights through the averaged
+            # gradients: every device's optimiser skips (the weights stay the same everywhere), every check finds it.
+            # Here, inside the step's closure: the optimiser reads the flag after it, the pre-step hook before it
+            largest_across_devices(self.flag)
             self.recorded.append((step, loss, terms))
         else:
             self.recorded = [(step, loss, terms)]
@@ -83,8 +109,9 @@ class FiniteLossGuard:
         """Immediate mode, before the optimiser step (after the backward is queued): read this step's loss."""
         if not self.deferred and self.recorded:
             step, loss, terms = self.recorded.pop()
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(step, {k: float(v) for k, v in terms.items()})
+            here = torch.isfinite(loss).logical_not().float()
+            if float(largest_across_devices(here.clone())):  # every device stops at the same step
+                raise NonFiniteLossError(step, {k: float(v) for k, v in terms.items()} if here else None)
 
     def check(self, flag_value: Optional[float] = None) -> None:
         """Deferred mode: raise for the first non-finite loss recorded since the last check. ``flag_value``
@@ -96,8 +123,11 @@ class FiniteLossGuard:
         recorded, self.recorded = self.recorded, []
         if not flag_value:
             return
-        for step, loss, terms in recorded:
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError(step, {k: float(v) for k, v in terms.items()})
-        # the flag is sticky and every step since the last clean check is recorded: not reached
-        raise NonFiniteLossError(recorded[0][0] if recorded else -1, {})
+        first = next(((step, terms) for step, loss, terms in recorded if not torch.isfinite(loss)), None)
+        step = first[0] if first else NEVER
+        if on_several_devices():  # the flag is every device's: the first step any device's loss was not finite
+            step = -int(largest_across_devices(torch.tensor(-step, device=self.flag.device)))
+        if step == NEVER:  # the flag is sticky and every step since the last clean check is recorded: not reached
+            step = recorded[0][0] if recorded else -1
+        raise NonFiniteLossError(step, {k: float(v) for k, v in first[1].items()} if first and first[0] == step
+                                 else None)

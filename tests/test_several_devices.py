@@ -4,11 +4,13 @@ import csv
 import glob
 import json
 import os
+import signal
 import subprocess
 import sys
 
 import imageio.v2 as imageio
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -18,15 +20,39 @@ TWO_PROCESSES = """import sys
 sys.path.insert(0, {root!r})
 import launch
 launch.choose_devices = lambda gpu: ("cpu", 2)
+{before}
 sys.exit(launch.main(sys.argv[1:]))
 """
 
+# the loss of rank 1 alone is NaN at step 5 (rank 0's is finite): the averaged gradients carry it to both
+NAN_ON_RANK_1_AT_STEP_5 = """from systems.nerf import NeRFSystem
+finite_losses = NeRFSystem.losses
+def losses(self, *args):
+    loss, terms = finite_losses(self, *args)
+    return (loss * float("nan") if (self.global_rank, self.global_step) == (1, 5) else loss), terms
+NeRFSystem.losses = losses
+"""
 
-def run(script, tmp, *args):
+
+def two_process_launcher(tmp, before=""):
+    script = tmp / "launch_two.py"
+    script.write_text(TWO_PROCESSES.format(root=ROOT, before=before))
+    return script
+
+
+def run(script, tmp, *args, expect=0, timeout=600):
+    """Output of the command; its process group is killed if it outlives ``timeout`` (a rank left waiting for
+    another in a collective waits for 30 minutes)."""
     cmd = [sys.executable, str(script), "--exp_dir", str(tmp / "exp"), "--runs_dir", str(tmp / "runs"), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"still running after {timeout} s (a rank waiting for another):\n{out[-3000:]}")
+    assert proc.returncode == expect, out[-3000:]
     return out
 
 
@@ -66,8 +92,7 @@ def odd_scene(tmp_path_factory):
 
 @pytest.mark.slow
 def test_two_devices_train_test_and_continue_as_one(tmp_path, odd_scene):
-    script = tmp_path / "launch_two.py"
-    script.write_text(TWO_PROCESSES.format(root=ROOT))
+    script = two_process_launcher(tmp_path)
     scene = [f"dataset.root_dir={odd_scene}", "dataset.render_resolution=64", "dataset.img_wh=[64,64]",
              "dataset.test_split=odd", "model.geometry.isosurface.resolution=32",
              "model.geometry.isosurface.threshold=1"]
@@ -93,3 +118,30 @@ def test_two_devices_train_test_and_continue_as_one(tmp_path, odd_scene):
     out = run(script, tmp_path, "--config", parsed, "--resume", ckpt, "--train", "trainer.max_steps=30", "--skip_test")
     assert out.count("[nsr] Continuing the run from") == 1, out[-3000:]
     assert os.path.isfile(os.path.join(trial, "ckpt", "epoch=0-step=30.ckpt")), os.listdir(os.path.join(trial, "ckpt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["fused", "foreach"])
+def test_a_non_finite_loss_on_one_device_stops_every_device_at_that_step(tmp_path, odd_scene, optimizer):
+    """Rank 1 stopped at its NaN loss; rank 0, whose own loss was finite, stepped on with the NaN gradients
+    and waited for rank 1 at the next step's gradient exchange (30 minutes, then a traceback), leaving rank 1
+    waiting for it in the checkpoint's barrier. Now the flag is every device's: with a fused optimiser (the
+    flag read every 10 steps) and an unfused one (the loss read every step), both stop at step 5 with the same
+    weights, and the weights from before it are saved once."""
+    from helpers import fused_adam_runs_on_the_cpu
+    from utils.callbacks import load_checkpoint_file
+
+    script = two_process_launcher(tmp_path, NAN_ON_RANK_1_AT_STEP_5)
+    extra = [] if optimizer == "fused" else ["+system.optimizer.args.foreach=true"]
+    out = run(script, tmp_path, "--config", "configs/nerf-demo.yaml", "--train", "trainer.max_steps=30",
+              f"dataset.root_dir={odd_scene}", "dataset.render_resolution=64", "dataset.img_wh=[64,64]", "tag=nan",
+              *extra, expect=3, timeout=300)
+    [trial] = glob.glob(str(tmp_path / "exp" / "nerf-demo" / "nan@*"))
+    saved = os.path.join(trial, "ckpt", "last-good-step5.ckpt")
+    assert "[nsr rank 1] Stopped: The training loss is not finite at step 5 (rgb=" in out, out[-3000:]
+    assert f"[nsr] Stopped: The training loss is not finite at step 5 (on another device). The weights from " \
+           f"before that step are saved in {saved}." in out, out[-3000:]
+    ckpt = load_checkpoint_file(saved)
+    deferred = optimizer == "fused" and fused_adam_runs_on_the_cpu()  # read every 10 steps, 5-9 skipped
+    assert ckpt["global_step"] == (10 if deferred else 5)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
