@@ -320,7 +320,7 @@ def run(argv=None) -> int:
                 trainer.fit(system, datamodule=dm, ckpt_path=ckpt_path)  # AtomicCheckpointIO loads weights only
             except NonFiniteLossError as err:
                 return report_non_finite(err, trainer, system, config.ckpt_dir if checkpointing else None)
-            except SystemExit:  # Lightning's exit at a second Ctrl-C (at the first, on several GPUs)
+            except SystemExit:  # Lightning's exit at a second Ctrl-C
                 if not stop_on_signal.interrupted:
                     raise
             # Lightning < 2.2 returns from the stage it ended at Ctrl-C instead of exiting; either way, unless the

@@ -4,9 +4,11 @@ import csv
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import imageio.v2 as imageio
 import pytest
@@ -145,3 +147,43 @@ def test_a_non_finite_loss_on_one_device_stops_every_device_at_that_step(tmp_pat
     deferred = optimizer == "fused" and fused_adam_runs_on_the_cpu()  # read every 10 steps, 5-9 skipped
     assert ckpt["global_step"] == (10 if deferred else 5)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, to_the_group", [(signal.SIGTERM, False), (signal.SIGINT, True)])
+def test_a_signal_stops_every_device_after_the_same_step_with_one_checkpoint(tmp_path, odd_scene, sig, to_the_group):
+    """Lightning's SIGTERM handler runs a collective inside the handler: a job scheduler's SIGTERM mid-step left
+    both ranks waiting for each other, with no checkpoint (seen: still running 45 s later, then killed), and the
+    first Ctrl-C quit without saving. Now each rank notes the signal and the ranks agree at the progress read:
+    a SIGTERM to rank 0 alone (``kill PID``) or Ctrl-C to the whole process group (a terminal's) stops both after
+    the same step, with one resumable checkpoint and the shell's exit status."""
+    script = two_process_launcher(tmp_path)
+    cmd = [sys.executable, str(script), "--exp_dir", str(tmp_path / "exp"), "--runs_dir", str(tmp_path / "runs"),
+           "--config", "configs/nerf-demo.yaml", "--train", "trainer.max_steps=3000", "tag=stop",
+           f"dataset.root_dir={odd_scene}", "dataset.render_resolution=64", "dataset.img_wh=[64,64]"]
+    log = tmp_path / "out.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, TQDM_MINITERS="1"))
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            steps = [int(n) for n in re.findall(r"Epoch 0:\s+\d+%\|[^|]*\|\s*(\d+)/", log.read_text())]
+            if steps and max(steps) >= 15:
+                break
+            time.sleep(0.2)
+        os.killpg(proc.pid, sig) if to_the_group else proc.send_signal(sig)
+        status = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    said = log.read_text()
+    assert status == 128 + sig, said[-3000:]
+    stopped = re.search(rf"\[nsr\] Stopped by {sig.name} at step (\d+) of 3000; the checkpoint (\S+) holds it\.",
+                        said)
+    assert stopped, said[-3000:]
+    step, ckpt = int(stopped.group(1)), stopped.group(2)
+    assert step % 10 == 0 and step >= 15  # the ranks agree at the progress read, every 10 steps
+    assert os.path.basename(ckpt) == f"epoch=0-step={step}.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == step
+    assert said.count(f"[nsr] {sig.name} received") == 1, said[-3000:]  # said by rank 0 only

@@ -223,7 +223,10 @@ class StopOnSignal(Callback):
     one used where no checkpoint may be written (``trainer.enable_checkpointing: false``) and outside training;
     ``SaveOnSignal`` also saves the stop checkpoint.
 
-    Single process only: with several, each would stop at its own step; Lightning's handling stays there.
+    On several devices (DDP) each rank's handler only notes the signal (Lightning's own handler runs a collective
+    inside the handler, which deadlocks when the signal lands mid-step); every ``PROGRESS_EVERY`` steps, at the
+    progress bar's read, the ranks agree whether any received one, so all stop after the same step and save
+    one checkpoint together. A job scheduler signals every rank; ``kill`` of rank 0 alone stops them all too.
 
     Outside training (a test, validation or export), and at a second Ctrl-C, Ctrl-C is Lightning's: it ends the
     stage at once and exits with status 1. ``interrupted`` records that it happened, so the caller can say what
@@ -241,8 +244,9 @@ class StopOnSignal(Callback):
         self._previous: dict = {}
 
     def on_train_start(self, trainer, pl_module):  # after Lightning has set its own SIGTERM handler, to replace it
-        if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
             return
+        self._speaks = trainer.is_global_zero  # on several devices, rank 0 says it
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
@@ -251,6 +255,8 @@ class StopOnSignal(Callback):
             self._restore()
             raise KeyboardInterrupt
         self.received, self.received_at = signal.Signals(signum).name, time.time()
+        if not getattr(self, "_speaks", True):
+            return
         if self.saves:
             again = " (Ctrl-C again quits without one)" if signum == signal.SIGINT else ""
             say_now(f"{self.received} received: finishing the step under way, then saving a checkpoint{again}.")
@@ -260,6 +266,11 @@ class StopOnSignal(Callback):
                     f"(trainer.enable_checkpointing: false), so nothing is saved{again}.")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.world_size > 1:
+            if trainer.global_step % getattr(pl_module, "PROGRESS_EVERY", 10):
+                return
+            self.received = signal_on_any_rank(self.received, pl_module.device)
+            self.received_at = self.received_at or time.time()
         if self.received and not trainer.should_stop:
             trainer.should_stop = self.stopped = True
             self.stop_checkpoint(trainer)
@@ -305,6 +316,20 @@ class SaveOnSignal(StopOnSignal, Checkpoint):
         if not (os.path.isfile(path) and os.path.getmtime(path) >= self.received_at):
             trainer.save_checkpoint(path, weights_only=False)
         self.saved = path
+
+
+SIGNAL_CODES = (None, "SIGINT", "SIGTERM")
+
+
+def signal_on_any_rank(received: str | None, device) -> str | None:
+    """The signal some rank of a run on several devices received (SIGTERM before SIGINT; None: none did), agreed
+    by every rank: a collective every rank calls after the same step."""
+    import torch
+    import torch.distributed as dist
+
+    code = torch.tensor(SIGNAL_CODES.index(received), device=device)
+    dist.all_reduce(code, op=dist.ReduceOp.MAX)
+    return SIGNAL_CODES[int(code)]
 
 
 def say_now(message: str) -> None:

@@ -94,8 +94,8 @@ def report_stopped_output(signal_name: str, mode: str, ckpt: str | None, config)
 
 
 def report_quit(step: int, config, checkpointing: bool = True) -> int:
-    """Message and exit status (130) of a training run quit at once by Ctrl-C (a second one; on several GPUs, the
-    first): the steps since its last checkpoint are lost, and that checkpoint is what it continues from."""
+    """Message and exit status (130) of a training run quit at once by a second Ctrl-C: the steps since its last
+    checkpoint are lost, and that checkpoint is what it continues from."""
     last = newest_checkpoint(config)
     message = f"Quit by Ctrl-C after step {step}, saving nothing."
     if last:
