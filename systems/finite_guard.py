@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from utils.distributed import largest_across_devices, on_several_devices
+
 
 class NonFiniteLossError(RuntimeError):
     """``losses``: this process's loss terms at ``step``; None when the loss was not finite on another device of
@@ -28,22 +30,6 @@ class NonFiniteLossError(RuntimeError):
         self.step = step
         bad = "on another device" if losses is None else ", ".join(f"{k}={v}" for k, v in losses.items())
         super().__init__(f"The training loss is not finite at step {step} ({bad}).")
-
-
-def on_several_devices() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def largest_across_devices(value: torch.Tensor) -> torch.Tensor:
-    """``value`` made, in place, the largest of its values on the devices of a run on several (a collective
-    every rank calls at the same step; no host read); as it is on one device."""
-    if on_several_devices():
-        import torch.distributed as dist
-
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value
 
 
 def skips_on_device_flag(optimizer: torch.optim.Optimizer) -> bool:

@@ -325,11 +325,10 @@ def signal_on_any_rank(received: str | None, device) -> str | None:
     """The signal some rank of a run on several devices received (SIGTERM before SIGINT; None: none did), agreed
     by every rank: a collective every rank calls after the same step."""
     import torch
-    import torch.distributed as dist
 
-    code = torch.tensor(SIGNAL_CODES.index(received), device=device)
-    dist.all_reduce(code, op=dist.ReduceOp.MAX)
-    return SIGNAL_CODES[int(code)]
+    from utils.distributed import largest_across_devices
+
+    return SIGNAL_CODES[int(largest_across_devices(torch.tensor(SIGNAL_CODES.index(received), device=device)))]
 
 
 def say_now(message: str) -> None:
