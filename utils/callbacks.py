@@ -242,11 +242,12 @@ class StopOnSignal(Callback):
         self.saved: str | None = None
         self.interrupted = False
         self._previous: dict = {}
+        self._speaks = True  # on several devices, only rank 0 says a signal was received
 
     def on_train_start(self, trainer, pl_module):  # after Lightning has set its own SIGTERM handler, to replace it
         if threading.current_thread() is not threading.main_thread():
             return
-        self._speaks = trainer.is_global_zero  # on several devices, rank 0 says it
+        self._speaks = trainer.is_global_zero
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._previous[sig] = signal.signal(sig, self._on_signal)
 
@@ -255,7 +256,7 @@ class StopOnSignal(Callback):
             self._restore()
             raise KeyboardInterrupt
         self.received, self.received_at = signal.Signals(signum).name, time.time()
-        if not getattr(self, "_speaks", True):
+        if not self._speaks:
             return
         if self.saves:
             again = " (Ctrl-C again quits without one)" if signum == signal.SIGINT else ""
@@ -270,7 +271,8 @@ class StopOnSignal(Callback):
             if trainer.global_step % getattr(pl_module, "PROGRESS_EVERY", 10):
                 return
             self.received = signal_on_any_rank(self.received, pl_module.device)
-            self.received_at = self.received_at or time.time()
+            if self.received and not self.received_at:  # received by another rank only
+                self.received_at = time.time()
         if self.received and not trainer.should_stop:
             trainer.should_stop = self.stopped = True
             self.stop_checkpoint(trainer)
