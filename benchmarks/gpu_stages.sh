@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Every GPU figure the benchmarks give, in stages that each fit a 10-minute slot:
 #
-#   bash benchmarks/gpu_stages.sh OUT_DIR env parity encoding step     # ~8 min on an H100
+#   bash benchmarks/gpu_stages.sh OUT_DIR env parity encoding step     # parity tests, encoding and step profiles
 #   bash benchmarks/gpu_stages.sh OUT_DIR render                       # NeRF and NeuS step per rendering backend
 #   bash benchmarks/gpu_stages.sh OUT_DIR mlp                          # fused Triton MLPs vs cuBLAS, in NeRF and NeuS steps
-#   bash benchmarks/gpu_stages.sh OUT_DIR train-fast                   # NeRF + NeuS, 20k steps, fastest grid
+#   bash benchmarks/gpu_stages.sh OUT_DIR neus-20k nerf-20k            # launch.py as a user runs it, 800x800 demo scene
+#   bash benchmarks/gpu_stages.sh OUT_DIR train-fast                   # NeRF + NeuS, 20k steps, fastest grid (table)
 #   bash benchmarks/gpu_stages.sh OUT_DIR train-torch                  # the same with the PyTorch grid, 2k steps
 #
-# Each stage tees its output to OUT_DIR/<stage>.log. Wheels in .whl/ (for a machine without the
-# registries) are installed to /tmp/site first.
+# BUDGET_S=570 ends the whole call within that many seconds (a lease's slot): each stage runs under `timeout`
+# of what is left, and of its own cap (STAGE_CAP_S, e.g. PARITY_CAP_S=150). A launch.py stage stopped by the
+# timeout saves a checkpoint and its log keeps the progress bar's rates, so a cut run still gives steps/s.
+# Each stage tees its output to OUT_DIR/<stage>.log. Wheels in .whl/ (for a machine without the registries)
+# are installed to /tmp/site first. The demo scene at 800x800 is rendered into load/demo-800 on first use
+# (carry it to save the rendering's minutes).
 set -o pipefail
 out=${1:?usage: gpu_stages.sh OUT_DIR STAGE...}; shift
 mkdir -p "$out"
@@ -17,7 +22,17 @@ if compgen -G ".whl/*.whl" > /dev/null; then
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1
+started=0  # SECONDS counts from the script's start: the wheels' install is inside the budget
+budget=${BUDGET_S:-100000}
 demo="--demo-resolution 800"
+scene="dataset.name=demo +dataset.layout=blender +dataset.render_resolution=800 dataset.root_dir=load/demo-800"
+scene="$scene dataset.img_wh=[800,800] trainer.max_steps=20000 trainer.val_check_interval=20000"
+exp=/tmp/nsr-gpu-stages
+# launch.py on the demo scene, then the scores it wrote
+user_run() {
+    echo "python3 launch.py --config configs/$1.yaml --train --exp_dir $exp --runs_dir $exp/runs $scene; \
+cat $exp/$1-*/*/save/*-metrics.json 2>/dev/null"
+}
 status=0
 for stage in "$@"; do
     case $stage in
@@ -27,11 +42,23 @@ for stage in "$@"; do
         mlp) cmd="python3 benchmarks/bench_mlp.py; python3 benchmarks/bench_step.py --configs configs/nerf-blender.yaml $demo --steps 100 -- +model.geometry.mlp_network_config.backend=triton +model.texture.mlp_network_config.backend=triton; python3 benchmarks/bench_step.py --configs configs/neus-blender.yaml $demo --steps 100 -- +model.geometry.mlp_network_config.backend=triton +model.texture.mlp_network_config.backend=triton" ;;
         encoding) cmd="python3 benchmarks/bench_encoding.py" ;;
         step) cmd="python3 benchmarks/bench_step.py --configs configs/nerf-blender.yaml configs/neus-blender.yaml $demo --steps 100" ;;
+        neus-20k) cmd=$(user_run neus-blender) ;;
+        nerf-20k) cmd=$(user_run nerf-blender) ;;
         train-fast) cmd="python3 benchmarks/bench_train.py --steps 20000 --backends triton tcnn" ;;
         train-torch) cmd="python3 benchmarks/bench_train.py --steps 2000 --backends torch" ;;
         *) echo "unknown stage $stage"; exit 2 ;;
     esac
-    echo "== $stage: $cmd" | tee "$out/$stage.log"
-    bash -c "$cmd" 2>&1 | grep --line-buffered -v "it/s\]" | tee -a "$out/$stage.log" || status=1
+    cap_name=$(echo "${stage}_CAP_S" | tr 'a-z-' 'A-Z_')
+    left=$((budget - (SECONDS - started)))
+    limit=$(( ${!cap_name:-$left} < left ? ${!cap_name:-$left} : left ))
+    if [ "$limit" -le 5 ]; then
+        echo "== $stage: skipped, the budget is spent" | tee "$out/$stage.log"; status=1; continue
+    fi
+    echo "== $stage (at most ${limit}s): $cmd" | tee "$out/$stage.log"
+    # the progress bar's rates are kept for launch.py's stages (it draws 100 times into a file), dropped elsewhere
+    drop='it/s\]'; case $stage in *-20k) drop='^will never match$';; esac
+    timeout --kill-after=20 "$limit" bash -c "$cmd" 2>&1 | grep --line-buffered -v "$drop" \
+        | tee -a "$out/$stage.log" || status=1
+    echo "== $stage ended after $((SECONDS - started))s of the budget" | tee -a "$out/$stage.log"
 done
 exit $status
