@@ -224,16 +224,15 @@ def write_blender(root: str, scene: DemoScene, splits: Dict[str, List[Camera]], 
                   progress: bool = False) -> None:
     """Write a NeRF-synthetic scene: ``transforms_{split}.json`` and RGBA PNGs under ``{split}/r_{i}.png``.
 
-    Also writes ``depth_{split}/r_{i}.npy`` (z-depth, 0 where nothing is hit) as extra ground truth.
+    No depth maps: no loader reads them, and as float32 they were 97 % of the scene's bytes (167 of 172 MB at
+    800x800). Tests that need the true depth take it from ``render`` in memory.
     """
     for split, cams in splits.items():
         os.makedirs(os.path.join(root, split), exist_ok=True)
-        os.makedirs(os.path.join(root, f"depth_{split}"), exist_ok=True)
         frames = []
         for i, cam in enumerate(tqdm(cams, desc=f"rendering {split} views", leave=False, disable=not progress)):
             out = render(scene, cam, supersample)
             write_image(os.path.join(root, split, f"r_{i}.png"), to_uint8(out["rgba"]))
-            np.save(os.path.join(root, f"depth_{split}", f"r_{i}.npy"), out["depth"].astype(np.float32))
             c2w_gl = opencv_to_opengl(torch.from_numpy(cam.c2w)).numpy()
             frames.append({"file_path": f"./{split}/r_{i}", "transform_matrix": c2w_gl.tolist()})
         fov_x = 2 * math.atan(0.5 * cams[0].width / cams[0].K[0, 0])
