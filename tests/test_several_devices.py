@@ -187,3 +187,41 @@ def test_a_signal_stops_every_device_after_the_same_step_with_one_checkpoint(tmp
     assert os.path.basename(ckpt) == f"epoch=0-step={step}.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == step
     assert said.count(f"[nsr] {sig.name} received") == 1, said[-3000:]  # said by rank 0 only
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_test_on_several_devices_stops_every_rank_after_the_same_view(tmp_path, odd_scene):
+    """Outside training Lightning's SIGTERM handler was in place: a collective run inside the handler. A job
+    scheduler's SIGTERM to every rank during ``--test`` left rank 1 in that broadcast after rank 0 had exited,
+    ending it in a gloo traceback ("Connection closed by peer"), and "SIGTERM received" was said once per rank
+    and once more for the signal Lightning forwards. Now the ranks agree after each view and stop together."""
+    run(os.path.join(ROOT, "launch.py"), tmp_path, "--config", "configs/nerf-demo.yaml", "--train", "--skip_test",
+        "trainer.max_steps=2", "tag=sig", f"dataset.root_dir={odd_scene}", "dataset.render_resolution=64",
+        "dataset.img_wh=[64,64]")
+    [trial] = glob.glob(str(tmp_path / "exp" / "nerf-demo" / "sig@*"))
+    ckpt = os.path.join(trial, "ckpt", "epoch=0-step=2.ckpt")
+    cmd = [sys.executable, str(two_process_launcher(tmp_path)), "--exp_dir", str(tmp_path / "exp"), "--runs_dir",
+           str(tmp_path / "runs"), "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt,
+           "--test"]  # the 24 views of the test split, 12 per rank
+    log = tmp_path / "out.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, TQDM_MINITERS="1"))
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            if re.search(r"Testing DataLoader 0:\s+\d+%\|[^|]*\|\s*[2-9]/", log.read_text()):
+                break
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: every rank
+        status = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    said = log.read_text()
+    assert status == 143 and "Traceback" not in said, said[-3000:]
+    assert said.count("SIGTERM received") == 1, said[-3000:]  # by rank 0, once
+    assert re.search(rf"\[nsr\] Stopped by SIGTERM during the test: its outputs in \S+ are incomplete; the checkpoint "
+                     rf"{re.escape(ckpt)} is whole\. Redo the test with: ", said), said[-3000:]
+    tested = os.listdir(os.path.join(trial, "save", "it2-test"))
+    assert 2 <= len(tested) < 24, tested  # stopped part-way, after the view under way

@@ -228,9 +228,13 @@ class StopOnSignal(Callback):
     progress bar's read, the ranks agree whether any received one, so all stop after the same step and save
     one checkpoint together. A job scheduler signals every rank; ``kill`` of rank 0 alone stops them all too.
 
-    Outside training (a test, validation or export), and at a second Ctrl-C, Ctrl-C is Lightning's: it ends the
-    stage at once and exits with status 1. ``interrupted`` records that it happened, so the caller can say what
-    was left unfinished and exit with a shell's status for Ctrl-C (130) instead.
+    Outside training (a test, validation or export), SIGTERM stops the stage after the view under way, raising
+    Lightning's ``SIGTERMException`` as its own handler would; on several devices the ranks agree after every
+    view, so all stop after the same one (Lightning's handler, a collective inside the handler, left the rank
+    that had not yet reached it to fail with a traceback once the other had exited). Ctrl-C there, and a
+    second Ctrl-C while training, are Lightning's: the stage ends at once and the process exits with status 1.
+    ``interrupted`` records that it happened, so the caller can say what was left unfinished and exit with a
+    shell's status for Ctrl-C (130) instead.
     """
 
     saves = False
@@ -243,6 +247,7 @@ class StopOnSignal(Callback):
         self.interrupted = False
         self._previous: dict = {}
         self._speaks = True  # on several devices, only rank 0 says a signal was received
+        self._evaluating = False  # SIGTERM is ours in a test, validation or export outside training
 
     def on_train_start(self, trainer, pl_module):  # after Lightning has set its own SIGTERM handler, to replace it
         if threading.current_thread() is not threading.main_thread():
@@ -283,11 +288,63 @@ class StopOnSignal(Callback):
     def stop_checkpoint(self, trainer) -> None:
         """Where the stop checkpoint is saved (none here)."""
 
+    def on_test_start(self, trainer, pl_module):
+        self._take_sigterm_outside_training(trainer)
+
+    def on_validation_start(self, trainer, pl_module):
+        self._take_sigterm_outside_training(trainer)
+
+    def _take_sigterm_outside_training(self, trainer) -> None:
+        """Replace Lightning's SIGTERM handler for a stage run on its own (``--test``, ``--validate``, the test
+        after training); inside ``fit``, training's handlers (from ``on_train_start``) are the ones."""
+        fitting = trainer.state.fn == "fit"  # the sanity check before training, and validation inside it
+        if fitting or self._previous or threading.current_thread() is not threading.main_thread():
+            return
+        self._speaks, self._evaluating = trainer.is_global_zero, True
+        self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm_outside_training)
+
+    def _on_sigterm_outside_training(self, signum, frame):
+        self.received, self.received_at = "SIGTERM", time.time()
+        if self._speaks:
+            say_now("SIGTERM received: stopping after the batch under way.")
+
+    def on_test_batch_end(self, trainer, pl_module, *args):
+        self._stop_evaluation_if_signalled(trainer, pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, *args):
+        self._stop_evaluation_if_signalled(trainer, pl_module)
+
+    def _stop_evaluation_if_signalled(self, trainer, pl_module) -> None:
+        """After each view: every rank has as many (``datasets.base._EvalIndices``), so on several devices the
+        ranks agree here whether any received SIGTERM, and all stop after the same view."""
+        if not self._evaluating:
+            return
+        received = self.received
+        if trainer.world_size > 1:
+            received = signal_on_any_rank(received, pl_module.device)
+        if received == "SIGTERM":
+            from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+            self.received = received
+            raise SIGTERMException
+
+    def on_test_end(self, trainer, pl_module):
+        self._end_evaluation()
+
+    def on_validation_end(self, trainer, pl_module):
+        self._end_evaluation()
+
+    def _end_evaluation(self) -> None:
+        if self._evaluating:
+            self._evaluating = False
+            self._restore()
+
     def on_train_end(self, trainer, pl_module):
         self._restore()
 
     def on_exception(self, trainer, pl_module, exception):
         self.interrupted = isinstance(exception, KeyboardInterrupt)
+        self._evaluating = False
         self._restore()
 
     def _restore(self):
