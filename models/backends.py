@@ -64,6 +64,9 @@ def triton_interpreted() -> bool:
 
 
 MIN_TRITON = (3, 3)  # tuples inside kernels (Triton 3.2 compiles none of them)
+# loops bounded by a reduced value (a block's longest ray): 3.6's interpreter stops at them ("only 0-dimensional
+# arrays can be converted to Python scalars"); compiled for a GPU they build from 3.3
+MIN_TRITON_INTERPRETER = (3, 7)
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,6 +83,9 @@ def triton_status(explicit: bool = False) -> tuple[bool, str]:
         if version < MIN_TRITON:
             return False, (f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))} (the "
                            "kernels build tuples); PyTorch >= 2.7 ships a newer one")
+        if triton_interpreted() and version < MIN_TRITON_INTERPRETER:
+            return False, (f"triton {triton.__version__}'s interpreter cannot run the kernels' per-ray loops (from "
+                           f"{'.'.join(map(str, MIN_TRITON_INTERPRETER))} it can)")
         from models import triton_hashgrid, triton_mlp, triton_rendering, triton_sdf_network
 
         device = "cuda" if torch.cuda.is_available() and not triton_interpreted() else "cpu"

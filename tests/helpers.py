@@ -87,12 +87,20 @@ def fisheye_undistort(xy_d: np.ndarray, coeffs, iterations: int = 50) -> np.ndar
     return xy_d * np.where(theta_d > 1e-12, np.tan(theta) / np.maximum(theta_d, 1e-12), 1.0)
 
 
-def import_triton_or_skip():
-    """triton, or a skip saying why: not installed, or older than the kernels need (torch < 2.7 ships one)."""
-    from models.backends import MIN_TRITON
+def import_triton_or_skip(interpreted: bool = True):
+    """triton, or a skip saying why: not installed, or older than the kernels need (torch < 2.7 ships one), or,
+    for tests that run the kernels in Triton's interpreter (``interpreted``, without CUDA), older than its
+    interpreter needs (``models.backends.MIN_TRITON_INTERPRETER``)."""
+    from models.backends import MIN_TRITON, MIN_TRITON_INTERPRETER, triton_interpreted
 
-    return pytest.importorskip("triton", minversion=".".join(map(str, MIN_TRITON)),
-                               reason="triton is not installed (pip install triton; it ships with CUDA torch)")
+    triton = pytest.importorskip("triton", minversion=".".join(map(str, MIN_TRITON)),
+                                 reason="triton is not installed (pip install triton; it ships with CUDA torch)")
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    if interpreted and triton_interpreted() and version < MIN_TRITON_INTERPRETER:
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run the kernels' per-ray loops (from "
+                    f"{'.'.join(map(str, MIN_TRITON_INTERPRETER))} it can); test_triton_compile.py still builds "
+                    "them for GPUs", allow_module_level=True)
+    return triton
 
 
 def fused_adam_runs_on_the_cpu() -> bool:
