@@ -13,6 +13,7 @@ import os
 import sys
 
 from utils.devices import DeviceError, choose_devices
+from utils.distributed import launched_rank
 from utils.resume import CheckpointError, check_resume, final_checkpoint, start_from_checkpoint
 from utils.trial import (csv_log_version, remove_empty, report_stale_temporaries, reuse_trial_folder,
                          start_beside_trial, trial_of, trial_paths)
@@ -70,15 +71,6 @@ class BarAwareHandler(logging.StreamHandler):
             tqdm.write(self.format(record), file=self.stream)
         except Exception:
             self.handleError(record)
-
-
-def launched_rank() -> int:
-    """This process's rank among the processes of a run on several devices, from the environment the launcher
-    (Lightning's for ``--gpu 0,1``, torchrun, SLURM's srun) gives each one before anything runs; 0 alone."""
-    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
 
 
 def setup_logging(verbose: bool) -> None:

@@ -187,6 +187,7 @@ def test_a_signal_stops_every_device_after_the_same_step_with_one_checkpoint(tmp
     assert os.path.basename(ckpt) == f"epoch=0-step={step}.ckpt"
     assert torch.load(ckpt, weights_only=True)["global_step"] == step
     assert said.count(f"[nsr] {sig.name} received") == 1, said[-3000:]  # said by rank 0 only
+    assert said.count("Stopped by") == 1, said[-3000:]  # and so is the stop: rank 1's line was the same
 
 
 @pytest.mark.slow
@@ -220,7 +221,7 @@ def test_sigterm_during_a_test_on_several_devices_stops_every_rank_after_the_sam
             os.killpg(proc.pid, signal.SIGKILL)
     said = log.read_text()
     assert status == 143 and "Traceback" not in said, said[-3000:]
-    assert said.count("SIGTERM received") == 1, said[-3000:]  # by rank 0, once
+    assert said.count("SIGTERM received") == 1 and said.count("Stopped by") == 1, said[-3000:]  # by rank 0, once
     assert re.search(rf"\[nsr\] Stopped by SIGTERM during the test: its outputs in \S+ are incomplete; the checkpoint "
                      rf"{re.escape(ckpt)} is whole\. Redo the test with: ", said), said[-3000:]
     tested = os.listdir(os.path.join(trial, "save", "it2-test"))

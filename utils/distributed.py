@@ -1,8 +1,22 @@
-"""What the processes of a run on several devices (DDP, ``--gpu 0,1``) agree on together, with one call that is
-a no-op on one device."""
+"""Which process of a run on several devices (DDP, ``--gpu 0,1``) this is, and what the processes agree on
+together, with one call that is a no-op on one device. Imports torch only when called (launch.py reads the rank
+before the device choice)."""
 from __future__ import annotations
 
-import torch
+import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+
+def launched_rank() -> int:
+    """This process's rank among the processes of a run on several devices, from the environment the launcher
+    (Lightning's for ``--gpu 0,1``, torchrun, SLURM's srun) gives each one before anything runs; 0 alone."""
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
 
 
 def on_several_devices() -> bool:

@@ -64,6 +64,14 @@ def stops_cleanly(program: str):
 CHECKPOINTING_OFF = "checkpointing is off (trainer.enable_checkpointing: false)"
 
 
+def say_stop(message: str) -> None:
+    """A stop every rank of a run on several devices reports alike (a signal, Ctrl-C): rank 0 says it; the
+    others log it below the ERROR level they print (``launch.setup_logging``), so it is said once."""
+    from utils.distributed import launched_rank
+
+    log.log(logging.INFO if launched_rank() else logging.ERROR, message)
+
+
 def report_stopped(signal_name: str, step: int, max_steps: int, ckpt: str | None, config) -> int:
     """The message and exit status (128 + the signal's number, as a shell reports it) of a run stopped
     by Ctrl-C or SIGTERM; ``ckpt`` is None when checkpointing is off."""
@@ -74,7 +82,7 @@ def report_stopped(signal_name: str, step: int, max_steps: int, ckpt: str | None
         action = "--train" if step < max_steps else "--test"
         message += (f"the checkpoint {ckpt} holds it. {'Continue' if action == '--train' else 'Test'} with: "
                     f"{resume_command(config, ckpt, action)}")
-    log.error(message)
+    say_stop(message)
     return 128 + int(getattr(signal, signal_name))
 
 
@@ -89,7 +97,7 @@ def report_stopped_output(signal_name: str, mode: str, ckpt: str | None, config)
         message += f"{CHECKPOINTING_OFF}, so the {stage} cannot be redone without training again."
     else:
         message += f"the checkpoint {ckpt} is whole. Redo the {stage} with: {resume_command(config, ckpt, action)}"
-    log.error(message)
+    say_stop(message)
     return 128 + int(getattr(signal, signal_name))
 
 
@@ -104,7 +112,7 @@ def report_quit(step: int, config, checkpointing: bool = True) -> int:
         message += f" No checkpoint exists: {CHECKPOINTING_OFF}."
     else:
         message += " No checkpoint had been written yet."
-    log.error(message)
+    say_stop(message)
     return 130
 
 
