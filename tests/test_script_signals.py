@@ -45,3 +45,50 @@ def test_importing_pycolmap_keeps_the_processs_sigterm_handler():
             "os.kill(os.getpid(), signal.SIGTERM); print('alive', flush=True)")  # a plain import: a stack dump, dead
     kept = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
     assert kept.returncode == 0 and kept.stdout.split() == ["handled", "alive"], kept.stderr[-1000:]
+
+
+def test_sigterm_in_a_test_stops_after_the_view_and_in_the_export_at_once(tmp_path):
+    """Outside training SIGTERM is StopOnSignal's: during the views it is noted and the test stops after the view
+    under way; in the export that follows the last view (video trajectory, video, mesh: a minute or more on a
+    CPU) nothing ends to stop after, so on one device it stops there at once, and the atomic writer under way
+    removes its temporary file."""
+    from types import SimpleNamespace
+
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from utils.callbacks import StopOnSignal
+    from utils.io import atomic_path
+
+    trainer = SimpleNamespace(state=SimpleNamespace(fn="test"), is_global_zero=True, world_size=1)
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopOnSignal()
+    stop.on_test_start(trainer, None)
+    stop.on_test_batch_end(trainer, None, None, None, 0)  # no signal: the test goes on
+    os.kill(os.getpid(), signal.SIGTERM)  # during a view: noted only
+    assert stop.received == "SIGTERM"
+    with pytest.raises(SIGTERMException):
+        stop.on_test_batch_end(trainer, None, None, None, 1)
+    stop.on_exception(trainer, None, SIGTERMException())  # as Lightning calls it: the handler is put back
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    stop = StopOnSignal()
+    stop.on_test_start(trainer, None)
+    stop.on_test_epoch_end(trainer, None)
+    with pytest.raises(SIGTERMException):
+        with atomic_path(str(tmp_path / "video.mp4")) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(b"half a video")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    assert os.listdir(tmp_path) == []
+    stop.on_exception(trainer, None, SIGTERMException())
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    stop = StopOnSignal()  # on several devices rank 0 exports alone: its export is not cut
+    several = SimpleNamespace(state=SimpleNamespace(fn="test"), is_global_zero=True, world_size=2)
+    stop.on_test_start(several, None)
+    stop.on_test_epoch_end(several, None)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.received == "SIGTERM"
+    stop.on_test_end(several, None)
+    assert signal.getsignal(signal.SIGTERM) is before

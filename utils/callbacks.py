@@ -248,6 +248,7 @@ class StopOnSignal(Callback):
         self._previous: dict = {}
         self._speaks = True  # on several devices, only rank 0 says a signal was received
         self._evaluating = False  # SIGTERM is ours in a test, validation or export outside training
+        self._at_once = False  # ... and stops at once, in the video and mesh export after the last view
 
     def on_train_start(self, trainer, pl_module):  # after Lightning has set its own SIGTERM handler, to replace it
         if threading.current_thread() is not threading.main_thread():
@@ -304,9 +305,22 @@ class StopOnSignal(Callback):
         self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm_outside_training)
 
     def _on_sigterm_outside_training(self, signum, frame):
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
         self.received, self.received_at = "SIGTERM", time.time()
+        if self._at_once:
+            if self._speaks:
+                say_now("SIGTERM received: stopping the export.")
+            raise SIGTERMException  # the atomic writers remove what they had begun
         if self._speaks:
             say_now("SIGTERM received: stopping after the batch under way.")
+
+    def on_test_epoch_end(self, trainer, pl_module):
+        """Called before the module's own, which renders the video trajectory, writes the video and extracts the
+        mesh (on a CPU, a minute or more of the demo's test): no view ends there to stop after, so on one device
+        SIGTERM stops it at once. On several, rank 0 exports alone while the others end their test, and its
+        export runs to the end (a stop there would leave the others in a collective)."""
+        self._at_once = self._evaluating and trainer.world_size == 1
 
     def on_test_batch_end(self, trainer, pl_module, *args):
         self._stop_evaluation_if_signalled(trainer, pl_module)
@@ -336,7 +350,7 @@ class StopOnSignal(Callback):
 
     def _end_evaluation(self) -> None:
         if self._evaluating:
-            self._evaluating = False
+            self._evaluating = self._at_once = False
             self._restore()
 
     def on_train_end(self, trainer, pl_module):
@@ -344,7 +358,7 @@ class StopOnSignal(Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         self.interrupted = isinstance(exception, KeyboardInterrupt)
-        self._evaluating = False
+        self._evaluating = self._at_once = False
         self._restore()
 
     def _restore(self):
