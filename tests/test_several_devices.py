@@ -65,6 +65,30 @@ def logged_test_psnr(trial):
     return [float(r["test/psnr"]) for r in csv.DictReader(open(files[-1])) if r.get("test/psnr")][-1]
 
 
+def run_then_signal(script, tmp, args, bar, after, sig, to_the_group):
+    """(exit status, output) of ``script`` with ``args``, sent ``sig`` once its progress bar ``bar`` has passed
+    ``after`` batches: to its whole process group (a terminal's Ctrl-C, a scheduler's SIGTERM to every rank) or to
+    rank 0 alone (``kill PID``)."""
+    cmd = [sys.executable, str(script), "--exp_dir", str(tmp / "exp"), "--runs_dir", str(tmp / "runs"), *args]
+    log = tmp / "out.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, TQDM_MINITERS="1"))  # every batch's bar, into the file
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            done = [int(n) for n in re.findall(re.escape(bar) + r":\s+\d+%\|[^|]*\|\s*(\d+)/", log.read_text())]
+            if done and max(done) >= after:
+                break
+            time.sleep(0.1)
+        os.killpg(proc.pid, sig) if to_the_group else proc.send_signal(sig)
+        status = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return status, log.read_text()
+
+
 @pytest.mark.parametrize("n, world_size", [(3, 2), (24, 2), (7, 4), (1, 3), (0, 2)])
 def test_the_ranks_share_the_views_out_each_once_in_the_same_number_of_steps(n, world_size):
     from datasets.base import _EvalIndices
@@ -157,27 +181,10 @@ def test_a_signal_stops_every_device_after_the_same_step_with_one_checkpoint(tmp
     first Ctrl-C quit without saving. Now each rank notes the signal and the ranks agree at the progress read:
     a SIGTERM to rank 0 alone (``kill PID``) or Ctrl-C to the whole process group (a terminal's) stops both after
     the same step, with one resumable checkpoint and the shell's exit status."""
-    script = two_process_launcher(tmp_path)
-    cmd = [sys.executable, str(script), "--exp_dir", str(tmp_path / "exp"), "--runs_dir", str(tmp_path / "runs"),
-           "--config", "configs/nerf-demo.yaml", "--train", "trainer.max_steps=3000", "tag=stop",
-           f"dataset.root_dir={odd_scene}", "dataset.render_resolution=64", "dataset.img_wh=[64,64]"]
-    log = tmp_path / "out.txt"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, TQDM_MINITERS="1"))
-    try:
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline:
-            steps = [int(n) for n in re.findall(r"Epoch 0:\s+\d+%\|[^|]*\|\s*(\d+)/", log.read_text())]
-            if steps and max(steps) >= 15:
-                break
-            time.sleep(0.2)
-        os.killpg(proc.pid, sig) if to_the_group else proc.send_signal(sig)
-        status = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    said = log.read_text()
+    status, said = run_then_signal(two_process_launcher(tmp_path), tmp_path, [
+        "--config", "configs/nerf-demo.yaml", "--train", "trainer.max_steps=3000", "tag=stop",
+        f"dataset.root_dir={odd_scene}", "dataset.render_resolution=64", "dataset.img_wh=[64,64]"],
+        "Epoch 0", 15, sig, to_the_group)
     assert status == 128 + sig, said[-3000:]
     stopped = re.search(rf"\[nsr\] Stopped by {sig.name} at step (\d+) of 3000; the checkpoint (\S+) holds it\.",
                         said)
@@ -201,25 +208,9 @@ def test_sigterm_during_a_test_on_several_devices_stops_every_rank_after_the_sam
         "dataset.img_wh=[64,64]")
     [trial] = glob.glob(str(tmp_path / "exp" / "nerf-demo" / "sig@*"))
     ckpt = os.path.join(trial, "ckpt", "epoch=0-step=2.ckpt")
-    cmd = [sys.executable, str(two_process_launcher(tmp_path)), "--exp_dir", str(tmp_path / "exp"), "--runs_dir",
-           str(tmp_path / "runs"), "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt,
-           "--test"]  # the 24 views of the test split, 12 per rank
-    log = tmp_path / "out.txt"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=dict(os.environ, TQDM_MINITERS="1"))
-    try:
-        deadline = time.monotonic() + 300
-        while proc.poll() is None and time.monotonic() < deadline:
-            if re.search(r"Testing DataLoader 0:\s+\d+%\|[^|]*\|\s*[2-9]/", log.read_text()):
-                break
-            time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGTERM)  # as a scheduler does: every rank
-        status = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    said = log.read_text()
+    status, said = run_then_signal(two_process_launcher(tmp_path), tmp_path, [
+        "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, "--test"],  # 24 views, 12 a rank
+        "Testing DataLoader 0", 2, signal.SIGTERM, True)  # as a scheduler does: every rank
     assert status == 143 and "Traceback" not in said, said[-3000:]
     assert said.count("SIGTERM received") == 1 and said.count("Stopped by") == 1, said[-3000:]  # by rank 0, once
     assert re.search(rf"\[nsr\] Stopped by SIGTERM during the test: its outputs in \S+ are incomplete; the checkpoint "
