@@ -84,6 +84,13 @@ def test_sigterm_in_a_test_stops_after_the_view_and_in_the_export_at_once(tmp_pa
     stop.on_exception(trainer, None, SIGTERMException())
     assert signal.getsignal(signal.SIGTERM) is before
 
+    stop = StopOnSignal()  # a signal between the last view's check and the export: the export does not start
+    stop.on_test_start(trainer, None)
+    os.kill(os.getpid(), signal.SIGTERM)
+    with pytest.raises(SIGTERMException):
+        stop.on_test_epoch_end(trainer, None)
+    stop.on_exception(trainer, None, SIGTERMException())
+
     stop = StopOnSignal()  # on several devices rank 0 exports alone: its export is not cut
     several = SimpleNamespace(state=SimpleNamespace(fn="test"), is_global_zero=True, world_size=2)
     stop.on_test_start(several, None)

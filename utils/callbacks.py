@@ -19,6 +19,7 @@ from pytorch_lightning.callbacks import Callback, Checkpoint, TQDMProgressBar
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from utils.io import atomic_path
 
@@ -305,8 +306,6 @@ class StopOnSignal(Callback):
         self._previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_sigterm_outside_training)
 
     def _on_sigterm_outside_training(self, signum, frame):
-        from pytorch_lightning.utilities.exceptions import SIGTERMException
-
         self.received, self.received_at = "SIGTERM", time.time()
         if self._at_once:
             if self._speaks:
@@ -321,6 +320,8 @@ class StopOnSignal(Callback):
         SIGTERM stops it at once. On several, rank 0 exports alone while the others end their test, and its
         export runs to the end (a stop there would leave the others in a collective)."""
         self._at_once = self._evaluating and trainer.world_size == 1
+        if self._at_once and self.received == "SIGTERM":  # came after the last view's check
+            raise SIGTERMException
 
     def on_test_batch_end(self, trainer, pl_module, *args):
         self._stop_evaluation_if_signalled(trainer, pl_module)
@@ -337,8 +338,6 @@ class StopOnSignal(Callback):
         if trainer.world_size > 1:
             received = signal_on_any_rank(received, pl_module.device)
         if received == "SIGTERM":
-            from pytorch_lightning.utilities.exceptions import SIGTERMException
-
             self.received = received
             raise SIGTERMException
 
