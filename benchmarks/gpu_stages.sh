@@ -32,6 +32,8 @@ budget=${BUDGET_S:-100000}
 demo="--demo-resolution 800"
 scene="dataset.name=demo +dataset.layout=blender +dataset.render_resolution=800 dataset.root_dir=load/demo-800"
 scene="$scene dataset.img_wh=[800,800] trainer.max_steps=20000 trainer.val_check_interval=20000"
+# LPIPS fetches AlexNet's weights on first use: a machine that reaches nothing outside could wait for the connection
+scene="$scene +system.lpips=false"
 exp=/tmp/nsr-gpu-stages
 # launch.py on the demo scene, then the scores it wrote
 user_run() {
