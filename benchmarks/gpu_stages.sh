@@ -51,8 +51,8 @@ for stage in "$@"; do
         step) cmd="python3 benchmarks/bench_step.py --configs configs/nerf-blender.yaml configs/neus-blender.yaml $demo --steps 100" ;;
         neus-20k) cmd=$(user_run neus-blender) ;;
         nerf-20k) cmd=$(user_run nerf-blender) ;;
-        train-fast) cmd="python3 benchmarks/bench_train.py --steps 20000 --backends triton tcnn" ;;
-        train-torch) cmd="python3 benchmarks/bench_train.py --steps 2000 --backends torch" ;;
+        train-fast) cmd="python3 benchmarks/bench_train.py --steps 20000 --backends triton tcnn -- +system.lpips=false" ;;
+        train-torch) cmd="python3 benchmarks/bench_train.py --steps 2000 --backends torch -- +system.lpips=false" ;;
         *) echo "unknown stage $stage"; exit 2 ;;
     esac
     cap_name=$(echo "${stage}_CAP_S" | tr 'a-z-' 'A-Z_')
