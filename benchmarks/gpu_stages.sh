@@ -27,8 +27,7 @@ if compgen -G ".whl/*.whl" > /dev/null; then
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1
-started=0  # SECONDS counts from the script's start: the wheels' install is inside the budget
-budget=${BUDGET_S:-100000}
+budget=${BUDGET_S:-100000}  # against bash's SECONDS, from the script's start: the wheels' install counts
 demo="--demo-resolution 800"
 scene="dataset.name=demo +dataset.layout=blender +dataset.render_resolution=800 dataset.root_dir=load/demo-800"
 scene="$scene dataset.img_wh=[800,800] trainer.max_steps=20000 trainer.val_check_interval=20000"
@@ -39,6 +38,10 @@ exp=/tmp/nsr-gpu-stages
 user_run() {
     echo "python3 launch.py --config configs/$1.yaml --train --exp_dir $exp --runs_dir $exp/runs $scene; \
 cat $exp/$1-*/*/save/*-metrics.json 2>/dev/null"
+}
+# the progress bar's lines: kept for launch.py's stages (it draws 100 times into a file), dropped elsewhere
+progress_lines() {
+    case $1 in *-20k) cat ;; *) grep --line-buffered -v "it/s\]" ;; esac
 }
 status=0
 for stage in "$@"; do
@@ -56,16 +59,13 @@ for stage in "$@"; do
         *) echo "unknown stage $stage"; exit 2 ;;
     esac
     cap_name=$(echo "${stage}_CAP_S" | tr 'a-z-' 'A-Z_')
-    left=$((budget - (SECONDS - started)))
+    left=$((budget - SECONDS))
     limit=$(( ${!cap_name:-$left} < left ? ${!cap_name:-$left} : left ))
     if [ "$limit" -le 5 ]; then
         echo "== $stage: skipped, the budget is spent" | tee "$out/$stage.log"; status=1; continue
     fi
     echo "== $stage (at most ${limit}s): $cmd" | tee "$out/$stage.log"
-    # the progress bar's rates are kept for launch.py's stages (it draws 100 times into a file), dropped elsewhere
-    drop='it/s\]'; case $stage in *-20k) drop='^will never match$';; esac
-    timeout --kill-after=20 "$limit" bash -c "$cmd" 2>&1 | grep --line-buffered -v "$drop" \
-        | tee -a "$out/$stage.log" || status=1
-    echo "== $stage ended after $((SECONDS - started))s of the budget" | tee -a "$out/$stage.log"
+    timeout --kill-after=20 "$limit" bash -c "$cmd" 2>&1 | progress_lines "$stage" | tee -a "$out/$stage.log" || status=1
+    echo "== $stage ended after ${SECONDS}s of the budget" | tee -a "$out/$stage.log"
 done
 exit $status
