@@ -17,9 +17,13 @@ import pytest
 from helpers import import_triton_or_skip
 
 triton = import_triton_or_skip(interpreted=False)  # compiled in a subprocess without the interpreter
+TRITON_VERSION = tuple(int(p) for p in triton.__version__.split(".")[:2])
 # The networks' backward kernels are register-tight: Triton 3.3 and 3.4 spill on sm_80 (measured: 20 bytes, and
 # 100 and 284), 3.5 and later nothing, which is what the kernels are held to there.
-NETWORK_SPILL_LIMIT = 0 if tuple(int(p) for p in triton.__version__.split(".")[:2]) >= (3, 5) else 512
+NETWORK_SPILL_LIMIT = 0 if TRITON_VERSION >= (3, 5) else 512
+# The per-ray passes reduce a block's longest ray once: two block barriers up to Triton 3.7 (measured with 3.4,
+# 3.6 and 3.7), one from 3.8.
+RAY_PASS_BARRIER_LIMIT = 1 if TRITON_VERSION >= (3, 8) else 2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARCHS = (80, 90)  # A100, H100
@@ -52,8 +56,8 @@ def reports(compiled):
 
 def test_every_rendering_launch_compiles_without_spills_or_atomics(compiled):
     """The fused rendering kernels (NeuS opacity, compositing, marching): one lane per ray, so no atomics, and
-    the backward's per-sample loop keeps its channels in registers (at most two block barriers; a 2-D layout
-    with a reduction across lanes once put 11 in it)."""
+    the backward's per-sample loop keeps its channels in registers (one block barrier, two before Triton 3.8; a
+    2-D layout with a reduction across lanes once put 11 in it)."""
     reports = compiled["rendering"]
     launched = {(r["arch"], r["kernel"], r["variant"]) for r in reports}
     for arch in ARCHS:
@@ -73,8 +77,8 @@ def test_every_rendering_launch_compiles_without_spills_or_atomics(compiled):
         if r["kernel"] != "_visibility_kernel":  # the early-stop pass has no multiply feeding an add
             assert r["fused_multiply_adds"] > 0, where
         assert r["reductions"] == 0 and r["ordered_atomics"] == 0, where
-        if r["kernel"].startswith(("_composite", "_march", "_visibility")):  # Triton 3.8 puts 1 there, 3.6 2
-            assert r["barriers"] <= 2, f"{where}: {r['barriers']} block barriers"
+        if r["kernel"].startswith(("_composite", "_march", "_visibility")):
+            assert r["barriers"] <= RAY_PASS_BARRIER_LIMIT, f"{where}: {r['barriers']} block barriers"
 
 
 def test_fused_mlp_compiles_to_tensor_core_products_without_spills(compiled):
