@@ -198,22 +198,28 @@ def test_a_signal_stops_every_device_after_the_same_step_with_one_checkpoint(tmp
 
 
 @pytest.mark.slow
-def test_sigterm_during_a_test_on_several_devices_stops_every_rank_after_the_same_view(tmp_path, odd_scene):
+@pytest.mark.parametrize("mode, stage, bar, outputs", [
+    ("--test", "test", "Testing DataLoader 0", "it2-test/*.png"),
+    ("--validate", "validation", "Validation DataLoader 0", "it2-*.png")])
+def test_sigterm_during_a_test_or_validation_on_several_devices_stops_every_rank_after_the_same_view(
+        tmp_path, odd_scene, mode, stage, bar, outputs):
     """Outside training Lightning's SIGTERM handler was in place: a collective run inside the handler. A job
     scheduler's SIGTERM to every rank during ``--test`` left rank 1 in that broadcast after rank 0 had exited,
     ending it in a gloo traceback ("Connection closed by peer"), and "SIGTERM received" was said once per rank
-    and once more for the signal Lightning forwards. Now the ranks agree after each view and stop together."""
+    and once more for the signal Lightning forwards. Now the ranks agree after each view and stop together;
+    ``--validate`` takes the same path, over the test split's 24 views here so that there is a part-way."""
     run(os.path.join(ROOT, "launch.py"), tmp_path, "--config", "configs/nerf-demo.yaml", "--train", "--skip_test",
         "trainer.max_steps=2", "tag=sig", f"dataset.root_dir={odd_scene}", "dataset.render_resolution=64",
         "dataset.img_wh=[64,64]")
     [trial] = glob.glob(str(tmp_path / "exp" / "nerf-demo" / "sig@*"))
     ckpt = os.path.join(trial, "ckpt", "epoch=0-step=2.ckpt")
     status, said = run_then_signal(two_process_launcher(tmp_path), tmp_path, [
-        "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, "--test"],  # 24 views, 12 a rank
-        "Testing DataLoader 0", 2, signal.SIGTERM, True)  # as a scheduler does: every rank
+        "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, mode,
+        "dataset.val_split=test", "trainer.limit_val_batches=1.0"],  # 24 views, 12 a rank
+        bar, 2, signal.SIGTERM, True)  # as a scheduler does: every rank
     assert status == 143 and "Traceback" not in said, said[-3000:]
     assert said.count("SIGTERM received") == 1 and said.count("Stopped by") == 1, said[-3000:]  # by rank 0, once
-    assert re.search(rf"\[nsr\] Stopped by SIGTERM during the test: its outputs in \S+ are incomplete; the checkpoint "
-                     rf"{re.escape(ckpt)} is whole\. Redo the test with: ", said), said[-3000:]
-    tested = os.listdir(os.path.join(trial, "save", "it2-test"))
-    assert 2 <= len(tested) < 24, tested  # stopped part-way, after the view under way
+    assert re.search(rf"\[nsr\] Stopped by SIGTERM during the {stage}: its outputs in \S+ are incomplete; the "
+                     rf"checkpoint {re.escape(ckpt)} is whole\. Redo the {stage} with: \S.*{mode}", said), said[-3000:]
+    written = glob.glob(os.path.join(trial, "save", outputs))
+    assert 2 <= len(written) < 24, written  # stopped part-way, after the view under way
