@@ -73,10 +73,10 @@ class BarAwareHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, devices_per_node: int = 1) -> None:
     """Our lines as ``[nsr] ...`` on stdout. On several devices every rank runs this script; rank 0 says what
     the run does, the others only their errors (``[nsr rank N] ...``), so each line is said once."""
-    rank = launched_rank()
+    rank = launched_rank(devices_per_node)
     handler = BarAwareHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(f"[nsr rank {rank}] %(message)s" if rank else "[nsr] %(message)s"))
     if rank:
@@ -177,7 +177,7 @@ def seed_quietly(seed: int) -> None:
 
 def run(argv=None) -> int:
     args, overrides = parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, len(args.gpu.split(",")) if args.gpu else 1)
     from utils.config import ConfigError, check_sections, check_trainer_options, load_config
 
     try:  # before torch and Lightning are imported (seconds): a mistyped option is answered at once

@@ -3,6 +3,7 @@ which run the code a two-GPU run does (ranks, the shared trial, rank 0's outputs
 import csv
 import glob
 import json
+import logging
 import os
 import re
 import signal
@@ -98,6 +99,34 @@ def test_the_ranks_share_the_views_out_each_once_in_the_same_number_of_steps(n, 
     assert len({len(share) for share in shares}) == 1, shares
     assert sorted(i for share in shares for i in share if i >= 0) == list(range(n))
     assert all(i == -1 for share in shares for i in share[len([j for j in share if j >= 0]):]), shares
+
+
+@pytest.mark.parametrize("environment, per_node, rank", [
+    ({}, 1, 0),
+    ({"RANK": "3", "LOCAL_RANK": "1"}, 2, 3),  # torchrun's
+    ({"LOCAL_RANK": "1", "NODE_RANK": "0"}, 2, 1),  # the second process Lightning starts for --gpu 0,1
+    ({"NODE_RANK": "1"}, 2, 2),  # the second machine's first process, launched by hand: it was taken for rank 0
+    ({"NODE_RANK": "1", "LOCAL_RANK": "1"}, 2, 3),
+    ({"SLURM_PROCID": "2"}, 1, 2),  # srun's tasks, one a device
+    ({"SLURM_PROCID": "0", "LOCAL_RANK": "1"}, 2, 1)])  # one SLURM task, whose processes Lightning starts
+def test_each_process_knows_its_rank_before_anything_runs(monkeypatch, environment, per_node, rank):
+    import launch
+    from utils.distributed import launched_rank
+
+    for name in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert launched_rank(per_node) == rank
+    with pytest.MonkeyPatch.context() as undo:  # launch.main puts the logger back; setup_logging alone does not
+        undo.setattr(launch.log, "handlers", launch.log.handlers[:])  # setup_logging fills the list in place
+        undo.setattr(launch.log, "level", launch.log.level)
+        undo.setattr(launch.log, "propagate", launch.log.propagate)
+        launch.setup_logging(False, per_node)
+        [handler] = launch.log.handlers
+        said = handler.format(logging.LogRecord("nsr", logging.INFO, "", 0, "a line", None, None))
+    assert said == (f"[nsr rank {rank}] a line" if rank else "[nsr] a line")  # only rank 0 says what the run does
+    assert handler.level == (logging.ERROR if rank else logging.NOTSET)
 
 
 @pytest.fixture(scope="module")

@@ -10,13 +10,20 @@ if TYPE_CHECKING:
     import torch
 
 
-def launched_rank() -> int:
+def launched_rank(devices_per_node: int = 1) -> int:
     """This process's rank among the processes of a run on several devices, from the environment the launcher
-    (Lightning's for ``--gpu 0,1``, torchrun, SLURM's srun) gives each one before anything runs; 0 alone."""
-    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):
-        if os.environ.get(name, "").isdigit():
-            return int(os.environ[name])
-    return 0
+    gives each one before anything runs: torchrun's RANK; Lightning's NODE_RANK and LOCAL_RANK (``--gpu 0,1``;
+    a run on several machines launched by hand with NODE_RANK on each), ranked ``devices_per_node`` to a
+    machine; SLURM's SRUN task number. 0 alone."""
+    def number(name: str) -> int | None:
+        value = os.environ.get(name, "")
+        return int(value) if value.isdigit() else None
+
+    if number("RANK") is not None:
+        return number("RANK")
+    if number("NODE_RANK") is not None or number("LOCAL_RANK") is not None:
+        return (number("NODE_RANK") or 0) * devices_per_node + (number("LOCAL_RANK") or 0)
+    return number("SLURM_PROCID") or 0
 
 
 def on_several_devices() -> bool:
