@@ -22,9 +22,11 @@
 set -o pipefail
 out=${1:?usage: gpu_stages.sh OUT_DIR STAGE...}; shift
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if compgen -G ".whl/*.whl" > /dev/null; then  # by name: pip takes the wheel for this Python (PyMCubes: cp310-312)
+    names=$(ls .whl/*.whl | sed 's|.*/||; s|-.*||' | sort -u)
+    python3 -m pip install -q --no-index --find-links .whl --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site $names && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} \
+        || echo "== the wheels in .whl/ did not install (for Python $(python3 -V)): stages that need them will fail"
 fi
 export PYTHONUNBUFFERED=1
 budget=${BUDGET_S:-100000}  # against bash's SECONDS, from the script's start: the wheels' install counts
