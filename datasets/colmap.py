@@ -1,4 +1,5 @@
-"""COLMAP captures: ``<root>/images/*`` and a sparse model in ``<root>/sparse/0`` (binary or text).
+"""COLMAP captures: ``<root>/images/*`` and a sparse model in ``<root>/sparse/0`` (binary or text); of several
+numbered models (COLMAP's mapper makes one per group of images it could not join), the largest.
 
 Every camera model pycolmap knows is read; lenses with distortion are
 undistorted at load to COLMAP's own pinhole camera (already undistorted data,
@@ -182,7 +183,8 @@ class Capture:
             raise DatasetError(missing_root_message(root, "COLMAP: <root>/images/ and <root>/sparse/0/"))
         self.config = config
         self.image_dir = os.path.join(root, config.get("images_dir", "images"))
-        rec = read_reconstruction(find_sparse_dir(root))
+        self.sparse_dir, self.models_note = find_sparse_dir(root)
+        rec = read_reconstruction(self.sparse_dir)
         self.views = registered_views(rec)
         self.xyz, self.rgb, self.track = sparse_points(rec)
         c2w = np.stack([v.c2w for v in self.views])
@@ -279,7 +281,14 @@ class ColmapDataModule(SceneDataModule):
     def capture(self) -> Capture:
         if self._capture is None:
             self._capture = Capture(self.config)
-            log.info(f"COLMAP capture: {len(self._capture.views)} registered images, "
+            cap = self._capture
+            found = sum(os.path.splitext(f)[1] in IMAGE_EXTENSIONS for _, _, files in os.walk(cap.image_dir)
+                        for f in files)
+            registered = f"{len(cap.views)} of the {found} images in {cap.image_dir} registered" \
+                if found > len(cap.views) else f"{len(cap.views)} registered images"
+            if cap.models_note:
+                log.info(f"COLMAP model: {cap.models_note}.")
+            log.info(f"COLMAP capture: {registered}, "
                      f"{len(self._capture.undistorters)} camera(s) "
                      f"({', '.join(sorted({u.camera.model.name for u in self._capture.undistorters.values()}))}), "
                      f"{len(self._capture.xyz)} sparse points, training size {self._capture.size[0]}x"

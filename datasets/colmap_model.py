@@ -22,11 +22,41 @@ from datasets.base import DatasetError
 PINHOLE_MODELS = ("SIMPLE_PINHOLE", "PINHOLE")
 
 
-def find_sparse_dir(root: str) -> str:
-    """The folder holding the model: ``<root>/sparse/0``, ``<root>/sparse``, or ``root`` itself."""
-    for candidate in (os.path.join(root, "sparse", "0"), os.path.join(root, "sparse"), root):
-        if any(os.path.isfile(os.path.join(candidate, f"cameras.{ext}")) for ext in ("bin", "txt")):
-            return candidate
+def has_model(folder: str) -> bool:
+    return any(os.path.isfile(os.path.join(folder, f"cameras.{ext}")) for ext in ("bin", "txt"))
+
+
+def registered_image_count(model_dir: str) -> int:
+    """How many images a COLMAP model registered: ``images.bin``'s header (the model is not read), else the text
+    model read whole; 0 for a model that cannot be read."""
+    binary = os.path.join(model_dir, "images.bin")
+    if os.path.isfile(binary):
+        with open(binary, "rb") as f:
+            header = f.read(8)
+        return int.from_bytes(header, "little") if len(header) == 8 else 0
+    try:
+        return read_reconstruction(model_dir).num_reg_images()
+    except DatasetError:
+        return 0
+
+
+def find_sparse_dir(root: str) -> tuple[str, str]:
+    """(the folder holding the model, a note on the models left out or ""). COLMAP's mapper writes one numbered
+    model ``<root>/sparse/N`` per group of images it could not join to the others, and ``sparse/0`` is not
+    always the largest: the one with the most registered images is taken. Else ``<root>/sparse`` or ``root``."""
+    sparse = os.path.join(root, "sparse")
+    numbered = sorted((d for d in (os.listdir(sparse) if os.path.isdir(sparse) else [])
+                       if d.isdigit() and has_model(os.path.join(sparse, d))), key=int)
+    if numbered:
+        counts = {d: registered_image_count(os.path.join(sparse, d)) for d in numbered}
+        chosen = max(numbered, key=lambda d: counts[d])  # the first of equals
+        others = [f"sparse/{d} has {counts[d]}" for d in numbered if d != chosen]
+        note = (f"{os.path.join(sparse, chosen)}, the largest of the {len(numbered)} models COLMAP made, with "
+                f"{counts[chosen]} registered images ({', '.join(others)})") if others else ""
+        return os.path.join(sparse, chosen), note
+    for candidate in (sparse, root):
+        if has_model(candidate):
+            return candidate, ""
     raise DatasetError(f"No COLMAP model under {root} (looked for sparse/0/cameras.bin|txt); run "
                        f"python scripts/imgs2poses.py {root} first.")
 

@@ -62,7 +62,10 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
                                        read_reconstruction, region_of_interest, registered_views, sparse_points,
                                        write_points_ply)
 
-    rec = read_reconstruction(find_sparse_dir(root))
+    sparse_dir, models_note = find_sparse_dir(root)
+    if models_note:
+        print(f"COLMAP model: {models_note}.")
+    rec = read_reconstruction(sparse_dir)
     views = registered_views(rec)
     image_dir = os.path.join(root, "images")
     names = [v.name for v in views]

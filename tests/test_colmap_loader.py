@@ -222,6 +222,29 @@ def test_missing_model_and_image_are_one_sentence(tmp_path):
         load(tmp_path).split("train")
 
 
+def test_of_several_models_the_largest_is_used_and_named(tmp_path, caplog):
+    """COLMAP's mapper leaves one model per group of images it could not join, and sparse/0 is not always the
+    largest: sparse/0 (text, 3 images) was taken over sparse/1 (binary, 7 images), silently training on 3."""
+    from datasets.colmap_model import import_pycolmap
+
+    cams = cameras_with(50.0, 50.0, n=10)
+    write_capture(tmp_path, cams, "PINHOLE", [50.0, 50.0, 31.0, 25.5], pinhole_render)  # sparse/0: all 10
+    views = [(f"img_{i:03d}.png", 0, cam.c2w) for i, cam in enumerate(cams)]
+    write_colmap_text(str(tmp_path / "text1"), [("PINHOLE", W, H, [50.0, 50.0, 31.0, 25.5])], views[3:],
+                      scene_points())
+    os.makedirs(tmp_path / "sparse" / "1")
+    import_pycolmap().Reconstruction(str(tmp_path / "text1")).write_binary(str(tmp_path / "sparse" / "1"))
+    write_colmap_text(str(tmp_path / "sparse" / "0"), [("PINHOLE", W, H, [50.0, 50.0, 31.0, 25.5])], views[:3],
+                      scene_points())
+    with caplog.at_level("INFO", logger="nsr"):
+        data = load(tmp_path).split("train")
+    assert data.n_images == 7
+    said = caplog.text
+    assert f"COLMAP model: {tmp_path / 'sparse' / '1'}, the largest of the 2 models COLMAP made, with 7 " \
+           "registered images (sparse/0 has 3)." in said, said
+    assert f"COLMAP capture: 7 of the 10 images in {tmp_path / 'images'} registered, " in said, said
+
+
 def phone_held_upright(n=8):
     """Portrait photos (48x64 as shown) stored as the sensor reads them (64x48) with EXIF orientation 6.
 
