@@ -23,6 +23,7 @@ PINHOLE_MODELS = ("SIMPLE_PINHOLE", "PINHOLE")
 
 
 def has_model(folder: str) -> bool:
+    """Whether ``folder`` holds a COLMAP model (binary or text)."""
     return any(os.path.isfile(os.path.join(folder, f"cameras.{ext}")) for ext in ("bin", "txt"))
 
 
