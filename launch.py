@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from utils.devices import DeviceError, choose_devices
+from utils.devices import DeviceError, choose_devices, devices_asked
 from utils.distributed import launched_rank
 from utils.resume import CheckpointError, check_resume, final_checkpoint, start_from_checkpoint
 from utils.trial import (csv_log_version, remove_empty, report_stale_temporaries, reuse_trial_folder,
@@ -177,7 +177,7 @@ def seed_quietly(seed: int) -> None:
 
 def run(argv=None) -> int:
     args, overrides = parse_args(argv)
-    setup_logging(args.verbose, len(args.gpu.split(",")) if args.gpu else 1)
+    setup_logging(args.verbose, devices_asked(args.gpu))
     from utils.config import ConfigError, check_sections, check_trainer_options, load_config
 
     try:  # before torch and Lightning are imported (seconds): a mistyped option is answered at once

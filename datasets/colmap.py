@@ -288,14 +288,12 @@ class ColmapDataModule(SceneDataModule):
                 if found > len(cap.views) else f"{len(cap.views)} registered images"
             if cap.models_note:
                 log.info(f"COLMAP model: {cap.models_note}.")
-            log.info(f"COLMAP capture: {registered}, "
-                     f"{len(self._capture.undistorters)} camera(s) "
-                     f"({', '.join(sorted({u.camera.model.name for u in self._capture.undistorters.values()}))}), "
-                     f"{len(self._capture.xyz)} sparse points, training size {self._capture.size[0]}x"
-                     f"{self._capture.size[1]}")
-            turned, n = int((self._capture.quarter_turns != 0).sum()), len(self._capture.views)
-            if self._capture.upright:
-                log.info(f"The photos are shown turned (EXIF orientation): used as shown, {90 * self._capture.upright} "
+            log.info(f"COLMAP capture: {registered}, {len(cap.undistorters)} camera(s) "
+                     f"({', '.join(sorted({u.camera.model.name for u in cap.undistorters.values()}))}), "
+                     f"{len(cap.xyz)} sparse points, training size {cap.size[0]}x{cap.size[1]}")
+            turned, n = int((cap.quarter_turns != 0).sum()), len(cap.views)
+            if cap.upright:
+                log.info(f"The photos are shown turned (EXIF orientation): used as shown, {90 * cap.upright} "
                          "degrees clockwise from the stored pixels COLMAP read, with their cameras turned to match.")
             elif turned:
                 log.info(f"{turned} of {n} photos are shown turned (EXIF orientation) and the others not: all are used "

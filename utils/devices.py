@@ -14,6 +14,11 @@ class DeviceError(RuntimeError):
     """This machine cannot run this PyTorch as installed; said as one sentence, no traceback."""
 
 
+def devices_asked(gpu: str | None) -> int:
+    """How many devices ``--gpu`` asks for (``0,1``: 2; not given: 1)."""
+    return len(gpu.split(",")) if gpu else 1
+
+
 def choose_devices(gpu: str | None):
     """(accelerator, number of devices). CUDA_VISIBLE_DEVICES must be set before torch touches CUDA.
 
@@ -31,7 +36,7 @@ def choose_devices(gpu: str | None):
         problem = unusable_gpu(torch)
         if problem:
             raise DeviceError(problem)
-        wanted, visible = len(gpu.split(",")) if gpu else 1, torch.cuda.device_count()
+        wanted, visible = devices_asked(gpu), torch.cuda.device_count()
         if gpu is not None and preset is not None and preset.replace(" ", "") != gpu:
             log.warning(f"CUDA_VISIBLE_DEVICES={preset} was set before launch and is kept; --gpu {gpu} only says "
                         f"how many of its devices to use ({wanted}).")
