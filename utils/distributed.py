@@ -14,7 +14,7 @@ def launched_rank(devices_per_node: int = 1) -> int:
     """This process's rank among the processes of a run on several devices, from the environment the launcher
     gives each one before anything runs: torchrun's RANK; Lightning's NODE_RANK and LOCAL_RANK (``--gpu 0,1``;
     a run on several machines launched by hand with NODE_RANK on each), ranked ``devices_per_node`` to a
-    machine; SLURM's SRUN task number. 0 alone."""
+    machine; the task number srun gives (SLURM_PROCID). 0 alone."""
     def number(name: str) -> int | None:
         value = os.environ.get(name, "")
         return int(value) if value.isdigit() else None
