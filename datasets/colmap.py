@@ -183,8 +183,8 @@ class Capture:
             raise DatasetError(missing_root_message(root, "COLMAP: <root>/images/ and <root>/sparse/0/"))
         self.config = config
         self.image_dir = os.path.join(root, config.get("images_dir", "images"))
-        self.sparse_dir, self.models_note = find_sparse_dir(root)
-        rec = read_reconstruction(self.sparse_dir)
+        sparse_dir, self.models_note = find_sparse_dir(root)
+        rec = read_reconstruction(sparse_dir)
         self.views = registered_views(rec)
         self.xyz, self.rgb, self.track = sparse_points(rec)
         c2w = np.stack([v.c2w for v in self.views])
@@ -287,7 +287,7 @@ class ColmapDataModule(SceneDataModule):
             registered = f"{len(cap.views)} of the {found} images in {cap.image_dir} registered" \
                 if found > len(cap.views) else f"{len(cap.views)} registered images"
             if cap.models_note:
-                log.info(f"COLMAP model: {cap.models_note}.")
+                log.info(cap.models_note)
             log.info(f"COLMAP capture: {registered}, {len(cap.undistorters)} camera(s) "
                      f"({', '.join(sorted({u.camera.model.name for u in cap.undistorters.values()}))}), "
                      f"{len(cap.xyz)} sparse points, training size {cap.size[0]}x{cap.size[1]}")

@@ -42,7 +42,7 @@ def registered_image_count(model_dir: str) -> int:
 
 
 def find_sparse_dir(root: str) -> tuple[str, str]:
-    """(the folder holding the model, a note on the models left out or ""). COLMAP's mapper writes one numbered
+    """(the folder holding the model, a sentence on the models left out or ""). COLMAP's mapper writes one numbered
     model ``<root>/sparse/N`` per group of images it could not join to the others, and ``sparse/0`` is not
     always the largest: the one with the most registered images is taken. Else ``<root>/sparse`` or ``root``."""
     sparse = os.path.join(root, "sparse")
@@ -52,8 +52,8 @@ def find_sparse_dir(root: str) -> tuple[str, str]:
         counts = {d: registered_image_count(os.path.join(sparse, d)) for d in numbered}
         chosen = max(numbered, key=lambda d: counts[d])  # the first of equals
         others = [f"sparse/{d} has {counts[d]}" for d in numbered if d != chosen]
-        note = (f"{os.path.join(sparse, chosen)}, the largest of the {len(numbered)} models COLMAP made, with "
-                f"{counts[chosen]} registered images ({', '.join(others)})") if others else ""
+        note = (f"COLMAP model: {os.path.join(sparse, chosen)}, the largest of the {len(numbered)} models COLMAP "
+                f"made, with {counts[chosen]} registered images ({', '.join(others)}).") if others else ""
         return os.path.join(sparse, chosen), note
     for candidate in (sparse, root):
         if has_model(candidate):

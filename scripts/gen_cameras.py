@@ -64,7 +64,7 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
 
     sparse_dir, models_note = find_sparse_dir(root)
     if models_note:
-        print(f"COLMAP model: {models_note}.")
+        print(models_note)
     rec = read_reconstruction(sparse_dir)
     views = registered_views(rec)
     image_dir = os.path.join(root, "images")
