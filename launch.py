@@ -311,7 +311,7 @@ def run(argv=None) -> int:
             try:
                 trainer.fit(system, datamodule=dm, ckpt_path=ckpt_path)  # AtomicCheckpointIO loads weights only
             except NonFiniteLossError as err:
-                return report_non_finite(err, trainer, system, config.ckpt_dir if checkpointing else None)
+                return report_non_finite(err, trainer, system, config, checkpointing)
             except SystemExit:  # Lightning's exit at a second Ctrl-C
                 if not stop_on_signal.interrupted:
                     raise

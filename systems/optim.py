@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
-from typing import Any, Dict
+from typing import Any, Dict, List
 
 import torch
 import torch.nn as nn
@@ -218,6 +218,23 @@ def options_a_continued_run_ignores(system_config: Any, model: nn.Module, ckpt: 
     then = _optimization_options(saved_optimizers[0], saved_schedulers[0] if saved_schedulers else None)
     return [(key, option_value(now[key]), option_value(then[key])) for key in now
             if key in then and shown_option(now[key]) != shown_option(then[key])]
+
+
+def learning_rate_overrides(optimizer: torch.optim.Optimizer, config: Any, factor: float) -> List[str]:
+    """Command-line overrides (``system.optimizer.args.lr=0.005``) that give each of ``optimizer``'s parameter
+    groups ``factor`` times the learning rate it was configured with (a scheduler's ``initial_lr``, not where
+    the schedule has taken it), each under the key it came from: a group's own ``system.optimizer.params.<part>.lr``,
+    else ``system.optimizer.args.lr`` (``+`` added where the config leaves it to torch's default)."""
+    from omegaconf import OmegaConf
+
+    overrides = {}
+    for group in optimizer.param_groups:
+        key = f"system.optimizer.params.{group.get('name')}.lr"
+        if group.get("name", "all") == "all" or OmegaConf.select(config, key, default=None) is None:
+            key = "system.optimizer.args.lr"
+        given = OmegaConf.select(config, key, default=None) is not None
+        overrides[key] = f"{'' if given else '+'}{key}={factor * group.get('initial_lr', group['lr']):.6g}"
+    return list(overrides.values())
 
 
 def option_value(value: Any) -> Any:

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import systems
 from helpers import lightning_mixed_precision, needs_cpu_grad_scaler, needs_fused_cpu_adam, training_system
@@ -320,3 +321,31 @@ def test_a_continued_run_names_a_schedule_the_checkpoint_overrides_and_records_t
     assert longer.config.system.optimizer.params.geometry.lr == 0.01
     assert longer.config.system.scheduler.schedulers[1].args.gamma == pytest.approx(restored_gamma)
     assert options_a_continued_run_ignores(longer.config.system, longer.model, ckpt) == []
+
+
+def test_the_learning_rate_a_non_finite_loss_suggests_halves_each_configured_rate_under_its_own_key():
+    """After a non-finite loss the run names the overrides that halve its learning rates: each part's own key
+    (neus-demo's variance has 0.001, the others 0.01), the configured rate rather than where the warm-up has taken
+    it, args.lr for a part that sets none, and ``+`` where the config leaves the rate to torch's default."""
+    from systems.optim import learning_rate_overrides
+
+    def system_without(*keys, overrides=()):
+        cfg = load_config("configs/neus-demo.yaml", ["model.grid_resolution=16", *overrides])
+        for key in keys:
+            parent, name = key.rsplit(".", 1)
+            del OmegaConf.select(cfg, parent)[name]
+        return systems.make(cfg.system.name, cfg, mode="train")
+
+    system = system_without("system.optimizer.params.texture.lr")
+    optimizer = make_optimizer(system.config.system.optimizer, system.model)
+    torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.01, total_iters=100)  # sets initial_lr, lr / 100
+    overrides = learning_rate_overrides(optimizer, system.config, 0.5)
+    assert sorted(overrides) == ["system.optimizer.args.lr=0.005", "system.optimizer.params.geometry.lr=0.005",
+                                 "system.optimizer.params.variance.lr=0.0005"]  # no background parts in the demo
+    halved = system_without("system.optimizer.params.texture.lr", overrides=overrides)
+    rates = {g["name"]: g["lr"] for g in make_optimizer(halved.config.system.optimizer, halved.model).param_groups}
+    assert rates == {"geometry": 0.005, "texture": 0.005, "variance": 0.0005}
+
+    no_args = system_without("system.optimizer.args.lr", "system.optimizer.params.texture.lr")
+    optimizer = make_optimizer(no_args.config.system.optimizer, no_args.model)  # texture: AdamW's default 0.001
+    assert "+system.optimizer.args.lr=0.0005" in learning_rate_overrides(optimizer, no_args.config, 0.5)

@@ -161,26 +161,34 @@ def resume_command(config, ckpt: str, action: str) -> str:
     return f"python launch.py --config {shlex.quote(parsed)} --resume {shlex.quote(ckpt)} {action}"
 
 
-def report_non_finite(err, trainer, system, ckpt_dir: str | None) -> int:
+def report_non_finite(err, trainer, system, config, checkpointing: bool) -> int:
     """Message and exit status (3) of a run stopped by a NaN or infinite loss; the weights from before it are
-    saved to resume from, unless checkpointing is off (``ckpt_dir`` None)."""
+    saved to go on from, unless checkpointing is off. The commands it gives go on from them (or from the newest
+    checkpoint, when the weights are no longer finite) with half the learning rate, which ``--resume`` alone
+    would not do (it restores the optimiser's rate with the rest of its state), or as the run was."""
     import torch
 
-    if ckpt_dir is None:
+    from systems.optim import learning_rate_overrides
+
+    if not checkpointing:
         log.error(f"Stopped: {err} Nothing was saved: {CHECKPOINTING_OFF}. "
                   "Lower the learning rate or check the data, then train again.")
         return 3
-    params_ok = all(torch.isfinite(p).all() for p in system.parameters())
     message = f"Stopped: {err}"
-    if params_ok:
-        path = os.path.join(ckpt_dir, f"last-good-step{err.step}.ckpt")
-        trainer.save_checkpoint(path, weights_only=False)  # optimiser state too, so --resume continues the run
-        message += f" The weights from before that step are saved in {path}."
-    existing = [f for f in os.listdir(ckpt_dir) if f.endswith(".ckpt") and not f.startswith(".tmp-")] \
-        if os.path.isdir(ckpt_dir) else []
-    if existing and not params_ok:
-        message += f" Earlier checkpoints are untouched in {ckpt_dir}."
-    message += " Lower the learning rate or check the data, then --resume."
+    if all(torch.isfinite(p).all() for p in system.parameters()):
+        good = os.path.join(config.ckpt_dir, f"last-good-step{err.step}.ckpt")
+        trainer.save_checkpoint(good, weights_only=False)  # optimiser state too, so --resume continues the run
+        message += f" The weights from before that step are saved in {good}."
+    else:
+        good = newest_checkpoint(config)
+        message += f" Earlier checkpoints are untouched; the newest is {good}." if good else \
+            " No earlier checkpoint exists: lower the learning rate or check the data, then train again."
+    if good:
+        halved = " ".join(learning_rate_overrides(trainer.optimizers[0], config, 0.5))
+        message += (" To go on from those weights with half the learning rate (a fresh optimiser and schedule from step 0, "
+                    f"in a new trial): {resume_command(config, good, '--train --resume_weights_only')} {halved} ; "
+                    "or, once the data or the loss is fixed, continue the run as it was (its learning rate "
+                    f"restored with the optimiser): {resume_command(config, good, '--train')}")
     log.error(message)
     return 3
 
