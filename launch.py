@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from utils.devices import DeviceError, choose_devices, devices_asked
+from utils.devices import DeviceError, choose_devices, devices_asked, missing_requirement
 from utils.distributed import launched_rank
 from utils.resume import CheckpointError, check_resume, final_checkpoint, start_from_checkpoint
 from utils.trial import (csv_log_version, remove_empty, report_stale_temporaries, reuse_trial_folder,
@@ -67,7 +67,9 @@ class BarAwareHandler(logging.StreamHandler):
     def emit(self, record) -> None:
         try:
             from tqdm import tqdm
-
+        except ImportError:  # not installed yet: the line that says so still gets out
+            return super().emit(record)
+        try:
             tqdm.write(self.format(record), file=self.stream)
         except Exception:
             self.handleError(record)
@@ -156,6 +158,12 @@ def main(argv=None) -> int:
     logger_state = (log.handlers[:], log.level, log.propagate)
     try:
         return run(argv)
+    except ModuleNotFoundError as err:  # a package of requirements.txt missing: pip install not run, or another Python
+        problem = missing_requirement(err)
+        if problem is None:
+            raise
+        log.error(problem)
+        return 2
     finally:
         if inherited is None:
             os.environ.pop("NSR_TRIAL_NAME", None)

@@ -706,6 +706,39 @@ def test_a_pytorch_too_old_for_the_installed_numpy_is_one_sentence(monkeypatch, 
     assert not (tmp_path / "exp").exists(), "refused before any folder is made"
 
 
+def test_a_required_package_not_installed_is_one_sentence_naming_the_python_that_lacks_it():
+    """launch.py run by a Python without the requirements (pip install not run, or run with another Python than
+    the venv's) ended in a traceback at "No module named 'omegaconf'"; now one sentence names the pip package,
+    the interpreter and the command that installs them into it."""
+    start = ("import runpy, sys; sys.modules['omegaconf'] = None; "  # None in sys.modules: its import fails
+             "sys.argv = ['launch.py', '--config', 'configs/neus-demo.yaml', '--train']; "
+             "runpy.run_path('launch.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", start], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in out, out
+    assert out.strip() == (f"[nsr] omegaconf is not installed for Python {sys.version_info.major}."
+                           f"{sys.version_info.minor} at {sys.executable}; install the requirements into it with: "
+                           f"{sys.executable} -m pip install -r requirements.txt (or activate the environment they "
+                           "were installed in).")
+
+
+def test_every_required_package_is_known_by_the_modules_it_installs():
+    """The names the sentence above gives: each package of requirements.txt, under each module it installs."""
+    from importlib import metadata
+
+    from utils.devices import REQUIRED_MODULES
+
+    with open(os.path.join(ROOT, "requirements.txt")) as f:
+        required = {re.split(r"[<>=;#\s]", line, maxsplit=1)[0] for line in f if line.strip()[:1].isalpha()}
+    assert required == set(REQUIRED_MODULES.values())
+    installed_by = metadata.packages_distributions()
+    for module, package in REQUIRED_MODULES.items():
+        if module == "yaml":  # PyYAML, which OmegaConf requires
+            assert any(r.lower().startswith("pyyaml") for r in metadata.requires("omegaconf")), module
+        else:
+            assert package.lower() in [d.lower() for d in installed_by[module]], module
+
+
 def test_a_folder_that_cannot_be_written_is_named_not_a_traceback(monkeypatch, tmp_path, capsys):
     """The demo scene is rendered into dataset.root_dir on first use: on a read-only checkout (or a folder of
     another user) that was a traceback from tempfile.mkdtemp."""

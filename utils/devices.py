@@ -1,11 +1,12 @@
 """Which device a run trains on (``--gpu``, CUDA_VISIBLE_DEVICES), said in the log, and why a GPU that was asked
 for cannot be used, in the words that say what to do: a CPU-only PyTorch, no driver, a GPU too old for this
-PyTorch build or held by another process, a NumPy this PyTorch cannot read."""
+PyTorch build or held by another process, a NumPy this PyTorch cannot read, a required package not installed."""
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import sys
 
 log = logging.getLogger("nsr")
 
@@ -72,6 +73,29 @@ def numpy_too_new_for_torch() -> str | None:
     return (f"PyTorch {metadata.version('torch')} was built for NumPy 1 and cannot use the installed NumPy "
             f"{metadata.version('numpy')} (PyTorch reads NumPy 2 from 2.3 on); run pip install 'numpy<2' "
             "'opencv-python-headless<4.12', or install PyTorch 2.3 or newer.")
+
+
+# the pip package of each module requirements.txt brings that the code imports, by its import name
+REQUIRED_MODULES = {"torch": "torch", "pytorch_lightning": "pytorch-lightning", "lightning_fabric": "pytorch-lightning",
+                    "omegaconf": "omegaconf", "yaml": "omegaconf", "numpy": "numpy", "trimesh": "trimesh",
+                    "mcubes": "PyMCubes", "cv2": "opencv-python-headless", "imageio": "imageio", "PIL": "pillow",
+                    "imageio_ffmpeg": "imageio-ffmpeg", "tensorboard": "tensorboard", "torchmetrics": "torchmetrics",
+                    "tqdm": "tqdm", "scipy": "scipy", "pycolmap": "pycolmap"}
+
+
+def missing_requirement(err: ModuleNotFoundError) -> str | None:
+    """What to do when ``err`` is a package of requirements.txt that this Python lacks (None for any other
+    module): the requirements not installed yet, installed for another Python (a venv or conda environment
+    not activated), or a Python older than the packages' wheels (pip then installs none of them)."""
+    package = REQUIRED_MODULES.get((err.name or "").split(".")[0])
+    if package is None:
+        return None
+    python = f"Python {sys.version_info.major}.{sys.version_info.minor} at {sys.executable}"
+    if sys.version_info < (3, 10):
+        return (f"{package} is not installed for {python}; this project needs Python 3.10 or newer (pycolmap has no "
+                "wheels for older ones, so pip installs none of the requirements): run it with a newer Python.")
+    return (f"{package} is not installed for {python}; install the requirements into it with: {sys.executable} -m "
+            "pip install -r requirements.txt (or activate the environment they were installed in).")
 
 
 def unusable_gpu(torch) -> str | None:
