@@ -12,13 +12,11 @@
 # of what is left, and of its own cap (STAGE_CAP_S, e.g. PARITY_CAP_S=150). A launch.py stage stopped by the
 # timeout saves a checkpoint and its log keeps the progress bar's rates, so a cut run still gives steps/s.
 # Each stage tees its output to OUT_DIR/<stage>.log. Wheels in .whl/ (for a machine without the registries)
-# are installed to /tmp/site first. The demo scene at 800x800 is rendered into load/demo-800 on first use
-# (5.7 MB; 5 minutes on 2 cores: render it here with a CPU and carry it).
+# are installed to /tmp/site first. The demo scene at 800x800 is rendered into load/demo-800 on first use.
 #
-# A leased image with torch and Lightning but not the rest (cp312): `pip download --no-deps --only-binary=:all:
-# --python-version 3.12 ... -d .whl omegaconf==2.3.0 trimesh PyMCubes imageio-ffmpeg==0.4.9` (0.8's wheel is
-# 68 MB, over what a call carries) and `pip wheel --no-deps antlr4-python3-runtime==4.9.3 -w .whl` (OmegaConf's
-# parser: an sdist only). nerfacc compiles its kernels on first use (minutes): leave it out unless measured.
+# A leased machine reaches nothing outside, and its image has torch and Lightning but not the rest: make both
+# here first with `bash benchmarks/prepare_gpu_carry.sh` (about 3 minutes on 2 cores, 34 MB) and carry them.
+# nerfacc compiles its kernels on first use (minutes): leave it out unless measured.
 set -o pipefail
 out=${1:?usage: gpu_stages.sh OUT_DIR STAGE...}; shift
 mkdir -p "$out"
