@@ -179,8 +179,11 @@ class BaseSystem(pl.LightningModule):
         self.loss_guard.check()  # the steps since the last progress read
 
     def on_save_checkpoint(self, checkpoint):
-        # callbacks save before this module's on_train_batch_end: record the step the weights are at
-        checkpoint["state_dict"]["trained_steps"] = torch.tensor(checkpoint.get("global_step", self.global_step))
+        # callbacks save before this module's on_train_batch_end: record the step the weights are at (behind the
+        # run's count after a non-finite loss, whose updates the optimiser skipped)
+        weights_step = self.loss_guard.weights_step
+        checkpoint["state_dict"]["trained_steps"] = torch.tensor(
+            checkpoint.get("global_step", self.global_step) if weights_step is None else weights_step)
         if self._trainer is not None:
             checkpoint[TRAINING_STREAMS] = self.training_streams()
 

@@ -52,6 +52,9 @@ class FiniteLossGuard:
         self.flag: Optional[torch.Tensor] = None  # 0-d float32 on the device: 1 once a loss was not finite
         self.recorded: List[Tuple[int, torch.Tensor, Dict[str, torch.Tensor]]] = []  # since the last check
         self._scaler_flag: Optional[torch.Tensor] = None
+        # the step the first non-finite loss was found at, once it was: the weights had their last update before
+        # it (the deferred check finds it up to PROGRESS_EVERY steps later, the optimiser skipping in between)
+        self.weights_step: Optional[int] = None
 
     @property
     def deferred(self) -> bool:
@@ -97,7 +100,7 @@ class FiniteLossGuard:
             step, loss, terms = self.recorded.pop()
             here = torch.isfinite(loss).logical_not().float()
             if float(largest_across_devices(here.clone())):  # every device stops at the same step
-                raise NonFiniteLossError(step, {k: float(v) for k, v in terms.items()} if here else None)
+                self._stop(step, {k: float(v) for k, v in terms.items()} if here else None)
 
     def check(self, flag_value: Optional[float] = None) -> None:
         """Deferred mode: raise for the first non-finite loss recorded since the last check. ``flag_value``
@@ -115,5 +118,8 @@ class FiniteLossGuard:
             step = -int(largest_across_devices(torch.tensor(-step, device=self.flag.device)))
         if step == NEVER:  # the flag is sticky and every step since the last clean check is recorded: not reached
             step = recorded[0][0] if recorded else -1
-        raise NonFiniteLossError(step, {k: float(v) for k, v in first[1].items()} if first and first[0] == step
-                                 else None)
+        self._stop(step, {k: float(v) for k, v in first[1].items()} if first and first[0] == step else None)
+
+    def _stop(self, step: int, losses: Optional[Dict[str, float]]) -> None:
+        self.weights_step = step
+        raise NonFiniteLossError(step, losses)

@@ -243,6 +243,7 @@ def test_nan_loss_stops_and_keeps_the_good_weights(tmp_path):
     assert good
     state = torch.load(good[0], weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert int(state["trained_steps"]) == 4  # the run's count is at the check after it (fused: up to step 10)
     # the way on it gives: --resume alone would restore the learning rate with the optimiser, and say so
     lower = re.search(r"half the learning rate [^:]*: python launch.py (.*?) ; or", out)
     assert lower and "--resume_weights_only system.optimizer.args.lr=0.005" in lower.group(1), out[-3000:]
@@ -250,6 +251,8 @@ def test_nan_loss_stops_and_keeps_the_good_weights(tmp_path):
     out = launch(tmp_path, *shlex.split(lower.group(1)), "system.loss.lambda_rgb=1.0", "trainer.max_steps=10",
                  "--skip_test")
     assert "no effect" not in out and "Trained to step 10" in out, out[-3000:]
+    assert re.search(r"Loaded weights from \S+last-good-step4.ckpt \((step 4|weights of step 4, run's step 10: .*)\)",
+                     out), out[-3000:]
     again = re.search(r"Trained to step 10: (\S+\.ckpt)", out).group(1)
     groups = torch.load(again, weights_only=True)["optimizer_states"][0]["param_groups"]
     assert [g["initial_lr"] for g in groups] == [0.005]

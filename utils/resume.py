@@ -61,9 +61,7 @@ def load_weights(system, path: str) -> dict:
                        f"{tuple(own[mismatched[0]].shape)}")
         raise CheckpointError(f"Checkpoint '{path}' does not match this config ({detail}); use the config/parsed.yaml "
                         "of the trial that wrote it.")
-    system.load_state_dict(state)
-    if "global_step" in ckpt:  # the step the weights are at names the outputs (it{step}-...)
-        system.trained_steps.fill_(int(ckpt["global_step"]))
+    system.load_state_dict(state)  # with trained_steps, the step the weights are at, which names the outputs
     return ckpt
 
 
@@ -77,8 +75,10 @@ def start_from_checkpoint(system, config, path: str, continued: bool, skip_test:
 
     ckpt = load_weights(system, path)
     restored = ": weights, optimiser, schedule and random streams" if continued else ""
-    log.info(f"{'Continuing the run from' if continued else 'Loaded weights from'} {path} (step "
-             f"{ckpt.get('global_step', '?')}{restored})")
+    run_step, weights_step = int(ckpt.get("global_step", system.step)), system.step
+    at = f"step {run_step}" if weights_step == run_step else \
+        f"weights of step {weights_step}, run's step {run_step}: the updates after a non-finite loss were skipped"
+    log.info(f"{'Continuing the run from' if continued else 'Loaded weights from'} {path} ({at}{restored})")
     if not continued:
         return False
     ignored = options_a_continued_run_ignores(config.system, system.model, ckpt)
