@@ -15,6 +15,7 @@ import sys
 from utils.devices import DeviceError, choose_devices, devices_asked, missing_requirement
 from utils.distributed import launched_rank
 from utils.resume import CheckpointError, check_resume, final_checkpoint, start_from_checkpoint
+from utils.stops import repeat_devices_option
 from utils.trial import (csv_log_version, remove_empty, report_stale_temporaries, reuse_trial_folder,
                          start_beside_trial, trial_of, trial_paths)
 
@@ -153,7 +154,8 @@ def lightning_refusals(section: str, taker: str):
 def main(argv=None) -> int:
     """Exit status of one run. What a run sets for itself is put back when it returns, so that a later run or
     code in the same process (a notebook, a sweep script, the tests) starts clean: the trial name passed to DDP
-    child processes through NSR_TRIAL_NAME, and the "nsr" logger's handler (bound to this run's stdout)."""
+    child processes through NSR_TRIAL_NAME, the "nsr" logger's handler (bound to this run's stdout), and the --gpu
+    the commands it prints repeat."""
     inherited = os.environ.get("NSR_TRIAL_NAME")
     logger_state = (log.handlers[:], log.level, log.propagate)
     try:
@@ -168,6 +170,7 @@ def main(argv=None) -> int:
         if inherited is None:
             os.environ.pop("NSR_TRIAL_NAME", None)
         log.handlers[:], log.level, log.propagate = logger_state
+        repeat_devices_option(None)
 
 
 def seed_quietly(seed: int) -> None:
@@ -186,6 +189,7 @@ def seed_quietly(seed: int) -> None:
 def run(argv=None) -> int:
     args, overrides = parse_args(argv)
     setup_logging(args.verbose, devices_asked(args.gpu))
+    repeat_devices_option(args.gpu)
     from utils.config import ConfigError, check_sections, check_trainer_options, load_config
 
     try:  # before torch and Lightning are imported (seconds): a mistyped option is answered at once

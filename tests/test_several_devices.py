@@ -170,9 +170,13 @@ def test_two_devices_train_test_and_continue_as_one(tmp_path, odd_scene):
     assert logged_test_psnr(trial) == pytest.approx(ddp_psnr, abs=1e-4)
 
     # continued on two devices: each rank's ray stream is reseeded, the run goes on to its new total
-    out = run(script, tmp_path, "--config", parsed, "--resume", ckpt, "--train", "trainer.max_steps=30", "--skip_test")
+    out = run(script, tmp_path, "--config", parsed, "--resume", ckpt, "--gpu", "0,1", "--train",
+              "trainer.max_steps=30", "--skip_test")
     assert out.count("[nsr] Continuing the run from") == 1, out[-3000:]
-    assert os.path.isfile(os.path.join(trial, "ckpt", "epoch=0-step=30.ckpt")), os.listdir(os.path.join(trial, "ckpt"))
+    last = os.path.join(trial, "ckpt", "epoch=0-step=30.ckpt")
+    assert os.path.isfile(last), os.listdir(os.path.join(trial, "ckpt"))
+    # the command it ends with runs on as many devices (it named none, and a pasted one then ran on the first GPU)
+    assert f"Test and export it with: python launch.py --config {parsed} --resume {last} --gpu 0,1 --test" in out
 
 
 @pytest.mark.slow

@@ -153,12 +153,22 @@ def then_run(config, ckpt: str, action: str, override: str = "") -> str:
     return f"; then {what} with: {resume_command(config, ckpt, action)} {override}".rstrip()
 
 
+_devices_option = ""  # this run's " --gpu 0,1", repeated in the commands it prints (repeat_devices_option)
+
+
+def repeat_devices_option(gpu: str | None) -> None:
+    """Have the commands this run prints run on the devices it was started with (``--gpu``'s value; None: the
+    default), so that a run on several GPUs is continued or redone on as many, not on the first alone."""
+    global _devices_option
+    _devices_option = f" --gpu {gpu}" if gpu else ""
+
+
 def resume_command(config, ckpt: str, action: str) -> str:
     """The command line that runs ``action`` on the trial's checkpoint ``ckpt``, quoted to paste (spaces and all)."""
     import shlex
 
     parsed = os.path.join(config.config_dir, "parsed.yaml")
-    return f"python launch.py --config {shlex.quote(parsed)} --resume {shlex.quote(ckpt)} {action}"
+    return f"python launch.py --config {shlex.quote(parsed)} --resume {shlex.quote(ckpt)}{_devices_option} {action}"
 
 
 def report_non_finite(err, trainer, system, config, checkpointing: bool) -> int:
