@@ -15,7 +15,7 @@ import sys
 from utils.devices import DeviceError, choose_devices, devices_asked, missing_requirement
 from utils.distributed import launched_rank
 from utils.resume import CheckpointError, check_resume, final_checkpoint, start_from_checkpoint
-from utils.stops import repeat_devices_option
+from utils.stops import repeat_run_options
 from utils.trial import (csv_log_version, remove_empty, report_stale_temporaries, reuse_trial_folder,
                          start_beside_trial, trial_of, trial_paths)
 
@@ -44,7 +44,8 @@ def parse_args(argv=None):
     parser.add_argument("--verbose", action="store_true")
     args, overrides = parser.parse_known_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)
-    args.exp_dir_given = any(a == "--exp_dir" or a.startswith("--exp_dir=") for a in given)
+    args.exp_dir_given, args.runs_dir_given = (any(a == option or a.startswith(option + "=") for a in given)
+                                               for option in ("--exp_dir", "--runs_dir"))
     unknown = [o for o in overrides if o.startswith("--")]
     if unknown:
         parser.error(f"unknown option {unknown[0]}; config overrides are written key=value, without dashes")
@@ -154,7 +155,7 @@ def lightning_refusals(section: str, taker: str):
 def main(argv=None) -> int:
     """Exit status of one run. What a run sets for itself is put back when it returns, so that a later run or
     code in the same process (a notebook, a sweep script, the tests) starts clean: the trial name passed to DDP
-    child processes through NSR_TRIAL_NAME, the "nsr" logger's handler (bound to this run's stdout), and the --gpu
+    child processes through NSR_TRIAL_NAME, the "nsr" logger's handler (bound to this run's stdout), and the options
     the commands it prints repeat."""
     inherited = os.environ.get("NSR_TRIAL_NAME")
     logger_state = (log.handlers[:], log.level, log.propagate)
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
         if inherited is None:
             os.environ.pop("NSR_TRIAL_NAME", None)
         log.handlers[:], log.level, log.propagate = logger_state
-        repeat_devices_option(None)
+        repeat_run_options()
 
 
 def seed_quietly(seed: int) -> None:
@@ -189,7 +190,7 @@ def seed_quietly(seed: int) -> None:
 def run(argv=None) -> int:
     args, overrides = parse_args(argv)
     setup_logging(args.verbose, devices_asked(args.gpu))
-    repeat_devices_option(args.gpu)
+    repeat_run_options(args.gpu, args.runs_dir if args.runs_dir_given else None)
     from utils.config import ConfigError, check_sections, check_trainer_options, load_config
 
     try:  # before torch and Lightning are imported (seconds): a mistyped option is answered at once

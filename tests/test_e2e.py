@@ -323,7 +323,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_the_run(tmp_path, sig):
                                      "trainer.val_check_interval=1000", *every_step)
     assert status == 128 + sig, out[-3000:]
     stopped = re.search(r"Stopped by (\w+) at step (\d+) of 1000; the checkpoint (\S+) holds it\. Continue with: "
-                        r"python launch.py --config (\S+) --resume \3 --train", out)
+                        r"python launch.py --config (\S+) --resume \3 --runs_dir \S+/runs --train", out)
     assert stopped and stopped.group(1) == sig.name and "Traceback" not in out, out[-3000:]
     step, ckpt, parsed = int(stopped.group(2)), stopped.group(3), stopped.group(4)
     assert 3 <= step < 1000
@@ -341,7 +341,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_the_run(tmp_path, sig):
     assert status == 128 + sig and "Traceback" not in out, out[-3000:]
     assert re.search(rf"\n\[nsr\] Stopped by {sig.name} during the test: its outputs in \S+ are incomplete; the "
                      rf"checkpoint {re.escape(ckpt)} is whole\. Redo the test with: python launch.py --config \S+ "
-                     rf"--resume {re.escape(ckpt)} --test", out), out[-3000:]  # on a line of its own, not the bar's
+                     rf"--resume {re.escape(ckpt)} --runs_dir \S+/runs --test", out), out[-3000:]  # on a line of its own, not the bar's
     if sig != signal.SIGINT:  # Lightning's handler, acknowledged on a line of its own, not on the bar's
         assert "\n[nsr] SIGTERM received: stopping after the batch under way.\n" in out, out[-3000:]
         assert "Received SIGTERM" not in out
@@ -372,7 +372,7 @@ def test_second_ctrl_c_quits_at_once_and_names_the_last_checkpoint(tmp_path):
                                      delay=1.0)  # into the next step: the bar moves before the step's callbacks end
     assert status == 130 and "Traceback" not in out, out[-3000:]
     quit_ = re.search(r"Quit by Ctrl-C after step (\d+), saving nothing\. The last checkpoint is (\S+); "
-                      r"continue with: python launch.py --config \S+ --resume \2 --train", out)
+                      r"continue with: python launch.py --config \S+ --resume \2 --runs_dir \S+/runs --train", out)
     assert quit_, out[-3000:]
     step, ckpt = int(quit_.group(1)), quit_.group(2)
     assert os.path.basename(ckpt) == f"epoch=0-step={step}.ckpt" and os.path.isfile(ckpt)
@@ -508,7 +508,7 @@ def test_a_continued_run_names_the_options_its_checkpoint_overrides(trained, tmp
             "seed: 5 here, 42 restored. The trial's config/parsed.yaml records the restored values.") in out
     parsed, last = shlex.quote(str(copy / "config" / "parsed.yaml")), copy / "ckpt" / "epoch=0-step=405.ckpt"
     assert (f"[nsr] Trained to step 405: {last}. Test and export it with: python launch.py --config {parsed} "
-            f"--resume {shlex.quote(str(last))} --test") in out  # --skip_test's last line
+            f"--resume {shlex.quote(str(last))} --runs_dir {tmp_path / 'runs'} --test") in out  # --skip_test's last line
     record = OmegaConf.load(copy / "config" / "parsed.yaml")  # written by this run, which trained 5 steps
     assert record.trainer.max_steps == 405 and record.system.optimizer.args.lr == 0.01 and record.seed == 42
     out = launch(tmp_path, "--config", str(copy / "config" / "parsed.yaml"), "--train", "--resume", ckpt,

@@ -60,7 +60,7 @@ def test_gpu_memory_running_out_in_training_names_the_ray_budget_and_the_command
     assert line.startswith("Out of GPU memory while training (it asked for 2 GiB more); lower "
                            "model.max_train_num_rays (now 1024) or model.num_samples_per_ray (now 128), e.g. "
                            "model.max_train_num_rays=512; then continue with: python launch.py --config "), line
-    command = f"--resume {ckpt} --train model.max_train_num_rays=512."
+    command = f"--resume {ckpt} --runs_dir {tmp_path / 'runs'} --train model.max_train_num_rays=512."
     assert line.endswith(command), line
 
     monkeypatch.setattr(NeRFSystem, "training_step", real_step)  # with the memory: the printed command goes on
@@ -76,7 +76,8 @@ def test_gpu_memory_running_out_in_training_names_the_ray_budget_and_the_command
     assert status == 1 and line.startswith("Out of CPU memory while extracting the mesh (it asked for 1 PiB more); "
                                            "lower model.geometry.isosurface.resolution (now 65536), e.g. "
                                            "model.geometry.isosurface.resolution=32768; then redo it with: "), line
-    assert line.endswith(f"--resume {ckpt} --export model.geometry.isosurface.resolution=32768."), line
+    assert line.endswith(f"--resume {ckpt} --runs_dir {tmp_path / 'runs'} --export "
+                         "model.geometry.isosurface.resolution=32768."), line
     assert not glob.glob(str(tmp_path / "exp" / "**" / ".tmp-*"), recursive=True)
 
 

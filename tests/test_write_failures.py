@@ -122,7 +122,7 @@ def test_launch_says_the_disk_is_full_and_how_to_redo_the_test(tmp_path, monkeyp
     assert len(line) == 1, said[-2000:]
     assert ("-test.mp4 could not be written, and no file written before was touched. Free some space or give "
             "--exp_dir/--runs_dir on another disk; then redo it with: python launch.py --config ") in line[0]
-    assert line[0].endswith(f"--resume {ckpt[0]} --test."), line[0]
+    assert line[0].endswith(f"--resume {ckpt[0]} --runs_dir {tmp_path / 'runs'} --test."), line[0]
     assert not glob.glob(str(tmp_path / "exp" / "**" / ".tmp-*"), recursive=True)
 
 

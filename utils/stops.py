@@ -153,14 +153,17 @@ def then_run(config, ckpt: str, action: str, override: str = "") -> str:
     return f"; then {what} with: {resume_command(config, ckpt, action)} {override}".rstrip()
 
 
-_devices_option = ""  # this run's " --gpu 0,1", repeated in the commands it prints (repeat_devices_option)
+_run_options = ""  # this run's " --gpu 0,1 --runs_dir X", repeated in the commands it prints (repeat_run_options)
 
 
-def repeat_devices_option(gpu: str | None) -> None:
-    """Have the commands this run prints run on the devices it was started with (``--gpu``'s value; None: the
-    default), so that a run on several GPUs is continued or redone on as many, not on the first alone."""
-    global _devices_option
-    _devices_option = f" --gpu {gpu}" if gpu else ""
+def repeat_run_options(gpu: str | None = None, runs_dir: str | None = None) -> None:
+    """Have the commands this run prints run as it was started: on the devices ``--gpu`` gave, so that a run on
+    several GPUs goes on on as many, not on the first alone, and logging to the ``--runs_dir`` it gave, so that
+    TensorBoard's curves go on in the same place (None: not given, the default)."""
+    import shlex
+
+    global _run_options
+    _run_options = (f" --gpu {gpu}" if gpu else "") + (f" --runs_dir {shlex.quote(runs_dir)}" if runs_dir else "")
 
 
 def resume_command(config, ckpt: str, action: str) -> str:
@@ -168,7 +171,7 @@ def resume_command(config, ckpt: str, action: str) -> str:
     import shlex
 
     parsed = os.path.join(config.config_dir, "parsed.yaml")
-    return f"python launch.py --config {shlex.quote(parsed)} --resume {shlex.quote(ckpt)}{_devices_option} {action}"
+    return f"python launch.py --config {shlex.quote(parsed)} --resume {shlex.quote(ckpt)}{_run_options} {action}"
 
 
 def report_non_finite(err, trainer, system, config, checkpointing: bool) -> int:
