@@ -418,6 +418,21 @@ def test_stop_message_is_a_command_to_paste(caplog):
                                     "--resume", ckpt, "--train"]
 
 
+def test_the_printed_command_finds_launch_py_from_another_folder(monkeypatch, tmp_path):
+    """Run from the repository's root, the commands say ``python launch.py``; from another folder (``python
+    ~/nsr/launch.py``, outputs under that folder's ./exp) they said the same, which is not there: now its path."""
+    from omegaconf import OmegaConf
+
+    from utils.stops import resume_command
+
+    config = OmegaConf.create({"config_dir": "exp/neus/t@1/config"})
+    assert resume_command(config, "exp/neus/t@1/ckpt/a.ckpt", "--test").startswith("python launch.py --config exp/")
+    monkeypatch.chdir(tmp_path)
+    assert resume_command(config, "exp/neus/t@1/ckpt/a.ckpt", "--test") == (
+        f"python {shlex.quote(os.path.join(ROOT, 'launch.py'))} --config exp/neus/t@1/config/parsed.yaml "
+        "--resume exp/neus/t@1/ckpt/a.ckpt --test")
+
+
 def test_bad_command_lines_are_one_sentence(tmp_path):
     out = launch(tmp_path, "--config", "configs/nerf-demo.yaml", "--train", "system.loss.lamda_rgb=2", expect=2)
     assert "did you mean system.loss.lambda_rgb?" in out and "Traceback" not in out

@@ -153,6 +153,7 @@ def then_run(config, ckpt: str, action: str, override: str = "") -> str:
     return f"; then {what} with: {resume_command(config, ckpt, action)} {override}".rstrip()
 
 
+LAUNCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch.py")
 _run_options = ""  # this run's " --gpu 0,1 --runs_dir X", repeated in the commands it prints (repeat_run_options)
 
 
@@ -171,7 +172,10 @@ def resume_command(config, ckpt: str, action: str) -> str:
     import shlex
 
     parsed = os.path.join(config.config_dir, "parsed.yaml")
-    return f"python launch.py --config {shlex.quote(parsed)} --resume {shlex.quote(ckpt)}{_run_options} {action}"
+    script = os.path.relpath(LAUNCH_SCRIPT)  # launch.py from the repository's root; its path from elsewhere
+    script = LAUNCH_SCRIPT if script.startswith("..") else script
+    return (f"python {shlex.quote(script)} --config {shlex.quote(parsed)} --resume {shlex.quote(ckpt)}{_run_options} "
+            f"{action}")
 
 
 def report_non_finite(err, trainer, system, config, checkpointing: bool) -> int:
