@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import sys
 
 import numpy as np
@@ -36,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from datasets.base import DatasetError  # noqa: E402
 from utils.config import argument_at_least  # noqa: E402
 from utils.io import files_not_written_by, first_few, script_status_for_os_error  # noqa: E402
-from utils.stops import stops_cleanly  # noqa: E402
+from utils.stops import REPOSITORY, launch_command, stops_cleanly, typed_path  # noqa: E402
 
 
 # What gen_cameras writes: --overwrite replaces only a folder that holds nothing else
@@ -164,6 +165,8 @@ def main(argv=None) -> int:
     elif info["shown_turned"]:
         print(f"{info['shown_turned']} of {info['images']} photos are shown turned (EXIF orientation) and the others "
               "not: all are written as stored, so some look sideways; the cameras match the pixels either way.")
+    config = typed_path(os.path.join(REPOSITORY, "configs", f"neus-dtu{'-wmask' if info['masks'] else ''}.yaml"))
+    print(f"Next: {launch_command(f'--config {shlex.quote(config)} --train dataset.root_dir={shlex.quote(out)}')}")
     return 0
 
 

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from datasets.images import IMAGE_EXTENSIONS  # noqa: E402
 from utils.config import argument_at_least  # noqa: E402
 from utils.io import files_not_written_by, first_few, script_status_for_os_error  # noqa: E402
-from utils.stops import stops_cleanly  # noqa: E402
+from utils.stops import REPOSITORY, launch_command, stops_cleanly, typed_path  # noqa: E402
 
 SEED = 0  # COLMAP's random seed (RANSAC in matching and mapping): the same images give the same poses
 FRAME_PATTERN = "frame_{:05d}.jpg"  # the frames taken from a video; --video replaces only a folder of these
@@ -367,6 +367,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args)
+        print(f"Next: {train_command(args.root)}")
     except CaptureError as err:
         print(f"imgs2poses: {err}", file=sys.stderr)
         return 2
@@ -376,6 +377,15 @@ def main(argv=None) -> int:
             raise
         return status
     return 0
+
+
+def train_command(root: str) -> str:
+    """The command that trains NeuS on the posed capture (with its masks when ``<root>/masks`` holds them)."""
+    import shlex
+
+    masked = " dataset.apply_mask=true system.loss.lambda_mask=0.1" if list_images(os.path.join(root, "masks")) else ""
+    config = shlex.quote(typed_path(os.path.join(REPOSITORY, "configs", "neus-colmap.yaml")))
+    return launch_command(f"--config {config} --train dataset.root_dir={shlex.quote(root)}{masked}")
 
 
 def run(args) -> dict:

@@ -283,7 +283,14 @@ def test_poses_of_another_set_of_images_are_not_reused(tmp_path, capsys):
     connection.commit()
     connection.close()
     assert imgs2poses.main([str(root)]) == 0
-    assert "Reusing the poses" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Reusing the poses" in out
+    # the step that follows, to paste (from the repository's root, as the tests run; masks/ asks for the mask loss)
+    assert out.endswith(f"\nNext: python launch.py --config configs/neus-colmap.yaml --train dataset.root_dir={root}\n")
+    write_image(str(root / "masks" / "a.png"), np.zeros((24, 32), np.uint8))
+    assert imgs2poses.main([str(root)]) == 0
+    assert capsys.readouterr().out.endswith(f"dataset.root_dir={root} dataset.apply_mask=true "
+                                            "system.loss.lambda_mask=0.1\n")
     write_image(str(root / "images" / "d.png"), np.zeros((24, 32, 3), np.uint8))
     os.remove(root / "images" / "a.png")
     assert imgs2poses.main([str(root)]) == 2
@@ -319,8 +326,11 @@ def test_phone_photos_shown_turned_become_an_upright_neus_scene(tmp_path, capsys
     for i in range(len(stored)):
         write_image(str(masks / f"IMG_{i:04d}.png"), shown_mask)
     assert gen_cameras.main([str(tmp_path), "--masks", str(masks)]) == 0
-    assert "written as shown, 90 degrees clockwise" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "written as shown, 90 degrees clockwise" in out
     pre = tmp_path / "preprocessed"
+    assert out.endswith("\nNext: python launch.py --config configs/neus-dtu-wmask.yaml --train "
+                        f"dataset.root_dir={pre}\n")
     data = datasets.make("dtu", OmegaConf.create({"name": "dtu", "root_dir": str(pre)})).split("train")
     assert data.images.shape == (len(shown), shown[0].height, shown[0].width, 3)  # portrait
     np.testing.assert_array_equal(data.masks[3].numpy(), shown_mask)
@@ -336,7 +346,8 @@ def test_phone_photos_shown_turned_become_an_upright_neus_scene(tmp_path, capsys
     # one photo without the tag: the orientations disagree, so every image is written as stored
     write_image(str(tmp_path / "images" / "IMG_0000.png"), pinhole_render(stored[0]))
     assert gen_cameras.main([str(tmp_path), "--overwrite"]) == 0
-    assert "7 of 8 photos are shown turned" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "7 of 8 photos are shown turned" in out and "Next: python launch.py --config configs/neus-dtu.yaml " in out
     data = datasets.make("dtu", OmegaConf.create({"name": "dtu", "root_dir": str(pre)})).split("train")
     assert data.images.shape == (len(stored), stored[0].height, stored[0].width, 3)
     assert np.abs(data.images[1].numpy().astype(int) - pinhole_render(stored[1]).astype(int)).max() <= 1

@@ -341,7 +341,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_the_run(tmp_path, sig):
     assert status == 128 + sig and "Traceback" not in out, out[-3000:]
     assert re.search(rf"\n\[nsr\] Stopped by {sig.name} during the test: its outputs in \S+ are incomplete; the "
                      rf"checkpoint {re.escape(ckpt)} is whole\. Redo the test with: python launch.py --config \S+ "
-                     rf"--resume {re.escape(ckpt)} --runs_dir \S+/runs --test", out), out[-3000:]  # on a line of its own, not the bar's
+                     rf"--resume {re.escape(ckpt)} --runs_dir \S+/runs --test", out), out[-3000:]  # on its own line
     if sig != signal.SIGINT:  # Lightning's handler, acknowledged on a line of its own, not on the bar's
         assert "\n[nsr] SIGTERM received: stopping after the batch under way.\n" in out, out[-3000:]
         assert "Received SIGTERM" not in out
@@ -523,7 +523,7 @@ def test_a_continued_run_names_the_options_its_checkpoint_overrides(trained, tmp
             "seed: 5 here, 42 restored. The trial's config/parsed.yaml records the restored values.") in out
     parsed, last = shlex.quote(str(copy / "config" / "parsed.yaml")), copy / "ckpt" / "epoch=0-step=405.ckpt"
     assert (f"[nsr] Trained to step 405: {last}. Test and export it with: python launch.py --config {parsed} "
-            f"--resume {shlex.quote(str(last))} --runs_dir {tmp_path / 'runs'} --test") in out  # --skip_test's last line
+            f"--resume {shlex.quote(str(last))} --runs_dir {tmp_path / 'runs'} --test") in out  # --skip_test's end
     record = OmegaConf.load(copy / "config" / "parsed.yaml")  # written by this run, which trained 5 steps
     assert record.trainer.max_steps == 405 and record.system.optimizer.args.lr == 0.01 and record.seed == 42
     out = launch(tmp_path, "--config", str(copy / "config" / "parsed.yaml"), "--train", "--resume", ckpt,

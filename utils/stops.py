@@ -153,7 +153,8 @@ def then_run(config, ckpt: str, action: str, override: str = "") -> str:
     return f"; then {what} with: {resume_command(config, ckpt, action)} {override}".rstrip()
 
 
-LAUNCH_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch.py")
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCH_SCRIPT = os.path.join(REPOSITORY, "launch.py")
 _run_options = ""  # this run's " --gpu 0,1 --runs_dir X", repeated in the commands it prints (repeat_run_options)
 
 
@@ -172,10 +173,21 @@ def resume_command(config, ckpt: str, action: str) -> str:
     import shlex
 
     parsed = os.path.join(config.config_dir, "parsed.yaml")
-    script = os.path.relpath(LAUNCH_SCRIPT)  # launch.py from the repository's root; its path from elsewhere
-    script = LAUNCH_SCRIPT if script.startswith("..") else script
-    return (f"python {shlex.quote(script)} --config {shlex.quote(parsed)} --resume {shlex.quote(ckpt)}{_run_options} "
-            f"{action}")
+    return launch_command(f"--config {shlex.quote(parsed)} --resume {shlex.quote(ckpt)}{_run_options} {action}")
+
+
+def launch_command(arguments: str) -> str:
+    """``python launch.py <arguments>`` as typed in the current folder: launch.py from the repository's root, its
+    path from elsewhere."""
+    import shlex
+
+    return f"python {shlex.quote(typed_path(LAUNCH_SCRIPT))} {arguments}"
+
+
+def typed_path(path: str) -> str:
+    """``path`` as a command typed in the current folder names it: relative below that folder, else absolute."""
+    relative = os.path.relpath(path)
+    return os.path.abspath(path) if relative.startswith("..") else relative
 
 
 def report_non_finite(err, trainer, system, config, checkpointing: bool) -> int:
@@ -202,8 +214,9 @@ def report_non_finite(err, trainer, system, config, checkpointing: bool) -> int:
             " No earlier checkpoint exists: lower the learning rate or check the data, then train again."
     if good:
         halved = " ".join(learning_rate_overrides(trainer.optimizers[0], config, 0.5))
-        message += (" To go on from those weights with half the learning rate (a fresh optimiser and schedule from step 0, "
-                    f"in a new trial): {resume_command(config, good, '--train --resume_weights_only')} {halved} ; "
+        afresh = resume_command(config, good, "--train --resume_weights_only")
+        message += (" To go on from those weights with half the learning rate (a fresh optimiser and schedule from "
+                    f"step 0, in a new trial): {afresh} {halved} ; "
                     "or, once the data or the loss is fixed, continue the run as it was (its learning rate "
                     f"restored with the optimiser): {resume_command(config, good, '--train')}")
     log.error(message)
