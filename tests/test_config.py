@@ -157,6 +157,24 @@ def test_missing_file_and_bad_override(path):
         load_config(path, ["trainer.max_steps"])
 
 
+def test_a_trial_folder_or_its_checkpoint_given_as_config_names_the_trials_config(tmp_path):
+    """--config given the trial folder (as --resume takes one), its config/ or its checkpoint was answered with
+    the shipped configs' folder, or "not valid YAML: 'utf-8' codec can't decode byte 0x80"."""
+    trial = tmp_path / "exp" / "neus-demo" / "@20261206-101500"
+    (trial / "config").mkdir(parents=True)
+    (trial / "config" / "parsed.yaml").write_text("name: x\n")
+    (trial / "ckpt").mkdir()
+    (trial / "ckpt" / "epoch=0-step=5.ckpt").write_bytes(b"PK\x03\x04\x80\x02binary")
+    parsed = re.escape(str(trial / "config" / "parsed.yaml"))
+    for given in (trial, trial / "config"):
+        with pytest.raises(ConfigError, match=rf"^Config file '{re.escape(str(given))}' is a folder, not a YAML file; "
+                                              rf"the trial's config is --config {parsed}.$"):
+            load_config(str(given))
+    with pytest.raises(ConfigError, match=r"is a checkpoint, not a config: give it to --resume, and its trial's "
+                                          r"config/parsed.yaml to --config.$"):
+        load_config(str(trial / "ckpt" / "epoch=0-step=5.ckpt"))
+
+
 def test_scheduled_scalars():
     assert scheduled(0.3, 10) == 0.3
     assert scheduled([0, 0.0, 1.0, 100], 50) == pytest.approx(0.5)

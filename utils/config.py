@@ -173,7 +173,14 @@ def load_config(path: str, overrides: Iterable[str] = (), resolve: bool = True) 
     if not os.path.isfile(path):
         configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
         what = "is a folder, not a YAML file" if os.path.isdir(path) else "does not exist"
+        trial_config = next((os.path.join(path, *inside) for inside in (("config", "parsed.yaml"), ("parsed.yaml",))
+                             if os.path.isfile(os.path.join(path, *inside))), None)
+        if trial_config:  # a trial folder, or its config/: as --resume takes a trial folder, name its file
+            raise ConfigError(f"Config file '{path}' {what}; the trial's config is --config {trial_config}.")
         raise ConfigError(f"Config file '{path}' {what}; the shipped configs are in {os.path.normpath(configs)}.")
+    if path.endswith(".ckpt"):
+        raise ConfigError(f"'{path}' is a checkpoint, not a config: give it to --resume, and its trial's "
+                          "config/parsed.yaml to --config.")
     try:
         cfg = OmegaConf.load(path)
     except Exception as err:  # YAML syntax errors carry a line number
