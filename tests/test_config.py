@@ -157,7 +157,7 @@ def test_missing_file_and_bad_override(path):
         load_config(path, ["trainer.max_steps"])
 
 
-def test_a_trial_folder_or_its_checkpoint_given_as_config_names_the_trials_config(tmp_path):
+def test_a_trial_folder_or_its_checkpoint_given_as_config_names_the_trials_config_and_vice_versa(tmp_path):
     """--config given the trial folder (as --resume takes one), its config/ or its checkpoint was answered with
     the shipped configs' folder, or "not valid YAML: 'utf-8' codec can't decode byte 0x80"."""
     trial = tmp_path / "exp" / "neus-demo" / "@20261206-101500"
@@ -173,6 +173,12 @@ def test_a_trial_folder_or_its_checkpoint_given_as_config_names_the_trials_confi
     with pytest.raises(ConfigError, match=r"is a checkpoint, not a config: give it to --resume, and its trial's "
                                           r"config/parsed.yaml to --config.$"):
         load_config(str(trial / "ckpt" / "epoch=0-step=5.ckpt"))
+    # and the other way round: --resume given the config ("cannot be read (UnpicklingError)")
+    from utils.resume import CheckpointError, check_resume
+
+    with pytest.raises(CheckpointError, match=r"parsed.yaml' is a config, not a checkpoint: give it to --config, "
+                                              r"and a checkpoint of the trial \(its ckpt/<file>.ckpt\) to --resume.$"):
+        check_resume(str(trial / "config" / "parsed.yaml"), "test")
 
 
 def test_scheduled_scalars():

@@ -20,6 +20,9 @@ def check_resume(resume: str | None, mode: str) -> None:
         raise CheckpointError(f"--{mode} needs a checkpoint: add --resume exp/<name>/<trial>/ckpt/<file>.ckpt.")
     if resume and not os.path.isfile(resume):
         raise CheckpointError(missing_checkpoint_message(resume))
+    if resume and resume.endswith((".yaml", ".yml")):
+        raise CheckpointError(f"'{resume}' is a config, not a checkpoint: give it to --config, and a checkpoint of "
+                              "the trial (its ckpt/<file>.ckpt) to --resume.")
 
 
 def missing_checkpoint_message(path: str) -> str:
