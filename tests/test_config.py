@@ -157,6 +157,20 @@ def test_missing_file_and_bad_override(path):
         load_config(path, ["trainer.max_steps"])
 
 
+@pytest.mark.parametrize("typed, meant", [
+    ("configs/neus-demo", "configs/neus-demo.yaml"),  # the extension left out
+    ("neus-demo.yaml", "configs/neus-demo.yaml"),  # the folder left out
+    ("configs/neus_demo.yaml", "configs/neus-demo.yaml"), ("configs/neus-dtu-mask.yaml", "configs/neus-dtu-wmask.yaml"),
+    ("configs/xyz.yaml", None),
+])
+def test_a_config_file_that_is_not_there_names_the_closest_one(typed, meant):
+    """A misspelt config file got the shipped configs' folder; now, as a misspelt key does, the closest name."""
+    message = rf"^Config file '{re.escape(typed)}' does not exist; " + (
+        rf"did you mean --config {re.escape(meant)}\?$" if meant else "the shipped configs are in ")
+    with pytest.raises(ConfigError, match=message):
+        load_config(typed)
+
+
 def test_a_trial_folder_or_its_checkpoint_given_as_config_names_the_trials_config_and_vice_versa(tmp_path):
     """--config given the trial folder (as --resume takes one), its config/ or its checkpoint was answered with
     the shipped configs' folder, or "not valid YAML: 'utf-8' codec can't decode byte 0x80"."""

@@ -168,6 +168,25 @@ def _require_mandatory(cfg: DictConfig, path: str) -> None:
                           "after the options.")
 
 
+def closest_config(path: str, shipped: str) -> str | None:
+    """The YAML file a ``--config`` that names none was most likely meant to name, as typed from here: the name
+    with ``.yaml`` added, the shipped config of that name (``neus-demo.yaml`` given without ``configs/``), or the
+    closest name in its folder or the shipped ones (``neus_demo``, ``neus-dmo``); None when nothing is close."""
+    from utils.stops import typed_path
+
+    folder, name = os.path.split(path)
+    stem = name[:-5] if name.endswith(".yaml") else name[:-4] if name.endswith(".yml") else name
+    for candidate in (path + ".yaml", os.path.join(shipped, stem + ".yaml")):
+        if os.path.isfile(candidate):
+            return typed_path(candidate)
+    for where in dict.fromkeys((folder or ".", shipped)):  # the folder typed first, then the shipped configs
+        names = sorted(f[:-5] for f in os.listdir(where) if f.endswith(".yaml")) if os.path.isdir(where) else []
+        close = difflib.get_close_matches(stem, names, n=1, cutoff=0.75)
+        if close:
+            return typed_path(os.path.join(where, close[0] + ".yaml"))
+    return None
+
+
 def load_config(path: str, overrides: Iterable[str] = (), resolve: bool = True) -> DictConfig:
     """Load a YAML config, apply dotlist overrides, resolve interpolations (unless ``resolve`` is False)."""
     if not os.path.isfile(path):
@@ -177,6 +196,9 @@ def load_config(path: str, overrides: Iterable[str] = (), resolve: bool = True) 
                              if os.path.isfile(os.path.join(path, *inside))), None)
         if trial_config:  # a trial folder, or its config/: as --resume takes a trial folder, name its file
             raise ConfigError(f"Config file '{path}' {what}; the trial's config is --config {trial_config}.")
+        meant = None if os.path.isdir(path) else closest_config(path, os.path.normpath(configs))
+        if meant:
+            raise ConfigError(f"Config file '{path}' {what}; did you mean --config {meant}?")
         raise ConfigError(f"Config file '{path}' {what}; the shipped configs are in {os.path.normpath(configs)}.")
     if path.endswith(".ckpt"):
         raise ConfigError(f"'{path}' is a checkpoint, not a config: give it to --resume, and its trial's "
