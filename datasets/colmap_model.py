@@ -58,8 +58,28 @@ def find_sparse_dir(root: str) -> tuple[str, str]:
     for candidate in (sparse, root):
         if has_model(candidate):
             return candidate, ""
-    raise DatasetError(f"No COLMAP model under {root} (looked for sparse/0/cameras.bin|txt); run "
-                       f"python scripts/imgs2poses.py {root} first.")
+    capture = capture_of_photos(root)
+    if capture == root:
+        raise DatasetError(f"No COLMAP model under {root} (looked for sparse/0/cameras.bin|txt); run "
+                           f"python scripts/imgs2poses.py {root} first.")
+    try:
+        find_sparse_dir(capture)
+    except DatasetError:
+        raise DatasetError(f"{root} holds a capture's photos, and there is no COLMAP model for them yet; make it "
+                           f"with python scripts/imgs2poses.py {capture}, then give the capture folder, "
+                           f"{capture}.") from None
+    raise DatasetError(f"{root} holds a capture's photos; give the capture folder, {capture}, which holds them in "
+                       "images/ and the COLMAP model in sparse/.")
+
+
+def capture_of_photos(folder: str) -> str:
+    """The capture folder meant by ``folder``: its parent when ``folder`` is a capture's ``images/`` given in its
+    place (``load/mug/images`` for ``load/mug``), else ``folder`` itself."""
+    from datasets.images import IMAGE_EXTENSIONS
+
+    path = os.path.normpath(folder)
+    holds_photos = os.path.isdir(path) and any(os.path.splitext(f)[1] in IMAGE_EXTENSIONS for f in os.listdir(path))
+    return os.path.dirname(path) or "." if holds_photos and os.path.basename(path) == "images" else folder
 
 
 def import_pycolmap():

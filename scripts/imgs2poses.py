@@ -36,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from datasets.colmap_model import capture_of_photos  # noqa: E402
 from datasets.images import IMAGE_EXTENSIONS  # noqa: E402
 from utils.config import argument_at_least  # noqa: E402
 from utils.io import files_not_written_by, first_few, script_status_for_os_error  # noqa: E402
@@ -413,6 +414,11 @@ def run(args) -> dict:
         others = sorted({os.path.splitext(f)[1] for f in os.listdir(image_dir)} - {""}) if os.path.isdir(image_dir) \
             else []
         found = f" (found {', '.join(others[:4])} files: convert them to JPEG or PNG first)" if others else ""
+        capture = capture_of_photos(root)
+        if capture != root and not args.video:  # load/mug/images given for load/mug
+            raise CaptureError(f"No images (.png/.jpg) in {image_dir}: {root} holds the photos itself, and is the "
+                               f"images/ folder of the capture folder {capture}; give that: python "
+                               f"scripts/imgs2poses.py {capture}")
         raise CaptureError(f"No images (.png/.jpg) in {image_dir}{found}; put the photos there or pass --video.")
     left_out = [f for f in files_not_written_by(image_dir, lambda name: os.path.splitext(name)[1] in IMAGE_EXTENSIONS)
                 if not os.path.basename(f).startswith(".")]

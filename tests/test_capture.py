@@ -8,6 +8,7 @@ gen_cameras.py must write a NeuS scene whose rays are the colmap loader's.
 import glob
 import json
 import os
+import re
 
 import imageio.v2 as imageio
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 import datasets
+from datasets.base import DatasetError
 from datasets.synthetic import (DemoScene, TexturedDemoScene, demo_surface, handheld_orbit, render_rays,
                                 write_colmap_text)
 from helpers import max_ray_angle_deg
@@ -188,6 +190,34 @@ def test_a_phone_video_filmed_upright_gives_upright_frames(tmp_path, capsys, cap
     # turned a quarter counter-clockwise, as the tag says: the red top is now the left edge, the green left the bottom
     assert first[80, 4].tolist() == pytest.approx([255, 0, 0], abs=40)
     assert first[156, 48].tolist() == pytest.approx([0, 255, 0], abs=40)
+
+
+def test_the_photos_folder_given_for_the_capture_folder_names_the_capture_folder(tmp_path, capsys):
+    """``imgs2poses.py load/mug/images`` (the photos' folder, a natural slip) looked for load/mug/images/images and
+    said to put the photos there; gen_cameras and the loader said to run imgs2poses on the photos' folder too."""
+    import pycolmap
+
+    from datasets.colmap_model import find_sparse_dir
+
+    photos = tmp_path / "mug" / "images"
+    photos.mkdir(parents=True)
+    for i in range(3):
+        write_image(str(photos / f"IMG_{i}.jpg"), np.zeros((24, 32, 3), np.uint8))
+    assert imgs2poses.main([str(photos)]) == 2
+    assert capsys.readouterr().err.endswith(f"{photos} holds the photos itself, and is the images/ folder of the "
+                                            f"capture folder {photos.parent}; give that: python "
+                                            f"scripts/imgs2poses.py {photos.parent}\n")
+    assert sorted(os.listdir(photos)) == [f"IMG_{i}.jpg" for i in range(3)]  # nothing made inside it
+    assert gen_cameras.main([str(photos)]) == 2
+    assert (f"{photos} holds a capture's photos, and there is no COLMAP model for them yet; make it with python "
+            f"scripts/imgs2poses.py {photos.parent}, then give the capture folder, {photos.parent}.") in \
+        capsys.readouterr().err
+    (photos.parent / "sparse" / "0").mkdir(parents=True)
+    pycolmap.Reconstruction().write_binary(str(photos.parent / "sparse" / "0"))
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(photos))} holds a capture's photos; give the capture "
+                                           rf"folder, {re.escape(str(photos.parent))}, which holds them in images/"):
+        find_sparse_dir(str(photos))
+    assert find_sparse_dir(str(photos.parent))[0] == str(photos.parent / "sparse" / "0")
 
 
 def test_bad_inputs_are_one_sentence_and_leave_nothing(tmp_path, capsys):
