@@ -7,6 +7,7 @@ loaders only hand out image indices, as in instant-nsr-pl.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -21,6 +22,22 @@ from utils.config import number_at_least
 
 class DatasetError(ValueError):
     """Bad or missing input data; the message says what is wrong and what to do."""
+
+
+def where_the_scene_is(root: str, holds_scene: Callable[[str], bool]) -> str:
+    """The sentence that ends a "not a scene" error for ``dataset.root_dir=root``: the scene folder it lies in (a
+    scene's ``image/`` or ``train/`` given in its place), or the scenes it holds (the dataset's own folder, the
+    scene left out), by ``holds_scene(folder)``; "" when neither."""
+    path = os.path.normpath(root)
+    parent = os.path.dirname(path)
+    if parent and holds_scene(parent):
+        return f" {root} lies inside the scene folder {parent}: give that, dataset.root_dir={parent}."
+    scenes = sorted(d for d in os.listdir(path) if holds_scene(os.path.join(path, d))) if os.path.isdir(path) else []
+    if not scenes:
+        return ""
+    listed = ", ".join(scenes[:4]) + (", ..." if len(scenes) > 4 else "")
+    return (f" {root} holds {len(scenes)} scene{'s' if len(scenes) > 1 else ''} ({listed}): give "
+            f"{'one, e.g.' if len(scenes) > 1 else 'it,'} dataset.root_dir={os.path.join(root, scenes[0])}.")
 
 
 def holdout_split(n_views: int, split: str, holdout_every: Any) -> List[int]:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import datasets
-from datasets.base import DatasetError, SceneData, SceneDataModule
+from datasets.base import DatasetError, SceneData, SceneDataModule, where_the_scene_is
 from datasets.images import load_images, missing_root_message, target_size
 from datasets.ngp import capture_file, frame_intrinsics, image_path, load_ngp_split, read_frames_file
 
@@ -40,6 +40,11 @@ def scene_source(root_dir: str) -> Tuple[str, Optional[str]]:
     return root_dir, capture_file(root_dir)
 
 
+def holds_transforms(folder: str) -> bool:
+    """Whether ``folder`` is a scene of this format (NeRF-synthetic's per-split files, or one transforms.json)."""
+    return any(os.path.isfile(os.path.join(folder, f"transforms{name}.json")) for name in ("_train", ""))
+
+
 def load_blender_split(config: Any, split: str) -> SceneData:
     root, single = scene_source(config.root_dir)
     if single:
@@ -48,7 +53,9 @@ def load_blender_split(config: Any, split: str) -> SceneData:
         raise DatasetError(missing_root_message(root, BLENDER_LAYOUT))
     per_split = os.path.join(root, f"transforms_{split}.json")
     if not os.path.isfile(per_split):
-        raise DatasetError(f"Neither {per_split} nor {os.path.join(root, 'transforms.json')} exists; is "
+        hint = where_the_scene_is(root, holds_transforms)
+        raise DatasetError(f"Neither {per_split} nor {os.path.join(root, 'transforms.json')} exists;{hint}" if hint
+                           else f"Neither {per_split} nor {os.path.join(root, 'transforms.json')} exists; is "
                            "dataset.root_dir a Blender/NeRF-synthetic or instant-ngp / nerfstudio scene folder?")
     meta, frames = read_frames_file(per_split)
     paths = [image_path(root, fr["file_path"]) for fr in frames]
@@ -87,8 +94,9 @@ class BlenderDataModule(SceneDataModule):
                 if not os.path.isfile(os.path.join(root, f"transforms_{name}.json")):
                     found = sorted(f[len("transforms_"):-len(".json")] for f in os.listdir(root)
                                    if f.startswith("transforms_") and f.endswith(".json"))
+                    hint = where_the_scene_is(root, holds_transforms)
                     raise DatasetError(f"dataset.{stage}_split={name!r}: {root} has no transforms_{name}.json "
-                                       f"(its splits: {', '.join(found) or 'none'}).")
+                                       f"(its splits: {', '.join(found) or 'none'}).{hint}")
 
     def has_orbit(self) -> bool:
         """A transforms.json capture has one (its test split is held-out frames)."""

@@ -1,5 +1,6 @@
 """Blender / transforms.json loader against the renderer's own cameras, and its bad-input errors."""
 import os
+import re
 import shutil
 
 import numpy as np
@@ -58,6 +59,19 @@ def test_downscale_scales_intrinsics(scene_dir):
 
 def test_bad_inputs_are_one_clear_sentence(scene_dir, tmp_path):
     root, _ = scene_dir
+    # a scene's train/ given for the scene, or the dataset's folder with the scene left out: the scene is named
+    lego = tmp_path / "nerf_synthetic" / "lego"
+    (lego / "train").mkdir(parents=True)
+    (lego / "transforms_train.json").write_text("{}")
+    with pytest.raises(DatasetError, match=rf"lego/train lies inside the scene folder {re.escape(str(lego))}: give "
+                                           rf"that, dataset.root_dir={re.escape(str(lego))}\.$"):
+        load_blender_split(cfg(str(lego / "train")), "train")
+    with pytest.raises(DatasetError, match=r"nerf_synthetic holds 1 scene \(lego\): give it, dataset.root_dir="):
+        load_blender_split(cfg(str(lego.parent)), "train")
+    (lego.parent / "ship").mkdir()
+    (lego.parent / "ship" / "transforms_train.json").write_text("{}")
+    with pytest.raises(DatasetError, match=r"holds 2 scenes \(lego, ship\): give one, e.g. dataset.root_dir="):
+        load_blender_split(cfg(str(lego.parent)), "train")
     with pytest.raises(DatasetError, match="does not exist.*demo"):
         load_blender_split(cfg(str(tmp_path / "nope")), "train")
     with pytest.raises(DatasetError, match="aspect"):

@@ -1,5 +1,6 @@
 """NeuS/IDR (DTU, BlendedMVS) loader against the renderer's cameras, with a non-identity scale_mat."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -57,6 +58,10 @@ def test_holdout_and_orbit_splits(scene_dir):
         load_dtu_split(cfg(os.path.join(scene_dir, "nothere")), "train")  # the demo in this format
     with pytest.raises(DatasetError, match=r"cameras_sphere.npz' is a file, not a folder\. Put the scene there"):
         load_dtu_split(cfg(os.path.join(scene_dir, "cameras_sphere.npz")), "train")  # the scene's file given
+    # its image/ given for the scene: "set dataset.cameras_file" was the advice; now the scene folder is named
+    with pytest.raises(DatasetError, match=rf"image lies inside the scene folder {re.escape(scene_dir)}: give that, "
+                                           rf"dataset.root_dir={re.escape(scene_dir)}\.$"):
+        load_dtu_split(cfg(os.path.join(scene_dir, "image")), "train")
     # a video of no frames was a numpy error at the test after training; the data module refuses it at once
     from datasets.dtu import DTUDataModule
     from utils.config import ConfigError
