@@ -176,7 +176,8 @@ def test_two_devices_train_test_and_continue_as_one(tmp_path, odd_scene):
     last = os.path.join(trial, "ckpt", "epoch=0-step=30.ckpt")
     assert os.path.isfile(last), os.listdir(os.path.join(trial, "ckpt"))
     # the command it ends with runs on as many devices (it named none, and a pasted one then ran on the first GPU)
-    assert f"Test and export it with: python launch.py --config {parsed} --resume {last} --gpu 0,1 --runs_dir {tmp_path / 'runs'} --test" in out
+    assert (f"Test and export it with: python launch.py --config {parsed} --resume {last} --gpu 0,1 --runs_dir "
+            f"{tmp_path / 'runs'} --test") in out
 
 
 @pytest.mark.slow
