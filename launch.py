@@ -210,7 +210,7 @@ def run(argv=None) -> int:
     mode = "train" if args.train else "validate" if args.validate else "test" if args.test else "export"
     try:
         accelerator, n_devices = choose_devices(args.gpu)
-        check_resume(args.resume, mode)  # before the scene's images are read and the model built
+        check_resume(args.resume, mode, args.config)  # before the scene's images are read and the model built
     except (DeviceError, CheckpointError) as err:
         log.error(str(err))
         return 2

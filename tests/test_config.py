@@ -193,6 +193,13 @@ def test_a_trial_folder_or_its_checkpoint_given_as_config_names_the_trials_confi
     with pytest.raises(CheckpointError, match=r"parsed.yaml' is a config, not a checkpoint: give it to --config, "
                                               r"and a checkpoint of the trial \(its ckpt/<file>.ckpt\) to --resume.$"):
         check_resume(str(trial / "config" / "parsed.yaml"), "test")
+    # --test with the trial's config but no --resume: its newest checkpoint is named
+    newest = re.escape(str(trial / "ckpt" / "epoch=0-step=5.ckpt"))
+    with pytest.raises(CheckpointError, match=rf"^--test needs a checkpoint: add --resume {newest} \(the newest "
+                                              r"checkpoint of this config's trial\).$"):
+        check_resume(None, "test", str(trial / "config" / "parsed.yaml"))
+    with pytest.raises(CheckpointError, match=r"add --resume exp/<name>/<trial>/ckpt/<file>.ckpt.$"):
+        check_resume(None, "export", "configs/neus-demo.yaml")
 
 
 def test_scheduled_scalars():

@@ -14,10 +14,18 @@ class CheckpointError(RuntimeError):
     """A ``--resume`` checkpoint that is missing, unreadable or does not fit the config; said as one sentence."""
 
 
-def check_resume(resume: str | None, mode: str) -> None:
-    """Refuse (CheckpointError) an action without the checkpoint it needs, or a ``--resume`` that names no file."""
+def check_resume(resume: str | None, mode: str, config_path: str = "") -> None:
+    """Refuse (CheckpointError) an action without the checkpoint it needs, or a ``--resume`` that names no file.
+    Without one, a trial's config (``--config <trial>/config/parsed.yaml``) gets that trial's newest checkpoint
+    named."""
     if mode != "train" and not resume:
-        raise CheckpointError(f"--{mode} needs a checkpoint: add --resume exp/<name>/<trial>/ckpt/<file>.ckpt.")
+        from utils.stops import typed_path
+
+        ckpt_dir = typed_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(config_path))), "ckpt"))
+        newest = newest_in(ckpt_dir) if os.path.basename(config_path) == "parsed.yaml" else None
+        suggestion = f"{newest} (the newest checkpoint of this config's trial)" if newest else \
+            "exp/<name>/<trial>/ckpt/<file>.ckpt"
+        raise CheckpointError(f"--{mode} needs a checkpoint: add --resume {suggestion}.")
     if resume and not os.path.isfile(resume):
         raise CheckpointError(missing_checkpoint_message(resume))
     if resume and resume.endswith((".yaml", ".yml")):
@@ -29,16 +37,19 @@ def missing_checkpoint_message(path: str) -> str:
     """What to say when ``--resume path`` is not a file: a folder (a trial, its ckpt/) or a mistyped name gets the
     newest checkpoint found there as the suggestion."""
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
-    found = []
-    for where in (folder, os.path.join(folder, "ckpt")):
-        if os.path.isdir(where):
-            found += [os.path.join(where, f) for f in os.listdir(where)  # not a write cut short by a kill
-                      if f.endswith(".ckpt") and not f.startswith(".tmp-")]
+    found = [ckpt for ckpt in (newest_in(folder), newest_in(os.path.join(folder, "ckpt"))) if ckpt]
     what = "is a folder" if os.path.isdir(path) else "does not exist"
     if found:
         newest = max(found, key=os.path.getmtime)
         return f"Checkpoint '{path}' {what}; give a checkpoint file, e.g. --resume {newest} (the newest there)."
     return f"Checkpoint '{path}' {what}; the trial's checkpoints are in exp/<name>/<trial>/ckpt/."
+
+
+def newest_in(folder: str) -> str | None:
+    """The newest checkpoint file in ``folder`` (not a write cut short by a kill, ``.tmp-*``); None if none."""
+    found = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".ckpt") and not f.startswith(".tmp-")] \
+        if os.path.isdir(folder) else []
+    return max(found, key=os.path.getmtime) if found else None
 
 
 def load_weights(system, path: str) -> dict:
