@@ -7,7 +7,6 @@ whatever a report names is whole.
 from __future__ import annotations
 
 import functools
-import glob
 import logging
 import os
 import re
@@ -129,8 +128,9 @@ def report_trained(step: int, ckpt: str | None, config) -> int:
 
 def newest_checkpoint(config) -> str | None:
     """The trial's newest checkpoint file; None when there is none (or no trial folder yet)."""
-    ckpts = glob.glob(os.path.join(glob.escape(config.ckpt_dir), "*.ckpt")) if config.get("ckpt_dir") else []
-    return max(ckpts, key=os.path.getmtime) if ckpts else None
+    from utils.resume import newest_in
+
+    return newest_in(config.ckpt_dir) if config.get("ckpt_dir") else None
 
 
 def report_disk_full(err: OSError, mode: str, config, resumed: str | None) -> int:
