@@ -40,6 +40,45 @@ def where_the_scene_is(root: str, holds_scene: Callable[[str], bool]) -> str:
             f"{'one, e.g.' if len(scenes) > 1 else 'it,'} dataset.root_dir={os.path.join(root, scenes[0])}.")
 
 
+CAMERAS_FILES = ("cameras_sphere.npz", "cameras.npz")  # NeuS's and IDR's names for a DTU-format scene's cameras
+
+
+def other_layout_hint(root: str, loader: str) -> str:
+    """The sentence that ends a "not a scene" error of the ``loader`` (a ``dataset.name``) when ``root`` is a scene
+    of another loader's layout (a DTU folder given to a COLMAP config, a Blender scene to a DTU one): what it is and
+    the configs that read it; "" when it is none of them."""
+    from datasets.blender import holds_transforms
+    from datasets.colmap_model import has_model
+
+    layouts = {  # dataset.name -> (what the folder is, by what it holds; whether a folder is one)
+        "blender": ("a Blender/NeRF-synthetic or instant-ngp scene (transforms*.json)", holds_transforms),
+        "dtu": ("a NeuS/IDR (DTU-format) scene (cameras_sphere.npz or cameras.npz)",
+                lambda folder: any(os.path.isfile(os.path.join(folder, f)) for f in CAMERAS_FILES)),
+        "colmap": ("a COLMAP capture (a model in sparse/)",
+                   lambda folder: any(has_model(os.path.join(folder, *sub)) for sub in (("sparse", "0"), ("sparse",)))),
+    }
+    for name, (what, holds) in layouts.items():
+        if name != loader and os.path.isdir(root) and holds(root):
+            configs = configs_reading(name)
+            others = f" (or {', '.join(configs[1:])})" if configs[1:] else ""
+            run_it = f": run it with --config {configs[0]}{others}" if configs else f" (dataset.name={name})"
+            return f" {root} is {what}{run_it}."
+    return ""
+
+
+def configs_reading(loader: str) -> List[str]:
+    """The project's configs (as a user types their paths) whose dataset is read by ``loader``."""
+    import glob
+
+    from omegaconf import OmegaConf
+
+    from utils.stops import REPOSITORY, typed_path
+
+    paths = sorted(glob.glob(os.path.join(REPOSITORY, "configs", "*.yaml")), key=lambda p: (len(p), p))  # plain first
+    return [typed_path(path) for path in paths
+            if OmegaConf.select(OmegaConf.load(path), "dataset.name", default=None) == loader]
+
+
 def holdout_split(n_views: int, split: str, holdout_every: Any) -> List[int]:
     """Positions (in file order) of the views that make ``split``: every ``holdout_every``-th view (0, k, 2k,
     ...) is held out for val/test, the others train. ``holdout_every`` 0 or None holds none out, and val/test

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import datasets
-from datasets.base import DatasetError, SceneData, SceneDataModule, where_the_scene_is
+from datasets.base import DatasetError, SceneData, SceneDataModule, other_layout_hint, where_the_scene_is
 from datasets.images import load_images, missing_root_message, target_size
 from datasets.ngp import capture_file, frame_intrinsics, image_path, load_ngp_split, read_frames_file
 
@@ -53,7 +53,7 @@ def load_blender_split(config: Any, split: str) -> SceneData:
         raise DatasetError(missing_root_message(root, BLENDER_LAYOUT))
     per_split = os.path.join(root, f"transforms_{split}.json")
     if not os.path.isfile(per_split):
-        hint = where_the_scene_is(root, holds_transforms)
+        hint = where_the_scene_is(root, holds_transforms) or other_layout_hint(root, "blender")
         raise DatasetError(f"Neither {per_split} nor {os.path.join(root, 'transforms.json')} exists;{hint}" if hint
                            else f"Neither {per_split} nor {os.path.join(root, 'transforms.json')} exists; is "
                            "dataset.root_dir a Blender/NeRF-synthetic or instant-ngp / nerfstudio scene folder?")
@@ -94,7 +94,7 @@ class BlenderDataModule(SceneDataModule):
                 if not os.path.isfile(os.path.join(root, f"transforms_{name}.json")):
                     found = sorted(f[len("transforms_"):-len(".json")] for f in os.listdir(root)
                                    if f.startswith("transforms_") and f.endswith(".json"))
-                    hint = where_the_scene_is(root, holds_transforms)
+                    hint = where_the_scene_is(root, holds_transforms) or other_layout_hint(root, "blender")
                     raise DatasetError(f"dataset.{stage}_split={name!r}: {root} has no transforms_{name}.json "
                                        f"(its splits: {', '.join(found) or 'none'}).{hint}")
 

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from datasets.base import DatasetError
+from datasets.base import DatasetError, other_layout_hint
 
 PINHOLE_MODELS = ("SIMPLE_PINHOLE", "PINHOLE")
 
@@ -60,8 +60,9 @@ def find_sparse_dir(root: str) -> tuple[str, str]:
             return candidate, ""
     capture = capture_of_photos(root)
     if capture == root:
-        raise DatasetError(f"No COLMAP model under {root} (looked for sparse/0/cameras.bin|txt); run "
-                           f"python scripts/imgs2poses.py {root} first.")
+        hint = other_layout_hint(root, "colmap")  # a scene with cameras of its own: no SfM to run
+        raise DatasetError(f"No COLMAP model under {root} (looked for sparse/0/cameras.bin|txt);"
+                           f"{hint or f' run python scripts/imgs2poses.py {root} first.'}")
     try:
         find_sparse_dir(capture)
     except DatasetError:

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 import datasets
-from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_split, where_the_scene_is
+from datasets.base import (DatasetError, SceneData, SceneDataModule, holdout_split, other_layout_hint,
+                           where_the_scene_is)
 from datasets.images import (common_target_size, load_images, mask_for_image, missing_root_message, read_image,
                              stored_size)
 from datasets.rays import cameras_up, opencv_look_at, opencv_to_opengl
@@ -81,7 +82,8 @@ def camera_arrays(path: str) -> Dict[str, np.ndarray]:
 def read_cameras(path: str) -> tuple[List[int], Dict[str, np.ndarray]]:
     if not os.path.isfile(path):
         root, name = os.path.split(path)
-        hint = where_the_scene_is(root, lambda folder: os.path.isfile(os.path.join(folder, name)))
+        hint = (where_the_scene_is(root, lambda folder: os.path.isfile(os.path.join(folder, name)))
+                or other_layout_hint(root, "dtu"))
         raise DatasetError(f"Cameras file {path} does not exist;{hint}" if hint else
                            f"Cameras file {path} does not exist; set dataset.cameras_file (cameras_sphere.npz for "
                            "NeuS data, cameras.npz for IDR data).")

@@ -222,6 +222,37 @@ def test_missing_model_and_image_are_one_sentence(tmp_path):
         load(tmp_path).split("train")
 
 
+def test_a_scene_of_another_layout_names_the_configs_that_read_it(tmp_path):
+    """A DTU folder given to a COLMAP config was told to run SfM on it, a Blender scene given to a DTU config to set
+    dataset.cameras_file; each names what the folder is and the configs of its loader instead."""
+    from datasets.blender import load_blender_split
+    from datasets.dtu import load_dtu_split
+
+    dtu, blender, colmap = tmp_path / "dtu_scan24", tmp_path / "lego", tmp_path / "mug"
+    (dtu / "image").mkdir(parents=True)
+    (dtu / "cameras_sphere.npz").write_bytes(b"")
+    blender.mkdir()
+    (blender / "transforms_train.json").write_text("{}")
+    write_capture(colmap, cameras_with(50.0, 50.0, n=3), "PINHOLE", [50.0, 50.0, 31.0, 25.5], pinhole_render)
+    with pytest.raises(DatasetError, match=rf"No COLMAP model under {dtu} \(.*\); {dtu} is a NeuS/IDR \(DTU-format\) "
+                                           r"scene .*: run it with --config configs/neus-dtu.yaml \(or configs/"
+                                           r"neus-dtu-wmask.yaml, configs/neuralangelo-dtu-wmask.yaml\)\.$"):
+        load(dtu).split("train")
+    with pytest.raises(DatasetError, match=rf"{blender}/cameras_sphere.npz does not exist; {blender} is a Blender/"
+                                           r".* run it with --config configs/nerf-blender.yaml \(or configs/"
+                                           r"neus-blender.yaml\)\.$"):
+        load_dtu_split(OmegaConf.create({"root_dir": str(blender)}), "train")
+    with pytest.raises(DatasetError, match=rf"Neither .*; {colmap} is a COLMAP capture .*: run it with --config "
+                                           r"configs/nerf-colmap.yaml \(or configs/neus-colmap.yaml\)\.$"):
+        load_blender_split(OmegaConf.create({"root_dir": str(colmap)}), "train")
+    with pytest.raises(DatasetError, match=r"NeuS/IDR \(DTU-format\) scene"):  # the data module's check of splits
+        datasets.make("blender", OmegaConf.create({"root_dir": str(dtu)}))
+    (dtu / "cameras_sphere.npz").unlink()  # a folder of none of them: the advice of before
+    with pytest.raises(DatasetError, match=rf"sparse/0/cameras.bin\|txt\); run python scripts/imgs2poses.py {dtu} "
+                                           r"first\.$"):
+        load(dtu).split("train")
+
+
 def test_of_several_models_the_largest_is_used_and_named(tmp_path, caplog):
     """COLMAP's mapper leaves one model per group of images it could not join, and sparse/0 is not always the
     largest: sparse/0 (text, 3 images) was taken over sparse/1 (binary, 7 images), silently training on 3."""
