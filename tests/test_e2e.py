@@ -500,6 +500,8 @@ def test_incompatible_checkpoint_is_refused(trained):
     out = launch(tmp, "--config", "configs/nerf-demo.yaml", "--test", "--resume", ckpt, f"dataset.root_dir={never}",
                  "model.geometry.xyz_encoding_config.n_levels=4", expect=2)
     assert "does not match this config" in out and "Traceback" not in out
+    parsed = os.path.join(trial, "config", "parsed.yaml")  # the config that fits it, named
+    assert out.rstrip().endswith(f"use the config its trial trained with: --config {parsed}."), out[-500:]
     assert not never.exists()  # said before the scene is read (here: rendered)
     # the trial folder instead of a file in it: the newest checkpoint there is suggested
     out = launch(tmp, "--config", "configs/nerf-demo.yaml", "--test", "--resume", trial, f"dataset.root_dir={data}",

@@ -73,10 +73,20 @@ def load_weights(system, path: str) -> dict:
         detail = (f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
                   else f"shape of {mismatched[0]} is {tuple(state[mismatched[0]].shape)}, config gives "
                        f"{tuple(own[mismatched[0]].shape)}")
-        raise CheckpointError(f"Checkpoint '{path}' does not match this config ({detail}); use the config/parsed.yaml "
-                        "of the trial that wrote it.")
+        raise CheckpointError(f"Checkpoint '{path}' does not match this config ({detail}); {config_of_trial(path)}")
     system.load_state_dict(state)  # with trained_steps, the step the weights are at, which names the outputs
     return ckpt
+
+
+def config_of_trial(checkpoint: str) -> str:
+    """The advice for a checkpoint that does not fit the config given: the config of the trial it lies in
+    (``<trial>/ckpt/x.ckpt`` -> ``<trial>/config/parsed.yaml``), named when it is there."""
+    from utils.stops import typed_path
+
+    parsed = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))), "config", "parsed.yaml")
+    if os.path.isfile(parsed):
+        return f"use the config its trial trained with: --config {typed_path(parsed)}."
+    return "use the config/parsed.yaml of the trial that wrote it."
 
 
 def start_from_checkpoint(system, config, path: str, continued: bool, skip_test: bool) -> bool:
