@@ -35,7 +35,6 @@ writes it, atomically).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -44,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.config import argument_at_least  # noqa: E402
+from utils.config import argument_at_least, script_parser  # noqa: E402
 from utils.mesh_metrics import (dtu_protocol, in_any_frustum, inside_mask_hull, load_dtu_evaluation,  # noqa: E402
                                 sample_surface, surface_distances, uniform_surface_points)
 from utils.stops import stops_cleanly  # noqa: E402
@@ -159,11 +158,12 @@ def score(args, verts: np.ndarray, faces: np.ndarray) -> dict:
 
 @stops_cleanly("eval_mesh")
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("mesh")
-    parser.add_argument("--protocol", choices=["dtu", "scene"], required=True)
-    parser.add_argument("--dtu-dir")
-    parser.add_argument("--scan", type=int)
+    parser = script_parser(__doc__)
+    parser.add_argument("mesh", help="the mesh to score (OBJ or PLY), e.g. exp/<name>/<trial>/save/it20000-mc512.obj")
+    parser.add_argument("--protocol", choices=["dtu", "scene"], required=True,
+                        help="dtu: the DTU MVS evaluation (mm); scene: mesh to mesh, against --gt")
+    parser.add_argument("--dtu-dir", help="dtu: the DTU evaluation data (Points/, ObsMask/)")
+    parser.add_argument("--scan", type=int, help="dtu: the scan number (24 for scan24)")
     positive = argument_at_least(0, float, exclusive=True)
     parser.add_argument("--density", type=positive, default=0.2, help="dtu: sampling distance (mm)")
     parser.add_argument("--max-dist", type=positive, default=20.0, help="dtu: outlier distance (mm)")

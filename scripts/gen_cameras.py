@@ -24,7 +24,6 @@ photo as shown (width and height swapped) is taken as such.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
@@ -35,7 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets.base import DatasetError  # noqa: E402
-from utils.config import argument_at_least  # noqa: E402
+from utils.config import argument_at_least, script_parser  # noqa: E402
 from utils.io import files_not_written_by, first_few, script_status_for_os_error  # noqa: E402
 from utils.stops import REPOSITORY, launch_command, stops_cleanly, typed_path  # noqa: E402
 
@@ -125,7 +124,7 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
 
 @stops_cleanly("gen_cameras")
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("root", help="capture folder with images/ and sparse/0 (from imgs2poses.py)")
     parser.add_argument("--out", help="output folder (default <root>/preprocessed)")
     parser.add_argument("--masks", help="folder of masks named after the images (default: all foreground)")

@@ -20,7 +20,6 @@ nothing is left half-written when a step fails. ``--video`` refuses an
 """
 from __future__ import annotations
 
-import argparse
 import glob
 import logging
 import os
@@ -38,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets.colmap_model import capture_of_photos  # noqa: E402
 from datasets.images import IMAGE_EXTENSIONS  # noqa: E402
-from utils.config import argument_at_least  # noqa: E402
+from utils.config import argument_at_least, script_parser  # noqa: E402
 from utils.io import files_not_written_by, first_few, script_status_for_os_error  # noqa: E402
 from utils.stops import REPOSITORY, launch_command, stops_cleanly, typed_path  # noqa: E402
 
@@ -347,7 +346,7 @@ def print_report(stats: dict) -> None:
 
 @stops_cleanly("imgs2poses")
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("root", help="scene folder: images in <root>/images (or made from --video)")
     parser.add_argument("--video", help="extract frames from this video into <root>/images first")
     parser.add_argument("--fps", type=argument_at_least(0, float, exclusive=True), default=3.0,

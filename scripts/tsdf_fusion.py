@@ -13,7 +13,6 @@ each file is written atomically.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -21,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from utils.config import argument_at_least  # noqa: E402
+from utils.config import argument_at_least, script_parser  # noqa: E402
 from utils.io import script_status_for_os_error  # noqa: E402
 from utils.stops import stops_cleanly  # noqa: E402
 
@@ -109,7 +108,7 @@ def main(argv=None) -> int:
     from utils.mesh import MeshError, write_mesh
     from utils.tsdf import TSDFVolume
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = script_parser(__doc__)
     parser.add_argument("scene")
     parser.add_argument("--voxel-sizes", type=argument_at_least(0, float, exclusive=True), nargs="+", default=[0.04, 0.08, 0.16])
     parser.add_argument("--truncation", type=argument_at_least(0, float, exclusive=True), default=3.0, help="in voxels")

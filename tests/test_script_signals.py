@@ -99,3 +99,21 @@ def test_sigterm_in_a_test_stops_after_the_view_and_in_the_export_at_once(tmp_pa
     assert stop.received == "SIGTERM"
     stop.on_test_end(several, None)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("script", ["eval_mesh", "gen_cameras", "imgs2poses", "tsdf_fusion"])
+def test_a_scripts_help_gives_its_commands_and_layouts(script, capsys):
+    """``--help`` showed the docstring's first line only; the commands to type, the folders read and written and
+    what each option does are in the rest of it."""
+    import importlib
+
+    module = importlib.import_module(f"scripts.{script}")
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--help"])
+    assert stop.value.code == 0
+    shown = capsys.readouterr().out
+    commands = [line.strip() for line in module.__doc__.splitlines() if line.strip().startswith("python scripts/")]
+    assert commands and all(command in shown for command in commands), shown
+    assert "``" not in shown  # the docstring's reST quoting is left out
+    last_paragraph = module.__doc__.strip().split("\n\n")[-1].replace("``", "").split()
+    assert " ".join(last_paragraph) in " ".join(shown.split()), shown

@@ -352,6 +352,15 @@ def finite_number(value: Any, name: str) -> float:
     return number
 
 
+def script_parser(doc: str):
+    """A script's argparse parser whose ``--help`` is the script's docstring (its commands, inputs and outputs,
+    as written, without the reST ``double backquotes``), then its options."""
+    import argparse
+
+    return argparse.ArgumentParser(description=doc.replace("``", ""),
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def argument_at_least(minimum: float, kind: type = float, exclusive: bool = False):
     """An argparse ``type`` for a script's numeric option: ``number_at_least``'s rule, said as argparse says it
     (``argument --threshold: must be a number > 0, not -1``)."""
