@@ -39,9 +39,12 @@ def parse_args(argv=None):
     group.add_argument("--predict", action="store_true", help="same as --export")
     group.add_argument("--export", action="store_true", help="video and mesh of a checkpoint, no metrics")
     parser.add_argument("--skip_test", action="store_true", help="with --train: do not test/export afterwards")
-    parser.add_argument("--exp_dir", default="./exp", type=home)
-    parser.add_argument("--runs_dir", default="./runs", type=home)
-    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--exp_dir", default="./exp", type=home,
+                        help="where trial folders go: <exp_dir>/<name>/<tag>@<time>/ (default ./exp)")
+    parser.add_argument("--runs_dir", default="./runs", type=home, help="TensorBoard logs (default ./runs)")
+    parser.add_argument("--verbose", action="store_true", help="also Lightning's start-up lines and model summary")
+    parser.epilog = ("Config options follow as key=value (system.loss.lambda_mask=0.1 trainer.max_steps=5000);\n"
+                     "+key=value adds a key the config does not have.")
     args, overrides = parser.parse_known_args(argv)
     given = sys.argv[1:] if argv is None else list(argv)
     args.exp_dir_given, args.runs_dir_given = (any(a == option or a.startswith(option + "=") for a in given)
