@@ -24,20 +24,21 @@ class DatasetError(ValueError):
     """Bad or missing input data; the message says what is wrong and what to do."""
 
 
-def where_the_scene_is(root: str, holds_scene: Callable[[str], bool]) -> str:
+def where_the_scene_is(root: str, holds_scene: Callable[[str], bool], option: str = "dataset.root_dir=") -> str:
     """The sentence that ends a "not a scene" error for ``dataset.root_dir=root``: the scene folder it lies in (a
     scene's ``image/`` or ``train/`` given in its place), or the scenes it holds (the dataset's own folder, the
-    scene left out), by ``holds_scene(folder)``; "" when neither."""
+    scene left out), by ``holds_scene(folder)``; "" when neither. ``option`` precedes the folder named: "" for a
+    script's argument."""
     path = os.path.normpath(root)
     parent = os.path.dirname(path)
     if parent and holds_scene(parent):
-        return f" {root} lies inside the scene folder {parent}: give that, dataset.root_dir={parent}."
+        return f" {root} lies inside the scene folder {parent}: give that, {option}{parent}."
     scenes = sorted(d for d in os.listdir(path) if holds_scene(os.path.join(path, d))) if os.path.isdir(path) else []
     if not scenes:
         return ""
     listed = ", ".join(scenes[:4]) + (", ..." if len(scenes) > 4 else "")
     return (f" {root} holds {len(scenes)} scene{'s' if len(scenes) > 1 else ''} ({listed}): give "
-            f"{'one, e.g.' if len(scenes) > 1 else 'it,'} dataset.root_dir={os.path.join(root, scenes[0])}.")
+            f"{'one, e.g.' if len(scenes) > 1 else 'it,'} {option}{os.path.join(root, scenes[0])}.")
 
 
 CAMERAS_FILES = ("cameras_sphere.npz", "cameras.npz")  # NeuS's and IDR's names for a DTU-format scene's cameras

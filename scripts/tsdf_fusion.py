@@ -37,9 +37,14 @@ def read_intrinsics(path: str) -> np.ndarray:
 
 
 def list_frames(scene: str) -> list[str]:
+    from datasets.base import where_the_scene_is
+
     for sub in ("color", "depth", "pose"):
         if not os.path.isdir(os.path.join(scene, sub)):
-            raise FusionError(f"{os.path.join(scene, sub)} does not exist; the scene needs color/, depth/, pose/ "
+            hint = where_the_scene_is(scene, lambda folder: all(os.path.isdir(os.path.join(folder, s))
+                                                                for s in ("color", "depth", "pose")), option="")
+            raise FusionError(f"{os.path.join(scene, sub)} does not exist;{hint}" if hint else
+                              f"{os.path.join(scene, sub)} does not exist; the scene needs color/, depth/, pose/ "
                               "and intrinsic/ (ScanNet export layout).")
     stems = sorted((os.path.splitext(f)[0] for f in os.listdir(os.path.join(scene, "depth")) if f.endswith(".png")),
                    key=lambda s: (len(s), s))
@@ -64,8 +69,9 @@ def load_frames(scene: str, every: int, max_depth: float):
     if not os.path.isdir(scene):
         raise FusionError(f"{scene} {'is a file' if os.path.exists(scene) else 'does not exist'}; give a scene folder in "
                           "the ScanNet export layout.")
+    stems = list_frames(scene)  # first: it names the scene folder when a folder of it was given
     K_depth = read_intrinsics(os.path.join(scene, "intrinsic", "intrinsic_depth.txt"))
-    for stem in list_frames(scene)[::every]:
+    for stem in stems[::every]:
         pose_path = os.path.join(scene, "pose", stem + ".txt")
         if not os.path.isfile(pose_path):
             raise FusionError(f"Frame {stem} has a depth image but no pose ({pose_path}).")

@@ -69,3 +69,8 @@ def test_scannet_layout_fuses_at_several_voxel_sizes(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "tsdf_fusion.py"), str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+    # the scene's color/ given for it (tab completion): the scene folder is named
+    inner = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "tsdf_fusion.py"), str(scene / "color")],
+                           capture_output=True, text=True, timeout=60)
+    assert inner.returncode == 2 and inner.stderr.strip().endswith(
+        f"color lies inside the scene folder {scene}: give that, {scene}."), inner.stderr
