@@ -25,10 +25,8 @@ import logging
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -37,6 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from datasets.colmap_model import capture_of_photos  # noqa: E402
 from datasets.images import IMAGE_EXTENSIONS  # noqa: E402
+from utils import colmap_steps  # noqa: E402
 from utils.config import argument_at_least, script_parser  # noqa: E402
 from utils.io import files_not_written_by, first_few, script_status_for_os_error  # noqa: E402
 from utils.stops import REPOSITORY, launch_command, stops_cleanly, typed_path  # noqa: E402
@@ -281,11 +280,8 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
     reader.camera_model = camera_model
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.num_threads = threads
-    mode = pycolmap.CameraMode.SINGLE if shared_camera else pycolmap.CameraMode.PER_IMAGE
     t0 = time.time()
-    print(f"[1/3] SIFT features on {len(names)} images ...", flush=True)
-    pycolmap.extract_features(db, image_dir, image_names=names, camera_mode=mode, reader_options=reader,
-                              extraction_options=extraction, device=pycolmap.Device.auto)
+    colmap_steps.extract_features(db, image_dir, names, shared_camera, reader, extraction)
     print(f"      done in {time.time() - t0:.1f} s", flush=True)
     # COLMAP seeds its geometric verification from the clock unless told otherwise: a fixed seed makes the
     # same images give the same poses, run after run.
@@ -296,23 +292,22 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
     verification.ransac.random_seed = SEED
     match_options = dict(matching_options=matching, verification_options=verification, device=pycolmap.Device.auto)
     t0 = time.time()
-    if matcher == "sequential":
-        pairing = pycolmap.SequentialPairingOptions()
-        pairing.overlap = overlap
-        pairing.quadratic_overlap = True
-        loops = loop_pairs(image_dir, names, overlap)
-        print(f"[2/3] sequential matching (overlap {overlap}) + {len(loops)} loop-closing pairs ...", flush=True)
-        pycolmap.match_sequential(db, pairing_options=pairing, **match_options)
-        if loops:
-            pair_file = os.path.join(work, "loop_pairs.txt")
-            with open(pair_file, "w") as f:
-                f.writelines(f"{a} {b}\n" for a, b in loops)
-            imported = pycolmap.ImportedPairingOptions()
-            imported.match_list_path = pair_file
-            pycolmap.match_image_pairs(db, pairing_options=imported, **match_options)
-    else:
-        print(f"[2/3] exhaustive matching ({len(names) * (len(names) - 1) // 2} pairs) ...", flush=True)
-        pycolmap.match_exhaustive(db, **match_options)
+    loops = loop_pairs(image_dir, names, overlap) if matcher == "sequential" else []
+    what = (f"sequential matching (overlap {overlap}, {len(loops)} loop-closing pairs)" if matcher == "sequential"
+            else "exhaustive matching")
+    if colmap_steps.listable(names):
+        pairs = colmap_steps.colmap_pairs(db, overlap if matcher == "sequential" else None)
+        unique = list(dict.fromkeys(tuple(sorted(pair)) for pair in pairs + loops))  # a loop may be a neighbour too
+        colmap_steps.match_pairs(db, unique, work, f"[2/3] {what}", **match_options)
+    else:  # COLMAP's pair lists cannot name these images: one call, without a progress bar
+        print(f"[2/3] {what} ...", flush=True)
+        if matcher == "sequential":
+            pairing = pycolmap.SequentialPairingOptions()
+            pairing.overlap = overlap
+            pairing.quadratic_overlap = True
+            pycolmap.match_sequential(db, pairing_options=pairing, **match_options)
+        else:
+            pycolmap.match_exhaustive(db, **match_options)
     print(f"      done in {time.time() - t0:.1f} s", flush=True)
     t0 = time.time()
     options = pycolmap.IncrementalPipelineOptions()
@@ -321,9 +316,10 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
     out = os.path.join(work, "models")
     os.makedirs(out)
     bar = tqdm(total=len(names), desc="[3/3] registering images", unit="img")
-    reconstructions = pycolmap.incremental_mapping(db, image_dir, out, options=options,
-                                                   initial_image_pair_callback=lambda: bar.update(2),
-                                                   next_image_callback=lambda: bar.update(1))
+    with colmap_steps.sigterm_ends_at_once():
+        reconstructions = pycolmap.incremental_mapping(db, image_dir, out, options=options,
+                                                       initial_image_pair_callback=lambda: bar.update(2),
+                                                       next_image_callback=lambda: bar.update(1))
     bar.close()
     print(f"      done in {time.time() - t0:.1f} s", flush=True)
     if not reconstructions:
@@ -429,14 +425,11 @@ def run(args) -> dict:
                            "(20 or more all around the object work well).")
     sparse = os.path.join(root, "sparse", "0")
     try:
-        import pycolmap
+        from datasets.colmap_model import import_pycolmap
+
+        pycolmap = import_pycolmap()  # without glog's SIGTERM handler, which would end the process with a stack dump
     except ImportError:
         raise CaptureError("pycolmap is not installed: pip install pycolmap.") from None
-    # COLMAP installs glog's handler, which prints a stack dump at a scheduler's SIGTERM: a stop inside COLMAP
-    # ends the process at once and quietly instead (a Python handler would wait for the C++ call to return), and
-    # the next run removes the work folder it left
-    if threading.current_thread() is threading.main_thread():  # signal.signal refuses other threads
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if os.path.isfile(os.path.join(sparse, "cameras.bin")) and not args.overwrite:
         check_posed_images(root, sparse, names)
         rec = pycolmap.Reconstruction(sparse)

@@ -462,3 +462,89 @@ def test_neus_colmap_trains_and_exports_in_the_capture_frame(capture, tmp_path):
                                atol=1e-4 * np.linalg.norm(W[:3, 0]))
     assert np.abs(normalised.vertices).max() <= 0.5 + 1e-3  # inside model.radius
     assert os.path.isfile(os.path.join(save, "it100-test-orbit.mp4"))
+
+
+def test_in_timed_parts_covers_every_item_once_in_order_and_grows_parts_by_rate():
+    from types import SimpleNamespace
+
+    from utils import colmap_steps
+
+    parts, advanced = [], []
+    colmap_steps.in_timed_parts(list(range(100)), parts.append, SimpleNamespace(update=advanced.append), first=4)
+    assert sum(advanced) == 100
+    assert [item for part in parts for item in part] == list(range(100))
+    sizes = [len(part) for part in parts]
+    assert sizes[:3] == [4, 16, 64]  # fast work: each part at most 4 times the last one
+
+
+def test_photos_are_matched_in_parts_with_progress_as_one_call_would(tmp_path, capsys, monkeypatch):
+    """Feature extraction and matching said nothing for as long as they took (hours for a few hundred photos on a
+    laptop). They now run in parts behind progress bars: one camera shared over the parts, and the matches of
+    COLMAP's exhaustive matcher in one call. Names with a space, which COLMAP's pair lists cannot hold, are matched
+    in one call as before."""
+    import shutil
+
+    import pycolmap
+
+    from utils import colmap_steps
+
+    root = tmp_path / "photos"
+    (root / "images").mkdir(parents=True)
+    scene = TexturedDemoScene()
+    for k, cam in enumerate(handheld_orbit(64, 256, 192, seed=1)[:10]):
+        write_image(str(root / "images" / f"IMG_{k:04d}.png"), render(scene, cam))
+    monkeypatch.setattr(colmap_steps, "SECONDS_PER_PART", 0.0)  # one image or pair per part: parts are exercised
+    assert imgs2poses.main([str(root), "--threads", "1"]) == 0
+    shown = capsys.readouterr().err.replace("\r", "\n")
+    assert re.search(r"\[1/3\] SIFT features: 100%.* 10/10 ", shown), shown[-2000:]
+    assert re.search(r"\[2/3\] exhaustive matching: 100%.* 45/45 ", shown), shown[-2000:]
+    model = pycolmap.Reconstruction(str(root / "sparse" / "0"))
+    assert model.num_reg_images() == 10 and len(model.cameras) == 1
+
+    # COLMAP's exhaustive matcher in one call finds the same matches, pair by pair
+    alone = tmp_path / "alone.db"
+    shutil.copy(root / "database.db", alone)
+    with pycolmap.Database.open(str(alone)) as database:
+        assert len(database.read_all_cameras()) == 1  # the parts after the first used the first part's camera
+        database.clear_matches()
+        database.clear_two_view_geometries()
+    pycolmap.match_exhaustive(str(alone), matching_options=pycolmap.FeatureMatchingOptions(num_threads=1))
+
+    def raw_matches(path):
+        with pycolmap.Database.open(str(path)) as database:
+            pair_ids, matches = database.read_all_matches()
+            return {pair_id: m.tolist() for pair_id, m in zip(pair_ids, matches)}
+
+    in_parts, in_one_call = raw_matches(root / "database.db"), raw_matches(alone)
+    assert len(in_parts) > 30 and in_parts == in_one_call  # pairs with matches
+
+    for k in (0, 1):  # a copy a Mac made ("IMG_0000 2.png"): COLMAP's pair list would split the name
+        os.rename(root / "images" / f"IMG_{k:04d}.png", root / "images" / f"IMG_{k:04d} 2.png")
+    assert imgs2poses.main([str(root), "--threads", "1", "--overwrite"]) == 0
+    assert "[2/3] exhaustive matching ...\n" in capsys.readouterr().out
+    model = pycolmap.Reconstruction(str(root / "sparse" / "0"))
+    assert model.num_reg_images() == 10 and "IMG_0000 2.png" in {image.name for image in model.images.values()}
+
+
+def test_sigterm_while_matching_stops_within_a_part_and_leaves_nothing(tmp_path):
+    """SIGTERM inside COLMAP's one long matching call ended the process at once (a Python handler would have
+    waited for the call to return, hours for a large photo folder), leaving its work folder behind. Matched in
+    parts, the script stops after the part under way, removes the folder and says so."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "photos"
+    (root / "images").mkdir(parents=True)
+    scene = TexturedDemoScene()
+    for k, cam in enumerate(handheld_orbit(64, 256, 192, seed=1)[:6]):
+        write_image(str(root / "images" / f"IMG_{k:04d}.png"), render(scene, cam))
+    code = ("import os, signal, sys; sys.path.insert(0, os.getcwd()); import pycolmap; "
+            "from scripts import imgs2poses; match = pycolmap.match_image_pairs; "
+            "pycolmap.match_image_pairs = lambda *a, **k: (match(*a, **k), os.kill(os.getpid(), signal.SIGTERM)); "
+            f"sys.exit(imgs2poses.main([{str(root)!r}, '--threads', '1']))")  # the signal comes in the first part
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    stopped = subprocess.run([sys.executable, "-c", code], cwd=repository, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert stopped.stderr.rstrip().endswith("imgs2poses: stopped by SIGTERM; nothing half-written was left.")
+    assert "Traceback" not in stopped.stderr and "[2/3] exhaustive matching" in stopped.stderr
+    assert sorted(os.listdir(root)) == ["images"]  # no .colmap-* work folder, no database, no sparse/
