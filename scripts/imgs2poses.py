@@ -40,6 +40,7 @@ from utils.config import argument_at_least, script_parser  # noqa: E402
 from utils.io import files_not_written_by, first_few, script_status_for_os_error  # noqa: E402
 from utils.stops import REPOSITORY, launch_command, stops_cleanly, typed_path  # noqa: E402
 
+MANY_PHOTOS = 150  # more, and --matcher auto's exhaustive matching is worth a word on the sequential one
 SEED = 0  # COLMAP's random seed (RANSAC in matching and mapping): the same images give the same poses
 FRAME_PATTERN = "frame_{:05d}.jpg"  # the frames taken from a video; --video replaces only a folder of these
 FRAME_NAME = re.compile(r"frame_\d{5,}\.jpg")
@@ -442,6 +443,10 @@ def run(args) -> dict:
     matcher = args.matcher
     if matcher == "auto":
         matcher = "sequential" if args.video or all(n.startswith("frame_") for n in names) else "exhaustive"
+        if matcher == "exhaustive" and len(names) > MANY_PHOTOS:
+            print(f"{len(names)} photos: exhaustive matching takes {len(names) * (len(names) - 1) // 2} pairs, "
+                  "which grow with the square of their count. Photos taken in order around the object match far "
+                  "quicker with --matcher sequential.")
     if not args.verbose:
         pycolmap.logging.minloglevel = 2  # COLMAP's info lines would bury the progress bars
     for stale in glob.glob(os.path.join(glob.escape(root), ".colmap-*")):

@@ -494,8 +494,13 @@ def test_photos_are_matched_in_parts_with_progress_as_one_call_would(tmp_path, c
     for k, cam in enumerate(handheld_orbit(64, 256, 192, seed=1)[:10]):
         write_image(str(root / "images" / f"IMG_{k:04d}.png"), render(scene, cam))
     monkeypatch.setattr(colmap_steps, "SECONDS_PER_PART", 0.0)  # one image or pair per part: parts are exercised
+    monkeypatch.setattr(imgs2poses, "MANY_PHOTOS", 8)  # a large folder's word on the sequential matcher
     assert imgs2poses.main([str(root), "--threads", "1"]) == 0
-    shown = capsys.readouterr().err.replace("\r", "\n")
+    said = capsys.readouterr()
+    assert said.out.startswith("10 photos: exhaustive matching takes 45 pairs, which grow with the square of their "
+                               "count. Photos taken in order around the object match far quicker with --matcher "
+                               "sequential.\n"), said.out
+    shown = said.err.replace("\r", "\n")
     assert re.search(r"\[1/3\] SIFT features: 100%.* 10/10 ", shown), shown[-2000:]
     assert re.search(r"\[2/3\] exhaustive matching: 100%.* 45/45 ", shown), shown[-2000:]
     model = pycolmap.Reconstruction(str(root / "sparse" / "0"))
