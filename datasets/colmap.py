@@ -43,7 +43,7 @@ import torch
 import datasets
 from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_split
 from datasets.images import (EXIF_QUARTER_TURNS, IMAGE_EXTENSIONS, common_target_size, exif_orientation, load_images,
-                             mask_for_image, missing_root_message, quarter_turns_to_apply, read_image)
+                             mask_for_image, missing_root_message, quarter_turns_to_apply, read_image, reading)
 from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
                                    read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
 from datasets.rays import (cameras_up, opencv_look_at, opencv_to_opengl, turn_intrinsics_clockwise,
@@ -249,7 +249,7 @@ def load_colmap_split(config: Any, split: str, capture: Optional[Capture] = None
     world_from_scene = np.linalg.inv(capture.scene_from_world)
     w, h = capture.size
     if chosen:
-        loaded = [capture.load(k) for k in chosen]
+        loaded = [capture.load(k) for k in reading(chosen, f"reading and undistorting the {split} images")]
         images = torch.from_numpy(np.stack([im for im, _ in loaded]))
         masks = torch.from_numpy(np.stack([m for _, m in loaded]))
         intr = np.stack([capture.intrinsics(k) for k in chosen])

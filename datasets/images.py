@@ -123,6 +123,16 @@ def read_image(path: str) -> np.ndarray:
     return img
 
 
+PROGRESS_DELAY_S = 2.0  # reading images shows a progress bar once it has taken this long (300 phone photos: ~1 min)
+
+
+def reading(items: List, what: str = "reading images"):
+    """``items`` to iterate over, behind a progress bar that appears only when the reading takes a while."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=what, unit="img", leave=False, delay=PROGRESS_DELAY_S, disable=len(items) < 2)
+
+
 def load_images(paths: List[str], same_size: bool = True) -> List[np.ndarray]:
     """Read images, checking that all exist (and, unless told otherwise, have one size). Returns uint8 arrays
     (H, W, 3|4)."""
@@ -131,7 +141,7 @@ def load_images(paths: List[str], same_size: bool = True) -> List[np.ndarray]:
         raise DatasetError(f"{len(missing)} of {len(paths)} images named by the cameras file are missing, "
                            f"the first being {missing[0]}.")
     images = []
-    for p in paths:
+    for p in reading(paths):
         img = read_image(p)
         if same_size and images and img.shape[:2] != images[0].shape[:2]:
             raise DatasetError(f"Images have mixed sizes: {p} is {img.shape[1]}x{img.shape[0]} but {paths[0]} is "
