@@ -293,10 +293,11 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
     verification.ransac.random_seed = SEED
     match_options = dict(matching_options=matching, verification_options=verification, device=pycolmap.Device.auto)
     t0 = time.time()
-    loops = loop_pairs(image_dir, names, overlap) if matcher == "sequential" else []
+    listable = colmap_steps.listable(names)
+    loops = loop_pairs(image_dir, names, overlap) if matcher == "sequential" and listable else []
     what = (f"sequential matching (overlap {overlap}, {len(loops)} loop-closing pairs)" if matcher == "sequential"
             else "exhaustive matching")
-    if colmap_steps.listable(names):
+    if listable:
         pairs = colmap_steps.colmap_pairs(db, overlap if matcher == "sequential" else None)
         unique = list(dict.fromkeys(tuple(sorted(pair)) for pair in pairs + loops))  # a loop may be a neighbour too
         colmap_steps.match_pairs(db, unique, work, f"[2/3] {what}", **match_options)
