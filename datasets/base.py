@@ -44,21 +44,32 @@ def where_the_scene_is(root: str, holds_scene: Callable[[str], bool], option: st
 CAMERAS_FILES = ("cameras_sphere.npz", "cameras.npz")  # NeuS's and IDR's names for a DTU-format scene's cameras
 
 
+def holds_transforms(folder: str) -> bool:
+    """Whether ``folder`` is a Blender-format scene (NeRF-synthetic's per-split files, or one transforms.json)."""
+    return any(os.path.isfile(os.path.join(folder, f"transforms{name}.json")) for name in ("_train", ""))
+
+
+def has_model(folder: str) -> bool:
+    """Whether ``folder`` holds a COLMAP model (binary or text)."""
+    return any(os.path.isfile(os.path.join(folder, f"cameras.{ext}")) for ext in ("bin", "txt"))
+
+
+# dataset.name -> (what a scene folder of that loader is, by what it holds; whether a folder is one). Here, not in
+# the loaders: a loader's own code is what utils.config_keys takes as reading its options, so none imports another
+SCENE_LAYOUTS = {
+    "blender": ("a Blender/NeRF-synthetic or instant-ngp scene (transforms*.json)", holds_transforms),
+    "dtu": ("a NeuS/IDR (DTU-format) scene (cameras_sphere.npz or cameras.npz)",
+            lambda folder: any(os.path.isfile(os.path.join(folder, f)) for f in CAMERAS_FILES)),
+    "colmap": ("a COLMAP capture (a model in sparse/)",
+               lambda folder: any(has_model(os.path.join(folder, *sub)) for sub in (("sparse", "0"), ("sparse",)))),
+}
+
+
 def other_layout_hint(root: str, loader: str) -> str:
     """The sentence that ends a "not a scene" error of the ``loader`` (a ``dataset.name``) when ``root`` is a scene
     of another loader's layout (a DTU folder given to a COLMAP config, a Blender scene to a DTU one): what it is and
     the configs that read it; "" when it is none of them."""
-    from datasets.blender import holds_transforms
-    from datasets.colmap_model import has_model
-
-    layouts = {  # dataset.name -> (what the folder is, by what it holds; whether a folder is one)
-        "blender": ("a Blender/NeRF-synthetic or instant-ngp scene (transforms*.json)", holds_transforms),
-        "dtu": ("a NeuS/IDR (DTU-format) scene (cameras_sphere.npz or cameras.npz)",
-                lambda folder: any(os.path.isfile(os.path.join(folder, f)) for f in CAMERAS_FILES)),
-        "colmap": ("a COLMAP capture (a model in sparse/)",
-                   lambda folder: any(has_model(os.path.join(folder, *sub)) for sub in (("sparse", "0"), ("sparse",)))),
-    }
-    for name, (what, holds) in layouts.items():
+    for name, (what, holds) in SCENE_LAYOUTS.items():
         if name != loader and os.path.isdir(root) and holds(root):
             configs = configs_reading(name)
             others = f" (or {', '.join(configs[1:])})" if configs[1:] else ""

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 import datasets
-from datasets.base import DatasetError, SceneData, SceneDataModule, other_layout_hint, where_the_scene_is
+from datasets.base import (DatasetError, SceneData, SceneDataModule, holds_transforms, other_layout_hint,
+                           where_the_scene_is)
 from datasets.images import load_images, missing_root_message, target_size
 from datasets.ngp import capture_file, frame_intrinsics, image_path, load_ngp_split, read_frames_file
 
@@ -38,11 +39,6 @@ def scene_source(root_dir: str) -> Tuple[str, Optional[str]]:
             return folder, None
         return folder, root_dir
     return root_dir, capture_file(root_dir)
-
-
-def holds_transforms(folder: str) -> bool:
-    """Whether ``folder`` is a scene of this format (NeRF-synthetic's per-split files, or one transforms.json)."""
-    return any(os.path.isfile(os.path.join(folder, f"transforms{name}.json")) for name in ("_train", ""))
 
 
 def load_blender_split(config: Any, split: str) -> SceneData:

@@ -17,14 +17,9 @@ from typing import List, Optional
 
 import numpy as np
 
-from datasets.base import DatasetError, other_layout_hint
+from datasets.base import DatasetError, has_model, other_layout_hint
 
 PINHOLE_MODELS = ("SIMPLE_PINHOLE", "PINHOLE")
-
-
-def has_model(folder: str) -> bool:
-    """Whether ``folder`` holds a COLMAP model (binary or text)."""
-    return any(os.path.isfile(os.path.join(folder, f"cameras.{ext}")) for ext in ("bin", "txt"))
 
 
 def registered_image_count(model_dir: str) -> int:
