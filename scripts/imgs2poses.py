@@ -8,7 +8,9 @@ of the Laplacian), then frames much blurrier than the others and
 near-duplicates (the camera stood still) are dropped. Structure from motion:
 SIFT features, matching (``--matcher auto``: sequential for video frames,
 with loop-closing pairs found by image similarity, exhaustive for a photo
-folder), incremental mapping; one camera shared by all images unless
+folder: its pairs grow with the square of the photo count, so photos taken
+in order are quicker with ``--matcher sequential``), incremental mapping,
+each behind a progress bar; one camera shared by all images unless
 ``--per-image-cameras``. The largest model is written to
 ``<root>/sparse/0`` (binary), plus ``<root>/database.db`` and
 ``<root>/sparse_points.ply`` (crop it in MeshLab and save the selection as
