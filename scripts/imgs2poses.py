@@ -361,7 +361,8 @@ def main(argv=None) -> int:
     parser.add_argument("--min-registered", type=argument_at_least(0), default=0.6,
                         help="fail below this fraction registered")
     parser.add_argument("--threads", type=int, default=-1,
-                        help="CPU threads for COLMAP (-1: all); 1 gives the same poses on every run, as multi-threaded matching and bundle adjustment do not")
+                        help="CPU threads for COLMAP (-1: all); 1 gives the same poses on every run, as "
+                        "multi-threaded matching and bundle adjustment do not")
     parser.add_argument("--overwrite", action="store_true", help="redo frames and poses that already exist")
     parser.add_argument("--verbose", action="store_true", help="show COLMAP's own log")
     args = parser.parse_args(argv)
