@@ -283,8 +283,14 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
     reader.camera_model = camera_model
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.num_threads = threads
+    mode = pycolmap.CameraMode.SINGLE if shared_camera else pycolmap.CameraMode.PER_IMAGE
     t0 = time.time()
-    colmap_steps.extract_features(db, image_dir, names, shared_camera, reader, extraction)
+    with tqdm(total=len(names), desc="[1/3] SIFT features", unit="img") as bar:
+        colmap_steps.run_cancellable(
+            lambda token: pycolmap.extract_features(db, image_dir, image_names=names, camera_mode=mode,
+                                                    reader_options=reader, extraction_options=extraction,
+                                                    device=pycolmap.Device.auto, cancellation_token=token),
+            colmap_steps.rows_in(db, "keypoints"), bar)
     print(f"      done in {time.time() - t0:.1f} s", flush=True)
     # COLMAP seeds its geometric verification from the clock unless told otherwise: a fixed seed makes the
     # same images give the same poses, run after run.
@@ -295,23 +301,32 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
     verification.ransac.random_seed = SEED
     match_options = dict(matching_options=matching, verification_options=verification, device=pycolmap.Device.auto)
     t0 = time.time()
-    listable = colmap_steps.listable(names)
-    loops = loop_pairs(image_dir, names, overlap) if matcher == "sequential" and listable else []
-    what = (f"sequential matching (overlap {overlap}, {len(loops)} loop-closing pairs)" if matcher == "sequential"
-            else "exhaustive matching")
-    if listable:
-        pairs = colmap_steps.colmap_pairs(db, overlap if matcher == "sequential" else None)
-        unique = list(dict.fromkeys(tuple(sorted(pair)) for pair in pairs + loops))  # a loop may be a neighbour too
-        colmap_steps.match_pairs(db, unique, work, f"[2/3] {what}", **match_options)
-    else:  # COLMAP's pair lists cannot name these images: one call, without a progress bar
-        print(f"[2/3] {what} ...", flush=True)
-        if matcher == "sequential":
-            pairing = pycolmap.SequentialPairingOptions()
-            pairing.overlap = overlap
-            pairing.quadratic_overlap = True
-            pycolmap.match_sequential(db, pairing_options=pairing, **match_options)
-        else:
-            pycolmap.match_exhaustive(db, **match_options)
+    matched = colmap_steps.rows_in(db, "matches")
+    if matcher == "sequential":
+        pairing = pycolmap.SequentialPairingOptions()
+        pairing.overlap = overlap
+        pairing.quadratic_overlap = True
+        # COLMAP's pair lists split names at spaces; frames taken from a video have none
+        loops = loop_pairs(image_dir, names, overlap) if colmap_steps.listable(names) else []
+        total = colmap_steps.sequential_pairs(db, overlap) + len(loops)
+        desc = f"[2/3] sequential matching (overlap {overlap}, {len(loops)} loop-closing pairs)"
+        with tqdm(total=total, desc=desc, unit="pair") as bar:
+            colmap_steps.run_cancellable(lambda token: pycolmap.match_sequential(
+                db, pairing_options=pairing, cancellation_token=token, **match_options), matched, bar)
+            if loops:
+                pair_file = os.path.join(work, "loop_pairs.txt")
+                with open(pair_file, "w") as f:
+                    f.writelines(f"{a} {b}\n" for a, b in loops)
+                imported = pycolmap.ImportedPairingOptions()
+                imported.match_list_path = pair_file
+                colmap_steps.run_cancellable(lambda token: pycolmap.match_image_pairs(
+                    db, pairing_options=imported, cancellation_token=token, **match_options), matched, bar)
+            bar.update(bar.total - bar.n)  # a loop pair that is also a neighbour is matched once
+    else:
+        with tqdm(total=len(names) * (len(names) - 1) // 2, desc="[2/3] exhaustive matching", unit="pair") as bar:
+            colmap_steps.run_cancellable(lambda token: pycolmap.match_exhaustive(
+                db, cancellation_token=token, **match_options), matched, bar)  # the bar moves with each pair written
+            bar.update(bar.total - bar.n)
     print(f"      done in {time.time() - t0:.1f} s", flush=True)
     t0 = time.time()
     options = pycolmap.IncrementalPipelineOptions()
@@ -319,12 +334,10 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
     options.random_seed = SEED
     out = os.path.join(work, "models")
     os.makedirs(out)
-    bar = tqdm(total=len(names), desc="[3/3] registering images", unit="img")
-    with colmap_steps.sigterm_ends_at_once():
-        reconstructions = pycolmap.incremental_mapping(db, image_dir, out, options=options,
-                                                       initial_image_pair_callback=lambda: bar.update(2),
-                                                       next_image_callback=lambda: bar.update(1))
-    bar.close()
+    with tqdm(total=len(names), desc="[3/3] registering images", unit="img") as bar:
+        reconstructions = colmap_steps.run_cancellable(lambda token: pycolmap.incremental_mapping(
+            db, image_dir, out, options=options, initial_image_pair_callback=lambda: bar.update(2),
+            next_image_callback=lambda: bar.update(1), cancellation_token=token))
     print(f"      done in {time.time() - t0:.1f} s", flush=True)
     if not reconstructions:
         raise CaptureError(f"COLMAP could not register any image pair among {len(names)} images: the images "

@@ -464,37 +464,18 @@ def test_neus_colmap_trains_and_exports_in_the_capture_frame(capture, tmp_path):
     assert os.path.isfile(os.path.join(save, "it100-test-orbit.mp4"))
 
 
-def test_in_timed_parts_covers_every_item_once_in_order_and_grows_parts_by_rate():
-    from types import SimpleNamespace
-
-    from utils import colmap_steps
-
-    parts, advanced = [], []
-    colmap_steps.in_timed_parts(list(range(100)), parts.append, SimpleNamespace(update=advanced.append), first=4)
-    assert sum(advanced) == 100
-    assert [item for part in parts for item in part] == list(range(100))
-    sizes = [len(part) for part in parts]
-    assert sizes[:3] == [4, 16, 64]  # fast work: each part at most 4 times the last one
-
-
-def test_photos_are_matched_in_parts_with_progress_as_one_call_would(tmp_path, capsys, monkeypatch):
+def test_colmap_steps_show_progress_and_take_names_with_spaces(tmp_path, capsys, monkeypatch):
     """Feature extraction and matching said nothing for as long as they took (hours for a few hundred photos on a
-    laptop). They now run in parts behind progress bars: one camera shared over the parts, and the matches of
-    COLMAP's exhaustive matcher in one call. Names with a space, which COLMAP's pair lists cannot hold, are matched
-    in one call as before."""
-    import shutil
-
+    laptop); they now move progress bars read from the database. A folder of more than MANY_PHOTOS photos is told
+    how many pairs exhaustive matching takes."""
     import pycolmap
-
-    from utils import colmap_steps
 
     root = tmp_path / "photos"
     (root / "images").mkdir(parents=True)
     scene = TexturedDemoScene()
     for k, cam in enumerate(handheld_orbit(64, 256, 192, seed=1)[:10]):
         write_image(str(root / "images" / f"IMG_{k:04d}.png"), render(scene, cam))
-    monkeypatch.setattr(colmap_steps, "SECONDS_PER_PART", 0.0)  # one image or pair per part: parts are exercised
-    monkeypatch.setattr(imgs2poses, "MANY_PHOTOS", 8)  # a large folder's word on the sequential matcher
+    monkeypatch.setattr(imgs2poses, "MANY_PHOTOS", 8)
     assert imgs2poses.main([str(root), "--threads", "1"]) == 0
     said = capsys.readouterr()
     assert said.out.startswith("10 photos: exhaustive matching takes 45 pairs, which grow with the square of their "
@@ -503,38 +484,59 @@ def test_photos_are_matched_in_parts_with_progress_as_one_call_would(tmp_path, c
     shown = said.err.replace("\r", "\n")
     assert re.search(r"\[1/3\] SIFT features: 100%.* 10/10 ", shown), shown[-2000:]
     assert re.search(r"\[2/3\] exhaustive matching: 100%.* 45/45 ", shown), shown[-2000:]
+    assert re.search(r"\[3/3\] registering images: 100%.* 10/10 ", shown), shown[-2000:]
     model = pycolmap.Reconstruction(str(root / "sparse" / "0"))
     assert model.num_reg_images() == 10 and len(model.cameras) == 1
 
-    # COLMAP's exhaustive matcher in one call finds the same matches, pair by pair
-    alone = tmp_path / "alone.db"
-    shutil.copy(root / "database.db", alone)
-    with pycolmap.Database.open(str(alone)) as database:
-        assert len(database.read_all_cameras()) == 1  # the parts after the first used the first part's camera
-        database.clear_matches()
-        database.clear_two_view_geometries()
-    pycolmap.match_exhaustive(str(alone), matching_options=pycolmap.FeatureMatchingOptions(num_threads=1))
-
-    def raw_matches(path):
-        with pycolmap.Database.open(str(path)) as database:
-            pair_ids, matches = database.read_all_matches()
-            return {pair_id: m.tolist() for pair_id, m in zip(pair_ids, matches)}
-
-    in_parts, in_one_call = raw_matches(root / "database.db"), raw_matches(alone)
-    assert len(in_parts) > 30 and in_parts == in_one_call  # pairs with matches
-
-    for k in (0, 1):  # a copy a Mac made ("IMG_0000 2.png"): COLMAP's pair list would split the name
+    for k in (0, 1):  # a copy a Mac made ("IMG_0000 2.png"): COLMAP's own matchers take the name as it is
         os.rename(root / "images" / f"IMG_{k:04d}.png", root / "images" / f"IMG_{k:04d} 2.png")
     assert imgs2poses.main([str(root), "--threads", "1", "--overwrite"]) == 0
-    assert "[2/3] exhaustive matching ...\n" in capsys.readouterr().out
     model = pycolmap.Reconstruction(str(root / "sparse" / "0"))
     assert model.num_reg_images() == 10 and "IMG_0000 2.png" in {image.name for image in model.images.values()}
 
 
-def test_sigterm_while_matching_stops_within_a_part_and_leaves_nothing(tmp_path):
-    """SIGTERM inside COLMAP's one long matching call ended the process at once (a Python handler would have
-    waited for the call to return, hours for a large photo folder), leaving its work folder behind. Matched in
-    parts, the script stops after the part under way, removes the folder and says so."""
+def test_a_stop_while_colmap_runs_cancels_it_and_waits_for_it():
+    """run_cancellable: SIGTERM (or Ctrl-C) in the main thread cancels the step's token, and the stop goes on
+    only once the step has returned; the step's own error and its result come back as they are."""
+    import signal
+    import time
+    from types import SimpleNamespace
+
+    from utils.colmap_steps import run_cancellable
+    from utils.stops import SigtermRaises, Terminated
+
+    seen = []
+
+    def step(token):  # as a long COLMAP call: runs until cancelled
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not token.is_cancelled and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # the call takes a moment to return: the stop must wait for it
+        seen.append("cancelled" if token.is_cancelled else "ran to its end")
+        raise InterruptedError("Operation cancelled")
+
+    sigterm = SigtermRaises()
+    try:
+        with pytest.raises(Terminated):
+            run_cancellable(step)
+        assert seen == ["cancelled"]
+    finally:
+        sigterm.restore()
+    with pytest.raises(ValueError, match="bad input"):
+        run_cancellable(lambda token: (_ for _ in ()).throw(ValueError("bad input")))
+    done = []
+    bar = SimpleNamespace(n=0, total=5)
+    bar.update = lambda k: setattr(bar, "n", bar.n + k)
+    assert run_cancellable(lambda token: [done.append(i) or time.sleep(0.3) for i in range(5)] and "model",
+                           lambda: len(done), bar) == "model"
+    assert 0 < bar.n <= 5  # read while the step ran
+
+
+def test_sigterm_while_matching_cancels_colmap_and_leaves_nothing(tmp_path):
+    """SIGTERM during COLMAP's matching ended the process at once (a Python handler would have waited for the call
+    to return, hours for a large photo folder), leaving its work folder behind. Now COLMAP's call is cancelled, the
+    script removes the folder and says so, and no COLMAP thread outlives the interpreter (that aborted it)."""
     import subprocess
     import sys
 
@@ -543,13 +545,28 @@ def test_sigterm_while_matching_stops_within_a_part_and_leaves_nothing(tmp_path)
     scene = TexturedDemoScene()
     for k, cam in enumerate(handheld_orbit(64, 256, 192, seed=1)[:6]):
         write_image(str(root / "images" / f"IMG_{k:04d}.png"), render(scene, cam))
-    code = ("import os, signal, sys; sys.path.insert(0, os.getcwd()); import pycolmap; "
-            "from scripts import imgs2poses; match = pycolmap.match_image_pairs; "
-            "pycolmap.match_image_pairs = lambda *a, **k: (match(*a, **k), os.kill(os.getpid(), signal.SIGTERM)); "
-            f"sys.exit(imgs2poses.main([{str(root)!r}, '--threads', '1']))")  # the signal comes in the first part
+    wrapper = (  # the signal comes as matching starts; COLMAP then sees its token cancelled
+        "import os, signal, sys, time; sys.path.insert(0, os.getcwd())\n"
+        "from datasets.colmap_model import import_pycolmap\n"
+        "pycolmap = import_pycolmap(); match = pycolmap.match_exhaustive\n"
+        "def signalled(*args, cancellation_token, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    deadline = time.monotonic() + 30\n"
+        "    while not cancellation_token.is_cancelled and time.monotonic() < deadline:\n"
+        "        time.sleep(0.01)\n"
+        "    try:\n"
+        "        return match(*args, cancellation_token=cancellation_token, **kwargs)\n"
+        "    except InterruptedError as err:\n"
+        "        print('COLMAP:', err, file=sys.stderr)\n"
+        "        raise\n"
+        "pycolmap.match_exhaustive = signalled\n"
+        "from scripts import imgs2poses\n"
+        f"sys.exit(imgs2poses.main([{str(root)!r}, '--threads', '1']))\n")
     repository = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    stopped = subprocess.run([sys.executable, "-c", code], cwd=repository, capture_output=True, text=True, timeout=300)
+    stopped = subprocess.run([sys.executable, "-c", wrapper], cwd=repository, capture_output=True, text=True,
+                             timeout=300)
     assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert "COLMAP: Operation cancelled" in stopped.stderr, stopped.stderr[-2000:]
     assert stopped.stderr.rstrip().endswith("imgs2poses: stopped by SIGTERM; nothing half-written was left.")
-    assert "Traceback" not in stopped.stderr and "[2/3] exhaustive matching" in stopped.stderr
+    assert "Traceback" not in stopped.stderr and "Aborted" not in stopped.stderr
     assert sorted(os.listdir(root)) == ["images"]  # no .colmap-* work folder, no database, no sparse/

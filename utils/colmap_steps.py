@@ -1,113 +1,123 @@
-"""COLMAP's feature extraction and matching (pycolmap) in parts sized to take about a second each, so that a
-progress bar with the time left follows them: one call each said nothing for as long as they took (300 phone
-photos: 44850 pairs to match exhaustively, about 0.4 s each on 2 cores at 1600 pixels).
+"""COLMAP's long steps (pycolmap's feature extraction, matching and incremental mapping) behind progress bars,
+and stoppable: each was one call that said nothing for as long as it took (300 photos are 44850 pairs to match
+exhaustively, about 0.4 s each at 1600 pixels on 2 cores: hours) and that a Ctrl-C or a scheduler's SIGTERM could
+not stop cleanly.
 
-The pairs matched are COLMAP's own (its exhaustive and sequential pair generators, read before matching), and
-each part is matched by ``match_image_pairs`` with the same options, so the matches are those of one call.
-COLMAP's pair lists name images by name, split at spaces: a folder with such names is matched in one call, as
-before, without a progress bar.
-
-A stop (Ctrl-C, a scheduler's SIGTERM) is taken between two parts, a second or so after it came, so the script
-removes its work folder and says so; only inside the incremental mapping, one call of minutes,
-``sigterm_ends_at_once`` lets SIGTERM end the process at once (the next run removes the folder it left).
+``run_cancellable`` runs a step in a worker thread (pycolmap releases the GIL) with a cancellation token. The
+main thread reads the step's progress from the database every half second for the bar; at Ctrl-C or SIGTERM
+(raised in the main thread) it cancels the token, waits for COLMAP to stop, and lets the stop go on, so the
+script removes its work folder and says so. The calls are COLMAP's own, with their options: the results are
+those of one call, as before.
 """
 from __future__ import annotations
 
 import os
-import signal
+import sqlite3
 import threading
 import time
-from contextlib import contextmanager
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Optional
 
-SECONDS_PER_PART = 1.0  # what a part of the work aims to take: the bar moves about this often
-
-
-def in_timed_parts(items: Sequence, work: Callable[[Sequence], None], bar, first: int = 4, most: int = 4096) -> None:
-    """Run ``work`` on consecutive parts of ``items``, each sized from the last one's rate to take about
-    ``SECONDS_PER_PART`` (at most 4 times the last size, so one slow item does not start a huge part), and advance
-    the tqdm ``bar`` by each part's length."""
-    done, size = 0, first
-    while done < len(items):
-        part = items[done:done + size]
-        start = time.monotonic()
-        work(part)
-        elapsed = time.monotonic() - start
-        done += len(part)
-        bar.update(len(part))
-        size = int(min(max(size * SECONDS_PER_PART / max(elapsed, 1e-3), 1), 4 * size, most))
+POLL_S = 0.5  # how often the bar reads the database, and how soon a stop is seen
 
 
-def extract_features(db: str, image_dir: str, names: List[str], shared_camera: bool, reader, extraction) -> None:
-    """SIFT features of ``names`` into the database ``db``, with a progress bar. One camera for all images when
-    ``shared_camera``: the one the first part made, given to the next parts as their existing camera."""
-    import pycolmap
-    from tqdm import tqdm
+def run_cancellable(step: Callable, progress: Optional[Callable[[], int]] = None, bar=None):
+    """``step(token)`` (a pycolmap call given ``cancellation_token=token``) in a worker thread; returns its result
+    or raises its error. Every ``POLL_S`` the tqdm ``bar`` is set to ``progress()``. An exception in the main
+    thread while waiting (KeyboardInterrupt, utils.stops.Terminated) cancels the token and is raised once the
+    step has returned."""
+    from datasets.colmap_model import import_pycolmap
 
-    mode = pycolmap.CameraMode.SINGLE if shared_camera else pycolmap.CameraMode.PER_IMAGE
+    token = import_pycolmap().CancellationToken()  # the import keeps the process's SIGTERM handler
+    outcome = {}
+    threads_before = native_threads()
+    go, abandoned = threading.Event(), threading.Event()  # the step starts once the main thread waits for it
+    finished = threading.Event()  # not Thread.join: interrupted by a signal, Python 3.11's marks the thread ended
 
-    def extract(part):
-        pycolmap.extract_features(db, image_dir, image_names=list(part), camera_mode=mode, reader_options=reader,
-                                  extraction_options=extraction, device=pycolmap.Device.auto)
-        if shared_camera and reader.existing_camera_id < 0:
-            with pycolmap.Database.open(db) as database:
-                reader.existing_camera_id = database.read_all_cameras()[0].camera_id
+    def work():
+        go.wait()
+        try:
+            if not abandoned.is_set():
+                outcome["result"] = step(token)
+        except BaseException as err:  # said in the main thread
+            outcome["error"] = err
+        finally:
+            finished.set()
 
-    with tqdm(total=len(names), desc="[1/3] SIFT features", unit="img") as bar:
-        in_timed_parts(names, extract, bar, first=2)
-
-
-def colmap_pairs(db: str, sequential_overlap: int | None) -> List[Tuple[str, str]]:
-    """The image pairs (by name) COLMAP's sequential matcher (``sequential_overlap`` neighbours, quadratic) or,
-    with None, its exhaustive matcher would match, in its order."""
-    import pycolmap
-
-    with pycolmap.Database.open(db) as database:
-        name_of = {image.image_id: image.name for image in database.read_all_images()}
-        if sequential_overlap is None:
-            generator = pycolmap.ExhaustivePairGenerator(pycolmap.ExhaustivePairingOptions(), database)
-        else:
-            options = pycolmap.SequentialPairingOptions()
-            options.overlap = sequential_overlap
-            options.quadratic_overlap = True
-            generator = pycolmap.SequentialPairGenerator(options, database)
-        return [(name_of[a], name_of[b]) for a, b in generator.all_pairs()]
-
-
-def match_pairs(db: str, pairs: List[Tuple[str, str]], work_dir: str, desc: str, **match_options) -> None:
-    """Match and verify ``pairs`` of image names, with a progress bar; ``match_options`` are
-    ``pycolmap.match_image_pairs``'s (matching, verification, device)."""
-    import pycolmap
-    from tqdm import tqdm
-
-    pair_file = os.path.join(work_dir, "pairs.txt")
-    pairing = pycolmap.ImportedPairingOptions()
-    pairing.match_list_path = pair_file
-
-    def match(part):
-        with open(pair_file, "w") as f:
-            f.writelines(f"{a} {b}\n" for a, b in part)
-        pycolmap.match_image_pairs(db, pairing_options=pairing, **match_options)
-
-    with tqdm(total=len(pairs), desc=desc, unit="pair") as bar:
-        in_timed_parts(pairs, match, bar, first=8)
-    os.remove(pair_file)
-
-
-def listable(names: List[str]) -> bool:
-    """Whether COLMAP's pair lists can name these images (no whitespace in a name)."""
-    return not any(len(name.split()) != 1 for name in names)
-
-
-@contextmanager
-def sigterm_ends_at_once():
-    """SIGTERM's default action (the process ends at once) inside one long COLMAP call, where a Python handler
-    would wait for the call to return, minutes on; the handler before is put back after it."""
-    if threading.current_thread() is not threading.main_thread():  # signal.signal refuses other threads
-        yield
-        return
-    before = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    worker = threading.Thread(target=work, name="colmap", daemon=True)
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, before)
+        worker.start()
+        go.set()
+        while not finished.wait(POLL_S):  # a signal's handler runs here, in the main thread
+            show_progress(progress, bar)
+        show_progress(progress, bar)
+    except BaseException:
+        token.cancel()
+        if not go.is_set():  # stopped before the step began: it never will
+            abandoned.set()
+            go.set()
+            raise
+        finished.wait()
+        # COLMAP's own threads end a moment after the call returns, releasing Python objects (the callbacks): an
+        # interpreter that finishes first aborts them (status 134, a stack dump)
+        wait_for_native_threads(threads_before)
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("result")
+
+
+def show_progress(progress: Optional[Callable[[], int]], bar) -> None:
+    """Move the tqdm ``bar`` up to ``progress()`` (never back, never past its total)."""
+    if progress is not None and bar is not None:
+        done = progress()
+        if done > bar.n:
+            bar.update(min(done, bar.total or done) - bar.n)
+
+
+def native_threads() -> Optional[int]:
+    """How many threads the process has, Python's and native ones (Linux's /proc); None where it cannot tell."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return None
+
+
+def wait_for_native_threads(count: Optional[int], timeout: float = 5.0) -> None:
+    """Wait until the process is back to ``count`` threads (at most ``timeout`` seconds; 1 s where the count is
+    unknown)."""
+    deadline = time.monotonic() + timeout
+    if count is None or native_threads() is None:
+        time.sleep(1.0)
+        return
+    while native_threads() > count and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def rows_in(db: str, table: str) -> Callable[[], int]:
+    """A progress reader: how many rows ``table`` of the COLMAP database ``db`` holds (0 while it cannot be
+    read: not created yet, or locked by COLMAP's write under way)."""
+    def count() -> int:
+        if not os.path.isfile(db):
+            return 0
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.05) as connection:
+                return int(connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
+        except sqlite3.Error:
+            return 0
+    return count
+
+
+def sequential_pairs(db: str, overlap: int) -> int:
+    """How many pairs COLMAP's sequential matcher (``overlap`` neighbours, quadratic) matches: the bar's total."""
+    import pycolmap
+
+    options = pycolmap.SequentialPairingOptions()
+    options.overlap = overlap
+    options.quadratic_overlap = True
+    with pycolmap.Database.open(db) as database:
+        return len(pycolmap.SequentialPairGenerator(options, database).all_pairs())
+
+
+def listable(names) -> bool:
+    """Whether COLMAP's pair lists (``match_image_pairs``) can name these images: it splits lines at spaces."""
+    return not any(len(name.split()) != 1 for name in names)
