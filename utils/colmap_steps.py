@@ -15,6 +15,7 @@ import os
 import sqlite3
 import threading
 import time
+from contextlib import closing
 from typing import Callable, Optional
 
 POLL_S = 0.5  # how often the bar reads the database, and how soon a stop is seen
@@ -100,7 +101,7 @@ def rows_in(db: str, table: str) -> Callable[[], int]:
         if not os.path.isfile(db):
             return 0
         try:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.05) as connection:
+            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.05)) as connection:
                 return int(connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
         except sqlite3.Error:
             return 0
@@ -109,8 +110,9 @@ def rows_in(db: str, table: str) -> Callable[[], int]:
 
 def sequential_pairs(db: str, overlap: int) -> int:
     """How many pairs COLMAP's sequential matcher (``overlap`` neighbours, quadratic) matches: the bar's total."""
-    import pycolmap
+    from datasets.colmap_model import import_pycolmap
 
+    pycolmap = import_pycolmap()
     options = pycolmap.SequentialPairingOptions()
     options.overlap = overlap
     options.quadratic_overlap = True
