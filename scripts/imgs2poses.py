@@ -261,7 +261,10 @@ def loop_pairs(image_dir: str, names: list[str], overlap: int, per_image: int = 
     """
     import imageio.v2 as imageio
 
-    sig = np.stack([colour_signature(imageio.imread(os.path.join(image_dir, n))) for n in names])
+    from datasets.images import reading
+
+    sig = np.stack([colour_signature(imageio.imread(os.path.join(image_dir, n)))
+                    for n in reading(names, "frames' signatures for loop closing")])
     sim = sig @ sig.T
     threshold = relative * float(np.median(np.diagonal(sim, 1)))
     pairs = set()
