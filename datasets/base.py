@@ -69,12 +69,16 @@ def other_layout_hint(root: str, loader: str) -> str:
     """The sentence that ends a "not a scene" error of the ``loader`` (a ``dataset.name``) when ``root`` is a scene
     of another loader's layout (a DTU folder given to a COLMAP config, a Blender scene to a DTU one): what it is and
     the configs that read it; "" when it is none of them."""
-    for name, (what, holds) in SCENE_LAYOUTS.items():
-        if name != loader and os.path.isdir(root) and holds(root):
-            configs = configs_reading(name)
-            others = f" (or {', '.join(configs[1:])})" if configs[1:] else ""
-            run_it = f": run it with --config {configs[0]}{others}" if configs else f" (dataset.name={name})"
-            return f" {root} is {what}{run_it}."
+    parent = os.path.dirname(os.path.normpath(root))
+    for folder, inside in ((root, False), (parent, True)):  # the scene, or a folder of it (its image/, train/)
+        for name, (what, holds) in SCENE_LAYOUTS.items():
+            if name != loader and folder and os.path.isdir(folder) and holds(folder):
+                configs = configs_reading(name)
+                others = f" (or {', '.join(configs[1:])})" if configs[1:] else ""
+                given = f" dataset.root_dir={folder}" if inside else ""
+                run_it = f": run it with --config {configs[0]}{given}{others}" if configs else f" (dataset.name={name})"
+                return f" {root} lies inside {folder}, which is {what}{run_it}." if inside else \
+                    f" {root} is {what}{run_it}."
     return ""
 
 

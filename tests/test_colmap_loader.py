@@ -247,6 +247,11 @@ def test_a_scene_of_another_layout_names_the_configs_that_read_it(tmp_path):
         load_blender_split(OmegaConf.create({"root_dir": str(colmap)}), "train")
     with pytest.raises(DatasetError, match=r"NeuS/IDR \(DTU-format\) scene"):  # the data module's check of splits
         datasets.make("blender", OmegaConf.create({"root_dir": str(dtu)}))
+    # a folder of such a scene (a DTU scan's image/): the scene folder is named, to give as dataset.root_dir
+    with pytest.raises(DatasetError, match=rf"{dtu}/image lies inside {dtu}, which is a NeuS/IDR \(DTU-format\) scene "
+                                           rf".*: run it with --config configs/neus-dtu.yaml dataset.root_dir={dtu} "
+                                           r"\(or "):
+        load(dtu / "image").split("train")
     (dtu / "cameras_sphere.npz").unlink()  # a folder of none of them: the advice of before
     with pytest.raises(DatasetError, match=rf"sparse/0/cameras.bin\|txt\); run python scripts/imgs2poses.py {dtu} "
                                            r"first\.$"):
