@@ -71,10 +71,12 @@ def mask_for_image(mask: np.ndarray, image_hw: Tuple[int, int], path: str, quart
 
 
 def missing_root_message(root: str, layout: str, demo: str = "nerf-demo") -> str:
-    """``demo``: the demo config in this loader's format (neus-demo is a DTU-format scene)."""
+    """``demo``: the demo config in this loader's format (neus-demo is a DTU-format scene). The other loaders,
+    which NeuS configs read too, name neus-demo beside nerf-demo: a NeuS user is not sent to a NeRF."""
     what = "is a file, not a folder" if os.path.isfile(root) else "does not exist"  # transforms.json, say
+    other = "" if demo == "neus-demo" else " (configs/neus-demo.yaml for NeuS)"
     return (f"Dataset folder '{root}' {what}. Put the scene there ({layout}) or set dataset.root_dir=..., "
-            f"or try the embedded demo: python launch.py --config configs/{demo}.yaml --train")
+            f"or try the embedded demo: python launch.py --config configs/{demo}.yaml --train{other}")
 
 
 def requested_size(config: Any) -> Tuple[int, int] | None:

@@ -72,7 +72,8 @@ def test_bad_inputs_are_one_clear_sentence(scene_dir, tmp_path):
     (lego.parent / "ship" / "transforms_train.json").write_text("{}")
     with pytest.raises(DatasetError, match=r"holds 2 scenes \(lego, ship\): give one, e.g. dataset.root_dir="):
         load_blender_split(cfg(str(lego.parent)), "train")
-    with pytest.raises(DatasetError, match="does not exist.*demo"):
+    with pytest.raises(DatasetError, match=r"does not exist.*configs/nerf-demo.yaml --train \(configs/neus-demo.yaml "
+                                           r"for NeuS\)$"):
         load_blender_split(cfg(str(tmp_path / "nope")), "train")
     with pytest.raises(DatasetError, match="aspect"):
         load_blender_split(cfg(root, img_wh=[40, 40]), "train")
