@@ -78,6 +78,38 @@ def test_dtu_protocol_counts_observed_points_within_the_outlier_distance():
     assert d["completeness"] == pytest.approx(0.5)
 
 
+def test_dtu_scoring_shows_progress_and_chunked_queries_change_no_figure(capsys, monkeypatch):
+    """The DTU score of a real scan can take minutes (400k ground-truth points inside a background shell: 43 s
+    on 2 cores) with nothing shown. Its nearest-point queries now run in chunks behind a bar that appears after
+    PROGRESS_DELAY_S (0 here); the distances are those of one query."""
+    import utils.mesh_metrics as mm
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(0)
+    gt, pred = rng.normal(size=(3000, 3)) * 5, rng.normal(size=(2000, 3)) * 5
+    mask, bounds, plane = np.ones((41, 41, 41), bool), np.array([[-20.0] * 3, [20.0] * 3]), np.array([0, 0, 1, 30.0])
+    whole = dtu_protocol(pred, gt, mask, bounds, 1.0, plane, max_dist=1.0)
+    assert "DTU distances" not in capsys.readouterr().err  # quick: no bar
+    monkeypatch.setattr(mm, "PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setattr(mm, "QUERY_CHUNK", 700)
+    chunked = dtu_protocol(pred, gt, mask, bounds, 1.0, plane, max_dist=1.0)
+    shown = capsys.readouterr().err
+    assert "DTU distances:   0%|          | 0.00/5.00k" in shown, shown  # 2000 predicted + 3000 ground truth
+    assert chunked == whole
+    d_ref = cKDTree(gt).query(pred, distance_upper_bound=1.0)[0]
+    assert whole["accuracy"] == pytest.approx(d_ref[d_ref < 1.0].mean(), rel=1e-12)
+
+    class Counted:
+        steps = []
+
+        def update(self, n):
+            self.steps.append(n)
+
+    bar = Counted()
+    assert np.array_equal(mm.nearest_distances(mm.nearest_tree(gt), pred, bar), cKDTree(gt).query(pred)[0])
+    assert bar.steps == [700, 700, 600]
+
+
 def test_scene_protocol_fscore_and_cropping(tmp_path):
     sphere(1.0, np.zeros(3)).export(tmp_path / "gt.obj")
     sphere(1.02, np.zeros(3)).export(tmp_path / "pred.obj")

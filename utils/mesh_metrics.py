@@ -30,10 +30,34 @@ def nearest_tree(points: np.ndarray) -> cKDTree:
     return cKDTree(points, balanced_tree=False, compact_nodes=False)
 
 
+PROGRESS_DELAY_S = 2.0  # scoring shows a bar once it has taken this long (a DTU scan's worst case: minutes)
+QUERY_CHUNK = 65536  # points per nearest-neighbour query between two redraws of the bar
+
+
+def distances_bar(total: int, what: str):
+    """A tqdm bar over ``total`` query points that appears only when scoring takes a while; use it as a context."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="pt", unit_scale=True, leave=False, delay=PROGRESS_DELAY_S)
+
+
+def nearest_distances(tree: cKDTree, points: np.ndarray, bar=None, max_dist: float = np.inf) -> np.ndarray:
+    """points (P, 3) -> (P,) distance to the tree's nearest point (inf where none lies nearer than max_dist),
+    queried in chunks of QUERY_CHUNK that advance ``bar`` (a ``distances_bar``)."""
+    out = np.empty(len(points))
+    for start in range(0, len(points), QUERY_CHUNK):
+        part = points[start:start + QUERY_CHUNK]
+        out[start:start + len(part)] = tree.query(part, workers=-1, distance_upper_bound=max_dist)[0]
+        if bar is not None:
+            bar.update(len(part))
+    return out
+
+
 def surface_distances(pred: np.ndarray, gt: np.ndarray, threshold: float | None = None) -> Dict[str, float]:
     """pred (N, 3), gt (M, 3) surface samples -> accuracy, completeness, chamfer (+ precision, recall, fscore)."""
-    d_pred = nearest_tree(gt).query(pred, workers=-1)[0]
-    d_gt = nearest_tree(pred).query(gt, workers=-1)[0]
+    with distances_bar(len(pred) + len(gt), "surface distances") as bar:
+        d_pred = nearest_distances(nearest_tree(gt), pred, bar)
+        d_gt = nearest_distances(nearest_tree(pred), gt, bar)
     out = {"accuracy": float(d_pred.mean()), "completeness": float(d_gt.mean())}
     out["chamfer"] = 0.5 * (out["accuracy"] + out["completeness"])
     if threshold is not None:
@@ -94,8 +118,9 @@ def dtu_protocol(pred_points: np.ndarray, gt_points: np.ndarray, obs_mask: np.nd
     if len(pred_obs) == 0:
         raise ValueError("no predicted point lies inside the observation mask: is the mesh in the DTU world frame?")
     # a search never looks past max_dist: a point with no neighbour nearer is an outlier (inf) either way
-    d_pred = nearest_tree(gt_points).query(pred_obs, workers=-1, distance_upper_bound=max_dist)[0]
-    d_gt = nearest_tree(pred_near).query(gt_above, workers=-1, distance_upper_bound=max_dist)[0]
+    with distances_bar(len(pred_obs) + len(gt_above), "DTU distances") as bar:
+        d_pred = nearest_distances(nearest_tree(gt_points), pred_obs, bar, max_dist)
+        d_gt = nearest_distances(nearest_tree(pred_near), gt_above, bar, max_dist)
     accuracy = float(d_pred[d_pred < max_dist].mean()) if np.any(d_pred < max_dist) else float("inf")
     completeness = float(d_gt[d_gt < max_dist].mean()) if np.any(d_gt < max_dist) else float("inf")
     return {"accuracy": accuracy, "completeness": completeness, "chamfer": 0.5 * (accuracy + completeness),
