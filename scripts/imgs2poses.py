@@ -309,21 +309,15 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
         pairing = pycolmap.SequentialPairingOptions()
         pairing.overlap = overlap
         pairing.quadratic_overlap = True
-        # COLMAP's pair lists split names at spaces; frames taken from a video have none
-        loops = loop_pairs(image_dir, names, overlap) if colmap_steps.listable(names) else []
+        loops = loop_pairs(image_dir, names, overlap)
         total = colmap_steps.sequential_pairs(db, overlap) + len(loops)
         desc = f"[2/3] sequential matching (overlap {overlap}, {len(loops)} loop-closing pairs)"
         with tqdm(total=total, desc=desc, unit="pair") as bar:
             colmap_steps.run_cancellable(lambda token: pycolmap.match_sequential(
                 db, pairing_options=pairing, cancellation_token=token, **match_options), matched, bar)
             if loops:
-                pair_file = os.path.join(work, "loop_pairs.txt")
-                with open(pair_file, "w") as f:
-                    f.writelines(f"{a} {b}\n" for a, b in loops)
-                imported = pycolmap.ImportedPairingOptions()
-                imported.match_list_path = pair_file
-                colmap_steps.run_cancellable(lambda token: pycolmap.match_image_pairs(
-                    db, pairing_options=imported, cancellation_token=token, **match_options), matched, bar)
+                colmap_steps.match_listed_pairs(db, loops, os.path.join(work, "loop_pairs.txt"), match_options,
+                                                matched, bar)
             bar.update(bar.total - bar.n)  # a loop pair that is also a neighbour is matched once
     else:
         with tqdm(total=len(names) * (len(names) - 1) // 2, desc="[2/3] exhaustive matching", unit="pair") as bar:

@@ -495,6 +495,30 @@ def test_colmap_steps_show_progress_and_take_names_with_spaces(tmp_path, capsys,
     assert model.num_reg_images() == 10 and "IMG_0000 2.png" in {image.name for image in model.images.values()}
 
 
+@pytest.mark.slow
+def test_loop_closing_pairs_are_matched_for_names_with_spaces(tmp_path, capsys, monkeypatch):
+    """COLMAP's pair lists split lines at spaces, so photos named as a Mac names copies ("IMG 0003.png") matched
+    sequentially got no loop-closing pairs at all. Such images now go into the list under aliases the database
+    holds while they are matched, and get their names back."""
+    import pycolmap
+
+    root = tmp_path / "photos"
+    (root / "images").mkdir(parents=True)
+    scene = TexturedDemoScene()
+    for k, cam in enumerate(handheld_orbit(64, 256, 192, seed=1)[:8]):
+        write_image(str(root / "images" / f"IMG {k:04d}.png"), render(scene, cam))
+    loop = ("IMG 0000.png", "IMG 0003.png")  # 3 frames apart: not a neighbour at --overlap 2
+    monkeypatch.setattr(imgs2poses, "loop_pairs", lambda image_dir, names, overlap: [loop])
+    assert imgs2poses.main([str(root), "--matcher", "sequential", "--overlap", "2", "--threads", "1"]) == 0
+    assert "(overlap 2, 1 loop-closing pairs)" in capsys.readouterr().err
+    with pycolmap.Database.open(str(root / "database.db")) as database:
+        ids = {image.name: image.image_id for image in database.read_all_images()}
+        assert sorted(ids) == [f"IMG {k:04d}.png" for k in range(8)]
+        pairs, inliers = database.read_two_view_geometry_num_inliers()
+        found = {tuple(sorted(p)): n for p, n in zip(map(pycolmap.pair_id_to_image_pair, pairs), inliers)}
+    assert found.get(tuple(sorted((ids[loop[0]], ids[loop[1]]))), 0) >= 30, found
+
+
 def test_a_stop_while_colmap_runs_cancels_it_and_waits_for_it():
     """run_cancellable: SIGTERM (or Ctrl-C) in the main thread cancels the step's token, and the stop goes on
     only once the step has returned; the step's own error and its result come back as they are."""

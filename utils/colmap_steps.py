@@ -15,7 +15,7 @@ import os
 import sqlite3
 import threading
 import time
-from contextlib import closing
+from contextlib import closing, contextmanager
 from typing import Callable, Optional
 
 POLL_S = 0.5  # how often the bar reads the database, and how soon a stop is seen
@@ -120,6 +120,55 @@ def sequential_pairs(db: str, overlap: int) -> int:
         return len(pycolmap.SequentialPairGenerator(options, database).all_pairs())
 
 
-def listable(names) -> bool:
-    """Whether COLMAP's pair lists (``match_image_pairs``) can name these images: it splits lines at spaces."""
-    return not any(len(name.split()) != 1 for name in names)
+def listable(name: str) -> bool:
+    """Whether a line of COLMAP's pair lists (``match_image_pairs``) can hold this image name: it splits at spaces
+    and trims what it reads."""
+    return len(name.split()) == 1 and name == name.strip()
+
+
+@contextmanager
+def listed_names(db: str):
+    """A name for each image of the database ``db`` that a pair list can hold: as it is, or, for a name with a
+    space (a copy a Mac made, "IMG_0001 2.jpg"), an alias the database holds until the block ends, when the
+    images get their own names back."""
+    from datasets.colmap_model import import_pycolmap
+
+    pycolmap = import_pycolmap()
+
+    def rename(renamed: dict) -> None:
+        with pycolmap.Database.open(db) as database:
+            for image in database.read_all_images():
+                if image.name in renamed:
+                    image.name = renamed[image.name]
+                    database.update_image(image)
+
+    with pycolmap.Database.open(db) as database:
+        ids = {image.name: image.image_id for image in database.read_all_images()}
+    aliases = {}
+    for name, image_id in ids.items():
+        if not listable(name):
+            alias = f"image-{image_id}"
+            while alias in ids or alias in aliases.values():
+                alias += "_"
+            aliases[name] = alias
+    rename(aliases)
+    try:
+        yield {name: aliases.get(name, name) for name in ids}
+    finally:
+        rename({alias: name for name, alias in aliases.items()})
+
+
+def match_listed_pairs(db: str, pairs, list_path: str, match_options: dict, progress=None, bar=None) -> None:
+    """COLMAP's matching and geometric verification of the image ``pairs`` ((name, name), ...), listed in the
+    file ``list_path``, stoppable and behind ``bar`` as ``run_cancellable``; any image name will do."""
+    from datasets.colmap_model import import_pycolmap
+
+    pycolmap = import_pycolmap()
+    with listed_names(db) as listed:
+        with open(list_path, "w") as f:
+            f.writelines(f"{listed[a]} {listed[b]}\n" for a, b in pairs)
+        imported = pycolmap.ImportedPairingOptions()
+        imported.match_list_path = list_path
+        run_cancellable(lambda token: pycolmap.match_image_pairs(db, pairing_options=imported,
+                                                                 cancellation_token=token, **match_options),
+                        progress, bar)
