@@ -8,6 +8,7 @@ training saw.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any, Dict, List
 
@@ -110,7 +111,7 @@ class BaseSystem(pl.LightningModule):
             self.check_loss_weights(config.system.get("loss", {}))
 
     def check_loss_weights(self, loss_cfg: Any) -> None:
-        """Every weight is a number or a schedule, none negative (that would reward its loss); warn once about
+        """Every weight is a finite number or schedule, none negative (that would reward its loss); warn once about
         non-zero weights of losses this system does not have (an instant-nsr-pl YAML may carry some), rather
         than silently training without them."""
         for key, value in loss_cfg.items():
@@ -121,6 +122,9 @@ class BaseSystem(pl.LightningModule):
             except ConfigError:
                 raise ConfigError(f"system.loss.{key} = {to_primitive(value)!r} must be a number or "
                                   "[start_step, start_value, end_value, end_step].") from None
+            if not all(math.isfinite(v) for v in values):  # nan dropped NeuS's term and made NeRF's loss nan
+                raise ConfigError(f"system.loss.{key} = {to_primitive(value)} is not a finite number; give a weight "
+                                  ">= 0 (0 switches a loss off).")
             if min(values) < 0:
                 raise ConfigError(f"system.loss.{key} = {to_primitive(value)} is negative, which would reward "
                                   "that loss instead of penalising it; 0 switches a loss off.")

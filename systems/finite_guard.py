@@ -24,11 +24,14 @@ from utils.distributed import largest_across_devices, on_several_devices
 
 class NonFiniteLossError(RuntimeError):
     """``losses``: this process's loss terms at ``step``; None when the loss was not finite on another device of
-    a run on several (whose own error names its terms)."""
+    a run on several (whose own error names its terms). ``weights``: the terms' weights at that step, named too:
+    a finite term times an overflowing weight (1e39 in fp32) is what made the loss infinite."""
 
-    def __init__(self, step: int, losses: Optional[Dict[str, float]]):
+    def __init__(self, step: int, losses: Optional[Dict[str, float]], weights: Optional[Dict[str, float]] = None):
         self.step = step
-        bad = "on another device" if losses is None else ", ".join(f"{k}={v}" for k, v in losses.items())
+        weights = weights or {}
+        bad = "on another device" if losses is None else ", ".join(
+            f"{k}={v:.4g}" + (f" (weight {weights[k]:.4g})" if k in weights else "") for k, v in losses.items())
         super().__init__(f"The training loss is not finite at step {step} ({bad}).")
 
 
@@ -50,7 +53,8 @@ class FiniteLossGuard:
 
     def __init__(self):
         self.flag: Optional[torch.Tensor] = None  # 0-d float32 on the device: 1 once a loss was not finite
-        self.recorded: List[Tuple[int, torch.Tensor, Dict[str, torch.Tensor]]] = []  # since the last check
+        self.recorded: List[Tuple[int, torch.Tensor, Dict[str, torch.Tensor], Dict[str, float]]] = []  # since the
+        # last check: (step, loss, terms, their weights)
         self._scaler_flag: Optional[torch.Tensor] = None
         # the step the first non-finite loss was found at, once it was: the weights had their last update before
         # it (the deferred check finds it up to PROGRESS_EVERY steps later, the optimiser skipping in between)
@@ -80,8 +84,11 @@ class FiniteLossGuard:
             optimizer.found_inf = self._scaler_flag
         self._scaler_flag = None
 
-    def record(self, step: int, loss: torch.Tensor, terms: Dict[str, torch.Tensor]) -> None:
-        """This step's loss and its terms (kept as device tensors; read only if something went wrong)."""
+    def record(self, step: int, loss: torch.Tensor, terms: Dict[str, torch.Tensor],
+               weights: Optional[Dict[str, float]] = None) -> None:
+        """This step's loss and its terms (kept as device tensors; read only if something went wrong), with the
+        terms' weights (host floats)."""
+        weights = dict(weights or {})
         loss = loss.detach()
         terms = {k: v.detach() for k, v in terms.items()}
         if self.deferred:
@@ -90,17 +97,17 @@ class FiniteLossGuard:
             # gradients: every device's optimiser skips (the weights stay the same everywhere), every check finds it.
             # Here, inside the step's closure: the optimiser reads the flag after it, the pre-step hook before it
             largest_across_devices(self.flag)
-            self.recorded.append((step, loss, terms))
+            self.recorded.append((step, loss, terms, weights))
         else:
-            self.recorded = [(step, loss, terms)]
+            self.recorded = [(step, loss, terms, weights)]
 
     def check_now(self) -> None:
         """Immediate mode, before the optimiser step (after the backward is queued): read this step's loss."""
         if not self.deferred and self.recorded:
-            step, loss, terms = self.recorded.pop()
+            step, loss, terms, weights = self.recorded.pop()
             here = torch.isfinite(loss).logical_not().float()
             if float(largest_across_devices(here.clone())):  # every device stops at the same step
-                self._stop(step, {k: float(v) for k, v in terms.items()} if here else None)
+                self._stop(step, {k: float(v) for k, v in terms.items()} if here else None, weights)
 
     def check(self, flag_value: Optional[float] = None) -> None:
         """Deferred mode: raise for the first non-finite loss recorded since the last check. ``flag_value``
@@ -112,14 +119,16 @@ class FiniteLossGuard:
         recorded, self.recorded = self.recorded, []
         if not flag_value:
             return
-        first = next(((step, terms) for step, loss, terms in recorded if not torch.isfinite(loss)), None)
+        first = next(((step, terms, weights) for step, loss, terms, weights in recorded
+                      if not torch.isfinite(loss)), None)
         step = first[0] if first else NEVER
         if on_several_devices():  # the flag is every device's: the first step any device's loss was not finite
             step = -int(largest_across_devices(torch.tensor(-step, device=self.flag.device)))
         if step == NEVER:  # the flag is sticky and every step since the last clean check is recorded: not reached
             step = recorded[0][0] if recorded else -1
-        self._stop(step, {k: float(v) for k, v in first[1].items()} if first and first[0] == step else None)
+        here = first is not None and first[0] == step
+        self._stop(step, {k: float(v) for k, v in first[1].items()} if here else None, first[2] if here else None)
 
-    def _stop(self, step: int, losses: Optional[Dict[str, float]]) -> None:
+    def _stop(self, step: int, losses: Optional[Dict[str, float]], weights: Optional[Dict[str, float]]) -> None:
         self.weights_step = step
-        raise NonFiniteLossError(step, losses)
+        raise NonFiniteLossError(step, losses, weights)

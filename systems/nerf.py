@@ -33,16 +33,19 @@ class NeRFSystem(BaseSystem):
         raise ConfigError(f"model.background_color must be white, black or random, not '{kind}'.")
 
     def losses(self, out, rays, rgb):
-        """(total loss, {name: term}) of one step: smooth-L1 colour on rays that hit something, distortion."""
+        """(total loss, {name: term}, {name: its weight}) of one step: smooth-L1 colour on rays that hit
+        something, distortion."""
         loss_cfg = self.config.system.loss
         valid = out["rays_valid"][:, 0]
         terms = {"rgb": masked_mean(F.smooth_l1_loss(out["comp_rgb"], rgb, reduction="none"), valid)}
-        loss = terms["rgb"] * self.C(loss_cfg.lambda_rgb)
+        weights = {"rgb": self.C(loss_cfg.lambda_rgb)}
+        loss = terms["rgb"] * weights["rgb"]
         if self.C(loss_cfg.get("lambda_distortion", 0.0)) > 0:
             terms["distortion"] = distortion_loss(out["weights"], out["t_starts"], out["t_ends"], out["ray_indices"],
                                                   len(rgb))
-            loss = loss + terms["distortion"] * self.C(loss_cfg.lambda_distortion)
-        return loss, terms
+            weights["distortion"] = self.C(loss_cfg.lambda_distortion)
+            loss = loss + terms["distortion"] * weights["distortion"]
+        return loss, terms, weights
 
     def training_step(self, batch, batch_idx):
         data = self.data("train")
@@ -63,8 +66,8 @@ class NeRFSystem(BaseSystem):
             self.train_num_rays = max(1, min(int(self.train_num_rays * 0.9 + wanted * 0.1),
                                              int(self.config.model.max_train_num_rays)))
 
-        loss, terms = self.losses(out, rays, rgb)
-        self.loss_guard.record(self.global_step, loss, terms)  # stops training at a non-finite loss
+        loss, terms, weights = self.losses(out, rays, rgb)
+        self.loss_guard.record(self.global_step, loss, terms, weights)  # stops training at a non-finite loss
         self.log("train/loss", loss)  # no prog_bar: see show_on_progress_bar
         self.show_on_progress_bar(loss=loss.detach(), rays=self.train_num_rays)
         if self.is_logging_step:  # the rest only when Lightning writes logs: each self.log costs host time

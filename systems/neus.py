@@ -37,6 +37,7 @@ class NeuSSystem(NeRFSystem):
             log.warning("system.loss.lambda_mask is set but the dataset has no masks: the mask loss is off.")
 
     def losses(self, out, rays, rgb):
+        """(total loss, {name: term}, {name: its weight}) of one step: the terms whose weight is above 0 now."""
         loss_cfg = self.config.system.loss
         n_rays = len(rgb)
         valid = out["rays_valid_full"][:, 0]
@@ -68,4 +69,4 @@ class NeuSSystem(NeRFSystem):
         self.show_on_progress_bar(inv_s=self.model.variance.inv_s.detach())
         if self.is_logging_step:
             self.log("train/inv_s", self.model.variance.inv_s.detach())
-        return loss, terms
+        return loss, terms, weights

@@ -64,6 +64,10 @@ def test_loss_weights_are_checked_at_start_up_not_mid_training():
         neus_system("system.loss.lambda_eikonal=-0.1")
     with pytest.raises(ConfigError, match=r"lambda_mask = \[0, 0.0, -1.0, 100\] is negative"):
         neus_system("system.loss.lambda_mask=[0,0.0,-1.0,100]")  # a schedule's end counts too
+    with pytest.raises(ConfigError, match=r"system.loss.lambda_eikonal = nan is not a finite number; give a "):
+        neus_system("system.loss.lambda_eikonal=.nan")  # NeuS dropped the term (nan > 0 is false); NeRF's loss was nan
+    with pytest.raises(ConfigError, match=r"lambda_mask = \[0, 0.1, inf, 100\] is not a finite number"):
+        neus_system("system.loss.lambda_mask=[0,0.1,.inf,100]")
     with pytest.raises(ConfigError, match=r"system.loss.lambda_rgb_l1 = 'abc' must be a number or \[start_step, "):
         neus_system("system.loss.lambda_rgb_l1=abc")  # used to fail at the first step, after the data had loaded
     with pytest.raises(ConfigError, match=r"model.cos_anneal_end must be a whole number >= 0, not -1"):
@@ -228,7 +232,7 @@ def test_a_step_whose_rays_all_miss_has_finite_zero_sample_losses():
     rays_d = torch.nn.functional.normalize(torch.ones(8, 3), dim=-1)
     out = system.model(rays_o, rays_d)
     assert out["sdf_grad_samples"].shape[0] == 0 and out["sdf_samples"].numel() == 0
-    loss, terms = system.losses(out, {"fg_mask": torch.zeros(8)}, torch.zeros(8, 3))
+    loss, terms, _ = system.losses(out, {"fg_mask": torch.zeros(8)}, torch.zeros(8, 3))
     assert {"eikonal", "sparsity", "curvature"} <= set(terms)
     assert all(float(terms[k]) == 0.0 for k in ("eikonal", "sparsity", "curvature"))
     assert torch.isfinite(loss)

@@ -31,8 +31,8 @@ sys.exit(launch.main(sys.argv[1:]))
 NAN_ON_RANK_1_AT_STEP_5 = """from systems.nerf import NeRFSystem
 finite_losses = NeRFSystem.losses
 def losses(self, *args):
-    loss, terms = finite_losses(self, *args)
-    return (loss * float("nan") if (self.global_rank, self.global_step) == (1, 5) else loss), terms
+    loss, terms, weights = finite_losses(self, *args)
+    return (loss * float("nan") if (self.global_rank, self.global_step) == (1, 5) else loss), terms, weights
 NeRFSystem.losses = losses
 """
 
