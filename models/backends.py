@@ -101,6 +101,11 @@ def triton_status(explicit: bool = False) -> tuple[bool, str]:
 _STATUS = {"tcnn": tcnn_status, "nerfacc": nerfacc_status, "triton": triton_status}
 
 
+# the config key that chooses each piece's backend, as errors name it
+OPTION = {"encoding": "xyz_encoding_config.backend", "network": "mlp_network_config.backend",
+          "rendering": "model.rendering_backend"}
+
+
 def resolve(piece: str, requested: str, fast, auto=None) -> str:
     """Backend to use for ``piece`` ('encoding', 'network', 'rendering').
 
@@ -112,7 +117,8 @@ def resolve(piece: str, requested: str, fast, auto=None) -> str:
     auto = fast if auto is None else ((auto,) if isinstance(auto, str) else tuple(auto))
     requested = (requested or "auto").lower()
     if requested not in ("auto", "torch", *fast):
-        raise ConfigError(f"Unknown backend '{requested}' for {piece}; choose auto, torch or {' or '.join(fast)}.")
+        raise ConfigError(f"Unknown backend '{requested}' for {piece} ({OPTION[piece]}); choose auto, torch or "
+                          f"{' or '.join(fast)}.")
     if requested == "torch":
         _announce(piece, f"{piece}: PyTorch backend (asked for)")
         return "torch"
@@ -123,8 +129,8 @@ def resolve(piece: str, requested: str, fast, auto=None) -> str:
             _announce(piece, f"{piece}: {name} backend ({reason})")
             return name
         if requested == name:
-            raise ConfigError(f"Backend '{name}' was asked for {piece} but is not usable: {reason}; use backend=auto "
-                              "or torch.")
+            raise ConfigError(f"Backend '{name}' was asked for {piece} but is not usable: {reason}; set "
+                              f"{OPTION[piece]}=auto or torch.")
         reasons.append(f"{name} unavailable: {reason}")
     _announce(piece, f"{piece}: PyTorch backend ({'; '.join(reasons)})")
     return "torch"
