@@ -129,6 +129,9 @@ def extract_frames(video: str, image_dir: str, fps: float, max_size: int) -> dic
     """Write the selected frames of ``video`` to ``image_dir`` (created whole or not at all)."""
     import imageio.v2 as imageio
 
+    if os.path.isdir(video):
+        raise CaptureError(f"--video {video} is a folder; give the video file (photos go in <root>/images, without "
+                           "--video).")
     if not os.path.isfile(video):
         raise CaptureError(f"Video {video} does not exist.")
     try:
@@ -401,6 +404,19 @@ def train_command(root: str) -> str:
 
 def run(args) -> dict:
     root = args.root
+    if os.path.isfile(root):  # the video (or a photo) given where the scene folder goes
+        import shlex
+
+        if os.path.splitext(root)[1] in IMAGE_EXTENSIONS:
+            holder = os.path.dirname(root) or "."
+            capture = capture_of_photos(holder)
+            raise CaptureError(f"{root} is a photo; give the scene folder, whose images/ holds the photos" + (
+                f": python scripts/imgs2poses.py {shlex.quote(capture)}" if capture != holder else "."))
+        stem = os.path.splitext(root)[0]
+        folder = stem if stem != root else f"{root}_scene"
+        raise CaptureError(f"{root} is a file, not a scene folder; give a folder for the scene (created if missing) "
+                           f"and the video with --video, e.g. python scripts/imgs2poses.py {shlex.quote(folder)} "
+                           f"--video {shlex.quote(args.video or root)}")
     image_dir = os.path.join(root, "images")
     if args.video:
         others = files_not_written_by(image_dir, lambda name: FRAME_NAME.fullmatch(name) is not None)

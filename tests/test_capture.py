@@ -240,6 +240,21 @@ def test_bad_inputs_are_one_sentence_and_leave_nothing(tmp_path, capsys):
     assert "Could not decode" in err and err.count("\n") == 1
     assert not (root / "images").exists() and not glob.glob(str(root / ".frames-*"))
 
+    # the video, a folder or a photo where the other goes: said for what it is (was "No images in broken.mp4/images"
+    # and "Video <folder> does not exist")
+    assert imgs2poses.main([str(bad_video)]) == 2
+    assert capsys.readouterr().err == (f"imgs2poses: {bad_video} is a file, not a scene folder; give a folder for the "
+                                       "scene (created if missing) and the video with --video, e.g. python "
+                                       f"scripts/imgs2poses.py {tmp_path / 'broken'} --video {bad_video}\n")
+    assert imgs2poses.main([str(root), "--video", str(tmp_path)]) == 2
+    assert f"--video {tmp_path} is a folder; give the video file" in capsys.readouterr().err
+    (tmp_path / "shot" / "images").mkdir(parents=True)
+    write_image(str(tmp_path / "shot" / "images" / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    assert imgs2poses.main([str(tmp_path / "shot" / "images" / "a.png")]) == 2
+    assert capsys.readouterr().err.endswith(f"is a photo; give the scene folder, whose images/ holds the photos: python "
+                                            f"scripts/imgs2poses.py {tmp_path / 'shot'}\n")
+    assert not root.exists() and not (tmp_path / "broken").exists()
+
     photos = tmp_path / "photos"  # the user's photos, then --video by mistake: refused, whatever their format
     (photos / "images").mkdir(parents=True)
     for name in ("IMG_0001.HEIC", "frame_00000.jpg", ".DS_Store"):
