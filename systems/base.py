@@ -259,12 +259,17 @@ class BaseSystem(pl.LightningModule):
 
     def eval_panels(self, out: Dict[str, torch.Tensor], data: SceneData, with_gt: bool, gt: torch.Tensor | None
                     ) -> List[np.ndarray]:
-        """uint8 panels of one image: [ground truth,] render, depth (jet), opacity."""
+        """uint8 panels of one image: [ground truth,] render, [normal,] depth (jet), opacity. The normal panel
+        (NeuS) shows the composited surface normal in the model's frame as colour, (n + 1) / 2, over white where
+        the ray meets nothing: the way instant-nsr-pl and NeuS users judge a surface before meshing it."""
         h, w = data.height, data.width
         rgb = to_uint8(out[self.rgb_key].view(h, w, 3).cpu().numpy())
         opacity = out["opacity"].view(h, w).cpu().numpy()
         depth = colorize_depth(out["depth"].view(h, w).cpu().numpy(), opacity)
         panels = [rgb, depth, to_uint8(opacity)]
+        if "comp_normal" in out:
+            normal = out["comp_normal"].view(h, w, 3).cpu().numpy() * 0.5 + 0.5
+            panels.insert(1, to_uint8(normal * opacity[..., None] + (1.0 - opacity[..., None])))
         if with_gt and gt is not None:
             panels.insert(0, to_uint8(gt.view(h, w, 3).cpu().numpy()))
         return panels

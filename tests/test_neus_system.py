@@ -353,3 +353,29 @@ def test_the_learning_rate_a_non_finite_loss_suggests_halves_each_configured_rat
     no_args = system_without("system.optimizer.args.lr", "system.optimizer.params.texture.lr")
     optimizer = make_optimizer(no_args.config.system.optimizer, no_args.model)  # texture: AdamW's default 0.001
     assert "+system.optimizer.args.lr=0.0005" in learning_rate_overrides(optimizer, no_args.config, 0.5)
+
+
+def test_neus_test_images_show_the_surface_normal_between_render_and_depth():
+    """instant-nsr-pl's NeuS images show the normal map, which is how a surface is judged before meshing; ours
+    showed render, depth and opacity only. The normal panel is (n + 1) / 2 over white by opacity."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    system = neus_system()
+    h, w = 2, 3
+    normal = torch.nn.functional.normalize(torch.tensor([[0.0, 0, 1], [1, 0, 0], [0, -1, 0], [0.6, 0.8, 0],
+                                                         [0, 0, -1], [1, 1, 1]]), dim=-1)
+    opacity = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.0, 1.0])[:, None]
+    out = {system.rgb_key: torch.full((6, 3), 0.25), "opacity": opacity, "depth": torch.linspace(1, 2, 6)[:, None],
+           "comp_normal": normal}
+    panels = system.eval_panels(out, SimpleNamespace(height=h, width=w), True, torch.zeros(6, 3))
+    assert len(panels) == 5  # ground truth | render | normal | depth | opacity
+    shown = panels[2].reshape(-1, 3).astype(int)
+    expected = np.round(255 * ((normal.numpy() * 0.5 + 0.5) * opacity.numpy() + 1 - opacity.numpy()))
+    assert np.abs(shown - expected).max() <= 1
+    assert shown[0].tolist() == [128, 128, 255] and shown[4].tolist() == [255, 255, 255]  # facing +z; nothing hit
+    assert np.array_equal(panels[4][..., 0] if panels[4].ndim == 3 else panels[4],
+                          np.round(255 * opacity.numpy().reshape(h, w)).astype(np.uint8))
+    del out["comp_normal"]  # NeRF's output: no normal panel
+    assert len(system.eval_panels(out, SimpleNamespace(height=h, width=w), True, torch.zeros(6, 3))) == 4
