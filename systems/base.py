@@ -265,7 +265,9 @@ class BaseSystem(pl.LightningModule):
         h, w = data.height, data.width
         rgb = to_uint8(out[self.rgb_key].view(h, w, 3).cpu().numpy())
         opacity = out["opacity"].view(h, w).cpu().numpy()
-        depth = colorize_depth(out["depth"].view(h, w).cpu().numpy(), opacity)
+        # the distance of the surface the ray sees: "depth" is weighted by opacity, which put a silhouette's edge
+        # nearest and squeezed the rest of the image into one colour
+        depth = colorize_depth(out["depth"].view(h, w).cpu().numpy() / np.maximum(opacity, 1e-6), opacity)
         panels = [rgb, depth, to_uint8(opacity)]
         if "comp_normal" in out:
             normal = out["comp_normal"].view(h, w, 3).cpu().numpy() * 0.5 + 0.5

@@ -362,6 +362,8 @@ def test_neus_test_images_show_the_surface_normal_between_render_and_depth():
 
     import numpy as np
 
+    from utils.io import colorize_depth
+
     system = neus_system()
     h, w = 2, 3
     normal = torch.nn.functional.normalize(torch.tensor([[0.0, 0, 1], [1, 0, 0], [0, -1, 0], [0.6, 0.8, 0],
@@ -377,5 +379,13 @@ def test_neus_test_images_show_the_surface_normal_between_render_and_depth():
     assert shown[0].tolist() == [128, 128, 255] and shown[4].tolist() == [255, 255, 255]  # facing +z; nothing hit
     assert np.array_equal(panels[4][..., 0] if panels[4].ndim == 3 else panels[4],
                           np.round(255 * opacity.numpy().reshape(h, w)).astype(np.uint8))
+    # depth: the surface's distance (depth / opacity), so a pixel of opacity 0.7 at weighted depth 1.96 shows 2.8,
+    # not the nearest depth of the view (which took the colour map's whole near end)
+    out["opacity"] = torch.tensor([1.0, 1.0, 1.0, 0.7, 0.0, 1.0])[:, None]
+    out["depth"] = torch.tensor([2.0, 2.2, 2.4, 0.7 * 2.8, 0.0, 3.0])[:, None]
+    depth = system.eval_panels(out, SimpleNamespace(height=h, width=w), False, None)[2]
+    surface = colorize_depth(np.array([2.0, 2.2, 2.4, 2.8, 0.0, 3.0]).reshape(h, w),
+                             out["opacity"].numpy().reshape(h, w))
+    assert np.abs(depth.astype(int) - surface.astype(int)).max() <= 1
     del out["comp_normal"]  # NeRF's output: no normal panel
     assert len(system.eval_panels(out, SimpleNamespace(height=h, width=w), True, torch.zeros(6, 3))) == 4

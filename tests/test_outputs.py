@@ -94,6 +94,23 @@ def test_mesh_and_video_options_are_checked_before_training():
             check_export_options(config(*bad))
 
 
+def test_depth_colours_span_the_view_whatever_a_few_stray_pixels_hold():
+    """The jet map ran from the nearest to the farthest pixel, so one floater put the whole object in one colour;
+    it now spans the 1st to the 99th percentile of the masked pixels, and the background is white."""
+    from utils.io import colorize_depth
+
+    depth = np.linspace(2.0, 3.0, 400).reshape(20, 20)
+    depth[0, 0] = 0.1  # a floater near the camera
+    mask = np.ones_like(depth)
+    mask[-1, -1] = 0.0
+    rgb = colorize_depth(depth, mask)
+    jet_ends = colorize_depth(np.array([[0.0, 1.0]]))[0]
+    assert np.abs(rgb[1, 0].astype(int) - jet_ends[0]).max() <= 40  # the near end of the object: blue
+    assert np.abs(rgb[-1, -2].astype(int) - jet_ends[1]).max() <= 40  # its far end: red
+    assert len({tuple(c) for c in rgb.reshape(-1, 3)}) > 50  # spread over the map, not one colour
+    assert rgb[-1, -1].tolist() == [255, 255, 255]
+
+
 def test_video_of_odd_size_plays(tmp_path):
     frames = (np.full((37, 50, 3), i * 20, np.uint8) for i in range(10))  # a generator: encoded as they come
     path = str(tmp_path / "v.mp4")

@@ -258,10 +258,12 @@ def to_uint8(img: np.ndarray, data_range=(0.0, 1.0)) -> np.ndarray:
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def colorize_depth(depth: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-    """(H, W) depth -> (H, W, 3) uint8 jet colour map over the depth range of ``mask`` (or all)."""
+def colorize_depth(depth: np.ndarray, mask: np.ndarray | None = None, clip_percent: float = 1.0) -> np.ndarray:
+    """(H, W) depth -> (H, W, 3) uint8 jet colour map over the depth range of ``mask`` (or all), from its
+    ``clip_percent``-th to its (100 - ``clip_percent``)-th percentile, so that a few stray pixels (a floater, a
+    silhouette's edge) do not squeeze the rest into one colour; white outside ``mask``."""
     valid = depth[mask > 0.5] if mask is not None and (mask > 0.5).any() else depth.reshape(-1)
-    lo, hi = (float(valid.min()), float(valid.max())) if valid.size else (0.0, 1.0)
+    lo, hi = (float(v) for v in np.percentile(valid, [clip_percent, 100 - clip_percent])) if valid.size else (0.0, 1.0)
     gray = to_uint8(depth, (lo, hi if hi > lo else lo + 1.0))
     rgb = cv2.applyColorMap(gray, cv2.COLORMAP_JET)[..., ::-1]
     if mask is not None:
