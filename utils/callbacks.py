@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback, Checkpoint, TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
@@ -170,14 +171,28 @@ class ProgressBar(TQDMProgressBar):
             return max_steps
         return total
 
+    def init_train_tqdm(self):
+        """Lightning's training bar, first drawn once the epoch names it: Lightning drew 'Training: 0/?' as it made
+        the bar and again as the epoch began, so every log started with both before 'Epoch 0: 0/N'. (Lightning's
+        own arguments, and a delay that skips only the draw at creation.)"""
+        return Tqdm(desc=self.train_description, position=(2 * self.process_position), disable=self.is_disabled,
+                    leave=True, dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT,
+                    delay=1e-9)
+
     def on_train_start(self, trainer, pl_module):
         super().on_train_start(trainer, pl_module)
         if _batches_done(trainer):  # continued mid-epoch: Lightning >= 2.2 calls no on_train_epoch_start
             self._continue_bar(trainer)
 
     def on_train_epoch_start(self, trainer, *args):
-        if _batches_done(trainer) and self.train_progress_bar is not None and not getattr(self, "_leave", False):
+        bar = self.train_progress_bar
+        if _batches_done(trainer) and bar is not None and not getattr(self, "_leave", False):
             self._continue_bar(trainer)  # Lightning 2.1 calls it when continuing, and would set the bar to 0
+        elif bar is not None and bar.n == 0 and not getattr(self, "_leave", False):  # the bar on_train_start made
+            total = self.total_train_batches
+            bar.total = None if total == float("inf") else total
+            bar.initial = 0
+            bar.set_description(f"Epoch {trainer.current_epoch}")  # its first draw (Lightning's reset drew too)
         else:
             super().on_train_epoch_start(trainer, *args)
 
