@@ -1,6 +1,8 @@
 """Train, test and export neural surface / radiance-field models (instant-nsr-pl command line).
 
-    python launch.py --config configs/nerf-demo.yaml --train
+    python launch.py --config configs/neus-demo.yaml --train        # NeuS on the embedded demo scene, no download
+    python launch.py --config configs/nerf-demo.yaml --train        # NeRF on it
+    python launch.py --config configs/neus-dtu-wmask.yaml --gpu 0 --train dataset.root_dir=load/DTU-neus/dtu_scan24
     python launch.py --config configs/nerf-blender.yaml --gpu 0 --train dataset.scene=lego tag=example
     python launch.py --config exp/<name>/<trial>/config/parsed.yaml --resume exp/<name>/<trial>/ckpt/<file>.ckpt --test
 """
