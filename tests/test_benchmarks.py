@@ -1,0 +1,65 @@
+"""The benchmarks run and print their figures, here on a CPU at toy sizes.
+
+They are what a GPU session (lent rarely, for 15 minutes) runs through ``benchmarks/gpu_stages.sh``, so a
+refactor that breaks one, or a config that lacks a key a stage overrides, must show here rather than there:
+``model.rendering_backend``, which the render stage sets, was missing from every NeuS config. Figures are read
+back and checked to be positive and finite; their size is never asserted (speed is for the benchmarks to print).
+"""
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = ["+model.grid_warmup_steps=4", "model.train_num_rays=64", "model.max_train_num_rays=128"]
+
+
+def bench(script: str, *args) -> str:
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def positive(figures) -> bool:
+    return bool(figures) and all(math.isfinite(float(f)) and float(f) > 0 for f in figures)
+
+
+@pytest.mark.slow
+def test_step_benchmark_with_the_render_stage_s_override(tmp_path):
+    out = bench("bench_step.py", "--configs", "configs/nerf-blender.yaml", "configs/neus-blender.yaml",
+                "--demo-resolution", 32, "--steps", 3, "--profile-steps", 1, "--", "model.rendering_backend=torch",
+                f"dataset.root_dir={tmp_path / 'demo-32'}", *TOY, "+model.grid_resolution=16")
+    rates = re.findall(r"^steps/s ([\d.]+) over 3 steps after 24, median step ([\d.]+) ms", out, re.M)
+    assert len(rates) == 2 and all(positive(r) for r in rates), out[-3000:]
+    assert len(re.findall(r"^host syncs per step: mean [\d.]+, max \d+; drains mean [\d.]+; device operators per "
+                          r"step .*: mean \d+$", out, re.M)) == 2, out[-3000:]
+    assert out.count("top operators over 1 steps by self_cpu_time_total:") == 2
+
+
+@pytest.mark.slow
+def test_train_benchmark_prints_wall_time_psnr_and_chamfer(tmp_path):
+    out = bench("bench_train.py", "--resolution", 32, "--steps", 20, "--backends", "torch",
+                "--scene-root", tmp_path / "demo-32", "--", "dataset.name=demo", "+dataset.layout=blender",
+                "+dataset.render_resolution=32", "dataset.img_wh=[32,32]", "model.num_samples_per_ray=32",
+                "model.geometry.isosurface.resolution=32", "+system.lpips=false", *TOY)
+    rows = re.findall(r"^(nerf|neus)-blender\.yaml +torch +20 +([\d.]+)m +([\d.]+) +([\d.]+) +(\S+)$", out, re.M)
+    assert [r[0] for r in rows] == ["nerf", "neus"], out[-3000:]
+    assert all(positive(r[1:4]) for r in rows)
+    assert positive([rows[1][4]])  # NeuS's mesh scored against the demo's true surface (% of the diagonal)
+
+
+@pytest.mark.slow
+def test_encoding_mlp_and_render_benchmarks_print_their_tables():
+    out = bench("bench_encoding.py", "--log2-points", 10, "--repeats", 1)
+    rows = re.findall(r"^(torch|torch-pm) +1024 +(\S+) \( *\S+\) +(\S+) \( *\S+\) +(\S+) \( *\S+\)$", out, re.M)
+    assert [r[0] for r in rows] == ["torch", "torch-pm"] and all(positive(r[1:]) for r in rows), out
+    out = bench("bench_mlp.py", "--log2-rows", 8, "--repeats", 1)
+    rows = re.findall(r"^(colour|density|sdf) .* torch +256 +(\S+) \( *\S+\) +(\S+) \( *\S+\)$", out, re.M)
+    assert [r[0] for r in rows] == ["colour", "density", "sdf"] and all(positive(r[1:]) for r in rows), out
+    out = bench("bench_render.py", "--size", 16, 16, "--grids", "sphere", "--configs", "configs/neus-blender.yaml")
+    rows = re.findall(r"^configs/neus-blender\.yaml +sphere +([\d,]+) +([\d.]+) +(\d+)$", out, re.M)
+    assert len(rows) == 1 and int(rows[0][0].replace(",", "")) > 0, out
