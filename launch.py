@@ -215,7 +215,8 @@ def run(argv=None) -> int:
     mode = "train" if args.train else "validate" if args.validate else "test" if args.test else "export"
     try:
         accelerator, n_devices = choose_devices(args.gpu)
-        check_resume(args.resume, mode, args.config)  # before the scene's images are read and the model built
+        # before the scene's images are read and the model built
+        check_resume(args.resume, mode, args.config, os.path.join(exp_dir[1], str(config.get("name", ""))))
     except (DeviceError, CheckpointError) as err:
         log.error(str(err))
         return 2

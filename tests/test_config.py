@@ -1,5 +1,6 @@
 """Config loading: strict overrides with suggestions, +new keys, resolvers, scheduled scalars."""
 import re
+import time
 
 import pytest
 from omegaconf import OmegaConf
@@ -200,6 +201,20 @@ def test_a_trial_folder_or_its_checkpoint_given_as_config_names_the_trials_confi
         check_resume(None, "test", str(trial / "config" / "parsed.yaml"))
     with pytest.raises(CheckpointError, match=r"add --resume exp/<name>/<trial>/ckpt/<file>.ckpt.$"):
         check_resume(None, "export", "configs/neus-demo.yaml")
+    # a shipped config after training with it: the newest checkpoint of its runs (<exp_dir>/<name>/<trial>/ckpt)
+    runs = tmp_path / "exp" / "neus-demo"
+    for trial_name, step in (("@20260101-000000", 5), ("tag@20260102-000000", 9)):
+        (runs / trial_name / "ckpt").mkdir(parents=True)
+        (runs / trial_name / "ckpt" / f"epoch=0-step={step}.ckpt").write_bytes(b"")
+        time.sleep(0.05)
+    newest = re.escape(str(runs / "tag@20260102-000000" / "ckpt" / "epoch=0-step=9.ckpt"))
+    with pytest.raises(CheckpointError, match=rf"^--test needs a checkpoint: add --resume {newest} \(the newest of "
+                                              r"this config's runs\).$"):
+        check_resume(None, "test", "configs/neus-demo.yaml", str(runs))
+    from utils.resume import missing_checkpoint_message  # --resume exp/<name>: a folder of trials
+
+    assert re.search(rf"is a folder; give a checkpoint file, e.g. --resume {newest} \(the newest there\).$",
+                     missing_checkpoint_message(str(runs)))
 
 
 def test_scheduled_scalars():

@@ -14,17 +14,19 @@ class CheckpointError(RuntimeError):
     """A ``--resume`` checkpoint that is missing, unreadable or does not fit the config; said as one sentence."""
 
 
-def check_resume(resume: str | None, mode: str, config_path: str = "") -> None:
+def check_resume(resume: str | None, mode: str, config_path: str = "", runs_folder: str | None = None) -> None:
     """Refuse (CheckpointError) an action without the checkpoint it needs, or a ``--resume`` that names no file.
     Without one, a trial's config (``--config <trial>/config/parsed.yaml``) gets that trial's newest checkpoint
-    named."""
+    named; another config the newest of its runs', in ``runs_folder`` (``<exp_dir>/<name>``)."""
     if mode != "train" and not resume:
         from utils.stops import typed_path
 
         ckpt_dir = typed_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(config_path))), "ckpt"))
-        newest = newest_in(ckpt_dir) if os.path.basename(config_path) == "parsed.yaml" else None
-        suggestion = f"{newest} (the newest checkpoint of this config's trial)" if newest else \
-            "exp/<name>/<trial>/ckpt/<file>.ckpt"
+        if os.path.basename(config_path) == "parsed.yaml":
+            newest, whose = newest_in(ckpt_dir), "the newest checkpoint of this config's trial"
+        else:  # a shipped config, tested after training with it (as instant-nsr-pl's users do)
+            newest, whose = newest_under(runs_folder) if runs_folder else None, "the newest of this config's runs"
+        suggestion = f"{newest} ({whose})" if newest else "exp/<name>/<trial>/ckpt/<file>.ckpt"
         raise CheckpointError(f"--{mode} needs a checkpoint: add --resume {suggestion}.")
     if resume and not os.path.isfile(resume):
         raise CheckpointError(missing_checkpoint_message(resume))
@@ -37,10 +39,9 @@ def missing_checkpoint_message(path: str) -> str:
     """What to say when ``--resume path`` is not a file: a folder (a trial, its ckpt/) or a mistyped name gets the
     newest checkpoint found there as the suggestion."""
     folder = path if os.path.isdir(path) else os.path.dirname(path) or "."
-    found = [ckpt for ckpt in (newest_in(folder), newest_in(os.path.join(folder, "ckpt"))) if ckpt]
+    newest = newest_under(folder)
     what = "is a folder" if os.path.isdir(path) else "does not exist"
-    if found:
-        newest = max(found, key=os.path.getmtime)
+    if newest:
         return f"Checkpoint '{path}' {what}; give a checkpoint file, e.g. --resume {newest} (the newest there)."
     return f"Checkpoint '{path}' {what}; the trial's checkpoints are in exp/<name>/<trial>/ckpt/."
 
@@ -49,6 +50,13 @@ def newest_in(folder: str) -> str | None:
     """The newest checkpoint file in ``folder`` (not a write cut short by a kill, ``.tmp-*``); None if none."""
     found = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".ckpt") and not f.startswith(".tmp-")] \
         if os.path.isdir(folder) else []
+    return max(found, key=os.path.getmtime) if found else None
+
+
+def newest_under(folder: str) -> str | None:
+    """The newest checkpoint in ``folder``, its ``ckpt/``, or the ``ckpt/`` of a trial in it (``exp/<name>``)."""
+    places = [folder, os.path.join(folder, "ckpt")] + glob.glob(os.path.join(glob.escape(folder), "*", "ckpt"))
+    found = [ckpt for ckpt in map(newest_in, places) if ckpt]
     return max(found, key=os.path.getmtime) if found else None
 
 
