@@ -21,9 +21,10 @@ def check_resume(resume: str | None, mode: str, config_path: str = "", runs_fold
     if mode != "train" and not resume:
         from utils.stops import typed_path
 
-        ckpt_dir = typed_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(config_path))), "ckpt"))
         if os.path.basename(config_path) == "parsed.yaml":
-            newest, whose = newest_in(ckpt_dir), "the newest checkpoint of this config's trial"
+            trial = os.path.dirname(os.path.dirname(os.path.abspath(config_path)))
+            newest = newest_in(typed_path(os.path.join(trial, "ckpt")))
+            whose = "the newest checkpoint of this config's trial"
         else:  # a shipped config, tested after training with it (as instant-nsr-pl's users do)
             newest, whose = newest_under(runs_folder) if runs_folder else None, "the newest of this config's runs"
         suggestion = f"{newest} ({whose})" if newest else "exp/<name>/<trial>/ckpt/<file>.ckpt"
