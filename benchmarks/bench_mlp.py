@@ -17,6 +17,7 @@ device and the peak memory of each run. The answer decides whether
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 
@@ -34,6 +35,11 @@ def build(backend: str, d_in: int, d_out: int, n_hidden: int) -> torch.nn.Module
     return cls(d_in, d_out, config)
 
 
+def fp16_autocast(device: torch.device, half: bool):
+    """fp16 autocast when ``half``, else nothing: torch 2.1 refuses an fp16 CPU autocast even when it is disabled."""
+    return torch.autocast(device.type, dtype=torch.float16) if half else contextlib.nullcontext()
+
+
 SDF_NETWORK = {"otype": "VanillaMLP", "output_activation": "none", "n_neurons": 64, "n_hidden_layers": 1,
                "sphere_init": True, "weight_norm": True}
 
@@ -43,7 +49,7 @@ def measure_sdf(net, x: torch.Tensor, backward: bool, half: bool, repeats: int) 
 
     def step():
         inputs = x.detach().requires_grad_(True)
-        with torch.autocast(x.device.type, dtype=torch.float16, enabled=half):
+        with fp16_autocast(x.device, half):
             if isinstance(net, TritonSDFNetwork):
                 out, grad = net.value_and_input_gradient(inputs)
             else:
@@ -61,7 +67,7 @@ def measure(net, x: torch.Tensor, backward: bool, half: bool, repeats: int) -> t
     device = x.device
 
     def step():
-        with torch.autocast(device.type, dtype=torch.float16, enabled=half):
+        with fp16_autocast(device, half):
             if not backward:
                 with torch.no_grad():
                     net(x)
