@@ -125,14 +125,11 @@ def read_image(path: str) -> np.ndarray:
     return img
 
 
-PROGRESS_DELAY_S = 2.0  # reading images shows a progress bar once it has taken this long (300 phone photos: ~1 min)
-
-
 def reading(items: List, what: str = "reading images"):
     """``items`` to iterate over, behind a progress bar that appears only when the reading takes a while."""
-    from tqdm import tqdm
+    from utils.io import late_bar
 
-    return tqdm(items, desc=what, unit="img", leave=False, delay=PROGRESS_DELAY_S, disable=len(items) < 2)
+    return late_bar(items, desc=what, unit="img", disable=len(items) < 2)
 
 
 def load_images(paths: List[str], same_size: bool = True) -> List[np.ndarray]:

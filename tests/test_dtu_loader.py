@@ -196,12 +196,12 @@ def test_images_show_the_textured_surroundings_outside_the_mask(scene_dir):
 
 def test_reading_images_shows_progress_once_it_takes_a_while(scene_dir, capsys, monkeypatch):
     """A few hundred full-size photos took a minute to read with nothing shown; the bar appears after
-    PROGRESS_DELAY_S (0 here) and not for a quick read."""
-    import datasets.images
+    utils.io.PROGRESS_DELAY_S (0 here) and not for a quick read."""
+    import utils.io
 
     load_dtu_split(cfg(scene_dir), "train")
     assert "reading images" not in capsys.readouterr().err  # 5 small images: no bar
-    monkeypatch.setattr(datasets.images, "PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setattr(utils.io, "PROGRESS_DELAY_S", 0.0)
     load_dtu_split(cfg(scene_dir), "train")
     shown = capsys.readouterr().err
     assert "reading images:   0%|          | 0/5" in shown, shown

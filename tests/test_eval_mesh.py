@@ -81,7 +81,8 @@ def test_dtu_protocol_counts_observed_points_within_the_outlier_distance():
 def test_dtu_scoring_shows_progress_and_chunked_queries_change_no_figure(capsys, monkeypatch):
     """The DTU score of a real scan can take minutes (400k ground-truth points inside a background shell: 43 s
     on 2 cores) with nothing shown. Its nearest-point queries now run in chunks behind a bar that appears after
-    PROGRESS_DELAY_S (0 here); the distances are those of one query."""
+    utils.io.PROGRESS_DELAY_S (0 here); the distances are those of one query."""
+    import utils.io
     import utils.mesh_metrics as mm
     from scipy.spatial import cKDTree
 
@@ -90,7 +91,7 @@ def test_dtu_scoring_shows_progress_and_chunked_queries_change_no_figure(capsys,
     mask, bounds, plane = np.ones((41, 41, 41), bool), np.array([[-20.0] * 3, [20.0] * 3]), np.array([0, 0, 1, 30.0])
     whole = dtu_protocol(pred, gt, mask, bounds, 1.0, plane, max_dist=1.0)
     assert "DTU distances" not in capsys.readouterr().err  # quick: no bar
-    monkeypatch.setattr(mm, "PROGRESS_DELAY_S", 0.0)
+    monkeypatch.setattr(utils.io, "PROGRESS_DELAY_S", 0.0)
     monkeypatch.setattr(mm, "QUERY_CHUNK", 700)
     chunked = dtu_protocol(pred, gt, mask, bounds, 1.0, plane, max_dist=1.0)
     shown = capsys.readouterr().err

@@ -252,6 +252,17 @@ def write_image(path: str, image: np.ndarray) -> None:
         f.write(encoded)                                 # raised again from its finaliser, after the report
 
 
+PROGRESS_DELAY_S = 2.0  # work that may be long shows a bar once it has taken this long (300 photos read: ~1 min)
+
+
+def late_bar(iterable=None, **options):
+    """A tqdm bar (over ``iterable``, or ``total=`` to update by hand) that appears only once the work has taken
+    PROGRESS_DELAY_S, and is erased when it ends: quick work says nothing."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, leave=False, delay=PROGRESS_DELAY_S, **options)
+
+
 def to_uint8(img: np.ndarray, data_range=(0.0, 1.0)) -> np.ndarray:
     lo, hi = data_range
     img = (np.nan_to_num(img.astype(np.float32)) - lo) / max(hi - lo, 1e-12)

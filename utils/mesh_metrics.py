@@ -30,15 +30,15 @@ def nearest_tree(points: np.ndarray) -> cKDTree:
     return cKDTree(points, balanced_tree=False, compact_nodes=False)
 
 
-PROGRESS_DELAY_S = 2.0  # scoring shows a bar once it has taken this long (a DTU scan's worst case: minutes)
 QUERY_CHUNK = 65536  # points per nearest-neighbour query between two redraws of the bar
 
 
 def distances_bar(total: int, what: str):
-    """A tqdm bar over ``total`` query points that appears only when scoring takes a while; use it as a context."""
-    from tqdm import tqdm
+    """A bar over ``total`` query points that appears only when scoring takes a while (a DTU scan's worst case:
+    a minute); use it as a context."""
+    from utils.io import late_bar
 
-    return tqdm(total=total, desc=what, unit="pt", unit_scale=True, leave=False, delay=PROGRESS_DELAY_S)
+    return late_bar(total=total, desc=what, unit="pt", unit_scale=True)
 
 
 def nearest_distances(tree: cKDTree, points: np.ndarray, bar=None, max_dist: float = np.inf) -> np.ndarray:
