@@ -25,7 +25,8 @@ from models.base import update_module_step
 from systems.finite_guard import FiniteLossGuard
 from systems.optim import make_optimizer, make_scheduler
 from utils.config import ConfigError, finite_number, number_at_least, schedule_values, scheduled, to_primitive
-from utils.io import colorize_depth, image_grid, to_uint8, write_image, write_json, write_video
+from utils.io import (VIDEO_MAX_WIDTH, colorize_depth, image_grid, to_uint8, video_frame_size, write_image, write_json,
+                      write_video)
 from utils.mesh import MeshError, largest_component, write_mesh
 from utils.metrics import ImageMetrics
 
@@ -80,7 +81,7 @@ def check_export_options(config: Any) -> None:
     fmt = str(export_cfg.get("mesh_format", "obj")).lower()
     if fmt not in MESH_FORMATS:
         raise ConfigError(f"export.mesh_format={fmt!r}; use obj or ply.")
-    for key, minimum in (("chunk_size", 1), ("video_fps", 1)):
+    for key, minimum in (("chunk_size", 1), ("video_fps", 1), ("video_max_width", 0)):
         if export_cfg.get(key) is not None:
             number_at_least(export_cfg.get(key), f"export.{key}", minimum)
 
@@ -391,10 +392,15 @@ class BaseSystem(pl.LightningModule):
         names = sorted((f for f in os.listdir(folder) if f[:-4].isdigit() and f.endswith(".png")),
                        key=lambda f: int(f[:-4]))
         if names:  # read one frame at a time as it is encoded: 200 grids of 800x3200 would be 1.5 GB at once
+            export_cfg = self.config.get("export") or {}
+            max_width = int(export_cfg.get("video_max_width", VIDEO_MAX_WIDTH))
             path = self.save_path(f"it{self.step}-{kind}.mp4")
             count = write_video(path, (imageio.imread(os.path.join(folder, f)) for f in names),
-                                fps=int(self.config.get("export", {}).get("video_fps", 30)))
-            log.info(f"Test video: {path} ({count} frame{'s' * (count != 1)})")
+                                fps=int(export_cfg.get("video_fps", 30)), max_width=max_width)
+            height, width = imageio.imread(os.path.join(folder, names[0])).shape[:2]
+            size = video_frame_size(width, height, max_width)
+            scaled = f", scaled from {width}x{height}: export.video_max_width={max_width}" if size[0] < width else ""
+            log.info(f"Test video: {path} ({count} frame{'s' * (count != 1)}, {size[0]}x{size[1]}{scaled})")
 
     def export_mesh(self) -> None:
         """Marching-cubes mesh in the dataset's world frame (and, with export.save_normalized, the model's frame).

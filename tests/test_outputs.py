@@ -82,10 +82,12 @@ def test_mesh_and_video_options_are_checked_before_training():
         return OmegaConf.create({"model": {"geometry": {"isosurface": {"resolution": 64, **(iso or {})}}},
                                  "export": export or {}})
 
-    check_export_options(config({"method": "mc-cuda"}, {"mesh_format": "PLY", "video_fps": 12}))  # accepted
+    check_export_options(config({"method": "mc-cuda"}, {"mesh_format": "PLY", "video_fps": 12,
+                                                         "video_max_width": 0}))  # accepted
     for bad, words in ((({"method": "tdsf"}, None), "isosurface.method='tdsf' is not a meshing method"),
                        ((None, {"mesh_format": "stl"}), "export.mesh_format='stl'; use obj or ply"),
                        ((None, {"video_fps": 0}), "export.video_fps"),
+                       ((None, {"video_max_width": -1}), "export.video_max_width must be a whole number >= 0"),
                        ((None, {"chunk_size": "big"}), "export.chunk_size"),
                        (({"threshold": "abc"}, None), "isosurface.threshold must be a finite number, not 'abc'"),
                        (({"chunk": 0}, None), "isosurface.chunk must be a whole number >= 1, not 0"),
@@ -119,6 +121,23 @@ def test_video_of_odd_size_plays(tmp_path):
     got = [frame for frame in reader]
     assert len(got) == 10 and got[0].shape == (48, 64, 3)
     assert abs(float(got[5][:37, :50].mean()) - 100) < 3
+
+
+def test_a_video_wider_than_players_decode_is_scaled_down_and_zero_keeps_full_width(tmp_path):
+    """A NeuS test grid of five 1600-pixel DTU panels is 8000 pixels wide, past the 4096 where many hardware
+    decoders stop: the MP4 is scaled to the cap (a multiple of 16, aspect kept); max_width=0 keeps the grid's size."""
+    from utils.io import video_frame_size
+
+    frame = np.zeros((120, 800, 3), np.uint8)
+    frame[:, 400:] = 200  # left half dark, right half bright: the scaled frame must keep the split
+    capped, full = str(tmp_path / "capped.mp4"), str(tmp_path / "full.mp4")
+    assert write_video(capped, [frame] * 3, fps=10, max_width=410) == 3
+    assert write_video(full, [frame] * 3, fps=10, max_width=0) == 3
+    got = imageio.get_reader(capped).get_data(1)
+    assert video_frame_size(800, 120, 410) == (400, 60) and got.shape == (64, 400, 3)  # 60 padded to 64
+    assert float(got[:60, :190].mean()) < 10 and abs(float(got[:60, 210:].mean()) - 200) < 6
+    assert imageio.get_reader(full).get_data(1).shape == (128, 800, 3)
+    assert video_frame_size(8000, 1200) == (4096, 614) and video_frame_size(4096, 1200) == (4096, 1200)
 
 
 def test_a_video_whose_frames_fail_midway_or_never_come_leaves_the_old_one_whole(tmp_path):

@@ -297,9 +297,23 @@ def pad_to_macro_block(frame: np.ndarray, block: int = 16) -> np.ndarray:
     return np.pad(frame, ((0, ph), (0, pw), (0, 0)), mode="edge")
 
 
-def write_video(path: str, frames: Iterable[np.ndarray], fps: int = 30) -> int:
-    """H.264/yuv420p MP4 from (H, W, 3) uint8 frames, sizes padded to the 16-pixel macro block. ``frames`` may be a
-    generator: each frame is encoded as it comes, so a long trajectory is never all in memory. Returns the count.
+VIDEO_MAX_WIDTH = 4096  # H.264 level 5.1, where many hardware decoders and browsers stop
+
+
+def video_frame_size(width: int, height: int, max_width: int = VIDEO_MAX_WIDTH) -> tuple:
+    """(width, height) a ``width`` x ``height`` frame is encoded at: when it is wider than ``max_width`` (a NeuS
+    test grid of five 1600-pixel DTU panels is 8000 wide), scaled down, aspect kept, to the widest multiple of 16
+    (the macro block) not over it; 0 keeps every size."""
+    if max_width <= 0 or width <= max_width:
+        return width, height
+    scaled = max(16, max_width - max_width % 16)
+    return scaled, max(1, int(round(height * scaled / width)))
+
+
+def write_video(path: str, frames: Iterable[np.ndarray], fps: int = 30, max_width: int = VIDEO_MAX_WIDTH) -> int:
+    """H.264/yuv420p MP4 from (H, W, 3) uint8 frames, sizes padded to the 16-pixel macro block, frames wider than
+    ``max_width`` scaled down to it (``video_frame_size``). ``frames`` may be a generator: each frame is encoded
+    as it comes, so a long trajectory is never all in memory. Returns the count.
 
     ffmpeg's exit status is not reported by imageio (a full disk left a truncated MP4 that looked written), so
     the file's frames are counted before it takes ``path``'s place."""
@@ -312,6 +326,9 @@ def write_video(path: str, frames: Iterable[np.ndarray], fps: int = 30) -> int:
                                     ffmpeg_log_level="error")
         try:
             for frame in frames:
+                size = video_frame_size(frame.shape[1], frame.shape[0], max_width)
+                if size != (frame.shape[1], frame.shape[0]):
+                    frame = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
                 writer.append_data(pad_to_macro_block(frame))
                 count += 1
         finally:
