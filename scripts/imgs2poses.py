@@ -278,6 +278,11 @@ def loop_pairs(image_dir: str, names: list[str], overlap: int, per_image: int = 
     return [(names[i], names[j]) for i, j in sorted(pairs)]
 
 
+def exhaustive_pairs(count: int) -> int:
+    """How many image pairs exhaustive matching compares: every pair once, count * (count - 1) / 2."""
+    return count * (count - 1) // 2
+
+
 def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str, camera_model: str,
             shared_camera: bool, overlap: int, threads: int):
     """Features, matches and incremental mapping in ``work``; returns the largest pycolmap.Reconstruction."""
@@ -323,7 +328,7 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
                                                 matched, bar)
             bar.update(bar.total - bar.n)  # a loop pair that is also a neighbour is matched once
     else:
-        with tqdm(total=len(names) * (len(names) - 1) // 2, desc="[2/3] exhaustive matching", unit="pair") as bar:
+        with tqdm(total=exhaustive_pairs(len(names)), desc="[2/3] exhaustive matching", unit="pair") as bar:
             colmap_steps.run_cancellable(lambda token: pycolmap.match_exhaustive(
                 db, cancellation_token=token, **match_options), matched, bar)  # the bar moves with each pair written
             bar.update(bar.total - bar.n)
@@ -474,7 +479,7 @@ def run(args) -> dict:
     if matcher == "auto":
         matcher = "sequential" if args.video or all(n.startswith("frame_") for n in names) else "exhaustive"
         if matcher == "exhaustive" and len(names) > MANY_PHOTOS:
-            print(f"{len(names)} photos: exhaustive matching takes {len(names) * (len(names) - 1) // 2} pairs, "
+            print(f"{len(names)} photos: exhaustive matching takes {exhaustive_pairs(len(names))} pairs, "
                   "which grow with the square of their count. Photos taken in order around the object match far "
                   "quicker with --matcher sequential.")
     if not args.verbose:
