@@ -98,3 +98,84 @@ def test_runs_started_together_render_the_demo_once_and_all_find_it_whole(tmp_pa
         process.join(timeout=60)
     assert outcomes == [("rendered", True)] + [("reused", True)] * (runs - 1)
     assert sorted(os.listdir(tmp_path)) == ["demo"]  # no render left beside it
+
+
+BUNNY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "bunny.obj")
+
+
+def bunny_scene():
+    """The Stanford bunny (a real range scan, ../shared/data) as a MeshScene; skipped, saying why, when absent."""
+    import importlib.util
+
+    from datasets.synthetic import MeshScene
+
+    if not os.path.isfile(BUNNY):
+        pytest.skip("../shared/data/bunny.obj is absent (the shared test data)")
+    if not any(importlib.util.find_spec(name) for name in ("embreex", "rtree")):
+        pytest.skip("no ray tracer for trimesh: pip install -r requirements-dev.txt installs embreex")
+    return MeshScene(BUNNY, up="y")
+
+
+def test_a_mesh_scene_is_placed_upright_in_the_demo_ball_and_traced_onto_its_surface():
+    """The bunny (y-up) stands on +z inside radius 0.8; traced rays end on its triangles, with normals facing the
+    camera, and the depth the render writes is that hit's distance along the camera's axis."""
+    import numpy as np
+    import torch
+    import trimesh
+
+    from datasets.synthetic import demo_dtu_cameras, render
+
+    scene = bunny_scene()
+    original = trimesh.load(BUNNY, process=False)
+    verts, faces = scene.surface()
+    placed = original.vertices @ scene.scene_from_mesh[:3, :3].T + scene.scene_from_mesh[:3, 3]
+    assert np.allclose(placed, verts, atol=1e-9) and np.array_equal(faces, original.faces)
+    assert np.linalg.norm(verts, axis=1).max() == pytest.approx(0.8)
+    assert np.argmax(verts[:, 2]) == np.argmax(original.vertices[:, 1])  # an ear tip, the highest point, on top
+    assert np.allclose(verts.min(0) + verts.max(0), 0, atol=1e-9)  # the bounding box centred on the origin
+
+    cam = demo_dtu_cameras(32)[1]
+    rays_o, rays_d = cam.rays()
+    hit, t, normal = scene.trace(rays_o, rays_d)
+    assert 0.1 < hit.float().mean() < 0.9  # the object and its surroundings both in view
+    points = (rays_o[hit] + t[hit, None] * rays_d[hit]).double().numpy()
+    triangles = scene.mesh.triangles
+    distance = [np.linalg.norm(trimesh.triangles.closest_point(triangles, np.repeat(p[None], len(triangles), 0)) - p,
+                               axis=1).min() for p in points]  # to every triangle: no rtree needed
+    assert max(distance) < 1e-5
+    assert (normal[hit] * rays_d[hit]).sum(-1).max() < 0 and torch.allclose(normal[hit].norm(dim=-1), torch.ones(1))
+    assert (normal[~hit] == 0).all()
+
+    depth = render(scene, cam, supersample=1)["depth"].reshape(-1)
+    forward = torch.from_numpy(cam.c2w[:3, 2]).float()
+    assert np.allclose(depth[hit.numpy()], (t[hit] * (rays_d[hit] @ forward)).numpy(), atol=1e-5)
+
+
+def test_the_demo_loader_renders_a_mesh_it_is_given_and_names_a_bad_one_in_one_sentence(tmp_path):
+    """dataset.mesh: the demo's cameras and layout around a mesh of the user's; the render is redone when the
+    mesh changes (its content's hash in the marker), and a missing file, a file of no triangles or a wrong up
+    axis is one sentence."""
+    from omegaconf import OmegaConf
+
+    from datasets.demo import load_demo_split
+
+    bunny_scene()
+    root = str(tmp_path / "bunny")
+    config = OmegaConf.create({"root_dir": root, "render_resolution": 16, "img_wh": [16, 16], "layout": "dtu",
+                               "mesh": BUNNY, "mesh_up": "y", "apply_mask": True})
+    data = load_demo_split(config, "train")
+    marker = json.load(open(os.path.join(root, "demo_scene.json")))
+    assert marker["mesh"]["up"] == "y" and len(marker["mesh"]["sha1"]) == 40
+    assert data.n_images == 42 and 0.05 < float((data.masks > 127).float().mean()) < 0.6  # 48 views, every 8th held out
+    ensure_demo_scene(root, resolution=16, layout="dtu")  # the analytic scene asked for: rendered in its place
+    assert json.load(open(os.path.join(root, "demo_scene.json")))["mesh"] is None
+
+    not_a_mesh = tmp_path / "notes.obj"
+    not_a_mesh.write_text("# no vertices, no faces\n")
+    for mesh, up, words in ((str(tmp_path / "missing.obj"), "y", "is not a file; name a mesh"),
+                            (str(not_a_mesh), "y", "holds no triangles"),
+                            (BUNNY, "w", "up axis is 'w'; use x, y or z")):
+        bad = OmegaConf.merge(config, {"mesh": mesh, "mesh_up": up, "root_dir": str(tmp_path / "other")})
+        with pytest.raises(DatasetError, match="dataset.mesh.*" + words.replace("(", r"\(")):
+            load_demo_split(bad, "train")
+    assert not os.path.exists(tmp_path / "other")
