@@ -313,7 +313,7 @@ def ensure_demo_scene(root: str, resolution: int = 128, layout: str = "blender",
     layout: "blender" (NeRF-synthetic: RGBA on transparent background, train/
     val/test splits) or "dtu" (NeuS format: images over the textured
     environment, masks, cameras in a millimetre world frame given by
-    ``DEMO_WORLD_FROM_SCENE``). Renders into a temporary folder beside
+    ``DEMO_WORLD_FROM_SCENE``, or in a mesh's own frame). Renders into a temporary folder beside
     ``root`` and renames it into place, so an interrupted render never leaves
     a half-filled scene, and under a lock on the parent folder, so that runs started
     together render it once. The marker file lists what the render wrote; a render
@@ -367,7 +367,10 @@ def _ensure_demo_scene_locked(root: str, resolution: int, layout: str, mesh: str
         if layout == "blender":
             write_blender(tmp, scene, demo_cameras(resolution), progress=True)
         else:
-            write_dtu(tmp, scene, demo_dtu_cameras(resolution), DEMO_WORLD_FROM_SCENE, progress=True)
+            # a mesh's own frame and units are the world its cameras are written in (its scale_mat), so exports
+            # come out where the mesh is: the two open together in a mesh viewer
+            world = np.linalg.inv(scene.scene_from_mesh) if mesh else DEMO_WORLD_FROM_SCENE
+            write_dtu(tmp, scene, demo_dtu_cameras(resolution), world, progress=True)
         files = sorted(os.path.relpath(os.path.join(parent, name), tmp)
                        for parent, _, names in os.walk(tmp) for name in names)
         with open(os.path.join(tmp, "demo_scene.json"), "w") as f:

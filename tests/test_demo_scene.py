@@ -152,9 +152,10 @@ def test_a_mesh_scene_is_placed_upright_in_the_demo_ball_and_traced_onto_its_sur
 
 
 def test_the_demo_loader_renders_a_mesh_it_is_given_and_names_a_bad_one_in_one_sentence(tmp_path):
-    """dataset.mesh: the demo's cameras and layout around a mesh of the user's; the render is redone when the
-    mesh changes (its content's hash in the marker), and a missing file, a file of no triangles or a wrong up
-    axis is one sentence."""
+    """dataset.mesh: the demo's cameras and layout around a mesh of the user's, in the DTU layout with the mesh's
+    own frame as the world (exports land on it); the render is redone when the mesh changes (its content's hash in
+    the marker), and a missing file, a file of no triangles or a wrong up axis is one sentence."""
+    import numpy as np
     from omegaconf import OmegaConf
 
     from datasets.demo import load_demo_split
@@ -164,6 +165,7 @@ def test_the_demo_loader_renders_a_mesh_it_is_given_and_names_a_bad_one_in_one_s
     config = OmegaConf.create({"root_dir": root, "render_resolution": 16, "img_wh": [16, 16], "layout": "dtu",
                                "mesh": BUNNY, "mesh_up": "y", "apply_mask": True})
     data = load_demo_split(config, "train")
+    assert np.allclose(data.world_from_scene, np.linalg.inv(bunny_scene().scene_from_mesh))  # the mesh's frame
     marker = json.load(open(os.path.join(root, "demo_scene.json")))
     assert marker["mesh"]["up"] == "y" and len(marker["mesh"]["sha1"]) == 40
     assert data.n_images == 42 and 0.05 < float((data.masks > 127).float().mean()) < 0.6  # 48 views, every 8th held out
