@@ -3,6 +3,7 @@
     python benchmarks/bench_train.py                         # NeRF + NeuS on the demo scene, 800x800 on a GPU
     python benchmarks/bench_train.py --resolution 128 --steps 500 -- model.num_samples_per_ray=64   # a CPU
     python benchmarks/bench_train.py --configs configs/neus-blender.yaml --scene-root load/nerf_synthetic/lego
+    python benchmarks/bench_train.py --mesh ../shared/data/bunny.obj   # a real scan rendered as the scene
 
 The project renders its demo scene in the Blender/NeRF-synthetic layout at
 ``--resolution`` (once, into load/demo-<res>) and trains nerf-blender and
@@ -10,7 +11,8 @@ neus-blender on it for ``--steps`` steps through launch.py, once per hash-grid
 backend usable here (torch, triton, tcnn). The table: steps, wall time
 (training, test and export), steps/s over the whole run, held-out PSNR, and
 the mesh's Chamfer distance to the known surface as % of its diagonal.
-``--scene-root`` trains on any Blender-format scene instead (no Chamfer).
+``--scene-root`` trains on any Blender-format scene instead (no Chamfer); ``--mesh`` renders a mesh file
+(y-up, as instant-ngp's bunny) in the demo's place and scores the meshes against it.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--resolution", type=int, help="demo render size (default 800 on a GPU, 128 on a CPU)")
     parser.add_argument("--scene-root", help="a Blender-format scene to use instead of the demo")
+    parser.add_argument("--mesh", help="a mesh file (y-up) to render as the scene instead of the demo")
     parser.add_argument("--backends", nargs="+", choices=["torch", "triton", "tcnn"],
                         help="hash-grid backends to run (default: every one usable here)")
     args, rest = parser.parse_known_args()
@@ -44,7 +47,7 @@ def main():
     if args.scene_root:
         data = [f"dataset.root_dir={args.scene_root}"]
     else:
-        data = demo_scene_overrides(res)
+        data = demo_scene_overrides(res, args.mesh)
     present = ["torch"] + [b for b in ("triton", "tcnn") if backends._STATUS[b]()[0]]
     for name in ("triton", "tcnn"):
         if name not in present:

@@ -39,12 +39,15 @@ def describe_device(device: torch.device) -> str:
     return f"device: CPU, torch {torch.__version__}, threads {torch.get_num_threads()}; {keep_freed_host_memory()}"
 
 
-def demo_scene_overrides(resolution: int) -> list:
+def demo_scene_overrides(resolution: int, mesh: str | None = None) -> list:
     """Config overrides that train on the project's demo scene rendered in the Blender layout at
-    ``resolution`` (rendered once into load/demo-<resolution>)."""
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "load", f"demo-{resolution}")
+    ``resolution`` (rendered once into load/demo-<resolution>), or on the mesh file ``mesh`` rendered as the
+    scene (``dataset.mesh``, into load/demo-<its name>-<resolution>)."""
+    folder = f"demo-{os.path.splitext(os.path.basename(mesh))[0]}-{resolution}" if mesh else f"demo-{resolution}"
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "load", folder)
     return ["dataset.name=demo", "+dataset.layout=blender", f"+dataset.render_resolution={resolution}",
-            f"dataset.root_dir={root}", f"dataset.img_wh=[{resolution},{resolution}]"]
+            f"dataset.root_dir={root}", f"dataset.img_wh=[{resolution},{resolution}]",
+            *([f"+dataset.mesh={os.path.abspath(mesh)}"] if mesh else [])]
 
 
 def bench_train_steps(config_path: str, overrides: list, steps: int, device: torch.device,

@@ -5,6 +5,7 @@ refactor that breaks one, or a config that lacks a key a stage overrides, must s
 ``model.rendering_backend``, which the render stage sets, was missing from every NeuS config. Figures are read
 back and checked to be positive and finite; their size is never asserted (speed is for the benchmarks to print).
 """
+import json
 import math
 import os
 import re
@@ -63,3 +64,28 @@ def test_encoding_mlp_and_render_benchmarks_print_their_tables():
     out = bench("bench_render.py", "--size", 16, 16, "--grids", "sphere", "--configs", "configs/neus-blender.yaml")
     rows = re.findall(r"^configs/neus-blender\.yaml +sphere +([\d,]+) +([\d.]+) +(\d+)$", out, re.M)
     assert len(rows) == 1 and int(rows[0][0].replace(",", "")) > 0, out
+
+
+def test_the_benchmarks_mesh_option_renders_that_mesh_as_the_scene(tmp_path):
+    """bench_train.py --mesh: the overrides name the mesh (absolute, so launch.py finds it from any folder) and a
+    folder of its own, and the configs the benchmark runs load it as the scene."""
+    import datasets
+    from datasets.synthetic import mesh_identity
+    from test_demo_scene import BUNNY, bunny_scene
+    from utils.config import load_config
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from common import demo_scene_overrides
+
+    bunny_scene()  # skips, saying why, without the file or a ray tracer
+    overrides = demo_scene_overrides(16, BUNNY)
+    assert f"+dataset.mesh={os.path.abspath(BUNNY)}" in overrides
+    assert f"dataset.root_dir={os.path.join(ROOT, 'load', 'demo-bunny-16')}" in overrides
+    for config in ("configs/nerf-blender.yaml", "configs/neus-blender.yaml"):
+        cfg = load_config(os.path.join(ROOT, config), [*overrides, f"dataset.root_dir={tmp_path / 'bunny-16'}"])
+        data = datasets.make(cfg.dataset.name, cfg.dataset)
+        data.setup("fit")
+        foreground = data.split("train").masks.float() / 255
+        assert 0.05 < float(foreground.mean()) < 0.6  # the bunny, from its RGBA renders' alpha
+    with open(tmp_path / "bunny-16" / "demo_scene.json") as f:
+        assert json.load(f)["mesh"] == mesh_identity(BUNNY, "y")
