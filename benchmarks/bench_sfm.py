@@ -7,8 +7,9 @@ The photos are views of a flat, finely textured poster (multi-scale noise, as bu
 foliage), each through a random homography: a high-texture case, so the SIFT feature count is near the
 extractor's limit, which is what makes matching slow. A flat scene cannot be posed by structure from motion,
 so only the two steps that grow with the photo count are timed: extraction (seconds per image) and exhaustive
-matching (seconds per pair), the latter once as a plain call and once as imgs2poses runs it (a worker thread with a
-cancellation token, the database read every half second for the progress bar), whose cost is printed too.
+matching (seconds per pair), the latter once as a plain call and once as imgs2poses runs it (pair lists of at
+least 64 pairs, about 20 of them, each a call in a worker thread with a cancellation token, the progress bar
+moved between calls), whose cost is printed too.
 Multiply the seconds per pair by n (n - 1) / 2 for a folder of n photos.
 """
 from __future__ import annotations
@@ -90,9 +91,9 @@ def main() -> None:
             database.clear_matches()
             database.clear_two_view_geometries()
         start = time.perf_counter()
+        listed = [(a, b) for k, a in enumerate(names) for b in names[k + 1:]]
         with tqdm(total=pairs, desc="matching as imgs2poses does", unit="pair") as bar:
-            colmap_steps.run_cancellable(lambda token: pycolmap.match_exhaustive(
-                db, matching_options=matching, cancellation_token=token), colmap_steps.rows_in(db, "matches"), bar)
+            colmap_steps.match_pairs(db, listed, work, dict(matching_options=matching), bar)
         behind_bar = time.perf_counter() - start
         print(f"exhaustive matching: {one_call / pairs:.3f} s per pair in a plain call, {behind_bar / pairs:.3f} s "
               f"behind the progress bar ({100 * (behind_bar / one_call - 1):+.1f} %)")

@@ -290,18 +290,12 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
     from tqdm import tqdm
 
     db = os.path.join(work, "database.db")
-    reader = pycolmap.ImageReaderOptions()
-    reader.camera_model = camera_model
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.num_threads = threads
     mode = pycolmap.CameraMode.SINGLE if shared_camera else pycolmap.CameraMode.PER_IMAGE
     t0 = time.time()
     with tqdm(total=len(names), desc="[1/3] SIFT features", unit="img") as bar:
-        colmap_steps.run_cancellable(
-            lambda token: pycolmap.extract_features(db, image_dir, image_names=names, camera_mode=mode,
-                                                    reader_options=reader, extraction_options=extraction,
-                                                    device=pycolmap.Device.auto, cancellation_token=token),
-            colmap_steps.rows_in(db, "keypoints"), bar)
+        colmap_steps.extract_features(db, image_dir, names, mode, camera_model, extraction, bar)
     print(f"      done in {time.time() - t0:.1f} s", flush=True)
     # COLMAP seeds its geometric verification from the clock unless told otherwise: a fixed seed makes the
     # same images give the same poses, run after run.
@@ -312,26 +306,15 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
     verification.ransac.random_seed = SEED
     match_options = dict(matching_options=matching, verification_options=verification, device=pycolmap.Device.auto)
     t0 = time.time()
-    matched = colmap_steps.rows_in(db, "matches")
-    if matcher == "sequential":
-        pairing = pycolmap.SequentialPairingOptions()
-        pairing.overlap = overlap
-        pairing.quadratic_overlap = True
+    if matcher == "sequential":  # COLMAP's sequential matcher's pairs, and those the video came back to
         loops = loop_pairs(image_dir, names, overlap)
-        total = colmap_steps.sequential_pairs(db, overlap) + len(loops)
+        pairs = colmap_steps.distinct_pairs(colmap_steps.sequential_pairs(db, overlap) + loops)
         desc = f"[2/3] sequential matching (overlap {overlap}, {len(loops)} loop-closing pairs)"
-        with tqdm(total=total, desc=desc, unit="pair") as bar:
-            colmap_steps.run_cancellable(lambda token: pycolmap.match_sequential(
-                db, pairing_options=pairing, cancellation_token=token, **match_options), matched, bar)
-            if loops:
-                colmap_steps.match_listed_pairs(db, loops, os.path.join(work, "loop_pairs.txt"), match_options,
-                                                matched, bar)
-            bar.update(bar.total - bar.n)  # a loop pair that is also a neighbour is matched once
     else:
-        with tqdm(total=exhaustive_pairs(len(names)), desc="[2/3] exhaustive matching", unit="pair") as bar:
-            colmap_steps.run_cancellable(lambda token: pycolmap.match_exhaustive(
-                db, cancellation_token=token, **match_options), matched, bar)  # the bar moves with each pair written
-            bar.update(bar.total - bar.n)
+        pairs = [(a, b) for k, a in enumerate(names) for b in names[k + 1:]]
+        desc = "[2/3] exhaustive matching"
+    with tqdm(total=len(pairs), desc=desc, unit="pair") as bar:
+        colmap_steps.match_pairs(db, pairs, work, match_options, bar)
     print(f"      done in {time.time() - t0:.1f} s", flush=True)
     t0 = time.time()
     options = pycolmap.IncrementalPipelineOptions()

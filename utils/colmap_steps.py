@@ -3,29 +3,36 @@ and stoppable: each was one call that said nothing for as long as it took (300 p
 exhaustively, about 0.4 s each at 1600 pixels on 2 cores: hours) and that a Ctrl-C or a scheduler's SIGTERM could
 not stop cleanly.
 
-``run_cancellable`` runs a step in a worker thread (pycolmap releases the GIL) with a cancellation token. The
-main thread reads the step's progress from the database every half second for the bar; at Ctrl-C or SIGTERM
-(raised in the main thread) it cancels the token, waits for COLMAP to stop, and lets the stop go on, so the
-script removes its work folder and says so. The calls are COLMAP's own, with their options: the results are
-those of one call, as before.
+``run_cancellable`` runs a step in a worker thread (pycolmap releases the GIL) with a cancellation token; at
+Ctrl-C or SIGTERM (raised in the main thread) it cancels the token, waits for COLMAP to stop, and lets the stop go
+on, so the script removes its work folder and says so. Extraction and matching are split into about
+``STEP_CALLS`` COLMAP calls, on batches of images or of pairs, and the bar moves between calls.
+
+Nothing reads the database while COLMAP writes it. The bars used to count its rows every half second through
+Python's sqlite3, a second SQLite library in the process: POSIX locks belong to the process, so a file one library
+closes drops the locks the other holds (SQLite's "How To Corrupt An SQLite Database File", 2.2.1). COLMAP then lost
+an image's features or a pair's matches without a word (an image of the test capture went unregistered in 1 run of
+4), or stopped on "database is locked", or crashed (SIGBUS in its WAL index) when read more often. pycolmap's own
+``Database`` is no way round it: it opens for writing, and COLMAP's writer stops on the lock it takes.
 """
 from __future__ import annotations
 
 import os
-import sqlite3
 import threading
 import time
-from contextlib import closing, contextmanager
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, List, Optional, Tuple
 
-POLL_S = 0.5  # how often the bar reads the database, and how soon a stop is seen
+POLL_S = 0.5  # how soon a stop is seen while COLMAP runs
+STEP_CALLS = 20  # extraction and matching are split into about this many COLMAP calls: the bar moves between them
+MIN_IMAGES_PER_CALL = 8  # a call's own cost (opening the database, starting the extractor) stays small beside
+MIN_PAIRS_PER_CALL = 64  # its work (reading features for matching, too)
 
 
-def run_cancellable(step: Callable, progress: Optional[Callable[[], int]] = None, bar=None):
+def run_cancellable(step: Callable):
     """``step(token)`` (a pycolmap call given ``cancellation_token=token``) in a worker thread; returns its result
-    or raises its error. Every ``POLL_S`` the tqdm ``bar`` is set to ``progress()``. An exception in the main
-    thread while waiting (KeyboardInterrupt, utils.stops.Terminated) cancels the token and is raised once the
-    step has returned."""
+    or raises its error. An exception in the main thread while waiting (KeyboardInterrupt, utils.stops.Terminated)
+    cancels the token and is raised once the step has returned."""
     from datasets.colmap_model import import_pycolmap
 
     token = import_pycolmap().CancellationToken()  # the import keeps the process's SIGTERM handler
@@ -49,8 +56,7 @@ def run_cancellable(step: Callable, progress: Optional[Callable[[], int]] = None
         worker.start()
         go.set()
         while not finished.wait(POLL_S):  # a signal's handler runs here, in the main thread
-            show_progress(progress, bar)
-        show_progress(progress, bar)
+            pass
     except BaseException:
         token.cancel()
         if not go.is_set():  # stopped before the step began: it never will
@@ -65,14 +71,6 @@ def run_cancellable(step: Callable, progress: Optional[Callable[[], int]] = None
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("result")
-
-
-def show_progress(progress: Optional[Callable[[], int]], bar) -> None:
-    """Move the tqdm ``bar`` up to ``progress()`` (never back, never past its total)."""
-    if progress is not None and bar is not None:
-        done = progress()
-        if done > bar.n:
-            bar.update(min(done, bar.total or done) - bar.n)
 
 
 def native_threads() -> Optional[int]:
@@ -94,22 +92,34 @@ def wait_for_native_threads(count: Optional[int], timeout: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-def rows_in(db: str, table: str) -> Callable[[], int]:
-    """A progress reader: how many rows ``table`` of the COLMAP database ``db`` holds (0 while it cannot be
-    read: not created yet, or locked by COLMAP's write under way)."""
-    def count() -> int:
-        if not os.path.isfile(db):
-            return 0
-        try:
-            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.05)) as connection:
-                return int(connection.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
-        except sqlite3.Error:
-            return 0
-    return count
+def batches(items: list, least: int = 1) -> list:
+    """``items`` in about ``STEP_CALLS`` consecutive batches of at least ``least`` each."""
+    size = max(least, -(-len(items) // STEP_CALLS))
+    return [items[k:k + size] for k in range(0, len(items), size)]
 
 
-def sequential_pairs(db: str, overlap: int) -> int:
-    """How many pairs COLMAP's sequential matcher (``overlap`` neighbours, quadratic) matches: the bar's total."""
+def extract_features(db: str, image_dir: str, names: List[str], camera_mode, camera_model: str, extraction,
+                     bar) -> None:
+    """SIFT features of the images ``names`` (of ``image_dir``) into the database ``db``: one COLMAP call per
+    batch of images, ``bar`` moved after each. With one camera for all the images (``camera_mode`` SINGLE) the
+    batches after the first are given its camera, so the result is one call's: the same features, one camera."""
+    from datasets.colmap_model import import_pycolmap
+
+    pycolmap = import_pycolmap()
+    reader = pycolmap.ImageReaderOptions()
+    reader.camera_model = camera_model
+    for batch in batches(names, least=MIN_IMAGES_PER_CALL):
+        run_cancellable(lambda token: pycolmap.extract_features(
+            db, image_dir, image_names=batch, camera_mode=camera_mode, reader_options=reader,
+            extraction_options=extraction, device=pycolmap.Device.auto, cancellation_token=token))
+        if camera_mode == pycolmap.CameraMode.SINGLE and reader.existing_camera_id < 0:
+            with pycolmap.Database.open(db) as database:
+                reader.existing_camera_id = database.read_all_cameras()[0].camera_id
+        bar.update(len(batch))
+
+
+def sequential_pairs(db: str, overlap: int) -> List[Tuple[str, str]]:
+    """The image pairs, by name, that COLMAP's sequential matcher matches (``overlap`` neighbours, quadratic)."""
     from datasets.colmap_model import import_pycolmap
 
     pycolmap = import_pycolmap()
@@ -117,7 +127,18 @@ def sequential_pairs(db: str, overlap: int) -> int:
     options.overlap = overlap
     options.quadratic_overlap = True
     with pycolmap.Database.open(db) as database:
-        return len(pycolmap.SequentialPairGenerator(options, database).all_pairs())
+        names = {image.image_id: image.name for image in database.read_all_images()}
+        return [(names[a], names[b]) for a, b in pycolmap.SequentialPairGenerator(options, database).all_pairs()]
+
+
+def distinct_pairs(pairs) -> List[Tuple[str, str]]:
+    """``pairs`` in their order, each unordered pair once (a loop-closing pair may also be a neighbour)."""
+    seen, kept = set(), []
+    for a, b in pairs:
+        if a != b and frozenset((a, b)) not in seen:
+            seen.add(frozenset((a, b)))
+            kept.append((a, b))
+    return kept
 
 
 def listable(name: str) -> bool:
@@ -158,17 +179,19 @@ def listed_names(db: str):
         rename({alias: name for name, alias in aliases.items()})
 
 
-def match_listed_pairs(db: str, pairs, list_path: str, match_options: dict, progress=None, bar=None) -> None:
-    """COLMAP's matching and geometric verification of the image ``pairs`` ((name, name), ...), listed in the
-    file ``list_path``, stoppable and behind ``bar`` as ``run_cancellable``; any image name will do."""
+def match_pairs(db: str, pairs, work: str, match_options: dict, bar) -> None:
+    """COLMAP's matching and geometric verification of the image ``pairs`` ((name, name), ...) of the database
+    ``db``: one COLMAP call per batch of pairs, listed in a file in ``work``, ``bar`` moved after each. Any image
+    name will do (``listed_names``)."""
     from datasets.colmap_model import import_pycolmap
 
     pycolmap = import_pycolmap()
     with listed_names(db) as listed:
-        with open(list_path, "w") as f:
-            f.writelines(f"{listed[a]} {listed[b]}\n" for a, b in pairs)
-        imported = pycolmap.ImportedPairingOptions()
-        imported.match_list_path = list_path
-        run_cancellable(lambda token: pycolmap.match_image_pairs(db, pairing_options=imported,
-                                                                 cancellation_token=token, **match_options),
-                        progress, bar)
+        for k, batch in enumerate(batches(list(pairs), least=MIN_PAIRS_PER_CALL)):
+            imported = pycolmap.ImportedPairingOptions()
+            imported.match_list_path = os.path.join(work, f"pairs-{k}.txt")
+            with open(imported.match_list_path, "w") as f:
+                f.writelines(f"{listed[a]} {listed[b]}\n" for a, b in batch)
+            run_cancellable(lambda token: pycolmap.match_image_pairs(db, pairing_options=imported,
+                                                                     cancellation_token=token, **match_options))
+            bar.update(len(batch))
