@@ -432,6 +432,10 @@ class MeshScene(DemoScene):
         self.scene_from_mesh[:3, 3] = -scale * rotation @ mesh.bounds.mean(axis=0)
         self.mesh = trimesh.Trimesh(centred * scale, mesh.faces, process=False)
 
+    def sdf(self, p: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("A MeshScene has no signed distance (a scan need not be closed): use trace and "
+                                  "surface, not the analytic scene's sdf it would otherwise inherit.")
+
     def surface(self, world_from_scene: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The true surface: vertices (V, 3) in the scene's frame (or a world frame), faces (F, 3)."""
         verts = self.mesh.vertices

@@ -146,6 +146,8 @@ def test_a_mesh_scene_is_placed_upright_in_the_demo_ball_and_traced_onto_its_sur
     assert (normal[hit] * rays_d[hit]).sum(-1).max() < 0 and torch.allclose(normal[hit].norm(dim=-1), torch.ones(1))
     assert (normal[~hit] == 0).all()
 
+    with pytest.raises(NotImplementedError, match="no signed distance"):  # not the analytic scene's, inherited
+        scene.normal(torch.zeros(1, 3))
     depth = render(scene, cam, supersample=1)["depth"].reshape(-1)
     forward = torch.from_numpy(cam.c2w[:3, 2]).float()
     assert np.allclose(depth[hit.numpy()], (t[hit] * (rays_d[hit] @ forward)).numpy(), atol=1e-5)
