@@ -91,9 +91,8 @@ def main() -> None:
             database.clear_matches()
             database.clear_two_view_geometries()
         start = time.perf_counter()
-        listed = [(a, b) for k, a in enumerate(names) for b in names[k + 1:]]
         with tqdm(total=pairs, desc="matching as imgs2poses does", unit="pair") as bar:
-            colmap_steps.match_pairs(db, listed, work, dict(matching_options=matching), bar)
+            colmap_steps.match_pairs(db, colmap_steps.every_pair(names), work, dict(matching_options=matching), bar)
         behind_bar = time.perf_counter() - start
         print(f"exhaustive matching: {one_call / pairs:.3f} s per pair in a plain call, {behind_bar / pairs:.3f} s "
               f"behind the progress bar ({100 * (behind_bar / one_call - 1):+.1f} %)")

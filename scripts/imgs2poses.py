@@ -311,7 +311,7 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
         pairs = colmap_steps.distinct_pairs(colmap_steps.sequential_pairs(db, overlap) + loops)
         desc = f"[2/3] sequential matching (overlap {overlap}, {len(loops)} loop-closing pairs)"
     else:
-        pairs = [(a, b) for k, a in enumerate(names) for b in names[k + 1:]]
+        pairs = colmap_steps.every_pair(names)
         desc = "[2/3] exhaustive matching"
     with tqdm(total=len(pairs), desc=desc, unit="pair") as bar:
         colmap_steps.match_pairs(db, pairs, work, match_options, bar)

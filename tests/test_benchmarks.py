@@ -66,7 +66,7 @@ def test_encoding_mlp_and_render_benchmarks_print_their_tables():
     assert len(rows) == 1 and int(rows[0][0].replace(",", "")) > 0, out
 
 
-def test_the_benchmarks_mesh_option_renders_that_mesh_as_the_scene(tmp_path):
+def test_the_benchmarks_mesh_option_renders_that_mesh_as_the_scene(tmp_path, monkeypatch):
     """bench_train.py --mesh: the overrides name the mesh (absolute, so launch.py finds it from any folder) and a
     folder of its own, and the configs the benchmark runs load it as the scene."""
     import datasets
@@ -74,7 +74,7 @@ def test_the_benchmarks_mesh_option_renders_that_mesh_as_the_scene(tmp_path):
     from test_demo_scene import BUNNY, bunny_scene
     from utils.config import load_config
 
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
     from common import demo_scene_overrides
 
     bunny_scene()  # skips, saying why, without the file or a ray tracer

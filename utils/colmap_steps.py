@@ -25,8 +25,10 @@ from typing import Callable, List, Optional, Tuple
 
 POLL_S = 0.5  # how soon a stop is seen while COLMAP runs
 STEP_CALLS = 20  # extraction and matching are split into about this many COLMAP calls: the bar moves between them
-MIN_IMAGES_PER_CALL = 8  # a call's own cost (opening the database, starting the extractor) stays small beside
-MIN_PAIRS_PER_CALL = 64  # its work (reading features for matching, too)
+# but no call gets fewer images or pairs than these, so that a call's own cost (opening the database, starting the
+# extractor or matcher, reading the features to match) stays small beside its work
+MIN_IMAGES_PER_CALL = 8
+MIN_PAIRS_PER_CALL = 64
 
 
 def run_cancellable(step: Callable):
@@ -129,6 +131,11 @@ def sequential_pairs(db: str, overlap: int) -> List[Tuple[str, str]]:
     with pycolmap.Database.open(db) as database:
         names = {image.image_id: image.name for image in database.read_all_images()}
         return [(names[a], names[b]) for a, b in pycolmap.SequentialPairGenerator(options, database).all_pairs()]
+
+
+def every_pair(names: List[str]) -> List[Tuple[str, str]]:
+    """Each pair of ``names`` once, in order: what exhaustive matching compares."""
+    return [(a, b) for k, a in enumerate(names) for b in names[k + 1:]]
 
 
 def distinct_pairs(pairs) -> List[Tuple[str, str]]:
