@@ -278,11 +278,6 @@ def loop_pairs(image_dir: str, names: list[str], overlap: int, per_image: int = 
     return [(names[i], names[j]) for i, j in sorted(pairs)]
 
 
-def exhaustive_pairs(count: int) -> int:
-    """How many image pairs exhaustive matching compares: every pair once, count * (count - 1) / 2."""
-    return count * (count - 1) // 2
-
-
 def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str, camera_model: str,
             shared_camera: bool, overlap: int, threads: int):
     """Features, matches and incremental mapping in ``work``; returns the largest pycolmap.Reconstruction."""
@@ -462,7 +457,7 @@ def run(args) -> dict:
     if matcher == "auto":
         matcher = "sequential" if args.video or all(n.startswith("frame_") for n in names) else "exhaustive"
         if matcher == "exhaustive" and len(names) > MANY_PHOTOS:
-            print(f"{len(names)} photos: exhaustive matching takes {exhaustive_pairs(len(names))} pairs, "
+            print(f"{len(names)} photos: exhaustive matching takes {len(colmap_steps.every_pair(names))} pairs, "
                   "which grow with the square of their count. Photos taken in order around the object match far "
                   "quicker with --matcher sequential.")
     if not args.verbose:
