@@ -383,7 +383,7 @@ def demo_surface(resolution: int = 256, world_from_scene: np.ndarray | None = No
     from utils.mesh import marching_cubes
 
     verts, faces = marching_cubes(DemoScene().sdf, np.array([[-1.0] * 3, [1.0] * 3]), resolution, 0.0,
-                                  inside_is_greater=False)
+                                  inside_is_greater=False, distance_field=True)
     if world_from_scene is not None:
         verts = verts @ world_from_scene[:3, :3].T + world_from_scene[:3, 3]
     return verts, faces

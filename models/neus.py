@@ -191,7 +191,7 @@ class NeuSModel(BaseModel):
         r = self.radius
         device = self.variance.variance.device
         verts, faces = marching_cubes(self.geometry.sdf, np.array([[-r] * 3, [r] * 3]), int(iso.resolution),
-                                      float(iso.get("threshold", 0.0)), inside_is_greater=False,
+                                      float(iso.get("threshold", 0.0)), inside_is_greater=False, distance_field=True,
                                       chunk=int(iso.get("chunk", 2 ** 20)), device=device)
         out = {"v_pos": verts, "t_pos_idx": faces}
         if config.get("export_vertex_color", True):

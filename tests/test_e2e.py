@@ -92,7 +92,8 @@ def test_quality_beats_constant_colour_and_outputs_open(trained):
     scene = DemoScene()
     dist = scene.sdf(torch.from_numpy(np.asarray(mesh.vertices)).float()).abs()
     assert float(dist.median()) < 0.03, f"median distance to the true surface {float(dist.median()):.3f}"
-    gt_v, gt_f = marching_cubes(scene.sdf, np.array([[-1.0] * 3, [1.0] * 3]), 128, 0.0, inside_is_greater=False)
+    gt_v, gt_f = marching_cubes(scene.sdf, np.array([[-1.0] * 3, [1.0] * 3]), 128, 0.0, inside_is_greater=False,
+                               distance_field=True)
     gt_points = trimesh.Trimesh(gt_v, gt_f).sample(20000)
     covered = cKDTree(mesh.sample(50000)).query(gt_points)[0] < 0.05
     assert covered.mean() > 0.9, f"only {covered.mean():.2f} of the true surface is within 0.05 of the mesh"

@@ -28,6 +28,33 @@ def test_marching_cubes_sphere_outward_and_accurate():
     assert trimesh.Trimesh(v2, f2).volume > 0
 
 
+def needle_on_a_ball(x):
+    """SDF of a ball (radius 0.5) with a needle (radius 0.01) up to z = 0.9, off the 64^3 coarse grid's points."""
+    radial = torch.sqrt(x[:, 0] ** 2 + (x[:, 1] - 0.013) ** 2)
+    needle = torch.maximum(radial - 0.01, torch.maximum(x[:, 2] - 0.9, -x[:, 2]))
+    return torch.minimum(x.norm(dim=-1) - 0.5, needle)
+
+
+@pytest.mark.parametrize("field, kind", [(needle_on_a_ball, {"inside_is_greater": False, "distance_field": True}),
+                                         (lambda x: -needle_on_a_ball(x), {"inside_is_greater": True})])
+def test_a_part_thinner_than_the_coarse_cells_is_not_cut_off(field, kind):
+    """The fine grid covers the box the coarse grid finds; a needle between its points was cut where that box
+    ended (z 0.556 of 0.9), leaving an open stump. An SDF's box takes the points near the surface too (one fine
+    pass); for any field, a box side the inside reaches is moved out and the fine grid evaluated again."""
+    evaluated = []
+
+    def counted(x):
+        evaluated.append(len(x))
+        return field(x)
+
+    bounds = np.array([[-1.0] * 3, [1.0] * 3])
+    v, f = marching_cubes(counted, bounds, 96, 0.0, chunk=10 ** 6, **kind)
+    assert v[:, 2].max() > 0.9 - 2 / 95 and trimesh.Trimesh(v, f).is_watertight
+    assert sum(evaluated) == 64 ** 3 + 96 ** 3 * (1 if kind.get("distance_field") else 2)
+    side = v[(v[:, 2] > 0.6) & (v[:, 2] < 0.85)]  # the needle's side, whole: at its radius all round
+    np.testing.assert_allclose(np.linalg.norm(side[:, :2] - [0, 0.013], axis=1), 0.01, atol=0.005)
+
+
 def test_grid_queries_on_a_cpu_are_cache_sized_whatever_the_configs_gpu_chunk():
     """The configs' isosurface.chunk (2^21) bounds memory on a GPU; on a CPU calls of that size ran 3x slower."""
     from utils.mesh import CPU_POINTS_PER_CALL, evaluate_grid, points_per_call

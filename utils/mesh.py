@@ -61,13 +61,21 @@ def evaluate_grid(field: FieldFn, lo: np.ndarray, hi: np.ndarray, resolution: in
 
 def marching_cubes(field: FieldFn, bounds: np.ndarray, resolution: int, threshold: float,
                    inside_is_greater: bool, chunk: int = 2 ** 21, device: torch.device | str = "cpu",
-                   coarse_resolution: int = 64) -> Tuple[np.ndarray, np.ndarray]:
+                   coarse_resolution: int = 64, distance_field: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """Surface ``field == threshold`` inside ``bounds`` (2, 3).
 
     inside_is_greater: True for densities (inside where field > threshold),
     False for signed distances. Returns (vertices (V, 3) float32, faces (F, 3)
     int64), faces wound so normals point out of the solid. Raises MeshError on
     an empty or non-finite field.
+
+    A coarse grid first finds the box that holds the surface, and the fine grid of ``resolution`` points a side
+    covers only that box (a finer mesh than over all of ``bounds``). A part thinner than the coarse cells falls
+    between their points; so that it is not cut off at the box:
+    - ``distance_field`` (an SDF, whose value bounds the distance to the surface): the box also covers the coarse
+      points within half a cell's diagonal of the surface, not only those inside;
+    - any field: a side of the box that the inside reaches on the fine grid is moved out to ``bounds`` and the
+      fine grid evaluated again.
     """
     device = torch.device(device)
     sign = 1.0 if inside_is_greater else -1.0
@@ -83,19 +91,34 @@ def marching_cubes(field: FieldFn, bounds: np.ndarray, resolution: int, threshol
 
     coarse_res = min(coarse_resolution, resolution)
     coarse = inside_volume(lo, hi, coarse_res)
-    occupied = np.argwhere(coarse > 0)
-    if len(occupied) == 0:
+    cell = (hi - lo) / (coarse_res - 1)
+    inside = np.argwhere(coarse > 0)
+    # an SDF's surface lies within half a cell's diagonal of some coarse point, whose value is then at most that
+    near = np.argwhere(coarse > -0.5 * float(np.linalg.norm(cell))) if distance_field else inside[:0]
+    if len(inside) == 0 and len(near) == 0:
         raise MeshError(f"The field has no surface at threshold {threshold} inside the box "
                         f"{lo.round(3).tolist()} - {hi.round(3).tolist()} (field range "
                         f"{float(sign * coarse.min() + threshold):.4g} to {float(sign * coarse.max() + threshold):.4g}); "
                         "train longer or change isosurface.threshold.")
-    cell = (hi - lo) / (coarse_res - 1)
-    tight_lo = np.maximum(lo, lo + (occupied.min(0) - 2) * cell)
-    tight_hi = np.minimum(hi, lo + (occupied.max(0) + 2) * cell)
-    fine = inside_volume(tight_lo, tight_hi, resolution)
-    if not (fine > 0).any() or not (fine <= 0).any():
+    # cells: 2 around the inside points (a heuristic margin), 1 around those near an SDF's surface (enough there)
+    first = np.min([points.min(0) - margin for points, margin in ((inside, 2), (near, 1)) if len(points)], axis=0)
+    last = np.max([points.max(0) + margin for points, margin in ((inside, 2), (near, 1)) if len(points)], axis=0)
+    tight_lo = np.maximum(lo, lo + first * cell)
+    tight_hi = np.minimum(hi, lo + last * cell)
+    while True:
+        fine = inside_volume(tight_lo, tight_hi, resolution)
+        inside = fine > 0
+        reached_lo = [tight_lo[d] > lo[d] and inside.take(0, axis=d).any() for d in range(3)]
+        reached_hi = [tight_hi[d] < hi[d] and inside.take(-1, axis=d).any() for d in range(3)]
+        if not any(reached_lo) and not any(reached_hi):
+            break
+        tight_lo = np.where(reached_lo, lo, tight_lo)
+        tight_hi = np.where(reached_hi, hi, tight_hi)
+        log.debug("Marching cubes: the surface reaches past the box the coarse grid found (a part thinner than its "
+                  f"cells); evaluating again over {tight_lo.round(3).tolist()} - {tight_hi.round(3).tolist()}")
+    if not inside.any() or inside.all():
         raise MeshError(f"The field has no surface at threshold {threshold}: it is "
-                        f"{'everywhere inside' if (fine > 0).all() else 'nowhere inside'} the box; no mesh was written.")
+                        f"{'everywhere inside' if inside.all() else 'nowhere inside'} the box; no mesh was written.")
     verts, faces = mcubes.marching_cubes(fine, 0.0)
     verts = tight_lo + verts / (resolution - 1) * (tight_hi - tight_lo)
     faces = faces.astype(np.int64)  # PyMCubes winds them outward from the positive (inside) region
