@@ -16,8 +16,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from datasets.rays import get_rays, image_directions, pixel_directions
-from utils.config import number_at_least
+from datasets.rays import VIDEO_TRAJECTORIES, get_rays, image_directions, pixel_directions
+from utils.config import ConfigError, number_at_least
 
 
 class DatasetError(ValueError):
@@ -93,6 +93,16 @@ def configs_reading(loader: str) -> List[str]:
     paths = sorted(glob.glob(os.path.join(REPOSITORY, "configs", "*.yaml")), key=lambda p: (len(p), p))  # plain first
     return [typed_path(path) for path in paths
             if OmegaConf.select(OmegaConf.load(path), "dataset.name", default=None) == loader]
+
+
+def video_trajectory(config: Any) -> str:
+    """``dataset.video_trajectory`` (default auto): how the test video moves about the object
+    (``datasets.rays.video_azimuths``); a ConfigError names the choices."""
+    kind = str(config.get("video_trajectory", "auto"))
+    if kind not in VIDEO_TRAJECTORIES:
+        raise ConfigError(f"dataset.video_trajectory is {kind!r}; use auto (a full orbit, or a sweep across the "
+                          "cameras' arc when they were all on one side), orbit or sweep.")
+    return kind
 
 
 def holdout_split(n_views: int, split: str, holdout_every: Any) -> List[int]:
@@ -257,6 +267,7 @@ class SceneDataModule(pl.LightningDataModule):
         self.splits: Dict[str, SceneData] = {}
         if config.get("n_test_traj_steps") is not None:  # read at the test after training: checked before it
             number_at_least(config.n_test_traj_steps, "dataset.n_test_traj_steps", 1)
+        video_trajectory(config)
 
     def split_name(self, stage: str) -> str:
         """The split a stage reads: ``dataset.<stage>_split`` (instant-nsr-pl's keys), else the stage's own name.

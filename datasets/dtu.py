@@ -13,7 +13,8 @@ inside the unit sphere); ``world_from_scene`` is ``scale_mat``, so meshes go
 back to the DTU world frame. ``holdout_every: k`` holds out every k-th view
 for val/test metrics; otherwise the test split is an orbit fitted to the
 cameras (video only, no metrics). The test video follows that orbit
-(``n_test_traj_steps`` frames) in both cases (split ``trajectory``).
+(``n_test_traj_steps`` frames) in both cases (split ``trajectory``), or, for
+cameras all on one side, sweeps across their arc (``dataset.video_trajectory``).
 """
 from __future__ import annotations
 
@@ -27,10 +28,10 @@ import torch
 
 import datasets
 from datasets.base import (DatasetError, SceneData, SceneDataModule, holdout_split, other_layout_hint,
-                           where_the_scene_is)
+                           video_trajectory, where_the_scene_is)
 from datasets.images import (common_target_size, load_images, mask_for_image, missing_root_message, read_image,
                              stored_size)
-from datasets.rays import cameras_up, opencv_look_at, opencv_to_opengl
+from datasets.rays import cameras_up, opencv_look_at, opencv_to_opengl, video_azimuths
 from utils.config import number_at_least
 from utils.mesh_metrics import (dtu_evaluation_files, dtu_protocol, inside_mask_hull, load_dtu_evaluation,
                                 uniform_surface_points)
@@ -140,11 +141,12 @@ def masked_views(root: str, cameras_file: Optional[str] = None, image_pattern: O
     return views, [read_image(masks[i])[..., :3].max(axis=-1) > 127 for i in indices]
 
 
-def orbit_trajectory(c2w_cv: np.ndarray, n_frames: int) -> np.ndarray:
+def orbit_trajectory(c2w_cv: np.ndarray, n_frames: int, kind: str = "auto") -> np.ndarray:
     """(n, 4, 4) OpenCV c2w on a circle fitted to the camera centres, looking at the origin.
 
     The circle lies in the plane through the centres (normal oriented along the
-    cameras' mean up vector), at their mean distance from the plane's axis.
+    cameras' mean up vector), at their mean distance from the plane's axis: a full
+    turn, or across the arc the cameras cover (``datasets.rays.video_azimuths``; ``kind`` says which).
     """
     centres = c2w_cv[:, :3, 3]
     mean = centres.mean(0)
@@ -157,8 +159,7 @@ def orbit_trajectory(c2w_cv: np.ndarray, n_frames: int) -> np.ndarray:
     e1 = in_plane[0] / np.linalg.norm(in_plane[0])
     e2 = np.cross(normal, e1)
     poses = []
-    for k in range(n_frames):
-        a = 2 * np.pi * k / n_frames
+    for a in video_azimuths(np.arctan2(in_plane @ e2, in_plane @ e1), n_frames, 0.0, kind):
         eye = height * normal + radius * (np.cos(a) * e1 + np.sin(a) * e2)
         poses.append(opencv_look_at(eye, np.zeros(3), normal))
     return np.stack(poses)
@@ -226,7 +227,7 @@ def load_dtu_split(config: Any, split: str) -> SceneData:
         names = [os.path.relpath(images[i], root) for i in chosen]
     else:
         n = number_at_least(config.get("n_test_traj_steps", 60), "dataset.n_test_traj_steps", 1)
-        c2w_cv = orbit_trajectory(np.stack(c2ws), n)
+        c2w_cv = orbit_trajectory(np.stack(c2ws), n, video_trajectory(config))
         intr = np.tile(intrinsics(indices[0]), (n, 1))
         images_t = torch.full((n, h, w, 3), 255, dtype=torch.uint8)
         masks_t = torch.full((n, h, w), 255, dtype=torch.uint8)

@@ -26,7 +26,8 @@ the region of interest of the sparse points (nerfstudio's ``ply_file_path``,
 found as the ``colmap`` loader finds it) inside radius r. ``world_from_scene``
 undoes it: meshes come out in the file's frame. ``normalize: false`` keeps
 the file's frame (then set ``model.radius`` to hold the object). The test
-video is then an orbit at the cameras' mean height about the origin.
+video is then an orbit at the cameras' mean height about the origin (or a sweep across their arc:
+``dataset.video_trajectory``).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ import cv2
 import numpy as np
 import torch
 
-from datasets.base import DatasetError, SceneData, holdout_split
+from datasets.base import DatasetError, SceneData, holdout_split, video_trajectory
 from datasets.images import IMAGE_EXTENSIONS, common_target_size, load_images, mask_for_image, read_image
 from datasets.colmap import orbit_at_mean_height, transform_poses, z_up_similarity
 from datasets.colmap_model import Undistorter, import_pycolmap, lookat_point, region_of_interest
@@ -280,13 +281,15 @@ def pinhole_intrinsics(und: Undistorter, width: int, height: int) -> np.ndarray:
 
 
 def _orbit(config, root, meta, frames, c2w_scene, world_from_scene) -> SceneData:
-    """Video cameras (no images): an orbit about +z at the cameras' mean height, with the first frame's lens."""
+    """Video cameras (no images): about +z at the cameras' mean height (a turn, or across their arc), with the first
+    frame's lens."""
     first = load_images([image_path(root, frames[0].get("file_path", ""))])[0]
     und = Undistorter(lens_camera(meta, frames[0], first.shape[1], first.shape[0]))
     w, h = common_target_size(config, [und.size], [frames[0].get("file_path", "")])
     steps = number_at_least(config.get("n_test_traj_steps", 60), "dataset.n_test_traj_steps", 1)
     c2w_cv = opencv_to_opengl(torch.from_numpy(c2w_scene)).numpy()  # the axis flip is its own inverse
-    orbit = opencv_to_opengl(torch.from_numpy(orbit_at_mean_height(c2w_cv, steps)[:, :3, :4]).float())
+    poses = orbit_at_mean_height(c2w_cv, steps, video_trajectory(config))
+    orbit = opencv_to_opengl(torch.from_numpy(poses[:, :3, :4]).float())
     intrinsics = torch.tensor(pinhole_intrinsics(und, w, h), dtype=torch.float32).expand(steps, 4).clone()
     return SceneData(images=torch.full((steps, h, w, 3), 255, dtype=torch.uint8),
                      masks=torch.full((steps, h, w), 255, dtype=torch.uint8), c2w=orbit, intrinsics=intrinsics,

@@ -6,8 +6,12 @@ OpenCV-convention data (DTU, COLMAP) call ``opencv_to_opengl`` once at load.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
+
+log = logging.getLogger("nsr")
 
 _CV_TO_GL = torch.tensor([1.0, -1.0, -1.0])
 
@@ -27,6 +31,43 @@ def opencv_look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray) -> np.nd
     pose = np.eye(4)
     pose[:3, 0], pose[:3, 1], pose[:3, 2], pose[:3, 3] = right, np.cross(forward, right), forward, eye
     return pose
+
+
+VIDEO_TRAJECTORIES = ("auto", "orbit", "sweep")  # dataset.video_trajectory
+# Cameras that leave a wider gap than this around the video's orbit were all on one side of the object (a DTU scan,
+# a facade, a statue against a wall): a full turn would spend the video on a side no camera saw.
+MAX_ORBIT_GAP_DEG = 120.0
+
+
+def covered_arc(azimuths: np.ndarray) -> tuple[float, float]:
+    """(start, span) in radians of the shortest arc that holds every azimuth (N,) (radians, any range): it runs
+    from ``start`` counter-clockwise over ``span``, which is 2 pi less the widest gap between neighbours."""
+    a = np.sort(np.mod(azimuths, 2 * np.pi))
+    gaps = np.diff(np.concatenate([a, a[:1] + 2 * np.pi]))
+    widest = int(np.argmax(gaps))
+    return float(a[(widest + 1) % len(a)]), float(2 * np.pi - gaps[widest])
+
+
+def video_azimuths(camera_azimuths: np.ndarray, n_frames: int, start: float, kind: str = "auto") -> np.ndarray:
+    """(n_frames,) azimuths (radians) of the test video's cameras about its orbit's axis, from the capture
+    cameras' azimuths (N,) about it.
+
+    ``orbit``: a full turn from ``start``. ``sweep``: out and back across the arc the cameras cover, from its
+    middle (a sine, so the video loops without a jump and slows at the ends). ``auto``: a sweep when the cameras
+    leave a gap wider than MAX_ORBIT_GAP_DEG, else the full turn; a sweep is said in the log.
+    """
+    if kind not in VIDEO_TRAJECTORIES:
+        raise ValueError(f"video trajectory {kind!r} is not one of {VIDEO_TRAJECTORIES}")
+    arc_start, span = covered_arc(camera_azimuths)
+    k = np.arange(n_frames)
+    gap = 2 * np.pi - span
+    if kind == "orbit" or (kind == "auto" and gap <= np.radians(MAX_ORBIT_GAP_DEG)):
+        return start + 2 * np.pi * k / n_frames
+    how = "asked for (dataset.video_trajectory=sweep)" if kind == "sweep" else \
+        f"{np.degrees(gap):.0f} degrees of the orbit are unseen; dataset.video_trajectory=orbit turns all round"
+    log.info(f"Test video: a sweep back and forth across the {np.degrees(span):.0f} degrees of the orbit the "
+             f"cameras cover ({how})")
+    return arc_start + span / 2 + span / 2 * np.sin(2 * np.pi * k / n_frames)
 
 
 def turn_pose_clockwise(c2w_cv: np.ndarray, quarter_turns: int = 1) -> np.ndarray:

@@ -109,6 +109,29 @@ def test_pinhole_models_give_the_renderers_rays(tmp_path, model, fx, fy):
     assert red == 60 * len(cams)
 
 
+def test_a_capture_from_one_side_sweeps_its_video_across_the_cameras_arc(tmp_path):
+    """Photos from the front half of an object only: the video goes out and back across the cameras' arc (in the
+    normalised frame the loader builds), not round the back; dataset.video_trajectory=orbit still turns all round,
+    and a value that is neither is refused at start-up."""
+    cams = [cam for k, cam in enumerate(cameras_with(50.0, 50.0, n=16)) if k in (14, 15, 0, 1, 2, 3)]  # 135 degrees
+    write_capture(tmp_path, cams, "SIMPLE_PINHOLE", [50.0, 31.0, 25.5], lambda cam: np.zeros((H, W, 3), np.uint8))
+
+    def azimuths(poses):
+        return np.degrees(np.arctan2(poses[:, 1, 3], poses[:, 0, 3]))
+
+    train = load(tmp_path).split("train").c2w.numpy()
+    first = azimuths(train)[0]
+    seen = np.mod(azimuths(train) - first + 180, 360) - 180  # about the first camera: no wrap inside the arc
+    video = np.mod(azimuths(load(tmp_path, n_test_traj_steps=16).split("trajectory").c2w.numpy()) - first + 180,
+                   360) - 180
+    assert np.isclose(video.min(), seen.min(), atol=1e-3) and np.isclose(video.max(), seen.max(), atol=1e-3)
+    assert 60 < seen.max() - seen.min() < 180  # 112.5 degrees about the world's up; the estimated up is tilted
+    orbit = azimuths(load(tmp_path, n_test_traj_steps=16, video_trajectory="orbit").split("trajectory").c2w.numpy())
+    np.testing.assert_allclose(np.diff(np.sort(np.mod(orbit, 360))), 22.5, atol=1e-3)
+    with pytest.raises(ConfigError, match="dataset.video_trajectory is 'spiral'; use auto"):
+        load(tmp_path, video_trajectory="spiral")
+
+
 def test_opencv_lens_is_undistorted_at_load(tmp_path, monkeypatch):
     monkeypatch.setitem(globals(), "W", 128)  # finer pixels: interpolation error well below the lens' displacement
     monkeypatch.setitem(globals(), "H", 96)

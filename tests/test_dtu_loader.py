@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from datasets.base import DatasetError
 from datasets.dtu import load_dtu_split, orbit_trajectory
-from datasets.synthetic import DemoScene, orbit_cameras, write_dtu
+from datasets.synthetic import DemoScene, look_at, orbit_cameras, write_dtu
 from helpers import max_ray_angle_deg
 
 WORLD_FROM_SCENE = np.array([[1.7, 0, 0, 0.3], [0, 1.7, 0, -0.2], [0, 0, 1.7, 0.5], [0, 0, 0, 1.0]])
@@ -182,6 +182,43 @@ def test_orbit_trajectory_up_follows_the_cameras():
     heights = poses[:, 2, 3]
     np.testing.assert_allclose(heights, 3.0 * np.sin(np.radians(40)), atol=1e-6)
     assert (poses[:, 2, 1] < 0).all(), "camera 'down' axis points down in a z-up world"
+
+
+def test_a_capture_from_one_side_gets_a_video_across_its_arc_not_round_the_back(caplog):
+    """A phone walked half round an object (or a facade): a full turn spent half the video on the side no camera
+    saw. Cameras leaving a gap wider than 120 degrees get a sweep out and back across their arc instead; cameras
+    all round (and a DTU-like cap, whose fitted circle stays inside it) keep the full turn."""
+    from datasets.colmap import orbit_at_mean_height
+    from datasets.rays import covered_arc, video_azimuths
+
+    start, span = covered_arc(np.radians([350.0, 10.0, 40.0, 300.0]))  # across 0: from 300 to 40 degrees
+    assert np.isclose(np.degrees(start), 300.0) and np.isclose(np.degrees(span), 100.0)
+    sweep = np.degrees(video_azimuths(np.radians([300.0, 350.0, 40.0]), 12, 0.0))
+    np.testing.assert_allclose(sweep[[0, 3, 9]], [350.0, 400.0, 300.0])  # from the middle to each end, and back
+    assert np.abs(np.diff(np.concatenate([sweep, sweep[:1]]))).max() < 30.0  # a loop: no jump back at the end
+    np.testing.assert_allclose(video_azimuths(np.radians([300.0, 350.0, 40.0]), 4, 0.5, "orbit"),
+                               0.5 + np.arange(4) * np.pi / 2)
+
+    def on_azimuths(azimuths_deg, elevations_deg=(20,)):
+        return np.stack([look_at(3 * np.array([np.cos(e) * np.cos(a), np.cos(e) * np.sin(a), np.sin(e)]), np.zeros(3))
+                         for e in np.radians(elevations_deg) for a in np.radians(azimuths_deg)])
+
+    def azimuths_deg(poses):
+        return np.degrees(np.arctan2(poses[:, 1, 3], poses[:, 0, 3]))
+
+    half_round = on_azimuths(np.linspace(-90, 90, 13))
+    for orbit in (orbit_trajectory, orbit_at_mean_height):
+        with caplog.at_level("INFO", logger="nsr"):
+            video = azimuths_deg(orbit(half_round, 24))
+        assert np.abs(video).max() <= 90.0 + 1e-6 and video.min() < -89.9 and video.max() > 89.9, orbit.__name__
+        assert "sweep back and forth across the 180 degrees" in caplog.text
+        np.testing.assert_allclose(np.sort(np.mod(azimuths_deg(orbit(half_round, 24, "orbit")), 360)),
+                                   np.arange(24) * 15.0, atol=1e-6)  # asked for: the full turn
+        all_round = on_azimuths(np.arange(0, 360, 30))
+        np.testing.assert_array_equal(orbit(all_round, 24), orbit(all_round, 24, "orbit"))
+    cap = on_azimuths(np.linspace(-50, 50, 7), np.linspace(15, 45, 7))  # DTU's cameras: a cap in front
+    np.testing.assert_array_equal(orbit_trajectory(cap, 24), orbit_trajectory(cap, 24, "orbit"))
+    assert np.abs(azimuths_deg(orbit_trajectory(cap, 24))).max() < 50.0  # its circle goes round the cap's axis
 
 
 def test_images_show_the_textured_surroundings_outside_the_mask(scene_dir):
