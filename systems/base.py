@@ -59,7 +59,7 @@ def host_values(values: Dict[str, Any]) -> Dict[str, float]:
 
 
 MESH_METHODS = {"mc": "mc", "mc-cuda": "mc", "tsdf": "tsdf"}  # instant-nsr-pl's mc-cuda: the same zero level set
-MESH_FORMATS = ("obj", "ply")
+MESH_FORMATS = ("obj", "ply", "glb")
 
 
 def check_export_options(config: Any) -> None:
@@ -80,7 +80,7 @@ def check_export_options(config: Any) -> None:
     export_cfg = config.get("export") or {}
     fmt = str(export_cfg.get("mesh_format", "obj")).lower()
     if fmt not in MESH_FORMATS:
-        raise ConfigError(f"export.mesh_format={fmt!r}; use obj or ply.")
+        raise ConfigError(f"export.mesh_format={fmt!r}; use obj, ply or glb.")
     for key, minimum in (("chunk_size", 1), ("video_fps", 1), ("video_max_width", 0)):
         if export_cfg.get(key) is not None:
             number_at_least(export_cfg.get(key), f"export.{key}", minimum)

@@ -98,6 +98,24 @@ def test_obj_with_vertex_colours_reads_back(tmp_path):
     assert len(first_v.split()) == 7, "MeshLab reads colours from 'v x y z r g b'"
 
 
+def test_glb_keeps_the_vertex_colours_as_gltf_color_0(tmp_path):
+    import json
+    import struct
+
+    mesh = trimesh.creation.icosphere(subdivisions=2)
+    colours = np.random.default_rng(0).random((len(mesh.vertices), 3))
+    path = str(tmp_path / "m.glb")
+    write_mesh(path, mesh.vertices * 300.0, mesh.faces, colours)  # a DTU world: millimetres
+    back = trimesh.load(path, force="mesh", process=False)
+    np.testing.assert_allclose(back.vertices, mesh.vertices * 300.0, rtol=1e-6, atol=1e-4)  # float32 in glTF
+    np.testing.assert_array_equal(back.faces, mesh.faces)
+    np.testing.assert_allclose(back.visual.vertex_colors[:, :3] / 255.0, colours, atol=1 / 255 + 1e-6)
+    with open(path, "rb") as f:
+        magic, version, _, json_length, _ = struct.unpack("<4sIIII", f.read(20))
+        primitive = json.loads(f.read(json_length))["meshes"][0]["primitives"][0]
+    assert magic == b"glTF" and version == 2 and set(primitive["attributes"]) == {"POSITION", "COLOR_0"}
+
+
 def test_mesh_and_video_options_are_checked_before_training():
     """A typo in an export option fails at start-up in one sentence, not after hours of training."""
     from omegaconf import OmegaConf
@@ -112,7 +130,7 @@ def test_mesh_and_video_options_are_checked_before_training():
     check_export_options(config({"method": "mc-cuda"}, {"mesh_format": "PLY", "video_fps": 12,
                                                          "video_max_width": 0}))  # accepted
     for bad, words in ((({"method": "tdsf"}, None), "isosurface.method='tdsf' is not a meshing method"),
-                       ((None, {"mesh_format": "stl"}), "export.mesh_format='stl'; use obj or ply"),
+                       ((None, {"mesh_format": "stl"}), "export.mesh_format='stl'; use obj, ply or glb"),
                        ((None, {"video_fps": 0}), "export.video_fps"),
                        ((None, {"video_max_width": -1}), "export.video_max_width must be a whole number >= 0"),
                        ((None, {"chunk_size": "big"}), "export.chunk_size"),

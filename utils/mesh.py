@@ -142,7 +142,8 @@ def largest_component(vertices: np.ndarray, faces: np.ndarray,
 
 
 def write_mesh(path: str, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None) -> None:
-    """Write OBJ/PLY (by extension) with optional per-vertex colours in [0, 1], atomically."""
+    """Write OBJ, PLY or GLB (glTF binary: COLOR_0) by extension, with optional per-vertex colours in [0, 1],
+    atomically."""
     visual = None
     if colors is not None:
         rgba = np.concatenate([np.clip(colors, 0, 1), np.ones((len(colors), 1))], axis=1)
