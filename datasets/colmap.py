@@ -136,14 +136,14 @@ def transform_poses(scene_from_world: np.ndarray, c2w: np.ndarray) -> np.ndarray
     return out
 
 
-def orbit_at_mean_height(c2w: np.ndarray, n_frames: int, kind: str = "auto") -> np.ndarray:
+def orbit_at_mean_height(c2w: np.ndarray, n_frames: int, kind: str = "auto", log_sweep: bool = True) -> np.ndarray:
     """(n, 4, 4) OpenCV c2w about the z axis at the cameras' mean height and distance, looking at the origin: a
     full turn, or across the arc the cameras cover (``datasets.rays.video_azimuths``; ``kind`` says which)."""
     centres = c2w[:, :3, 3]
     height, radius = centres[:, 2].mean(), np.linalg.norm(centres[:, :2], axis=1).mean()
     azimuths = np.arctan2(centres[:, 1], centres[:, 0])
     poses = []
-    for a in video_azimuths(azimuths, n_frames, azimuths[0], kind):
+    for a in video_azimuths(azimuths, n_frames, azimuths[0], kind, log_sweep):
         eye = np.array([radius * np.cos(a), radius * np.sin(a), height])
         poses.append(opencv_look_at(eye, np.zeros(3), np.array([0.0, 0.0, 1.0])))
     return np.stack(poses)
@@ -258,7 +258,7 @@ def load_colmap_split(config: Any, split: str, capture: Optional[Capture] = None
         names, has_gt = [capture.names[k] for k in chosen], True
     else:
         steps = number_at_least(config.get("n_test_traj_steps", 60), "dataset.n_test_traj_steps", 1)
-        c2w_cv = orbit_at_mean_height(capture.c2w, steps, video_trajectory(config))
+        c2w_cv = orbit_at_mean_height(capture.c2w, steps, video_trajectory(config), log_sweep=split != "val")
         fx, fy, cx, cy = capture.intrinsics(0)
         # framed as most photos are shown (photos of mixed orientations are used as stored)
         turns = int(np.bincount((capture.quarter_turns - capture.upright) % 4, minlength=4).argmax())

@@ -141,7 +141,7 @@ def masked_views(root: str, cameras_file: Optional[str] = None, image_pattern: O
     return views, [read_image(masks[i])[..., :3].max(axis=-1) > 127 for i in indices]
 
 
-def orbit_trajectory(c2w_cv: np.ndarray, n_frames: int, kind: str = "auto") -> np.ndarray:
+def orbit_trajectory(c2w_cv: np.ndarray, n_frames: int, kind: str = "auto", log_sweep: bool = True) -> np.ndarray:
     """(n, 4, 4) OpenCV c2w on a circle fitted to the camera centres, looking at the origin.
 
     The circle lies in the plane through the centres (normal oriented along the
@@ -159,7 +159,7 @@ def orbit_trajectory(c2w_cv: np.ndarray, n_frames: int, kind: str = "auto") -> n
     e1 = in_plane[0] / np.linalg.norm(in_plane[0])
     e2 = np.cross(normal, e1)
     poses = []
-    for a in video_azimuths(np.arctan2(in_plane @ e2, in_plane @ e1), n_frames, 0.0, kind):
+    for a in video_azimuths(np.arctan2(in_plane @ e2, in_plane @ e1), n_frames, 0.0, kind, log_sweep):
         eye = height * normal + radius * (np.cos(a) * e1 + np.sin(a) * e2)
         poses.append(opencv_look_at(eye, np.zeros(3), normal))
     return np.stack(poses)
@@ -227,7 +227,7 @@ def load_dtu_split(config: Any, split: str) -> SceneData:
         names = [os.path.relpath(images[i], root) for i in chosen]
     else:
         n = number_at_least(config.get("n_test_traj_steps", 60), "dataset.n_test_traj_steps", 1)
-        c2w_cv = orbit_trajectory(np.stack(c2ws), n, video_trajectory(config))
+        c2w_cv = orbit_trajectory(np.stack(c2ws), n, video_trajectory(config), log_sweep=split != "val")
         intr = np.tile(intrinsics(indices[0]), (n, 1))
         images_t = torch.full((n, h, w, 3), 255, dtype=torch.uint8)
         masks_t = torch.full((n, h, w), 255, dtype=torch.uint8)

@@ -226,7 +226,7 @@ def load_ngp_split(config: Any, path: str, split: str) -> SceneData:
     world_from_scene = np.linalg.inv(scene_from_world)
     chosen = holdout_split(len(frames), split, config.get("holdout_every", 8))
     if not chosen:  # the video trajectory, or val/test when nothing is held out
-        return _orbit(config, root, meta, frames, c2w_scene, world_from_scene)
+        return _orbit(config, root, meta, frames, c2w_scene, world_from_scene, log_sweep=split != "val")
     paths = [image_path(root, frames[i].get("file_path", "")) for i in chosen]
     undistorters: Dict[tuple, Undistorter] = {}
     pinhole = []  # (undistorted image, its undistorted mask_path mask or None, its Undistorter)
@@ -280,7 +280,7 @@ def pinhole_intrinsics(und: Undistorter, width: int, height: int) -> np.ndarray:
     return np.array([und.K[0, 0] * sx, und.K[1, 1] * sy, und.K[0, 2] * sx, und.K[1, 2] * sy])
 
 
-def _orbit(config, root, meta, frames, c2w_scene, world_from_scene) -> SceneData:
+def _orbit(config, root, meta, frames, c2w_scene, world_from_scene, log_sweep: bool = True) -> SceneData:
     """Video cameras (no images): about +z at the cameras' mean height (a turn, or across their arc), with the first
     frame's lens."""
     first = load_images([image_path(root, frames[0].get("file_path", ""))])[0]
@@ -288,7 +288,7 @@ def _orbit(config, root, meta, frames, c2w_scene, world_from_scene) -> SceneData
     w, h = common_target_size(config, [und.size], [frames[0].get("file_path", "")])
     steps = number_at_least(config.get("n_test_traj_steps", 60), "dataset.n_test_traj_steps", 1)
     c2w_cv = opencv_to_opengl(torch.from_numpy(c2w_scene)).numpy()  # the axis flip is its own inverse
-    poses = orbit_at_mean_height(c2w_cv, steps, video_trajectory(config))
+    poses = orbit_at_mean_height(c2w_cv, steps, video_trajectory(config), log_sweep)
     orbit = opencv_to_opengl(torch.from_numpy(poses[:, :3, :4]).float())
     intrinsics = torch.tensor(pinhole_intrinsics(und, w, h), dtype=torch.float32).expand(steps, 4).clone()
     return SceneData(images=torch.full((steps, h, w, 3), 255, dtype=torch.uint8),

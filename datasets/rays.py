@@ -48,13 +48,15 @@ def covered_arc(azimuths: np.ndarray) -> tuple[float, float]:
     return float(a[(widest + 1) % len(a)]), float(2 * np.pi - gaps[widest])
 
 
-def video_azimuths(camera_azimuths: np.ndarray, n_frames: int, start: float, kind: str = "auto") -> np.ndarray:
+def video_azimuths(camera_azimuths: np.ndarray, n_frames: int, start: float, kind: str = "auto",
+                   log_sweep: bool = True) -> np.ndarray:
     """(n_frames,) azimuths (radians) of the test video's cameras about its orbit's axis, from the capture
     cameras' azimuths (N,) about it.
 
     ``orbit``: a full turn from ``start``. ``sweep``: out and back across the arc the cameras cover, from its
     middle (a sine, so the video loops without a jump and slows at the ends). ``auto``: a sweep when the cameras
-    leave a gap wider than MAX_ORBIT_GAP_DEG, else the full turn; a sweep is said in the log.
+    leave a gap wider than MAX_ORBIT_GAP_DEG, else the full turn. A sweep is said in the log with ``log_sweep``
+    (the loaders' val split, the same path when nothing is held out, says nothing).
     """
     if kind not in VIDEO_TRAJECTORIES:
         raise ValueError(f"video trajectory {kind!r} is not one of {VIDEO_TRAJECTORIES}")
@@ -63,10 +65,11 @@ def video_azimuths(camera_azimuths: np.ndarray, n_frames: int, start: float, kin
     gap = 2 * np.pi - span
     if kind == "orbit" or (kind == "auto" and gap <= np.radians(MAX_ORBIT_GAP_DEG)):
         return start + 2 * np.pi * k / n_frames
-    how = "asked for (dataset.video_trajectory=sweep)" if kind == "sweep" else \
-        f"{np.degrees(gap):.0f} degrees of the orbit are unseen; dataset.video_trajectory=orbit turns all round"
-    log.info(f"Test video: a sweep back and forth across the {np.degrees(span):.0f} degrees of the orbit the "
-             f"cameras cover ({how})")
+    if log_sweep:
+        how = "dataset.video_trajectory=sweep" if kind == "sweep" else \
+            f"{np.degrees(gap):.0f} degrees of it unseen; dataset.video_trajectory=orbit turns all round"
+        log.info(f"Test video: a sweep back and forth across the {np.degrees(span):.0f} degrees of the orbit the "
+                 f"cameras cover ({how})")
     return arc_start + span / 2 + span / 2 * np.sin(2 * np.pi * k / n_frames)
 
 

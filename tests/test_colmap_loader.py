@@ -109,7 +109,7 @@ def test_pinhole_models_give_the_renderers_rays(tmp_path, model, fx, fy):
     assert red == 60 * len(cams)
 
 
-def test_a_capture_from_one_side_sweeps_its_video_across_the_cameras_arc(tmp_path):
+def test_a_capture_from_one_side_sweeps_its_video_across_the_cameras_arc(tmp_path, caplog):
     """Photos from the front half of an object only: the video goes out and back across the cameras' arc (in the
     normalised frame the loader builds), not round the back; dataset.video_trajectory=orbit still turns all round,
     and a value that is neither is refused at start-up."""
@@ -126,6 +126,12 @@ def test_a_capture_from_one_side_sweeps_its_video_across_the_cameras_arc(tmp_pat
                    360) - 180
     assert np.isclose(video.min(), seen.min(), atol=1e-3) and np.isclose(video.max(), seen.max(), atol=1e-3)
     assert 60 < seen.max() - seen.min() < 180  # 112.5 degrees about the world's up; the estimated up is tilted
+    nothing_held_out = load(tmp_path, holdout_every=0)  # val and test are the video's path: said once, for the test
+    with caplog.at_level("INFO", logger="nsr"):
+        nothing_held_out.split("val")
+        assert "sweep" not in caplog.text
+        nothing_held_out.split("test")
+    assert caplog.text.count("Test video: a sweep back and forth across the") == 1
     orbit = azimuths(load(tmp_path, n_test_traj_steps=16, video_trajectory="orbit").split("trajectory").c2w.numpy())
     np.testing.assert_allclose(np.diff(np.sort(np.mod(orbit, 360))), 22.5, atol=1e-3)
     with pytest.raises(ConfigError, match="dataset.video_trajectory is 'spiral'; use auto"):
