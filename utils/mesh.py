@@ -92,17 +92,18 @@ def marching_cubes(field: FieldFn, bounds: np.ndarray, resolution: int, threshol
     coarse_res = min(coarse_resolution, resolution)
     coarse = inside_volume(lo, hi, coarse_res)
     cell = (hi - lo) / (coarse_res - 1)
-    inside = np.argwhere(coarse > 0)
+    inside_points = np.argwhere(coarse > 0)
     # an SDF's surface lies within half a cell's diagonal of some coarse point, whose value is then at most that
-    near = np.argwhere(coarse > -0.5 * float(np.linalg.norm(cell))) if distance_field else inside[:0]
-    if len(inside) == 0 and len(near) == 0:
+    near_points = np.argwhere(coarse > -0.5 * float(np.linalg.norm(cell))) if distance_field else inside_points[:0]
+    if len(inside_points) == 0 and len(near_points) == 0:
         raise MeshError(f"The field has no surface at threshold {threshold} inside the box "
                         f"{lo.round(3).tolist()} - {hi.round(3).tolist()} (field range "
                         f"{float(sign * coarse.min() + threshold):.4g} to {float(sign * coarse.max() + threshold):.4g}); "
                         "train longer or change isosurface.threshold.")
     # cells: 2 around the inside points (a heuristic margin), 1 around those near an SDF's surface (enough there)
-    first = np.min([points.min(0) - margin for points, margin in ((inside, 2), (near, 1)) if len(points)], axis=0)
-    last = np.max([points.max(0) + margin for points, margin in ((inside, 2), (near, 1)) if len(points)], axis=0)
+    boxes = [(points.min(0) - margin, points.max(0) + margin)
+             for points, margin in ((inside_points, 2), (near_points, 1)) if len(points)]
+    first, last = np.min([b[0] for b in boxes], axis=0), np.max([b[1] for b in boxes], axis=0)
     tight_lo = np.maximum(lo, lo + first * cell)
     tight_hi = np.minimum(hi, lo + last * cell)
     while True:
