@@ -7,8 +7,9 @@ loaders only hand out image indices, as in instant-nsr-pl.
 """
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -19,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from datasets.rays import VIDEO_TRAJECTORIES, get_rays, image_directions, pixel_directions
 from utils.config import ConfigError, number_at_least
 
+log = logging.getLogger("nsr")
 
 class DatasetError(ValueError):
     """Bad or missing input data; the message says what is wrong and what to do."""
@@ -95,6 +97,16 @@ def configs_reading(loader: str) -> List[str]:
             if OmegaConf.select(OmegaConf.load(path), "dataset.name", default=None) == loader]
 
 
+def spread_positions(n: int, k: int) -> List[int]:
+    """``min(n, k)`` distinct positions in ``range(n)`` spread evenly over it, ordered so that every prefix is spread
+    too (0, n/2, n/4, 3n/4, ...): a validation limited to its first views (``trainer.limit_val_batches``) still
+    sees the capture from far-apart cameras, not two neighbours."""
+    k = min(n, k)
+    bits = max(k - 1, 0).bit_length()
+    order = sorted(range(1 << bits), key=lambda i: int(format(i, f"0{bits}b")[::-1] or "0", 2))
+    return [i * n // k for i in order if i < k]
+
+
 def video_trajectory(config: Any) -> str:
     """``dataset.video_trajectory`` (default auto): how the test video moves about the object
     (``datasets.rays.video_azimuths``); a ConfigError names the choices."""
@@ -143,6 +155,7 @@ class SceneData:
     world_from_scene: np.ndarray = field(default_factory=lambda: np.eye(4))
     has_gt: bool = True  # False for a camera trajectory without images (video only, no metrics)
     trained_pixels: Optional[torch.Tensor] = None
+    trained_on: bool = False  # True for views the model trains on (validation when no view is held out)
 
     def __post_init__(self) -> None:
         """A camera with a NaN or infinite entry, or a focal length <= 0, would fail deep inside training;
@@ -164,6 +177,13 @@ class SceneData:
     @property
     def n_images(self) -> int:
         return self.images.shape[0]
+
+    def views(self, positions: List[int]) -> "SceneData":
+        """The views at ``positions`` (copies of their images), scored on their whole image: a subset of the
+        training views has no pixels left out of training."""
+        at = torch.as_tensor(positions, dtype=torch.long)
+        return replace(self, images=self.images[at], masks=self.masks[at], c2w=self.c2w[at],
+                       intrinsics=self.intrinsics[at], names=[self.names[i] for i in positions], trained_pixels=None)
 
     @property
     def height(self) -> int:
@@ -281,11 +301,27 @@ class SceneDataModule(pl.LightningDataModule):
             self.splits[name] = self.load_split(self.config, name)
         return self.splits[name]
 
+    VALIDATION_TRAINING_VIEWS = 8  # validated when no view is held out
+
+    def validation_split(self) -> SceneData:
+        """The val split. When no view is held out (``dataset.holdout_every: 0``, as DTU's and COLMAP configs
+        train), its views are the video path, with no image to compare with: validation then renders training
+        views spread over the capture instead, so it still shows a ground truth beside the render and a PSNR
+        (of the fit, not of new views), as instant-nsr-pl's validation on training views does."""
+        val = self.split("val")
+        if val.has_gt:
+            return val
+        train = self.split("train")
+        chosen = train.views(spread_positions(train.n_images, self.VALIDATION_TRAINING_VIEWS))
+        log.info(f"Validation renders {chosen.n_images} of the {train.n_images} training views (no view is held "
+                 "out; dataset.holdout_every: k > 0 holds out every k-th): its PSNR measures the fit, not new views.")
+        return replace(chosen, trained_on=True)
+
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit"):
-            self.train_data, self.val_data = self.split("train"), self.split("val")
+            self.train_data, self.val_data = self.split("train"), self.validation_split()
         if stage == "validate":
-            self.val_data = self.split("val")
+            self.val_data = self.validation_split()
         if stage in (None, "test", "predict"):
             self.test_data = self.split("test")
 

@@ -292,28 +292,25 @@ class BaseSystem(pl.LightningModule):
         index = int(batch["index"][0])
         if index < 0:  # on several devices, a rank whose share of the views is one short (datasets.base)
             return
-        data = self.data("val")
+        data = self.data("val")  # held-out views, or training views when none is (datasets.base.validation_split)
         out, rays = self.render_image("val", index)
-        if data.has_gt:
-            self.metrics.update(out[self.rgb_key].view(data.height, data.width, 3),
-                                rays["rgb"].view(data.height, data.width, 3))
+        self.metrics.update(out[self.rgb_key].view(data.height, data.width, 3),
+                            rays["rgb"].view(data.height, data.width, 3))
         write_image(self.save_path(f"it{self.step}-{index}.png"),
-                    image_grid(self.eval_panels(out, data, data.has_gt, rays["rgb"])))
+                    image_grid(self.eval_panels(out, data, True, rays["rgb"])))
         self.validated_views += 1
 
     def on_validation_epoch_end(self):
-        data, psnr = self.data("val"), ""
-        if data.has_gt:  # no held-out views: no metric against blank images
-            scores = self.metrics.compute()
-            self.log("val/psnr", scores["psnr"], prog_bar=True, sync_dist=True)
-            psnr = f", PSNR {float(scores['psnr']):.2f}"
+        scores = self.metrics.compute()
+        self.log("val/psnr", scores["psnr"], prog_bar=True, sync_dist=True)
         self.metrics.reset()
         if self.mode == "validate":  # training's validations show on the bar
             views = int(self.trainer.strategy.reduce(torch.tensor(self.validated_views, device=self.device),
                                                      reduce_op="sum"))  # every rank's share
-            what = "held-out views" if data.has_gt else "views along the video trajectory (no views held out)"
+            what = "training views (none is held out)" if self.data("val").trained_on else "held-out views"
             if self.trainer.is_global_zero:
-                log.info(f"Validation: {views} {what}{psnr}: {self.save_path(f'it{self.step}-<view>.png')}")
+                log.info(f"Validation: {views} {what}, PSNR {float(scores['psnr']):.2f}: "
+                         f"{self.save_path(f'it{self.step}-<view>.png')}")
         self.validated_views = 0
 
     def on_test_epoch_start(self):

@@ -391,3 +391,36 @@ def test_neus_test_images_show_the_surface_normal_between_render_and_depth():
     assert np.abs(depth.astype(int) - surface.astype(int)).max() <= 1
     del out["comp_normal"]  # NeRF's output: no normal panel
     assert len(system.eval_panels(out, SimpleNamespace(height=h, width=w), True, torch.zeros(6, 3))) == 4
+
+
+def test_with_no_view_held_out_validation_scores_training_views_spread_over_the_capture(tmp_path, caplog):
+    """neus-dtu and the COLMAP configs hold no view out. Validation then rendered the video path: no image beside
+    the render and no val/psnr in TensorBoard for the whole run. It now renders training views, far apart first
+    (trainer.limit_val_batches: 2 is two views half the capture apart, not two neighbours), and scores them."""
+    import imageio.v2 as imageio
+    import numpy as np
+    import pytorch_lightning as pl
+
+    with caplog.at_level("INFO", logger="nsr"):
+        system, dm = training_system("configs/neus-demo.yaml", tmp_path, "model.grid_resolution=16",
+                                     "dataset.holdout_every=0", "dataset.img_wh=[24,24]")
+    train, val = dm.train_data, dm.val_data
+    assert train.n_images == 48 and val.n_images == 8 and val.has_gt and val.trained_on
+    assert "Validation renders 8 of the 48 training views (no view is held out" in caplog.text
+    for k, position in enumerate([0, 24, 12, 36, 6, 30, 18, 42]):
+        assert val.names[k] == train.names[position]
+        assert torch.equal(val.c2w[k], train.c2w[position]) and torch.equal(val.images[k], train.images[position])
+    trainer = pl.Trainer(accelerator="cpu", logger=False, limit_val_batches=2, enable_progress_bar=False,
+                         enable_model_summary=False, inference_mode=False)  # NeuS's normals need gradients
+    trainer.validate(system, datamodule=dm)
+    assert torch.isfinite(trainer.callback_metrics["val/psnr"])
+    for k in (0, 1):
+        grid = imageio.imread(tmp_path / f"it0-{k}.png")
+        assert grid.shape[:2] == (24, 5 * 24)  # ground truth | render | normal | depth | opacity
+        rays = val.image_rays(k)
+        m = rays["fg_mask"][:, None]  # the demo's masks applied, as to every rendered view's ground truth
+        gt = np.round(255 * (rays["rgb"] * m + 1 - m).view(24, 24, 3).numpy())
+        assert np.abs(grid[:, :24].astype(int) - gt).max() <= 1
+    # with views held out, validation is those views, as before
+    held = training_system("configs/neus-demo.yaml", tmp_path, "dataset.img_wh=[24,24]")[1].val_data
+    assert held.n_images == 6 and not held.trained_on and held.names[0] == "image/000000.png"
