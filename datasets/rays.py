@@ -106,6 +106,21 @@ def cameras_up(c2w_cv: np.ndarray, quarter_turns=None) -> np.ndarray:
     return up / max(np.linalg.norm(up), 1e-12)
 
 
+def level_up(c2w_cv: np.ndarray) -> np.ndarray:
+    """(3,) unit up of the world the cameras (N, 4, 4, OpenCV) were held level in: the direction closest to
+    perpendicular to every camera's x axis (a level camera's x axis is horizontal, whatever its pitch), oriented
+    along ``cameras_up``. Unlike the mean of the cameras' up vectors, it does not lean towards the object the
+    cameras look down on. When the x axes do not span a plane (every camera facing the same way), the cameras'
+    mean up."""
+    rights = c2w_cv[:, :3, 0]
+    spread, axes = np.linalg.eigh(rights.T @ rights)  # ascending
+    mean_up = cameras_up(c2w_cv)
+    if spread[1] < 1e-3 * spread[2]:
+        return mean_up
+    up = axes[:, 0]
+    return up if up @ mean_up >= 0 else -up
+
+
 def pixel_directions(x: torch.Tensor, y: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
     """Camera-space ray directions through pixel centres, OpenGL convention (z = -1).
 
