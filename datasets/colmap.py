@@ -9,9 +9,9 @@ and match their image by stem, whatever the extension (``img_0012.png`` or
 COLMAP's ``img_0012.jpg.png`` for ``img_0012.jpg``).
 
 Normalisation (instant-nsr-pl's keys): the up direction from the cameras
-(``up_est_method: camera``, the mean of the directions the photos are shown
-as up: their top row, or, for phone photos with an EXIF orientation, the side
-a viewer turns to the top) or from a plane
+(``up_est_method: camera``, the direction square to every photo's horizontal
+as shown: its top row's direction, or, for phone photos with an EXIF orientation, that of the side a viewer turns
+to the top; ``datasets.rays.level_up``) or from a plane
 fitted to the sparse points about the object (``ground``) becomes +z; the
 centre is the cameras' mean (``center_est_method: camera``), the point their
 optical axes pass closest to (``lookat``) or the centre of the region of
@@ -47,7 +47,7 @@ from datasets.images import (EXIF_QUARTER_TURNS, IMAGE_EXTENSIONS, common_target
                              mask_for_image, missing_root_message, quarter_turns_to_apply, read_image, reading)
 from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
                                    read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
-from datasets.rays import (cameras_up, opencv_look_at, opencv_to_opengl, turn_intrinsics_clockwise, video_azimuths,
+from datasets.rays import (level_up, opencv_look_at, opencv_to_opengl, turn_intrinsics_clockwise, video_azimuths,
                           turn_pose_clockwise)
 from utils.config import number_at_least
 
@@ -89,7 +89,7 @@ def normalisation(c2w: np.ndarray, xyz: np.ndarray, track: np.ndarray, config: A
     c2w: (N, 4, 4) OpenCV; quarter_turns: (N,) how each photo is turned to be shown (EXIF), for the cameras' up.
     """
     centres = c2w[:, :3, 3]
-    camera_up = cameras_up(c2w, quarter_turns)
+    camera_up = level_up(c2w, quarter_turns)
     roi_centre, roi_radius, roi_keep = region_of_interest(xyz, track, c2w)
     method = config.get("up_est_method", "camera")
     if method == "ground":

@@ -17,8 +17,8 @@ scored on their whole image, as nerfstudio does.
 
 Normalisation (``normalize``, default true). Such files come in whatever
 frame their tool left: nerfstudio's ``ns-process-data`` keeps COLMAP's, whose
-origin sits at a camera and whose scale is arbitrary. So the cameras' mean up
-becomes +z, the point their optical axes pass closest to becomes the origin,
+origin sits at a camera and whose scale is arbitrary. So the cameras' up
+(``datasets.rays.level_up``: square to every photo's horizontal) becomes +z, the point their optical axes pass closest to becomes the origin,
 and the scale puts the cameras at mean distance ``camera_distance`` (default
 4, where NeRF-synthetic's cameras are and where instant-ngp's colmap2nerf puts
 them, so the Blender configs' ``model.radius`` fits), or, with ``radius: r``,
@@ -44,7 +44,7 @@ from datasets.base import DatasetError, SceneData, holdout_split, video_trajecto
 from datasets.images import IMAGE_EXTENSIONS, common_target_size, load_images, mask_for_image, read_image
 from datasets.colmap import orbit_at_mean_height, transform_poses, z_up_similarity
 from datasets.colmap_model import Undistorter, import_pycolmap, lookat_point, region_of_interest
-from datasets.rays import opencv_to_opengl
+from datasets.rays import level_up, opencv_to_opengl
 from utils.config import number_at_least
 
 log = logging.getLogger("nsr")
@@ -173,15 +173,14 @@ def ply_file_points(root: str, meta: Dict[str, Any]) -> np.ndarray:
 
 def camera_normalisation(c2w: np.ndarray, distance: float, points: Optional[np.ndarray] = None,
                          radius: Optional[float] = None) -> np.ndarray:
-    """(4, 4) similarity scene_from_world for OpenGL c2w (N, 4, 4): mean camera up -> +z, the optical axes'
+    """(4, 4) similarity scene_from_world for OpenGL c2w (N, 4, 4): the cameras' level up -> +z, the optical axes'
     nearest point -> origin, mean camera distance from it -> ``distance``; or, given sparse ``points``
     (P, 3) and ``radius``, their region of interest (the ``colmap`` loader's) scaled to ``radius``."""
     centres = c2w[:, :3, 3]
-    up = c2w[:, :3, 1].mean(0)
-    if np.linalg.norm(up) < 1e-6:
+    if np.linalg.norm(c2w[:, :3, 1].mean(0)) < 1e-6:
         raise DatasetError("The cameras' up directions cancel out; cannot tell which way is up "
                            "(set dataset.normalize=false and model.radius).")
-    up /= np.linalg.norm(up)
+    up = level_up(c2w * np.array([1.0, -1.0, -1.0, 1.0]))  # its OpenCV axes: y and z turned about x
     centre = lookat_point(c2w)  # an optical axis is the same line in OpenGL and OpenCV axes
     ahead = np.einsum("nk,nk->n", centre - centres, -c2w[:, :3, 2])  # OpenGL cameras look down -z
     if len(c2w) < 2 or (ahead > 0).mean() < 0.5:

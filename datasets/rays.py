@@ -106,15 +106,21 @@ def cameras_up(c2w_cv: np.ndarray, quarter_turns=None) -> np.ndarray:
     return up / max(np.linalg.norm(up), 1e-12)
 
 
-def level_up(c2w_cv: np.ndarray) -> np.ndarray:
-    """(3,) unit up of the world the cameras (N, 4, 4, OpenCV) were held level in: the direction closest to
-    perpendicular to every camera's x axis (a level camera's x axis is horizontal, whatever its pitch), oriented
-    along ``cameras_up``. Unlike the mean of the cameras' up vectors, it does not lean towards the object the
-    cameras look down on. When the x axes do not span a plane (every camera facing the same way), the cameras'
-    mean up."""
-    rights = c2w_cv[:, :3, 0]
+def level_up(c2w_cv: np.ndarray, quarter_turns=None) -> np.ndarray:
+    """(3,) unit up of the world the cameras were held level in: the direction closest to perpendicular to every
+    photo's horizontal (its camera's x axis, turned as the photo is shown), which a level camera keeps horizontal
+    whatever its pitch, oriented along ``cameras_up``. The mean of the photos' up directions leans towards what
+    they look down on: 26 degrees for photos 30 degrees down over a 100-degree arc, which tilted the scene's
+    frame and rolled its video. When the horizontals do not span a plane (every camera facing the same way),
+    ``cameras_up``.
+
+    c2w_cv: (N, 4, 4) OpenCV camera-to-world; quarter_turns: (N,) ints, how each photo is turned clockwise to be
+    shown (EXIF; None: as stored).
+    """
+    turns = np.zeros(len(c2w_cv), int) if quarter_turns is None else np.asarray(quarter_turns)
+    rights = np.stack([turn_pose_clockwise(pose, int(q))[:3, 0] for pose, q in zip(c2w_cv, turns)])
     spread, axes = np.linalg.eigh(rights.T @ rights)  # ascending
-    mean_up = cameras_up(c2w_cv)
+    mean_up = cameras_up(c2w_cv, quarter_turns)
     if spread[1] < 1e-3 * spread[2]:
         return mean_up
     up = axes[:, 0]

@@ -84,8 +84,8 @@ def test_pinhole_models_give_the_renderers_rays(tmp_path, model, fx, fy):
     # normalised frame: up is +z, the look-at point at the origin, the nearest camera at distance 1
     c2w = data.c2w.numpy()
     assert abs(np.linalg.norm(c2w[:, :3, 3], axis=1).min() - 1.0) < 1e-5
-    mean_up = c2w[:, :3, 1].mean(0)  # OpenGL camera y (up) in the scene: up_est_method=camera makes it +z
-    assert np.abs(mean_up[:2]).max() < 1e-5 and mean_up[2] > 0.5
+    # up_est_method=camera: +z is square to every camera's x axis (the renderer's cameras are level), and up
+    assert np.abs(c2w[:, 2, 0]).max() < 1e-5 and c2w[:, 2, 1].mean() > 0.5
     # instant-nsr-pl's cam_downscale divides the centred capture instead: the cameras orbit at distance 2.6
     fixed = load(tmp_path, cam_downscale=2.5).split("train").c2w.numpy()
     np.testing.assert_allclose(np.linalg.norm(fixed[:, :3, 3], axis=1), 2.6 / 2.5, atol=1e-5)
@@ -125,7 +125,7 @@ def test_a_capture_from_one_side_sweeps_its_video_across_the_cameras_arc(tmp_pat
     video = np.mod(azimuths(load(tmp_path, n_test_traj_steps=16).split("trajectory").c2w.numpy()) - first + 180,
                    360) - 180
     assert np.isclose(video.min(), seen.min(), atol=1e-3) and np.isclose(video.max(), seen.max(), atol=1e-3)
-    assert 60 < seen.max() - seen.min() < 180  # 112.5 degrees about the world's up; the estimated up is tilted
+    assert abs(seen.max() - seen.min() - 112.5) < 1e-3  # about the world's up: the estimated one is that
     nothing_held_out = load(tmp_path, holdout_every=0)  # val and test are the video's path: said once, for the test
     with caplog.at_level("INFO", logger="nsr"):
         nothing_held_out.split("val")
@@ -353,12 +353,12 @@ def test_phone_photos_shown_turned_are_used_as_shown_with_the_world_up(tmp_path)
         loaded[orientation] = data = load(root, n_test_traj_steps=6).split("train")
         scene_z = data.world_from_scene[:3, :3] @ [0.0, 0.0, 1.0]
         up_in_world[orientation] = scene_z / np.linalg.norm(scene_z)
-    # up_est_method=camera: the mean up of the photos as shown (near the world's +z); without the tag, the
-    # mean of the sensors' rows, which points sideways
+    # up_est_method=camera: square to the photos' rows as shown, the world's +z, for the phone was held level;
+    # the photos' mean up, which it was, leans 27 degrees towards the object they look down on. Without the tag,
+    # the sensors' rows are all upright and span no plane: their mean up, which points sideways
     shown_up = -np.stack([cam.c2w[:3, 1] for cam in shown]).mean(0)  # OpenCV y points down
     shown_up /= np.linalg.norm(shown_up)
-    assert shown_up[2] > 0.85  # cameras above the object look down: their up leans towards it
-    assert up_in_world[6] @ shown_up > 1 - 1e-9
+    assert up_in_world[6][2] > 1 - 1e-9 and 0.85 < shown_up[2] < 0.9
     assert abs(up_in_world[1] @ shown_up) < 0.2
 
     # with the tag: the photos as shown (portrait) and the rays of the upright cameras; without: as stored
@@ -394,9 +394,9 @@ def test_phone_photos_shown_turned_are_used_as_shown_with_the_world_up(tmp_path)
         np.testing.assert_array_equal(data.masks[k].numpy(), shown_mask)
 
     # one photo without the tag: orientations disagree, so all are used as stored; the up still counts each
-    # photo the way it is shown (seven upright, one sideways)
+    # photo the way it is shown (seven upright, one sideways: it pulls the up 6 degrees off the world's)
     write_image(str(tmp_path / "orientation6" / "images" / "IMG_0000.png"), pinhole_render(stored[0]))
     mixed = load(tmp_path / "orientation6").split("train")
     assert mixed.images.shape[1:3] == (H, W)
     scene_z = mixed.world_from_scene[:3, :3] @ [0.0, 0.0, 1.0]
-    assert scene_z @ shown_up / np.linalg.norm(scene_z) > 0.98
+    assert scene_z[2] / np.linalg.norm(scene_z) > 0.99

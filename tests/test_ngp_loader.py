@@ -107,6 +107,14 @@ def test_any_frame_normalises_to_one_scene_and_rays_map_back(tmp_path):
         heights.append(np.sort(centres[:, 2]))
     for h in heights[1:]:  # the same scene up to a turn about +z: the same camera heights
         np.testing.assert_allclose(h, heights[0], atol=1e-4)
+    # cameras on one side of the object, looking down on it: +z is the world's up, square to their level x axes
+    # (their mean up leaned 26 degrees towards the object, and the video's frames rolled with it)
+    one_side = orbit_cameras(14, 2.6, [30], W, H)[:5]  # 103 degrees of azimuth
+    write_capture(tmp_path / "one-side", one_side, similarity(1.7, 3),
+                  images=[np.zeros((H, W, 3), np.uint8)] * len(one_side))
+    data = load(tmp_path / "one-side", holdout_every=0).split("train")
+    scene_up = np.linalg.inv(similarity(1.7, 3)) @ data.world_from_scene @ [0.0, 0.0, 1.0, 0.0]
+    assert scene_up[2] / np.linalg.norm(scene_up) > 1 - 1e-9
     # normalize=false keeps the file's frame
     data = load(tmp_path / "s1", holdout_every=0, normalize=False).split("train")
     np.testing.assert_allclose(data.world_from_scene, np.eye(4))
