@@ -18,10 +18,11 @@ scored on their whole image, as nerfstudio does.
 Normalisation (``normalize``, default true). Such files come in whatever
 frame their tool left: nerfstudio's ``ns-process-data`` keeps COLMAP's, whose
 origin sits at a camera and whose scale is arbitrary. So the cameras' up
-(``datasets.rays.level_up``: square to every photo's horizontal) becomes +z, the point their optical axes pass closest to becomes the origin,
-and the scale puts the cameras at mean distance ``camera_distance`` (default
-4, where NeRF-synthetic's cameras are and where instant-ngp's colmap2nerf puts
-them, so the Blender configs' ``model.radius`` fits), or, with ``radius: r``,
+(``datasets.rays.level_up``: square to every photo's horizontal) becomes +z,
+the point their optical axes pass closest to becomes the origin, and the
+scale puts the cameras at mean distance ``camera_distance`` (default 4, where
+NeRF-synthetic's cameras are and where instant-ngp's colmap2nerf puts them,
+so the Blender configs' ``model.radius`` fits), or, with ``radius: r``,
 the region of interest of the sparse points (nerfstudio's ``ply_file_path``,
 found as the ``colmap`` loader finds it) inside radius r. ``world_from_scene``
 undoes it: meshes come out in the file's frame. ``normalize: false`` keeps
