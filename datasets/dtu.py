@@ -184,7 +184,7 @@ def loop_across(azimuth: np.ndarray, elevation: np.ndarray, n_frames: int, log_i
     principal directions of (azimuth x cos(mean elevation), elevation), from its middle (a sine, so the video
     loops without a jump). For cameras at one height, a sweep out and back from one end of their arc to the
     other."""
-    squeeze = np.cos(elevation.mean())  # an azimuth step is that much shorter than an elevation step
+    squeeze = max(np.cos(elevation.mean()), 1e-3)  # an azimuth step is that much shorter than an elevation step
     chart = np.stack([azimuth * squeeze, elevation], axis=1)  # (N, 2)
     principal = np.linalg.eigh(np.cov(chart.T, bias=True))[1][:, ::-1]  # (2, 2): the widest direction first
     along = chart @ principal  # (N, 2)

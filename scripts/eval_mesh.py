@@ -62,9 +62,9 @@ def load_mesh(path: str):
         mesh = trimesh.load(path, process=False, force="mesh")
     except Exception as err:
         raise EvalError(f"{path} cannot be read as a mesh ({type(err).__name__}: {str(err).splitlines()[0][:100]}); "
-                        "give a triangle mesh (OBJ/PLY/OFF).") from None
+                        "give a triangle mesh (OBJ/PLY/GLB/OFF).") from None
     if len(mesh.faces) == 0:
-        raise EvalError(f"{path} has no faces; give a triangle mesh (OBJ/PLY/OFF).")
+        raise EvalError(f"{path} has no faces; give a triangle mesh (OBJ/PLY/GLB/OFF).")
     return np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces)
 
 
@@ -159,7 +159,8 @@ def score(args, verts: np.ndarray, faces: np.ndarray) -> dict:
 @stops_cleanly("eval_mesh")
 def main(argv=None) -> int:
     parser = script_parser(__doc__)
-    parser.add_argument("mesh", help="the mesh to score (OBJ or PLY), e.g. exp/<name>/<trial>/save/it20000-mc512.obj")
+    parser.add_argument("mesh",
+                        help="the mesh to score (OBJ, PLY or GLB), e.g. exp/<name>/<trial>/save/it20000-mc512.obj")
     parser.add_argument("--protocol", choices=["dtu", "scene"], required=True,
                         help="dtu: the DTU MVS evaluation (mm); scene: mesh to mesh, against --gt")
     parser.add_argument("--dtu-dir", help="dtu: the DTU evaluation data (Points/, ObsMask/)")
