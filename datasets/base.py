@@ -109,11 +109,11 @@ def spread_positions(n: int, k: int) -> List[int]:
 
 def video_trajectory(config: Any) -> str:
     """``dataset.video_trajectory`` (default auto): how the test video moves about the object
-    (``datasets.rays.video_azimuths``); a ConfigError names the choices."""
+    (``datasets.rays.video_path``); a ConfigError names the choices."""
     kind = str(config.get("video_trajectory", "auto"))
     if kind not in VIDEO_TRAJECTORIES:
-        raise ConfigError(f"dataset.video_trajectory is {kind!r}; use auto (a full orbit, or a sweep across the "
-                          "cameras' arc when they were all on one side), orbit or sweep.")
+        raise ConfigError(f"dataset.video_trajectory is {kind!r}; use auto (a full orbit, or a loop across the "
+                          "region the cameras cover when they were all on one side), orbit or sweep.")
     return kind
 
 

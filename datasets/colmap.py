@@ -21,8 +21,8 @@ instant-nsr-pl's ``cam_downscale: s``, divides the centred capture by s.
 ``world_from_scene`` undoes it, so meshes come out in the capture's frame.
 
 ``holdout_every: k`` holds out every k-th image for val/test metrics; the test
-video is an orbit at the cameras' mean height (``n_test_traj_steps`` frames; across the cameras' arc, out and
-back, when they were all on one side: ``dataset.video_trajectory``),
+video (``n_test_traj_steps`` frames) is an orbit at the cameras' mean elevation, or a loop across the region they
+cover when they were all on one side (``datasets.rays.video_path``, ``dataset.video_trajectory``),
 framed as most photos are shown (portrait for phone photos held upright).
 Photos that are all shown turned the same way are used as shown, their
 cameras turned to match (``img_wh`` is then the size as shown); photos of
@@ -47,7 +47,7 @@ from datasets.images import (EXIF_QUARTER_TURNS, IMAGE_EXTENSIONS, common_target
                              mask_for_image, missing_root_message, quarter_turns_to_apply, read_image, reading)
 from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
                                    read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
-from datasets.rays import (level_up, opencv_look_at, opencv_to_opengl, turn_intrinsics_clockwise, video_azimuths,
+from datasets.rays import (level_up, opencv_to_opengl, turn_intrinsics_clockwise, video_path,
                           turn_pose_clockwise)
 from utils.config import number_at_least
 
@@ -120,6 +120,9 @@ def normalisation(c2w: np.ndarray, xyz: np.ndarray, track: np.ndarray, config: A
     return z_up_similarity(up, centre, scale)
 
 
+Z_UP = np.array([0.0, 0.0, 1.0])  # the normalised scene's up: z_up_similarity turns the estimated one to it
+
+
 def z_up_similarity(up: np.ndarray, centre: np.ndarray, scale: float) -> np.ndarray:
     """(4, 4) scene_from_world turning unit vector ``up`` to +z, moving ``centre`` to the origin, scaling by
     ``scale``."""
@@ -134,19 +137,6 @@ def transform_poses(scene_from_world: np.ndarray, c2w: np.ndarray) -> np.ndarray
     out = scene_from_world @ c2w
     out[:, :3, :3] /= np.cbrt(np.linalg.det(scene_from_world[:3, :3]))
     return out
-
-
-def orbit_at_mean_height(c2w: np.ndarray, n_frames: int, kind: str = "auto", log_sweep: bool = True) -> np.ndarray:
-    """(n, 4, 4) OpenCV c2w about the z axis at the cameras' mean height and distance, looking at the origin: a
-    full turn, or across the arc the cameras cover (``datasets.rays.video_azimuths``; ``kind`` says which)."""
-    centres = c2w[:, :3, 3]
-    height, radius = centres[:, 2].mean(), np.linalg.norm(centres[:, :2], axis=1).mean()
-    azimuths = np.arctan2(centres[:, 1], centres[:, 0])
-    poses = []
-    for a in video_azimuths(azimuths, n_frames, azimuths[0], kind, log_sweep):
-        eye = np.array([radius * np.cos(a), radius * np.sin(a), height])
-        poses.append(opencv_look_at(eye, np.zeros(3), np.array([0.0, 0.0, 1.0])))
-    return np.stack(poses)
 
 
 def match_masks(mask_dir: str, names: List[str]) -> Dict[str, str]:
@@ -258,7 +248,7 @@ def load_colmap_split(config: Any, split: str, capture: Optional[Capture] = None
         names, has_gt = [capture.names[k] for k in chosen], True
     else:
         steps = number_at_least(config.get("n_test_traj_steps", 60), "dataset.n_test_traj_steps", 1)
-        c2w_cv = orbit_at_mean_height(capture.c2w, steps, video_trajectory(config), log_sweep=split != "val")
+        c2w_cv = video_path(capture.c2w, Z_UP, steps, video_trajectory(config), log_path=split != "val")
         fx, fy, cx, cy = capture.intrinsics(0)
         # framed as most photos are shown (photos of mixed orientations are used as stored)
         turns = int(np.bincount((capture.quarter_turns - capture.upright) % 4, minlength=4).argmax())

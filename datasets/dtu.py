@@ -17,7 +17,6 @@ frames, which the video follows in both cases (split ``trajectory``).
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 from typing import Any, Dict, List, Optional
@@ -31,12 +30,10 @@ from datasets.base import (DatasetError, SceneData, SceneDataModule, holdout_spl
                            video_trajectory, where_the_scene_is)
 from datasets.images import (common_target_size, load_images, mask_for_image, missing_root_message, read_image,
                              stored_size)
-from datasets.rays import MAX_ORBIT_GAP_DEG, covered_arc, level_up, opencv_look_at, opencv_to_opengl
+from datasets.rays import level_up, opencv_to_opengl, video_path
 from utils.config import number_at_least
 from utils.mesh_metrics import (dtu_evaluation_files, dtu_protocol, inside_mask_hull, load_dtu_evaluation,
                                 uniform_surface_points)
-
-log = logging.getLogger("nsr")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
 
@@ -142,61 +139,13 @@ def masked_views(root: str, cameras_file: Optional[str] = None, image_pattern: O
     return views, [read_image(masks[i])[..., :3].max(axis=-1) > 127 for i in indices]
 
 
-def orbit_trajectory(c2w_cv: np.ndarray, n_frames: int, kind: str = "auto", log_sweep: bool = True) -> np.ndarray:
-    """(n, 4, 4) OpenCV c2w of the test video from a capture's cameras (N, 4, 4): looking at the origin from the
-    cameras' mean distance, upright, moving in azimuth and elevation about the capture's up (``level_up``).
-
-    A full turn at the cameras' mean elevation (``orbit``, and ``auto`` for cameras all round), or, for cameras on
-    one side (a gap in azimuth wider than MAX_ORBIT_GAP_DEG: DTU's cap, a facade, a walk half round; and
-    ``sweep``), a loop across the region they cover: an ellipse inscribed in their bounding box along the
-    principal directions of their (azimuth x cos(elevation), elevation), started at its middle. Cameras at one
-    height make it a sweep out and back along their arc; DTU's rows a loop that stays inside them. (A circle in
-    the plane fitted through the centres went round a horizontal axis for cameras all about the object, the
-    demo's, under and over it, and for DTU's cap rose 20 degrees above its top row; with the plane's normal as
-    up, both videos rolled.)
-    """
-    centres = c2w_cv[:, :3, 3]
-    up = level_up(c2w_cv)
-    e1 = np.linalg.svd(up[None])[2][-1]  # any horizontal direction
-    e2 = np.cross(up, e1)
-    directions = centres / np.linalg.norm(centres, axis=1, keepdims=True)
-    azimuth = np.arctan2(directions @ e2, directions @ e1)
-    elevation = np.arcsin(np.clip(directions @ up, -1.0, 1.0))
-    arc_start, span = covered_arc(azimuth)
-    one_sided = 2 * np.pi - span > np.radians(MAX_ORBIT_GAP_DEG)
-    if kind == "orbit" or (kind == "auto" and not one_sided):
-        azimuth = arc_start + 2 * np.pi * np.arange(n_frames) / n_frames
-        elevation = np.full(n_frames, elevation.mean())
-    else:
-        azimuth, elevation = loop_across(np.mod(azimuth - arc_start, 2 * np.pi), elevation, n_frames, log_sweep)
-        azimuth = azimuth + arc_start
-    elevation = np.clip(elevation, -np.radians(89), np.radians(89))
-    eyes = np.cos(elevation)[:, None] * (np.cos(azimuth)[:, None] * e1 + np.sin(azimuth)[:, None] * e2) \
-        + np.sin(elevation)[:, None] * up
-    distance = np.linalg.norm(centres, axis=1).mean()
-    return np.stack([opencv_look_at(distance * eye, np.zeros(3), up) for eye in eyes])
-
-
-def loop_across(azimuth: np.ndarray, elevation: np.ndarray, n_frames: int, log_it: bool = True
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """(azimuths (n,), elevations (n,)) in radians of a loop across cameras at ``azimuth``, ``elevation`` (N,)
-    each (azimuths unwrapped over the arc they cover): the ellipse inscribed in their bounding box along the
-    principal directions of (azimuth x cos(mean elevation), elevation), from its middle (a sine, so the video
-    loops without a jump). For cameras at one height, a sweep out and back from one end of their arc to the
-    other."""
-    squeeze = max(np.cos(elevation.mean()), 1e-3)  # an azimuth step is that much shorter than an elevation step
-    chart = np.stack([azimuth * squeeze, elevation], axis=1)  # (N, 2)
-    principal = np.linalg.eigh(np.cov(chart.T, bias=True))[1][:, ::-1]  # (2, 2): the widest direction first
-    along = chart @ principal  # (N, 2)
-    low, high = along.min(0), along.max(0)
-    turns = 2 * np.pi * np.arange(n_frames) / n_frames
-    at = ((low + high) / 2 + (high - low) / 2 * np.stack([np.sin(turns), np.cos(turns)], axis=1)) @ principal.T
-    if log_it:
-        wide, tall = np.degrees(np.ptp(azimuth)), np.degrees(np.ptp(elevation))
-        log.info(f"Test video: back and forth across the {wide:.0f} degrees of azimuth the cameras cover"
-                 + (f", looping over their {tall:.0f} degrees of elevation" if tall >= 1 else "")
-                 + " (dataset.video_trajectory=orbit turns all round)")
-    return at[:, 0] / squeeze, at[:, 1]
+def orbit_trajectory(c2w_cv: np.ndarray, n_frames: int, kind: str = "auto", log_path: bool = True) -> np.ndarray:
+    """(n, 4, 4) OpenCV c2w of the test video from the capture's cameras (N, 4, 4): ``video_path`` upright about
+    the capture's up (``level_up``), for the format does not say which way is up. (A circle in the plane fitted
+    through the centres went round a horizontal axis for cameras all about the object, the demo's, under the
+    object and over it, and for DTU's cap of cameras rose 20 degrees above its top row; with the plane's normal as
+    up, both videos rolled.)"""
+    return video_path(c2w_cv, level_up(c2w_cv), n_frames, kind, log_path)
 
 
 def load_dtu_split(config: Any, split: str) -> SceneData:
@@ -261,7 +210,7 @@ def load_dtu_split(config: Any, split: str) -> SceneData:
         names = [os.path.relpath(images[i], root) for i in chosen]
     else:
         n = number_at_least(config.get("n_test_traj_steps", 60), "dataset.n_test_traj_steps", 1)
-        c2w_cv = orbit_trajectory(np.stack(c2ws), n, video_trajectory(config), log_sweep=split != "val")
+        c2w_cv = orbit_trajectory(np.stack(c2ws), n, video_trajectory(config), log_path=split != "val")
         intr = np.tile(intrinsics(indices[0]), (n, 1))
         images_t = torch.full((n, h, w, 3), 255, dtype=torch.uint8)
         masks_t = torch.full((n, h, w), 255, dtype=torch.uint8)

@@ -27,8 +27,8 @@ the region of interest of the sparse points (nerfstudio's ``ply_file_path``,
 found as the ``colmap`` loader finds it) inside radius r. ``world_from_scene``
 undoes it: meshes come out in the file's frame. ``normalize: false`` keeps
 the file's frame (then set ``model.radius`` to hold the object). The test
-video is then an orbit at the cameras' mean height about the origin (or a sweep across their arc:
-``dataset.video_trajectory``).
+video goes about the origin and +z either way (``datasets.rays.video_path``:
+an orbit, or a loop across the cameras' side; ``dataset.video_trajectory``).
 """
 from __future__ import annotations
 
@@ -43,9 +43,9 @@ import torch
 
 from datasets.base import DatasetError, SceneData, holdout_split, video_trajectory
 from datasets.images import IMAGE_EXTENSIONS, common_target_size, load_images, mask_for_image, read_image
-from datasets.colmap import orbit_at_mean_height, transform_poses, z_up_similarity
+from datasets.colmap import Z_UP, transform_poses, z_up_similarity
 from datasets.colmap_model import Undistorter, import_pycolmap, lookat_point, region_of_interest
-from datasets.rays import level_up, opencv_to_opengl
+from datasets.rays import level_up, opencv_to_opengl, video_path
 from utils.config import number_at_least
 
 log = logging.getLogger("nsr")
@@ -226,7 +226,7 @@ def load_ngp_split(config: Any, path: str, split: str) -> SceneData:
     world_from_scene = np.linalg.inv(scene_from_world)
     chosen = holdout_split(len(frames), split, config.get("holdout_every", 8))
     if not chosen:  # the video trajectory, or val/test when nothing is held out
-        return _orbit(config, root, meta, frames, c2w_scene, world_from_scene, log_sweep=split != "val")
+        return _orbit(config, root, meta, frames, c2w_scene, world_from_scene, log_path=split != "val")
     paths = [image_path(root, frames[i].get("file_path", "")) for i in chosen]
     undistorters: Dict[tuple, Undistorter] = {}
     pinhole = []  # (undistorted image, its undistorted mask_path mask or None, its Undistorter)
@@ -280,15 +280,15 @@ def pinhole_intrinsics(und: Undistorter, width: int, height: int) -> np.ndarray:
     return np.array([und.K[0, 0] * sx, und.K[1, 1] * sy, und.K[0, 2] * sx, und.K[1, 2] * sy])
 
 
-def _orbit(config, root, meta, frames, c2w_scene, world_from_scene, log_sweep: bool = True) -> SceneData:
-    """Video cameras (no images): about +z at the cameras' mean height (a turn, or across their arc), with the first
-    frame's lens."""
+def _orbit(config, root, meta, frames, c2w_scene, world_from_scene, log_path: bool = True) -> SceneData:
+    """Video cameras (no images): ``video_path`` about +z (a turn, or a loop across the cameras' side), with the
+    first frame's lens."""
     first = load_images([image_path(root, frames[0].get("file_path", ""))])[0]
     und = Undistorter(lens_camera(meta, frames[0], first.shape[1], first.shape[0]))
     w, h = common_target_size(config, [und.size], [frames[0].get("file_path", "")])
     steps = number_at_least(config.get("n_test_traj_steps", 60), "dataset.n_test_traj_steps", 1)
     c2w_cv = opencv_to_opengl(torch.from_numpy(c2w_scene)).numpy()  # the axis flip is its own inverse
-    poses = orbit_at_mean_height(c2w_cv, steps, video_trajectory(config), log_sweep)
+    poses = video_path(c2w_cv, Z_UP, steps, video_trajectory(config), log_path)
     orbit = opencv_to_opengl(torch.from_numpy(poses[:, :3, :4]).float())
     intrinsics = torch.tensor(pinhole_intrinsics(und, w, h), dtype=torch.float32).expand(steps, 4).clone()
     return SceneData(images=torch.full((steps, h, w, 3), 255, dtype=torch.uint8),

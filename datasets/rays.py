@@ -48,29 +48,49 @@ def covered_arc(azimuths: np.ndarray) -> tuple[float, float]:
     return float(a[(widest + 1) % len(a)]), float(2 * np.pi - gaps[widest])
 
 
-def video_azimuths(camera_azimuths: np.ndarray, n_frames: int, start: float, kind: str = "auto",
-                   log_sweep: bool = True) -> np.ndarray:
-    """(n_frames,) azimuths (radians) of the test video's cameras about its orbit's axis, from the capture
-    cameras' azimuths (N,) about it.
+def video_path(c2w_cv: np.ndarray, up: np.ndarray, n_frames: int, kind: str = "auto", log_path: bool = True
+               ) -> np.ndarray:
+    """(n_frames, 4, 4) OpenCV c2w of the test video: upright about ``up`` (3,), looking at the origin from the
+    capture cameras' (N, 4, 4) mean distance, moving in azimuth and elevation about ``up``.
 
-    ``orbit``: a full turn from ``start``. ``sweep``: out and back across the arc the cameras cover, from its
-    middle (a sine, so the video loops without a jump and slows at the ends). ``auto``: a sweep when the cameras
-    leave a gap wider than MAX_ORBIT_GAP_DEG, else the full turn. A sweep is said in the log with ``log_sweep``
-    (the loaders' val split, the same path when nothing is held out, says nothing).
+    ``orbit``: a full turn at the cameras' mean elevation, from the first camera. ``sweep``: a loop across the
+    region the cameras cover, the ellipse inscribed in their box of azimuth (over the arc they cover) and
+    elevation: out and back from the middle of that arc to each end (a sine, so the video loops without a jump and
+    slows at the ends), from their highest to their lowest and back. Cameras at one height make it a sweep along
+    their arc; DTU's rows of cameras a loop that stays among them. ``auto``: the loop when the cameras leave a gap
+    in azimuth wider than MAX_ORBIT_GAP_DEG (a walk half round the object, a facade, a DTU scan's cap in front of
+    it), else the turn. The loop is said in the log with ``log_path`` (the loaders' val split, the same path when
+    nothing is held out, says nothing).
     """
     if kind not in VIDEO_TRAJECTORIES:
         raise ValueError(f"video trajectory {kind!r} is not one of {VIDEO_TRAJECTORIES}")
-    arc_start, span = covered_arc(camera_azimuths)
-    k = np.arange(n_frames)
+    up = up / np.linalg.norm(up)
+    e1 = np.linalg.svd(up[None])[2][-1]  # any horizontal direction
+    e2 = np.cross(up, e1)
+    centres = c2w_cv[:, :3, 3]
+    directions = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+    azimuth = np.arctan2(directions @ e2, directions @ e1)
+    elevation = np.arcsin(np.clip(directions @ up, -1.0, 1.0))
+    arc_start, span = covered_arc(azimuth)
     gap = 2 * np.pi - span
+    turns = 2 * np.pi * np.arange(n_frames) / n_frames
     if kind == "orbit" or (kind == "auto" and gap <= np.radians(MAX_ORBIT_GAP_DEG)):
-        return start + 2 * np.pi * k / n_frames
-    if log_sweep:
-        how = "dataset.video_trajectory=sweep" if kind == "sweep" else \
-            f"{np.degrees(gap):.0f} degrees of it unseen; dataset.video_trajectory=orbit turns all round"
-        log.info(f"Test video: a sweep back and forth across the {np.degrees(span):.0f} degrees of the orbit the "
-                 f"cameras cover ({how})")
-    return arc_start + span / 2 + span / 2 * np.sin(2 * np.pi * k / n_frames)
+        azimuth, elevation = azimuth[0] + turns, np.full(n_frames, elevation.mean())
+    else:
+        low, high = elevation.min(), elevation.max()
+        azimuth = arc_start + span / 2 + span / 2 * np.sin(turns)
+        elevation = (low + high) / 2 + (high - low) / 2 * np.cos(turns)
+        if log_path:
+            how = "dataset.video_trajectory=sweep" if kind == "sweep" else \
+                f"{np.degrees(gap):.0f} degrees of it unseen; dataset.video_trajectory=orbit turns all round"
+            tall = np.degrees(high - low)
+            log.info(f"Test video: back and forth across the {np.degrees(span):.0f} degrees of azimuth the cameras "
+                     f"cover{f', looping over their {tall:.0f} degrees of elevation' if tall >= 1 else ''} ({how})")
+    elevation = np.clip(elevation, -np.radians(89), np.radians(89))  # never straight along up: no roll to keep
+    eyes = np.cos(elevation)[:, None] * (np.cos(azimuth)[:, None] * e1 + np.sin(azimuth)[:, None] * e2) \
+        + np.sin(elevation)[:, None] * up
+    distance = np.linalg.norm(centres, axis=1).mean()
+    return np.stack([opencv_look_at(distance * eye, np.zeros(3), up) for eye in eyes])
 
 
 def turn_pose_clockwise(c2w_cv: np.ndarray, quarter_turns: int = 1) -> np.ndarray:

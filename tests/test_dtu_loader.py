@@ -186,18 +186,13 @@ def test_orbit_trajectory_up_follows_the_cameras():
 
 def test_a_capture_from_one_side_gets_a_video_across_its_arc_not_round_the_back(caplog):
     """A phone walked half round an object (or a facade): a full turn spent half the video on the side no camera
-    saw. Cameras leaving a gap wider than 120 degrees get a sweep out and back across their arc instead; cameras
-    all round keep the full turn."""
-    from datasets.colmap import orbit_at_mean_height
-    from datasets.rays import covered_arc, video_azimuths
+    saw. Cameras leaving a gap wider than 120 degrees get a sweep out and back across their arc instead (from its
+    middle, a sine: it loops without a jump); cameras all round keep the full turn. The same path for every
+    loader: about the DTU format's level up, about +z in the normalised COLMAP and transforms.json scenes."""
+    from datasets.rays import covered_arc, video_path
 
     start, span = covered_arc(np.radians([350.0, 10.0, 40.0, 300.0]))  # across 0: from 300 to 40 degrees
     assert np.isclose(np.degrees(start), 300.0) and np.isclose(np.degrees(span), 100.0)
-    sweep = np.degrees(video_azimuths(np.radians([300.0, 350.0, 40.0]), 12, 0.0))
-    np.testing.assert_allclose(sweep[[0, 3, 9]], [350.0, 400.0, 300.0])  # from the middle to each end, and back
-    assert np.abs(np.diff(np.concatenate([sweep, sweep[:1]]))).max() < 30.0  # a loop: no jump back at the end
-    np.testing.assert_allclose(video_azimuths(np.radians([300.0, 350.0, 40.0]), 4, 0.5, "orbit"),
-                               0.5 + np.arange(4) * np.pi / 2)
 
     def on_azimuths(azimuths_deg, elevations_deg=(20,)):
         return np.stack([look_at(3 * np.array([np.cos(e) * np.cos(a), np.cos(e) * np.sin(a), np.sin(e)]), np.zeros(3))
@@ -206,13 +201,18 @@ def test_a_capture_from_one_side_gets_a_video_across_its_arc_not_round_the_back(
     def azimuths_deg(poses):
         return np.degrees(np.arctan2(poses[:, 1, 3], poses[:, 0, 3]))
 
+    three = azimuths_deg(video_path(on_azimuths([300.0, 350.0, 40.0]), np.array([0, 0, 1.0]), 12))
+    np.testing.assert_allclose(np.mod(three[[0, 3, 9]], 360), [350.0, 40.0, 300.0])  # the middle, each end
+    assert np.abs(np.mod(np.diff(np.concatenate([three, three[:1]])) + 180, 360) - 180).max() < 30.0  # a loop
+
     half_round = on_azimuths(np.linspace(-90, 90, 13))
-    for orbit, said in ((orbit_trajectory, "back and forth across the 180 degrees of azimuth the cameras cover ("),
-                        (orbit_at_mean_height, "sweep back and forth across the 180 degrees")):
+    z_up = np.array([0.0, 0.0, 1.0])
+    for name, orbit in (("dtu", orbit_trajectory), ("normalised", lambda c, n, *kind: video_path(c, z_up, n, *kind))):
+        caplog.clear()
         with caplog.at_level("INFO", logger="nsr"):
             video = azimuths_deg(orbit(half_round, 24))
-        assert np.abs(video).max() <= 90.0 + 1e-6 and video.min() < -89.9 and video.max() > 89.9, orbit.__name__
-        assert said in caplog.text
+        assert np.abs(video).max() <= 90.0 + 1e-6 and video.min() < -89.9 and video.max() > 89.9, name
+        assert "across the 180 degrees of azimuth the cameras cover (180 degrees of it unseen;" in caplog.text
         np.testing.assert_allclose(np.sort(np.mod(np.round(azimuths_deg(orbit(half_round, 24, "orbit")), 6), 360)),
                                    np.arange(24) * 15.0, atol=1e-6)  # asked for: the full turn
         all_round = on_azimuths(np.arange(0, 360, 30))
@@ -247,8 +247,8 @@ def test_a_dtu_cap_gets_an_upright_video_inside_the_cap_and_cameras_all_round_an
     cap = cameras(np.linspace(-50, 50, 7), np.linspace(15, 45, 7))
     with caplog.at_level("INFO", logger="nsr"):
         video = orbit_trajectory(cap, 48)
-    assert "across the 100 degrees of azimuth the cameras cover, looping over their 30 degrees of elevation" \
-        in caplog.text
+    assert "across the 100 degrees of azimuth the cameras cover, looping over their 30 degrees of elevation (260 " \
+        "degrees of it unseen" in caplog.text
     azimuths, elevations = np.degrees(np.arctan2(video[:, 1, 3], video[:, 0, 3])), elevations_deg(video)
     assert 14.99 < elevations.min() < 15.5 and 44.5 < elevations.max() < 45.01  # from the bottom row to the top
     assert -50.01 < azimuths.min() < -49.5 and 49.5 < azimuths.max() < 50.01
