@@ -311,11 +311,14 @@ class SceneDataModule(pl.LightningDataModule):
         val = self.split("val")
         if val.has_gt:
             return val
-        train = self.split("train")
-        chosen = train.views(spread_positions(train.n_images, self.VALIDATION_TRAINING_VIEWS))
-        log.info(f"Validation renders {chosen.n_images} of the {train.n_images} training views (no view is held "
-                 "out; dataset.holdout_every: k > 0 holds out every k-th): its PSNR measures the fit, not new views.")
-        return replace(chosen, trained_on=True)
+        if "training views" not in self.splits:  # made once: setup runs before Lightning's and again in it
+            train = self.split("train")
+            chosen = train.views(spread_positions(train.n_images, self.VALIDATION_TRAINING_VIEWS))
+            log.info(f"Validation renders {chosen.n_images} of the {train.n_images} training views (no view is held "
+                     "out; dataset.holdout_every: k > 0 holds out every k-th): its PSNR measures the fit, not new "
+                     "views.")
+            self.splits["training views"] = replace(chosen, trained_on=True)
+        return self.splits["training views"]
 
     def setup(self, stage: Optional[str] = None) -> None:
         if stage in (None, "fit"):

@@ -412,7 +412,9 @@ def test_with_no_view_held_out_validation_scores_training_views_spread_over_the_
         assert torch.equal(val.c2w[k], train.c2w[position]) and torch.equal(val.images[k], train.images[position])
     trainer = pl.Trainer(accelerator="cpu", logger=False, limit_val_batches=2, enable_progress_bar=False,
                          enable_model_summary=False, inference_mode=False)  # NeuS's normals need gradients
-    trainer.validate(system, datamodule=dm)
+    with caplog.at_level("INFO", logger="nsr"):
+        trainer.validate(system, datamodule=dm)  # sets the data up again: the same views, not said twice
+    assert caplog.text.count("Validation renders 8 of the 48") == 1 and dm.val_data is val
     assert torch.isfinite(trainer.callback_metrics["val/psnr"])
     for k in (0, 1):
         grid = imageio.imread(tmp_path / f"it0-{k}.png")
