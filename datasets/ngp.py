@@ -27,8 +27,9 @@ the region of interest of the sparse points (nerfstudio's ``ply_file_path``,
 found as the ``colmap`` loader finds it) inside radius r. ``world_from_scene``
 undoes it: meshes come out in the file's frame. ``normalize: false`` keeps
 the file's frame (then set ``model.radius`` to hold the object). The test
-video goes about the origin and +z either way (``datasets.rays.video_path``:
-an orbit, or a loop across the cameras' side; ``dataset.video_trajectory``).
+video goes about the origin (``datasets.rays.video_path``: an orbit, or a
+loop across the cameras' side; ``dataset.video_trajectory``), upright about +z,
+or in a kept frame, about the cameras' level up (``datasets.rays.level_up``).
 """
 from __future__ import annotations
 
@@ -281,14 +282,15 @@ def pinhole_intrinsics(und: Undistorter, width: int, height: int) -> np.ndarray:
 
 
 def _orbit(config, root, meta, frames, c2w_scene, world_from_scene, log_path: bool = True) -> SceneData:
-    """Video cameras (no images): ``video_path`` about +z (a turn, or a loop across the cameras' side), with the
-    first frame's lens."""
+    """Video cameras (no images): ``video_path`` (a turn, or a loop across the cameras' side) about +z, or about
+    the cameras' level up in a frame kept as the file has it, with the first frame's lens."""
     first = load_images([image_path(root, frames[0].get("file_path", ""))])[0]
     und = Undistorter(lens_camera(meta, frames[0], first.shape[1], first.shape[0]))
     w, h = common_target_size(config, [und.size], [frames[0].get("file_path", "")])
     steps = number_at_least(config.get("n_test_traj_steps", 60), "dataset.n_test_traj_steps", 1)
     c2w_cv = opencv_to_opengl(torch.from_numpy(c2w_scene)).numpy()  # the axis flip is its own inverse
-    poses = video_path(c2w_cv, Z_UP, steps, video_trajectory(config), log_path)
+    up = Z_UP if config.get("normalize", True) else level_up(c2w_cv)  # the file's own frame: its up unknown
+    poses = video_path(c2w_cv, up, steps, video_trajectory(config), log_path)
     orbit = opencv_to_opengl(torch.from_numpy(poses[:, :3, :4]).float())
     intrinsics = torch.tensor(pinhole_intrinsics(und, w, h), dtype=torch.float32).expand(steps, 4).clone()
     return SceneData(images=torch.full((steps, h, w, 3), 255, dtype=torch.uint8),

@@ -115,11 +115,16 @@ def test_any_frame_normalises_to_one_scene_and_rays_map_back(tmp_path):
     data = load(tmp_path / "one-side", holdout_every=0).split("train")
     scene_up = np.linalg.inv(similarity(1.7, 3)) @ data.world_from_scene @ [0.0, 0.0, 1.0, 0.0]
     assert scene_up[2] / np.linalg.norm(scene_up) > 1 - 1e-9
-    # normalize=false keeps the file's frame
+    # normalize=false keeps the file's frame; its video stays upright about the world's up there (it turned about
+    # the file's z, whatever that was)
     data = load(tmp_path / "s1", holdout_every=0, normalize=False).split("train")
     np.testing.assert_allclose(data.world_from_scene, np.eye(4))
     o, _ = to_world(data, 0)
     assert np.abs(o[0] - similarity(0.31, 1)[:3] @ np.append(cams[0].c2w[:3, 3], 1)).max() < 1e-4
+    video = load(tmp_path / "s1", normalize=False, n_test_traj_steps=6).split("trajectory").c2w.double().numpy()
+    up = similarity(0.31, 1)[:3, :3] @ [0.0, 0.0, 1.0]
+    assert np.abs(video[:, :3, 0] @ up).max() < 1e-5 * np.linalg.norm(up)  # level: every x axis square to up
+    assert (video[:, :3, 1] @ up).min() > 0  # and its image's top towards it
 
 
 def test_radius_sizes_the_scene_by_the_sparse_points_in_any_frame(tmp_path, caplog):
