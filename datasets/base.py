@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from datasets.rays import VIDEO_TRAJECTORIES, get_rays, image_directions, pixel_directions
+from datasets.rays import VIDEO_TRAJECTORIES, get_rays, image_directions, level_up, pixel_directions
 from utils.config import ConfigError, number_at_least
 
 log = logging.getLogger("nsr")
@@ -347,6 +347,19 @@ class SceneDataModule(pl.LightningDataModule):
 
     def world_from_scene(self) -> np.ndarray:
         return next(iter(self.splits.values())).world_from_scene if self.splits else np.eye(4)
+
+    def scene_up(self) -> np.ndarray:
+        """(3,) unit up of the model's frame: its cameras' level up (``datasets.rays.level_up``), +z for
+        NeRF-synthetic, the demo and a normalised transforms.json; a loader that knows better says so. The
+        cameras of any split read already (a --test reads no training images; the video's are level too)."""
+        data = self.splits.get(self.split_name("train")) or next(iter(self.splits.values()), None) \
+            or self.split("train")
+        return level_up(data.c2w.double().numpy() * np.array([1.0, -1.0, -1.0, 1.0]))  # OpenGL -> OpenCV axes
+
+    def world_up(self) -> np.ndarray:
+        """(3,) unit up of the capture in the dataset's world frame: ``scene_up`` through world_from_scene."""
+        up = self.world_from_scene()[:3, :3] @ self.scene_up()
+        return up / np.linalg.norm(up)
 
     def train_dataloader(self):
         return DataLoader(_TrainIndices(), batch_size=None, num_workers=0)

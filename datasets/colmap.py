@@ -291,6 +291,9 @@ class ColmapDataModule(SceneDataModule):
                          "as stored, so some look sideways; up is the way each is shown.")
         return self._capture
 
+    def scene_up(self) -> np.ndarray:
+        return Z_UP  # the normalisation turned the estimated up (up_est_method: camera or ground) to +z
+
     def load_split(self, config: Any, split: str) -> SceneData:  # a method: all splits share one Capture
         return load_colmap_split(config, split, self.capture)
 

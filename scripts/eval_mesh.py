@@ -65,7 +65,23 @@ def load_mesh(path: str):
                         "give a triangle mesh (OBJ/PLY/GLB/OFF).") from None
     if len(mesh.faces) == 0:
         raise EvalError(f"{path} has no faces; give a triangle mesh (OBJ/PLY/GLB/OFF).")
-    return np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces)
+    return gltf_turned_back(path, np.asarray(mesh.vertices, dtype=np.float64)), np.asarray(mesh.faces)
+
+
+def gltf_turned_back(path: str, vertices: np.ndarray) -> np.ndarray:
+    """(V, 3) vertices of a GLB export in the frame its OBJ would have: a run writes GLB turned y-up (glTF's up),
+    by the rotation its normalization.json beside it records (``gltf_from_world``; ``gltf_from_scene`` for a
+    -normalized.glb). Other meshes, and a GLB without that file, as they are."""
+    frames = os.path.join(os.path.dirname(os.path.abspath(path)), "normalization.json")
+    if not path.lower().endswith(".glb") or not os.path.isfile(frames):
+        return vertices
+    key = "gltf_from_scene" if path.lower().endswith("-normalized.glb") else "gltf_from_world"
+    with open(frames) as f:
+        turn = json.load(f).get(key)
+    if turn is None:
+        return vertices
+    print(f"eval_mesh: {os.path.basename(path)} turned back from glTF's y-up by {frames}'s {key}", file=sys.stderr)
+    return vertices @ np.asarray(turn, dtype=np.float64)[:3, :3]  # the rotation's inverse, on row vectors
 
 
 def read_frusta(path: str) -> list:

@@ -27,7 +27,7 @@ from systems.optim import make_optimizer, make_scheduler
 from utils.config import ConfigError, finite_number, number_at_least, schedule_values, scheduled, to_primitive
 from utils.io import (VIDEO_MAX_WIDTH, colorize_depth, image_grid, to_uint8, video_frame_size, write_image, write_json,
                       write_video)
-from utils.mesh import MeshError, largest_component, write_mesh
+from utils.mesh import GLTF_UP, MeshError, largest_component, rotation_taking, write_mesh
 from utils.metrics import ImageMetrics
 
 log = logging.getLogger("nsr")
@@ -427,13 +427,25 @@ class BaseSystem(pl.LightningModule):
         fmt = str(export_cfg.get("mesh_format", "obj")).lower()
         stem = f"it{self.step}-{'tsdf' if tsdf else 'mc'}{res}"  # instant-nsr-pl's it{step}-{method}{resolution}
         path = self.save_path(f"{stem}.{fmt}")
-        write_mesh(path, world_verts, faces, colours)
+        frames = {"world_from_scene": np.asarray(world).tolist()}
+        note = "x_scene = inverse(world_from_scene) @ x_world"
+        if fmt == "glb":  # glTF is y-up: turned so that the capture stands upright in viewers, AR and Blender
+            up = self.trainer.datamodule.world_up()
+            gltf_from_world, gltf_from_scene = np.eye(4), np.eye(4)
+            gltf_from_world[:3, :3] = rotation_taking(up, GLTF_UP)
+            gltf_from_scene[:3, :3] = rotation_taking(np.linalg.solve(world[:3, :3], up), GLTF_UP)
+            frames.update(gltf_from_world=gltf_from_world.tolist(), gltf_from_scene=gltf_from_scene.tolist())
+            note = (f"glTF is y-up: the GLB meshes are the world frame turned by gltf_from_world (*-normalized.glb: "
+                    f"the model's frame by gltf_from_scene), the capture's up along +y; {note}")
+        else:
+            gltf_from_world = gltf_from_scene = np.eye(4)
+        write_mesh(path, world_verts @ gltf_from_world[:3, :3].T, faces, colours)
         if export_cfg.get("save_normalized", False):
-            write_mesh(self.save_path(f"{stem}-normalized.{fmt}"), verts, faces, colours)
+            write_mesh(self.save_path(f"{stem}-normalized.{fmt}"), verts @ gltf_from_scene[:3, :3].T, faces,
+                       colours)
         write_json(self.save_path("normalization.json"), {
-            "world_from_scene": np.asarray(world).tolist(),
-            "note": f"meshes are in the dataset's world frame (*-normalized.{fmt}: the model's frame); "
-                    "x_scene = inverse(world_from_scene) @ x_world"})
+            **frames, "note": f"meshes are in the dataset's world frame (*-normalized.{fmt}: the model's frame); "
+                              f"{note}"})
         log.info(f"Mesh: {path} ({len(verts)} vertices, {len(faces)} faces)")
         scores = self.trainer.datamodule.score_mesh(world_verts, faces)
         if scores is not None:  # named after its mesh: meshes of other resolutions or methods keep their own

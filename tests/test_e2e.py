@@ -225,6 +225,19 @@ def test_export_writes_video_and_mesh_without_metrics(trained, tmp_path):
     assert ply.visual.kind == "vertex" and np.array_equal(ply.faces, obj.faces)
     assert np.abs(ply.vertices - obj.vertices).max() < 1e-5  # float32 in PLY, 6 decimals in OBJ
     assert np.abs(ply.visual.vertex_colors.astype(int) - obj.visual.vertex_colors.astype(int)).max() <= 1
+    # GLB stands the capture on glTF's +y (it lay on its side in viewers, AR and Blender): the demo's world is z-up,
+    # so the GLB is the OBJ turned (x, y, z) -> (x, z, -y); eval_mesh turns it back by normalization.json
+    launch(tmp, "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, "--export",
+           f"save_dir={tmp_path / 'glb'}", "export.mesh_format=glb", "+trainer.limit_test_batches=1")
+    glb = trimesh.load(tmp_path / "glb" / "it400-mc64.glb", force="mesh", process=False)
+    np.testing.assert_allclose(glb.vertices, obj.vertices[:, [0, 2, 1]] * [1, 1, -1], atol=1e-4)
+    scores, said = {}, {}
+    for mesh in (tmp_path / "glb" / "it400-mc64.glb", tmp_path / "it400-mc64.obj"):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "eval_mesh.py"), str(mesh), "--protocol",
+                               "scene", "--gt", str(tmp_path / "it400-mc64.obj")], capture_output=True, text=True)
+        scores[mesh.suffix], said[mesh.suffix] = json.loads(proc.stdout.splitlines()[-1])["chamfer"], proc.stderr
+    assert "it400-mc64.glb turned back from glTF's y-up" in said[".glb"] and not said[".obj"]
+    assert scores[".glb"] < 2 * scores[".obj"] + 1e-3, scores  # the same surface
     # no surface at the threshold: the video is written, and the exit status says the mesh is not (it was 0)
     out = launch(tmp, "--config", os.path.join(trial, "config", "parsed.yaml"), "--resume", ckpt, "--export",
                  f"save_dir={tmp_path / 'none'}", "model.geometry.isosurface.threshold=1e9",
