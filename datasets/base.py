@@ -256,14 +256,15 @@ class _TrainIndices(IterableDataset):
 
 
 class _EvalIndices(Dataset):
-    """The views of an evaluation split one rank renders, as ``{"index": i}``. On several devices rank r of w
-    takes views r, r + w, r + 2w, ...; the ranks with one view fewer end with index -1 (nothing to render), so
-    every rank runs the same number of steps and each view is scored once. (Lightning's DistributedSampler evens
-    the shares by repeating views, which then count twice in the metrics.)"""
+    """The views of an evaluation split one rank renders, as ``{"index": i}``, from ``views`` (the split's view
+    indices in the order to render them). On several devices rank r of w takes the r-th, (r + w)-th, ... of them;
+    the ranks with one view fewer end with index -1 (nothing to render), so every rank runs the same number of
+    steps and each view is scored once. (Lightning's DistributedSampler evens the shares by repeating views, which
+    then count twice in the metrics.)"""
 
-    def __init__(self, n: int, rank: int = 0, world_size: int = 1):
-        share = list(range(rank, n, world_size))
-        self.indices = share + [-1] * (-(-n // world_size) - len(share))
+    def __init__(self, views: List[int], rank: int = 0, world_size: int = 1):
+        share = list(views[rank::world_size])
+        self.indices = share + [-1] * (-(-len(views) // world_size) - len(share))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -306,14 +307,15 @@ class SceneDataModule(pl.LightningDataModule):
     def validation_split(self) -> SceneData:
         """The val split. When no view is held out (``dataset.holdout_every: 0``, as DTU's and COLMAP configs
         train), its views are the video path, with no image to compare with: validation then renders training
-        views spread over the capture instead, so it still shows a ground truth beside the render and a PSNR
-        (of the fit, not of new views), as instant-nsr-pl's validation on training views does."""
+        views evenly spaced over the capture instead (in capture order; ``val_dataloader`` takes them far-apart
+        first), so it still shows a ground truth beside the render and a PSNR (of the fit, not of new views), as
+        instant-nsr-pl's validation on training views does."""
         val = self.split("val")
         if val.has_gt:
             return val
         if "training views" not in self.splits:  # made once: setup runs before Lightning's and again in it
             train = self.split("train")
-            chosen = train.views(spread_positions(train.n_images, self.VALIDATION_TRAINING_VIEWS))
+            chosen = train.views(sorted(spread_positions(train.n_images, self.VALIDATION_TRAINING_VIEWS)))
             log.info(f"Validation renders {chosen.n_images} of the {train.n_images} training views (no view is held "
                      "out; dataset.holdout_every: k > 0 holds out every k-th): its PSNR measures the fit, not new "
                      "views.")
@@ -365,17 +367,20 @@ class SceneDataModule(pl.LightningDataModule):
         return DataLoader(_TrainIndices(), batch_size=None, num_workers=0)
 
     def val_dataloader(self):
-        return self._views_of_this_rank(self.val_data.n_images)
+        """Far-apart views first (``spread_positions``): held-out views come in capture order, so the first two of
+        a video's frames (``trainer.limit_val_batches: 2``) showed the same side twice."""
+        n = self.val_data.n_images
+        return self._views_of_this_rank(spread_positions(n, n))
 
     def test_dataloader(self):
-        return self._views_of_this_rank(self.test_data.n_images)
+        return self._views_of_this_rank(list(range(self.test_data.n_images)))
 
-    def _views_of_this_rank(self, n: int) -> DataLoader:
-        """The loader of this rank's share of ``n`` views (all of them on one device). The trainer is made with
-        ``use_distributed_sampler=False``, so Lightning leaves the shares as they are."""
+    def _views_of_this_rank(self, views: List[int]) -> DataLoader:
+        """The loader of this rank's share of ``views`` (all of them on one device), in their order. The trainer is
+        made with ``use_distributed_sampler=False``, so Lightning leaves the shares as they are."""
         trainer = getattr(self, "trainer", None)
         rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        return DataLoader(_EvalIndices(n, rank, world_size), batch_size=1, num_workers=0)
+        return DataLoader(_EvalIndices(views, rank, world_size), batch_size=1, num_workers=0)
 
     def predict_dataloader(self):
         return self.test_dataloader()

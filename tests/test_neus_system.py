@@ -407,16 +407,18 @@ def test_with_no_view_held_out_validation_scores_training_views_spread_over_the_
     train, val = dm.train_data, dm.val_data
     assert train.n_images == 48 and val.n_images == 8 and val.has_gt and val.trained_on
     assert "Validation renders 8 of the 48 training views (no view is held out" in caplog.text
-    for k, position in enumerate([0, 24, 12, 36, 6, 30, 18, 42]):
+    for k, position in enumerate(range(0, 48, 6)):
         assert val.names[k] == train.names[position]
         assert torch.equal(val.c2w[k], train.c2w[position]) and torch.equal(val.images[k], train.images[position])
+    assert [int(b["index"]) for b in dm.val_dataloader()] == [0, 4, 2, 6, 1, 5, 3, 7]  # training views 0, 24, ...
     trainer = pl.Trainer(accelerator="cpu", logger=False, limit_val_batches=2, enable_progress_bar=False,
                          enable_model_summary=False, inference_mode=False)  # NeuS's normals need gradients
     with caplog.at_level("INFO", logger="nsr"):
         trainer.validate(system, datamodule=dm)  # sets the data up again: the same views, not said twice
     assert caplog.text.count("Validation renders 8 of the 48") == 1 and dm.val_data is val
     assert torch.isfinite(trainer.callback_metrics["val/psnr"])
-    for k in (0, 1):
+    assert sorted(p.name for p in tmp_path.glob("it0-*.png")) == ["it0-0.png", "it0-4.png"]  # half the capture apart
+    for k in (0, 4):
         grid = imageio.imread(tmp_path / f"it0-{k}.png")
         assert grid.shape[:2] == (24, 5 * 24)  # ground truth | render | normal | depth | opacity
         rays = val.image_rays(k)
@@ -424,5 +426,7 @@ def test_with_no_view_held_out_validation_scores_training_views_spread_over_the_
         gt = np.round(255 * (rays["rgb"] * m + 1 - m).view(24, 24, 3).numpy())
         assert np.abs(grid[:, :24].astype(int) - gt).max() <= 1
     # with views held out, validation is those views, as before
-    held = training_system("configs/neus-demo.yaml", tmp_path, "dataset.img_wh=[24,24]")[1].val_data
-    assert held.n_images == 6 and not held.trained_on and held.names[0] == "image/000000.png"
+    held = training_system("configs/neus-demo.yaml", tmp_path, "dataset.img_wh=[24,24]")[1]
+    assert held.val_data.n_images == 6 and not held.val_data.trained_on
+    assert held.val_data.names[:2] == ["image/000000.png", "image/000008.png"]  # every 8th view, in capture order
+    assert [int(b["index"]) for b in held.val_dataloader()] == [0, 4, 2, 1, 5, 3]  # rendered far-apart first

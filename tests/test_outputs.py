@@ -116,6 +116,19 @@ def test_glb_keeps_the_vertex_colours_as_gltf_color_0(tmp_path):
     assert magic == b"glTF" and version == 2 and set(primitive["attributes"]) == {"POSITION", "COLOR_0"}
 
 
+def test_ply_keeps_the_vertex_colours_and_the_float32_positions(tmp_path):
+    mesh = trimesh.creation.icosphere(subdivisions=2)
+    colours = np.random.default_rng(0).random((len(mesh.vertices), 3))
+    path = str(tmp_path / "m.ply")
+    write_mesh(path, mesh.vertices * 300.0, mesh.faces, colours)
+    back = trimesh.load(path, process=False)
+    assert back.visual.kind == "vertex" and np.array_equal(back.faces, mesh.faces)
+    np.testing.assert_allclose(back.vertices, mesh.vertices * 300.0, rtol=1e-6, atol=1e-4)
+    np.testing.assert_allclose(back.visual.vertex_colors[:, :3] / 255.0, colours, atol=1 / 255 + 1e-6)
+    with open(path, "rb") as f:
+        assert f.read(64).startswith(b"ply\nformat binary_little_endian 1.0")
+
+
 def test_the_turn_that_stands_a_capture_on_gltfs_up_is_the_smallest_rotation():
     """A run's GLB is its world frame turned so that the capture's up is glTF's +y (utils.mesh.rotation_taking):
     z-up (the demo, NeRF-synthetic) is the usual (x, y, z) -> (x, z, -y); any up, even one opposite to +y, turns

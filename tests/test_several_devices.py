@@ -92,13 +92,17 @@ def run_then_signal(script, tmp, args, bar, after, sig, to_the_group):
 
 @pytest.mark.parametrize("n, world_size", [(3, 2), (24, 2), (7, 4), (1, 3), (0, 2)])
 def test_the_ranks_share_the_views_out_each_once_in_the_same_number_of_steps(n, world_size):
-    from datasets.base import _EvalIndices
+    """In the order given (validation's: far-apart views first), so the first views of every rank's share, the
+    ones trainer.limit_val_batches keeps, are the first of that order."""
+    from datasets.base import _EvalIndices, spread_positions
 
-    shares = [[_EvalIndices(n, rank, world_size)[i]["index"] for i in range(len(_EvalIndices(n, rank, world_size)))]
-              for rank in range(world_size)]
+    views = spread_positions(n, n)
+    shares = [[_EvalIndices(views, rank, world_size)[i]["index"]
+               for i in range(len(_EvalIndices(views, rank, world_size)))] for rank in range(world_size)]
     assert len({len(share) for share in shares}) == 1, shares
     assert sorted(i for share in shares for i in share if i >= 0) == list(range(n))
     assert all(i == -1 for share in shares for i in share[len([j for j in share if j >= 0]):]), shares
+    assert [share[0] for share in shares if share and share[0] >= 0] == views[:world_size]
 
 
 @pytest.mark.parametrize("environment, per_node, rank", [
