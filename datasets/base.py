@@ -22,6 +22,7 @@ from utils.config import ConfigError, number_at_least
 
 log = logging.getLogger("nsr")
 
+
 class DatasetError(ValueError):
     """Bad or missing input data; the message says what is wrong and what to do."""
 
@@ -179,8 +180,8 @@ class SceneData:
         return self.images.shape[0]
 
     def views(self, positions: List[int]) -> "SceneData":
-        """The views at ``positions`` (copies of their images), scored on their whole image: a subset of the
-        training views has no pixels left out of training."""
+        """The views at ``positions`` (copies of their images and cameras), without ``trained_pixels``: evaluation
+        scores every pixel of a view, as nerfstudio does."""
         at = torch.as_tensor(positions, dtype=torch.long)
         return replace(self, images=self.images[at], masks=self.masks[at], c2w=self.c2w[at],
                        intrinsics=self.intrinsics[at], names=[self.names[i] for i in positions], trained_pixels=None)

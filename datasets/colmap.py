@@ -9,9 +9,10 @@ and match their image by stem, whatever the extension (``img_0012.png`` or
 COLMAP's ``img_0012.jpg.png`` for ``img_0012.jpg``).
 
 Normalisation (instant-nsr-pl's keys): the up direction from the cameras
-(``up_est_method: camera``, the direction square to every photo's horizontal
-as shown: its top row's direction, or, for phone photos with an EXIF orientation, that of the side a viewer turns
-to the top; ``datasets.rays.level_up``) or from a plane
+(``up_est_method: camera``, the direction square to every photo's rows as it
+is shown, which a level camera keeps horizontal whatever its pitch: for phone
+photos with an EXIF orientation, the rows a viewer shows, not the sensor's;
+``datasets.rays.level_up``) or from a plane
 fitted to the sparse points about the object (``ground``) becomes +z; the
 centre is the cameras' mean (``center_est_method: camera``), the point their
 optical axes pass closest to (``lookat``) or the centre of the region of
@@ -47,8 +48,7 @@ from datasets.images import (EXIF_QUARTER_TURNS, IMAGE_EXTENSIONS, common_target
                              mask_for_image, missing_root_message, quarter_turns_to_apply, read_image, reading)
 from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
                                    read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
-from datasets.rays import (level_up, opencv_to_opengl, turn_intrinsics_clockwise, video_path,
-                          turn_pose_clockwise)
+from datasets.rays import level_up, opencv_to_opengl, turn_intrinsics_clockwise, turn_pose_clockwise, video_path
 from utils.config import number_at_least
 
 log = logging.getLogger("nsr")

@@ -143,7 +143,7 @@ def orbit_trajectory(c2w_cv: np.ndarray, n_frames: int, kind: str = "auto", log_
     """(n, 4, 4) OpenCV c2w of the test video from the capture's cameras (N, 4, 4): ``video_path`` upright about
     the capture's up (``level_up``), for the format does not say which way is up. (A circle in the plane fitted
     through the centres went round a horizontal axis for cameras all about the object, the demo's, under the
-    object and over it, and for DTU's cap of cameras rose 20 degrees above its top row; with the plane's normal as
+    object and over it, and for DTU's cap of cameras rose 23 degrees above its top row; with the plane's normal as
     up, both videos rolled.)"""
     return video_path(c2w_cv, level_up(c2w_cv), n_frames, kind, log_path)
 
