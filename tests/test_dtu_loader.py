@@ -239,7 +239,7 @@ def test_a_dtu_cap_gets_an_upright_video_inside_the_cap_and_cameras_all_round_an
     the plane through them rose 23 degrees above the top row, and with that plane's normal (the cap's axis) as
     up the video turned a full roll. Cameras all about the object, at heights from below it to above (the demo's),
     got a circle round a horizontal axis, under the object and over it, every frame on its side. Now: a loop
-    inside the cap, and a turn at the cameras' mean height, upright."""
+    inside the cap, and a turn at the cameras' mean elevation, upright, in a world of any up (DTU's is not +z)."""
     def cameras(azimuths_deg, elevations_deg):
         return np.stack([look_at(3 * np.array([np.cos(e) * np.cos(a), np.cos(e) * np.sin(a), np.sin(e)]), np.zeros(3))
                          for e in np.radians(elevations_deg) for a in np.radians(azimuths_deg)])
@@ -258,6 +258,10 @@ def test_a_dtu_cap_gets_an_upright_video_inside_the_cap_and_cameras_all_round_an
     assert steps.max() < 2.5 * steps.mean()  # a loop: no jump back at the end
     looking = video[:, :3, 2]  # OpenCV: +z forward, at the origin
     np.testing.assert_allclose((looking * -video[:, :3, 3]).sum(1) / 3.0, 1.0, atol=1e-9)
+    q = np.linalg.qr(np.random.default_rng(4).normal(size=(3, 3)))[0]
+    turn = np.eye(4)
+    turn[:3, :3] = q * np.sign(np.linalg.det(q))  # a rotation: the world's up anywhere
+    np.testing.assert_allclose(orbit_trajectory(turn @ cap, 48), turn @ video, atol=1e-9)  # the same path, turned
 
     all_about = cameras(np.arange(0, 360, 45), [-35, -20, 15, 30, 45, 60, 75])  # the demo's heights
     video = orbit_trajectory(all_about, 24)
