@@ -48,21 +48,11 @@ from datasets.images import (EXIF_QUARTER_TURNS, IMAGE_EXTENSIONS, common_target
                              mask_for_image, missing_root_message, quarter_turns_to_apply, read_image, reading)
 from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
                                    read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
-from datasets.rays import level_up, opencv_to_opengl, turn_intrinsics_clockwise, turn_pose_clockwise, video_path
+from datasets.rays import (level_up, opencv_to_opengl, rotation_between, turn_intrinsics_clockwise,
+                          turn_pose_clockwise, video_path)
 from utils.config import number_at_least
 
 log = logging.getLogger("nsr")
-
-
-def rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(3, 3) smallest rotation taking unit vector a onto unit vector b."""
-    v, c = np.cross(a, b), float(a @ b)
-    if c < -1 + 1e-9:  # opposite: half turn about any axis orthogonal to a
-        axis = np.cross(a, [1.0, 0, 0] if abs(a[0]) < 0.9 else [0, 1.0, 0])
-        axis /= np.linalg.norm(axis)
-        return 2 * np.outer(axis, axis) - np.eye(3)
-    vx = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
-    return np.eye(3) + vx + vx @ vx / (1 + c)
 
 
 def fit_plane(points: np.ndarray, threshold: float, iterations: int = 500, seed: int = 0) -> np.ndarray:

@@ -39,6 +39,19 @@ VIDEO_TRAJECTORIES = ("auto", "orbit", "sweep")  # dataset.video_trajectory
 MAX_ORBIT_GAP_DEG = 120.0
 
 
+def rotation_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(3, 3) the smallest rotation taking direction ``a`` (3,) onto direction ``b`` (3,); half a turn about an
+    axis square to them when they are opposite."""
+    a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
+    v, c = np.cross(a, b), float(a @ b)
+    if c < -1 + 1e-9:
+        axis = np.cross(a, [1.0, 0, 0] if abs(a[0]) < 0.9 else [0, 1.0, 0])
+        axis /= np.linalg.norm(axis)
+        return 2 * np.outer(axis, axis) - np.eye(3)
+    vx = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
+    return np.eye(3) + vx + vx @ vx / (1 + c)
+
+
 def covered_arc(azimuths: np.ndarray) -> tuple[float, float]:
     """(start, span) in radians of the shortest arc that holds every azimuth (N,) (radians, any range): it runs
     from ``start`` counter-clockwise over ``span``, which is 2 pi less the widest gap between neighbours."""

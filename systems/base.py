@@ -20,14 +20,14 @@ from tqdm import tqdm
 
 import models
 from datasets.base import SceneData
-from datasets.rays import opencv_to_opengl
+from datasets.rays import opencv_to_opengl, rotation_between
 from models.base import update_module_step
 from systems.finite_guard import FiniteLossGuard
 from systems.optim import make_optimizer, make_scheduler
 from utils.config import ConfigError, finite_number, number_at_least, schedule_values, scheduled, to_primitive
 from utils.io import (VIDEO_MAX_WIDTH, colorize_depth, image_grid, to_uint8, video_frame_size, write_image, write_json,
                       write_video)
-from utils.mesh import GLTF_UP, MeshError, largest_component, rotation_taking, write_mesh
+from utils.mesh import GLTF_UP, MeshError, largest_component, write_mesh
 from utils.metrics import ImageMetrics
 
 log = logging.getLogger("nsr")
@@ -432,8 +432,8 @@ class BaseSystem(pl.LightningModule):
         if fmt == "glb":  # glTF is y-up: turned so that the capture stands upright in viewers, AR and Blender
             up = self.trainer.datamodule.world_up()
             gltf_from_world, gltf_from_scene = np.eye(4), np.eye(4)
-            gltf_from_world[:3, :3] = rotation_taking(up, GLTF_UP)
-            gltf_from_scene[:3, :3] = rotation_taking(np.linalg.solve(world[:3, :3], up), GLTF_UP)
+            gltf_from_world[:3, :3] = rotation_between(up, GLTF_UP)
+            gltf_from_scene[:3, :3] = rotation_between(np.linalg.solve(world[:3, :3], up), GLTF_UP)
             frames.update(gltf_from_world=gltf_from_world.tolist(), gltf_from_scene=gltf_from_scene.tolist())
             note = (f"glTF is y-up: the GLB meshes are the world frame turned by gltf_from_world (*-normalized.glb: "
                     f"the model's frame by gltf_from_scene), the capture's up along +y; {note}")

@@ -130,16 +130,17 @@ def test_ply_keeps_the_vertex_colours_and_the_float32_positions(tmp_path):
 
 
 def test_the_turn_that_stands_a_capture_on_gltfs_up_is_the_smallest_rotation():
-    """A run's GLB is its world frame turned so that the capture's up is glTF's +y (utils.mesh.rotation_taking):
+    """A run's GLB is its world frame turned so that the capture's up is glTF's +y (datasets.rays.rotation_between):
     z-up (the demo, NeRF-synthetic) is the usual (x, y, z) -> (x, z, -y); any up, even one opposite to +y, turns
     to +y by a proper rotation that moves the directions square to both up and +y not at all."""
-    from utils.mesh import GLTF_UP, rotation_taking
+    from datasets.rays import rotation_between
+    from utils.mesh import GLTF_UP
 
-    np.testing.assert_allclose(rotation_taking(np.array([0.0, 0.0, 2.0]), GLTF_UP),
+    np.testing.assert_allclose(rotation_between(np.array([0.0, 0.0, 2.0]), GLTF_UP),
                                [[1, 0, 0], [0, 0, 1], [0, -1, 0]], atol=1e-12)
     rng = np.random.default_rng(1)
     for up in [*rng.normal(size=(5, 3)), np.array([0.0, -1.0, 0.0]), np.array([1e-9, -1.0, 0.0]), GLTF_UP]:
-        turn = rotation_taking(up, GLTF_UP)
+        turn = rotation_between(up, GLTF_UP)
         np.testing.assert_allclose(turn @ (up / np.linalg.norm(up)), GLTF_UP, atol=1e-9)
         np.testing.assert_allclose(turn.T @ turn, np.eye(3), atol=1e-9)
         assert np.isclose(np.linalg.det(turn), 1.0)

@@ -142,18 +142,6 @@ def largest_component(vertices: np.ndarray, faces: np.ndarray,
     return vertices[used], remap[kept_faces], None if colors is None else colors[used]
 
 
-def rotation_taking(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(3, 3) the smallest rotation that turns direction ``a`` (3,) to direction ``b`` (3,); half a turn about an
-    axis square to them when they are opposite."""
-    a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
-    axis, cos = np.cross(a, b), float(a @ b)
-    if cos < -1 + 1e-12:
-        square = np.linalg.svd(a[None])[2][-1]
-        return 2 * np.outer(square, square) - np.eye(3)
-    skew = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
-    return np.eye(3) + skew + skew @ skew / (1 + cos)
-
-
 GLTF_UP = np.array([0.0, 1.0, 0.0])  # glTF's up: viewers and Blender's importer stand a model on +y
 
 
