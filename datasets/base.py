@@ -17,7 +17,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from datasets.rays import VIDEO_TRAJECTORIES, get_rays, image_directions, level_up, pixel_directions
+from datasets.rays import (VIDEO_TRAJECTORIES, get_rays, image_directions, level_up, opencv_to_opengl,
+                          pixel_directions)
 from utils.config import ConfigError, number_at_least
 
 log = logging.getLogger("nsr")
@@ -357,7 +358,7 @@ class SceneDataModule(pl.LightningDataModule):
         cameras of any split read already (a --test reads no training images; the video's are level too)."""
         data = self.splits.get(self.split_name("train")) or next(iter(self.splits.values()), None) \
             or self.split("train")
-        return level_up(data.c2w.double().numpy() * np.array([1.0, -1.0, -1.0, 1.0]))  # OpenGL -> OpenCV axes
+        return level_up(opencv_to_opengl(data.c2w.double()).numpy())  # the flip is its own inverse: OpenCV axes
 
     def world_up(self) -> np.ndarray:
         """(3,) unit up of the capture in the dataset's world frame: ``scene_up`` through world_from_scene."""

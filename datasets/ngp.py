@@ -182,7 +182,7 @@ def camera_normalisation(c2w: np.ndarray, distance: float, points: Optional[np.n
     if np.linalg.norm(c2w[:, :3, 1].mean(0)) < 1e-6:
         raise DatasetError("The cameras' up directions cancel out; cannot tell which way is up "
                            "(set dataset.normalize=false and model.radius).")
-    up = level_up(c2w * np.array([1.0, -1.0, -1.0, 1.0]))  # its OpenCV axes: y and z turned about x
+    up = level_up(opencv_to_opengl(torch.from_numpy(c2w)).numpy())  # the flip is its own inverse: OpenCV axes
     centre = lookat_point(c2w)  # an optical axis is the same line in OpenGL and OpenCV axes
     ahead = np.einsum("nk,nk->n", centre - centres, -c2w[:, :3, 2])  # OpenGL cameras look down -z
     if len(c2w) < 2 or (ahead > 0).mean() < 0.5:
