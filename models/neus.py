@@ -208,7 +208,13 @@ class NeuSModel(BaseModel):
 
 def _background_config(cfg: Any, near_plane: float, far_plane: float):
     """The NeRF config of the background: unbounded field from geometry_bg / texture_bg, marched from 0.1 to 1000
-    along each ray, or within the foreground's near_plane and far_plane where those are tighter."""
+    along each ray, or within the foreground's near_plane and far_plane where those are tighter.
+
+    The background covers the whole ray, the surface's box included, on purpose. NeuS and instant-nsr-pl start it
+    where the ray leaves the box (NeRF++'s split); tried here, the demo without masks failed outright (Chamfer 61
+    and 67 % of the diagonal over two seeds, against 1.2 %): the surface filled the box to paint the surroundings
+    on its walls, since a background kept out of the box has only its contracted space's coarse resolution there.
+    """
     from omegaconf import OmegaConf
 
     return OmegaConf.create({

@@ -94,7 +94,7 @@ def test_near_and_far_planes_bound_the_samples_of_the_surface_and_the_background
     assert set(ray_indices.tolist()) == {0, 1}
     step = model.render_step_size
     assert 2.5 <= float(mid.min()) < 2.5 + step and 3.25 - step < float(mid.max()) < 3.25
-    _, bg_starts, bg_ends = model.background._march(rays_o, rays_d)
+    _, bg_starts, bg_ends = model.background._march(rays_o, rays_d)  # inside the box too: see _background_config
     assert float(bg_starts.min()) >= 2.5 - 1e-6 and float(bg_ends.max()) <= 3.25 + 1e-6 and len(bg_starts) > 0
     out = model(rays_o, rays_d)
     assert torch.isfinite(out["comp_rgb_full"]).all() and float(out["depth"].max()) < 3.25
