@@ -130,28 +130,41 @@ def transform_poses(scene_from_world: np.ndarray, c2w: np.ndarray) -> np.ndarray
 
 
 def match_masks(mask_dir: str, names: List[str]) -> Dict[str, str]:
-    """image name -> mask path, matched by stem (``a.jpg`` <- ``a.png`` / ``a.jpg.png``); every image needs one."""
-    files = [f for f in sorted(os.listdir(mask_dir)) if os.path.splitext(f)[1] in IMAGE_EXTENSIONS]
+    """image name -> mask path; every image needs one.
+
+    A COLMAP image name may hold folders (``left/a.jpg``, a rig's cameras); its mask is found at the same
+    relative path, by COLMAP's naming (``left/a.jpg.png``) or the same stem (``left/a.png``), else by the base
+    name alone in ``mask_dir`` itself, which two images in different folders cannot share.
+    """
+    files = sorted(os.path.relpath(os.path.join(folder, f), mask_dir).replace(os.sep, "/")
+                   for folder, _, found in os.walk(mask_dir) for f in found
+                   if os.path.splitext(f)[1] in IMAGE_EXTENSIONS)
     by_key: Dict[str, str] = {}
     for f in files:
-        stem = os.path.splitext(f)[0]
-        by_key.setdefault(stem, f)
-    found, used = {}, set()
+        by_key.setdefault(os.path.splitext(f)[0], f)
+    found = {}
     for name in names:
         base = os.path.basename(name)
-        for key in (base, os.path.splitext(base)[0]):
+        for key in (name, os.path.splitext(name)[0], base, os.path.splitext(base)[0]):
             if key in by_key:
                 found[name] = os.path.join(mask_dir, by_key[key])
-                used.add(by_key[key])
                 break
     if not found:
         raise DatasetError(f"None of the {len(files)} files in {mask_dir} matches an image name (e.g. "
-                           f"{files[0] if files else 'none'} vs {os.path.basename(names[0])}); name each mask after "
+                           f"{files[0] if files else 'none'} vs {names[0]}); name each mask after "
                            "its image (same stem, any extension) or remove the folder.")
     missing = [n for n in names if n not in found]
     if missing:
         raise DatasetError(f"{len(missing)} of {len(names)} images have no mask in {mask_dir}, the first being "
                            f"{missing[0]}; give every image a mask or remove the folder.")
+    shared: Dict[str, List[str]] = {}
+    for name, path in found.items():
+        shared.setdefault(path, []).append(name)
+    clash = next((images for images in shared.values() if len(images) > 1), None)
+    if clash:
+        raise DatasetError(f"Images {clash[0]} and {clash[1]} would both take the mask "
+                           f"{found[clash[0]]}; put each image's mask at its own path under {mask_dir} "
+                           f"(e.g. {os.path.splitext(clash[1])[0]}.png).")
     return found
 
 

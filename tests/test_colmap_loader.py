@@ -7,6 +7,7 @@ its inversion, independent of pycolmap), and the loader's undistorted pixels
 must show what its own pinhole rays see.
 """
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -220,6 +221,39 @@ def test_masks_by_stem_and_the_clear_errors(tmp_path):
     for f in os.listdir(masks):
         os.rename(masks / f, masks / ("other_" + f))
     with pytest.raises(DatasetError, match="matches an image name"):
+        load(tmp_path).split("train")
+
+
+def test_a_rig_s_images_in_folders_take_the_masks_at_their_own_paths(tmp_path):
+    """COLMAP names a rig's images by folder (``left/img_000.png``, ``right/img_000.png``) and finds their masks at
+    the same paths under the mask folder; the base name alone, shared by both, silently gave both one mask."""
+    cams = cameras_with(50.0, 50.0, n=4)
+    views = []
+    for i, cam in enumerate(cams):
+        name = f"{'left' if i % 2 == 0 else 'right'}/img_{i // 2:03d}.png"
+        os.makedirs(tmp_path / "images" / os.path.dirname(name), exist_ok=True)
+        write_image(str(tmp_path / "images" / name), pinhole_render(cam))
+        views.append((name, 0, cam.c2w))
+    write_colmap_text(str(tmp_path / "sparse" / "0"), [("PINHOLE", W, H, [50.0, 50.0, 31.0, 25.5])], views,
+                      scene_points())
+    masks = tmp_path / "masks"
+    for name, _, _ in views:  # COLMAP's naming for the left camera, the plain stem for the right one
+        mask = np.zeros((H, W), np.uint8)
+        mask[:, :W // 2 if name.startswith("left") else W] = 255
+        path = masks / (name + ".png" if name.startswith("left") else name)
+        os.makedirs(path.parent, exist_ok=True)
+        write_image(str(path), mask)
+    data = load(tmp_path).split("train")
+    left = [k for k, n in enumerate(data.names) if n.startswith("left")]
+    right = [k for k, n in enumerate(data.names) if n.startswith("right")]
+    assert len(left) == len(right) == 2
+    assert all(int(data.masks[k, 5, W - 5]) == 0 for k in left) and all(int(data.masks[k, 5, W - 5]) == 255
+                                                                        for k in right)
+    shutil.rmtree(masks)  # flat masks named by the base name alone: which image's is which?
+    masks.mkdir()
+    for i in range(2):
+        write_image(str(masks / f"img_{i:03d}.png"), np.full((H, W), 255, np.uint8))
+    with pytest.raises(DatasetError, match=r"Images left/img_000.png and right/img_000.png would both take the mask"):
         load(tmp_path).split("train")
 
 
