@@ -428,6 +428,14 @@ def run(args) -> dict:
             raise CaptureError(f"No images (.png/.jpg) in {image_dir}: {root} holds the photos itself, and is the "
                                f"images/ folder of the capture folder {capture}; give that: python "
                                f"scripts/imgs2poses.py {capture}")
+        folders = sorted(f for f in os.listdir(image_dir) if list_images(os.path.join(image_dir, f))) \
+            if os.path.isdir(image_dir) else []
+        if folders:  # a rig's cameras, one folder each
+            raise CaptureError(f"No images (.png/.jpg) in {image_dir} itself, only in its folders "
+                               f"({first_few(folders, 3)}): imgs2poses reads the photos at the top of images/. For a "
+                               "rig of several cameras, run COLMAP with one camera per folder (colmap "
+                               "feature_extractor --ImageReader.single_camera_per_folder 1, then its matcher and "
+                               "mapper) into sparse/0; the colmap loader reads images and masks/ in folders.")
         raise CaptureError(f"No images (.png/.jpg) in {image_dir}{found}; put the photos there or pass --video.")
     left_out = [f for f in files_not_written_by(image_dir, lambda name: os.path.splitext(name)[1] in IMAGE_EXTENSIONS)
                 if not os.path.basename(f).startswith(".")]

@@ -278,6 +278,12 @@ def test_bad_inputs_are_one_sentence_and_leave_nothing(tmp_path, capsys):
         (empty / "images" / name).write_bytes(b"")
     assert imgs2poses.main([str(empty)]) == 2
     assert "(found .HEIC files: convert them to JPEG or PNG first)" in capsys.readouterr().err
+    for camera in ("left", "right"):  # a rig's cameras, one folder each: named, with the way to pose them
+        (empty / "images" / camera).mkdir()
+        write_image(str(empty / "images" / camera / "0001.png"), np.zeros((8, 8, 3), np.uint8))
+    assert imgs2poses.main([str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "only in its folders (left, right)" in err and "single_camera_per_folder" in err and err.count("\n") == 1
 
     bad_video = tmp_path / "broken.mp4"
     bad_video.write_bytes(b"\x00\x01 this is not a video" * 100)
