@@ -226,7 +226,8 @@ def test_masks_by_stem_and_the_clear_errors(tmp_path):
 
 def test_a_rig_s_images_in_folders_take_the_masks_at_their_own_paths(tmp_path):
     """COLMAP names a rig's images by folder (``left/img_000.png``, ``right/img_000.png``) and finds their masks at
-    the same paths under the mask folder; the base name alone, shared by both, silently gave both one mask."""
+    the same paths under the mask folder. Masks in folders were not found at all, and flat masks named by the base
+    name, which both share, gave both one mask without a word."""
     cams = cameras_with(50.0, 50.0, n=4)
     views = []
     for i, cam in enumerate(cams):
