@@ -27,7 +27,7 @@ from systems.optim import make_optimizer, make_scheduler
 from utils.config import ConfigError, finite_number, number_at_least, schedule_values, scheduled, to_primitive
 from utils.io import (VIDEO_MAX_WIDTH, colorize_depth, image_grid, to_uint8, video_frame_size, write_image, write_json,
                       write_video)
-from utils.mesh import GLTF_UP, MeshError, largest_component, write_mesh
+from utils.mesh import GLTF_UP, MeshError, face_components, largest_component, write_mesh
 from utils.metrics import ImageMetrics
 
 log = logging.getLogger("nsr")
@@ -418,10 +418,16 @@ class BaseSystem(pl.LightningModule):
             log.error(f"Mesh export skipped: {err}")
             return
         verts, faces, colours = mesh["v_pos"], mesh["t_pos_idx"], mesh.get("v_rgb")
+        pieces = ""
         if export_cfg.get("largest_component_only", False):
             n_before = len(faces)
             verts, faces, colours = largest_component(verts, faces, colours)
             log.info(f"Kept the largest connected component: {len(faces)} of {n_before} faces")
+        else:  # floaters said, with the option that drops them
+            sizes = np.bincount(face_components(verts, faces))
+            if len(sizes) > 1:
+                pieces = (f", {len(sizes)} pieces, the largest {100 * sizes.max() / len(faces):.1f} % of the faces: "
+                          "export.largest_component_only=true keeps only it")
         world = self.trainer.datamodule.world_from_scene()
         world_verts = verts @ world[:3, :3].T + world[:3, 3]
         fmt = str(export_cfg.get("mesh_format", "obj")).lower()
@@ -446,7 +452,7 @@ class BaseSystem(pl.LightningModule):
         write_json(self.save_path("normalization.json"), {
             **frames, "note": f"meshes are in the dataset's world frame (*-normalized.{fmt}: the model's frame); "
                               f"{note}"})
-        log.info(f"Mesh: {path} ({len(verts)} vertices, {len(faces)} faces)")
+        log.info(f"Mesh: {path} ({len(verts)} vertices, {len(faces)} faces{pieces})")
         scores = self.trainer.datamodule.score_mesh(world_verts, faces)
         if scores is not None:  # named after its mesh: meshes of other resolutions or methods keep their own
             write_json(self.save_path(f"{stem}-metrics.json"), {"mesh": os.path.basename(path), **scores})

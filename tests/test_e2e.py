@@ -71,6 +71,15 @@ def test_train_writes_the_instant_nsr_pl_tree(trained):
     assert re.search(r"\[nsr\] Model: NeRFModel, \d+\.\d\d M trainable parameters", out)
     assert "GPU available" not in out and "Total params" not in out and "was configured so 100%" not in out
     assert [os.path.basename(p) for p in glob.glob(os.path.join(trial, "ckpt", "*.ckpt"))] == ["epoch=0-step=400.ckpt"]
+    # the mesh's pieces (floaters) are said, with the option that keeps the largest, as the OBJ has them
+    mesh = trimesh.load(glob.glob(os.path.join(save, "it400-mc*.obj"))[0], process=False)
+    sizes = np.bincount(trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces)))
+    said = re.search(r"\[nsr\] Mesh: \S+ \(\d+ vertices, (\d+) faces(?:, (\d+) pieces, the largest ([\d.]+) % of the "
+                     r"faces: export\.largest_component_only=true keeps only it)?\)", out)
+    assert said and int(said.group(1)) == len(mesh.faces), out[-3000:]
+    assert int(said.group(2) or 1) == len(sizes)
+    if len(sizes) > 1:
+        assert float(said.group(3)) == pytest.approx(100 * sizes.max() / len(mesh.faces), abs=0.05)
 
 
 @pytest.mark.slow

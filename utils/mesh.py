@@ -126,14 +126,19 @@ def marching_cubes(field: FieldFn, bounds: np.ndarray, resolution: int, threshol
     return verts.astype(np.float32), faces
 
 
+def face_components(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """(F,) the edge-connected piece each face belongs to, numbered from 0."""
+    mesh = trimesh.Trimesh(vertices, faces, process=False)
+    return trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(faces))
+
+
 def largest_component(vertices: np.ndarray, faces: np.ndarray,
                       colors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Keep the connected component with the most faces (edge-connected); unused vertices dropped.
 
     vertices (V, 3), faces (F, 3), colors (V, C) or None -> the same, smaller.
     """
-    mesh = trimesh.Trimesh(vertices, faces, process=False)
-    labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(faces))
+    labels = face_components(vertices, faces)
     keep = labels == np.bincount(labels).argmax()
     kept_faces = faces[keep]
     used = np.unique(kept_faces)
