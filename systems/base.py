@@ -426,7 +426,7 @@ class BaseSystem(pl.LightningModule):
         else:  # floaters said, with the option that drops them
             sizes = np.bincount(face_components(verts, faces))
             if len(sizes) > 1:
-                pieces = (f", {len(sizes)} pieces, the largest {100 * sizes.max() / len(faces):.1f} % of the faces: "
+                pieces = (f", {len(sizes)} pieces, {len(faces) - sizes.max()} faces outside the largest: "
                           "export.largest_component_only=true keeps only it")
         world = self.trainer.datamodule.world_from_scene()
         world_verts = verts @ world[:3, :3].T + world[:3, 3]
