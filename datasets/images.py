@@ -10,7 +10,9 @@ loaders and scripts that need to know which way the photo is shown.
 """
 from __future__ import annotations
 
+import logging
 import os
+from collections import Counter
 from typing import Any, List, Tuple
 
 import cv2
@@ -19,6 +21,8 @@ import numpy as np
 
 from datasets.base import DatasetError
 from utils.config import ConfigError, number_at_least
+
+log = logging.getLogger("nsr")
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".PNG", ".JPG", ".JPEG")
 
@@ -161,15 +165,50 @@ def stored_size(path: str) -> Tuple[int, int]:
         return img.shape[1], img.shape[0]
 
 
+def most_common_size(sizes: List[tuple]) -> tuple:
+    """The (w, h) most of ``sizes`` have; of equally common ones, the largest."""
+    counts = Counter(sizes)
+    return max(counts, key=lambda size: (counts[size], size[0] * size[1]))
+
+
+def same_aspect(size: tuple, other: tuple) -> bool:
+    """Whether two (w, h) sizes have one aspect ratio, to 1 % (sizes rounded to whole pixels, undistorted)."""
+    return abs(size[0] / size[1] - other[0] / other[1]) <= 0.01 * other[0] / other[1]
+
+
+def img_wh_override(sizes: List[tuple], config_path: str) -> str:
+    """What a training command on images of ``sizes`` adds for the config file ``config_path``: '' when they have
+    one aspect ratio (the loaders choose the size), else ``' dataset.img_wh=[W,H]'``, the most common size scaled
+    by the config's ``img_downscale``."""
+    from omegaconf import OmegaConf
+
+    if not sizes:
+        return ""
+    base = most_common_size(sizes)
+    if all(same_aspect(size, base) for size in sizes):
+        return ""
+    downscale = OmegaConf.load(config_path).dataset.get("img_downscale") or 1
+    return f" dataset.img_wh=[{round(base[0] / downscale)},{round(base[1] / downscale)}]"
+
+
 def common_target_size(config: Any, sizes: List[tuple], names: List[str], whose: str = "Images") -> tuple[int, int]:
-    """One training size for images of sizes ``sizes`` ((w, h) each): ``img_wh`` for images of mixed sizes (each
-    scaled on its own), else the shared rules (``target_size``). ``whose`` starts the mixed-sizes message."""
+    """One training size for images of sizes ``sizes`` ((w, h) each), each image scaled on its own (its camera with
+    it): ``img_wh`` when given; for sizes of one aspect ratio (a rig's cameras, a photo at another resolution), the
+    most common size (of equal counts, the largest) after ``img_downscale``; mixed aspect ratios need ``img_wh``.
+    ``whose`` starts the messages."""
     if config.get("img_wh") is not None and len(set(sizes)) > 1:
         return requested_size(config)
-    odd = [k for k, s in enumerate(sizes) if s != sizes[0]]
+    counts = Counter(sizes)
+    base = most_common_size(sizes)
+    odd = [k for k, size in enumerate(sizes) if not same_aspect(size, base)]
     if odd:
-        k = odd[0]
-        raise DatasetError(f"{whose} have mixed sizes: {names[k]} is {sizes[k][0]}x{sizes[k][1]} "
-                           f"but {names[0]} is {sizes[0][0]}x{sizes[0][1]}; set dataset.img_wh=[W,H] to train on "
-                           "one size.")
-    return target_size(config, *sizes[0])
+        k, b = odd[0], sizes.index(base)
+        raise DatasetError(f"{whose} have mixed sizes of different aspect ratios: {names[k]} is {sizes[k][0]}x"
+                           f"{sizes[k][1]} but {names[b]} is {base[0]}x{base[1]}; set dataset.img_wh=[W,H] to train "
+                           "on one size.")
+    size = target_size(config, *base)
+    if len(counts) > 1:
+        found = ", ".join(f"{n} at {w}x{h}" for (w, h), n in counts.most_common())
+        log.info(f"{whose} are of {len(counts)} sizes with one aspect ratio ({found}): each is scaled to "
+                 f"{size[0]}x{size[1]}, its camera with it (dataset.img_wh=[W,H] to choose).")
+    return size

@@ -6,6 +6,7 @@ the images are rendered through a lens model written here (forward model and
 its inversion, independent of pycolmap), and the loader's undistorted pixels
 must show what its own pinhole rays see.
 """
+import logging
 import os
 import shutil
 
@@ -258,7 +259,9 @@ def test_a_rig_s_images_in_folders_take_the_masks_at_their_own_paths(tmp_path):
         load(tmp_path).split("train")
 
 
-def test_mixed_image_sizes_need_img_wh(tmp_path):
+def test_mixed_image_sizes_train_at_one_size_and_other_aspect_ratios_need_img_wh(tmp_path, caplog):
+    """A rig's cameras of one aspect ratio train at the most common size (or img_wh), each view's camera scaled
+    with its image; another aspect ratio is refused unless img_wh is given."""
     cams = cameras_with(50.0, 50.0, n=4)
     root = tmp_path
     os.makedirs(root / "images")
@@ -272,12 +275,21 @@ def test_mixed_image_sizes_need_img_wh(tmp_path):
     write_colmap_text(str(root / "sparse" / "0"), [("PINHOLE", W, H, [50.0, 50.0, 31.0, 25.5]),
                                                   ("PINHOLE", 32, 24, [25.0, 25.0, 15.5, 12.75])],
                       views, scene_points())
-    with pytest.raises(DatasetError, match="mixed sizes.*img_wh"):
+    with caplog.at_level(logging.INFO, logger="nsr"):
+        for data in (load(root).split("train"), load(root, img_wh=[W, H]).split("train")):
+            assert data.images.shape[1:3] == (H, W)
+            o, d = world_rays(data, 3, data.world_from_scene)
+            o_true, d_true = (t.double().numpy() for t in cams[3].rays())
+            assert max_ray_angle_deg(torch.from_numpy(d), torch.from_numpy(d_true)) < 1e-3
+    assert "are of 2 sizes with one aspect ratio (3 at 64x48, 1 at 32x24): each is scaled to 64x48" in caplog.text
+    write_image(str(root / "images" / "img_3.png"), np.zeros((32, 32, 3), np.uint8))  # square: another aspect
+    write_colmap_text(str(root / "sparse" / "0"), [("PINHOLE", W, H, [50.0, 50.0, 31.0, 25.5]),
+                                                  ("PINHOLE", 32, 32, [25.0, 25.0, 15.5, 15.5])],
+                      views, scene_points())
+    with pytest.raises(DatasetError, match="mixed sizes of different aspect ratios: img_3.png is 32x32 but "
+                                           r"img_0.png is 64x48; set dataset.img_wh=\[W,H\]"):
         load(root).split("train")
-    data = load(root, img_wh=[W, H]).split("train")
-    o, d = world_rays(data, 3, data.world_from_scene)
-    o_true, d_true = (t.double().numpy() for t in cams[3].rays())
-    assert max_ray_angle_deg(torch.from_numpy(d), torch.from_numpy(d_true)) < 1e-3
+    assert load(root, img_wh=[W, H]).split("train").images.shape[1:3] == (H, W)
 
 
 def test_missing_model_and_image_are_one_sentence(tmp_path):

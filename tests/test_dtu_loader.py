@@ -11,6 +11,7 @@ from datasets.base import DatasetError
 from datasets.dtu import load_dtu_split, orbit_trajectory
 from datasets.synthetic import DemoScene, look_at, orbit_cameras, write_dtu
 from helpers import max_ray_angle_deg
+from utils.io import write_image
 
 WORLD_FROM_SCENE = np.array([[1.7, 0, 0, 0.3], [0, 1.7, 0, -0.2], [0, 0, 1.7, 0.5], [0, 0, 0, 1.0]])
 
@@ -151,10 +152,11 @@ def test_masks_saved_at_another_resolution_are_fitted_to_their_images(scene_dir,
         load_dtu_split(cfg(str(half)), "train")
 
 
-def test_images_of_mixed_sizes_train_at_img_wh_each_camera_scaled_by_its_own(tmp_path):
+def test_images_of_mixed_sizes_train_at_one_size_each_camera_scaled_by_its_own(tmp_path):
     """A view photographed at twice the resolution: its intrinsics used to be scaled by the first image's size, so
-    when it was not the first, its rays were silently wrong. Now every image's size is read, mixed sizes need
-    dataset.img_wh, and each camera is scaled from its own image."""
+    when it was not the first, its rays were silently wrong. Now every image's size is read and each camera is
+    scaled from its own image: sizes of one aspect ratio train at the most common one, img_wh at any size, and
+    another aspect ratio needs img_wh."""
     import dataclasses
 
     cams = cameras()
@@ -162,18 +164,20 @@ def test_images_of_mixed_sizes_train_at_img_wh_each_camera_scaled_by_its_own(tmp
     cams[2] = dataclasses.replace(big, K=big.K * np.array([[2], [2], [1]]), width=2 * big.width,
                                   height=2 * big.height)
     write_dtu(str(tmp_path), DemoScene(), cams, WORLD_FROM_SCENE, supersample=1)
-    with pytest.raises(DatasetError, match=r"^Images have mixed sizes: .*000002.png is 80x64 but .*000000.png is "
-                                           r"40x32; set dataset.img_wh=\[W,H\]"):
-        load_dtu_split(cfg(str(tmp_path)), "train")
-    data = load_dtu_split(cfg(str(tmp_path), img_wh=[40, 32]), "train")
-    assert (data.width, data.height) == (40, 32) and data.masks.shape == (5, 32, 40)
-    for i, cam in enumerate(cameras()):  # the same rays as the cameras at 40x32
-        angle = max_ray_angle_deg(data.image_rays(i)["rays_d"], cam.rays()[1])
-        assert angle < 1e-3, f"camera {i}: max ray angle error {angle:.5f} deg"
+    for data in (load_dtu_split(cfg(str(tmp_path)), "train"), load_dtu_split(cfg(str(tmp_path), img_wh=[40, 32]),
+                                                                            "train")):
+        assert (data.width, data.height) == (40, 32) and data.masks.shape == (5, 32, 40)
+        for i, cam in enumerate(cameras()):  # the same rays as the cameras at 40x32
+            angle = max_ray_angle_deg(data.image_rays(i)["rays_d"], cam.rays()[1])
+            assert angle < 1e-3, f"camera {i}: max ray angle error {angle:.5f} deg"
     same = load_dtu_split(cfg(str(tmp_path), img_wh=[40, 32], holdout_every=3), "test")  # views 0 and 3
     torch.testing.assert_close(same.intrinsics, data.intrinsics[[0, 3]])
     orbit = load_dtu_split(cfg(str(tmp_path), img_wh=[20, 16], n_test_traj_steps=4), "test")
     torch.testing.assert_close(orbit.intrinsics[0], data.intrinsics[0] / 2)
+    write_image(str(tmp_path / "image" / "000002.png"), np.zeros((32, 48, 3), np.uint8))  # another aspect ratio
+    with pytest.raises(DatasetError, match=r"^Images have mixed sizes of different aspect ratios: .*000002.png is "
+                                           r"48x32 but .*000000.png is 40x32; set dataset.img_wh=\[W,H\]"):
+        load_dtu_split(cfg(str(tmp_path)), "train")
 
 
 def test_orbit_trajectory_up_follows_the_cameras():
