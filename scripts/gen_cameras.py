@@ -73,10 +73,6 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
     undistorters = {}
     for v in views:
         undistorters.setdefault(v.camera.camera_id, Undistorter(v.camera))
-    sizes = {undistorters[v.camera.camera_id].size for v in views}
-    if len(sizes) > 1:
-        raise DatasetError(f"The cameras undistort to different sizes ({', '.join(f'{w}x{h}' for w, h in sizes)}); "
-                           "NeuS-format scenes need one image size: compute the poses with one shared camera.")
     turns = [EXIF_QUARTER_TURNS[exif_orientation(os.path.join(image_dir, n))] for n in names]
     upright = quarter_turns_to_apply(turns)  # clockwise quarter turns given to every image and camera
     interest = os.path.join(root, "sparse_points_interest.ply")
@@ -94,7 +90,7 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
     with atomic_folder(out, prefix=".gen-cameras-") as tmp:
         os.makedirs(os.path.join(tmp, "image"))
         os.makedirs(os.path.join(tmp, "mask"))
-        cams = {}
+        cams, sizes = {}, []
         for i, view in enumerate(tqdm(views, desc="undistorting images", unit="img")):
             und = undistorters[view.camera.camera_id]
             image = load_images([os.path.join(image_dir, view.name)])[0][..., :3]
@@ -111,6 +107,7 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
                             np.repeat(np.rot90(mask, -upright)[..., None], 3, axis=-1))
             K = np.eye(4)
             K[:3, :3], size = turn_intrinsics_clockwise(und.K, *und.size, upright)
+            sizes.append(size)
             cams[f"world_mat_{i}"] = K @ np.linalg.inv(turn_pose_clockwise(view.c2w, upright))
             cams[f"scale_mat_{i}"] = scale_mat
         np.savez(os.path.join(tmp, "cameras_sphere.npz"), **cams)
@@ -118,7 +115,7 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
             f.writelines(f"{i:0{padding}d} {n}\n" for i, n in enumerate(names))
         if not os.path.isfile(interest):
             write_points_ply(os.path.join(tmp, "sparse_points_interest.ply"), xyz[keep], rgb[keep])
-    return {"images": len(views), "size": size, "centre": centre.tolist(), "radius": radius,
+    return {"images": len(views), "sizes": sizes, "centre": centre.tolist(), "radius": radius,
             "roi": source, "masks": bool(masks), "turned": upright, "shown_turned": sum(t != 0 for t in turns)}
 
 
@@ -154,8 +151,14 @@ def main(argv=None) -> int:
         if status is None:
             raise
         return status
-    w, h = info["size"]
-    print(f"Wrote {info['images']} views ({w}x{h}, {'given masks' if info['masks'] else 'all-foreground masks'}) "
+    from collections import Counter
+
+    from datasets.images import img_wh_override
+
+    counts = Counter(tuple(size) for size in info["sizes"])
+    sized = ", ".join(f"{n} at {w}x{h}" for (w, h), n in counts.most_common()) if len(counts) > 1 else \
+        "{}x{}".format(*info["sizes"][0])
+    print(f"Wrote {info['images']} views ({sized}, {'given masks' if info['masks'] else 'all-foreground masks'}) "
           f"to {out}; region of interest: centre {np.round(info['centre'], 4).tolist()}, radius "
           f"{info['radius']:.4g} ({info['roi']}).")
     if info["turned"]:
@@ -164,8 +167,13 @@ def main(argv=None) -> int:
     elif info["shown_turned"]:
         print(f"{info['shown_turned']} of {info['images']} photos are shown turned (EXIF orientation) and the others "
               "not: all are written as stored, so some look sideways; the cameras match the pixels either way.")
-    config = typed_path(os.path.join(REPOSITORY, "configs", f"neus-dtu{'-wmask' if info['masks'] else ''}.yaml"))
-    print(f"Next: {launch_command(f'--config {shlex.quote(config)} --train dataset.root_dir={shlex.quote(out)}')}")
+    if len(counts) > 1:
+        print("The cameras' images are of different sizes: NeuS's own code needs one; this project's dtu loader "
+              "scales each view to one, its camera with it.")
+    config_path = os.path.join(REPOSITORY, "configs", f"neus-dtu{'-wmask' if info['masks'] else ''}.yaml")
+    config, size = typed_path(config_path), img_wh_override(info["sizes"], config_path)
+    arguments = f"--config {shlex.quote(config)} --train dataset.root_dir={shlex.quote(out)}{size}"
+    print(f"Next: {launch_command(arguments)}")
     return 0
 
 

@@ -10,8 +10,11 @@ SIFT features, matching (``--matcher auto``: sequential for video frames,
 with loop-closing pairs found by image similarity, exhaustive for a photo
 folder: its pairs grow with the square of the photo count, so photos taken
 in order are quicker with ``--matcher sequential``), incremental mapping,
-each behind a progress bar; one camera shared by all images unless
-``--per-image-cameras``. The largest model is written to
+each behind a progress bar. Cameras (``--camera-mode auto``): one shared by all
+the photos at the top of ``images/`` (one phone), or one per folder where ``images/``
+holds only folders of photos (a rig's cameras, or two devices: ``images/left/``,
+``images/right/``; COLMAP's ``single_camera_per_folder``); ``per-image`` for photos
+from many devices. The largest model is written to
 ``<root>/sparse/0`` (binary), plus ``<root>/database.db`` and
 ``<root>/sparse_points.ply`` (crop it in MeshLab and save the selection as
 ``<root>/sparse_points_interest.ply`` to fix the region of interest for
@@ -60,6 +63,24 @@ def list_images(folder: str) -> list[str]:
         return []
     return sorted(f for f in os.listdir(folder)
                   if os.path.splitext(f)[1] in IMAGE_EXTENSIONS and not f.startswith("."))
+
+
+def camera_folders(folder: str) -> dict[str, list[str]]:
+    """The folders of ``folder`` (one level, not hidden ones) that hold photos: {folder name: its photos' names as
+    COLMAP gives them, 'left/a.jpg'}. A rig's cameras, or two devices, one folder each."""
+    if not os.path.isdir(folder):
+        return {}
+    found = {}
+    for sub in sorted(os.listdir(folder)):
+        photos = list_images(os.path.join(folder, sub)) if not sub.startswith(".") else []
+        if photos:
+            found[sub] = [f"{sub}/{name}" for name in photos]
+    return found
+
+
+def holds_images(folder: str) -> bool:
+    """Whether ``folder`` holds a photo, at its top or in one of its folders."""
+    return bool(list_images(folder) or camera_folders(folder))
 
 
 # ---------------------------------------------------------------------------------------------------- video
@@ -226,8 +247,8 @@ def check_posed_images(root: str, sparse: str, names: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- SfM
-def check_images(image_dir: str, names: list[str], shared_camera: bool) -> tuple[int, int]:
-    """Every image readable; one size when one camera is shared. Returns the (width, height) of the first."""
+def check_images(image_dir: str, names: list[str], camera_mode: str) -> None:
+    """Every image readable; one size for the images of each shared camera (all of them, or each folder's)."""
     import cv2
 
     sizes = {}
@@ -236,13 +257,16 @@ def check_images(image_dir: str, names: list[str], shared_camera: bool) -> tuple
         if img is None:
             raise CaptureError(f"{os.path.join(image_dir, name)} cannot be read as an image; remove it.")
         sizes[name] = (img.shape[1], img.shape[0])
-    first = sizes[names[0]]
-    odd = [n for n in names if sizes[n] != first]
-    if odd and shared_camera:
-        raise CaptureError(f"Images of mixed sizes: {odd[0]} is {sizes[odd[0]][0]}x{sizes[odd[0]][1]} but "
-                           f"{names[0]} is {first[0]}x{first[1]}; resize them to one size, or pass "
-                           "--per-image-cameras (each image its own camera).")
-    return first
+    if camera_mode == "per-image":
+        return
+    for folder, group in (colmap_steps.by_folder(names) if camera_mode == "per-folder" else {"": names}).items():
+        first = sizes[group[0]]
+        odd = [n for n in group if sizes[n] != first]
+        if odd:
+            held = f" in {os.path.join(image_dir, folder)}, one camera's" if folder else ""
+            raise CaptureError(f"Images of mixed sizes{held}: {odd[0]} is {sizes[odd[0]][0]}x{sizes[odd[0]][1]} but "
+                               f"{group[0]} is {first[0]}x{first[1]}; resize them to one size, or pass "
+                               "--camera-mode per-image (each image its own camera).")
 
 
 def colour_signature(image: np.ndarray) -> np.ndarray:
@@ -278,8 +302,22 @@ def loop_pairs(image_dir: str, names: list[str], overlap: int, per_image: int = 
     return [(names[i], names[j]) for i, j in sorted(pairs)]
 
 
+def same_moment_pairs(cameras: dict[str, list[str]], reach: int) -> list[tuple[str, str]]:
+    """Pairs across the cameras of a rig: each image with the other cameras' images at the same place in their
+    sequence (the same moment for a rig's synchronised cameras; for folders of different lengths, the same share of
+    the way through), ``reach`` either side. Sequential matching pairs images of one camera only."""
+    pairs = []
+    folders = list(cameras.values())
+    for i, first in enumerate(folders):
+        for second in folders[i + 1:]:
+            for k, name in enumerate(first):
+                at = round(k * (len(second) - 1) / max(len(first) - 1, 1))
+                pairs += [(name, other) for other in second[max(0, at - reach):at + reach + 1]]
+    return pairs
+
+
 def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str, camera_model: str,
-            shared_camera: bool, overlap: int, threads: int):
+            camera_mode: str, overlap: int, threads: int):
     """Features, matches and incremental mapping in ``work``; returns the largest pycolmap.Reconstruction."""
     import pycolmap
     from tqdm import tqdm
@@ -287,7 +325,8 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
     db = os.path.join(work, "database.db")
     extraction = pycolmap.FeatureExtractionOptions()
     extraction.num_threads = threads
-    mode = pycolmap.CameraMode.SINGLE if shared_camera else pycolmap.CameraMode.PER_IMAGE
+    mode = {"single": pycolmap.CameraMode.SINGLE, "per-folder": pycolmap.CameraMode.PER_FOLDER,
+            "per-image": pycolmap.CameraMode.PER_IMAGE}[camera_mode]
     t0 = time.time()
     with tqdm(total=len(names), desc="[1/3] SIFT features", unit="img") as bar:
         colmap_steps.extract_features(db, image_dir, names, mode, camera_model, extraction, bar)
@@ -303,8 +342,16 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
     t0 = time.time()
     if matcher == "sequential":  # COLMAP's sequential matcher's pairs, and those the video came back to
         loops = loop_pairs(image_dir, names, overlap)
-        pairs = colmap_steps.distinct_pairs(colmap_steps.sequential_pairs(db, overlap) + loops)
-        desc = f"[2/3] sequential matching (overlap {overlap}, {len(loops)} loop-closing pairs)"
+        sequential = colmap_steps.sequential_pairs(db, overlap)
+        cameras = colmap_steps.by_folder(names)
+        across = []
+        if len(cameras) > 1:  # each camera's own sequence (COLMAP's runs on from one folder into the next)
+            folder = colmap_steps.folder_of
+            sequential = [(a, b) for a, b in sequential if folder(a) == folder(b)]
+            across = same_moment_pairs(cameras, reach=max(1, overlap // 5))
+        pairs = colmap_steps.distinct_pairs(sequential + across + loops)
+        rig = f", {len(across)} pairs across its {len(cameras)} cameras" if across else ""
+        desc = f"[2/3] sequential matching (overlap {overlap}{rig}, {len(loops)} loop-closing pairs)"
     else:
         pairs = colmap_steps.every_pair(names)
         desc = "[2/3] exhaustive matching"
@@ -330,7 +377,8 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
 
 def report(rec, names: list[str]) -> dict:
     registered = {rec.images[i].name for i in rec.reg_image_ids()}
-    return {"images": len(names), "registered": len(registered),
+    sizes = [(rec.images[i].camera.width, rec.images[i].camera.height) for i in rec.reg_image_ids()]
+    return {"images": len(names), "registered": len(registered), "sizes": sizes,
             "unregistered": [n for n in names if n not in registered],
             "points": rec.num_points3D(), "mean_reprojection_error_px": float(rec.compute_mean_reprojection_error())}
 
@@ -338,6 +386,21 @@ def report(rec, names: list[str]) -> dict:
 def print_report(stats: dict) -> None:
     print(f"Registered {stats['registered']} of {stats['images']} images; {stats['points']} sparse points; mean "
           f"reprojection error {stats['mean_reprojection_error_px']:.3f} px.")
+
+
+def print_cameras(rec) -> None:
+    """One line per camera shared by a folder of images (a rig's), with the focal length COLMAP found: a camera
+    given the other's photos by mistake shows here."""
+    folders = {}
+    for image_id in rec.reg_image_ids():
+        image = rec.images[image_id]
+        folders.setdefault(image.camera_id, set()).add(colmap_steps.folder_of(image.name))
+    if len(folders) < 2 or len(folders) > 8 or any(len(f) != 1 for f in folders.values()):
+        return
+    for camera_id, (folder,) in sorted(folders.items(), key=lambda item: sorted(item[1])):
+        camera = rec.cameras[camera_id]
+        print(f"  camera of {folder}/: {camera.width}x{camera.height}, focal length "
+              f"{camera.mean_focal_length():.1f} px ({camera.model.name})")
 
 
 @stops_cleanly("imgs2poses")
@@ -353,7 +416,10 @@ def main(argv=None) -> int:
     parser.add_argument("--overlap", type=argument_at_least(1, int), default=10,
                         help="sequential matching: neighbours matched per frame")
     parser.add_argument("--camera-model", default="SIMPLE_RADIAL", help="COLMAP camera model (OPENCV, PINHOLE, ...)")
-    parser.add_argument("--per-image-cameras", action="store_true", help="one camera per image (mixed devices)")
+    parser.add_argument("--camera-mode", choices=["auto", "single", "per-folder", "per-image"], default="auto",
+                        help="the cameras COLMAP fits: auto is one per folder where images/ holds folders of photos "
+                        "(a rig's cameras), else one for all (one phone); per-image for photos from many devices")
+    parser.add_argument("--per-image-cameras", action="store_true", help="the same as --camera-mode per-image")
     parser.add_argument("--min-registered", type=argument_at_least(0), default=0.6,
                         help="fail below this fraction registered")
     parser.add_argument("--threads", type=int, default=-1,
@@ -362,9 +428,13 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="redo frames and poses that already exist")
     parser.add_argument("--verbose", action="store_true", help="show COLMAP's own log")
     args = parser.parse_args(argv)
+    if args.per_image_cameras:
+        if args.camera_mode not in ("auto", "per-image"):
+            parser.error(f"--per-image-cameras contradicts --camera-mode {args.camera_mode}; give one of them.")
+        args.camera_mode = "per-image"
     try:
-        run(args)
-        print(f"Next: {train_command(args.root)}")
+        stats = run(args)
+        print(f"Next: {train_command(args.root, stats['sizes'])}")
     except CaptureError as err:
         print(f"imgs2poses: {err}", file=sys.stderr)
         return 2
@@ -376,13 +446,18 @@ def main(argv=None) -> int:
     return 0
 
 
-def train_command(root: str) -> str:
-    """The command that trains NeuS on the posed capture (with its masks when ``<root>/masks`` holds them)."""
+def train_command(root: str, sizes: list[tuple[int, int]]) -> str:
+    """The command that trains NeuS on the posed capture of images of ``sizes`` (with its masks when
+    ``<root>/masks`` holds them, and a training size when the cameras' aspect ratios differ)."""
     import shlex
 
-    masked = " dataset.apply_mask=true system.loss.lambda_mask=0.1" if list_images(os.path.join(root, "masks")) else ""
-    config = shlex.quote(typed_path(os.path.join(REPOSITORY, "configs", "neus-colmap.yaml")))
-    return launch_command(f"--config {config} --train dataset.root_dir={shlex.quote(root)}{masked}")
+    from datasets.images import img_wh_override
+
+    masked = " dataset.apply_mask=true system.loss.lambda_mask=0.1" if holds_images(os.path.join(root, "masks")) else ""
+    config_path = os.path.join(REPOSITORY, "configs", "neus-colmap.yaml")
+    size = img_wh_override(sizes, config_path)
+    return launch_command(f"--config {shlex.quote(typed_path(config_path))} --train "
+                          f"dataset.root_dir={shlex.quote(root)}{masked}{size}")
 
 
 def run(args) -> dict:
@@ -419,6 +494,15 @@ def run(args) -> dict:
             print(f"Kept {stats['kept']} frames of {stats['read']} ({stats['windows']} windows at {args.fps} fps; "
                   f"dropped {stats['blurred']} blurred and {stats['duplicates']} near-duplicates) -> {image_dir}")
     names = list_images(image_dir)
+    cameras = camera_folders(image_dir)
+    rig = bool(cameras) and not names
+    if names and cameras:  # photos beside folders of photos: which are the capture is not ours to guess
+        print(f"Left out of the poses: the folders of {image_dir} ({first_few(list(cameras), 3)}); imgs2poses reads "
+              "the photos at the top of images/, or, where it holds only folders of photos, those (one camera each).")
+    elif rig:  # a rig's cameras (or two devices), one folder each
+        names = [name for photos in cameras.values() for name in photos]
+        print(f"{len(names)} photos in {len(cameras)} folders of {image_dir} ({first_few(list(cameras), 3)})" + (
+            ", one camera each." if args.camera_mode in ("auto", "per-folder") else "."))
     if not names:
         others = sorted({os.path.splitext(f)[1] for f in os.listdir(image_dir)} - {""}) if os.path.isdir(image_dir) \
             else []
@@ -428,14 +512,6 @@ def run(args) -> dict:
             raise CaptureError(f"No images (.png/.jpg) in {image_dir}: {root} holds the photos itself, and is the "
                                f"images/ folder of the capture folder {capture}; give that: python "
                                f"scripts/imgs2poses.py {capture}")
-        folders = sorted(f for f in os.listdir(image_dir) if list_images(os.path.join(image_dir, f))) \
-            if os.path.isdir(image_dir) else []
-        if folders:  # a rig's cameras, one folder each
-            raise CaptureError(f"No images (.png/.jpg) in {image_dir} itself, only in its folders "
-                               f"({first_few(folders, 3)}): imgs2poses reads the photos at the top of images/. For a "
-                               "rig of several cameras, run COLMAP with one camera per folder (colmap "
-                               "feature_extractor --ImageReader.single_camera_per_folder 1, then its matcher and "
-                               "mapper) into sparse/0; the colmap loader reads images and masks/ in folders.")
         raise CaptureError(f"No images (.png/.jpg) in {image_dir}{found}; put the photos there or pass --video.")
     left_out = [f for f in files_not_written_by(image_dir, lambda name: os.path.splitext(name)[1] in IMAGE_EXTENSIONS)
                 if not os.path.basename(f).startswith(".")]
@@ -458,12 +534,16 @@ def run(args) -> dict:
         stats = report(rec, names)
         print(f"Reusing the poses in {sparse} (--overwrite to recompute).")
         print_report(stats)
+        print_cameras(rec)
         return stats
-    shared = not args.per_image_cameras
-    check_images(image_dir, names, shared)
+    camera_mode = args.camera_mode
+    if camera_mode == "auto" or (camera_mode == "per-folder" and not rig):
+        camera_mode = "per-folder" if rig else "single"
+    check_images(image_dir, names, camera_mode)
     matcher = args.matcher
     if matcher == "auto":
-        matcher = "sequential" if args.video or all(n.startswith("frame_") for n in names) else "exhaustive"
+        frames = all(os.path.basename(n).startswith("frame_") for n in names)
+        matcher = "sequential" if args.video or frames else "exhaustive"
         if matcher == "exhaustive" and len(names) > MANY_PHOTOS:
             print(f"{len(names)} photos: exhaustive matching takes {len(colmap_steps.every_pair(names))} pairs, "
                   "which grow with the square of their count. Photos taken in order around the object match far "
@@ -475,9 +555,11 @@ def run(args) -> dict:
         print(f"Removed {stale}, left by an interrupted run.")
     work = tempfile.mkdtemp(prefix=".colmap-", dir=root)
     try:
-        rec = run_sfm(root, image_dir, names, work, matcher, args.camera_model, shared, args.overlap, args.threads)
+        rec = run_sfm(root, image_dir, names, work, matcher, args.camera_model, camera_mode, args.overlap,
+                      args.threads)
         stats = report(rec, names)
         print_report(stats)
+        print_cameras(rec)
         if stats["registered"] < args.min_registered * len(names):
             missing = stats["unregistered"]
             raise CaptureError(f"Only {stats['registered']} of {len(names)} images registered (needs "

@@ -115,7 +115,7 @@ colmap_steps.POLL_S = 0.001
 root = sys.argv[1]
 names = sorted(os.listdir(os.path.join(root, "images")))
 work = tempfile.mkdtemp(dir=sys.argv[2])
-imgs2poses.run_sfm(root, os.path.join(root, "images"), names, work, "sequential", "SIMPLE_RADIAL", True, 10, 1)
+imgs2poses.run_sfm(root, os.path.join(root, "images"), names, work, "sequential", "SIMPLE_RADIAL", "single", 10, 1)
 print(os.path.join(work, "database.db"))
 """
 
@@ -278,12 +278,27 @@ def test_bad_inputs_are_one_sentence_and_leave_nothing(tmp_path, capsys):
         (empty / "images" / name).write_bytes(b"")
     assert imgs2poses.main([str(empty)]) == 2
     assert "(found .HEIC files: convert them to JPEG or PNG first)" in capsys.readouterr().err
-    for camera in ("left", "right"):  # a rig's cameras, one folder each: named, with the way to pose them
+    for camera, sizes in (("left", [(8, 8), (8, 6)]), ("right", [(6, 6)])):  # a rig's cameras, one folder each
         (empty / "images" / camera).mkdir()
-        write_image(str(empty / "images" / camera / "0001.png"), np.zeros((8, 8, 3), np.uint8))
-    assert imgs2poses.main([str(empty)]) == 2
+        for k, (w, h) in enumerate(sizes):
+            write_image(str(empty / "images" / camera / f"{k:04d}.png"), np.zeros((h, w, 3), np.uint8))
+    assert imgs2poses.main([str(empty)]) == 2  # one size per camera: the folder is named
     err = capsys.readouterr().err
-    assert "only in its folders (left, right)" in err and "single_camera_per_folder" in err and err.count("\n") == 1
+    assert err == (f"imgs2poses: Images of mixed sizes in {empty / 'images' / 'left'}, one camera's: left/0001.png "
+                   "is 8x6 but left/0000.png is 8x8; resize them to one size, or pass --camera-mode per-image (each "
+                   "image its own camera).\n")
+    assert sorted(os.listdir(empty)) == ["images"]
+    with pytest.raises(SystemExit):  # argparse's usage line and status 2
+        imgs2poses.main([str(empty), "--per-image-cameras", "--camera-mode", "per-folder"])
+    assert "--per-image-cameras contradicts --camera-mode per-folder; give one of them." in capsys.readouterr().err
+    beside = tmp_path / "beside"  # photos at the top of images/ and in a folder: which is the capture? the top's
+    (beside / "images" / "extra").mkdir(parents=True)
+    for name in ("a.png", "b.png", "extra/c.png", "extra/d.png"):
+        write_image(str(beside / "images" / name), np.zeros((8, 8, 3), np.uint8))
+    assert imgs2poses.main([str(beside)]) == 2
+    said = capsys.readouterr()
+    assert f"Left out of the poses: the folders of {beside / 'images'} (extra);" in said.out
+    assert "Only 2 images" in said.err
 
     bad_video = tmp_path / "broken.mp4"
     bad_video.write_bytes(b"\x00\x01 this is not a video" * 100)
@@ -410,6 +425,105 @@ def test_too_few_registered_names_the_images(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "of 16 images registered" in err and "z_noise_0.png" in err and "a_00.png" not in err
     assert sorted(os.listdir(root)) == ["images"]  # no sparse/, no database, no work folder
+
+
+def two_camera_rig(positions: int, seed: int = 5):
+    """A rig walked around the object: a wide camera (384x288, 60 degrees) and a narrower one (320x240, 40 degrees)
+    0.12 to its right, turned 4 degrees towards it. {folder: [Camera, ...]}, one per position each."""
+    from scipy.spatial.transform import Rotation
+
+    from datasets.synthetic import Camera
+
+    wide = handheld_orbit(positions, 384, 288, fov_x_deg=60.0, seed=seed)
+    mount = np.eye(4)
+    mount[:3, :3] = Rotation.from_euler("y", -4.0, degrees=True).as_matrix()
+    mount[:3, 3] = [0.12, 0.0, 0.0]
+    fx = 0.5 * 320 / np.tan(np.radians(40.0) / 2)
+    K = np.array([[fx, 0, 160], [0, fx, 120], [0, 0, 1]])
+    return {"wide": wide, "tele": [Camera(K=K, c2w=cam.c2w @ mount, width=320, height=240) for cam in wide]}
+
+
+@pytest.mark.slow
+def test_a_rig_s_cameras_in_folders_get_one_camera_each(tmp_path, capsys):
+    """images/wide/ and images/tele/ (a rig, or two devices): one COLMAP camera per folder, each with its own size
+    and focal length, and every view posed. Before, imgs2poses read only the top of images/ and refused."""
+    rig = two_camera_rig(24)
+    scene = TexturedDemoScene()
+    root = tmp_path / "rig"
+    for folder, cams in rig.items():
+        (root / "images" / folder).mkdir(parents=True)
+        for k, cam in enumerate(cams):
+            write_image(str(root / "images" / folder / f"frame_{k:05d}.jpg"), render(scene, cam))
+    assert imgs2poses.main([str(root), "--threads", "1"]) == 0
+    said = capsys.readouterr()
+    out = said.out
+    assert "48 photos in 2 folders of" in out and "(tele, wide), one camera each." in out
+    assert "pairs across its 2 cameras" in said.err  # the matching bar's
+    import pycolmap
+
+    rec = pycolmap.Reconstruction(str(root / "sparse" / "0"))
+    assert rec.num_reg_images() == 48 and len(rec.cameras) == 2
+    est_c, true_c, est_r, true_r = [], [], [], []
+    for folder, cams in rig.items():
+        images = [im for im in rec.images.values() if im.name.startswith(f"{folder}/")]
+        (camera_id,) = {im.camera_id for im in images}
+        camera = rec.cameras[camera_id]
+        assert (camera.width, camera.height) == (cams[0].width, cams[0].height)
+        focal = camera.mean_focal_length()
+        print(f"{folder}: focal length {focal:.1f} px, true {cams[0].K[0, 0]:.1f} px")
+        # 1.6 % and 1.9 % long (focal length against distance, over an object's depth); the two cameras differ by
+        # 32 %, so one given the other's photos fails
+        assert abs(focal / cams[0].K[0, 0] - 1) < 0.03
+        assert f"camera of {folder}/: {camera.width}x{camera.height}, focal length {focal:.1f} px" in out
+        for im in images:
+            k = int(im.name[len(folder) + len("/frame_"):-len(".jpg")])
+            R = im.cam_from_world().rotation.matrix()
+            est_c.append(im.projection_center())
+            est_r.append(R.T)
+            true_c.append(cams[k].c2w[:3, 3])
+            true_r.append(cams[k].c2w[:3, :3])
+    s, R, t = similarity(np.array(est_c), np.array(true_c))
+    centre_err = np.linalg.norm(s * np.array(est_c) @ R.T + t - np.array(true_c), axis=1)
+    angles = [np.degrees(np.arccos(np.clip((np.trace((R @ re).T @ rt) - 1) / 2, -1, 1)))
+              for re, rt in zip(est_r, true_r)]
+    print(f"\nrig poses: rotation error max {max(angles):.3f} deg; centre error max "
+          f"{100 * centre_err.max() / ORBIT_RADIUS:.2f}% of the orbit radius (mean "
+          f"{100 * centre_err.mean() / ORBIT_RADIUS:.2f}%)")
+    assert max(angles) < 1.0 and centre_err.max() < 0.015 * ORBIT_RADIUS
+    # the colmap loader trains on both cameras, at one size (img_wh), each view with its camera's intrinsics
+    data = datasets.make("colmap", OmegaConf.create({"name": "colmap", "root_dir": str(root),
+                                                     "img_wh": [160, 120]})).split("train")
+    assert data.images.shape[1:3] == (120, 160)
+    by_name = dict(zip(data.names, data.intrinsics.numpy()))
+    assert np.allclose(by_name["tele/frame_00003.jpg"][0] / by_name["wide/frame_00003.jpg"][0],
+                       (rig["tele"][0].K[0, 0] / 320) / (rig["wide"][0].K[0, 0] / 384), rtol=0.03)
+    # and so does gen_cameras' NeuS-format scene (it used to refuse cameras of two sizes), with the same rays
+    assert gen_cameras.main([str(root)]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"Wrote 48 views \(24 at \d+x\d+, 24 at \d+x\d+, all-foreground masks\)", out)
+    assert out.splitlines()[-1].endswith(f"--train dataset.root_dir={root / 'preprocessed'}")  # no img_wh needed
+    neus = datasets.make("dtu", OmegaConf.create({"name": "dtu", "root_dir": str(root / "preprocessed"),
+                                                  "img_wh": [160, 120]})).split("train")
+    order = [line.split()[1] for line in open(root / "preprocessed" / "names.txt")]
+    for name in ("tele/frame_00003.jpg", "wide/frame_00017.jpg"):
+        a, b = neus.image_rays(order.index(name)), data.image_rays(data.names.index(name))
+        da = torch.from_numpy(a["rays_d"].double().numpy() @ neus.world_from_scene[:3, :3].T)
+        db = torch.from_numpy(b["rays_d"].double().numpy() @ data.world_from_scene[:3, :3].T)
+        assert max_ray_angle_deg(da, db) < 1e-3, name
+
+
+def test_cameras_of_other_aspect_ratios_are_given_a_training_size_in_the_next_command(tmp_path):
+    """The loaders train on one size: images of one aspect ratio are scaled to the most common size, other aspect
+    ratios need dataset.img_wh, which the command the scripts end with then gives (the config's img_downscale
+    applied to the most common size)."""
+    from datasets.images import img_wh_override
+
+    landscape, portrait = (4032, 3024), (3024, 4032)
+    assert img_wh_override([landscape, (2016, 1512), landscape], "configs/neus-colmap.yaml") == ""
+    assert img_wh_override([portrait, landscape, landscape], "configs/neus-colmap.yaml") == " dataset.img_wh=[1008,756]"
+    assert img_wh_override([portrait, landscape, landscape], "configs/neus-dtu.yaml") == " dataset.img_wh=[2016,1512]"
+    assert imgs2poses.train_command(str(tmp_path), [portrait, landscape, landscape]).endswith(
+        f"dataset.root_dir={tmp_path} dataset.img_wh=[1008,756]")
 
 
 def test_phone_photos_shown_turned_become_an_upright_neus_scene(tmp_path, capsys):

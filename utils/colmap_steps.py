@@ -21,7 +21,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 POLL_S = 0.5  # how soon a stop is seen while COLMAP runs
 STEP_CALLS = 20  # extraction and matching are split into about this many COLMAP calls: the bar moves between them
@@ -94,30 +94,52 @@ def wait_for_native_threads(count: Optional[int], timeout: float = 5.0) -> None:
         time.sleep(0.05)
 
 
-def batches(items: list, least: int = 1) -> list:
-    """``items`` in about ``STEP_CALLS`` consecutive batches of at least ``least`` each."""
-    size = max(least, -(-len(items) // STEP_CALLS))
+def batches(items: list, least: int = 1, total: Optional[int] = None) -> list:
+    """``items`` in consecutive batches of at least ``least`` each: about ``STEP_CALLS`` of them for ``total``
+    items (default: ``len(items)``; a camera's share of all the images gets its share of the calls)."""
+    size = max(least, -(-(len(items) if total is None else total) // STEP_CALLS))
     return [items[k:k + size] for k in range(0, len(items), size)]
+
+
+def folder_of(name: str) -> str:
+    """The folder of an image name as COLMAP writes it ('left/a.jpg' -> 'left'; 'a.jpg' -> '')."""
+    return name.rpartition("/")[0]
+
+
+def by_folder(names: List[str]) -> Dict[str, List[str]]:
+    """``names`` grouped by their folder, in order of first appearance: one camera each in COLMAP's per-folder mode
+    (``single_camera_per_folder``)."""
+    groups: Dict[str, List[str]] = {}
+    for name in names:
+        groups.setdefault(folder_of(name), []).append(name)
+    return groups
 
 
 def extract_features(db: str, image_dir: str, names: List[str], camera_mode, camera_model: str, extraction,
                      bar) -> None:
     """SIFT features of the images ``names`` (of ``image_dir``) into the database ``db``: one COLMAP call per
-    batch of images, ``bar`` moved after each. With one camera for all the images (``camera_mode`` SINGLE) the
-    batches after the first are given its camera, so the result is one call's: the same features, one camera."""
+    batch of images, ``bar`` moved after each. ``camera_mode`` is pycolmap's: SINGLE (one camera for all),
+    PER_FOLDER (one per folder of ``names``, a rig's cameras) or PER_IMAGE. A camera's images after its first batch
+    are given the camera that batch made, so the result is one call's: the same features, one camera each."""
     from datasets.colmap_model import import_pycolmap
 
     pycolmap = import_pycolmap()
     reader = pycolmap.ImageReaderOptions()
     reader.camera_model = camera_model
-    for batch in batches(names, least=MIN_IMAGES_PER_CALL):
-        run_cancellable(lambda token: pycolmap.extract_features(
-            db, image_dir, image_names=batch, camera_mode=camera_mode, reader_options=reader,
-            extraction_options=extraction, device=pycolmap.Device.auto, cancellation_token=token))
-        if camera_mode == pycolmap.CameraMode.SINGLE and reader.existing_camera_id < 0:
-            with pycolmap.Database.open(db) as database:
-                reader.existing_camera_id = database.read_all_cameras()[0].camera_id
-        bar.update(len(batch))
+    modes = pycolmap.CameraMode
+    groups = by_folder(names).values() if camera_mode == modes.PER_FOLDER else [names]
+    call_mode = modes.PER_IMAGE if camera_mode == modes.PER_IMAGE else modes.SINGLE  # per group
+    for group in groups:
+        reader.existing_camera_id = -1
+        for batch in batches(group, least=MIN_IMAGES_PER_CALL, total=len(names)):
+            run_cancellable(lambda token: pycolmap.extract_features(
+                db, image_dir, image_names=batch, camera_mode=call_mode, reader_options=reader,
+                extraction_options=extraction, device=pycolmap.Device.auto, cancellation_token=token))
+            if call_mode == modes.SINGLE and reader.existing_camera_id < 0:
+                with pycolmap.Database.open(db) as database:
+                    made = {image.name: image.camera_id for image in database.read_all_images()}
+                reader.existing_camera_id = made[batch[0]]
+            bar.update(len(batch))
 
 
 def sequential_pairs(db: str, overlap: int) -> List[Tuple[str, str]]:
