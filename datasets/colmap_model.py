@@ -70,12 +70,19 @@ def find_sparse_dir(root: str) -> tuple[str, str]:
 
 def capture_of_photos(folder: str) -> str:
     """The capture folder meant by ``folder``: its parent when ``folder`` is a capture's ``images/`` given in its
-    place (``load/mug/images`` for ``load/mug``), else ``folder`` itself."""
+    place (``load/mug/images`` for ``load/mug``), holding the photos or a rig's folders of them (``images/left/``,
+    but no ``images/`` of its own, which a capture folder named images would hold), else ``folder`` itself."""
     from datasets.images import IMAGE_EXTENSIONS
 
+    def holds_photos(path: str) -> bool:
+        return os.path.isdir(path) and any(os.path.splitext(f)[1] in IMAGE_EXTENSIONS for f in os.listdir(path))
+
     path = os.path.normpath(folder)
-    holds_photos = os.path.isdir(path) and any(os.path.splitext(f)[1] in IMAGE_EXTENSIONS for f in os.listdir(path))
-    return os.path.dirname(path) or "." if holds_photos and os.path.basename(path) == "images" else folder
+    if os.path.basename(path) != "images" or not os.path.isdir(path):
+        return folder
+    entries = [e for e in os.listdir(path) if not e.startswith(".")]
+    rig = "images" not in entries and any(holds_photos(os.path.join(path, e)) for e in entries)
+    return os.path.dirname(path) or "." if holds_photos(path) or rig else folder
 
 
 def import_pycolmap():

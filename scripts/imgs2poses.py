@@ -509,7 +509,8 @@ def run(args) -> dict:
         found = f" (found {', '.join(others[:4])} files: convert them to JPEG or PNG first)" if others else ""
         capture = capture_of_photos(root)
         if capture != root and not args.video:  # load/mug/images given for load/mug
-            raise CaptureError(f"No images (.png/.jpg) in {image_dir}: {root} holds the photos itself, and is the "
+            held = "itself" if list_images(root) else "in its folders"
+            raise CaptureError(f"No images (.png/.jpg) in {image_dir}: {root} holds the photos {held}, and is the "
                                f"images/ folder of the capture folder {capture}; give that: python "
                                f"scripts/imgs2poses.py {capture}")
         raise CaptureError(f"No images (.png/.jpg) in {image_dir}{found}; put the photos there or pass --video.")

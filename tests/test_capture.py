@@ -266,6 +266,24 @@ def test_the_photos_folder_given_for_the_capture_folder_names_the_capture_folder
         find_sparse_dir(str(photos))
     assert find_sparse_dir(str(photos.parent))[0] == str(photos.parent / "sparse" / "0")
 
+    rig = tmp_path / "rig" / "images"  # a rig's images/, its photos in a folder per camera: named the same way
+    for camera in ("left", "right"):
+        (rig / camera).mkdir(parents=True)
+        write_image(str(rig / camera / "IMG_0.jpg"), np.zeros((24, 32, 3), np.uint8))
+    assert imgs2poses.main([str(rig)]) == 2
+    assert capsys.readouterr().err.endswith(f"{rig} holds the photos in its folders, and is the images/ folder of the "
+                                            f"capture folder {rig.parent}; give that: python scripts/imgs2poses.py "
+                                            f"{rig.parent}\n")
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(rig))} holds a capture's photos, and there is no "
+                                           rf"COLMAP model for them yet; make it with python scripts/imgs2poses.py "
+                                           rf"{re.escape(str(rig.parent))}, then"):
+        find_sparse_dir(str(rig))
+    named_images = tmp_path / "images"  # a capture folder that happens to be called images: it is the capture
+    (named_images / "images").mkdir(parents=True)
+    write_image(str(named_images / "images" / "IMG_0.jpg"), np.zeros((24, 32, 3), np.uint8))
+    with pytest.raises(DatasetError, match=rf"^No COLMAP model under {re.escape(str(named_images))} "):
+        find_sparse_dir(str(named_images))
+
 
 def test_bad_inputs_are_one_sentence_and_leave_nothing(tmp_path, capsys):
     empty = tmp_path / "empty"
