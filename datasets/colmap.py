@@ -157,14 +157,12 @@ def match_masks(mask_dir: str, names: List[str]) -> Dict[str, str]:
     if missing:
         raise DatasetError(f"{len(missing)} of {len(names)} images have no mask in {mask_dir}, the first being "
                            f"{missing[0]}; give every image a mask or remove the folder.")
-    shared: Dict[str, List[str]] = {}
+    taker: Dict[str, str] = {}  # mask path -> the image that takes it
     for name, path in found.items():
-        shared.setdefault(path, []).append(name)
-    clash = next((images for images in shared.values() if len(images) > 1), None)
-    if clash:
-        raise DatasetError(f"Images {clash[0]} and {clash[1]} would both take the mask "
-                           f"{found[clash[0]]}; put each image's mask at its own path under {mask_dir} "
-                           f"(e.g. {os.path.splitext(clash[1])[0]}.png).")
+        if path in taker:
+            raise DatasetError(f"Images {taker[path]} and {name} would both take the mask {path}; put each image's "
+                               f"mask at its own path under {mask_dir} (e.g. {os.path.splitext(name)[0]}.png).")
+        taker[path] = name
     return found
 
 
