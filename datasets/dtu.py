@@ -184,7 +184,8 @@ def load_dtu_split(config: Any, split: str) -> SceneData:
         Ks.append(K)
         c2ws.append(c2w)
     sizes = {i: stored_size(images[i]) for i in indices}  # (w, h); headers only
-    w, h = common_target_size(config, [sizes[i] for i in indices], [images[i] for i in indices])
+    w, h = common_target_size(config, [sizes[i] for i in indices], [images[i] for i in indices],
+                              say=split == "train")
 
     def intrinsics(i: int) -> List[float]:
         """fx, fy, cx, cy of camera ``i`` at the training size: each camera scales with its own image."""

@@ -136,13 +136,18 @@ def reading(items: List, what: str = "reading images"):
     return late_bar(items, desc=what, unit="img", disable=len(items) < 2)
 
 
-def load_images(paths: List[str], same_size: bool = True) -> List[np.ndarray]:
-    """Read images, checking that all exist (and, unless told otherwise, have one size). Returns uint8 arrays
-    (H, W, 3|4)."""
+def check_present(paths: List[str]) -> None:
+    """Refuse, in one sentence, image files named by a cameras file that are not there."""
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise DatasetError(f"{len(missing)} of {len(paths)} images named by the cameras file are missing, "
                            f"the first being {missing[0]}.")
+
+
+def load_images(paths: List[str], same_size: bool = True) -> List[np.ndarray]:
+    """Read images, checking that all exist (and, unless told otherwise, have one size). Returns uint8 arrays
+    (H, W, 3|4)."""
+    check_present(paths)
     images = []
     for p in reading(paths):
         img = read_image(p)
@@ -191,11 +196,12 @@ def img_wh_override(sizes: List[tuple], config_path: str) -> str:
     return f" dataset.img_wh=[{round(base[0] / downscale)},{round(base[1] / downscale)}]"
 
 
-def common_target_size(config: Any, sizes: List[tuple], names: List[str], whose: str = "Images") -> tuple[int, int]:
+def common_target_size(config: Any, sizes: List[tuple], names: List[str], whose: str = "Images",
+                       say: bool = True) -> tuple[int, int]:
     """One training size for images of sizes ``sizes`` ((w, h) each), each image scaled on its own (its camera with
     it): ``img_wh`` when given; for sizes of one aspect ratio (a rig's cameras, a photo at another resolution), the
     most common size (of equal counts, the largest) after ``img_downscale``; mixed aspect ratios need ``img_wh``.
-    ``whose`` starts the messages."""
+    ``whose`` starts the messages; ``say``: log the size chosen for mixed sizes (once per scene, not per split)."""
     if config.get("img_wh") is not None and len(set(sizes)) > 1:
         return requested_size(config)
     counts = Counter(sizes)
@@ -207,7 +213,7 @@ def common_target_size(config: Any, sizes: List[tuple], names: List[str], whose:
                            f"{sizes[k][1]} but {names[b]} is {base[0]}x{base[1]}; set dataset.img_wh=[W,H] to train "
                            "on one size.")
     size = target_size(config, *base)
-    if len(counts) > 1:
+    if len(counts) > 1 and say:
         found = ", ".join(f"{n} at {w}x{h}" for (w, h), n in counts.most_common())
         log.info(f"{whose} are of {len(counts)} sizes with one aspect ratio ({found}): each is scaled to "
                  f"{size[0]}x{size[1]}, its camera with it (dataset.img_wh=[W,H] to choose).")

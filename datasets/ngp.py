@@ -43,7 +43,8 @@ import numpy as np
 import torch
 
 from datasets.base import DatasetError, SceneData, holdout_split, video_trajectory
-from datasets.images import IMAGE_EXTENSIONS, common_target_size, load_images, mask_for_image, read_image
+from datasets.images import (IMAGE_EXTENSIONS, check_present, common_target_size, load_images, mask_for_image,
+                             read_image, stored_size)
 from datasets.colmap import Z_UP, transform_poses, z_up_similarity
 from datasets.colmap_model import Undistorter, import_pycolmap, lookat_point, region_of_interest
 from datasets.rays import level_up, opencv_to_opengl, video_path
@@ -236,7 +237,7 @@ def load_ngp_split(config: Any, path: str, split: str) -> SceneData:
         und = undistorters.setdefault((cam.model.name, cam.width, cam.height, tuple(cam.params)), Undistorter(cam))
         keep = frame_mask(root, frames[i], image.shape[:2]) if split == "train" else None
         pinhole.append((und(image), None if keep is None else und(keep, nearest=True), und))
-    w, h = common_target_size(config, [und.size for _, _, und in pinhole], paths)
+    w, h = training_size(config, root, meta, frames, say=split == "train")
     images, masks, kept, intrinsics = [], [], [], []
     for image, keep, und in pinhole:
         if und.size != (w, h):
@@ -281,12 +282,30 @@ def pinhole_intrinsics(und: Undistorter, width: int, height: int) -> np.ndarray:
     return np.array([und.K[0, 0] * sx, und.K[1, 1] * sy, und.K[0, 2] * sx, und.K[1, 2] * sy])
 
 
+def training_size(config: Any, root: str, meta: Dict[str, Any], frames: List[Dict[str, Any]],
+                  say: bool = False) -> Tuple[int, int]:
+    """(w, h) every split and the video train or render at: the shared rule (``common_target_size``) over all the
+    frames' undistorted sizes, read from the image files' headers, so that a split holding other sizes than the
+    rest is not given a size of its own. ``say``: log the size chosen for mixed sizes."""
+    paths = [image_path(root, frame.get("file_path", "")) for frame in frames]
+    check_present(paths)
+    sizes, lenses = [], {}
+    for frame, path in zip(frames, paths):
+        cam = lens_camera(meta, frame, *stored_size(path))
+        key = (cam.model.name, cam.width, cam.height, tuple(cam.params))
+        if key not in lenses:
+            lenses[key] = Undistorter(cam).size
+        sizes.append(lenses[key])
+    return common_target_size(config, sizes, paths, say=say)
+
+
 def _orbit(config, root, meta, frames, c2w_scene, world_from_scene, log_path: bool = True) -> SceneData:
     """Video cameras (no images): ``video_path`` (a turn, or a loop across the cameras' side) about +z, or about
     the cameras' level up in a frame kept as the file has it, with the first frame's lens."""
-    first = load_images([image_path(root, frames[0].get("file_path", ""))])[0]
-    und = Undistorter(lens_camera(meta, frames[0], first.shape[1], first.shape[0]))
-    w, h = common_target_size(config, [und.size], [frames[0].get("file_path", "")])
+    first = image_path(root, frames[0].get("file_path", ""))
+    check_present([first])
+    und = Undistorter(lens_camera(meta, frames[0], *stored_size(first)))
+    w, h = training_size(config, root, meta, frames)
     steps = number_at_least(config.get("n_test_traj_steps", 60), "dataset.n_test_traj_steps", 1)
     c2w_cv = opencv_to_opengl(torch.from_numpy(c2w_scene)).numpy()  # the axis flip is its own inverse
     up = Z_UP if config.get("normalize", True) else level_up(c2w_cv)  # the file's own frame: its up unknown

@@ -205,6 +205,31 @@ def test_lenses_are_undistorted_at_load(tmp_path, lens, coeffs, fields):
     assert np.mean(ignored) > 3 * np.mean(errors), (np.mean(ignored), np.mean(errors))
 
 
+def test_frames_of_two_sizes_give_every_split_and_the_video_one_size(tmp_path):
+    """Frames 0 and 3 photographed at twice the resolution (their own w, h and focal length, as nerfstudio writes
+    per-frame intrinsics), and held out: each split used to take the size most of its own frames had, so the test
+    views were scored at 128x96 against a model trained at 64x48, and the video took frame 0's size."""
+    import dataclasses
+
+    cams = orbit_cameras(6, 2.6, [20, 45], W, H, fov_x_deg=50)
+    big = {k: dataclasses.replace(cams[k], K=cams[k].K * np.array([[2], [2], [1]]), width=2 * W, height=2 * H)
+           for k in (0, 3)}
+    write_capture(tmp_path, cams, images=[render(big.get(k, cam)) for k, cam in enumerate(cams)])
+    meta = json.load(open(tmp_path / "transforms.json"))
+    for k, cam in big.items():
+        meta["frames"][k].update(w=cam.width, h=cam.height, fl_x=cam.K[0, 0], fl_y=cam.K[1, 1], cx=cam.K[0, 2],
+                                 cy=cam.K[1, 2])
+    json.dump(meta, open(tmp_path / "transforms.json", "w"))
+    dm = load(tmp_path, holdout_every=3, n_test_traj_steps=2)
+    train, test, orbit = dm.split("train"), dm.split("test"), dm.trajectory()
+    assert test.names == ["images/frame_0000.png", "images/frame_0003.png"]
+    assert (train.width, train.height) == (test.width, test.height) == (orbit.width, orbit.height) == (W, H)
+    for data, views in ((train, [1, 2, 4, 5]), (test, [0, 3])):
+        for k, view in enumerate(views):  # each frame scaled by its own size: the rays of the camera at 64x48
+            _, d = to_world(data, k)
+            assert max_ray_angle_deg(torch.from_numpy(d), cams[view].rays()[1].double()) < 1e-3
+
+
 def test_holdout_and_the_video_orbit(tmp_path):
     cams = orbit_cameras(6, 2.6, [20, 45], W, H, fov_x_deg=50)
     write_capture(tmp_path, cams, similarity(0.5, 3))
