@@ -365,9 +365,12 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
     out = os.path.join(work, "models")
     os.makedirs(out)
     with tqdm(total=len(names), desc="[3/3] registering images", unit="img") as bar:
+        def registered(count: int) -> None:  # a model given up and begun again registers its images again
+            bar.update(max(0, min(count, bar.total - bar.n)))
+
         reconstructions = colmap_steps.run_cancellable(lambda token: pycolmap.incremental_mapping(
-            db, image_dir, out, options=options, initial_image_pair_callback=lambda: bar.update(2),
-            next_image_callback=lambda: bar.update(1), cancellation_token=token))
+            db, image_dir, out, options=options, initial_image_pair_callback=lambda: registered(2),
+            next_image_callback=lambda: registered(1), cancellation_token=token))
     print(f"      done in {time.time() - t0:.1f} s", flush=True)
     if not reconstructions:
         raise CaptureError(f"COLMAP could not register any image pair among {len(names)} images: the images "

@@ -690,7 +690,17 @@ def test_colmap_steps_show_progress_and_take_names_with_spaces(tmp_path, capsys,
 
     for k in (0, 1):  # a copy a Mac made ("IMG_0000 2.png"): COLMAP's own matchers take the name as it is
         os.rename(root / "images" / f"IMG_{k:04d}.png", root / "images" / f"IMG_{k:04d} 2.png")
+    mapping = pycolmap.incremental_mapping
+
+    def begun_again(*args, initial_image_pair_callback, **kwargs):  # two models begun and given up first
+        initial_image_pair_callback()
+        initial_image_pair_callback()
+        return mapping(*args, initial_image_pair_callback=initial_image_pair_callback, **kwargs)
+
+    monkeypatch.setattr(pycolmap, "incremental_mapping", begun_again)
     assert imgs2poses.main([str(root), "--threads", "1", "--overwrite"]) == 0
+    shown = capsys.readouterr().err.replace("\r", "\n")  # the bar counted those images again: 14/10
+    assert re.search(r"\[3/3\] registering images: 100%.* 10/10 ", shown) and "14/10" not in shown, shown[-2000:]
     model = pycolmap.Reconstruction(str(root / "sparse" / "0"))
     assert model.num_reg_images() == 10 and "IMG_0000 2.png" in {image.name for image in model.images.values()}
 
