@@ -349,6 +349,11 @@ class SceneDataModule(pl.LightningDataModule):
         """Write a PLY showing cameras and scene bounds (for data whose normalisation was estimated); False if none."""
         return False
 
+    def sparse_points(self) -> Optional[np.ndarray]:
+        """(P, 3) points on the scene's surfaces found by structure from motion, in the model's (normalised) frame;
+        None for data without them."""
+        return None
+
     def world_from_scene(self) -> np.ndarray:
         return next(iter(self.splits.values())).world_from_scene if self.splits else np.eye(4)
 

@@ -111,6 +111,7 @@ def normalisation(c2w: np.ndarray, xyz: np.ndarray, track: np.ndarray, config: A
 
 
 Z_UP = np.array([0.0, 0.0, 1.0])  # the normalised scene's up: z_up_similarity turns the estimated one to it
+MIN_TRACK = 3  # sparse points seen by fewer images are mostly mismatches: the SDF is not pulled to them
 
 
 def z_up_similarity(up: np.ndarray, centre: np.ndarray, scale: float) -> np.ndarray:
@@ -300,6 +301,12 @@ class ColmapDataModule(SceneDataModule):
 
     def has_orbit(self) -> bool:
         return True
+
+    def sparse_points(self) -> np.ndarray:
+        """The sparse points seen by at least ``MIN_TRACK`` images (fewer are mostly mismatches), normalised."""
+        cap = self.capture
+        xyz = cap.xyz[cap.track >= MIN_TRACK]
+        return xyz @ cap.scene_from_world[:3, :3].T + cap.scene_from_world[:3, 3]
 
     def write_overview(self, path: str) -> bool:
         """Cameras (red frusta), sparse points (their colours), region of interest (green box) as one PLY."""

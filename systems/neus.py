@@ -21,7 +21,9 @@ class NeuSSystem(NeRFSystem):
 
     rgb_key = "comp_rgb_full"
     loss_weights = ("lambda_rgb_mse", "lambda_rgb_l1", "lambda_eikonal", "lambda_mask", "lambda_opaque",
-                    "lambda_sparsity", "lambda_curvature", "lambda_distortion", "lambda_distortion_bg")
+                    "lambda_sparsity", "lambda_curvature", "lambda_distortion", "lambda_distortion_bg",
+                    "lambda_sparse_points")
+    surface_points = None  # (P, 3) SfM points inside the model's box, on its device, for lambda_sparse_points
 
     def check_loss_weights(self, loss_cfg):
         super().check_loss_weights(loss_cfg)
@@ -35,6 +37,33 @@ class NeuSSystem(NeRFSystem):
         data = self.data("train")
         if self.C(self.config.system.loss.get("lambda_mask", 0.0)) > 0 and not data.has_mask:
             log.warning("system.loss.lambda_mask is set but the dataset has no masks: the mask loss is off.")
+        if peak(self.config.system.loss.get("lambda_sparse_points", 0.0)) > 0:
+            self.surface_points = self.points_inside(self.trainer.datamodule.sparse_points())
+
+    def points_inside(self, points):
+        """(P, 3) sparse points -> those inside the model's box [-radius, radius]^3, as a tensor on its device;
+        None (and a warning) when there are none."""
+        if points is None or not len(points):
+            log.warning("system.loss.lambda_sparse_points is set but the dataset has no sparse points (a COLMAP "
+                        "capture has them): the sparse-point loss is off.")
+            return None
+        inside = points[(abs(points) < self.model.radius).all(1)]
+        log.info(f"Sparse-point loss: {len(inside)} of the {len(points)} sparse points lie inside the scene's box "
+                 f"(model.radius {self.model.radius:g}); the SDF is pulled to zero at "
+                 f"{int(self.config.system.loss.get('sparse_points_per_step', 1024))} of them each step.")
+        if not len(inside):
+            log.warning("No sparse point lies inside the scene's box: the sparse-point loss is off.")
+            return None
+        return torch.as_tensor(inside, dtype=torch.float32, device=self.device)
+
+    def sparse_point_loss(self) -> torch.Tensor:
+        """Mean |SDF| at a random batch of the SfM points (Geo-NeuS's explicit SDF supervision): they lie on
+        surfaces, so the zero level set is pulled through them, where photometric losses alone are slow to put
+        it without masks."""
+        points = self.surface_points
+        count = int(self.config.system.loss.get("sparse_points_per_step", 1024))
+        chosen = points[torch.randint(len(points), (min(count, len(points)),), device=points.device)]
+        return self.model.geometry.sdf(chosen).abs().mean()
 
     def losses(self, out, rays, rgb):
         """(total loss, {name: term}, {name: its weight}) of one step: the terms whose weight is above 0 now."""
@@ -59,6 +88,8 @@ class NeuSSystem(NeRFSystem):
         add("sparsity", "lambda_sparsity",
             lambda: mean_or_zero(torch.exp(-float(loss_cfg.get("sparsity_scale", 1.0)) * out["sdf_samples"].abs())))
         add("curvature", "lambda_curvature", lambda: mean_or_zero(out["sdf_laplace_samples"].abs()))
+        if self.surface_points is not None:
+            add("sparse_points", "lambda_sparse_points", self.sparse_point_loss)
         add("distortion", "lambda_distortion",
             lambda: distortion_loss(out["weights"], out["t_starts"], out["t_ends"], out["ray_indices"], n_rays))
         if "weights_bg" in out:

@@ -115,6 +115,28 @@ def test_pinhole_models_give_the_renderers_rays(tmp_path, model, fx, fy):
     assert red == 60 * len(cams)
 
 
+def test_sparse_points_come_in_the_model_s_frame_those_seen_by_three_images_or_more(tmp_path, monkeypatch):
+    """What system.loss.lambda_sparse_points pulls the SDF to: the model's points, normalised as the cameras are;
+    points seen by two images (mostly mismatches in a real capture) are left out."""
+    import pycolmap
+
+    from datasets import colmap
+
+    cams = cameras_with(50.0, 50.0)
+    write_capture(tmp_path, cams, "PINHOLE", [50.0, 50.0, 31.0, 25.5], pinhole_render)
+    dm = load(tmp_path)
+    w = dm.split("train").world_from_scene
+    points = dm.sparse_points()
+    tracks = [p.track.length() for p in pycolmap.Reconstruction(str(tmp_path / "sparse" / "0")).points3D.values()]
+    assert len(points) == len(tracks) == 400 and min(tracks) == 10  # every point is seen by all ten cameras
+    monkeypatch.setattr(colmap, "MIN_TRACK", 11)
+    assert len(dm.sparse_points()) == 0
+    world = points @ w[:3, :3].T + w[:3, 3]
+    nearest = np.linalg.norm(world[:, None] - scene_points()[None], axis=2).min(1)
+    assert nearest.max() < 1e-5 * np.linalg.norm(w[:3, 0])
+    assert np.abs(points).max() < 1.0  # the demo object fits the model's box
+
+
 def test_a_capture_from_one_side_sweeps_its_video_across_the_cameras_arc(tmp_path, caplog):
     """Photos from the front half of an object only: the video goes out and back across the cameras' arc (in the
     normalised frame the loader builds), not round the back; dataset.video_trajectory=orbit still turns all round,
