@@ -85,6 +85,9 @@ class BaseModel(nn.Module):
     def update_step(self, epoch: int, global_step: int) -> None:
         pass
 
+    def check_schedule(self, max_steps: int) -> None:
+        """Warn about a schedule of the model's that cannot finish within ``max_steps`` training steps."""
+
     def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, Any]:
         if self.training:
             return self._render(rays_o, rays_d)

@@ -1,6 +1,7 @@
 """NeuS: SDF surface rendering on a hash grid, with an optional NeRF++-style background."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, Tuple
 
 import numpy as np
@@ -16,6 +17,8 @@ from models.occupancy import OccupancyGrid, grid_update_options
 from models.rendering import composite_alpha
 from utils.config import number_at_least
 from utils.mesh import marching_cubes
+
+log = logging.getLogger("nsr")
 
 
 class VarianceNetwork(nn.Module):
@@ -118,6 +121,14 @@ class NeuSModel(BaseModel):
         return self.background.texture if self.learned_background else None
 
     # --------------------------------------------------------------- training
+    def check_schedule(self, max_steps: int) -> None:
+        """Warn when the cosine anneal cannot finish within ``max_steps`` training steps."""
+        end = self.cos_anneal_end
+        if end > max_steps:
+            log.warning(f"model.cos_anneal_end={end} is beyond trainer.max_steps={max_steps}: the cosine anneal stops "
+                        f"at {max_steps / end:.0%}, and the surface is rendered as early in training, blurred over a "
+                        "band; set model.cos_anneal_end to trainer.max_steps or less (the shipped configs follow it).")
+
     def update_step(self, epoch: int, global_step: int) -> None:
         if self.cos_anneal_end > 0:
             self.cos_anneal_ratio.fill_(min(1.0, global_step / self.cos_anneal_end))

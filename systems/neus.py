@@ -25,6 +25,12 @@ class NeuSSystem(NeRFSystem):
                     "lambda_sparse_points")
     surface_points = None  # (P, 3) SfM points inside the model's box, on its device, for lambda_sparse_points
 
+    def __init__(self, config, mode: str = "train"):
+        super().__init__(config, mode)
+        steps = config.get("trainer", {}).get("max_steps")
+        if mode == "train" and steps:
+            self.model.check_schedule(int(steps))
+
     def check_loss_weights(self, loss_cfg):
         super().check_loss_weights(loss_cfg)
         if peak(loss_cfg.get("lambda_curvature", 0.0)) > 0 and self.model.geometry.grad_type != "finite_difference":

@@ -462,3 +462,22 @@ def test_the_sparse_point_loss_pulls_the_zero_level_set_through_the_points(caplo
         after = system.model.geometry.sdf(points).abs().mean().item()
     print(f"\nmean |SDF| at the points: {before:.4f} before, {after:.4f} after")
     assert before > 0.15 and after < 0.02
+
+
+@pytest.mark.parametrize("config", ["configs/neus-colmap.yaml", "configs/neus-dtu.yaml", "configs/neus-dtu-wmask.yaml",
+                                    "configs/neuralangelo-dtu-wmask.yaml", "configs/neus-blender.yaml"])
+def test_the_cosine_anneal_ends_with_a_shortened_run(config):
+    """neus-colmap and the DTU configs ended the anneal at step 20000 whatever trainer.max_steps was: a run of
+    1500 steps (the capture's CPU budget) finished 7.5 % of the way, its surface rendered as early in training."""
+    assert load_config(config, ["trainer.max_steps=1500"]).model.cos_anneal_end == 1500
+    assert load_config(config).model.cos_anneal_end == 20000  # instant-nsr-pl's, at its length
+
+
+def test_an_anneal_beyond_the_last_step_is_said_at_start_up(caplog):
+    with caplog.at_level(logging.WARNING, logger="nsr"):
+        neus_system("trainer.max_steps=1500", "model.cos_anneal_end=20000")
+    assert "model.cos_anneal_end=20000 is beyond trainer.max_steps=1500: the cosine anneal stops at 8%" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nsr"):
+        neus_system("trainer.max_steps=1500", "model.cos_anneal_end=1500")
+    assert "cos_anneal_end" not in caplog.text
