@@ -10,7 +10,7 @@ import systems
 from models.rendering import distortion_loss
 from systems.base import masked_mean, mean_or_zero
 from systems.nerf import NeRFSystem
-from utils.config import ConfigError, peak
+from utils.config import ConfigError, number_at_least, peak
 
 log = logging.getLogger("nsr")
 
@@ -24,6 +24,7 @@ class NeuSSystem(NeRFSystem):
                     "lambda_sparsity", "lambda_curvature", "lambda_distortion", "lambda_distortion_bg",
                     "lambda_sparse_points")
     surface_points = None  # (P, 3) SfM points inside the model's box, on its device, for lambda_sparse_points
+    surface_points_per_step = 1024
 
     def __init__(self, config, mode: str = "train"):
         super().__init__(config, mode)
@@ -33,6 +34,8 @@ class NeuSSystem(NeRFSystem):
 
     def check_loss_weights(self, loss_cfg):
         super().check_loss_weights(loss_cfg)
+        self.surface_points_per_step = number_at_least(loss_cfg.get("sparse_points_per_step", 1024),
+                                                       "system.loss.sparse_points_per_step", 1)
         if peak(loss_cfg.get("lambda_curvature", 0.0)) > 0 and self.model.geometry.grad_type != "finite_difference":
             raise ConfigError("system.loss.lambda_curvature needs model.geometry.grad_type=finite_difference "
                               "(the Laplacian comes from the finite differences); set that, or "
@@ -56,7 +59,7 @@ class NeuSSystem(NeRFSystem):
         inside = points[(abs(points) < self.model.radius).all(1)]
         log.info(f"Sparse-point loss: {len(inside)} of the {len(points)} sparse points lie inside the scene's box "
                  f"(model.radius {self.model.radius:g}); the SDF is pulled to zero at "
-                 f"{int(self.config.system.loss.get('sparse_points_per_step', 1024))} of them each step.")
+                 f"{self.surface_points_per_step} of them each step.")
         if not len(inside):
             log.warning("No sparse point lies inside the scene's box: the sparse-point loss is off.")
             return None
@@ -67,8 +70,8 @@ class NeuSSystem(NeRFSystem):
         surfaces, so the zero level set is pulled through them, where photometric losses alone are slow to put
         it without masks."""
         points = self.surface_points
-        count = int(self.config.system.loss.get("sparse_points_per_step", 1024))
-        chosen = points[torch.randint(len(points), (min(count, len(points)),), device=points.device)]
+        count = min(self.surface_points_per_step, len(points))
+        chosen = points[torch.randint(len(points), (count,), device=points.device)]
         return self.model.geometry.sdf(chosen).abs().mean()
 
     def losses(self, out, rays, rgb):

@@ -462,6 +462,8 @@ def test_the_sparse_point_loss_pulls_the_zero_level_set_through_the_points(caplo
         after = system.model.geometry.sdf(points).abs().mean().item()
     print(f"\nmean |SDF| at the points: {before:.4f} before, {after:.4f} after")
     assert before > 0.15 and after < 0.02
+    with pytest.raises(ConfigError, match=r"system.loss.sparse_points_per_step must be a whole number >= 1, not 0"):
+        neus_system("+system.loss.sparse_points_per_step=0")  # a batch of none: the mean of nothing, a NaN loss
 
 
 @pytest.mark.parametrize("config", ["configs/neus-colmap.yaml", "configs/neus-dtu.yaml", "configs/neus-dtu-wmask.yaml",
