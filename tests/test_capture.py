@@ -47,6 +47,20 @@ def similarity(src, dst):
     return s, R, md - s * R @ ms
 
 
+def pose_errors(posed):
+    """(rotation errors in degrees, camera centre errors) of COLMAP's images against their true cameras
+    [(pycolmap.Image, Camera), ...], once the similarity that best maps COLMAP's centres onto the true ones is
+    applied (COLMAP's frame is arbitrary)."""
+    est_c = np.array([image.projection_center() for image, _ in posed])
+    true_c = np.array([cam.c2w[:3, 3] for _, cam in posed])
+    s, R, t = similarity(est_c, true_c)
+    centre_err = np.linalg.norm(s * est_c @ R.T + t - true_c, axis=1)
+    # each camera's world-from-camera rotation, COLMAP's (mapped by R) and the true one
+    rotations = [(R @ image.cam_from_world().rotation.matrix().T, cam.c2w[:3, :3]) for image, cam in posed]
+    angles = [np.degrees(np.arccos(np.clip((np.trace(est.T @ true) - 1) / 2, -1, 1))) for est, true in rotations]
+    return np.array(angles), centre_err
+
+
 @pytest.fixture(scope="module")
 def capture(tmp_path_factory):
     """(root, true cameras, sharp frames, imgs2poses output) of a 64-view video capture."""
@@ -77,19 +91,8 @@ def test_video_to_poses_within_a_degree_and_a_percent(capture):
 
     rec = pycolmap.Reconstruction(str(root / "sparse" / "0"))
     assert rec.num_reg_images() == len(cams)
-    est_c, est_r, true_c, true_r = [], [], [], []
-    for image in rec.images.values():
-        k = int(image.name[len("frame_"):-len(".jpg")])
-        pose = image.cam_from_world()
-        R = pose.rotation.matrix()
-        est_c.append(-R.T @ np.asarray(pose.translation))
-        est_r.append(R.T)
-        true_c.append(cams[k].c2w[:3, 3])
-        true_r.append(cams[k].c2w[:3, :3])
-    s, R, t = similarity(np.array(est_c), np.array(true_c))
-    centre_err = np.linalg.norm(s * np.array(est_c) @ R.T + t - np.array(true_c), axis=1)
-    angles = [np.degrees(np.arccos(np.clip((np.trace((R @ re).T @ rt) - 1) / 2, -1, 1)))
-              for re, rt in zip(est_r, true_r)]
+    angles, centre_err = pose_errors([(image, cams[int(image.name[len("frame_"):-len(".jpg")])])
+                                      for image in rec.images.values()])
     print(f"\nposes: rotation error max {max(angles):.3f} deg (mean {np.mean(angles):.3f}); centre error max "
           f"{100 * centre_err.max() / ORBIT_RADIUS:.2f}% of the orbit radius (mean "
           f"{100 * centre_err.mean() / ORBIT_RADIUS:.2f}%)")
@@ -481,7 +484,7 @@ def test_a_rig_s_cameras_in_folders_get_one_camera_each(tmp_path, capsys):
 
     rec = pycolmap.Reconstruction(str(root / "sparse" / "0"))
     assert rec.num_reg_images() == 48 and len(rec.cameras) == 2
-    est_c, true_c, est_r, true_r = [], [], [], []
+    posed = []
     for folder, cams in rig.items():
         images = [im for im in rec.images.values() if im.name.startswith(f"{folder}/")]
         (camera_id,) = {im.camera_id for im in images}
@@ -493,17 +496,8 @@ def test_a_rig_s_cameras_in_folders_get_one_camera_each(tmp_path, capsys):
         # 32 %, so one given the other's photos fails
         assert abs(focal / cams[0].K[0, 0] - 1) < 0.03
         assert f"camera of {folder}/: {camera.width}x{camera.height}, focal length {focal:.1f} px" in out
-        for im in images:
-            k = int(im.name[len(folder) + len("/frame_"):-len(".jpg")])
-            R = im.cam_from_world().rotation.matrix()
-            est_c.append(im.projection_center())
-            est_r.append(R.T)
-            true_c.append(cams[k].c2w[:3, 3])
-            true_r.append(cams[k].c2w[:3, :3])
-    s, R, t = similarity(np.array(est_c), np.array(true_c))
-    centre_err = np.linalg.norm(s * np.array(est_c) @ R.T + t - np.array(true_c), axis=1)
-    angles = [np.degrees(np.arccos(np.clip((np.trace((R @ re).T @ rt) - 1) / 2, -1, 1)))
-              for re, rt in zip(est_r, true_r)]
+        posed += [(im, cams[int(im.name[len(folder) + len("/frame_"):-len(".jpg")])]) for im in images]
+    angles, centre_err = pose_errors(posed)
     print(f"\nrig poses: rotation error max {max(angles):.3f} deg; centre error max "
           f"{100 * centre_err.max() / ORBIT_RADIUS:.2f}% of the orbit radius (mean "
           f"{100 * centre_err.mean() / ORBIT_RADIUS:.2f}%)")
