@@ -22,7 +22,8 @@ import datasets
 from datasets.base import (DatasetError, SceneData, SceneDataModule, holds_transforms, other_layout_hint,
                            where_the_scene_is)
 from datasets.images import load_images, missing_root_message, target_size
-from datasets.ngp import capture_file, frame_intrinsics, image_path, load_ngp_split, read_frames_file
+from datasets.ngp import (capture_file, frame_intrinsics, image_path, load_ngp_split, ply_file_points,
+                          read_frames_file)
 
 
 BLENDER_LAYOUT = ("NeRF-synthetic: unpack nerf_synthetic.zip into load/ so that "
@@ -97,3 +98,14 @@ class BlenderDataModule(SceneDataModule):
     def has_orbit(self) -> bool:
         """A transforms.json capture has one (its test split is held-out frames)."""
         return scene_source(self.config.root_dir)[1] is not None
+
+    def sparse_points(self) -> Optional[np.ndarray]:
+        """A transforms.json capture's ``ply_file_path`` points (nerfstudio's sparse_pc.ply), normalised as its
+        cameras are; None for a NeRF-synthetic scene or a capture without them."""
+        root, capture = scene_source(self.config.root_dir)
+        meta = read_frames_file(capture)[0] if capture else {}
+        if not meta.get("ply_file_path"):
+            return None
+        points = ply_file_points(root, meta)
+        scene_from_world = np.linalg.inv(self.split("train").world_from_scene)
+        return points @ scene_from_world[:3, :3].T + scene_from_world[:3, 3]

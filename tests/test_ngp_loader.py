@@ -141,10 +141,12 @@ def test_radius_sizes_the_scene_by_the_sparse_points_in_any_frame(tmp_path, capl
         write_capture(root, cams, file_from_world, images=images, ply_file_path="sparse_pc.ply")
         trimesh.PointCloud(surface @ file_from_world[:3, :3].T + file_from_world[:3, 3]).export(root / "sparse_pc.ply")
         with caplog.at_level(logging.INFO, logger="nsr"):
-            data = load(root, holdout_every=0, radius=0.8).split("train")
+            dm = load(root, holdout_every=0, radius=0.8)
+            data = dm.split("train")
         scene_from_file = np.linalg.inv(data.world_from_scene)
         points = (surface @ file_from_world[:3, :3].T + file_from_world[:3, 3]) @ scene_from_file[:3, :3].T \
             + scene_from_file[:3, 3]
+        np.testing.assert_allclose(dm.sparse_points(), points, atol=1e-5)  # lambda_sparse_points' points
         reach = np.linalg.norm(points, axis=1).max()
         assert 0.5 < reach < 0.8, f"the object reaches {reach:.3f} from the centre, radius 0.8 asked"
         distances.append(np.linalg.norm(data.c2w[:, :, 3].double().numpy(), axis=1))
@@ -157,6 +159,7 @@ def test_radius_sizes_the_scene_by_the_sparse_points_in_any_frame(tmp_path, capl
     with pytest.raises(DatasetError, match="names no ply_file_path; set dataset.camera_distance instead"):
         write_capture(tmp_path / "none", cams[:2], images=images[:2])
         load(tmp_path / "none", radius=0.8).split("train")
+    assert load(tmp_path / "none").sparse_points() is None
 
 
 def test_smaller_images_than_declared_scale_the_intrinsics(tmp_path):
