@@ -54,7 +54,8 @@ class NeuSSystem(NeRFSystem):
         None (and a warning) when there are none."""
         if points is None or not len(points):
             log.warning("system.loss.lambda_sparse_points is set but the dataset has no sparse points (a COLMAP "
-                        "capture has them): the sparse-point loss is off.")
+                        "capture, or a transforms.json naming a ply_file_path, has them): the sparse-point loss is "
+                        "off.")
             return None
         inside = points[(abs(points) < self.model.radius).all(1)]
         log.info(f"Sparse-point loss: {len(inside)} of the {len(points)} sparse points lie inside the scene's box "

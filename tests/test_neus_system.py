@@ -448,7 +448,8 @@ def test_the_sparse_point_loss_pulls_the_zero_level_set_through_the_points(caplo
         assert system.points_inside(None) is None
     assert len(system.surface_points) == 2000
     assert "Sparse-point loss: 2000 of the 2300 sparse points lie inside the scene's box" in caplog.text
-    assert "the dataset has no sparse points (a COLMAP capture has them): the sparse-point loss is off" in caplog.text
+    assert ("the dataset has no sparse points (a COLMAP capture, or a transforms.json naming a ply_file_path, has "
+            "them): the sparse-point loss is off") in caplog.text
     points = torch.as_tensor(on_sphere, dtype=torch.float32)
     with torch.no_grad():
         before = system.model.geometry.sdf(points).abs().mean().item()
