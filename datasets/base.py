@@ -354,6 +354,11 @@ class SceneDataModule(pl.LightningDataModule):
         None for data without them."""
         return None
 
+    def free_sightlines(self) -> Optional[np.ndarray]:
+        """(S, 2, 3) (camera centre, sparse point it sees) pairs, normalised: the space between is empty; None for
+        data without them."""
+        return None
+
     def world_from_scene(self) -> np.ndarray:
         return next(iter(self.splits.values())).world_from_scene if self.splits else np.eye(4)
 

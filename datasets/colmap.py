@@ -47,7 +47,8 @@ from datasets.base import DatasetError, SceneData, SceneDataModule, holdout_spli
 from datasets.images import (EXIF_QUARTER_TURNS, IMAGE_EXTENSIONS, common_target_size, exif_orientation, load_images,
                              mask_for_image, missing_root_message, quarter_turns_to_apply, read_image, reading)
 from datasets.colmap_model import (Undistorter, box_glyph, camera_glyphs, find_sparse_dir, lookat_point,
-                                   read_reconstruction, region_of_interest, registered_views, sparse_points, write_points_ply)
+                                   read_reconstruction, region_of_interest, registered_views, sightlines, sparse_points,
+                                   write_points_ply)
 from datasets.rays import (level_up, opencv_to_opengl, rotation_between, turn_intrinsics_clockwise,
                           turn_pose_clockwise, video_path)
 from utils.config import number_at_least
@@ -180,6 +181,7 @@ class Capture:
         rec = read_reconstruction(sparse_dir)
         self.views = registered_views(rec)
         self.xyz, self.rgb, self.track = sparse_points(rec)
+        self.sightlines = sightlines(rec, MIN_TRACK)  # (S, 2, 3) world frame
         c2w = np.stack([v.c2w for v in self.views])
         # Phone photos shown turned (EXIF orientation): their up is the way they are shown, not their top row.
         # When all are shown the same way, images and cameras are turned that way too (``upright`` quarter turns
@@ -307,6 +309,11 @@ class ColmapDataModule(SceneDataModule):
         cap = self.capture
         xyz = cap.xyz[cap.track >= MIN_TRACK]
         return xyz @ cap.scene_from_world[:3, :3].T + cap.scene_from_world[:3, 3]
+
+    def free_sightlines(self) -> np.ndarray:
+        """(S, 2, 3) (camera centre, sparse point it sees) pairs, normalised: the space between is empty."""
+        m = self.capture.scene_from_world
+        return self.capture.sightlines @ m[:3, :3].T + m[:3, 3]
 
     def write_overview(self, path: str) -> bool:
         """Cameras (red frusta), sparse points (their colours), region of interest (green box) as one PLY."""

@@ -136,6 +136,16 @@ def registered_views(rec) -> List[View]:
     return sorted(views, key=lambda v: v.name)
 
 
+def sightlines(rec, min_track: int) -> np.ndarray:
+    """(S, 2, 3) (camera centre, point) for each sparse point seen by at least ``min_track`` images and each image
+    that sees it: the space between them is empty, or the image could not have seen the point."""
+    lines = []
+    for point in rec.points3D.values():
+        if point.track.length() >= min_track:
+            lines += [(rec.images[e.image_id].projection_center(), point.xyz) for e in point.track.elements]
+    return np.array(lines, dtype=np.float64).reshape(-1, 2, 3)
+
+
 def sparse_points(rec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(P, 3) positions, (P, 3) uint8 colours and (P,) track lengths (how many images see each point)."""
     pts = list(rec.points3D.values())

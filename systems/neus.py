@@ -22,7 +22,8 @@ class NeuSSystem(NeRFSystem):
     rgb_key = "comp_rgb_full"
     loss_weights = ("lambda_rgb_mse", "lambda_rgb_l1", "lambda_eikonal", "lambda_mask", "lambda_opaque",
                     "lambda_sparsity", "lambda_curvature", "lambda_distortion", "lambda_distortion_bg",
-                    "lambda_sparse_points")
+                    "lambda_sparse_points", "lambda_free_space")
+    free_sightlines = None  # (S, 2, 3) (camera, point) pairs, normalised, on the model's device
     surface_points = None  # (P, 3) SfM points inside the model's box, on its device, for lambda_sparse_points
     surface_points_per_step = 1024
 
@@ -48,6 +49,18 @@ class NeuSSystem(NeRFSystem):
             log.warning("system.loss.lambda_mask is set but the dataset has no masks: the mask loss is off.")
         if peak(self.config.system.loss.get("lambda_sparse_points", 0.0)) > 0:
             self.surface_points = self.points_inside(self.trainer.datamodule.sparse_points())
+        if peak(self.config.system.loss.get("lambda_free_space", 0.0)) > 0:
+            self.free_sightlines = self.sightlines_on_device(self.trainer.datamodule.free_sightlines())
+
+    def sightlines_on_device(self, lines):
+        """(S, 2, 3) sightlines -> a tensor on the model's device; None (and a warning) when there are none."""
+        if lines is None or not len(lines):
+            log.warning("system.loss.lambda_free_space is set but the dataset has no sightlines (a COLMAP capture "
+                        "has them): the free-space loss is off.")
+            return None
+        log.info(f"Free-space loss: {len(lines)} sightlines from cameras to the sparse points they see; "
+                 f"{self.surface_points_per_step} of them each step.")
+        return torch.as_tensor(lines, dtype=torch.float32, device=self.device)
 
     def points_inside(self, points):
         """(P, 3) sparse points -> those inside the model's box [-radius, radius]^3, as a tensor on its device;
@@ -75,6 +88,26 @@ class NeuSSystem(NeRFSystem):
         chosen = points[torch.randint(len(points), (count,), device=points.device)]
         return self.model.geometry.sdf(chosen).abs().mean()
 
+    def free_space_loss(self) -> torch.Tensor:
+        """Mean relu(-SDF) at one point per sightline of a random batch, drawn on the part of the line from the
+        camera to its sparse point that lies in the box [-radius, radius]^3 and stops 0.1 radius short of the
+        point: space a camera saw through is outside every surface, the surroundings painted inside the box too."""
+        lines = self.free_sightlines
+        chosen = lines[torch.randint(len(lines), (min(self.surface_points_per_step, len(lines)),),
+                                     device=lines.device)]
+        camera, point = chosen[:, 0], chosen[:, 1]
+        d = point - camera
+        r = self.model.radius
+        reach = (1.0 - 0.1 * r / d.norm(dim=-1)).clamp(min=0.0)  # the part of camera -> point short of the point
+        safe = torch.where(d.abs() < 1e-9, torch.full_like(d, 1e-9), d)
+        near, far = (-r - camera) / safe, (r - camera) / safe  # where the line crosses each pair of box faces
+        enter = torch.minimum(near, far).amax(-1).clamp(min=0.0)
+        leave = torch.minimum(torch.maximum(near, far).amin(-1), reach)
+        inside = leave > enter
+        t = enter + torch.rand_like(enter) * (leave - enter).clamp(min=0.0)
+        sdf = self.model.geometry.sdf(camera + t[:, None] * d)
+        return (torch.relu(-sdf) * inside).sum() / inside.sum().clamp(min=1)
+
     def losses(self, out, rays, rgb):
         """(total loss, {name: term}, {name: its weight}) of one step: the terms whose weight is above 0 now."""
         loss_cfg = self.config.system.loss
@@ -100,6 +133,8 @@ class NeuSSystem(NeRFSystem):
         add("curvature", "lambda_curvature", lambda: mean_or_zero(out["sdf_laplace_samples"].abs()))
         if self.surface_points is not None:
             add("sparse_points", "lambda_sparse_points", self.sparse_point_loss)
+        if self.free_sightlines is not None:
+            add("free_space", "lambda_free_space", self.free_space_loss)
         add("distortion", "lambda_distortion",
             lambda: distortion_loss(out["weights"], out["t_starts"], out["t_ends"], out["ray_indices"], n_rays))
         if "weights_bg" in out:

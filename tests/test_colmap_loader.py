@@ -117,7 +117,8 @@ def test_pinhole_models_give_the_renderers_rays(tmp_path, model, fx, fy):
 
 def test_sparse_points_come_in_the_model_s_frame_those_seen_by_three_images_or_more(tmp_path, monkeypatch):
     """What system.loss.lambda_sparse_points pulls the SDF to: the model's points, normalised as the cameras are;
-    points seen by two images (mostly mismatches in a real capture) are left out."""
+    points seen by two images (mostly mismatches in a real capture) are left out. The sightlines of
+    lambda_free_space join each point to the cameras that see it."""
     import pycolmap
 
     from datasets import colmap
@@ -135,6 +136,14 @@ def test_sparse_points_come_in_the_model_s_frame_those_seen_by_three_images_or_m
     nearest = np.linalg.norm(world[:, None] - scene_points()[None], axis=2).min(1)
     assert nearest.max() < 1e-5 * np.linalg.norm(w[:3, 0])
     assert np.abs(points).max() < 1.0  # the demo object fits the model's box
+    # lambda_free_space's sightlines: each image that sees a point, from its camera to the point, normalised
+    lines = dm.free_sightlines()
+    assert lines.shape == (sum(tracks), 2, 3)
+    world = lines @ w[:3, :3].T + w[:3, 3]
+    centres = np.array([cam.c2w[:3, 3] for cam in cams])
+    tolerance = 1e-5 * np.linalg.norm(w[:3, 0])
+    assert np.linalg.norm(world[:, 0, None] - centres[None], axis=2).min(1).max() < tolerance
+    assert np.linalg.norm(world[:, 1, None] - scene_points()[None], axis=2).min(1).max() < tolerance
 
 
 def test_a_capture_from_one_side_sweeps_its_video_across_the_cameras_arc(tmp_path, caplog):

@@ -484,3 +484,40 @@ def test_an_anneal_beyond_the_last_step_is_said_at_start_up(caplog):
     with caplog.at_level(logging.WARNING, logger="nsr"):
         neus_system("trainer.max_steps=1500", "model.cos_anneal_end=1500")
     assert "cos_anneal_end" not in caplog.text
+
+
+def test_the_free_space_loss_clears_what_lies_between_a_camera_and_the_points_it_sees(caplog):
+    """lambda_free_space: along each sightline (a camera, a sparse point it sees), inside the box and short of the
+    point, nothing may be inside a surface. Sightlines from cameras at distance 2 to points within 0.2 of the
+    centre cross the initial sphere (radius 0.5, inside it the SDF is negative); trained on that term alone, the
+    negative SDF along them is cleared."""
+    import numpy as np
+
+    system = neus_system("+system.loss.lambda_free_space=1.0", "+system.loss.sparse_points_per_step=256")
+    rng = np.random.default_rng(0)
+    azimuth = rng.uniform(0, 2 * np.pi, 400)
+    cameras = np.stack([2 * np.cos(azimuth), 2 * np.sin(azimuth), rng.uniform(0.2, 1.0, 400)], 1)
+    points = rng.uniform(-0.2, 0.2, (400, 3))
+    with caplog.at_level(logging.INFO, logger="nsr"):
+        system.free_sightlines = system.sightlines_on_device(np.stack([cameras, points], 1))
+        assert system.sightlines_on_device(None) is None  # a NeRF-synthetic scene: said, and off
+    assert "Free-space loss: 400 sightlines from cameras to the sparse points they see; 256 of them" in caplog.text
+    assert "the dataset has no sightlines (a COLMAP capture has them): the free-space loss is off" in caplog.text
+
+    def inside_along_the_lines():  # mean negative SDF at 20 places on each line, from the box's face to the stop
+        t = torch.linspace(0.55, 0.9, 20)[:, None, None]
+        lines = system.free_sightlines
+        x = lines[None, :, 0] + t * (lines[None, :, 1] - lines[None, :, 0])
+        with torch.no_grad():
+            return torch.relu(-system.model.geometry.sdf(x.reshape(-1, 3))).mean().item()
+
+    before = inside_along_the_lines()
+    optimiser = torch.optim.Adam(system.model.geometry.parameters(), lr=0.01)
+    torch.manual_seed(0)
+    for _ in range(150):
+        optimiser.zero_grad()
+        system.free_space_loss().backward()
+        optimiser.step()
+    after = inside_along_the_lines()
+    print(f"\nmean negative SDF along the sightlines: {before:.4f} before, {after:.4f} after")
+    assert before > 0.03 and after < 0.1 * before
