@@ -432,6 +432,16 @@ def test_with_no_view_held_out_validation_scores_training_views_spread_over_the_
     assert [int(b["index"]) for b in held.val_dataloader()] == [0, 4, 2, 1, 5, 3]  # rendered far-apart first
 
 
+def train_geometry_on(loss, system, steps=150):
+    """``steps`` Adam steps (lr 0.01) of the system's geometry on ``loss()`` alone."""
+    optimiser = torch.optim.Adam(system.model.geometry.parameters(), lr=0.01)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        loss().backward()
+        optimiser.step()
+
+
 def test_the_sparse_point_loss_pulls_the_zero_level_set_through_the_points(caplog):
     """lambda_sparse_points: the SfM points inside the scene's box, |SDF| at a batch of them each step. Trained on
     that term alone, the zero level set moves from the initial sphere (radius 0.5) onto points on a sphere of
@@ -453,12 +463,7 @@ def test_the_sparse_point_loss_pulls_the_zero_level_set_through_the_points(caplo
     points = torch.as_tensor(on_sphere, dtype=torch.float32)
     with torch.no_grad():
         before = system.model.geometry.sdf(points).abs().mean().item()
-    optimiser = torch.optim.Adam(system.model.geometry.parameters(), lr=0.01)
-    torch.manual_seed(0)
-    for _ in range(150):
-        optimiser.zero_grad()
-        system.sparse_point_loss().backward()
-        optimiser.step()
+    train_geometry_on(system.sparse_point_loss, system)
     with torch.no_grad():
         after = system.model.geometry.sdf(points).abs().mean().item()
     print(f"\nmean |SDF| at the points: {before:.4f} before, {after:.4f} after")
@@ -512,12 +517,7 @@ def test_the_free_space_loss_clears_what_lies_between_a_camera_and_the_points_it
             return torch.relu(-system.model.geometry.sdf(x.reshape(-1, 3))).mean().item()
 
     before = inside_along_the_lines()
-    optimiser = torch.optim.Adam(system.model.geometry.parameters(), lr=0.01)
-    torch.manual_seed(0)
-    for _ in range(150):
-        optimiser.zero_grad()
-        system.free_space_loss().backward()
-        optimiser.step()
+    train_geometry_on(system.free_space_loss, system)
     after = inside_along_the_lines()
     print(f"\nmean negative SDF along the sightlines: {before:.4f} before, {after:.4f} after")
     assert before > 0.03 and after < 0.1 * before
