@@ -180,8 +180,8 @@ class Capture:
         sparse_dir, self.models_note = find_sparse_dir(root)
         rec = read_reconstruction(sparse_dir)
         self.views = registered_views(rec)
+        self.sparse_dir = sparse_dir
         self.xyz, self.rgb, self.track = sparse_points(rec)
-        self.sightlines = sightlines(rec, MIN_TRACK)  # (S, 2, 3) world frame
         c2w = np.stack([v.c2w for v in self.views])
         # Phone photos shown turned (EXIF orientation): their up is the way they are shown, not their top row.
         # When all are shown the same way, images and cameras are turned that way too (``upright`` quarter turns
@@ -312,8 +312,9 @@ class ColmapDataModule(SceneDataModule):
 
     def free_sightlines(self) -> np.ndarray:
         """(S, 2, 3) (camera centre, sparse point it sees) pairs, normalised: the space between is empty."""
-        m = self.capture.scene_from_world
-        return self.capture.sightlines @ m[:3, :3].T + m[:3, 3]
+        cap = self.capture  # read again, only for the loss that asks: a point's track holds an entry per image
+        m = cap.scene_from_world
+        return sightlines(read_reconstruction(cap.sparse_dir), MIN_TRACK) @ m[:3, :3].T + m[:3, 3]
 
     def write_overview(self, path: str) -> bool:
         """Cameras (red frusta), sparse points (their colours), region of interest (green box) as one PLY."""

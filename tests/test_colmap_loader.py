@@ -132,6 +132,7 @@ def test_sparse_points_come_in_the_model_s_frame_those_seen_by_three_images_or_m
     assert len(points) == len(tracks) == 400 and min(tracks) == 10  # every point is seen by all ten cameras
     monkeypatch.setattr(colmap, "MIN_TRACK", 11)
     assert len(dm.sparse_points()) == 0
+    monkeypatch.undo()
     world = points @ w[:3, :3].T + w[:3, 3]
     nearest = np.linalg.norm(world[:, None] - scene_points()[None], axis=2).min(1)
     assert nearest.max() < 1e-5 * np.linalg.norm(w[:3, 0])
