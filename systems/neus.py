@@ -25,7 +25,7 @@ class NeuSSystem(NeRFSystem):
                     "lambda_sparse_points", "lambda_free_space")
     free_sightlines = None  # (S, 2, 3) (camera, point) pairs, normalised, on the model's device
     surface_points = None  # (P, 3) SfM points inside the model's box, on its device, for lambda_sparse_points
-    surface_points_per_step = 1024
+    sparse_points_per_step = 1024
 
     def __init__(self, config, mode: str = "train"):
         super().__init__(config, mode)
@@ -35,7 +35,7 @@ class NeuSSystem(NeRFSystem):
 
     def check_loss_weights(self, loss_cfg):
         super().check_loss_weights(loss_cfg)
-        self.surface_points_per_step = number_at_least(loss_cfg.get("sparse_points_per_step", 1024),
+        self.sparse_points_per_step = number_at_least(loss_cfg.get("sparse_points_per_step", 1024),
                                                        "system.loss.sparse_points_per_step", 1)
         if peak(loss_cfg.get("lambda_curvature", 0.0)) > 0 and self.model.geometry.grad_type != "finite_difference":
             raise ConfigError("system.loss.lambda_curvature needs model.geometry.grad_type=finite_difference "
@@ -59,7 +59,7 @@ class NeuSSystem(NeRFSystem):
                         "has them): the free-space loss is off.")
             return None
         log.info(f"Free-space loss: {len(lines)} sightlines from cameras to the sparse points they see; "
-                 f"{self.surface_points_per_step} of them each step.")
+                 f"{self.sparse_points_per_step} of them each step.")
         return torch.as_tensor(lines, dtype=torch.float32, device=self.device)
 
     def points_inside(self, points):
@@ -73,7 +73,7 @@ class NeuSSystem(NeRFSystem):
         inside = points[(abs(points) < self.model.radius).all(1)]
         log.info(f"Sparse-point loss: {len(inside)} of the {len(points)} sparse points lie inside the scene's box "
                  f"(model.radius {self.model.radius:g}); the SDF is pulled to zero at "
-                 f"{self.surface_points_per_step} of them each step.")
+                 f"{self.sparse_points_per_step} of them each step.")
         if not len(inside):
             log.warning("No sparse point lies inside the scene's box: the sparse-point loss is off.")
             return None
@@ -83,18 +83,17 @@ class NeuSSystem(NeRFSystem):
         """Mean |SDF| at a random batch of the SfM points (Geo-NeuS's explicit SDF supervision): they lie on
         surfaces, so the zero level set is pulled through them, where photometric losses alone are slow to put
         it without masks."""
-        points = self.surface_points
-        count = min(self.surface_points_per_step, len(points))
-        chosen = points[torch.randint(len(points), (count,), device=points.device)]
-        return self.model.geometry.sdf(chosen).abs().mean()
+        return self.model.geometry.sdf(self.random_batch(self.surface_points)).abs().mean()
+
+    def random_batch(self, rows: torch.Tensor) -> torch.Tensor:
+        """``sparse_points_per_step`` of ``rows`` (or all, if fewer) drawn at random with replacement."""
+        return rows[torch.randint(len(rows), (min(self.sparse_points_per_step, len(rows)),), device=rows.device)]
 
     def free_space_loss(self) -> torch.Tensor:
         """Mean relu(-SDF) at one point per sightline of a random batch, drawn on the part of the line from the
         camera to its sparse point that lies in the box [-radius, radius]^3 and stops 0.1 radius short of the
         point: space a camera saw through is outside every surface, the surroundings painted inside the box too."""
-        lines = self.free_sightlines
-        chosen = lines[torch.randint(len(lines), (min(self.surface_points_per_step, len(lines)),),
-                                     device=lines.device)]
+        chosen = self.random_batch(self.free_sightlines)
         camera, point = chosen[:, 0], chosen[:, 1]
         d = point - camera
         r = self.model.radius
