@@ -176,6 +176,11 @@ def most_common_size(sizes: List[tuple]) -> tuple:
     return max(counts, key=lambda size: (counts[size], size[0] * size[1]))
 
 
+def sizes_said(sizes: List[tuple]) -> str:
+    """'24 at 380x285, 24 at 319x239' for a message: each (w, h) of ``sizes`` with its count, commonest first."""
+    return ", ".join(f"{n} at {w}x{h}" for (w, h), n in Counter(sizes).most_common())
+
+
 def same_aspect(size: tuple, other: tuple) -> bool:
     """Whether two (w, h) sizes have one aspect ratio, to 1 % (sizes rounded to whole pixels, undistorted)."""
     return abs(size[0] / size[1] - other[0] / other[1]) <= 0.01 * other[0] / other[1]
@@ -204,7 +209,6 @@ def common_target_size(config: Any, sizes: List[tuple], names: List[str], whose:
     ``whose`` starts the messages; ``say``: log the size chosen for mixed sizes (once per scene, not per split)."""
     if config.get("img_wh") is not None and len(set(sizes)) > 1:
         return requested_size(config)
-    counts = Counter(sizes)
     base = most_common_size(sizes)
     odd = [k for k, size in enumerate(sizes) if not same_aspect(size, base)]
     if odd:
@@ -213,8 +217,7 @@ def common_target_size(config: Any, sizes: List[tuple], names: List[str], whose:
                            f"{sizes[k][1]} but {names[b]} is {base[0]}x{base[1]}; set dataset.img_wh=[W,H] to train "
                            "on one size.")
     size = target_size(config, *base)
-    if len(counts) > 1 and say:
-        found = ", ".join(f"{n} at {w}x{h}" for (w, h), n in counts.most_common())
-        log.info(f"{whose} are of {len(counts)} sizes with one aspect ratio ({found}): each is scaled to "
-                 f"{size[0]}x{size[1]}, its camera with it (dataset.img_wh=[W,H] to choose).")
+    if len(set(sizes)) > 1 and say:
+        log.info(f"{whose} are of {len(set(sizes))} sizes with one aspect ratio ({sizes_said(sizes)}): each is "
+                 f"scaled to {size[0]}x{size[1]}, its camera with it (dataset.img_wh=[W,H] to choose).")
     return size

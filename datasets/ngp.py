@@ -302,10 +302,8 @@ def training_size(config: Any, root: str, meta: Dict[str, Any], frames: List[Dic
 def _orbit(config, root, meta, frames, c2w_scene, world_from_scene, log_path: bool = True) -> SceneData:
     """Video cameras (no images): ``video_path`` (a turn, or a loop across the cameras' side) about +z, or about
     the cameras' level up in a frame kept as the file has it, with the first frame's lens."""
-    first = image_path(root, frames[0].get("file_path", ""))
-    check_present([first])
-    und = Undistorter(lens_camera(meta, frames[0], *stored_size(first)))
-    w, h = training_size(config, root, meta, frames)
+    w, h = training_size(config, root, meta, frames)  # checks that every frame's image is there
+    und = Undistorter(lens_camera(meta, frames[0], *stored_size(image_path(root, frames[0].get("file_path", "")))))
     steps = number_at_least(config.get("n_test_traj_steps", 60), "dataset.n_test_traj_steps", 1)
     c2w_cv = opencv_to_opengl(torch.from_numpy(c2w_scene)).numpy()  # the axis flip is its own inverse
     up = Z_UP if config.get("normalize", True) else level_up(c2w_cv)  # the file's own frame: its up unknown

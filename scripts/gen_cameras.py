@@ -151,13 +151,11 @@ def main(argv=None) -> int:
         if status is None:
             raise
         return status
-    from collections import Counter
+    from datasets.images import img_wh_override, sizes_said
 
-    from datasets.images import img_wh_override
-
-    counts = Counter(tuple(size) for size in info["sizes"])
-    sized = ", ".join(f"{n} at {w}x{h}" for (w, h), n in counts.most_common()) if len(counts) > 1 else \
-        "{}x{}".format(*info["sizes"][0])
+    sizes = [tuple(size) for size in info["sizes"]]
+    mixed = len(set(sizes)) > 1
+    sized = sizes_said(sizes) if mixed else "{}x{}".format(*sizes[0])
     print(f"Wrote {info['images']} views ({sized}, {'given masks' if info['masks'] else 'all-foreground masks'}) "
           f"to {out}; region of interest: centre {np.round(info['centre'], 4).tolist()}, radius "
           f"{info['radius']:.4g} ({info['roi']}).")
@@ -167,11 +165,11 @@ def main(argv=None) -> int:
     elif info["shown_turned"]:
         print(f"{info['shown_turned']} of {info['images']} photos are shown turned (EXIF orientation) and the others "
               "not: all are written as stored, so some look sideways; the cameras match the pixels either way.")
-    if len(counts) > 1:
+    if mixed:
         print("The cameras' images are of different sizes: NeuS's own code needs one; this project's dtu loader "
               "scales each view to one, its camera with it.")
     config_path = os.path.join(REPOSITORY, "configs", f"neus-dtu{'-wmask' if info['masks'] else ''}.yaml")
-    config, size = typed_path(config_path), img_wh_override(info["sizes"], config_path)
+    config, size = typed_path(config_path), img_wh_override(sizes, config_path)
     arguments = f"--config {shlex.quote(config)} --train dataset.root_dir={shlex.quote(out)}{size}"
     print(f"Next: {launch_command(arguments)}")
     return 0
