@@ -510,16 +510,18 @@ def render_rays(scene: DemoScene, rays_o: torch.Tensor, rays_d: torch.Tensor) ->
     return rgb
 
 
-def handheld_orbit(n: int, width: int, height: int, fov_x_deg: float = 50.0, seed: int = 0) -> List[Camera]:
-    """A phone walked once around the object: radius and height wobble, aim jitters (OpenCV cameras)."""
+def handheld_orbit(n: int, width: int, height: int, fov_x_deg: float = 50.0, seed: int = 0, radius: float = 2.4,
+                   elevation: float = 0.9, start_deg: float = 0.0, clockwise: bool = False) -> List[Camera]:
+    """A phone walked once around the object from azimuth ``start_deg``, at about ``radius`` from its axis and
+    ``elevation`` above its base: radius and height wobble, aim jitters (OpenCV cameras)."""
     rng = np.random.default_rng(seed)
     fx = 0.5 * width / math.tan(math.radians(fov_x_deg) / 2)
     K = np.array([[fx, 0, width / 2], [0, fx, height / 2], [0, 0, 1]])
     cams = []
     for i in range(n):
-        a = 2 * math.pi * i / n
-        r = 2.4 + 0.15 * math.sin(3 * a) + rng.normal(0, 0.03)
-        z = 0.9 + 0.2 * math.sin(2 * a) + rng.normal(0, 0.03)
+        a = math.radians(start_deg) + (-1 if clockwise else 1) * 2 * math.pi * i / n
+        r = radius + 0.15 * math.sin(3 * a) + rng.normal(0, 0.03)
+        z = elevation + 0.2 * math.sin(2 * a) + rng.normal(0, 0.03)
         eye = np.array([r * math.cos(a), r * math.sin(a), z])
         cams.append(Camera(K=K, c2w=look_at(eye, np.array([0.0, 0.0, -0.1]) + rng.normal(0, 0.03, 3)),
                            width=width, height=height))

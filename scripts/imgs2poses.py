@@ -2,6 +2,7 @@
 
     python scripts/imgs2poses.py load/mug                           # load/mug/images/* -> load/mug/sparse/0
     python scripts/imgs2poses.py load/mug --video mug.mp4 --fps 3   # frames into load/mug/images/ first
+    python scripts/imgs2poses.py load/mug --video low.mp4 --video high.mp4  # into images/low/ and images/high/
 
 Video: the sharpest frame of every window of 1/fps seconds is kept (variance
 of the Laplacian), then frames much blurrier than the others and
@@ -13,8 +14,8 @@ in order are quicker with ``--matcher sequential``), incremental mapping,
 each behind a progress bar. Cameras (``--camera-mode auto``): one shared by all
 the photos at the top of ``images/`` (one phone), or one per folder where ``images/``
 holds only folders of photos (a rig's cameras, or two devices: ``images/left/``,
-``images/right/``; COLMAP's ``single_camera_per_folder``); ``per-image`` for photos
-from many devices. The largest model is written to
+``images/right/``; COLMAP's ``single_camera_per_folder``; several ``--video``, a
+folder each); ``per-image`` for photos from many devices. The largest model is written to
 ``<root>/sparse/0`` (binary), plus ``<root>/database.db`` and
 ``<root>/sparse_points.ply`` (crop it in MeshLab and save the selection as
 ``<root>/sparse_points_interest.ply`` to fix the region of interest for
@@ -48,7 +49,7 @@ from utils.stops import REPOSITORY, launch_command, stops_cleanly, typed_path  #
 MANY_PHOTOS = 150  # more, and --matcher auto's exhaustive matching is worth a word on the sequential one
 SEED = 0  # COLMAP's random seed (RANSAC in matching and mapping): the same images give the same poses
 FRAME_PATTERN = "frame_{:05d}.jpg"  # the frames taken from a video; --video replaces only a folder of these
-FRAME_NAME = re.compile(r"frame_\d{5,}\.jpg")
+FRAME_NAME = re.compile(r"(?:[^/]+/)?frame_\d{5,}\.jpg")  # in images/, or in a folder of it (one per video)
 FRAMES_SOURCE = "frames.json"  # in the scene folder: the video and options the frames in images/ came from
 
 
@@ -146,15 +147,10 @@ def select_frames(frames, video_fps: float, fps: float, max_size: int, blur_rati
     return kept, stats
 
 
-def extract_frames(video: str, image_dir: str, fps: float, max_size: int) -> dict:
-    """Write the selected frames of ``video`` to ``image_dir`` (created whole or not at all)."""
+def read_video(video: str, fps: float, max_size: int) -> tuple[list, dict]:
+    """The selected frames of ``video`` (in memory) and select_frames' stats, with the video's frame rate."""
     import imageio.v2 as imageio
 
-    if os.path.isdir(video):
-        raise CaptureError(f"--video {video} is a folder; give the video file (photos go in <root>/images, without "
-                           "--video).")
-    if not os.path.isfile(video):
-        raise CaptureError(f"Video {video} does not exist.")
     try:
         quiet = logging.getLogger("imageio_ffmpeg")  # its warning on a rotated video, said below in our words
         level = quiet.level
@@ -176,8 +172,9 @@ def extract_frames(video: str, image_dir: str, fps: float, max_size: int) -> dic
                            "ffmpeg can read (MP4/MOV/...).") from None
     try:
         frames, stats = select_frames(reader, video_fps, fps, max_size, total_frames=total)
-    except CaptureError:
-        raise
+    except CaptureError:  # select_frames' "no frames"
+        raise CaptureError(f"No frame of {video} could be decoded; give a video file ffmpeg can read "
+                           "(MP4/MOV/...).") from None
     except Exception as err:
         raise CaptureError(f"Could not decode {video} ({str(err).splitlines()[0][:120]}); give a video file "
                            "ffmpeg can read (MP4/MOV/...).") from None
@@ -185,19 +182,66 @@ def extract_frames(video: str, image_dir: str, fps: float, max_size: int) -> dic
         reader.close()
     if len(frames) < 3:
         raise CaptureError(f"Only {len(frames)} usable frames in {video}; raise --fps or film longer.")
+    stats["video_fps"] = video_fps
+    return frames, stats
+
+
+def video_folders(videos: list[str]) -> list[str]:
+    """Where each video's frames go in images/: the top for one video; for several, a folder each named after
+    the video (``high.mp4`` -> ``high``, a second ``clip.mp4`` from elsewhere -> ``clip-2``), one camera each."""
+    if len(videos) == 1:
+        return [""]
+    folders = []
+    for video in videos:
+        stem = os.path.splitext(os.path.basename(video))[0].strip() or "video"
+        folder, k = stem, 2
+        while folder in folders:
+            folder, k = f"{stem}-{k}", k + 1
+        folders.append(folder)
+    return folders
+
+
+def extract_frames(videos: list[str], image_dir: str, fps: float, max_size: int) -> list[dict]:
+    """Write the selected frames of each of ``videos`` to ``image_dir`` (its top for one video, a folder each for
+    several: ``video_folders``), all of them or none. Returns each video's stats."""
+    import imageio.v2 as imageio
+
     from utils.io import atomic_folder
 
+    seen = {}
+    for video in videos:  # every video checked before the first is read
+        if os.path.isdir(video):
+            raise CaptureError(f"--video {video} is a folder; give the video file (photos go in <root>/images, "
+                               "without --video).")
+        if not os.path.isfile(video):
+            raise CaptureError(f"Video {video} does not exist.")
+        if os.path.realpath(video) in seen:
+            raise CaptureError(f"--video {video} is given twice (also as {seen[os.path.realpath(video)]}); give "
+                               "each video once.")
+        seen[os.path.realpath(video)] = video
+    all_stats, encoded = [], {}  # every video decoded before anything is written: a bad one writes nothing
+    for video, folder in zip(videos, video_folders(videos)):
+        frames, stats = read_video(video, fps, max_size)
+        for k, frame in enumerate(frames):  # as JPEG: one video's frames held decoded at a time, not all
+            encoded[os.path.join(folder, FRAME_PATTERN.format(k))] = imageio.imwrite("<bytes>", frame, format="jpg",
+                                                                                     quality=95)
+        all_stats.append(stats)
     with atomic_folder(image_dir, prefix=".frames-") as tmp:
-        for k, frame in enumerate(frames):
-            imageio.imwrite(os.path.join(tmp, FRAME_PATTERN.format(k)), frame, quality=95)
-    stats["video_fps"] = video_fps
-    return stats
+        for name, data in encoded.items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+    return all_stats
 
 
-def frames_source(video: str, fps: float, max_size: int) -> dict:
-    """What the frames in images/ are taken from, as ``<root>/frames.json`` records it: the video (its name and
-    size in bytes, which tell a re-filmed capture from a moved file) and the extraction's options."""
-    return {"video": os.path.basename(video), "bytes": os.path.getsize(video) if os.path.isfile(video) else None,
+def frames_source(videos: list[str], fps: float, max_size: int) -> dict:
+    """What the frames in images/ are taken from, as ``<root>/frames.json`` records it: the videos (their names
+    and sizes in bytes, which tell a re-filmed capture from a moved file; a name and a size for one video, lists
+    for several) and the extraction's options. The sizes are None where a video is gone."""
+    names = [os.path.basename(video) for video in videos]
+    sizes = None if not all(os.path.isfile(video) for video in videos) else [os.path.getsize(v) for v in videos]
+    one = len(videos) == 1
+    return {"video": names[0] if one else names, "bytes": sizes and (sizes[0] if one else sizes),
             "fps": fps, "max_size": max_size}
 
 
@@ -215,7 +259,9 @@ def check_frames_source(root: str, wanted: dict) -> None:
     compared = [key for key in wanted if wanted[key] is not None]  # a video gone since: its name still counts
     if any(found.get(key) != wanted[key] for key in compared):
         def said(source):
-            return f"{source.get('video')} at {source.get('fps')} fps, --max-size {source.get('max_size')}"
+            videos = source.get("video")
+            videos = " and ".join(map(str, videos)) if isinstance(videos, list) else videos
+            return f"{videos} at {source.get('fps')} fps, --max-size {source.get('max_size')}"
 
         raise CaptureError(f"The frames in {os.path.join(root, 'images')} were taken from {said(found)}, not from "
                            f"{said(wanted)}; pass --overwrite to extract them again (and compute their poses again).")
@@ -280,11 +326,15 @@ def colour_signature(image: np.ndarray) -> np.ndarray:
 
 
 def loop_pairs(image_dir: str, names: list[str], overlap: int, per_image: int = 3, relative: float = 0.8):
-    """Pairs of frames far apart in time that look alike (the video came back to where it was).
+    """Pairs of frames far apart in time that look alike (the video came back to where it was), and pairs across
+    the sequences of several folders (videos, or a rig's cameras) that look alike.
 
-    A far pair is a candidate when its signatures correlate at least ``relative`` times as well as
-    consecutive frames typically do; at most ``per_image`` per frame. Geometric verification then
-    keeps the true ones: this replaces COLMAP's vocabulary-tree loop detection (no download).
+    A far pair in one sequence is a candidate when its signatures correlate at least ``relative`` times as well as
+    consecutive frames typically do; at most ``per_image`` per frame. Each frame is also paired with the
+    ``per_image`` most alike frames of every other folder, however alike: two passes round an object at different
+    heights, or two cameras, may look less alike than neighbouring frames, and these pairs are what joins them.
+    Geometric verification then keeps the true ones: this replaces COLMAP's vocabulary-tree loop detection (no
+    download).
     """
     import imageio.v2 as imageio
 
@@ -293,12 +343,19 @@ def loop_pairs(image_dir: str, names: list[str], overlap: int, per_image: int = 
     sig = np.stack([colour_signature(imageio.imread(os.path.join(image_dir, n)))
                     for n in reading(names, "frames' signatures for loop closing")])
     sim = sig @ sig.T
-    threshold = relative * float(np.median(np.diagonal(sim, 1)))
+    folder = np.array([colmap_steps.folder_of(n) for n in names])
+    same = folder[:, None] == folder[None, :]
+    index = np.arange(len(names))
+    far = same & (np.abs(index[:, None] - index[None, :]) > overlap)
+    neighbours = sim[index[:-1], index[1:]][same[index[:-1], index[1:]]]  # consecutive frames of one sequence
+    threshold = relative * float(np.median(neighbours)) if len(neighbours) else np.inf
     pairs = set()
     for i in range(len(names)):
-        far = [j for j in np.argsort(-sim[i]) if abs(int(j) - i) > overlap and sim[i, j] >= threshold]
-        for j in far[:per_image]:
-            pairs.add((min(i, int(j)), max(i, int(j))))
+        order = np.argsort(-sim[i])
+        chosen = [j for j in order if far[i, j] and sim[i, j] >= threshold][:per_image]
+        for other in set(folder) - {folder[i]}:
+            chosen += [j for j in order if folder[j] == other][:per_image]
+        pairs.update((min(i, int(j)), max(i, int(j))) for j in chosen)
     return [(names[i], names[j]) for i, j in sorted(pairs)]
 
 
@@ -317,8 +374,9 @@ def same_moment_pairs(cameras: dict[str, list[str]], reach: int) -> list[tuple[s
 
 
 def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str, camera_model: str,
-            camera_mode: str, overlap: int, threads: int):
-    """Features, matches and incremental mapping in ``work``; returns the largest pycolmap.Reconstruction."""
+            camera_mode: str, overlap: int, threads: int, synchronised: bool = True):
+    """Features, matches and incremental mapping in ``work``; returns the largest pycolmap.Reconstruction.
+    ``synchronised``: folders of images are a rig's cameras, whose sequences run together (not several videos)."""
     import pycolmap
     from tqdm import tqdm
 
@@ -348,7 +406,7 @@ def run_sfm(root: str, image_dir: str, names: list[str], work: str, matcher: str
         if len(cameras) > 1:  # each camera's own sequence (COLMAP's runs on from one folder into the next)
             folder = colmap_steps.folder_of
             sequential = [(a, b) for a, b in sequential if folder(a) == folder(b)]
-            across = same_moment_pairs(cameras, reach=max(1, overlap // 5))
+            across = same_moment_pairs(cameras, reach=max(1, overlap // 5)) if synchronised else []
         pairs = colmap_steps.distinct_pairs(sequential + across + loops)
         rig = f", {len(across)} pairs across its {len(cameras)} cameras" if across else ""
         desc = f"[2/3] sequential matching (overlap {overlap}{rig}, {len(loops)} loop-closing pairs)"
@@ -410,7 +468,9 @@ def print_cameras(rec) -> None:
 def main(argv=None) -> int:
     parser = script_parser(__doc__)
     parser.add_argument("root", help="scene folder: images in <root>/images (or made from --video)")
-    parser.add_argument("--video", help="extract frames from this video into <root>/images first")
+    parser.add_argument("--video", action="append", help="extract frames from this video into <root>/images "
+                        "first; given again for more videos (a second pass higher up, another phone), each "
+                        "video's frames go in a folder of images/ named after it, one camera each")
     parser.add_argument("--fps", type=argument_at_least(0, float, exclusive=True), default=3.0,
                         help="frames kept per second of video")
     parser.add_argument("--max-size", type=argument_at_least(1, int), default=1600,
@@ -477,7 +537,7 @@ def run(args) -> dict:
         folder = stem if stem != root else f"{root}_scene"
         raise CaptureError(f"{root} is a file, not a scene folder; give a folder for the scene (created if missing) "
                            f"and the video with --video, e.g. python scripts/imgs2poses.py {shlex.quote(folder)} "
-                           f"--video {shlex.quote(args.video or root)}")
+                           f"--video {shlex.quote(args.video[0] if args.video else root)}")
     image_dir = os.path.join(root, "images")
     if args.video:
         others = files_not_written_by(image_dir, lambda name: FRAME_NAME.fullmatch(name) is not None)
@@ -486,16 +546,20 @@ def run(args) -> dict:
                                "and --video would replace them: move them out, or give the video a scene folder of "
                                "its own.")
         source = frames_source(args.video, args.fps, args.max_size)
-        if list_images(image_dir) and not args.overwrite:
+        if holds_images(image_dir) and not args.overwrite:
             check_frames_source(root, source)
-            print(f"Reusing the {len(list_images(image_dir))} frames in {image_dir} (--overwrite to extract again).")
+            found = len(list_images(image_dir)) + sum(map(len, camera_folders(image_dir).values()))
+            print(f"Reusing the {found} frames in {image_dir} (--overwrite to extract again).")
         else:
-            stats = extract_frames(args.video, image_dir, args.fps, args.max_size)
+            all_stats = extract_frames(args.video, image_dir, args.fps, args.max_size)
             from utils.io import write_json
 
             write_json(os.path.join(root, FRAMES_SOURCE), source)
-            print(f"Kept {stats['kept']} frames of {stats['read']} ({stats['windows']} windows at {args.fps} fps; "
-                  f"dropped {stats['blurred']} blurred and {stats['duplicates']} near-duplicates) -> {image_dir}")
+            for video, folder, stats in zip(args.video, video_folders(args.video), all_stats):
+                kept = f"{os.path.basename(video)}: kept" if folder else "Kept"
+                print(f"{kept} {stats['kept']} frames of {stats['read']} ({stats['windows']} windows at {args.fps} "
+                      f"fps; dropped {stats['blurred']} blurred and {stats['duplicates']} near-duplicates) -> "
+                      f"{os.path.join(image_dir, folder) if folder else image_dir}")
     names = list_images(image_dir)
     cameras = camera_folders(image_dir)
     rig = bool(cameras) and not names
@@ -504,7 +568,8 @@ def run(args) -> dict:
               "the photos at the top of images/, or, where it holds only folders of photos, those (one camera each).")
     elif rig:  # a rig's cameras (or two devices), one folder each
         names = [name for photos in cameras.values() for name in photos]
-        print(f"{len(names)} photos in {len(cameras)} folders of {image_dir} ({first_few(list(cameras), 3)})" + (
+        print(f"{len(names)} {'frames' if args.video else 'photos'} in {len(cameras)} folders of {image_dir} "
+              f"({first_few(list(cameras), 3)})" + (
             ", one camera each." if args.camera_mode in ("auto", "per-folder") else "."))
     if not names:
         others = sorted({os.path.splitext(f)[1] for f in os.listdir(image_dir)} - {""}) if os.path.isdir(image_dir) \
@@ -560,7 +625,7 @@ def run(args) -> dict:
     work = tempfile.mkdtemp(prefix=".colmap-", dir=root)
     try:
         rec = run_sfm(root, image_dir, names, work, matcher, args.camera_model, camera_mode, args.overlap,
-                      args.threads)
+                      args.threads, synchronised=not args.video)
         stats = report(rec, names)
         print_report(stats)
         print_cameras(rec)

@@ -231,7 +231,8 @@ def test_a_phone_video_filmed_upright_gives_upright_frames(tmp_path, capsys, cap
     if done.returncode:
         pytest.skip("this ffmpeg cannot tag a display rotation (-display_rotation needs ffmpeg 6.1 or later)")
     capsys.readouterr()
-    stats = imgs2poses.extract_frames(str(tmp_path / "phone.mp4"), str(tmp_path / "images"), fps=8, max_size=1000)
+    (stats,) = imgs2poses.extract_frames([str(tmp_path / "phone.mp4")], str(tmp_path / "images"), fps=8,
+                                         max_size=1000)
     assert ("phone.mp4 is stored 160x96 and shown 96x160 (a rotation tag, as phones write it): its frames are "
             "extracted as shown.") in capsys.readouterr().out
     assert "frame size" not in caplog.text
@@ -491,16 +492,18 @@ def test_a_rig_s_cameras_in_folders_get_one_camera_each(tmp_path, capsys):
         camera = rec.cameras[camera_id]
         assert (camera.width, camera.height) == (cams[0].width, cams[0].height)
         focal = camera.mean_focal_length()
-        print(f"{folder}: focal length {focal:.1f} px, true {cams[0].K[0, 0]:.1f} px")
+        with capsys.disabled():  # the readouterr below would take it
+            print(f"\n{folder}: focal length {focal:.1f} px, true {cams[0].K[0, 0]:.1f} px", end="")
         # 1.6 % and 1.9 % long (focal length against distance, over an object's depth); the two cameras differ by
         # 32 %, so one given the other's photos fails
         assert abs(focal / cams[0].K[0, 0] - 1) < 0.03
         assert f"camera of {folder}/: {camera.width}x{camera.height}, focal length {focal:.1f} px" in out
         posed += [(im, cams[int(im.name[len(folder) + len("/frame_"):-len(".jpg")])]) for im in images]
     angles, centre_err = pose_errors(posed)
-    print(f"\nrig poses: rotation error max {max(angles):.3f} deg; centre error max "
-          f"{100 * centre_err.max() / ORBIT_RADIUS:.2f}% of the orbit radius (mean "
-          f"{100 * centre_err.mean() / ORBIT_RADIUS:.2f}%)")
+    with capsys.disabled():
+        print(f"\nrig poses: rotation error max {max(angles):.3f} deg; centre error max "
+              f"{100 * centre_err.max() / ORBIT_RADIUS:.2f}% of the orbit radius (mean "
+              f"{100 * centre_err.mean() / ORBIT_RADIUS:.2f}%)")
     assert max(angles) < 1.0 and centre_err.max() < 0.015 * ORBIT_RADIUS
     # the colmap loader trains on both cameras, at one size (img_wh), each view with its camera's intrinsics
     data = datasets.make("colmap", OmegaConf.create({"name": "colmap", "root_dir": str(root),
@@ -522,6 +525,69 @@ def test_a_rig_s_cameras_in_folders_get_one_camera_each(tmp_path, capsys):
         da = torch.from_numpy(a["rays_d"].double().numpy() @ neus.world_from_scene[:3, :3].T)
         db = torch.from_numpy(b["rays_d"].double().numpy() @ data.world_from_scene[:3, :3].T)
         assert max_ray_angle_deg(da, db) < 1e-3, name
+
+
+@pytest.mark.slow
+def test_two_videos_get_a_folder_and_a_camera_each_and_are_posed_together(capture, tmp_path, capsys):
+    """The capture's video (a pass round the object) and a second pass, higher and nearer, begun elsewhere and
+    walked the other way, given as two --video: each video's frames go in a folder of images/ named after it, one
+    camera each, and the look-alike pairs across the two sequences join them into one model (without those pairs,
+    64 of the 88 frames registered: the first pass)."""
+    first_root, orbit, _ = capture
+    high = handheld_orbit(24, 384, 288, seed=1, radius=1.9, elevation=1.7, start_deg=100, clockwise=True)
+    scene = TexturedDemoScene()
+    write_video(str(tmp_path / "high.mp4"), [render(scene, cam) for cam in high], fps=12)  # each frame kept
+    root = tmp_path / "scene"
+    command = [str(root), "--video", str(first_root.parent / "orbit.mp4"), "--video", str(tmp_path / "high.mp4"),
+               "--fps", "12", "--threads", "1"]
+    assert imgs2poses.main(command) == 0
+    said = capsys.readouterr()
+    assert f"high.mp4: kept 24 frames of 24 (24 windows at 12.0 fps; dropped 0 blurred and 0 near-duplicates) -> " \
+           f"{root / 'images' / 'high'}" in said.out
+    assert "88 frames in 2 folders of" in said.out and "(high, orbit), one camera each." in said.out
+    assert "pairs across its 2 cameras" not in said.err  # two videos are not a rig's synchronised sequences
+    import pycolmap
+
+    rec = pycolmap.Reconstruction(str(root / "sparse" / "0"))
+    assert rec.num_reg_images() == 88 and len(rec.cameras) == 2
+    assert all(abs(camera.mean_focal_length() / high[0].K[0, 0] - 1) < 0.03 for camera in rec.cameras.values())
+    passes = {"orbit": orbit, "high": high}
+    posed = [(im, passes[im.name.split("/")[0]][int(im.name[-len("00000.jpg"):-len(".jpg")])])
+             for im in rec.images.values()]
+    angles, centre_err = pose_errors(posed)
+    with capsys.disabled():
+        print(f"\ntwo passes: rotation error max {max(angles):.3f} deg; centre error max "
+              f"{100 * centre_err.max() / ORBIT_RADIUS:.2f}% of the orbit radius (mean "
+              f"{100 * centre_err.mean() / ORBIT_RADIUS:.2f}%); focal lengths "
+              f"{', '.join(f'{c.mean_focal_length():.1f}' for c in rec.cameras.values())} px, true "
+              f"{high[0].K[0, 0]:.1f} px")
+    assert max(angles) < 1.0 and centre_err.max() < 0.015 * ORBIT_RADIUS
+    source = json.loads((root / "frames.json").read_text())
+    assert source["video"] == ["orbit.mp4", "high.mp4"] and len(source["bytes"]) == 2
+
+    assert imgs2poses.main(command) == 0  # again: frames and poses reused
+    assert "Reusing the 88 frames" in capsys.readouterr().out
+    assert imgs2poses.main(command[:3]) == 2  # one of the two videos: its frames are not those in images/
+    assert ("were taken from orbit.mp4 and high.mp4 at 12.0 fps, --max-size 1600, not from orbit.mp4 at 3.0 fps"
+            in capsys.readouterr().err)
+
+
+def test_several_videos_are_checked_before_any_is_read(tmp_path, capsys):
+    """A second video missing, or one video given twice: one sentence, and the first video's frames are not
+    written. Videos of one name from two folders get a folder each."""
+    write_video(str(tmp_path / "clip.mp4"), [np.full((48, 64, 3), 40 * k, np.uint8) for k in range(6)], fps=6)
+    root = tmp_path / "scene"
+    assert imgs2poses.main([str(root), "--video", str(tmp_path / "clip.mp4"), "--video", str(tmp_path / "gone.mp4")]) \
+        == 2
+    assert capsys.readouterr().err == f"imgs2poses: Video {tmp_path / 'gone.mp4'} does not exist.\n"
+    twice = ["--video", str(tmp_path / "clip.mp4"), "--video", f"{tmp_path}/./clip.mp4"]
+    assert imgs2poses.main([str(root), *twice]) == 2
+    assert capsys.readouterr().err == (f"imgs2poses: --video {tmp_path}/./clip.mp4 is given twice (also as "
+                                       f"{tmp_path / 'clip.mp4'}); give each video once.\n")
+    assert not root.exists()
+    assert imgs2poses.video_folders(["a/clip.mp4", "b/clip.mp4", "top.MOV", "clip-2.mp4"]) == \
+        ["clip", "clip-2", "top", "clip-2-2"]
+    assert imgs2poses.video_folders(["a/clip.mp4"]) == [""]  # one video: its frames at the top of images/
 
 
 def test_cameras_of_other_aspect_ratios_are_given_a_training_size_in_the_next_command(tmp_path):
