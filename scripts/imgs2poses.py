@@ -193,7 +193,7 @@ def video_folders(videos: list[str]) -> list[str]:
         return [""]
     folders = []
     for video in videos:
-        stem = os.path.splitext(os.path.basename(video))[0].strip() or "video"
+        stem = os.path.splitext(os.path.basename(video))[0].strip().lstrip(".") or "video"  # no hidden folder
         folder, k = stem, 2
         while folder in folders:
             folder, k = f"{stem}-{k}", k + 1

@@ -585,8 +585,8 @@ def test_several_videos_are_checked_before_any_is_read(tmp_path, capsys):
     assert capsys.readouterr().err == (f"imgs2poses: --video {tmp_path}/./clip.mp4 is given twice (also as "
                                        f"{tmp_path / 'clip.mp4'}); give each video once.\n")
     assert not root.exists()
-    assert imgs2poses.video_folders(["a/clip.mp4", "b/clip.mp4", "top.MOV", "clip-2.mp4"]) == \
-        ["clip", "clip-2", "top", "clip-2-2"]
+    assert imgs2poses.video_folders(["a/clip.mp4", "b/clip.mp4", "top.MOV", "clip-2.mp4", ".hidden.mp4"]) == \
+        ["clip", "clip-2", "top", "clip-2-2", "hidden"]
     assert imgs2poses.video_folders(["a/clip.mp4"]) == [""]  # one video: its frames at the top of images/
 
 
