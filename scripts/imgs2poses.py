@@ -51,6 +51,7 @@ SEED = 0  # COLMAP's random seed (RANSAC in matching and mapping): the same imag
 FRAME_PATTERN = "frame_{:05d}.jpg"  # the frames taken from a video; --video replaces only a folder of these
 FRAME_NAME = re.compile(r"(?:[^/]+/)?frame_\d{5,}\.jpg")  # in images/, or in a folder of it (one per video)
 FRAMES_SOURCE = "frames.json"  # in the scene folder: the video and options the frames in images/ came from
+VIDEO_EXTENSIONS = {".mp4", ".mov", ".m4v", ".avi", ".mkv", ".webm", ".mts"}  # to name a folder's videos, lower case
 
 
 class CaptureError(RuntimeError):
@@ -201,16 +202,19 @@ def video_folders(videos: list[str]) -> list[str]:
     return folders
 
 
-def extract_frames(videos: list[str], image_dir: str, fps: float, max_size: int) -> list[dict]:
-    """Write the selected frames of each of ``videos`` to ``image_dir`` (its top for one video, a folder each for
-    several: ``video_folders``), all of them or none. Returns each video's stats."""
-    import imageio.v2 as imageio
-
-    from utils.io import atomic_folder
+def check_videos(videos: list[str]) -> None:
+    """Each --video a file and given once, said before the first is read; a folder of videos gets its videos
+    named, as --video takes them."""
+    import shlex
 
     seen = {}
-    for video in videos:  # every video checked before the first is read
+    for video in videos:
         if os.path.isdir(video):
+            held = sorted(os.path.join(video, f) for f in os.listdir(video)
+                          if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS and not f.startswith("."))
+            if held:
+                raise CaptureError(f"--video {video} is a folder; give its videos one by one: " + " ".join(
+                    f"--video {shlex.quote(v)}" for v in held[:4]) + (" ..." if len(held) > 4 else ""))
             raise CaptureError(f"--video {video} is a folder; give the video file (photos go in <root>/images, "
                                "without --video).")
         if not os.path.isfile(video):
@@ -219,6 +223,16 @@ def extract_frames(videos: list[str], image_dir: str, fps: float, max_size: int)
             raise CaptureError(f"--video {video} is given twice (also as {seen[os.path.realpath(video)]}); give "
                                "each video once.")
         seen[os.path.realpath(video)] = video
+
+
+def extract_frames(videos: list[str], image_dir: str, fps: float, max_size: int) -> list[dict]:
+    """Write the selected frames of each of ``videos`` to ``image_dir`` (its top for one video, a folder each for
+    several: ``video_folders``), all of them or none. Returns each video's stats."""
+    import imageio.v2 as imageio
+
+    from utils.io import atomic_folder
+
+    check_videos(videos)
     all_stats, encoded = [], {}  # every video decoded before anything is written: a bad one writes nothing
     for video, folder in zip(videos, video_folders(videos)):
         frames, stats = read_video(video, fps, max_size)

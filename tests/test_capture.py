@@ -336,8 +336,8 @@ def test_bad_inputs_are_one_sentence_and_leave_nothing(tmp_path, capsys):
     assert capsys.readouterr().err == (f"imgs2poses: {bad_video} is a file, not a scene folder; give a folder for the "
                                        "scene (created if missing) and the video with --video, e.g. python "
                                        f"scripts/imgs2poses.py {tmp_path / 'broken'} --video {bad_video}\n")
-    assert imgs2poses.main([str(root), "--video", str(tmp_path)]) == 2
-    assert f"--video {tmp_path} is a folder; give the video file" in capsys.readouterr().err
+    assert imgs2poses.main([str(root), "--video", str(empty)]) == 2  # a folder holding no video
+    assert f"--video {empty} is a folder; give the video file" in capsys.readouterr().err
     (tmp_path / "shot" / "images").mkdir(parents=True)
     write_image(str(tmp_path / "shot" / "images" / "a.png"), np.zeros((8, 8, 3), np.uint8))
     assert imgs2poses.main([str(tmp_path / "shot" / "images" / "a.png")]) == 2
@@ -585,6 +585,13 @@ def test_several_videos_are_checked_before_any_is_read(tmp_path, capsys):
     assert capsys.readouterr().err == (f"imgs2poses: --video {tmp_path}/./clip.mp4 is given twice (also as "
                                        f"{tmp_path / 'clip.mp4'}); give each video once.\n")
     assert not root.exists()
+    (tmp_path / "clips").mkdir()  # a folder of videos where a video goes: its videos named, as --video takes them
+    for name in ("b high.MOV", "a.mp4", "notes.txt", "._a.mp4"):
+        (tmp_path / "clips" / name).write_bytes(b"")
+    assert imgs2poses.main([str(root), "--video", str(tmp_path / "clips")]) == 2
+    assert capsys.readouterr().err == (f"imgs2poses: --video {tmp_path / 'clips'} is a folder; give its videos one by "
+                                       f"one: --video {tmp_path / 'clips' / 'a.mp4'} --video "
+                                       f"'{tmp_path / 'clips' / 'b high.MOV'}'\n")
     assert imgs2poses.video_folders(["a/clip.mp4", "b/clip.mp4", "top.MOV", "clip-2.mp4", ".hidden.mp4"]) == \
         ["clip", "clip-2", "top", "clip-2-2", "hidden"]
     assert imgs2poses.video_folders(["a/clip.mp4"]) == [""]  # one video: its frames at the top of images/
