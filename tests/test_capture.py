@@ -573,8 +573,8 @@ def test_two_videos_get_a_folder_and_a_camera_each_and_are_posed_together(captur
 
 
 def test_several_videos_are_checked_before_any_is_read(tmp_path, capsys):
-    """A second video missing, or one video given twice: one sentence, and the first video's frames are not
-    written. Videos of one name from two folders get a folder each."""
+    """A second video missing or undecodable, one video given twice, or a folder of videos where a video goes: one
+    sentence, and the first video's frames are not written. Videos of one name from two folders get a folder each."""
     write_video(str(tmp_path / "clip.mp4"), [np.full((48, 64, 3), 40 * k, np.uint8) for k in range(6)], fps=6)
     root = tmp_path / "scene"
     assert imgs2poses.main([str(root), "--video", str(tmp_path / "clip.mp4"), "--video", str(tmp_path / "gone.mp4")]) \
@@ -584,6 +584,11 @@ def test_several_videos_are_checked_before_any_is_read(tmp_path, capsys):
     assert imgs2poses.main([str(root), *twice]) == 2
     assert capsys.readouterr().err == (f"imgs2poses: --video {tmp_path}/./clip.mp4 is given twice (also as "
                                        f"{tmp_path / 'clip.mp4'}); give each video once.\n")
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x01 this is not a video" * 100)
+    videos = ["--video", str(tmp_path / "clip.mp4"), "--video", str(tmp_path / "broken.mp4")]
+    assert imgs2poses.main([str(root), *videos]) == 2  # the first video decodes (its bar is said); the second not
+    last_line = capsys.readouterr().err.splitlines()[-1]
+    assert last_line.startswith(f"imgs2poses: Could not decode {tmp_path / 'broken.mp4'}")
     assert not root.exists()
     (tmp_path / "clips").mkdir()  # a folder of videos where a video goes: its videos named, as --video takes them
     for name in ("b high.MOV", "a.mp4", "notes.txt", "._a.mp4"):
