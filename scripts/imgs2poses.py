@@ -365,10 +365,10 @@ def loop_pairs(image_dir: str, names: list[str], overlap: int, per_image: int = 
     threshold = relative * float(np.median(neighbours)) if len(neighbours) else np.inf
     pairs = set()
     for i in range(len(names)):
-        order = np.argsort(-sim[i])
-        chosen = [j for j in order if far[i, j] and sim[i, j] >= threshold][:per_image]
+        order = np.argsort(-sim[i])  # the most alike first
+        chosen = list(order[far[i, order] & (sim[i, order] >= threshold)][:per_image])
         for other in set(folder) - {folder[i]}:
-            chosen += [j for j in order if folder[j] == other][:per_image]
+            chosen += list(order[folder[order] == other][:per_image])
         pairs.update((min(i, int(j)), max(i, int(j))) for j in chosen)
     return [(names[i], names[j]) for i, j in sorted(pairs)]
 
