@@ -174,6 +174,13 @@ class Undistorter:
         self.size = (int(target.width), int(target.height))
         self._maps = None
 
+    def crop(self, size: tuple) -> None:
+        """Keep only the top-left ``size`` (w, h) of the pinhole image: ``K`` is unchanged."""
+        if size[0] > self.size[0] or size[1] > self.size[1]:
+            raise ValueError(f"cannot crop a {self.size[0]}x{self.size[1]} image to {size[0]}x{size[1]}")
+        self.size = (int(size[0]), int(size[1]))
+        self._maps = None
+
     def _remap_tables(self):
         if self._maps is None:
             w, h = self.size
@@ -187,12 +194,24 @@ class Undistorter:
     def __call__(self, image: np.ndarray, nearest: bool = False) -> np.ndarray:
         """(H, W[, C]) image at the camera's size -> the pinhole image at ``self.size``."""
         if self.identity:
-            return image
+            return image[:self.size[1], :self.size[0]]
         import cv2
 
         map_x, map_y = self._remap_tables()
         return cv2.remap(image, map_x, map_y, cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR,
                          borderMode=cv2.BORDER_REPLICATE)
+
+
+def nearly_one_size(sizes: list, tolerance: float = 0.02) -> tuple | None:
+    """The (w, h) that every one of ``sizes`` covers when they differ, but by at most ``tolerance`` of it on each
+    side: one phone's cameras, fitted apart, undistort to sizes a few pixels apart. None when they are one size
+    already or differ more (another device, or another zoom)."""
+    if len(set(sizes)) < 2:
+        return None
+    smallest = tuple(min(size[k] for size in sizes) for k in (0, 1))
+    if all(size[k] - smallest[k] <= tolerance * smallest[k] for size in sizes for k in (0, 1)):
+        return smallest
+    return None
 
 
 def lookat_point(c2w: np.ndarray) -> np.ndarray:

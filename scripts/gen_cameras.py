@@ -5,7 +5,9 @@
 
 Images are undistorted to COLMAP's pinhole camera (the format has no lens
 model) and renamed ``000.png``, ``001.png``, ... (``--padding``) in the order
-of their names; ``names.txt`` lists the originals. Masks come from
+of their names; ``names.txt`` lists the originals. Cameras that undistort to
+sizes at most 2 % apart (one phone, fitted per folder) are cut to one size at
+the right and bottom edges, as NeuS's own code needs. Masks come from
 ``--masks DIR`` (matched by stem) or are all foreground. ``world_mat_i`` is
 K [R | t] in the COLMAP frame; ``scale_mat_i`` maps the unit sphere onto the
 region of interest: the box of ``<root>/sparse_points_interest.ply`` when the
@@ -59,8 +61,8 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
     from datasets.rays import turn_intrinsics_clockwise, turn_pose_clockwise
     from datasets.colmap import match_masks
     from datasets.colmap_model import (Undistorter, box_from_points, find_sparse_dir, read_points_ply,
-                                       read_reconstruction, region_of_interest, registered_views, sparse_points,
-                                       write_points_ply)
+                                       nearly_one_size, read_reconstruction, region_of_interest,
+                                       registered_views, sparse_points, write_points_ply)
 
     sparse_dir, models_note = find_sparse_dir(root)
     if models_note:
@@ -73,6 +75,11 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
     undistorters = {}
     for v in views:
         undistorters.setdefault(v.camera.camera_id, Undistorter(v.camera))
+    undistorted_sizes = [und.size for und in undistorters.values()]
+    cropped_to = nearly_one_size(undistorted_sizes)
+    if cropped_to:  # NeuS's own code stacks the images, so it needs one size
+        for und in undistorters.values():
+            und.crop(cropped_to)
     turns = [EXIF_QUARTER_TURNS[exif_orientation(os.path.join(image_dir, n))] for n in names]
     upright = quarter_turns_to_apply(turns)  # clockwise quarter turns given to every image and camera
     interest = os.path.join(root, "sparse_points_interest.ply")
@@ -116,7 +123,9 @@ def generate(root: str, out: str, masks_dir: str | None, padding: int, mask_padd
         if not os.path.isfile(interest):
             write_points_ply(os.path.join(tmp, "sparse_points_interest.ply"), xyz[keep], rgb[keep])
     return {"images": len(views), "sizes": sizes, "centre": centre.tolist(), "radius": radius,
-            "roi": source, "masks": bool(masks), "turned": upright, "shown_turned": sum(t != 0 for t in turns)}
+            "roi": source, "masks": bool(masks), "turned": upright, "shown_turned": sum(t != 0 for t in turns),
+            "cropped_from": sorted({size[::-1] if upright % 2 else size for size in undistorted_sizes}) if cropped_to
+            else []}
 
 
 @stops_cleanly("gen_cameras")
@@ -165,6 +174,9 @@ def main(argv=None) -> int:
     elif info["shown_turned"]:
         print(f"{info['shown_turned']} of {info['images']} photos are shown turned (EXIF orientation) and the others "
               "not: all are written as stored, so some look sideways; the cameras match the pixels either way.")
+    if info["cropped_from"]:
+        print(f"The cameras undistort to sizes a few pixels apart ({', '.join('%dx%d' % s for s in info['cropped_from'])}"
+              f"): each image is cut to {sized} at its right and bottom edges, so that all are one size.")
     if mixed:
         print("The cameras' images are of different sizes: NeuS's own code needs one; this project's dtu loader "
               "scales each view to one, its camera with it.")

@@ -564,6 +564,9 @@ def test_two_videos_get_a_folder_and_a_camera_each_and_are_posed_together(captur
     assert max(angles) < 1.0 and centre_err.max() < 0.015 * ORBIT_RADIUS
     source = json.loads((root / "frames.json").read_text())
     assert source["video"] == ["orbit.mp4", "high.mp4"] and len(source["bytes"]) == 2
+    assert gen_cameras.main([str(root)]) == 0  # one phone's two cameras: one image size, as NeuS's code needs
+    said = capsys.readouterr().out
+    assert re.search(r"Wrote 88 views \(\d+x\d+, all-foreground masks\)", said), said
 
     assert imgs2poses.main(command) == 0  # again: frames and poses reused
     assert "Reusing the 88 frames" in capsys.readouterr().out
@@ -653,6 +656,47 @@ def test_phone_photos_shown_turned_become_an_upright_neus_scene(tmp_path, capsys
     data = datasets.make("dtu", OmegaConf.create({"name": "dtu", "root_dir": str(pre)})).split("train")
     assert data.images.shape == (len(stored), stored[0].height, stored[0].width, 3)
     assert np.abs(data.images[1].numpy().astype(int) - pinhole_render(stored[1]).astype(int)).max() <= 1
+
+
+def test_cameras_undistorting_to_sizes_a_pixel_apart_are_written_at_one_size(tmp_path, capsys):
+    """One phone's frames in two folders get a camera each, whose lenses undistort to 96x71 and 97x72: NeuS's own
+    code stacks the images, so gen_cameras cuts each to 96x71 at its right and bottom edges, which leaves every
+    camera's K as it was. Sizes further apart (another device) are left to the loaders, which scale them."""
+    import cv2
+    import pycolmap
+
+    from datasets.colmap_model import Undistorter, nearly_one_size
+    from datasets.synthetic import orbit_cameras
+
+    root = tmp_path / "cap"
+    lenses = [("SIMPLE_RADIAL", 96, 72, [80.0, 48.0, 36.0, k]) for k in (-0.05, -0.08)]
+    cams = orbit_cameras(6, 2.6, [30], 96, 72)
+    rng = np.random.default_rng(3)
+    (root / "images").mkdir(parents=True)
+    views, photos = [], {}
+    for i, cam in enumerate(cams):
+        name = f"v{i}.png"
+        photos[name] = (rng.random((72, 96, 3)) * 255).astype(np.uint8)
+        write_image(str(root / "images" / name), photos[name])
+        views.append((name, i % 2, cam.c2w))
+    write_colmap_text(str(root / "sparse" / "0"), lenses, views, demo_surface(32)[0][::7])
+    full = [Undistorter(pycolmap.Camera(model=m, width=w, height=h, params=p)) for m, w, h, p in lenses]
+    assert [u.size for u in full] == [(96, 71), (97, 72)]
+    assert gen_cameras.main([str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "Wrote 6 views (96x71, all-foreground masks)" in out
+    assert "undistort to sizes a few pixels apart (96x71, 97x72): each image is cut to 96x71" in out
+    cameras = np.load(root / "preprocessed" / "cameras_sphere.npz")
+    names = [line.split()[1] for line in open(root / "preprocessed" / "names.txt")]
+    for i, name in enumerate(names):
+        und = full[int(name[1:-4]) % 2]
+        written = imageio.imread(root / "preprocessed" / "image" / f"{i:03d}.png")
+        np.testing.assert_array_equal(written, und(photos[name])[:71, :96])
+        K = cv2.decomposeProjectionMatrix(cameras[f"world_mat_{i}"][:3])[0]
+        np.testing.assert_allclose(K / K[2, 2], und.K, atol=1e-6)
+    assert nearly_one_size([(4032, 3024), (4030, 3021), (4032, 3024)]) == (4030, 3021)
+    assert nearly_one_size([(4032, 3024), (4032, 3024)]) is None  # one size already
+    assert nearly_one_size([(4032, 3024), (3840, 2160)]) is None  # another device: scaled by the loaders
 
 
 def test_gen_cameras_refuses_unmatched_masks_and_existing_output(tmp_path, capsys):
