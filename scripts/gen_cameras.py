@@ -175,8 +175,8 @@ def main(argv=None) -> int:
         print(f"{info['shown_turned']} of {info['images']} photos are shown turned (EXIF orientation) and the others "
               "not: all are written as stored, so some look sideways; the cameras match the pixels either way.")
     if info["cropped_from"]:
-        print(f"The cameras undistort to sizes a few pixels apart ({', '.join('%dx%d' % s for s in info['cropped_from'])}"
-              f"): each image is cut to {sized} at its right and bottom edges, so that all are one size.")
+        apart = ", ".join(f"{w}x{h}" for w, h in info["cropped_from"])
+        print(f"The cameras undistort to sizes a few pixels apart ({apart}): each image is cut to {sized} at its right and bottom edges, so that all are one size.")
     if mixed:
         print("The cameras' images are of different sizes: NeuS's own code needs one; this project's dtu loader "
               "scales each view to one, its camera with it.")
