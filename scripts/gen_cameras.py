@@ -176,7 +176,8 @@ def main(argv=None) -> int:
               "not: all are written as stored, so some look sideways; the cameras match the pixels either way.")
     if info["cropped_from"]:
         apart = ", ".join(f"{w}x{h}" for w, h in info["cropped_from"])
-        print(f"The cameras undistort to sizes a few pixels apart ({apart}): each image is cut to {sized} at its right and bottom edges, so that all are one size.")
+        print(f"The cameras undistort to sizes a few pixels apart ({apart}): each image is cut to {sized} at its "
+              "right and bottom edges, so that all are one size.")
     if mixed:
         print("The cameras' images are of different sizes: NeuS's own code needs one; this project's dtu loader "
               "scales each view to one, its camera with it.")
