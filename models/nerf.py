@@ -118,12 +118,17 @@ class NeRFModel(BaseModel):
         out = {"v_pos": verts, "t_pos_idx": faces}
         if config.get("export_vertex_color", True):
             normals = trimesh.Trimesh(verts, faces, process=False).vertex_normals
-            v = torch.from_numpy(verts).float().to(device)
-            n = torch.from_numpy(np.array(normals, dtype=np.float32)).to(device)
-            colours = []
-            chunk = export_chunk(config, self.ray_chunk, device)
-            for i in range(0, len(v), chunk):
-                _, feature = self.geometry(v[i:i + chunk])
-                colours.append(self.texture(feature, -n[i:i + chunk]).clamp(0, 1))
-            out["v_rgb"] = torch.cat(colours).cpu().numpy()
+            out["v_rgb"] = self.surface_colours(verts, normals, export_chunk(config, self.ray_chunk, device))
         return out
+
+    def surface_colours(self, points: np.ndarray, normals: np.ndarray, chunk: int) -> np.ndarray:
+        """(P, 3) colours in [0, 1] at (P, 3) surface points (model frame) seen from outside, along their (P, 3)
+        outward unit ``normals``, ``chunk`` points per query."""
+        device = self.scene_aabb.device
+        v = torch.from_numpy(np.asarray(points, np.float32)).to(device)
+        n = torch.from_numpy(np.asarray(normals, np.float32)).to(device)
+        colours = []
+        for i in range(0, len(v), chunk):
+            _, feature = self.geometry(v[i:i + chunk])
+            colours.append(self.texture(feature, -n[i:i + chunk]).detach().clamp(0, 1))
+        return torch.cat(colours).cpu().numpy() if colours else np.zeros((0, 3), np.float32)

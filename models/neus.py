@@ -206,15 +206,20 @@ class NeuSModel(BaseModel):
                                       chunk=int(iso.get("chunk", 2 ** 20)), device=device)
         out = {"v_pos": verts, "t_pos_idx": faces}
         if config.get("export_vertex_color", True):
-            colours = []
-            v = torch.from_numpy(verts).float().to(device)
-            chunk = export_chunk(config, self.ray_chunk, device)
-            for i in range(0, len(v), chunk):
-                geo = self.geometry(v[i:i + chunk], with_grad=True)
-                normal, _ = unit_normal(geo["grad"], self.backend)
-                colours.append(self.texture(geo["feature"], -normal, normal).detach().clamp(0, 1))
-            out["v_rgb"] = torch.cat(colours).cpu().numpy()
+            out["v_rgb"] = self.surface_colours(verts, None, export_chunk(config, self.ray_chunk, device))
         return out
+
+    def surface_colours(self, points: np.ndarray, normals: np.ndarray | None, chunk: int) -> np.ndarray:
+        """(P, 3) colours in [0, 1] at (P, 3) surface points (model frame), seen along the SDF's own normal (the
+        mesh's ``normals`` are not needed), ``chunk`` points per query."""
+        device = self.variance.variance.device
+        v = torch.from_numpy(np.asarray(points, np.float32)).to(device)
+        colours = []
+        for i in range(0, len(v), chunk):
+            geo = self.geometry(v[i:i + chunk], with_grad=True)
+            normal, _ = unit_normal(geo["grad"], self.backend)
+            colours.append(self.texture(geo["feature"], -normal, normal).detach().clamp(0, 1))
+        return torch.cat(colours).cpu().numpy() if colours else np.zeros((0, 3), np.float32)
 
 
 def _background_config(cfg: Any, near_plane: float, far_plane: float):
