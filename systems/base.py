@@ -21,13 +21,14 @@ from tqdm import tqdm
 import models
 from datasets.base import SceneData
 from datasets.rays import opencv_to_opengl, rotation_between
-from models.base import update_module_step
+from models.base import export_chunk, update_module_step
 from systems.finite_guard import FiniteLossGuard
 from systems.optim import make_optimizer, make_scheduler
 from utils.config import ConfigError, finite_number, number_at_least, schedule_values, scheduled, to_primitive
 from utils.io import (VIDEO_MAX_WIDTH, colorize_depth, image_grid, to_uint8, video_frame_size, write_image, write_json,
                       write_video)
-from utils.mesh import GLTF_UP, MeshError, face_components, largest_component, write_mesh
+from utils.mesh import GLTF_UP, MeshError, face_components, largest_component, write_mesh, write_textured_mesh
+from utils.mesh_texture import TextureError, import_texture_tools, textured_mesh
 from utils.metrics import ImageMetrics
 
 log = logging.getLogger("nsr")
@@ -81,9 +82,17 @@ def check_export_options(config: Any) -> None:
     fmt = str(export_cfg.get("mesh_format", "obj")).lower()
     if fmt not in MESH_FORMATS:
         raise ConfigError(f"export.mesh_format={fmt!r}; use obj, ply or glb.")
-    for key, minimum in (("chunk_size", 1), ("video_fps", 1), ("video_max_width", 0)):
+    for key, minimum in (("chunk_size", 1), ("video_fps", 1), ("video_max_width", 0), ("texture_size", 16),
+                         ("texture_faces", 4)):
         if export_cfg.get(key) is not None:
             number_at_least(export_cfg.get(key), f"export.{key}", minimum)
+    if export_cfg.get("textured", False) not in (True, False):
+        raise ConfigError(f"export.textured={export_cfg.get('textured')!r}; use true or false.")
+    if export_cfg.get("textured", False) and iso is not None:
+        try:  # before training, not after it
+            import_texture_tools()
+        except TextureError as err:
+            raise ConfigError(str(err)) from None
 
 
 class BaseSystem(pl.LightningModule):
@@ -382,6 +391,25 @@ class BaseSystem(pl.LightningModule):
         verts, faces, colours = volume.extract_mesh()
         return {"v_pos": verts, "t_pos_idx": faces, "v_rgb": colours}
 
+    def export_textured_mesh(self, name: str, verts: np.ndarray, faces: np.ndarray, file_from_scene: np.ndarray):
+        """export.textured: a copy of the mesh (model frame (V, 3), (F, 3)) decimated to export.texture_faces,
+        with the model's surface colours in a texture of export.texture_size texels a side, written as ``name``
+        (OBJ + MTL + PNG, or GLB) with its vertices mapped by the (4, 4) ``file_from_scene``."""
+        export_cfg = self.config.get("export") or {}
+        size = int(export_cfg.get("texture_size", 2048))
+        chunk = export_chunk(export_cfg, self.model.ray_chunk, self.device)
+        path = self.save_path(name)
+        try:
+            mesh = textured_mesh(verts, faces, lambda p, n: self.model.surface_colours(p, n, chunk), size,
+                                 int(export_cfg.get("texture_faces", 100000)), name=os.path.splitext(name)[0])
+        except TextureError as err:
+            log.error(f"Textured mesh skipped: {err}")
+            return
+        mesh.vertices = np.asarray(mesh.vertices) @ file_from_scene[:3, :3].T + file_from_scene[:3, 3]
+        write_textured_mesh(path, mesh)
+        also = f" with {os.path.splitext(name)[0]}.mtl and .png beside it" if path.endswith(".obj") else ""
+        log.info(f"Textured mesh: {path} ({len(mesh.faces)} faces, a {size}x{size} texture{also})")
+
     def write_test_video(self, kind: str) -> None:
         """The frames in it{step}-{kind}/, in order, as it{step}-{kind}.mp4 (read back from disk: under DDP
         each rank wrote some)."""
@@ -453,6 +481,9 @@ class BaseSystem(pl.LightningModule):
             **frames, "note": f"meshes are in the dataset's world frame (*-normalized.{fmt}: the model's frame); "
                               f"{note}"})
         log.info(f"Mesh: {path} ({len(verts)} vertices, {len(faces)} faces{pieces})")
+        if export_cfg.get("textured", False):
+            self.export_textured_mesh(f"{stem}-textured.{'glb' if fmt == 'glb' else 'obj'}", verts, faces,
+                                      gltf_from_world @ world)
         scores = self.trainer.datamodule.score_mesh(world_verts, faces)
         if scores is not None:  # named after its mesh: meshes of other resolutions or methods keep their own
             write_json(self.save_path(f"{stem}-metrics.json"), {"mesh": os.path.basename(path), **scores})

@@ -3,6 +3,7 @@ and `--test --resume` reproducing the export (also with the Neuralangelo progres
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -11,10 +12,12 @@ import imageio.v2 as imageio
 import numpy as np
 import pytest
 import trimesh
+from scipy.spatial import cKDTree
 
 from datasets.synthetic import DEMO_WORLD_FROM_SCENE, demo_surface
 from helpers import demo_root
 from test_e2e import ROOT, launch, metrics_from_csv
+from test_outputs import texture_samples
 from utils.mesh_metrics import bbox_diagonal, sample_surface, surface_distances
 
 
@@ -60,11 +63,12 @@ def test_neus_demo_mesh_is_within_one_percent_of_the_true_surface(neus_demo):
 
 
 @pytest.mark.slow
-def test_neus_resume_then_test_reproduces_the_export(neus_demo, tmp_path):
+def test_neus_resume_then_test_reproduces_the_export(neus_demo, tmp_path, capsys):
     """From the trial's parsed.yaml, in a copy of the trial moved elsewhere (results brought back from a cluster)
     and run from another folder: the outputs go to that copy (they went to ./exp/... under the working folder,
     a new half-filled trial), and system.warmup_steps, read through an interpolation that parsed.yaml has
-    resolved, is not called unread (it was, on every --test of the demo)."""
+    resolved, is not called unread (it was, on every --test of the demo). With export.textured, a decimated copy
+    whose texture holds the field's colours is written beside the mesh."""
     _, trial = neus_demo
     moved = tmp_path / "results" / "neus-demo" / os.path.basename(trial)
     shutil.copytree(trial, moved)
@@ -77,7 +81,8 @@ def test_neus_resume_then_test_reproduces_the_export(neus_demo, tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch.py"), "--config",
                            os.path.join("..", "results", "neus-demo", moved.name, "config", "parsed.yaml"),
                            "--resume", ckpt, "--test", "--runs_dir", str(tmp_path / "runs"),
-                           "dataset.n_test_traj_steps=4"],  # the mesh is what is compared: a short video saves ~25 s
+                           "dataset.n_test_traj_steps=4",  # the mesh is what is compared: a short video saves ~25 s
+                           "export.textured=true", "export.texture_size=512", "export.texture_faces=8000"],
                           cwd=elsewhere, capture_output=True, text=True, timeout=1200)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
@@ -86,6 +91,22 @@ def test_neus_resume_then_test_reproduces_the_export(neus_demo, tmp_path):
     after = trimesh.load(save / "it1500-mc128.obj", process=False)
     assert len(after.vertices) == len(before.vertices)
     np.testing.assert_allclose(after.vertices, before.vertices, atol=1e-4)  # world frame: millimetres
+
+    # export.textured: a copy decimated to 8000 faces whose texture holds the colours the vertices carry
+    said = re.search(r"Textured mesh: \S+/save/it1500-mc128-textured\.obj \((\d+) faces, a 512x512 texture with "
+                     r"it1500-mc128-textured\.mtl and \.png beside it\)", out)
+    textured = trimesh.load(save / "it1500-mc128-textured.obj", force="mesh", process=False)
+    chamfer, diag = chamfer_to_demo_surface(save / "it1500-mc128-textured.obj")
+    with capsys.disabled():
+        print(f"\ntextured copy: Chamfer {100 * chamfer / diag:.3f} % of the diagonal", end="")
+    assert said and int(said.group(1)) == len(textured.faces) and 7900 <= len(textured.faces) <= 8000
+    assert chamfer < 0.01 * diag
+    points, sampled = texture_samples(textured)
+    nearest = cKDTree(after.vertices).query(points)[1]
+    difference = np.abs(sampled - after.visual.vertex_colors[nearest, :3] / 255.0).mean()
+    with capsys.disabled():
+        print(f"; its texture against the nearest vertex's colour: mean difference {difference:.4f}", end="")
+    assert difference < 0.03
 
 
 NEURALANGELO_ON_DEMO = [  # instant-nsr-pl's config, pointed at the demo and sized for a CPU test

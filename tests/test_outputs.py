@@ -1,6 +1,7 @@
 """Marching cubes on a known surface, mesh/video writers that ordinary tools read back."""
 import os
 import re
+import sys
 
 import imageio.v2 as imageio
 import numpy as np
@@ -169,9 +170,72 @@ def test_mesh_and_video_options_are_checked_before_training():
                        ((None, {"chunk_size": "big"}), "export.chunk_size"),
                        (({"threshold": "abc"}, None), "isosurface.threshold must be a finite number, not 'abc'"),
                        (({"chunk": 0}, None), "isosurface.chunk must be a whole number >= 1, not 0"),
-                       (({"tsdf_truncation": -3}, None), "isosurface.tsdf_truncation must be a number > 0")):
+                       (({"tsdf_truncation": -3}, None), "isosurface.tsdf_truncation must be a number > 0"),
+                       ((None, {"textured": "yes"}), "export.textured='yes'; use true or false"),
+                       ((None, {"texture_size": 8}), "export.texture_size must be a whole number >= 16, not 8")):
         with pytest.raises(ConfigError, match=re.escape(words)):
             check_export_options(config(*bad))
+    check_export_options(config(None, {"textured": True}))
+    with pytest.MonkeyPatch.context() as patch:  # a textured mesh without its packages: said before training
+        patch.setitem(sys.modules, "xatlas", None)
+        with pytest.raises(ConfigError, match=re.escape("A textured mesh needs the xatlas package: pip install -r "
+                                                        "requirements.txt")):
+            check_export_options(config(None, {"textured": True}))
+
+
+def texture_image(mesh):
+    """The PIL image of a textured mesh as trimesh reads it: an OBJ's material image, a GLB's base colour."""
+    material = mesh.visual.material
+    return material.image if hasattr(material, "image") else material.baseColorTexture
+
+
+def texture_samples(mesh, n=20000, seed=0):
+    """(n, 3) points drawn uniformly over a textured mesh's faces and (n, 3) its texture's colours there, read
+    as a renderer does: bilinear, texel centres at (i + 0.5) / size, v up."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    face = rng.integers(0, len(mesh.faces), n)
+    w = rng.dirichlet([1, 1, 1], n)[..., None]
+    points = (np.asarray(mesh.vertices)[mesh.faces[face]] * w).sum(1)
+    uv = (np.asarray(mesh.visual.uv)[mesh.faces[face]] * w).sum(1)
+    image = np.asarray(texture_image(mesh).convert("RGB"), np.float32) / 255
+    h, w_ = image.shape[:2]
+    x, y = (uv[:, 0] * w_ - 0.5).astype(np.float32), ((1 - uv[:, 1]) * h - 0.5).astype(np.float32)
+    return points, cv2.remap(image, x[None], y[None], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)[0]
+
+
+def test_a_textured_mesh_keeps_the_surface_and_the_colour_field_in_its_texture(tmp_path):
+    """export.textured: the mesh decimated (a ball of 53k faces to 4000), cut into UV charts and its texture
+    filled with the colour field at each texel's surface point, then written as OBJ + MTL + PNG and as GLB.
+    Read back by trimesh as a renderer reads a texture (bilinear), the colour anywhere on the surface is the
+    field's to within the PNG's rounding; texels just outside a chart hold its colours, so that filtering at
+    chart borders does not blend in the background."""
+    from utils.mesh import write_textured_mesh
+    from utils.mesh_texture import textured_mesh
+
+    def colour(points, normals):
+        return 0.5 + 0.5 * np.sin(8 * points)
+
+    v, f = marching_cubes(lambda x: x.norm(dim=-1) - 0.5, np.array([[-1.0] * 3, [1.0] * 3]), 96, 0.0,
+                          inside_is_greater=False, distance_field=True)
+    mesh = textured_mesh(v, f, colour, 512, 4000, name="ball-textured")
+    assert len(f) > 50000 and len(mesh.faces) == 4000
+    write_textured_mesh(str(tmp_path / "ball-textured.obj"), mesh)
+    write_textured_mesh(str(tmp_path / "ball-textured.glb"), mesh)
+    assert sorted(os.listdir(tmp_path)) == ["ball-textured.glb", "ball-textured.mtl", "ball-textured.obj",
+                                            "ball-textured.png"]
+    assert "map_Kd ball-textured.png" in (tmp_path / "ball-textured.mtl").read_text()
+    for name in ("ball-textured.obj", "ball-textured.glb"):
+        back = trimesh.load(tmp_path / name, force="mesh", process=False)
+        assert back.visual.kind == "texture" and texture_image(back).size == (512, 512)
+        assert np.abs(np.linalg.norm(back.vertices, axis=1) - 0.5).max() < 0.005  # 1 % of the radius
+        points, sampled = texture_samples(back)
+        error = np.abs(sampled - colour(points, None))
+        assert error.mean() < 0.002 and np.percentile(error, 99) < 0.01, (name, error.mean(), error.max())
+    image = np.asarray(mesh.visual.material.image)
+    uncovered = (image == image.reshape(-1, 3).mean(0).round().astype(np.uint8)).all(-1).mean()
+    assert 0.1 < uncovered < 0.6  # the space between charts: their mean colour
 
 
 def test_depth_colours_span_the_view_whatever_a_few_stray_pixels_hold():

@@ -80,7 +80,8 @@ REQUIRED_MODULES = {"torch": "torch", "pytorch_lightning": "pytorch-lightning", 
                     "omegaconf": "omegaconf", "yaml": "omegaconf", "numpy": "numpy", "trimesh": "trimesh",
                     "mcubes": "PyMCubes", "cv2": "opencv-python-headless", "imageio": "imageio", "PIL": "pillow",
                     "imageio_ffmpeg": "imageio-ffmpeg", "tensorboard": "tensorboard", "torchmetrics": "torchmetrics",
-                    "tqdm": "tqdm", "scipy": "scipy", "pycolmap": "pycolmap"}
+                    "tqdm": "tqdm", "scipy": "scipy", "pycolmap": "pycolmap", "xatlas": "xatlas",
+                    "fast_simplification": "fast-simplification"}
 
 
 def missing_requirement(err: ModuleNotFoundError) -> str | None:

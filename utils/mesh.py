@@ -7,6 +7,7 @@ chunks of points, so a 512^3 grid fits on a 24 GiB CPU machine.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable, Tuple
 
 import mcubes
@@ -167,3 +168,28 @@ def write_mesh(path: str, vertices: np.ndarray, faces: np.ndarray, colors: np.nd
                 f.write(text)
         else:
             mesh.export(tmp, file_type=ext)
+
+
+def write_textured_mesh(path: str, mesh: trimesh.Trimesh) -> None:
+    """A mesh with ``TextureVisuals`` as GLB (the texture inside) or as OBJ with ``<stem>.mtl`` and the texture
+    ``<stem>.png`` beside it (written before the OBJ that names them), each file atomically."""
+    import io
+    import re
+
+    folder, name = os.path.split(path)
+    stem, ext = os.path.splitext(name)
+    if ext.lower() == ".glb":
+        with atomic_path(path) as tmp:
+            mesh.export(tmp, file_type="glb")
+        return
+    text = trimesh.exchange.obj.export_obj(mesh, include_normals=False, include_texture=True, write_texture=False,
+                                           mtl_name=f"{stem}.mtl")
+    material = re.search(r"^usemtl (\S+)", text, re.MULTILINE).group(1)  # trimesh's name for it varies by version
+    png = io.BytesIO()
+    mesh.visual.material.image.save(png, format="PNG")
+    # white reflectances: viewers that multiply the texture by Kd (0.4 by default in some) show it as it is
+    mtl = f"newmtl {material}\nKa 1 1 1\nKd 1 1 1\nKs 0 0 0\nillum 1\nmap_Kd {stem}.png\n"
+    for file_name, data in ((f"{stem}.png", png.getvalue()), (f"{stem}.mtl", mtl.encode()), (name, text.encode())):
+        with atomic_path(os.path.join(folder, file_name)) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
