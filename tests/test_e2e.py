@@ -781,10 +781,15 @@ def test_every_required_package_is_known_by_the_modules_it_installs():
 
     from utils.devices import REQUIRED_MODULES
 
+    from packaging.requirements import Requirement
+
     with open(os.path.join(ROOT, "requirements.txt")) as f:
-        required = {re.split(r"[<>=;#\s]", line, maxsplit=1)[0] for line in f if line.strip()[:1].isalpha()}
-    assert required == set(REQUIRED_MODULES.values())
+        required = [Requirement(line.split("#")[0].strip()) for line in f if line.strip()[:1].isalpha()]
+    assert {r.name for r in required} == set(REQUIRED_MODULES.values())
+    not_for_this_python = {r.name for r in required if r.marker is not None and not r.marker.evaluate()}
     for module, package in REQUIRED_MODULES.items():
+        if package in not_for_this_python:  # xatlas on Python 3.14 (no wheel yet): export.textured says so
+            continue
         if module == "yaml":  # PyYAML, which OmegaConf requires
             assert any(r.lower().startswith("pyyaml") for r in metadata.requires("omegaconf")), module
         else:  # the files pip recorded for it (packages_distributions misses NumPy on 3.10: no top_level.txt)

@@ -32,8 +32,9 @@ def import_texture_tools():
         import fast_simplification
         import xatlas
     except ImportError as err:
-        raise TextureError(f"A textured mesh needs the {err.name} package: pip install -r requirements.txt "
-                           "(xatlas and fast-simplification), or set export.textured=false.") from None
+        raise TextureError(f"A textured mesh needs the {err.name} package: pip install xatlas fast-simplification "
+                           "(xatlas has no wheel for Python 3.14 yet: pip builds it there, which needs a C++ compiler "
+                           "and CMake), or set export.textured=false.") from None
     return fast_simplification, xatlas
 
 
