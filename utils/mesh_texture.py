@@ -65,23 +65,23 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, size: int) -> Tuple[np.ndarr
         pack.resolution = 0
         atlas.generate(pack_options=pack)
     vertex_index, uv_faces, uv = atlas[0]
-    return vertex_index.astype(np.int64), uv_faces.astype(np.int64), uv.astype(np.float64)
+    return vertex_index.astype(np.int32), uv_faces.astype(np.int64), uv.astype(np.float64)
 
 
 def rasterize_uv(uv: np.ndarray, faces: np.ndarray, size: int,
                  max_candidates: int = 1 << 21) -> Tuple[np.ndarray, np.ndarray]:
     """Which face covers each texel centre of a ``size`` x ``size`` image, and where on it.
 
-    uv: (V, 2) in [0, 1] (v up: image row 0 is v = 1); faces: (F, 3). Returns (face (size, size) int64, -1 where
-    no face covers the texel centre; barycentric (size, size, 3) float64 weights of the face's corners). Faces are
+    uv: (V, 2) in [0, 1] (v up: image row 0 is v = 1); faces: (F, 3). Returns (face (size, size) int32, -1 where
+    no face covers the texel centre; barycentric (size, size, 3) float32 weights of the face's corners). Faces are
     taken in batches whose bounding boxes hold about ``max_candidates`` texels."""
     corners = np.stack([uv[:, 0] * size, (1.0 - uv[:, 1]) * size], -1)[faces]  # (F, 3, 2) in pixels
     lo = np.clip(np.floor(corners.min(1) - 0.5).astype(np.int64), 0, size - 1)  # texel centres at i + 0.5
     hi = np.clip(np.ceil(corners.max(1) - 0.5).astype(np.int64), 0, size - 1)
     extent = hi - lo + 1
     counts = extent[:, 0] * extent[:, 1]
-    face_of = np.full((size, size), -1, np.int64)
-    weights = np.zeros((size, size, 3))
+    face_of = np.full((size, size), -1, np.int32)  # 4 + 12 bytes a texel: 1 GiB at 8192 a side
+    weights = np.zeros((size, size, 3), np.float32)
     a, b, c = corners[:, 0], corners[:, 1], corners[:, 2]
     area2 = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])  # signed, twice
     ends = np.cumsum(counts)
@@ -132,6 +132,7 @@ def textured_mesh(vertices: np.ndarray, faces: np.ndarray, colour_fn: ColourFn, 
     Returns a ``trimesh.Trimesh`` with ``TextureVisuals`` (its material and image called ``name``)."""
     import trimesh
     from PIL import Image
+    from tqdm import tqdm
 
     if size < 16 or target_faces < 4:
         raise TextureError(f"export.texture_size ({size}) must be at least 16 and export.texture_faces "
@@ -142,16 +143,19 @@ def textured_mesh(vertices: np.ndarray, faces: np.ndarray, colour_fn: ColourFn, 
     vertex_index, uv_faces, uv = unwrap(verts, tris, size)
     face_of, weights = rasterize_uv(uv, uv_faces, size)
     covered = face_of >= 0
-    face = face_of[covered]
-    corner = vertex_index[uv_faces[face]]  # (T, 3) decimated vertices of each covered texel's face
-    w = weights[covered][..., None]
-    normals = np.asarray(trimesh.Trimesh(verts, tris, process=False).vertex_normals, np.float64)
-    points = (verts[corner] * w).sum(1)
-    texel_normals = (normals[corner] * w).sum(1)
-    texel_normals /= np.linalg.norm(texel_normals, axis=-1, keepdims=True).clip(min=1e-12)
-    colours = np.concatenate([colour_fn(points[i:i + texel_chunk].astype(np.float32),
-                                        texel_normals[i:i + texel_chunk].astype(np.float32))
-                              for i in range(0, len(points), texel_chunk)]) if len(points) else np.zeros((0, 3))
+    corners = vertex_index[uv_faces[face_of[covered]]]  # (T, 3) decimated vertices of each covered texel's face
+    texel_weights = weights[covered][..., None]
+    del face_of, weights
+    normals = np.asarray(trimesh.Trimesh(verts, tris, process=False).vertex_normals, np.float32)
+    colours = np.zeros((len(corners), 3), np.float32)
+    bar = tqdm(total=len(corners), desc="colouring texels", unit="texel", unit_scale=True, leave=False)
+    for i in range(0, len(corners), texel_chunk):  # the surface point and normal of each texel, a chunk at a time
+        corner, w = corners[i:i + texel_chunk], texel_weights[i:i + texel_chunk]
+        texel_normals = (normals[corner] * w).sum(1)
+        texel_normals /= np.linalg.norm(texel_normals, axis=-1, keepdims=True).clip(min=1e-12)
+        colours[i:i + texel_chunk] = colour_fn((verts[corner] * w).sum(1), texel_normals)
+        bar.update(len(corner))
+    bar.close()
     image = np.zeros((size, size, 3), np.float32)
     image[covered] = colours
     image = pad_charts(image, covered)
