@@ -1,4 +1,5 @@
-"""A mesh with a UV texture atlas instead of vertex colours: what game engines, Blender and web viewers take.
+"""A mesh with a UV texture atlas besides the one with vertex colours: what game engines, Blender and web viewers
+take.
 
 A marching-cubes mesh at 512^3 has a million faces or more, coloured per vertex. ``textured_mesh`` decimates it
 (quadric edge collapse, ``fast_simplification``), cuts it into charts laid out in one square image (``xatlas``),
@@ -52,7 +53,7 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, size: int) -> Tuple[np.ndarr
     """UV charts packed into one square atlas of about ``size`` texels a side.
 
     Returns (vertex_index (V',) into ``vertices``: a vertex on a seam is split, one copy per chart; faces (F, 3)
-    into those copies; uv (V', 2) in [0, 1], v up as OBJ and trimesh have it)."""
+    into those copies; uv (V', 2) in [0, 1], read with v up, as OBJ and trimesh read it)."""
     _, xatlas = import_texture_tools()
     atlas = xatlas.Atlas()
     atlas.add_mesh(np.asarray(vertices, np.float32), np.asarray(faces, np.uint32))
