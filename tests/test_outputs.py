@@ -209,8 +209,9 @@ def test_a_textured_mesh_keeps_the_surface_and_the_colour_field_in_its_texture(t
     """export.textured: the mesh decimated (a ball of 53k faces to 4000), cut into UV charts and its texture
     filled with the colour field at each texel's surface point, then written as OBJ + MTL + PNG and as GLB.
     Read back by trimesh as a renderer reads a texture (bilinear), the colour anywhere on the surface is the
-    field's to within the PNG's rounding; texels just outside a chart hold its colours, so that filtering at
-    chart borders does not blend in the background."""
+    field's to within the PNG's rounding (mean error 0.0006, 99th percentile 0.0017); texels just outside a chart
+    hold its colours, so that filtering at chart borders does not blend in the background (without them, the 99th
+    percentile was 0.064)."""
     from utils.mesh import write_textured_mesh
     from utils.mesh_texture import textured_mesh
 
