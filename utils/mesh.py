@@ -178,9 +178,14 @@ def write_textured_mesh(path: str, mesh: trimesh.Trimesh) -> None:
 
     folder, name = os.path.split(path)
     stem, ext = os.path.splitext(name)
-    if ext.lower() == ".glb":
+    if ext.lower() == ".glb":  # a matte material: glTF takes an unstated metallicFactor as 1 (a dark mirror)
+        material = trimesh.visual.material.PBRMaterial(name=stem, baseColorTexture=mesh.visual.material.image,
+                                                       baseColorFactor=[255, 255, 255, 255], metallicFactor=0.0,
+                                                       roughnessFactor=1.0)
+        matte = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False,
+                                visual=trimesh.visual.TextureVisuals(uv=mesh.visual.uv, material=material))
         with atomic_path(path) as tmp:
-            mesh.export(tmp, file_type="glb")
+            matte.export(tmp, file_type="glb")
         return
     text = trimesh.exchange.obj.export_obj(mesh, include_normals=False, include_texture=True, write_texture=False,
                                            mtl_name=f"{stem}.mtl")

@@ -135,6 +135,8 @@ def textured_mesh(vertices: np.ndarray, faces: np.ndarray, colour_fn: ColourFn, 
     from PIL import Image
     from tqdm import tqdm
 
+    from utils.io import PROGRESS_DELAY_S
+
     if size < 16 or target_faces < 4:
         raise TextureError(f"export.texture_size ({size}) must be at least 16 and export.texture_faces "
                            f"({target_faces}) at least 4.")
@@ -149,7 +151,7 @@ def textured_mesh(vertices: np.ndarray, faces: np.ndarray, colour_fn: ColourFn, 
     del face_of, weights
     normals = np.asarray(trimesh.Trimesh(verts, tris, process=False).vertex_normals, np.float32)
     colours = np.zeros((len(corners), 3), np.float32)
-    bar = tqdm(total=len(corners), desc="colouring texels", unit="texel", unit_scale=True, leave=False)
+    bar = tqdm(total=len(corners), desc="colouring texels", unit="texel", unit_scale=True, leave=False, delay=PROGRESS_DELAY_S)
     for i in range(0, len(corners), texel_chunk):  # the surface point and normal of each texel, a chunk at a time
         corner, w = corners[i:i + texel_chunk], texel_weights[i:i + texel_chunk]
         texel_normals = (normals[corner] * w).sum(1)
