@@ -66,6 +66,16 @@ def test_encoding_mlp_and_render_benchmarks_print_their_tables():
     assert len(rows) == 1 and int(rows[0][0].replace(",", "")) > 0, out
 
 
+def test_texture_benchmark_times_each_step_of_the_textured_export():
+    out = bench("bench_texture.py", "--resolution", 48, "--faces", 500, "--size", 64)
+    said = re.search(r"^mesh: (\d+) faces \(demo surface at 48\^3\) -> (\d+) faces, 64x64 texture, (\d+) texels "
+                     r"covered$", out, re.M)
+    assert said and int(said.group(1)) > 10000 and 400 < int(said.group(2)) <= 500 and int(said.group(3)) > 0, out
+    steps = re.findall(r"^(decimate|UV charts|texel -> face|chart padding|total).* ([\d.]+) s$", out, re.M)
+    assert [s[0] for s in steps] == ["decimate", "UV charts", "texel -> face", "chart padding", "total"], out
+    assert positive([steps[-1][1]]) and re.search(r"^peak memory \(this process\) \d+ MB$", out, re.M), out
+
+
 def test_the_benchmarks_mesh_option_renders_that_mesh_as_the_scene(tmp_path, monkeypatch):
     """bench_train.py --mesh: the overrides name the mesh (absolute, so launch.py finds it from any folder) and a
     folder of its own, and the configs the benchmark runs load it as the scene."""
