@@ -55,16 +55,15 @@ def unwrap(vertices: np.ndarray, faces: np.ndarray, size: int) -> Tuple[np.ndarr
     Returns (vertex_index (V',) into ``vertices``: a vertex on a seam is split, one copy per chart; faces (F, 3)
     into those copies; uv (V', 2) in [0, 1], read with v up, as OBJ and trimesh read it)."""
     _, xatlas = import_texture_tools()
-    atlas = xatlas.Atlas()
-    atlas.add_mesh(np.asarray(vertices, np.float32), np.asarray(faces, np.uint32))
-    pack = xatlas.PackOptions()
-    pack.padding, pack.resolution, pack.bilinear = CHART_PADDING_PX, int(size), True
-    atlas.generate(pack_options=pack)
-    if atlas.atlas_count != 1:  # charts that did not fit one image of that size: one atlas of its own size
+    # at the size asked, else (charts that did not fit one image of it) one atlas of whatever size they need
+    for resolution in (int(size), 0):
         atlas = xatlas.Atlas()
         atlas.add_mesh(np.asarray(vertices, np.float32), np.asarray(faces, np.uint32))
-        pack.resolution = 0
+        pack = xatlas.PackOptions()
+        pack.padding, pack.resolution, pack.bilinear = CHART_PADDING_PX, resolution, True
         atlas.generate(pack_options=pack)
+        if atlas.atlas_count == 1:
+            break
     vertex_index, uv_faces, uv = atlas[0]
     return vertex_index.astype(np.int32), uv_faces.astype(np.int64), uv.astype(np.float64)
 
@@ -133,9 +132,8 @@ def textured_mesh(vertices: np.ndarray, faces: np.ndarray, colour_fn: ColourFn, 
     Returns a ``trimesh.Trimesh`` with ``TextureVisuals`` (its material and image called ``name``)."""
     import trimesh
     from PIL import Image
-    from tqdm import tqdm
 
-    from utils.io import PROGRESS_DELAY_S
+    from utils.io import late_bar
 
     if size < 16 or target_faces < 4:
         raise TextureError(f"export.texture_size ({size}) must be at least 16 and export.texture_faces "
@@ -151,7 +149,7 @@ def textured_mesh(vertices: np.ndarray, faces: np.ndarray, colour_fn: ColourFn, 
     del face_of, weights
     normals = np.asarray(trimesh.Trimesh(verts, tris, process=False).vertex_normals, np.float32)
     colours = np.zeros((len(corners), 3), np.float32)
-    bar = tqdm(total=len(corners), desc="colouring texels", unit="texel", unit_scale=True, leave=False, delay=PROGRESS_DELAY_S)
+    bar = late_bar(total=len(corners), desc="colouring texels", unit="texel", unit_scale=True)
     for i in range(0, len(corners), texel_chunk):  # the surface point and normal of each texel, a chunk at a time
         corner, w = corners[i:i + texel_chunk], texel_weights[i:i + texel_chunk]
         texel_normals = (normals[corner] * w).sum(1)
