@@ -1,4 +1,5 @@
 """Marching cubes on a known surface, mesh/video writers that ordinary tools read back."""
+import inspect
 import os
 import re
 import sys
@@ -99,22 +100,44 @@ def test_obj_with_vertex_colours_reads_back(tmp_path):
     assert len(first_v.split()) == 7, "MeshLab reads colours from 'v x y z r g b'"
 
 
-def test_glb_keeps_the_vertex_colours_as_gltf_color_0(tmp_path):
+def read_glb_json(path) -> dict:
     import json
     import struct
 
+    with open(path, "rb") as f:
+        magic, version, _, json_length, _ = struct.unpack("<4sIIII", f.read(20))
+        assert magic == b"glTF" and version == 2
+        return json.loads(f.read(json_length))
+
+
+def glb_vertex_colours(path) -> np.ndarray:
+    """COLOR_0 (V, 4) uint8 of a one-mesh GLB with a material, where every trimesh from 4.0 keeps it: beside the
+    texture visual of the scene's mesh (``force="mesh"`` drops it; ``skip_materials=True`` from 4.0.6)."""
+    (mesh,) = trimesh.load(path, process=False).geometry.values()
+    return mesh.visual.vertex_attributes["color"]
+
+
+@pytest.mark.parametrize("coloured", [True, False])
+def test_glb_keeps_the_vertex_colours_as_gltf_color_0_under_a_matte_material(tmp_path, coloured):
     mesh = trimesh.creation.icosphere(subdivisions=2)
     colours = np.random.default_rng(0).random((len(mesh.vertices), 3))
     path = str(tmp_path / "m.glb")
-    write_mesh(path, mesh.vertices * 300.0, mesh.faces, colours)  # a DTU world: millimetres
+    write_mesh(path, mesh.vertices * 300.0, mesh.faces, colours if coloured else None)  # a DTU world: millimetres
     back = trimesh.load(path, force="mesh", process=False)
     np.testing.assert_allclose(back.vertices, mesh.vertices * 300.0, rtol=1e-6, atol=1e-4)  # float32 in glTF
     np.testing.assert_array_equal(back.faces, mesh.faces)
-    np.testing.assert_allclose(back.visual.vertex_colors[:, :3] / 255.0, colours, atol=1 / 255 + 1e-6)
-    with open(path, "rb") as f:
-        magic, version, _, json_length, _ = struct.unpack("<4sIIII", f.read(20))
-        primitive = json.loads(f.read(json_length))["meshes"][0]["primitives"][0]
-    assert magic == b"glTF" and version == 2 and set(primitive["attributes"]) == {"POSITION", "COLOR_0"}
+    tree = read_glb_json(path)
+    primitive = tree["meshes"][0]["primitives"][0]
+    assert set(primitive["attributes"]) == ({"POSITION", "COLOR_0"} if coloured else {"POSITION"})
+    # without a material glTF means metallicFactor 1: three.js shows the colours as dark rough metal
+    material = tree["materials"][primitive["material"]]
+    assert material["pbrMetallicRoughness"]["metallicFactor"] == 0.0 and material["doubleSided"]
+    assert material["pbrMetallicRoughness"]["baseColorFactor"] == [1.0, 1.0, 1.0, 1.0]  # COLOR_0 multiplies it
+    if coloured:
+        np.testing.assert_allclose(glb_vertex_colours(path)[:, :3] / 255.0, colours, atol=1 / 255 + 1e-6)
+        if "skip_materials" in inspect.signature(trimesh.exchange.gltf.load_glb).parameters:  # trimesh 4.0.6+
+            plain = trimesh.load(path, force="mesh", process=False, skip_materials=True)
+            np.testing.assert_allclose(plain.visual.vertex_colors[:, :3] / 255.0, colours, atol=1 / 255 + 1e-6)
 
 
 def test_ply_keeps_the_vertex_colours_and_the_float32_positions(tmp_path):
@@ -231,7 +254,7 @@ def test_a_textured_mesh_keeps_the_surface_and_the_colour_field_in_its_texture(t
         back = trimesh.load(tmp_path / name, force="mesh", process=False)
         assert back.visual.kind == "texture" and texture_image(back).size == (512, 512)
         if name.endswith(".glb"):  # matte: an unstated metallicFactor is 1 in glTF, a dark mirror in viewers
-            assert back.visual.material.metallicFactor == 0.0
+            assert back.visual.material.metallicFactor == 0.0 and back.visual.material.doubleSided
         assert np.abs(np.linalg.norm(back.vertices, axis=1) - 0.5).max() < 0.005  # 1 % of the radius
         points, sampled = texture_samples(back)
         error = np.abs(sampled - colour(points, None))

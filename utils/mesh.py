@@ -150,10 +150,27 @@ def largest_component(vertices: np.ndarray, faces: np.ndarray,
 
 GLTF_UP = np.array([0.0, 1.0, 0.0])  # glTF's up: viewers and Blender's importer stand a model on +y
 
+# glTF reads a primitive without a material, or a material without metallicFactor, as metallic 1: three.js, Babylon
+# and model-viewer then show a scan as dark rough metal (no diffuse part). Ours are matte, and double-sided, so a
+# surface cut open by the bounding box shows its inside instead of a hole.
+MATTE = {"baseColorFactor": [1.0, 1.0, 1.0, 1.0], "metallicFactor": 0.0, "roughnessFactor": 1.0}
+
+
+def give_primitives_a_matte_material(tree: dict) -> None:
+    """A trimesh ``tree_postprocessor`` for GLB: a matte material for every primitive without one (COLOR_0, the
+    vertex colours, multiplies its white base colour). trimesh 4.0 writes no material for a mesh without UVs."""
+    tree.setdefault("materials", []).append({"name": "matte", "pbrMetallicRoughness": dict(MATTE),
+                                             "doubleSided": True})
+    for mesh in tree.get("meshes", []):
+        for primitive in mesh["primitives"]:
+            primitive.setdefault("material", len(tree["materials"]) - 1)
+
 
 def write_mesh(path: str, vertices: np.ndarray, faces: np.ndarray, colors: np.ndarray | None = None) -> None:
-    """Write OBJ, PLY or GLB (glTF binary: COLOR_0) by extension, with optional per-vertex colours in [0, 1],
-    atomically."""
+    """Write OBJ, PLY or GLB (glTF binary: COLOR_0 and a matte material) by extension, with optional per-vertex
+    colours in [0, 1], atomically. trimesh reads such a GLB's colours as vertex colours with
+    ``skip_materials=True`` (trimesh 4.0.6+); otherwise the material makes the scene's mesh a texture visual that
+    keeps them in ``visual.vertex_attributes["color"]`` (which ``force="mesh"`` drops)."""
     visual = None
     if colors is not None:
         rgba = np.concatenate([np.clip(colors, 0, 1), np.ones((len(colors), 1))], axis=1)
@@ -166,6 +183,8 @@ def write_mesh(path: str, vertices: np.ndarray, faces: np.ndarray, colors: np.nd
                                                    include_texture=False)
             with open(tmp, "w") as f:
                 f.write(text)
+        elif ext == "glb":
+            mesh.export(tmp, file_type=ext, tree_postprocessor=give_primitives_a_matte_material)
         else:
             mesh.export(tmp, file_type=ext)
 
@@ -178,10 +197,11 @@ def write_textured_mesh(path: str, mesh: trimesh.Trimesh) -> None:
 
     folder, name = os.path.split(path)
     stem, ext = os.path.splitext(name)
-    if ext.lower() == ".glb":  # a matte material: glTF takes an unstated metallicFactor as 1 (a dark mirror)
+    if ext.lower() == ".glb":  # matte (see MATTE)
         material = trimesh.visual.material.PBRMaterial(name=stem, baseColorTexture=mesh.visual.material.image,
-                                                       baseColorFactor=[255, 255, 255, 255], metallicFactor=0.0,
-                                                       roughnessFactor=1.0)
+                                                       baseColorFactor=[255, 255, 255, 255], doubleSided=True,
+                                                       metallicFactor=MATTE["metallicFactor"],
+                                                       roughnessFactor=MATTE["roughnessFactor"])
         matte = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False,
                                 visual=trimesh.visual.TextureVisuals(uv=mesh.visual.uv, material=material))
         with atomic_path(path) as tmp:
