@@ -197,7 +197,8 @@ class SceneData:
 
     def train_rays(self, n_rays: int, batch_image_sampling: bool, generator: Optional[torch.Generator] = None
                    ) -> Dict[str, torch.Tensor]:
-        """Random rays: (n_rays, 3) origins and unit directions, rgb (n_rays, 3), fg_mask (n_rays,)."""
+        """Random rays: (n_rays, 3) origins and unit directions, rgb (n_rays, 3), fg_mask (n_rays,), index (n_rays,)
+        each ray's image in this split."""
         n_idx = n_rays if batch_image_sampling else 1
         index = torch.randint(0, self.n_images, (n_idx,), generator=generator).expand(n_rays)
         x = torch.randint(0, self.width, (n_rays,), generator=generator)
@@ -246,6 +247,7 @@ class SceneData:
             "rays_o": rays_o, "rays_d": rays_d,
             "rgb": self.images[index, y, x].float() / 255.0,
             "fg_mask": self.masks[index, y, x].float() / 255.0,
+            "index": index.contiguous(),
         }
 
 

@@ -6,6 +6,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
+from models.exposure import ExposureCorrection
 from utils.config import number_at_least
 from utils.mesh import points_per_call
 
@@ -77,6 +78,8 @@ class BaseModel(nn.Module):
         self.config = config
         sample_chunk = config.get("sample_chunk")
         self.sample_chunk = None if sample_chunk is None else number_at_least(sample_chunk, "model.sample_chunk", 1)
+        # a gain and offset per training image, sized when the data is known (models/exposure.py)
+        self.exposure = ExposureCorrection() if bool(config.get("exposure_correction", False)) else None
         self.setup()
 
     def setup(self) -> None:

@@ -181,8 +181,10 @@ class NeuSModel(BaseModel):
             bg = self.background._render(rays_o, rays_d)
             bg_rgb = bg["comp_rgb"]
             out["num_samples_bg"] = bg["num_samples"]
+            out["opacity_full"] = opacity + (1.0 - opacity) * bg["opacity"]  # both fields'
         else:
             bg_rgb = self.background_color.expand(n_rays, 3)
+            out["opacity_full"] = opacity
         out["comp_rgb_full"] = out["comp_rgb"] + bg_rgb * (1.0 - opacity)
         out["rays_valid_full"] = torch.ones_like(opacity, dtype=torch.bool) if self.learned_background else opacity > 0
         if self.training:

@@ -119,6 +119,11 @@ class BaseSystem(pl.LightningModule):
         check_export_options(config)  # now, not when the mesh is due after training
         if mode == "train":
             self.check_loss_weights(config.system.get("loss", {}))
+            params = config.system.optimizer.get("params")
+            if self.model.exposure is not None and params is not None and "exposure" not in params:
+                raise ConfigError("model.exposure_correction learns a gain and an offset per image, which needs a "
+                                  "learning rate: add system.optimizer.params.exposure (the shipped configs have "
+                                  "{lr: 0.01}: +system.optimizer.params.exposure.lr=0.01).")
 
     def check_loss_weights(self, loss_cfg: Any) -> None:
         """Every weight is a finite number or schedule, none negative (that would reward its loss); warn once about
@@ -157,6 +162,13 @@ class BaseSystem(pl.LightningModule):
 
     def data(self, stage: str) -> SceneData:
         return getattr(self.trainer.datamodule, f"{stage}_data")
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.model.exposure is not None:  # the training images are known now
+            n_images = self.data("train").n_images
+            self.model.exposure.size_for(n_images)
+            log.info(f"Exposure correction: a gain and an offset per colour channel for each of the {n_images} "
+                     "training images; evaluation renders the field's own colours, the images' average exposure.")
 
     def configure_optimizers(self):
         clipping = bool(self._trainer is not None and self.trainer.gradient_clip_val)

@@ -37,7 +37,7 @@ class NeRFSystem(BaseSystem):
         something, distortion."""
         loss_cfg = self.config.system.loss
         valid = out["rays_valid"][:, 0]
-        terms = {"rgb": masked_mean(F.smooth_l1_loss(out["comp_rgb"], rgb, reduction="none"), valid)}
+        terms = {"rgb": masked_mean(F.smooth_l1_loss(out[self.rgb_key], rgb, reduction="none"), valid)}
         weights = {"rgb": self.C(loss_cfg.lambda_rgb)}
         loss = terms["rgb"] * weights["rgb"]
         if self.C(loss_cfg.get("lambda_distortion", 0.0)) > 0:
@@ -59,6 +59,9 @@ class NeRFSystem(BaseSystem):
             m = rays["fg_mask"][:, None]
             rgb = rgb * m + bg * (1.0 - m)
         out = self.model(rays["rays_o"], rays["rays_d"])
+        if self.model.exposure is not None:  # each image's gain and offset on what the fields render for it
+            alpha = out.get("opacity_full", out["opacity"])
+            out[self.rgb_key] = self.model.exposure(out[self.rgb_key], alpha, bg, rays["index"])
 
         n_samples = out["num_samples"] + out.get("num_samples_bg", 0)  # host ints: no device read
         if self.config.model.get("dynamic_ray_sampling", True):

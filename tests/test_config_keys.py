@@ -45,6 +45,7 @@ def misspelt_neus_config(tmp_path):
     cfg.model.geometry.use_distortion = False  # instant-nsr-pl's; close to a name the code uses ("distortion")
     cfg.system.loss.sparsity_scal = 2.0
     cfg.system.loss.curvature_warmup_steps = 5000
+    cfg.model.use_appearance_embedding = True  # per-image appearance: ours is model.exposure_correction
     cfg.system.loss.lambda_made_up = 0.1  # the system reports unknown loss weights itself
     cfg.system.constant_steps = 500  # read through an interpolation only, as instant-nsr-pl's schedulers do
     cfg.system.scheduler.milestones = ["${system.constant_steps}"]
@@ -70,6 +71,7 @@ def test_misspelt_and_foreign_keys_are_named_with_the_likely_intended_key(tmp_pa
         "model.geometry.xyz_encoding_config.n_level": "did you mean n_levels?",
         "system.loss.sparsity_scal": "did you mean sparsity_scale?",
         "system.loss.curvature_warmup_steps": None,
+        "model.use_appearance_embedding": None,
     }
     sentence = describe(sorted(unread.items()))
     assert "model.geometry.radious (did you mean radius?)" in sentence
@@ -77,6 +79,8 @@ def test_misspelt_and_foreign_keys_are_named_with_the_likely_intended_key(tmp_pa
     typos, upstream = sentence.split(" instant-nsr-pl options this framework does not implement, also without effect: ")
     assert "sdf2weight" not in typos and "model.geometry.sdf2weight, model.geometry.use_distortion, " in upstream
     assert "curvature_warmup_steps (write the warm-up into the weight: lambda_curvature: [0, 0.0, " in sentence
+    assert ("model.use_appearance_embedding (for images of changing exposure: model.exposure_correction: true"
+            in upstream)
 
 
 def test_model_keys_are_checked_against_the_model_the_config_names():

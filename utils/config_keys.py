@@ -282,8 +282,12 @@ UPSTREAM_OPTIONS = frozenset({
     "curvature_warmup_steps",
 })
 # those whose effect a user should carry over by other means
+APPEARANCE_HINT = "for images of changing exposure: model.exposure_correction: true, a gain and offset per image"
 UPSTREAM_HINTS = {
     "curvature_warmup_steps": "write the warm-up into the weight: lambda_curvature: [0, 0.0, weight, steps]",
+    "use_appearance_embedding": APPEARANCE_HINT,
+    "use_average_appearance_embedding": APPEARANCE_HINT,
+    "appearance_embedding_dim": APPEARANCE_HINT,
 }
 
 

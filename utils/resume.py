@@ -64,6 +64,7 @@ def newest_under(folder: str) -> str | None:
 def load_weights(system, path: str) -> dict:
     """Load a checkpoint's weights into ``system`` with clear errors (a missing file was refused by ``check_resume``
     at start-up). Returns the checkpoint."""
+    from models.exposure import size_from_checkpoint
     from utils.callbacks import load_checkpoint_file
 
     try:
@@ -74,6 +75,7 @@ def load_weights(system, path: str) -> dict:
     state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
     if state is None:
         raise CheckpointError(f"Checkpoint '{path}' has no state_dict; it was not written by this project.")
+    size_from_checkpoint(system, state)  # per-image tables take their size from the data or the checkpoint
     own = system.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
