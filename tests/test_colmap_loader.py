@@ -165,6 +165,7 @@ def test_a_capture_from_one_side_sweeps_its_video_across_the_cameras_arc(tmp_pat
     assert np.isclose(video.min(), seen.min(), atol=1e-3) and np.isclose(video.max(), seen.max(), atol=1e-3)
     assert abs(seen.max() - seen.min() - 112.5) < 1e-3  # about the world's up: the estimated one is that
     nothing_held_out = load(tmp_path, holdout_every=0)  # val and test are the video's path: said once, for the test
+    caplog.clear()  # the loads above may have logged (at INFO where an earlier test left the logger so)
     with caplog.at_level("INFO", logger="nsr"):
         nothing_held_out.split("val")
         assert "Test video" not in caplog.text
