@@ -183,7 +183,9 @@ def main(argv=None) -> int:
               "scales each view to one, its camera with it.")
     config_path = os.path.join(REPOSITORY, "configs", f"neus-dtu{'-wmask' if info['masks'] else ''}.yaml")
     config, size = typed_path(config_path), img_wh_override(sizes, config_path)
-    arguments = f"--config {shlex.quote(config)} --train dataset.root_dir={shlex.quote(out)}{size}"
+    # a phone's exposure changes from frame to frame (the neus-dtu configs leave the correction off for DTU)
+    arguments = (f"--config {shlex.quote(config)} --train dataset.root_dir={shlex.quote(out)}{size} "
+                 "model.exposure_correction=true")
     print(f"Next: {launch_command(arguments)}")
     return 0
 

@@ -516,7 +516,8 @@ def test_a_rig_s_cameras_in_folders_get_one_camera_each(tmp_path, capsys):
     assert gen_cameras.main([str(root)]) == 0
     out = capsys.readouterr().out
     assert re.search(r"Wrote 48 views \(24 at \d+x\d+, 24 at \d+x\d+, all-foreground masks\)", out)
-    assert out.splitlines()[-1].endswith(f"--train dataset.root_dir={root / 'preprocessed'}")  # no img_wh needed
+    next_command = out.splitlines()[-1]  # no img_wh needed
+    assert next_command.endswith(f"--train dataset.root_dir={root / 'preprocessed'} model.exposure_correction=true")
     neus = datasets.make("dtu", OmegaConf.create({"name": "dtu", "root_dir": str(root / "preprocessed"),
                                                   "img_wh": [160, 120]})).split("train")
     order = [line.split()[1] for line in open(root / "preprocessed" / "names.txt")]
@@ -635,7 +636,7 @@ def test_phone_photos_shown_turned_become_an_upright_neus_scene(tmp_path, capsys
     assert "written as shown, 90 degrees clockwise" in out
     pre = tmp_path / "preprocessed"
     assert out.endswith("\nNext: python launch.py --config configs/neus-dtu-wmask.yaml --train "
-                        f"dataset.root_dir={pre}\n")
+                        f"dataset.root_dir={pre} model.exposure_correction=true\n")
     data = datasets.make("dtu", OmegaConf.create({"name": "dtu", "root_dir": str(pre)})).split("train")
     assert data.images.shape == (len(shown), shown[0].height, shown[0].width, 3)  # portrait
     np.testing.assert_array_equal(data.masks[3].numpy(), shown_mask)
@@ -765,6 +766,8 @@ def test_neus_colmap_trains_and_exports_in_the_capture_frame(capture, tmp_path):
     out = launch(tmp_path, "--config", "configs/neus-colmap.yaml", "--train", f"dataset.root_dir={root}",
                  *NEUS_COLMAP_SMALL)
     assert "COLMAP capture: 64 registered images, 1 camera(s) (SIMPLE_RADIAL)" in out
+    # the config's per-image exposure tables, one for each of the 60 training images (4 of 64 held out)
+    assert "Exposure correction: a gain and an offset per colour channel for each of the 60 training images" in out
     trial = glob.glob(str(tmp_path / "exp" / "neus-colmap-scene" / "e2e@*"))[0]
     save = os.path.join(trial, "save")
     overview = trimesh.load(os.path.join(save, "scene-overview.ply"))
