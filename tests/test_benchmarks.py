@@ -66,6 +66,16 @@ def test_encoding_mlp_and_render_benchmarks_print_their_tables():
     assert len(rows) == 1 and int(rows[0][0].replace(",", "")) > 0, out
 
 
+@pytest.mark.slow
+def test_exposure_benchmark_trains_with_the_correction_off_and_on():
+    out = bench("bench_exposure.py", "--resolution", 32, "--cases", "nomask-changed", "--", "trainer.max_steps=20",
+                "model.geometry.isosurface.resolution=32", "dataset.n_test_traj_steps=2")
+    gains = re.search(r"^exposure gains of the 42 training images: ([\d.]+) to ([\d.]+)$", out, re.M)
+    assert gains and 0.5 < float(gains.group(1)) < 1 < float(gains.group(2)) < 2, out
+    rows = re.findall(r"^nomask-changed +(off|on) +20 +[\d.]+m +([\d.]+) +([\d.]+) +([\d.]+)$", out, re.M)
+    assert [r[0] for r in rows] == ["off", "on"] and all(positive(r[1:3]) for r in rows), out
+
+
 def test_texture_benchmark_times_each_step_of_the_textured_export():
     out = bench("bench_texture.py", "--resolution", 48, "--faces", 500, "--size", 64)
     said = re.search(r"^mesh: (\d+) faces \(demo surface at 48\^3\) -> (\d+) faces, 64x64 texture, (\d+) texels "
