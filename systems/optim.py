@@ -177,14 +177,19 @@ def _scheduler_options(state: dict, where: str) -> Dict[str, Any]:
     return options
 
 
-def _optimization_options(optimizer_state: dict, scheduler_state: dict | None) -> Dict[str, Any]:
-    """{'<config key>': value} of the options an optimiser and its scheduler were built with."""
+def _optimization_options(optimizer_state: dict, scheduler_state: dict | None, params: Any = None) -> Dict[str, Any]:
+    """{'<config key>': value} of the options an optimiser and its scheduler were built with: a group's option under
+    its own ``system.optimizer.params.<part>`` where ``params`` (that config section) sets it there, else under
+    ``system.optimizer.args``, where the group took it from."""
     options = {}
     for group in optimizer_state["param_groups"]:
-        where = "system.optimizer.args" if group.get("name", "all") == "all" else \
-            f"system.optimizer.params.{group['name']}"
-        options.update({f"{where}.{'lr' if key == 'initial_lr' else key}": value for key, value in group.items()
-                        if key not in NOT_OPTIONS})
+        own = (params or {}).get(group.get("name", "all")) or {}
+        for key, value in group.items():
+            if key in NOT_OPTIONS:
+                continue
+            option = "lr" if key == "initial_lr" else key
+            where = f"system.optimizer.params.{group['name']}" if option in own else "system.optimizer.args"
+            options[f"{where}.{option}"] = value
     if scheduler_state is not None:
         options.update(_scheduler_options(scheduler_state, "system.scheduler"))
     return options
@@ -214,8 +219,9 @@ def options_a_continued_run_ignores(system_config: Any, model: nn.Module, ckpt: 
             f"The checkpoint's optimiser has the parameter groups {[g.get('name', '?') for g in saved]}, this "
             f"config's system.optimizer.params gives {[g.get('name', '?') for g in ours]}: continue the run with "
             "its trial's config/parsed.yaml, or start afresh from its weights with --resume_weights_only.")
-    now = _optimization_options(optimizer.state_dict(), None if scheduler is None else scheduler.state_dict())
-    then = _optimization_options(saved_optimizers[0], saved_schedulers[0] if saved_schedulers else None)
+    params = system_config.optimizer.get("params")
+    now = _optimization_options(optimizer.state_dict(), None if scheduler is None else scheduler.state_dict(), params)
+    then = _optimization_options(saved_optimizers[0], saved_schedulers[0] if saved_schedulers else None, params)
     return [(key, option_value(now[key]), option_value(then[key])) for key in now
             if key in then and shown_option(now[key]) != shown_option(then[key])]
 
