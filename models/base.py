@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import torch
 import torch.nn as nn
 
-from models.exposure import ExposureCorrection
+from models.per_image import ExposureCorrection, PoseRefinement
 from utils.config import number_at_least
 from utils.mesh import points_per_call
 
@@ -78,8 +78,9 @@ class BaseModel(nn.Module):
         self.config = config
         sample_chunk = config.get("sample_chunk")
         self.sample_chunk = None if sample_chunk is None else number_at_least(sample_chunk, "model.sample_chunk", 1)
-        # a gain and offset per training image, sized when the data is known (models/exposure.py)
+        # per training image: a gain and offset, a pose correction; sized when the data is known (models/per_image.py)
         self.exposure = ExposureCorrection() if bool(config.get("exposure_correction", False)) else None
+        self.poses = PoseRefinement() if bool(config.get("pose_refinement", False)) else None
         self.setup()
 
     def setup(self) -> None:

@@ -120,10 +120,12 @@ class BaseSystem(pl.LightningModule):
         if mode == "train":
             self.check_loss_weights(config.system.get("loss", {}))
             params = config.system.optimizer.get("params")
-            if self.model.exposure is not None and params is not None and "exposure" not in params:
-                raise ConfigError("model.exposure_correction learns a gain and an offset per image, which needs a "
-                                  "learning rate: add system.optimizer.params.exposure (the shipped configs have "
-                                  "{lr: 0.01}: +system.optimizer.params.exposure.lr=0.01).")
+            for part, key, what, lr in (("exposure", "exposure_correction", "a gain and an offset", 0.01),
+                                        ("poses", "pose_refinement", "a rotation and a shift", 0.0001)):
+                if getattr(self.model, part) is not None and params is not None and part not in params:
+                    raise ConfigError(f"model.{key} learns {what} per image, which needs a learning rate: add "
+                                      f"system.optimizer.params.{part} (the shipped configs have {{lr: {lr}}}: "
+                                      f"+system.optimizer.params.{part}.lr={lr}).")
 
     def check_loss_weights(self, loss_cfg: Any) -> None:
         """Every weight is a finite number or schedule, none negative (that would reward its loss); warn once about
@@ -164,11 +166,17 @@ class BaseSystem(pl.LightningModule):
         return getattr(self.trainer.datamodule, f"{stage}_data")
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.model.exposure is not None:  # the training images are known now
-            n_images = self.data("train").n_images
+        if stage != "fit":
+            return
+        n_images = self.data("train").n_images  # the training images are known now: size the per-image tables
+        if self.model.exposure is not None:
             self.model.exposure.size_for(n_images)
             log.info(f"Exposure correction: a gain and an offset per colour channel for each of the {n_images} "
                      "training images; evaluation renders the field's own colours, the images' average exposure.")
+        if self.model.poses is not None:
+            self.model.poses.size_for(n_images)
+            log.info(f"Pose refinement: a rotation and a shift of each of the {n_images} training cameras, centred "
+                     "over them; held-out views and the mesh keep the poses as given.")
 
     def configure_optimizers(self):
         clipping = bool(self._trainer is not None and self.trainer.gradient_clip_val)

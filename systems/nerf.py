@@ -58,7 +58,10 @@ class NeRFSystem(BaseSystem):
         if data.has_mask and self.config.dataset.get("apply_mask", True):
             m = rays["fg_mask"][:, None]
             rgb = rgb * m + bg * (1.0 - m)
-        out = self.model(rays["rays_o"], rays["rays_d"])
+        rays_o, rays_d = rays["rays_o"], rays["rays_d"]
+        if self.model.poses is not None:  # each training camera's correction, before its rays are rendered
+            rays_o, rays_d = self.model.poses(rays_o, rays_d, rays["index"])
+        out = self.model(rays_o, rays_d)
         if self.model.exposure is not None:  # each image's gain and offset on what the fields render for it
             alpha = out.get("opacity_full", out["opacity"])
             out[self.rgb_key] = self.model.exposure(out[self.rgb_key], alpha, bg, rays["index"])

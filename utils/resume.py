@@ -64,7 +64,7 @@ def newest_under(folder: str) -> str | None:
 def load_weights(system, path: str) -> dict:
     """Load a checkpoint's weights into ``system`` with clear errors (a missing file was refused by ``check_resume``
     at start-up). Returns the checkpoint."""
-    from models.exposure import size_from_checkpoint
+    from models.per_image import size_from_checkpoint
     from utils.callbacks import load_checkpoint_file
 
     try:
