@@ -124,8 +124,8 @@ class BaseSystem(pl.LightningModule):
                                         ("poses", "pose_refinement", "a rotation and a shift", 0.0001)):
                 if getattr(self.model, part) is not None and params is not None and part not in params:
                     raise ConfigError(f"model.{key} learns {what} per image, which needs a learning rate: add "
-                                      f"system.optimizer.params.{part} (the shipped configs have {{lr: {lr}}}: "
-                                      f"+system.optimizer.params.{part}.lr={lr}).")
+                                      f"system.optimizer.params.{part} (e.g. +system.optimizer.params.{part}.lr={lr}, "
+                                      "the shipped configs' rate).")
 
     def check_loss_weights(self, loss_cfg: Any) -> None:
         """Every weight is a finite number or schedule, none negative (that would reward its loss); warn once about
