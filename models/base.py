@@ -1,14 +1,17 @@
 """Shared model plumbing: step updates and chunked evaluation."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
 
-from models.per_image import ExposureCorrection, PoseRefinement
+from models.per_image import POSES_START, ExposureCorrection, PoseRefinement
 from utils.config import number_at_least
 from utils.mesh import points_per_call
+
+log = logging.getLogger("nsr")
 
 
 def update_module_step(module: nn.Module, epoch: int, global_step: int) -> None:
@@ -80,7 +83,9 @@ class BaseModel(nn.Module):
         self.sample_chunk = None if sample_chunk is None else number_at_least(sample_chunk, "model.sample_chunk", 1)
         # per training image: a gain and offset, a pose correction; sized when the data is known (models/per_image.py)
         self.exposure = ExposureCorrection() if bool(config.get("exposure_correction", False)) else None
-        self.poses = PoseRefinement() if bool(config.get("pose_refinement", False)) else None
+        self.poses = (PoseRefinement(number_at_least(config.get("pose_refinement_start", POSES_START),
+                                                     "model.pose_refinement_start", 0))
+                      if bool(config.get("pose_refinement", False)) else None)
         self.setup()
 
     def setup(self) -> None:
@@ -91,6 +96,10 @@ class BaseModel(nn.Module):
 
     def check_schedule(self, max_steps: int) -> None:
         """Warn about a schedule of the model's that cannot finish within ``max_steps`` training steps."""
+        if self.poses is not None and self.poses.start_step >= max_steps:
+            log.warning(f"model.pose_refinement_start={self.poses.start_step} is not before trainer.max_steps="
+                        f"{max_steps}: the cameras are never refined; lower it (the shipped configs start at "
+                        f"{POSES_START}) or set model.pose_refinement=false.")
 
     def forward(self, rays_o: torch.Tensor, rays_d: torch.Tensor) -> Dict[str, Any]:
         if self.training:

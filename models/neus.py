@@ -123,6 +123,7 @@ class NeuSModel(BaseModel):
     # --------------------------------------------------------------- training
     def check_schedule(self, max_steps: int) -> None:
         """Warn when the cosine anneal cannot finish within ``max_steps`` training steps."""
+        super().check_schedule(max_steps)
         end = self.cos_anneal_end
         if end > max_steps:
             log.warning(f"model.cos_anneal_end={end} is beyond trainer.max_steps={max_steps}: the cosine anneal stops "

@@ -119,9 +119,12 @@ class BaseSystem(pl.LightningModule):
         check_export_options(config)  # now, not when the mesh is due after training
         if mode == "train":
             self.check_loss_weights(config.system.get("loss", {}))
+            steps = config.get("trainer", {}).get("max_steps")
+            if steps:
+                self.model.check_schedule(int(steps))
             params = config.system.optimizer.get("params")
             for part, key, what, lr in (("exposure", "exposure_correction", "a gain and an offset", 0.01),
-                                        ("poses", "pose_refinement", "a rotation and a shift", 0.0001)):
+                                        ("poses", "pose_refinement", "a rotation and a shift", 0.0003)):
                 if getattr(self.model, part) is not None and params is not None and part not in params:
                     raise ConfigError(f"model.{key} learns {what} per image, which needs a learning rate: add "
                                       f"system.optimizer.params.{part} (e.g. +system.optimizer.params.{part}.lr={lr}, "
@@ -176,7 +179,8 @@ class BaseSystem(pl.LightningModule):
         if self.model.poses is not None:
             self.model.poses.size_for(n_images)
             log.info(f"Pose refinement: a rotation and a shift of each of the {n_images} training cameras, centred "
-                     "over them; held-out views and the mesh keep the poses as given.")
+                     f"over them, from step {self.model.poses.start_step}; held-out views and the mesh keep the poses "
+                     "as given.")
 
     def configure_optimizers(self):
         clipping = bool(self._trainer is not None and self.trainer.gradient_clip_val)

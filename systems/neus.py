@@ -27,12 +27,6 @@ class NeuSSystem(NeRFSystem):
     surface_points = None  # (P, 3) SfM points inside the model's box, on its device, for lambda_sparse_points
     sparse_points_per_step = 1024
 
-    def __init__(self, config, mode: str = "train"):
-        super().__init__(config, mode)
-        steps = config.get("trainer", {}).get("max_steps")
-        if mode == "train" and steps:
-            self.model.check_schedule(int(steps))
-
     def check_loss_weights(self, loss_cfg):
         super().check_loss_weights(loss_cfg)
         self.sparse_points_per_step = number_at_least(loss_cfg.get("sparse_points_per_step", 1024),

@@ -158,24 +158,34 @@ def test_a_pose_correction_turns_each_camera_s_rays_about_its_centre_and_moves_t
     assert torch.isfinite(fresh.rotation.grad).all() and float(fresh.rotation.grad.abs().sum()) > 0
 
 
-def test_training_moves_the_training_cameras_and_nothing_else_does(tmp_path):
-    """A few steps of nerf-demo with pose refinement: the rays a step renders go through the table (the rotations
-    and shifts get gradients and move, centred over the cameras), and evaluation renders the poses as given."""
+def test_training_moves_the_training_cameras_from_the_start_step_and_nothing_else_does(tmp_path):
+    """20 steps of nerf-demo with pose refinement from step 12: the cameras stay exactly as given for 12 steps,
+    then the rays a step renders go through the table (the rotations and shifts get gradients and move, centred
+    over the cameras), and evaluation renders the poses as given."""
     import pytorch_lightning as pl
 
     from helpers import training_system
 
     system, dm = training_system("configs/nerf-demo.yaml", tmp_path, "model.pose_refinement=true",
-                                 "dataset.render_resolution=32", "dataset.img_wh=[32,32]", "trainer.max_steps=20",
-                                 "model.grid_resolution=16")
+                                 "model.pose_refinement_start=12", "dataset.render_resolution=32",
+                                 "dataset.img_wh=[32,32]", "trainer.max_steps=20", "model.grid_resolution=16")
+    before_start = {}
+
+    class Watch(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if trainer.global_step == 12:
+                before_start.update({name: getattr(module.model.poses, name).detach().clone()
+                                     for name in ("rotation", "translation")})
+
     trainer = pl.Trainer(accelerator="cpu", max_steps=20, logger=False, enable_checkpointing=False,
                          limit_val_batches=0, num_sanity_val_steps=0, enable_model_summary=False,
-                         enable_progress_bar=False)
+                         enable_progress_bar=False, callbacks=[Watch()])
     trainer.fit(system, datamodule=dm)
+    assert before_start and all(float(table.abs().max()) == 0 for table in before_start.values())
     rotation, translation = system.model.poses.centred()
     assert system.model.poses.n_images == dm.train_data.n_images
-    assert 0 < float(rotation.abs().max()) < 20 * 1e-4 * 1.01  # Adam moves each at most about lr a step
-    assert 0 < float(translation.abs().max()) < 20 * 1e-4 * 1.01
+    assert 0 < float(rotation.abs().max()) < 8 * 3e-4 * 1.01  # 8 steps; Adam moves each at most about lr a step
+    assert 0 < float(translation.abs().max()) < 8 * 3e-4 * 1.01
     system.model.eval()
     rays = dm.val_data.image_rays(0)
     with torch.no_grad():  # a held-out view renders from its given pose whatever the table holds
@@ -183,3 +193,18 @@ def test_training_moves_the_training_cameras_and_nothing_else_does(tmp_path):
         system.model.poses.rotation.add_(torch.randn_like(system.model.poses.rotation))
         after = system.model(rays["rays_o"], rays["rays_d"])["comp_rgb"]
     torch.testing.assert_close(before, after)
+
+
+def test_a_start_step_at_or_past_the_end_of_training_is_warned_about_and_a_negative_one_refused(caplog):
+    config = load_config("configs/neus-demo.yaml", ["model.pose_refinement=true", "trainer.max_steps=400"])
+    systems.make(config.system.name, config, mode="train")
+    assert "model.pose_refinement_start=500 is not before trainer.max_steps=400: the cameras are never refined" \
+        in caplog.text
+    caplog.clear()
+    config = load_config("configs/nerf-demo.yaml", ["model.pose_refinement=true", "model.pose_refinement_start=0",
+                                                    "model.grid_resolution=16"])
+    systems.make(config.system.name, config, mode="train")
+    assert "pose_refinement_start" not in caplog.text
+    config.model.pose_refinement_start = -5
+    with pytest.raises(ConfigError, match=r"model.pose_refinement_start must be a whole number >= 0, not -5"):
+        systems.make(config.system.name, config, mode="train")
