@@ -76,6 +76,53 @@ def test_exposure_benchmark_trains_with_the_correction_off_and_on():
     assert [r[0] for r in rows] == ["off", "on"] and all(positive(r[1:3]) for r in rows), out
 
 
+def test_the_pose_benchmark_turns_each_training_camera_about_its_centre_by_the_turn_it_reports(tmp_path):
+    """bench_poses.move_cameras: read back through the DTU loader's decomposition, each training camera is the
+    true one turned by the returned rotation (world frame) with its centre moved about 1 % of its distance; the
+    held-out views are untouched."""
+    import cv2
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_poses import move_cameras, rms_degrees
+
+    from datasets.base import holdout_split
+    from datasets.dtu import decompose_projection
+    from datasets.synthetic import ensure_demo_scene
+
+    root = ensure_demo_scene(str(tmp_path / "scene"), 16, "dtu")
+    exact = dict(np.load(os.path.join(root, "cameras_sphere.npz")))
+    turns = move_cameras(root, degrees=1.0, shift=0.01)
+    moved = dict(np.load(os.path.join(root, "cameras_sphere.npz")))
+    n_views = sum(key.startswith("world_mat_") for key in exact)
+    train = holdout_split(n_views, "train", 8)
+    assert turns.shape == (len(train), 3) and 0.7 < rms_degrees(turns) < 1.3
+    shifts = []
+    for k, i in enumerate(train):
+        K0, c2w0 = decompose_projection(exact[f"world_mat_{i}"][:3, :4])
+        K1, c2w1 = decompose_projection(moved[f"world_mat_{i}"][:3, :4])
+        np.testing.assert_allclose(K1, K0, atol=1e-6 * K0.max())
+        np.testing.assert_allclose(c2w1[:3, :3], cv2.Rodrigues(turns[k])[0] @ c2w0[:3, :3], atol=1e-9)
+        distance = np.linalg.norm(c2w0[:3, 3] - exact[f"scale_mat_{i}"][:3, 3])
+        shifts.append(np.linalg.norm(c2w1[:3, 3] - c2w0[:3, 3]) / distance)
+    assert 0.006 < np.sqrt(np.mean(np.square(shifts))) < 0.014
+    for i in sorted(set(range(n_views)) - set(train)):
+        np.testing.assert_array_equal(moved[f"world_mat_{i}"], exact[f"world_mat_{i}"])
+
+
+@pytest.mark.slow
+def test_pose_benchmark_trains_with_refinement_off_and_on_and_reads_the_learned_turns():
+    out = bench("bench_poses.py", "--resolution", 32, "--cases", "moved", "--rates", "off", "1e-3", "--",
+                "trainer.max_steps=20", "model.pose_refinement_start=10", "model.geometry.isosurface.resolution=32",
+                "dataset.n_test_traj_steps=2")
+    applied = re.search(r"^42 training cameras turned by ([\d.]+) degrees rms \(centred\)$", out, re.M)
+    assert applied and 0.6 < float(applied.group(1)) < 1.2, out
+    rows = re.findall(r"^moved +(off|lr 0.001) +20 +[\d.]+m +([\d.]+) +([\d.]+) +([\d.]+) +([\d.]+)$", out, re.M)
+    assert [r[0] for r in rows] == ["off", "lr 0.001"] and all(positive(r[1:3]) for r in rows), out
+    assert rows[0][4] == applied.group(1)  # off: the whole turn is left
+    assert 0 < abs(float(rows[1][4]) - float(applied.group(1))) < 0.2  # 10 steps of about 1e-3 rad (0.06 deg) each
+
+
 def test_texture_benchmark_times_each_step_of_the_textured_export():
     out = bench("bench_texture.py", "--resolution", 48, "--faces", 500, "--size", 64)
     said = re.search(r"^mesh: (\d+) faces \(demo surface at 48\^3\) -> (\d+) faces, 64x64 texture, (\d+) texels "
