@@ -120,7 +120,7 @@ class BaseSystem(pl.LightningModule):
         if mode == "train":
             self.check_loss_weights(config.system.get("loss", {}))
             steps = config.get("trainer", {}).get("max_steps")
-            if steps:
+            if steps is not None and int(steps) > 0:  # Lightning's -1: no step limit
                 self.model.check_schedule(int(steps))
             params = config.system.optimizer.get("params")
             for part, key, what, lr in (("exposure", "exposure_correction", "a gain and an offset", 0.01),

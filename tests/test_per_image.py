@@ -201,6 +201,9 @@ def test_a_start_step_at_or_past_the_end_of_training_is_warned_about_and_a_negat
     assert "model.pose_refinement_start=500 is not before trainer.max_steps=400: the cameras are never refined" \
         in caplog.text
     caplog.clear()
+    config.trainer.max_steps = -1  # Lightning's "no limit"
+    systems.make(config.system.name, config, mode="train")
+    assert "pose_refinement_start" not in caplog.text and "cos_anneal_end" not in caplog.text
     config = load_config("configs/nerf-demo.yaml", ["model.pose_refinement=true", "model.pose_refinement_start=0",
                                                     "model.grid_resolution=16"])
     systems.make(config.system.name, config, mode="train")
