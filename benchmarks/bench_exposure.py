@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 
@@ -24,10 +23,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from quality import run_config  # noqa: E402
+from quality import demo_scene_and_copy, run_config  # noqa: E402
 
 from datasets.base import holdout_split  # noqa: E402
-from datasets.synthetic import ensure_demo_scene  # noqa: E402
 
 CONFIG = "configs/neus-demo.yaml"
 NO_MASKS = ["model.learned_background=true", "system.loss.lambda_mask=0", "dataset.apply_mask=false"]
@@ -56,12 +54,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=128, help="the demo's images, pixels a side")
     args, rest = parser.parse_known_args()
     overrides = [a for a in rest if a != "--"]
-    size = [f"dataset.render_resolution={args.resolution}", f"dataset.img_wh=[{args.resolution},{args.resolution}]"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="nsr-exposure-") as tmp:
-        rendered, changed = os.path.join(tmp, "rendered"), os.path.join(tmp, "changed")
-        ensure_demo_scene(rendered, args.resolution, "dtu")
-        shutil.copytree(rendered, changed)
+        rendered, changed, size = demo_scene_and_copy(tmp, args.resolution, "changed")
         gains = change_exposures(changed)
         trained = gains[holdout_split(len(gains), "train", 8)]
         print(f"exposure gains of the {len(trained)} training images: {trained.min():.2f} to {trained.max():.2f}")

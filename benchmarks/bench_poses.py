@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import shutil
 import sys
 import tempfile
 
@@ -28,11 +27,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from quality import run_config  # noqa: E402
+from quality import demo_scene_and_copy, run_config  # noqa: E402
 
 from datasets.base import holdout_split  # noqa: E402
 from datasets.dtu import decompose_projection  # noqa: E402
-from datasets.synthetic import ensure_demo_scene  # noqa: E402
 
 CONFIG = "configs/neus-demo.yaml"
 CASES = ["moved", "exact"]
@@ -90,12 +88,9 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=128, help="the demo's images, pixels a side")
     args, rest = parser.parse_known_args()
     overrides = [a for a in rest if a != "--"]
-    size = [f"dataset.render_resolution={args.resolution}", f"dataset.img_wh=[{args.resolution},{args.resolution}]"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="nsr-poses-") as tmp:
-        exact, moved = os.path.join(tmp, "exact"), os.path.join(tmp, "moved")
-        ensure_demo_scene(exact, args.resolution, "dtu")
-        shutil.copytree(exact, moved)
+        exact, moved, size = demo_scene_and_copy(tmp, args.resolution, "moved")
         turns = centred(move_cameras(moved, args.degrees, args.shift))
         print(f"{len(turns)} training cameras turned by {rms_degrees(turns):.2f} degrees rms (centred)")
         for case in args.cases:

@@ -17,6 +17,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,18 @@ def run_config(config: str, overrides: list[str], exp_dir: str) -> dict:
         scores = json.load(open(metrics[0]))
         row.update({k: scores[k] for k in ("chamfer", "chamfer_percent_of_diagonal", "fscore") if k in scores})
     return row
+
+
+def demo_scene_and_copy(tmp: str, resolution: int, copy: str) -> tuple[str, str, list[str]]:
+    """The DTU-layout demo scene rendered into ``tmp``/rendered at ``resolution`` pixels a side, a copy of it in
+    ``tmp``/``copy`` (for a benchmark to alter), and the overrides that train neus-demo at that size."""
+    from datasets.synthetic import ensure_demo_scene
+
+    rendered, altered = os.path.join(tmp, "rendered"), os.path.join(tmp, copy)
+    ensure_demo_scene(rendered, resolution, "dtu")
+    shutil.copytree(rendered, altered)
+    size = [f"dataset.render_resolution={resolution}", f"dataset.img_wh=[{resolution},{resolution}]"]
+    return rendered, altered, size
 
 
 def main():
