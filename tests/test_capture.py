@@ -23,6 +23,7 @@ from datasets.synthetic import (DemoScene, TexturedDemoScene, demo_surface, hand
 from helpers import max_ray_angle_deg
 from scripts import gen_cameras, imgs2poses
 from utils.io import to_uint8, write_image, write_video
+from utils.mesh_metrics import fit_similarity
 
 ORBIT_RADIUS = 2.4  # handheld_orbit's mean distance from the object
 
@@ -37,24 +38,15 @@ def motion_blur(frame, pixels=6):
     return np.mean(shifted, axis=0).round().astype(np.uint8)
 
 
-def similarity(src, dst):
-    """Umeyama: (s, R, t) minimising |s R src + t - dst|^2 over (N, 3) point pairs."""
-    ms, md = src.mean(0), dst.mean(0)
-    U, S, Vt = np.linalg.svd((dst - md).T @ (src - ms) / len(src))
-    D = np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))])
-    R = U @ D @ Vt
-    s = np.trace(np.diag(S) @ D) / (src - ms).var(0).sum()
-    return s, R, md - s * R @ ms
-
-
 def pose_errors(posed):
     """(rotation errors in degrees, camera centre errors) of COLMAP's images against their true cameras
     [(pycolmap.Image, Camera), ...], once the similarity that best maps COLMAP's centres onto the true ones is
     applied (COLMAP's frame is arbitrary)."""
     est_c = np.array([image.projection_center() for image, _ in posed])
     true_c = np.array([cam.c2w[:3, 3] for _, cam in posed])
-    s, R, t = similarity(est_c, true_c)
-    centre_err = np.linalg.norm(s * est_c @ R.T + t - true_c, axis=1)
+    M = fit_similarity(est_c, true_c)
+    centre_err = np.linalg.norm(est_c @ M[:3, :3].T + M[:3, 3] - true_c, axis=1)
+    R = M[:3, :3] / np.cbrt(np.linalg.det(M[:3, :3]))
     # each camera's world-from-camera rotation, COLMAP's (mapped by R) and the true one
     rotations = [(R @ image.cam_from_world().rotation.matrix().T, cam.c2w[:3, :3]) for image, cam in posed]
     angles = [np.degrees(np.arccos(np.clip((np.trace(est.T @ true) - 1) / 2, -1, 1))) for est, true in rotations]
@@ -186,9 +178,9 @@ def test_neus_format_scene_has_the_colmap_loaders_rays(capture):
     names = [line.split()[1] for line in open(pre / "names.txt")]
     est_c = np.array([est[n].projection_center() for n in names])
     true_c = np.array([cams[int(n[6:-4])].c2w[:3, 3] for n in names])
-    s, R, t = similarity(est_c, true_c)
+    M = fit_similarity(est_c, true_c)
     scale_mat = np.load(pre / "cameras_sphere.npz")["scale_mat_0"]
-    centre, radius = s * R @ scale_mat[:3, 3] + t, s * scale_mat[0, 0]
+    centre, radius = M[:3, :3] @ scale_mat[:3, 3] + M[:3, 3], np.cbrt(np.linalg.det(M[:3, :3])) * scale_mat[0, 0]
     surface, _ = demo_surface(64)
     inside = np.linalg.norm(surface - centre, axis=1) < radius
     print(f"\nregion of interest: radius {radius:.3f} (object's bounding sphere 0.82), {inside.mean():.1%} of the "

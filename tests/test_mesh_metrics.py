@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import trimesh
 
-from utils.mesh_metrics import bbox_diagonal, nearest_tree, sample_surface, surface_distances, uniform_surface_points
+from utils.mesh_metrics import (bbox_diagonal, fit_similarity, nearest_tree, sample_surface, surface_distances,
+                                uniform_surface_points)
 
 
 def sphere_points(radius, n=40000, seed=0):
@@ -54,3 +55,20 @@ def test_nearest_distances_are_exact_for_points_near_and_far_from_the_surface():
                               rng.normal(0, 5.0, (200, 3))])  # on it, inside it, far off
     brute = np.sqrt(((queries[:, None, :] - surface[None]) ** 2).sum(-1)).min(axis=1)
     np.testing.assert_allclose(nearest_tree(surface).query(queries)[0], brute, rtol=1e-12)
+
+
+def test_the_similarity_fit_recovers_a_known_scale_rotation_and_shift():
+    """Camera centres in an arbitrary frame (COLMAP's) -> the true frame: the fit finds the similarity that made
+    them, a rotation (never a reflection) times a scale plus a shift."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    true = rng.normal(size=(40, 3))
+    rotation = cv2.Rodrigues(np.array([0.3, -1.2, 2.0]))[0]
+    made = np.eye(4)
+    made[:3, :3], made[:3, 3] = 0.37 * rotation, [4.0, -2.0, 0.5]
+    arbitrary = (true - made[:3, 3]) @ np.linalg.inv(made[:3, :3]).T  # made maps these onto true
+    M = fit_similarity(arbitrary, true)
+    np.testing.assert_allclose(M, made, atol=1e-9)
+    noisy = fit_similarity(arbitrary + rng.normal(scale=0.01, size=arbitrary.shape), true)
+    assert np.linalg.det(noisy[:3, :3]) > 0 and abs(np.cbrt(np.linalg.det(noisy[:3, :3])) - 0.37) < 0.01

@@ -127,6 +127,20 @@ def dtu_protocol(pred_points: np.ndarray, gt_points: np.ndarray, obs_mask: np.nd
             "n_pred_observed": int(len(pred_obs)), "n_gt_above_table": int(len(gt_above))}
 
 
+def fit_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The (4, 4) similarity (scale, rotation, shift) that maps the (N, 3) points ``src`` closest to ``dst`` in
+    least squares (Umeyama's closed form): to bring a reconstruction's arbitrary frame (COLMAP's) onto the true one
+    by its camera centres."""
+    src_mean, dst_mean = src.mean(0), dst.mean(0)
+    U, S, Vt = np.linalg.svd((dst - dst_mean).T @ (src - src_mean) / len(src))
+    D = np.diag([1.0, 1.0, np.sign(np.linalg.det(U @ Vt))])  # a rotation, not a reflection
+    scale = np.trace(np.diag(S) @ D) / (src - src_mean).var(0).sum()
+    M = np.eye(4)
+    M[:3, :3] = scale * U @ D @ Vt
+    M[:3, 3] = dst_mean - M[:3, :3] @ src_mean
+    return M
+
+
 def score_against_surface(verts: np.ndarray, faces: np.ndarray, gt_verts: np.ndarray, gt_faces: np.ndarray,
                           n_samples: int = 100_000) -> Dict[str, float]:
     """Mesh vs a known true surface: distances from n_samples area-uniform points on each, F-score at 1 %
