@@ -12,6 +12,13 @@ refinement at that system.optimizer.params.poses.lr, through launch.py. The tabl
 distance and F-score against the true surface, and, from the last checkpoint, the rms of the learned rotations
 (``moved``: the error they leave, rms over the cameras after both are centred, beside the error applied; ``exact``:
 how far they wandered from the true cameras). Arguments after ``--`` go to every run.
+
+``--cases capture capture-nomask``: the textured demo scene photographed from a handheld orbit (the capture tests'
+64 cameras) and posed by ``scripts/imgs2poses.py``, so the cameras carry structure from motion's own errors; it
+trains configs/neus-colmap.yaml at CPU size (with masks, or without them and with the sparse-point and free-space
+losses) and scores the mesh against the true surface once COLMAP's frame is mapped onto the true one by the
+similarity that best maps its camera centres onto the true centres. The held-out frames are rendered from their
+SfM poses, so their PSNR includes SfM's errors.
 """
 from __future__ import annotations
 
@@ -34,6 +41,21 @@ from datasets.dtu import decompose_projection  # noqa: E402
 
 CONFIG = "configs/neus-demo.yaml"
 CASES = ["moved", "exact"]
+CAPTURE_CASES = {"capture": ["dataset.apply_mask=true", "system.loss.lambda_mask=0.1"],
+                 "capture-nomask": ["system.loss.lambda_sparse_points=1", "system.loss.lambda_free_space=10"]}
+CAPTURE_FRAMES, CAPTURE_SIZE = 64, (384, 288)
+# neus-colmap at CPU size: the demo's sampling and smaller grids, trained at half the frames' size
+CAPTURE_SMALL = [
+    "dataset.img_downscale=2", "dataset.holdout_every=16", "dataset.n_test_traj_steps=2",
+    "model.num_samples_per_ray=64", "model.max_train_num_rays=512", "+model.grid_resolution=32",
+    "model.num_samples_per_ray_bg=16", "model.ray_chunk=4096",
+    "model.geometry.xyz_encoding_config.n_levels=8", "model.geometry.xyz_encoding_config.log2_hashmap_size=15",
+    "model.geometry.xyz_encoding_config.base_resolution=16", "model.geometry.xyz_encoding_config.per_level_scale=1.486",
+    "model.geometry_bg.xyz_encoding_config.n_levels=4", "model.geometry_bg.xyz_encoding_config.log2_hashmap_size=12",
+    "model.geometry_bg.xyz_encoding_config.base_resolution=8", "model.geometry.isosurface.resolution=128",
+    "trainer.max_steps=1500", "trainer.val_check_interval=1500", "trainer.limit_val_batches=1",
+    "system.warmup_steps=20", "trainer.precision=32",
+]
 
 
 def move_cameras(root: str, degrees: float, shift: float, seed: int = 1) -> np.ndarray:
@@ -77,15 +99,77 @@ def rms_degrees(turns: np.ndarray) -> float:
     return float(np.degrees(np.sqrt((np.linalg.norm(turns, axis=1) ** 2).mean())))
 
 
+def make_capture(root: str, n_frames: int, size: tuple) -> list:
+    """Photograph the textured demo scene from the capture tests' handheld orbit into ``root``/images, with masks,
+    and pose the photos with imgs2poses (sequential matching, one thread: the same poses on every run). Returns the
+    true cameras, by frame."""
+    from datasets.synthetic import TexturedDemoScene, handheld_orbit, render
+    from scripts import imgs2poses
+    from utils.io import to_uint8, write_image
+
+    scene, cameras = TexturedDemoScene(), handheld_orbit(n_frames, *size, seed=0)
+    for k, camera in enumerate(cameras):
+        photo = render(scene, camera)
+        write_image(os.path.join(root, "images", f"frame_{k:05d}.png"), to_uint8(photo["rgb_env"]))
+        mask = np.repeat(photo["rgba"][..., 3:] > 0.5, 3, axis=-1).astype(np.float32)
+        write_image(os.path.join(root, "masks", f"frame_{k:05d}.png"), to_uint8(mask))
+    if imgs2poses.main([root, "--matcher", "sequential", "--threads", "1"]) != 0:
+        raise SystemExit("imgs2poses could not pose the capture (above)")
+    return cameras
+
+
+def capture_to_truth(root: str, cameras: list) -> np.ndarray:
+    """The (4, 4) similarity that best maps COLMAP's camera centres onto the true ones; prints SfM's pose errors."""
+    import pycolmap
+
+    from utils.mesh_metrics import fit_similarity
+
+    images = list(pycolmap.Reconstruction(os.path.join(root, "sparse", "0")).images.values())
+    true = [cameras[int(os.path.splitext(image.name)[0][len("frame_"):])].c2w for image in images]
+    centres = np.array([image.projection_center() for image in images])
+    true_centres = np.array([c2w[:3, 3] for c2w in true])
+    M = fit_similarity(centres, true_centres)
+    rotation = M[:3, :3] / np.cbrt(np.linalg.det(M[:3, :3]))
+    errors = [np.linalg.norm(cv2.Rodrigues(rotation @ image.cam_from_world().rotation.matrix().T @ c2w[:3, :3].T)[0])
+              for image, c2w in zip(images, true)]  # world-from-camera rotations, COLMAP's mapped, against the truth
+    centre_errors = np.linalg.norm(centres @ M[:3, :3].T + M[:3, 3] - true_centres, axis=1)
+    distance = np.linalg.norm(true_centres, axis=1).mean()  # the object is at the origin
+    print(f"{len(images)} of {len(cameras)} frames posed by imgs2poses: rotations {np.degrees(rms(errors)):.2f} "
+          f"degrees rms off, centres {100 * rms(centre_errors) / distance:.2f} % of their distance rms")
+    return M
+
+
+def rms(values) -> float:
+    return float(np.sqrt(np.mean(np.square(values))))
+
+
+def capture_scores(exp_dir: str, to_truth: np.ndarray) -> dict:
+    """Chamfer % and F-score of the run's mesh (COLMAP's frame) against the true surface."""
+    import trimesh
+
+    from datasets.synthetic import demo_surface
+    from utils.mesh_metrics import score_against_surface
+
+    meshes = [p for p in glob.glob(os.path.join(exp_dir, "*", "*@*", "save", "it*-mc*.obj")) if "-normalized" not in p]
+    if not meshes:
+        return {}
+    mesh = trimesh.load(meshes[0], process=False)
+    vertices = np.asarray(mesh.vertices) @ to_truth[:3, :3].T + to_truth[:3, 3]
+    scores = score_against_surface(vertices, np.asarray(mesh.faces), *demo_surface(256))
+    return {key: scores[key] for key in ("chamfer_percent_of_diagonal", "fscore")}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
+    parser.add_argument("--cases", nargs="+", default=CASES, choices=[*CASES, *CAPTURE_CASES])
     parser.add_argument("--rates", nargs="+", default=["off", "1e-4", "3e-4", "1e-3"],
                         help="poses' learning rates; off: no refinement")
     parser.add_argument("--degrees", type=float, default=1.0, help="the cameras' rotation errors, rms")
     parser.add_argument("--shift", type=float, default=0.01,
                         help="the errors of their centres, rms, as a fraction of their distance to the scene")
     parser.add_argument("--resolution", type=int, default=128, help="the demo's images, pixels a side")
+    parser.add_argument("--capture-frames", type=int, default=CAPTURE_FRAMES, help="the capture's frames")
+    parser.add_argument("--capture-size", type=int, nargs=2, default=CAPTURE_SIZE, help="their width and height")
     args, rest = parser.parse_known_args()
     overrides = [a for a in rest if a != "--"]
     rows = []
@@ -93,28 +177,37 @@ def main() -> None:
         exact, moved, size = demo_scene_and_copy(tmp, args.resolution, "moved")
         turns = centred(move_cameras(moved, args.degrees, args.shift))
         print(f"{len(turns)} training cameras turned by {rms_degrees(turns):.2f} degrees rms (centred)")
+        capture = os.path.join(tmp, "capture")
+        if CAPTURE_CASES.keys() & set(args.cases):
+            to_truth = capture_to_truth(capture, make_capture(capture, args.capture_frames, args.capture_size))
         for case in args.cases:
             for rate in (None if r == "off" else float(r) for r in args.rates):
                 setting = "off" if rate is None else f"lr {rate:g}"
                 print(f"running {case} cameras, refinement {setting} ...", flush=True)
-                run = [f"dataset.root_dir={moved if case == 'moved' else exact}", *size,
-                       f"model.pose_refinement={rate is not None}", *overrides]
+                if case in CAPTURE_CASES:
+                    config, run = "configs/neus-colmap.yaml", [f"dataset.root_dir={capture}", *CAPTURE_SMALL,
+                                                               *CAPTURE_CASES[case]]
+                else:
+                    config, run = CONFIG, [f"dataset.root_dir={moved if case == 'moved' else exact}", *size]
+                run += [f"model.pose_refinement={rate is not None}", *overrides]
                 if rate is not None:
                     run.append(f"system.optimizer.params.poses.lr={rate}")
                 exp_dir = os.path.join(tmp, f"{case}-{setting.replace(' ', '')}")
-                row = run_config(CONFIG, run, exp_dir)
+                row = run_config(config, run, exp_dir)
                 learned = learned_turns(exp_dir)
-                if learned is not None:  # the turn that undoes the camera's is the opposite one
+                if case in CAPTURE_CASES:  # SfM's own errors are not known per camera: no turn left
+                    row.update(capture_scores(exp_dir, to_truth), turn_left=float("nan"))
+                elif learned is not None:  # the turn that undoes the camera's is the opposite one
                     row["turn_left"] = rms_degrees(learned + turns if case == "moved" else learned)
                 rows.append((case, setting, row))
-    print(f"\n{'cameras':8s} {'refinement':>10s} {'steps':>6s} {'wall':>7s} {'PSNR':>7s} {'Chamfer %':>10s} "
+    print(f"\n{'cameras':14s} {'refinement':>10s} {'steps':>6s} {'wall':>7s} {'PSNR':>7s} {'Chamfer %':>10s} "
           f"{'F-score':>8s} {'turn error left (deg rms)':>26s}")
     for case, setting, r in rows:
         if "error" in r:
-            print(f"{case:8s} {setting:>10s} failed: {r['error']}")
+            print(f"{case:14s} {setting:>10s} failed: {r['error']}")
             continue
         left = r.get("turn_left", rms_degrees(turns) if case == "moved" else 0.0)
-        print(f"{case:8s} {setting:>10s} {r.get('steps', 0):6d} {r['wall_s'] / 60:6.1f}m {r.get('psnr', 0):7.2f} "
+        print(f"{case:14s} {setting:>10s} {r.get('steps', 0):6d} {r['wall_s'] / 60:6.1f}m {r.get('psnr', 0):7.2f} "
               f"{r.get('chamfer_percent_of_diagonal', 0):10.3f} {r.get('fscore', 0):8.3f} {left:26.2f}")
 
 

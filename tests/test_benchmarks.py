@@ -123,6 +123,19 @@ def test_pose_benchmark_trains_with_refinement_off_and_on_and_reads_the_learned_
     assert 0 < abs(float(rows[1][4]) - float(applied.group(1))) < 0.2  # 10 steps of about 1e-3 rad (0.06 deg) each
 
 
+@pytest.mark.slow
+def test_pose_benchmark_poses_a_capture_with_sfm_and_scores_its_mesh_in_the_true_frame():
+    out = bench("bench_poses.py", "--resolution", 16, "--cases", "capture", "--rates", "off", "1e-3",
+                "--capture-frames", 32, "--", "trainer.max_steps=20",
+                "trainer.val_check_interval=20", "model.pose_refinement_start=10",
+                "model.geometry.isosurface.resolution=32")
+    posed = re.search(r"^(\d+) of 32 frames posed by imgs2poses: rotations ([\d.]+) degrees rms off, centres "
+                      r"([\d.]+) % of their distance rms$", out, re.M)
+    assert posed and int(posed.group(1)) >= 20 and float(posed.group(2)) < 2 and float(posed.group(3)) < 3, out
+    rows = re.findall(r"^capture +(off|lr 0.001) +20 +[\d.]+m +([\d.]+) +([\d.]+) +([\d.]+) +nan$", out, re.M)
+    assert [r[0] for r in rows] == ["off", "lr 0.001"] and all(positive(r[1:]) for r in rows), out
+
+
 def test_texture_benchmark_times_each_step_of_the_textured_export():
     out = bench("bench_texture.py", "--resolution", 48, "--faces", 500, "--size", 64)
     said = re.search(r"^mesh: (\d+) faces \(demo surface at 48\^3\) -> (\d+) faces, 64x64 texture, (\d+) texels "
