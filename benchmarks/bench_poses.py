@@ -194,10 +194,9 @@ def main() -> None:
                     run.append(f"system.optimizer.params.poses.lr={rate}")
                 exp_dir = os.path.join(tmp, f"{case}-{setting.replace(' ', '')}")
                 row = run_config(config, run, exp_dir)
-                learned = learned_turns(exp_dir)
-                if case in CAPTURE_CASES:  # SfM's own errors are not known per camera: no turn left
+                if case in CAPTURE_CASES:  # the turn left would need SfM's errors in the model's frame: not shown
                     row.update(capture_scores(exp_dir, to_truth), turn_left=float("nan"))
-                elif learned is not None:  # the turn that undoes the camera's is the opposite one
+                elif (learned := learned_turns(exp_dir)) is not None:  # the turn that undoes the camera's: its opposite
                     row["turn_left"] = rms_degrees(learned + turns if case == "moved" else learned)
                 rows.append((case, setting, row))
     print(f"\n{'cameras':14s} {'refinement':>10s} {'steps':>6s} {'wall':>7s} {'PSNR':>7s} {'Chamfer %':>10s} "
