@@ -23,6 +23,7 @@ SfM poses, so their PSNR includes SfM's errors.
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import os
 import sys
@@ -143,11 +144,18 @@ def rms(values) -> float:
     return float(np.sqrt(np.mean(np.square(values))))
 
 
+@functools.lru_cache(maxsize=1)
+def true_surface() -> tuple:
+    """The demo scene's surface (vertices, faces), marched once for all the capture's runs."""
+    from datasets.synthetic import demo_surface
+
+    return demo_surface(256)
+
+
 def capture_scores(exp_dir: str, to_truth: np.ndarray) -> dict:
     """Chamfer % and F-score of the run's mesh (COLMAP's frame) against the true surface."""
     import trimesh
 
-    from datasets.synthetic import demo_surface
     from utils.mesh_metrics import score_against_surface
 
     meshes = [p for p in glob.glob(os.path.join(exp_dir, "*", "*@*", "save", "it*-mc*.obj")) if "-normalized" not in p]
@@ -155,7 +163,7 @@ def capture_scores(exp_dir: str, to_truth: np.ndarray) -> dict:
         return {}
     mesh = trimesh.load(meshes[0], process=False)
     vertices = np.asarray(mesh.vertices) @ to_truth[:3, :3].T + to_truth[:3, 3]
-    scores = score_against_surface(vertices, np.asarray(mesh.faces), *demo_surface(256))
+    scores = score_against_surface(vertices, np.asarray(mesh.faces), *true_surface())
     return {key: scores[key] for key in ("chamfer_percent_of_diagonal", "fscore")}
 
 
