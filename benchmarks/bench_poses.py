@@ -123,19 +123,13 @@ def capture_to_truth(root: str, cameras: list) -> np.ndarray:
     """The (4, 4) similarity that best maps COLMAP's camera centres onto the true ones; prints SfM's pose errors."""
     import pycolmap
 
-    from utils.mesh_metrics import fit_similarity
+    from utils.mesh_metrics import camera_errors
 
     images = list(pycolmap.Reconstruction(os.path.join(root, "sparse", "0")).images.values())
-    true = [cameras[int(os.path.splitext(image.name)[0][len("frame_"):])].c2w for image in images]
-    centres = np.array([image.projection_center() for image in images])
-    true_centres = np.array([c2w[:3, 3] for c2w in true])
-    M = fit_similarity(centres, true_centres)
-    rotation = M[:3, :3] / np.cbrt(np.linalg.det(M[:3, :3]))
-    errors = [np.linalg.norm(cv2.Rodrigues(rotation @ image.cam_from_world().rotation.matrix().T @ c2w[:3, :3].T)[0])
-              for image, c2w in zip(images, true)]  # world-from-camera rotations, COLMAP's mapped, against the truth
-    centre_errors = np.linalg.norm(centres @ M[:3, :3].T + M[:3, 3] - true_centres, axis=1)
-    distance = np.linalg.norm(true_centres, axis=1).mean()  # the object is at the origin
-    print(f"{len(images)} of {len(cameras)} frames posed by imgs2poses: rotations {np.degrees(rms(errors)):.2f} "
+    true = np.array([cameras[int(os.path.splitext(image.name)[0][len("frame_"):])].c2w for image in images])
+    M, angles, centre_errors = camera_errors([image.cam_from_world().inverse().matrix() for image in images], true)
+    distance = np.linalg.norm(true[:, :3, 3], axis=1).mean()  # the object is at the origin
+    print(f"{len(images)} of {len(cameras)} frames posed by imgs2poses: rotations {rms(angles):.2f} "
           f"degrees rms off, centres {100 * rms(centre_errors) / distance:.2f} % of their distance rms")
     return M
 

@@ -23,7 +23,7 @@ from datasets.synthetic import (DemoScene, TexturedDemoScene, demo_surface, hand
 from helpers import max_ray_angle_deg
 from scripts import gen_cameras, imgs2poses
 from utils.io import to_uint8, write_image, write_video
-from utils.mesh_metrics import fit_similarity
+from utils.mesh_metrics import camera_errors, fit_similarity
 
 ORBIT_RADIUS = 2.4  # handheld_orbit's mean distance from the object
 
@@ -40,17 +40,10 @@ def motion_blur(frame, pixels=6):
 
 def pose_errors(posed):
     """(rotation errors in degrees, camera centre errors) of COLMAP's images against their true cameras
-    [(pycolmap.Image, Camera), ...], once the similarity that best maps COLMAP's centres onto the true ones is
-    applied (COLMAP's frame is arbitrary)."""
-    est_c = np.array([image.projection_center() for image, _ in posed])
-    true_c = np.array([cam.c2w[:3, 3] for _, cam in posed])
-    M = fit_similarity(est_c, true_c)
-    centre_err = np.linalg.norm(est_c @ M[:3, :3].T + M[:3, 3] - true_c, axis=1)
-    R = M[:3, :3] / np.cbrt(np.linalg.det(M[:3, :3]))
-    # each camera's world-from-camera rotation, COLMAP's (mapped by R) and the true one
-    rotations = [(R @ image.cam_from_world().rotation.matrix().T, cam.c2w[:3, :3]) for image, cam in posed]
-    angles = [np.degrees(np.arccos(np.clip((np.trace(est.T @ true) - 1) / 2, -1, 1))) for est, true in rotations]
-    return np.array(angles), centre_err
+    [(pycolmap.Image, Camera), ...], in the true frame (COLMAP's is arbitrary)."""
+    _, angles, centre_errors = camera_errors([image.cam_from_world().inverse().matrix() for image, _ in posed],
+                                             [cam.c2w for _, cam in posed])
+    return angles, centre_errors
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import trimesh
 
-from utils.mesh_metrics import (bbox_diagonal, fit_similarity, nearest_tree, sample_surface, surface_distances,
+from utils.mesh_metrics import (bbox_diagonal, camera_errors, fit_similarity, nearest_tree, sample_surface, surface_distances,
                                 uniform_surface_points)
 
 
@@ -72,3 +72,37 @@ def test_the_similarity_fit_recovers_a_known_scale_rotation_and_shift():
     np.testing.assert_allclose(M, made, atol=1e-9)
     noisy = fit_similarity(arbitrary + rng.normal(scale=0.01, size=arbitrary.shape), true)
     assert np.linalg.det(noisy[:3, :3]) > 0 and abs(np.cbrt(np.linalg.det(noisy[:3, :3])) - 0.37) < 0.01
+
+
+def test_camera_errors_measure_each_cameras_turn_and_shift_in_the_true_frame():
+    """Cameras given in an arbitrary frame, some turned and moved by known amounts before that frame was applied:
+    the errors are those amounts, whatever the frame (its rotation must not count as an error)."""
+    import cv2
+
+    rng = np.random.default_rng(1)
+    true = np.tile(np.eye(4), (30, 1, 1))
+    for c2w in true:
+        c2w[:3, :3] = cv2.Rodrigues(rng.normal(size=3))[0]
+        c2w[:3, 3] = rng.normal(scale=3.0, size=3)
+    turns = np.zeros(30)
+    turns[::3] = rng.uniform(0.5, 3.0, size=10)  # degrees, a third of the cameras
+    shifts = np.zeros(30)
+    shifts[1::3] = rng.uniform(0.01, 0.05, size=10)
+    moved = true.copy()
+    for k in range(30):
+        axis = rng.normal(size=3)
+        moved[k, :3, :3] = cv2.Rodrigues(np.radians(turns[k]) * axis / np.linalg.norm(axis))[0] @ true[k, :3, :3]
+        direction = rng.normal(size=3)
+        moved[k, :3, 3] += shifts[k] * direction / np.linalg.norm(direction)
+    frame = np.eye(4)  # true -> arbitrary: scale 2.5, a turn, a shift
+    frame[:3, :3], frame[:3, 3] = 2.5 * cv2.Rodrigues(np.array([1.0, 0.4, -2.2]))[0], [10.0, 0.0, -3.0]
+    arbitrary = np.einsum("ij,njk->nik", frame, moved)
+    arbitrary[:, :3, :3] /= 2.5  # rotations stay rotations
+    M, angles, centre_errors = camera_errors(arbitrary, true)
+    np.testing.assert_allclose(angles, turns, atol=0.1)  # the shifted centres tilt the fitted frame by 0.03 degrees
+    exact_centres = arbitrary.copy()  # the turns alone: then the fitted frame is exact, and so are the angles
+    exact_centres[:, :3, 3] = true[:, :3, 3] @ frame[:3, :3].T + frame[:3, 3]
+    np.testing.assert_allclose(camera_errors(exact_centres, true)[1], turns, atol=1e-6)
+    # the fit spreads the shifted centres' error over all, so centre errors match the shifts only roughly
+    assert np.abs(centre_errors - shifts).max() < 0.02 and centre_errors[1::3].mean() > 3 * centre_errors[::3].mean()
+    assert abs(np.cbrt(np.linalg.det(M[:3, :3])) - 1 / 2.5) < 1e-3

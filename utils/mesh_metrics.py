@@ -141,6 +141,23 @@ def fit_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return M
 
 
+def camera_errors(est_c2w: np.ndarray, true_c2w: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pose errors of estimated cameras (SfM's, in an arbitrary frame) against the true ones.
+
+    est_c2w, true_c2w: (N, 3 or 4, 4) world-from-camera matrices of the same N cameras. The similarity that best maps
+    the estimated centres onto the true ones is applied first. Returns (that (4, 4) similarity, (N,) rotation errors
+    in degrees, (N,) centre errors in the true frame's units)."""
+    est_c2w, true_c2w = np.asarray(est_c2w, dtype=float), np.asarray(true_c2w, dtype=float)
+    M = fit_similarity(est_c2w[:, :3, 3], true_c2w[:, :3, 3])
+    centre_errors = np.linalg.norm(est_c2w[:, :3, 3] @ M[:3, :3].T + M[:3, 3] - true_c2w[:, :3, 3], axis=1)
+    rotation = M[:3, :3] / np.cbrt(np.linalg.det(M[:3, :3]))
+    relative = np.einsum("nji,jk,nkl->nil", true_c2w[:, :3, :3], rotation, est_c2w[:, :3, :3])  # true^T R est
+    # the angle from 2 cos = trace - 1 and 2 sin = |skew part|: precise near 0, where arccos alone is not
+    skew = relative[:, [2, 0, 1], [1, 2, 0]] - relative[:, [1, 2, 0], [2, 0, 1]]
+    angles = np.arctan2(np.linalg.norm(skew, axis=1), np.trace(relative, axis1=1, axis2=2) - 1)
+    return M, np.degrees(angles), centre_errors
+
+
 def score_against_surface(verts: np.ndarray, faces: np.ndarray, gt_verts: np.ndarray, gt_faces: np.ndarray,
                           n_samples: int = 100_000) -> Dict[str, float]:
     """Mesh vs a known true surface: distances from n_samples area-uniform points on each, F-score at 1 %
