@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import trimesh
 
-from utils.mesh_metrics import (bbox_diagonal, camera_errors, fit_similarity, nearest_tree, sample_surface, surface_distances,
-                                uniform_surface_points)
+from utils.mesh_metrics import (bbox_diagonal, camera_errors, fit_similarity, nearest_tree, sample_surface,
+                                surface_distances, uniform_surface_points)
 
 
 def sphere_points(radius, n=40000, seed=0):
