@@ -9,7 +9,8 @@ and white balance change from frame to frame; the held-out views (every 8th) sta
 measures the colours the field keeps. Each case trains neus-demo with the correction off, then on, through
 launch.py, and the table has the test PSNR and the mesh's Chamfer distance and F-score against the true surface.
 Cases: ``{mask,nomask}-{changed,rendered}``; ``nomask`` trains without masks, the surroundings learned by the
-background NeRF (the way neus-demo.yaml's header describes). Arguments after ``--`` go to every run.
+background NeRF (the way neus-demo.yaml's header describes). Arguments after ``--`` go to every run; ``--seeds``
+trains each run once per training seed and adds each figure's mean and range.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from quality import demo_scene_and_copy, run_config  # noqa: E402
+from quality import demo_scene_and_copy, print_runs, run_config  # noqa: E402
 
 from datasets.base import holdout_split  # noqa: E402
 
@@ -52,6 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", nargs="+", default=CASES, choices=CASES)
     parser.add_argument("--resolution", type=int, default=128, help="the demo's images, pixels a side")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42], help="each run once per training seed")
     args, rest = parser.parse_known_args()
     overrides = [a for a in rest if a != "--"]
     rows = []
@@ -63,20 +65,14 @@ def main() -> None:
         for case in args.cases:
             masks, scene = case.split("-")
             for correction in ("false", "true"):
-                print(f"running {case}, exposure_correction={correction} ...", flush=True)
-                run = [f"dataset.root_dir={changed if scene == 'changed' else rendered}", *size,
-                       f"model.exposure_correction={correction}", *(NO_MASKS if masks == "nomask" else []), *overrides]
-                row = run_config(CONFIG, run, os.path.join(tmp, f"{case}-{correction}"))
-                rows.append((case, "on" if correction == "true" else "off", row))
-    print(f"\n{'case':16s} {'correction':>10s} {'steps':>6s} {'wall':>7s} {'PSNR':>7s} {'Chamfer %':>10s} "
-          f"{'F-score':>8s}")
-    for case, correction, r in rows:
-        if "error" in r:
-            print(f"{case:16s} {correction:>10s} failed: {r['error']}")
-            continue
-        print(f"{case:16s} {correction:>10s} {r.get('steps', 0):6d} {r['wall_s'] / 60:6.1f}m {r.get('psnr', 0):7.2f} "
-              f"{r.get('chamfer_percent_of_diagonal', 0):10.3f} {r.get('fscore', 0):8.3f}")
-
+                for seed in args.seeds:
+                    print(f"running {case}, exposure_correction={correction}, seed {seed} ...", flush=True)
+                    run = [f"dataset.root_dir={changed if scene == 'changed' else rendered}", *size,
+                           f"model.exposure_correction={correction}", *(NO_MASKS if masks == "nomask" else []),
+                           f"seed={seed}", *overrides]
+                    row = run_config(CONFIG, run, os.path.join(tmp, f"{case}-{correction}-seed{seed}"))
+                    rows.append(((case, "on" if correction == "true" else "off"), {**row, "seed": seed}))
+    print_runs({"case": 16, "correction": 10}, rows)
 
 if __name__ == "__main__":
     main()

@@ -62,6 +62,46 @@ def demo_scene_and_copy(tmp: str, resolution: int, copy: str) -> tuple[str, str,
     return rendered, altered, size
 
 
+# the figures of a training run in a benchmark's table: row key, title, format (the title's width)
+RUN_COLUMNS = (("psnr", "PSNR", "7.2f"), ("chamfer_percent_of_diagonal", "Chamfer %", "10.3f"),
+               ("fscore", "F-score", "8.3f"))
+
+
+def print_runs(labels: dict[str, int], runs: list[tuple[tuple[str, ...], dict]],
+               extra: tuple[tuple[str, str, str], ...] = ()) -> None:
+    """The table of a benchmark's runs: one line each, its labels (title -> width) and seed, steps, wall time,
+    test PSNR, Chamfer % and F-score, then the ``extra`` columns (key, title, format); a failed run says why.
+    Runs with the same labels (several seeds) are followed by their mean and range (max - min) of each figure:
+    at CPU size a second seed can move a Chamfer figure by a few tenths of a percent."""
+    columns = RUN_COLUMNS + tuple(extra)
+    print("\n" + " ".join(f"{title:{width}s}" for title, width in labels.items())
+          + f" {'seed':>5s} {'steps':>6s} {'wall':>7s} " + " ".join(f"{title:>{len(format(0.0, spec))}s}"
+                                                              for _, title, spec in columns))
+
+    def line(label, seed, row):
+        cells = [f"{format(row[key], spec) if key in row else '-':>{len(format(0.0, spec))}s}"
+                 for key, _, spec in columns]
+        print(" ".join(f"{text:{width}s}" if k == 0 else f"{text:>{width}s}"
+                       for k, (text, width) in enumerate(zip(label, labels.values())))
+              + f" {seed:>5s} {int(row.get('steps', 0)):6d} {row['wall_s'] / 60:6.1f}m " + " ".join(cells))
+
+    groups: dict[tuple[str, ...], list[dict]] = {}
+    for label, row in runs:
+        groups.setdefault(tuple(label), []).append(row)
+    for label, rows in groups.items():
+        for row in rows:
+            if "error" in row:
+                print(" ".join(label) + f" seed {row.get('seed', '-')} failed: {row['error']}")
+            else:
+                line(label, str(row.get("seed", "-")), row)
+        done = [row for row in rows if "error" not in row]
+        if len(done) > 1:
+            keys = ["steps", "wall_s"] + [key for key, _, _ in columns if all(key in row for row in done)]
+            line(label, "mean", {key: sum(row[key] for row in done) / len(done) for key in keys})
+            line(label, "range", {key: max(row[key] for row in done) - min(row[key] for row in done)
+                                  for key in keys})
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--configs", nargs="+", default=["configs/nerf-demo.yaml", "configs/neus-demo.yaml"])
