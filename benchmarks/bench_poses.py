@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from quality import demo_scene_and_copy, print_runs, run_config  # noqa: E402
+from quality import NEUS_COLMAP_CPU, demo_scene_and_copy, print_runs, run_config  # noqa: E402
 
 from datasets.base import holdout_split  # noqa: E402
 from datasets.dtu import decompose_projection  # noqa: E402
@@ -48,18 +48,9 @@ CASES = ["moved", "exact"]
 CAPTURE_CASES = {"capture": ["dataset.apply_mask=true", "system.loss.lambda_mask=0.1"],
                  "capture-nomask": ["system.loss.lambda_sparse_points=1", "system.loss.lambda_free_space=10"]}
 CAPTURE_FRAMES, CAPTURE_SIZE = 64, (384, 288)
-# neus-colmap at CPU size: the demo's sampling and smaller grids, trained at half the frames' size
-CAPTURE_SMALL = [
-    "dataset.img_downscale=2", "dataset.holdout_every=16", "dataset.n_test_traj_steps=2",
-    "model.num_samples_per_ray=64", "model.max_train_num_rays=512", "+model.grid_resolution=32",
-    "model.num_samples_per_ray_bg=16", "model.ray_chunk=4096",
-    "model.geometry.xyz_encoding_config.n_levels=8", "model.geometry.xyz_encoding_config.log2_hashmap_size=15",
-    "model.geometry.xyz_encoding_config.base_resolution=16", "model.geometry.xyz_encoding_config.per_level_scale=1.486",
-    "model.geometry_bg.xyz_encoding_config.n_levels=4", "model.geometry_bg.xyz_encoding_config.log2_hashmap_size=12",
-    "model.geometry_bg.xyz_encoding_config.base_resolution=8", "model.geometry.isosurface.resolution=128",
-    "trainer.max_steps=1500", "trainer.val_check_interval=1500", "trainer.limit_val_batches=1",
-    "system.warmup_steps=20", "trainer.precision=32",
-]
+# neus-colmap at CPU size, trained at half the frames' size
+CAPTURE_SMALL = [*NEUS_COLMAP_CPU, "dataset.img_downscale=2", "model.geometry.isosurface.resolution=128",
+                 "trainer.max_steps=1500", "trainer.val_check_interval=1500"]
 
 
 def move_cameras(root: str, degrees: float, shift: float, seed: int = 1) -> np.ndarray:

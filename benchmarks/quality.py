@@ -25,6 +25,19 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# configs/neus-colmap.yaml cut to CPU size, the demo's sampling and smaller grids: the capture tests and
+# bench_poses.py add the image size, the run's length and the mesh's resolution
+NEUS_COLMAP_CPU = [
+    "dataset.holdout_every=16", "dataset.n_test_traj_steps=2",
+    "model.num_samples_per_ray=64", "model.max_train_num_rays=512", "+model.grid_resolution=32",
+    "model.num_samples_per_ray_bg=16", "model.ray_chunk=4096",
+    "model.geometry.xyz_encoding_config.n_levels=8", "model.geometry.xyz_encoding_config.log2_hashmap_size=15",
+    "model.geometry.xyz_encoding_config.base_resolution=16", "model.geometry.xyz_encoding_config.per_level_scale=1.486",
+    "model.geometry_bg.xyz_encoding_config.n_levels=4", "model.geometry_bg.xyz_encoding_config.log2_hashmap_size=12",
+    "model.geometry_bg.xyz_encoding_config.base_resolution=8",
+    "trainer.limit_val_batches=1", "system.warmup_steps=20", "trainer.precision=32",
+]
+
 
 def run_config(config: str, overrides: list[str], exp_dir: str) -> dict:
     start = time.perf_counter()

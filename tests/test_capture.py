@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 import datasets
+from benchmarks.quality import NEUS_COLMAP_CPU
 from datasets.base import DatasetError
 from datasets.synthetic import (DemoScene, TexturedDemoScene, demo_surface, handheld_orbit, render_rays,
                                 write_colmap_text)
@@ -729,17 +730,8 @@ def test_gen_cameras_refuses_unmatched_masks_and_existing_output(tmp_path, capsy
     assert sorted(os.listdir(root / "preprocessed" / "image"))[0] == "000.png"
 
 
-NEUS_COLMAP_SMALL = [  # neus-colmap.yaml at CPU size: the demo's sampling and grids, a short run
-    "dataset.img_downscale=4", "dataset.holdout_every=16", "dataset.n_test_traj_steps=2",
-    "model.num_samples_per_ray=64", "model.max_train_num_rays=512", "+model.grid_resolution=32",
-    "model.num_samples_per_ray_bg=16", "model.ray_chunk=4096",
-    "model.geometry.xyz_encoding_config.n_levels=8", "model.geometry.xyz_encoding_config.log2_hashmap_size=15",
-    "model.geometry.xyz_encoding_config.base_resolution=16", "model.geometry.xyz_encoding_config.per_level_scale=1.486",
-    "model.geometry_bg.xyz_encoding_config.n_levels=4", "model.geometry_bg.xyz_encoding_config.log2_hashmap_size=12",
-    "model.geometry_bg.xyz_encoding_config.base_resolution=8",
-    "model.geometry.isosurface.resolution=48", "trainer.max_steps=100", "trainer.val_check_interval=100",
-    "trainer.limit_val_batches=1", "system.warmup_steps=20", "trainer.precision=32", "tag=e2e",
-]
+NEUS_COLMAP_SMALL = [*NEUS_COLMAP_CPU, "dataset.img_downscale=4", "model.geometry.isosurface.resolution=48",
+                     "trainer.max_steps=100", "trainer.val_check_interval=100", "tag=e2e"]  # a short run
 
 
 @pytest.mark.slow
