@@ -74,5 +74,6 @@ def main() -> None:
                     rows.append(((case, "on" if correction == "true" else "off"), {**row, "seed": seed}))
     print_runs({"case": 16, "correction": 10}, rows)
 
+
 if __name__ == "__main__":
     main()

@@ -109,7 +109,8 @@ def print_runs(labels: dict[str, int], runs: list[tuple[tuple[str, ...], dict]],
                 line(label, str(row.get("seed", "-")), row)
         done = [row for row in rows if "error" not in row]
         if len(done) > 1:
-            keys = ["steps", "wall_s"] + [key for key, _, _ in columns if all(key in row for row in done)]
+            keys = [key for key in ("steps", "wall_s", *(key for key, _, _ in columns))
+                    if all(key in row for row in done)]
             line(label, "mean", {key: sum(row[key] for row in done) / len(done) for key in keys})
             line(label, "range", {key: max(row[key] for row in done) - min(row[key] for row in done)
                                   for key in keys})
