@@ -193,18 +193,19 @@ def main() -> None:
                 for seed in args.seeds:
                     print(f"running {case} cameras, refinement {setting}, seed {seed} ...", flush=True)
                     exp_dir = os.path.join(tmp, f"{case}-{setting.replace(' ', '')}-seed{seed}")
-                    row = run_config(config, [*data, *refinement, f"seed={seed}", *overrides], exp_dir)
-                    row["seed"] = seed
+                    row = {**run_config(config, [*data, *refinement, f"seed={seed}", *overrides], exp_dir),
+                           "seed": seed}
+                    rows.append(((case, setting), row))
                     if "error" in row:
-                        pass
-                    elif case in CAPTURE_CASES:  # the turn left would need SfM's errors in the model's frame
+                        continue
+                    if case in CAPTURE_CASES:  # the turn left would need SfM's errors in the model's frame
                         row.update(capture_scores(exp_dir, to_truth))
                     elif (learned := learned_turns(exp_dir)) is not None:  # the turn undoing the camera's: its opposite
                         row["turn_left"] = rms_degrees(learned + turns if case == "moved" else learned)
                     else:  # no refinement: the whole turn is left, or none
                         row["turn_left"] = rms_degrees(turns) if case == "moved" else 0.0
-                    rows.append(((case, setting), row))
     print_runs({"cameras": 14, "refinement": 10}, rows, extra=(("turn_left", "turn error left (deg rms)", "26.2f"),))
+
 
 if __name__ == "__main__":
     main()
